@@ -1,0 +1,152 @@
+"""FitResult <-> directory: banks.safetensors (tensors, metadata in the header) + globe_config.json.
+
+Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (temp file in the same
+directory, fsync, rename), so a crash leaves either the previous or the new complete file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from globe.errors import ArtifactError
+from globe.fit.config import FitConfig
+from globe.fit.result import FamilyFit, FitResult
+
+FORMAT_VERSION = 1
+BANKS_FILE = "banks.safetensors"
+CONFIG_FILE = "globe_config.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) then fsync and rename tmp over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def codes_to_csr(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Dense codes [N, m] -> indptr [N+1] int64, indices [nnz] int32, values [nnz] fp32."""
+    mask = codes != 0
+    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
+    indptr[1:] = mask.sum(1).cumsum(0)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return {"indptr": indptr, "indices": cols.to(torch.int32), "values": codes[rows, cols].float().contiguous()}
+
+
+def csr_to_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
+    n = indptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(n), indptr[1:] - indptr[:-1])
+    codes = torch.zeros(n, m, dtype=torch.float32)
+    codes[rows, indices.long()] = values.float()
+    return codes
+
+
+def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    f = fam.family
+    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.adapters": fam.adapters.to(dtype),
+           f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu()).items()})
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def config_document(result: FitResult) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "source": result.source, "config": result.config.to_dict(),
+            "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
+            "params": result.params, "metrics": result.metrics, "timings": result.timings}
+
+
+def save(result: FitResult, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the artifact directory (banks.safetensors + globe_config.json); returns its path."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create output directory {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise ArtifactError(f"output directory {out} is not writable: choose another -o")
+    tensors: dict[str, torch.Tensor] = {}
+    for fam in result.families.values():
+        tensors.update(family_tensors(fam, dtype))
+    meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
+            **{f"phi.{n}": f.phi for n, f in result.families.items()}}
+    atomic_write(out / BANKS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found: not a GloBE artifact directory (run `globe fit` first)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    version = int(doc.get("format_version", -1))
+    if version > FORMAT_VERSION or version < 1:
+        raise ArtifactError(f"{path} has format_version {version}; this globe reads versions 1..{FORMAT_VERSION}"
+                            + (": upgrade globe" if version > FORMAT_VERSION else ""))
+    return doc
+
+
+def load(out: str | Path) -> FitResult:
+    """Read an artifact directory back into a FitResult, validating versions and shapes."""
+    out = Path(out)
+    doc = _read_json(out / CONFIG_FILE)
+    try:
+        tensors = load_file(str(out / BANKS_FILE))
+    except FileNotFoundError:
+        raise ArtifactError(f"{out / BANKS_FILE} not found: the artifact is incomplete") from None
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{out / BANKS_FILE} is corrupt or truncated ({exc}): re-run `globe fit`") from None
+    families = {}
+    for name, info in doc["families"].items():
+        families[name] = _family_from_tensors(name, info, tensors, doc["metrics"].get(name, {}), out)
+    return FitResult(families=families, config=FitConfig.from_dict(doc["config"]), source=doc.get("source", {}),
+                     timings=doc.get("timings", {}))
+
+
+def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path) -> FamilyFit:
+    keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
+    missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
+    if missing:
+        raise ArtifactError(f"{out / BANKS_FILE} lacks tensor(s) {', '.join(missing)}")
+    t = {k: tensors[f"{name}.{k}"] for k in keys}
+    n, p, d, m, r = info["N"], info["p"], info["d"], info["m"], info["r"]
+    expect = {"bank": (m, r, d), "adapters": (n, p, r), "scales": (n,), "ids": (n, 2), "codes.indptr": (n + 1,)}
+    for k, shape in expect.items():
+        if tuple(t[k].shape) != shape:
+            raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
+                                f"expected {shape} from {CONFIG_FILE}")
+    if int(t["codes.indptr"][-1]) != t["codes.indices"].numel() or (t["codes.indices"].numel() and
+                                                                      int(t["codes.indices"].max()) >= m):
+        raise ArtifactError(f"{out / BANKS_FILE}: sparse codes of {name} are inconsistent")
+    codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], m)
+    return FamilyFit(family=name, bank=t["bank"], codes=codes, adapters=t["adapters"], scales=t["scales"],
+                     ids=t["ids"].long(), phi=info["phi"], metrics=metrics)

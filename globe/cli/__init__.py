@@ -1,0 +1,1 @@
+"""`globe` command-line interface: one module per subcommand, dispatched by `globe.cli.main`."""

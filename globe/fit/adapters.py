@@ -1,0 +1,52 @@
+"""Mixed atoms tilde_B_i = phi(sum_j alpha_ij B_j), the batched-Cholesky adapter refit, coding targets and
+the reconstruction error, all for one chunk of experts."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left, solve_right
+
+PHI = {"identity": lambda x: x, "silu": F.silu, "tanh": torch.tanh}
+
+
+def compose(codes: torch.Tensor, bank: torch.Tensor, phi: str = "identity") -> torch.Tensor:
+    """codes [c, m] @ bank [m, r, d] -> phi(mixed) [c, r, d]."""
+    m, r, d = bank.shape
+    return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
+
+
+@dataclass
+class AdapterFit:
+    """Result of refitting one chunk's adapters."""
+
+    adapters: torch.Tensor   # [c, p, r]
+    sq_err: torch.Tensor     # [c] ||W_i - A_i tilde_B_i||^2 (normalised space)
+    cond: torch.Tensor       # [c] condition estimate of tilde_B tilde_B^T
+
+
+def refit_adapters(weights: torch.Tensor, mixed: torch.Tensor, ridge: float) -> AdapterFit:
+    """A_i = W_i M_i^T (M_i M_i^T + lambda I)^-1 for weights [c, p, d], mixed M [c, r, d].
+
+    The error uses ||W||^2 - 2 <A, W M^T> + <A^T A, M M^T>, so no [c, p, d] residual is formed.
+    """
+    mmt = mixed @ mixed.transpose(1, 2)                                    # [c, r, r]
+    wmt = weights @ mixed.transpose(1, 2)                                  # [c, p, r]
+    chol = ridge_cholesky(mmt, ridge)
+    adapters = solve_right(wmt, chol)                                      # [c, p, r]
+    ata = adapters.transpose(1, 2) @ adapters                              # [c, r, r]
+    sq = weights.square().sum((1, 2)) - 2 * (adapters * wmt).sum((1, 2)) + (ata * mmt).sum((1, 2))
+    return AdapterFit(adapters=adapters, sq_err=sq.clamp_min(0), cond=cond_from_cholesky(chol))
+
+
+def coding_targets(weights: torch.Tensor, adapters: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Y_i = pinv(A_i) W_i = (A_i^T A_i + lambda I)^-1 A_i^T W_i: [c, r, d]."""
+    ata = adapters.transpose(1, 2) @ adapters                              # [c, r, r]
+    return solve_left(ridge_cholesky(ata, ridge), adapters.transpose(1, 2) @ weights)
+
+
+def reconstruct(adapters: torch.Tensor, codes: torch.Tensor, bank: torch.Tensor, phi: str = "identity") -> torch.Tensor:
+    """W_hat = A_i @ phi(alpha_i B): adapters [c, p, r], codes [c, m], bank [m, r, d] -> [c, p, d]."""
+    return adapters @ compose(codes, bank, phi)

@@ -1,0 +1,133 @@
+"""Alternating minimisation over one family (phi = identity inside the loop), streamed in expert chunks.
+
+One pass per iteration: for each chunk, refit adapters to the current mixed atoms (batched Cholesky); pick each
+expert's support with entmax on its targets Y_i = pinv(A_i) W_i at temperature T (controlled towards the target
+median support); fit the code values by NNLS under the true objective ||W_i - A_i alpha_i B||^2 (A fixed, so
+the Gram is weighted by A_i^T A_i); accumulate the MOD right-hand side. After the pass, the MOD update solves the
+same weighted objective for the bank (preconditioned CG), and atoms are normalised with codes rescaled.
+Adapters are never stored between iterations: they are a function of (codes, bank, W).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from globe.errors import NumericalError
+from globe.fit.adapters import compose, refit_adapters
+from globe.fit.config import FitConfig
+from globe.fit.linalg import ridge_cholesky, solve_left
+from globe.fit.mod import normalize_atoms, weighted_mod
+from globe.fit.normalize import Normalizer
+from globe.fit.sparse_coding import (finish_codes, nnls_on_support, select_support, support_sizes,
+                                     update_temperature, weighted_nnls, weighted_support_gram)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AMState:
+    """Everything the loop carries from one iteration to the next (all small except the bank)."""
+
+    bank: torch.Tensor            # [m, r, d] unit-Frobenius atoms
+    codes: torch.Tensor           # [N, m] non-negative sparse codes
+    temperature: float
+    iteration: int = 0
+    best_err: float = math.inf    # relative error (original space) of best_bank/best_codes
+    best_bank: torch.Tensor | None = None
+    best_codes: torch.Tensor | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, values_fn=None, retries: int = 8):
+    """Codes for one chunk with temperature control: re-codes with a corrected T while the chunk's median support
+    is off target by more than 1. values_fn(idx, valid) -> values [n, k] (default: unweighted NNLS)."""
+    sp, ridge = cfg.sparsity, cfg.train.ridge
+    if values_fn is None:
+        values_fn = lambda idx, valid: nnls_on_support(corr, gram, idx, valid, ridge)  # noqa: E731
+    for _ in range(retries):
+        idx, valid = select_support(corr, gram_chol, temperature, sp.method)
+        codes = finish_codes(values_fn(idx, valid), idx, corr, sp.eps)
+        median = float(support_sizes(codes).float().median())
+        new_t = update_temperature(temperature, median, sp)
+        if abs(median - sp.target_support) <= 1 or new_t == temperature:
+            return codes, new_t
+        temperature = new_t
+    return codes, temperature
+
+
+def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg):
+    """Support from the pinv targets, values from NNLS under the true (A^T A-weighted) objective."""
+    corr = targets.reshape(targets.shape[0], -1) @ flat.T                     # [c, m] selection
+    wcorr = atw.reshape(atw.shape[0], -1) @ flat.T                            # [c, m] <A^T W, B_j>
+
+    def values(idx, valid):
+        return weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx), valid,
+                             cfg.train.ridge)
+    return code_chunk(corr, gram, gram_chol, temperature, cfg, values)
+
+
+def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig) -> dict:
+    """One AM iteration in place on `state`; returns the iteration's stats (error is of the incoming state)."""
+    t0, ridge, dev = time.perf_counter(), cfg.train.ridge, state.bank.device
+    m, r, d = state.bank.shape
+    n = weights.shape[0]
+    flat = state.bank.reshape(m, r * d)
+    gram = flat @ flat.T                                                     # [m, m]
+    gram_chol = ridge_cholesky(gram, ridge)
+    grams = torch.empty(n, r, r, device=dev)                                 # A_i^T A_i, kept for the MOD
+    rhs = torch.zeros(m, r * d, device=dev)                                  # sum_i alpha_ij A_i^T W_i
+    new_codes = torch.zeros_like(state.codes)
+    sq_err = torch.zeros(n, dtype=torch.float64, device=dev)
+    conds, temp = [], state.temperature
+    for lo in range(0, n, cfg.train.chunk_size):
+        hi = min(lo + cfg.train.chunk_size, n)
+        w = norm.chunk(weights, lo, hi, dev)                                 # [c, p, d]
+        fit = refit_adapters(w, compose(state.codes[lo:hi], state.bank), ridge)
+        ata = fit.adapters.transpose(1, 2) @ fit.adapters                    # [c, r, r]
+        atw = fit.adapters.transpose(1, 2) @ w                               # [c, r, d]
+        targets = solve_left(ridge_cholesky(ata, ridge), atw)                # pinv(A) W
+        codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg)
+        rhs.addmm_(codes.T, atw.reshape(hi - lo, -1))
+        grams[lo:hi], new_codes[lo:hi], sq_err[lo:hi] = ata, codes, fit.sq_err.double()
+        if cfg.train.collect_stats:
+            conds.append(fit.cond.max())
+    bank, cg_iters = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge)
+    bank, new_codes = normalize_atoms(bank, new_codes)
+    rel = float(((sq_err.cpu() * norm.scales.double() ** 2).sum() / norm.sq_norms.sum()).sqrt())
+    if not (math.isfinite(rel) and bool(torch.isfinite(bank).all()) and bool(torch.isfinite(new_codes).all())):
+        raise NumericalError(f"NaN/Inf in alternating minimisation at iteration {state.iteration} "
+                             "(try a larger train.ridge or another bank.init)")
+    if rel < state.best_err:
+        state.best_err, state.best_bank, state.best_codes = rel, state.bank, state.codes
+    support = support_sizes(new_codes).float()
+    stats = {"iteration": state.iteration, "rel_err": rel, "temperature": temp,
+             "median_support": float(support.median()), "mean_support": float(support.mean()),
+             "max_support": int(support.max()), "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
+    if cfg.train.collect_stats:
+        stats["adapter_cond_max"] = float(torch.stack(conds).max())
+    state.bank, state.codes, state.temperature = bank, new_codes, temp
+    state.iteration += 1
+    state.history.append(stats)
+    return stats
+
+
+def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "") -> AMState:
+    """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept."""
+    bar = tqdm(range(state.iteration, cfg.train.am_iters), desc=f"AM {family}", leave=False,
+               disable=not log.isEnabledFor(logging.INFO))
+    prev = math.inf
+    for _ in bar:
+        stats = am_pass(weights, norm, state, cfg)
+        bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
+        log.debug("AM %s iter %d: %s", family, stats["iteration"], stats)
+        if prev - stats["rel_err"] < cfg.train.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
+            if abs(stats["median_support"] - cfg.sparsity.target_support) <= 1:
+                log.info("AM %s converged at iteration %d (rel_err %.5f)", family, stats["iteration"], stats["rel_err"])
+                break
+        prev = min(prev, stats["rel_err"])
+    return state

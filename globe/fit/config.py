@@ -1,0 +1,136 @@
+"""Dataclass configuration of a fit (bank, sparsity, train), round-tripping to dict/JSON/YAML with a format version."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from globe.errors import ConfigError
+
+CONFIG_FORMAT_VERSION = 1
+PHIS = ("identity", "silu", "tanh")
+INITS = ("svd", "ts_pca", "kmeans", "greedy", "hybrid")
+CODERS = ("entmax15", "sparsemax")
+
+
+@dataclass
+class BankConfig:
+    """Shape of each family's bank: m atoms of r x d; None lets the budget solver choose."""
+
+    m: int | None = None          # number of atoms
+    r: int | None = None          # adapter rank (rows of an atom)
+    budget: float = 0.5           # stored params / dense params per family, used when m or r is None
+    phi: str = "identity"         # nonlinearity applied to the mixed atoms
+    init: str = "hybrid"          # warm start
+    families: tuple[str, ...] = ("gate", "up")
+
+
+@dataclass
+class SparsityConfig:
+    """Sparse codes alpha_i = entmax(logits_i / T) with T steered to a target median support."""
+
+    method: str = "entmax15"
+    target_support: int = 12
+    eta: float = 0.5              # controller gain
+    t_init: float = 0.5
+    t_min: float = 1e-3
+    t_max: float = 1e2
+    eps: float = 1e-3             # prune codes below eps * max code of the expert
+
+
+@dataclass
+class TrainConfig:
+    """Alternating minimisation, optional Adam refinement, numerics and resources."""
+
+    am_iters: int = 30
+    tol: float = 1e-5             # stop when relative error improves by less than this
+    ridge: float = 1e-6           # relative ridge of every normal-equation system
+    restarts: int = 1             # warm start + AM from this many seeds; the best is kept
+    varpro_steps: int = 100       # L-BFGS evaluations of the variable-projection refinement (0: off)
+    refine_steps: int = 0         # Adam steps with the real phi (0: off)
+    refine_lr: float = 1e-3
+    refine_batch: int = 32        # experts per refinement step
+    amp: str = "none"             # none | bf16 | fp16
+    grad_checkpoint: bool = False
+    chunk_size: int = 64          # experts processed at once in fp32
+    seed: int = 0
+    device: str = "cpu"
+    collect_stats: bool = True
+
+
+@dataclass
+class FitConfig:
+    """Everything a fit needs; serialised into globe_config.json."""
+
+    bank: BankConfig = field(default_factory=BankConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def validate(self) -> "FitConfig":
+        b, s, t = self.bank, self.sparsity, self.train
+        checks = [
+            (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
+            (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
+            (0.0 < b.budget < 1.0, f"bank.budget must be in (0, 1) (got {b.budget})"),
+            (b.phi in PHIS, f"bank.phi must be one of {PHIS} (got {b.phi!r})"),
+            (b.init in INITS, f"bank.init must be one of {INITS} (got {b.init!r})"),
+            (set(b.families) <= {"gate", "up", "down"} and b.families, f"bank.families invalid: {b.families}"),
+            (s.method in CODERS, f"sparsity.method must be one of {CODERS} (got {s.method!r})"),
+            (s.target_support >= 1, f"sparsity.target_support must be >= 1 (got {s.target_support})"),
+            (b.m is None or s.target_support <= b.m,
+             f"sparsity.target_support ({s.target_support}) must be <= bank.m ({b.m})"),
+            (0 < s.t_min <= s.t_init <= s.t_max, "need 0 < sparsity.t_min <= t_init <= t_max"),
+            (min(t.am_iters, t.refine_steps, t.varpro_steps) >= 0, "iteration counts must be >= 0"),
+            (t.restarts >= 1, f"train.restarts must be >= 1 (got {t.restarts})"),
+            (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
+            (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
+            (t.ridge >= 0, "train.ridge must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
+        data = dict(data)
+        version = int(data.pop("format_version", CONFIG_FORMAT_VERSION))
+        if version > CONFIG_FORMAT_VERSION:
+            raise ConfigError(f"fit config format_version {version} is newer than supported "
+                              f"({CONFIG_FORMAT_VERSION}); upgrade globe")
+        try:
+            bank = dict(data.pop("bank", {}))
+            if "families" in bank:
+                bank["families"] = tuple(bank["families"])
+            cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
+                      train=TrainConfig(**data.pop("train", {})))
+        except TypeError as exc:
+            raise ConfigError(f"invalid fit config: {exc}") from None
+        if data:
+            raise ConfigError(f"unknown fit config sections: {sorted(data)}")
+        return cfg
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_yaml(self) -> str:
+        d = self.to_dict()
+        d["bank"]["families"] = list(d["bank"]["families"])
+        return yaml.safe_dump(d, sort_keys=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "FitConfig":
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})") from None
+        return cls.from_dict(data or {})

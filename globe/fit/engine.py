@@ -1,0 +1,187 @@
+"""fit_family: normalise -> warm start -> alternating minimisation -> (refine) -> fold back, for one family.
+fit_model: stream each family of a checkpoint through fit_family. Returns tensors and metrics, writes nothing."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from globe.fit.adapters import compose, refit_adapters
+from globe.fit.am import AMState, run_am
+from globe.fit.budget import candidate_shapes, choose_shape
+from globe.fit.config import FitConfig
+from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_memory_mb, phase
+from globe.fit.normalize import Normalizer
+from globe.fit.mod import normalize_atoms
+from globe.fit.refine import adam_refine, varpro_refine
+from globe.fit.result import FamilyFit, FitResult
+from globe.fit.warm_start import aligned_targets, warm_start
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device) -> torch.Tensor:
+    out = [torch.linalg.svdvals(norm.chunk(weights, lo, min(lo + chunk, weights.shape[0]), device)).cpu()
+           for lo in range(0, weights.shape[0], chunk)]
+    return torch.cat(out)                                                     # [N, min(p, d)]
+
+
+def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) -> tuple[int, int]:
+    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget."""
+    n, p, d = weights.shape
+    b, k = cfg.bank, cfg.sparsity.target_support
+    if b.m is not None and b.r is not None:
+        return b.m, b.r
+    svals = _singular_values(weights, norm, cfg.train.chunk_size, device)
+    cands = candidate_shapes(n, p, d, b.budget, k)
+    if b.r is not None:
+        cands = [(m, r) for m, r in cands if r == b.r] or cands
+    grid = sorted({r for _, r in cands})
+    probe = grid[:: max(1, len(grid) // 4)][:5]
+    stacked = {}
+    for r in probe:
+        x = aligned_targets(weights, norm, r, cfg.train.chunk_size, device).reshape(n, -1)
+        stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
+    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
+    return (b.m if b.m is not None else m), r
+
+
+def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
+    """Exact adapters for phi(codes @ bank), chunk by chunk, in the normalised space.
+
+    Returns (adapters [N, p, r], codes [N, m], sq_err [N] in the original space). With identity phi the codes
+    are put on the simplex and their row sums moved into the adapters.
+    """
+    n, dev = weights.shape[0], bank.device
+    if phi == "identity":
+        codes = codes / codes.sum(-1, keepdim=True).clamp_min(1e-30)
+    adapters = torch.empty(n, weights.shape[1], bank.shape[1], device=dev)
+    sq_err = torch.empty(n, dtype=torch.float64)
+    for lo in range(0, n, cfg.train.chunk_size):
+        hi = min(lo + cfg.train.chunk_size, n)
+        fit = refit_adapters(norm.chunk(weights, lo, hi, dev), compose(codes[lo:hi], bank, phi), cfg.train.ridge)
+        adapters[lo:hi] = fit.adapters
+        sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
+    return adapters, codes, sq_err
+
+
+def _rel(sq_err: torch.Tensor, norm: Normalizer) -> float:
+    return float((sq_err.sum() / norm.sq_norms.sum()).sqrt())
+
+
+def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
+               generator: torch.Generator | None = None) -> FamilyFit:
+    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert)."""
+    cfg.validate()
+    device = resolve_device(cfg.train.device)
+    gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
+    timings: dict = {}
+    with phase(timings, "normalize", device):
+        names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
+        norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
+    with phase(timings, "shape", device):
+        m, r = pick_shape(weights, norm, cfg, device)
+    log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
+    with phase(timings, "warm_start", device):
+        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+    with phase(timings, "am", device):
+        state = None
+        for attempt in range(cfg.train.restarts):
+            bank, codes, temp = warm_start(targets, m, cfg, gen)
+            trial = AMState(bank=bank, codes=codes, temperature=temp)
+            run_am(weights, norm, trial, cfg, family)
+            trial.bank, trial.codes = best_state(weights, norm, trial, cfg)
+            log.debug("%s start %d: rel_err %.5f", family, attempt, trial.best_err)
+            if state is None or trial.best_err < state.best_err:
+                state = trial
+        del targets
+        bank, codes = state.bank, state.codes
+    history = {"am": state.history}
+    if cfg.train.varpro_steps > 0:
+        with phase(timings, "varpro", device):
+            bank, codes, history["varpro"] = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
+                                                           state.temperature)
+            bank, codes = normalize_atoms(bank, codes)
+    adapters, codes, sq_err = finalize(weights, norm, codes, bank, cfg.bank.phi, cfg)
+    if cfg.train.refine_steps > 0:
+        with phase(timings, "refine", device):
+            bank, codes, _, history["refine"] = adam_refine(weights, norm, bank, codes, adapters, cfg,
+                                                            state.temperature, gen)
+            bank, codes = normalize_atoms(bank, prune(codes, cfg))
+            adapters, codes, sq_err = finalize(weights, norm, codes, bank, cfg.bank.phi, cfg)
+    fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
+                    ids=ids, phi=cfg.bank.phi, history=history)
+    fam.metrics = family_metrics(fam, sq_err, norm, timings)
+    log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
+             fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
+             100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
+    return fam
+
+
+def prune(codes: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    keep = codes.abs() >= cfg.sparsity.eps * codes.abs().amax(-1, keepdim=True)
+    return torch.where(keep, codes, torch.zeros_like(codes))
+
+
+def best_state(weights, norm: Normalizer, state: AMState, cfg: FitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final AM state, or the best one seen if the last iterations made the error worse (best_err updated)."""
+    _, _, sq_err = finalize(weights, norm, state.codes, state.bank, "identity", cfg)
+    final = _rel(sq_err, norm)
+    if state.best_bank is None or final <= state.best_err:
+        state.best_err = final
+        return state.bank, state.codes
+    return state.best_bank, state.best_codes
+
+
+def family_metrics(fam: FamilyFit, sq_err: torch.Tensor, norm: Normalizer, timings: dict) -> dict:
+    out = {**error_metrics(sq_err, norm.sq_norms, fam.ids), **code_metrics(fam.codes), **bank_metrics(fam.bank)}
+    out.update(params=fam.param_count(), shape=fam.shape, weight_mean_abs_max=float(norm.means.abs().max()),
+               am_iterations=len(fam.history.get("am", [])), timings=timings,
+               seconds=round(sum(t["seconds"] for t in timings.values()), 3), peak_mem_mb=peak_memory_mb())
+    if fam.history.get("am"):
+        out["am_final_rel_err"] = fam.history["am"][-1]["rel_err"]
+        out["final_temperature"] = fam.history["am"][-1]["temperature"]
+    if fam.history.get("varpro"):
+        out["varpro_evaluations"] = len(fam.history["varpro"])
+    return out
+
+
+def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[str, FamilyFit] | None = None,
+              on_family: Callable[[FamilyFit], None] | None = None) -> FitResult:
+    """Fit every configured family of the checkpoint in model_dir (see globe.io for supported layouts).
+
+    Family k is seeded with cfg.train.seed + k, so a family fitted in a resumed run equals an uninterrupted
+    one. `done` holds families already fitted (resume); on_family(fam) is called after each new family.
+    """
+    from globe.io import open_checkpoint
+    cfg = (cfg or FitConfig()).validate()
+    families, t0 = dict(done or {}), time.perf_counter()
+    with open_checkpoint(model_dir) as reader:
+        inventory = reader.inventory()
+        for k, family in enumerate(cfg.bank.families):
+            if family in families:
+                log.info("%s: taken from checkpoint", family)
+                continue
+            stack = reader.read_family(family)
+            gen = torch.Generator().manual_seed(cfg.train.seed + k)
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen)
+            del stack
+            if on_family is not None:
+                on_family(families[family])
+    source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
+              "inventory": inventory.to_dict()}
+    return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,
+                     timings={"total_seconds": round(time.perf_counter() - t0, 3)})

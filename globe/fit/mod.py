@@ -1,0 +1,100 @@
+"""MOD dictionary update: B = (alpha^T alpha + lambda I)^-1 alpha^T Y accumulated over expert chunks,
+then unit-Frobenius atoms with the codes rescaled so that alpha @ B is unchanged."""
+from __future__ import annotations
+
+import torch
+
+from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left
+
+
+class ModAccumulator:
+    """Accumulates the m x m normal equations of the dictionary update over chunks of experts."""
+
+    def __init__(self, m: int, r: int, d: int, device: torch.device | str = "cpu") -> None:
+        self.shape = (m, r, d)
+        self.ata = torch.zeros(m, m, dtype=torch.float64, device=device)      # sum_i alpha_i alpha_i^T
+        self.aty = torch.zeros(m, r * d, dtype=torch.float32, device=device)  # sum_i alpha_i Y_i
+
+    def add(self, codes: torch.Tensor, targets: torch.Tensor) -> None:
+        """codes [c, m], targets [c, r, d] (fp32)."""
+        self.ata += (codes.T.double() @ codes.double())
+        self.aty.addmm_(codes.T, targets.reshape(targets.shape[0], -1))
+
+    def solve(self, ridge: float, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """New bank [m, r, d] and the condition number of the system. Unused atoms keep `previous`."""
+        chol = ridge_cholesky(self.ata, ridge)
+        bank = solve_left(chol, self.aty.double()).float().view(self.shape)
+        if previous is not None:
+            unused = self.ata.diagonal() <= 0
+            bank[unused] = previous[unused]
+        return bank, float(cond_from_cholesky(chol))
+
+
+def normalize_atoms(bank: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-Frobenius atoms; codes [N, m] scaled by the atom norms so codes @ bank is unchanged."""
+    norms = bank.flatten(1).norm(dim=1).clamp_min(1e-30)                    # [m]
+    return bank / norms[:, None, None], codes * norms[None, :]
+
+
+def mod_objective(codes: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor, ridge_abs: float) -> float:
+    """sum_i ||Y_i - alpha_i B||^2 + ridge_abs ||B||^2 (for tests and diagnostics; small problems)."""
+    recon = (codes @ bank.flatten(1)).view_as(targets)
+    return float((targets - recon).square().sum() + ridge_abs * bank.square().sum())
+
+
+def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor, chunk: int) -> torch.Tensor:
+    """H(B)_j = sum_i alpha_ij G_i (sum_k alpha_ik B_k): the weighted MOD operator. Returns [m, r, d]."""
+    m, r, d = bank.shape
+    flat = bank.reshape(m, r * d)
+    out = torch.zeros(m, r * d, dtype=bank.dtype, device=bank.device)
+    for lo in range(0, codes.shape[0], chunk):
+        c = codes[lo:lo + chunk]
+        mixed = (c @ flat).view(-1, r, d)                                   # [c, r, d]
+        out.addmm_(c.T, (grams[lo:lo + chunk] @ mixed).reshape(c.shape[0], -1))
+    return out.view(m, r, d)
+
+
+def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor,
+                 ridge: float, iters: int = 12, chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
+
+    Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned
+    CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x mean(G).
+    codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, iterations used).
+    """
+    m, r, d = bank0.shape
+    ata = (codes.T.double() @ codes.double())
+    gbar = grams.double().mean(0)
+    lam = ridge * float(ata.diagonal().mean() * gbar.diagonal().mean()) + 1e-30
+    p_left = ridge_cholesky(ata, max(ridge, 1e-8))
+    p_right = ridge_cholesky(gbar, max(ridge, 1e-8))
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        return weighted_apply(x, codes, grams, chunk) + lam * x
+
+    def precond(x: torch.Tensor) -> torch.Tensor:
+        y = solve_left(p_left, x.double().reshape(m, r * d)).view(m, r, d)  # (alpha^T alpha)^-1 over atoms
+        return solve_left(p_right, y.transpose(0, 1).reshape(r, m * d)).view(r, m, d).transpose(0, 1).float()
+
+    x = bank0.clone()
+    res = rhs - apply(x)
+    z = precond(res)
+    direction, rz = z.clone(), float((res * z).sum())
+    norm0 = float(rhs.norm()) + 1e-30
+    for it in range(iters):
+        if float(res.norm()) <= 1e-6 * norm0:
+            return x, it
+        hd = apply(direction)
+        step = rz / max(float((direction * hd).sum()), 1e-30)
+        x = x + step * direction
+        res = res - step * hd
+        z = precond(res)
+        rz_new = float((res * z).sum())
+        direction = z + (rz_new / max(rz, 1e-30)) * direction
+        rz = rz_new
+    return x, iters
+
+
+def weighted_objective(codes, grams, rhs, bank, const: float = 0.0) -> float:
+    """0.5 <B, H(B)> - <rhs, B> + const: the quadratic that weighted_mod minimises (diagnostics/tests)."""
+    return float(0.5 * (bank * weighted_apply(bank, codes, grams, 256)).sum() - (rhs * bank).sum()) + const

@@ -1,0 +1,50 @@
+"""Per-expert z-score normalisation of a family: scales recorded, fitted in unit-RMS space, folded back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from globe.errors import NumericalError
+
+
+@dataclass
+class Normalizer:
+    """Per-expert statistics of W [N, p, d]: mean and RMS scale (the fit divides by `scales`)."""
+
+    means: torch.Tensor    # [N]
+    stds: torch.Tensor     # [N]
+    scales: torch.Tensor   # [N] RMS = sqrt(mean^2 + std^2); what W_i is divided by
+    sq_norms: torch.Tensor  # [N] ||W_i||_F^2 in the original space (fp64)
+
+    @classmethod
+    def fit(cls, weights: torch.Tensor, chunk_size: int = 64, names: list[str] | None = None) -> "Normalizer":
+        """Statistics of weights [N, p, d] (any float dtype), computed chunk by chunk in fp64."""
+        n = weights.shape[0]
+        means, sq = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+        for lo in range(0, n, chunk_size):
+            w = weights[lo:lo + chunk_size].to(torch.float64)          # [c, p, d]
+            means[lo:lo + w.shape[0]] = w.mean((1, 2))
+            sq[lo:lo + w.shape[0]] = w.square().sum((1, 2))
+        if not bool(torch.isfinite(sq).all()):
+            i = int((~torch.isfinite(sq)).nonzero()[0])
+            where = names[i] if names else f"expert {i}"
+            raise NumericalError(f"NaN/Inf in weights of {where}: fix or drop that checkpoint tensor")
+        numel = weights.shape[1] * weights.shape[2]
+        rms = (sq / numel).sqrt()
+        stds = (rms.square() - means.square()).clamp_min(0).sqrt()
+        if bool((rms == 0).any()):
+            i = int((rms == 0).nonzero()[0])
+            where = names[i] if names else f"expert {i}"
+            raise NumericalError(f"all-zero weights in {where}: cannot normalise an empty expert")
+        return cls(means=means.float(), stds=stds.float(), scales=rms.float(), sq_norms=sq)
+
+    def chunk(self, weights: torch.Tensor, lo: int, hi: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Normalised fp32 copy of experts lo:hi: [c, p, d]."""
+        w = weights[lo:hi].to(device=device, dtype=torch.float32)
+        return w / self.scales[lo:hi].to(device)[:, None, None]
+
+    def fold(self, adapters: torch.Tensor, lo: int = 0) -> torch.Tensor:
+        """Adapters [c, p, r] of the normalised fit -> adapters of the original weights."""
+        c = adapters.shape[0]
+        return adapters * self.scales[lo:lo + c].to(adapters.device, adapters.dtype)[:, None, None]

@@ -1,0 +1,136 @@
+"""Sparse codes: entmax/sparsemax support selection at temperature T, non-negative least squares on the
+support, pruning, the temperature controller, and the inverse map codes -> logits used by refinement."""
+from __future__ import annotations
+
+import math
+
+import torch
+from entmax import entmax15, sparsemax
+
+from globe.fit.config import SparsityConfig
+from globe.fit.linalg import solve_right
+
+
+def mapping(method: str):
+    """The simplex mapping alpha = f(logits / T) named by `method`."""
+    return entmax15 if method == "entmax15" else sparsemax
+
+
+def support_logits(corr: torch.Tensor, gram_chol: torch.Tensor) -> torch.Tensor:
+    """Scale-free logits from the unconstrained least-squares coefficients over all atoms.
+
+    corr: [n, m] correlations <Y_i, B_j>; gram_chol: [m, m] Cholesky of the (ridged) atom Gram.
+    Returns [n, m] in [-1, 1] (each row divided by its largest magnitude).
+    """
+    coef = solve_right(corr, gram_chol)                               # [n, m]
+    return coef / coef.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _gather_gram(gram: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Sub-Gram on each row's support: [n, k, k]; padded slots get an identity row/column."""
+    sub = gram[idx[:, :, None], idx[:, None, :]]                       # [n, k, k]
+    vv = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device).expand_as(sub)
+    return torch.where(vv, sub, eye)
+
+
+def nnls_on_support(corr: torch.Tensor, gram: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                    ridge: float, sweeps: int = 4) -> torch.Tensor:
+    """Non-negative least squares restricted to each row's support (active-set sweeps).
+
+    corr: [n, m], gram: [m, m], idx/valid: [n, k]. Returns values [n, k] (0 on invalid slots).
+    """
+    rhs_all = torch.gather(corr, 1, idx)                              # [n, k]
+    scale = gram.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device)
+    x = torch.zeros_like(rhs_all)
+    for _ in range(sweeps):
+        sub = _gather_gram(gram, idx, valid) + ridge * scale * eye
+        rhs = torch.where(valid, rhs_all, torch.zeros_like(rhs_all))
+        x = torch.linalg.solve(sub, rhs.unsqueeze(-1)).squeeze(-1)
+        neg = valid & (x < 0)
+        if not bool(neg.any()):
+            break
+        valid = valid & ~neg
+    return torch.where(valid, x.clamp_min(0.0), torch.zeros_like(x))
+
+
+def select_support(corr: torch.Tensor, gram_chol: torch.Tensor, temperature: float,
+                   method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support of each row: the non-zeros of mapping(logits / T). Returns idx [n, k], valid [n, k]."""
+    probs = mapping(method)(support_logits(corr, gram_chol) / temperature, dim=-1)   # [n, m]
+    k = max(int((probs > 0).sum(-1).max()), 1)
+    top, idx = probs.topk(k, dim=-1)
+    return idx, top > 0
+
+
+def finish_codes(values: torch.Tensor, idx: torch.Tensor, corr: torch.Tensor, eps: float) -> torch.Tensor:
+    """Prune values [n, k] below eps * row max, scatter to [n, m]; an empty row keeps its best atom."""
+    values = torch.where(values >= eps * values.amax(-1, keepdim=True), values, torch.zeros_like(values))
+    codes = torch.zeros_like(corr).scatter_(1, idx, values)
+    empty = codes.amax(-1) <= 0
+    if bool(empty.any()):
+        best = corr[empty].argmax(-1)
+        codes[empty.nonzero().squeeze(-1), best] = corr[empty].amax(-1).abs().clamp_min(1e-12)
+    return codes
+
+
+def sparse_code(corr: torch.Tensor, gram: torch.Tensor, gram_chol: torch.Tensor, temperature: float,
+                cfg: SparsityConfig, ridge: float) -> torch.Tensor:
+    """Codes [n, m] >= 0 for targets with correlations corr [n, m] against unit atoms of Gram [m, m]:
+    entmax(logits / T) picks the support, NNLS on it gives the values, then pruning."""
+    idx, valid = select_support(corr, gram_chol, temperature, cfg.method)
+    return finish_codes(nnls_on_support(corr, gram, idx, valid, ridge), idx, corr, cfg.eps)
+
+
+def support_sizes(codes: torch.Tensor) -> torch.Tensor:
+    """Number of non-zero codes per row: [n]."""
+    return (codes != 0).sum(-1)
+
+
+def update_temperature(temperature: float, median_support: float, cfg: SparsityConfig) -> float:
+    """One controller step towards the target median support.
+
+    With alpha = entmax(logits / T) a larger T spreads mass over more atoms, so T shrinks when the support is
+    above target: T <- clamp(T * exp(-eta * (median / target - 1)), t_min, t_max).
+    """
+    step = math.exp(-cfg.eta * (median_support / cfg.target_support - 1.0))
+    return float(min(max(temperature * step, cfg.t_min), cfg.t_max))
+
+
+def codes_to_logits(codes: torch.Tensor, temperature: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits with mapping(logits / T) == codes / rowsum exactly, plus the row sums [n] (fold into adapters).
+
+    entmax-1.5 on the support is p = (z/2 - tau)^2, so z = 2 sqrt(p); sparsemax is p = z - tau, so z = p.
+    Off-support logits sit at -1 (below the threshold tau = 0).
+    """
+    sums = codes.sum(-1).clamp_min(1e-30)                             # [n]
+    probs = codes / sums[:, None]
+    z = 2.0 * probs.sqrt() if method == "entmax15" else probs
+    z = torch.where(codes > 0, z, torch.full_like(z, -1.0))
+    return z * temperature, sums
+
+
+def weighted_support_gram(grams: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """K_i[a, b] = <G_i B_{idx_ia}, B_{idx_ib}> on each row's support: grams [n, r, r], idx [n, k] -> [n, k, k]."""
+    atoms = bank[idx]                                                       # [n, k, r, d]
+    weighted = grams[:, None] @ atoms                                       # [n, k, r, d]
+    return torch.einsum("nkrd,nlrd->nkl", weighted, atoms)
+
+
+def weighted_nnls(rhs: torch.Tensor, sub_gram: torch.Tensor, valid: torch.Tensor, ridge: float,
+                  sweeps: int = 4) -> torch.Tensor:
+    """NNLS with a per-row Gram: rhs [n, k], sub_gram [n, k, k], valid [n, k] -> values [n, k] >= 0."""
+    k = rhs.shape[1]
+    eye = torch.eye(k, dtype=rhs.dtype, device=rhs.device)
+    scale = sub_gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
+    x = torch.zeros_like(rhs)
+    for _ in range(sweeps):
+        vv = valid[:, :, None] & valid[:, None, :]
+        system = torch.where(vv, sub_gram, eye.expand_as(sub_gram)) + ridge * scale * eye
+        x = torch.linalg.solve(system, torch.where(valid, rhs, torch.zeros_like(rhs)).unsqueeze(-1)).squeeze(-1)
+        neg = valid & (x < 0)
+        if not bool(neg.any()):
+            break
+        valid = valid & ~neg
+    return torch.where(valid, x.clamp_min(0.0), torch.zeros_like(x))

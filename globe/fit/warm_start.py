@@ -1,0 +1,165 @@
+"""Warm starts for (bank, codes): gauge-aligned per-expert targets, then truncated SVD, TS-PCA, spherical
+k-means++ with NNLS codes, residual greedy with K-SVD sweeps, or a hybrid (SVD atoms + greedy residual atoms).
+
+Per-expert target T_i = Q_i S_i V_i^T (top-r SVD of W_i) where the orthogonal Q_i aligns each expert's basis to
+the family's shared top-r row space (Procrustes); the adapters absorb Q_i, so this only fixes the gauge and makes
+experts with similar row spaces have similar targets.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from globe.fit.config import FitConfig
+from globe.fit.linalg import ridge_cholesky
+from globe.fit.normalize import Normalizer
+
+log = logging.getLogger(__name__)
+
+
+def aligned_targets(weights: torch.Tensor, norm: Normalizer, r: int, chunk: int, device="cpu") -> torch.Tensor:
+    """Gauge-aligned rank-r targets [N, r, d] of the normalised experts."""
+    n, _, d = weights.shape
+    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for lo in range(0, n, chunk):
+        w = norm.chunk(weights, lo, min(lo + chunk, n), device)
+        cov += torch.einsum("cpd,cpe->de", w, w).double()
+    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
+    out = torch.empty(n, r, d, device=device)
+    for lo in tqdm(range(0, n, chunk), desc="targets", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+        w = norm.chunk(weights, lo, min(lo + chunk, n), device)
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        t0 = s[:, :r, None] * vh[:, :r]                                     # [c, r, d]
+        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))                # polar factor of [c, r, r]
+        out[lo:lo + w.shape[0]] = (u @ v2) @ t0
+    return out
+
+
+def _signed(directions: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
+    """Atoms from directions [k, D]: sign so that most experts correlate positively, then +/- pairs up to m."""
+    sign = torch.sign((x @ directions.T).sum(0)).clamp_min(0) * 2 - 1       # [k]
+    directions = directions * sign[:, None]
+    first = directions[:1]
+    pairs = torch.stack([directions[1:], -directions[1:]], 1).reshape(-1, directions.shape[1])
+    return torch.cat([first, pairs])[:m]
+
+
+def _random_atoms(k: int, dim: int, gen: torch.Generator, device) -> torch.Tensor:
+    a = torch.randn(k, dim, generator=gen).to(device)
+    return a / a.norm(dim=1, keepdim=True)
+
+
+def _pad(atoms: torch.Tensor, m: int, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fill up to m atoms with randomly chosen, slightly perturbed unit targets."""
+    if atoms.shape[0] >= m:
+        return atoms[:m]
+    k = m - atoms.shape[0]
+    pick = torch.randint(0, x.shape[0], (k,), generator=gen).to(x.device)
+    extra = x[pick] / x[pick].norm(dim=1, keepdim=True) + 0.1 * _random_atoms(k, x.shape[1], gen, x.device)
+    return torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True)])
+
+
+def svd_atoms(x: torch.Tensor, m: int, gen: torch.Generator, oversample: int = 8, power: int = 3) -> torch.Tensor:
+    """Randomised truncated SVD of stacked targets x [N, D]: top right singular vectors as signed atoms."""
+    k = min((m + 1) // 2 + 1, *x.shape)
+    probe = torch.randn(x.shape[1], min(k + oversample, x.shape[1]), generator=gen).to(x.device)
+    q = torch.linalg.qr(x @ probe).Q                                       # [N, k']
+    for _ in range(power):
+        q = torch.linalg.qr(x @ (x.T @ q)).Q
+    _, _, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    return _signed(vh[:k], x, m)
+
+
+def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """Tall-skinny PCA: the highest-energy rows' Gram matrix (n x n), eigenvectors mapped back to atoms."""
+    keep = x.norm(dim=1).topk(min(x.shape[0], 4 * m)).indices.sort().values
+    xs = x[keep].double()
+    evals, evecs = torch.linalg.eigh(xs @ xs.T)
+    k = min((m + 1) // 2 + 1, xs.shape[0])
+    top = evecs[:, -k:].flip(-1)                                           # [n, k]
+    atoms = (top.T @ xs) / evals[-k:].flip(-1).clamp_min(1e-30).sqrt()[:, None]
+    return _signed(atoms.float(), x, m)
+
+
+def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15) -> torch.Tensor:
+    """Spherical k-means++ centroids of the unit targets (cosine similarity)."""
+    u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    k = min(m, u.shape[0])
+    cent = u[torch.randint(0, u.shape[0], (1,), generator=gen)]
+    for _ in range(1, k):                                                   # k-means++ seeding on 1 - cos
+        dist = (1 - (u @ cent.T).amax(1)).clamp_min(0)
+        cent = torch.cat([cent, u[torch.multinomial(dist.cpu() + 1e-12, 1, generator=gen)]])
+    for _ in range(iters):
+        assign = (u @ cent.T).argmax(1)
+        sums = torch.zeros_like(cent).index_add_(0, assign, u)
+        empty = sums.norm(dim=1) == 0
+        sums[empty] = cent[empty]
+        cent = sums / sums.norm(dim=1, keepdim=True)
+    return _pad(cent, m, x, gen)
+
+
+def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig,
+                   batches: int = 8) -> torch.Tensor:
+    """Residual greedy: add normalised residuals of the worst-fit experts in batches, recoding between."""
+    while atoms.shape[0] < m:
+        res = x - encode(x, atoms, cfg)[0] @ atoms if atoms.shape[0] else x
+        k = min(max((m - atoms.shape[0] + batches - 1) // batches, 1), m - atoms.shape[0], x.shape[0])
+        worst = res.norm(dim=1).topk(k).indices
+        new = res[worst] / res[worst].norm(dim=1, keepdim=True).clamp_min(1e-30)
+        atoms = torch.cat([atoms, new])
+    return atoms[:m]
+
+
+def ksvd_sweep(x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One K-SVD sweep: rank-1 refit of every used atom on its users' residual (codes kept >= 0)."""
+    atoms, codes = atoms.clone(), codes.clone()
+    res = x - codes @ atoms
+    for j in range(atoms.shape[0]):
+        users = (codes[:, j] > 0).nonzero().squeeze(1)
+        if users.numel() == 0:
+            continue
+        e = res[users] + codes[users, j, None] * atoms[j]                   # [u, D]
+        a = e @ atoms[j]                                                    # power step from the old atom
+        b = a @ e
+        b = b / b.norm().clamp_min(1e-30)
+        a = (e @ b).clamp_min(0)
+        atoms[j], codes[users, j] = b, a
+        res[users] = e - a[:, None] * b
+    return atoms, codes
+
+
+def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: float | None = None):
+    """Sparse codes [N, m] of targets x [N, D] against unit atoms, with temperature control; returns (codes, T)."""
+    from globe.fit.am import code_chunk  # local import: am imports this module's users
+    gram = atoms @ atoms.T
+    chol = ridge_cholesky(gram, cfg.train.ridge)
+    temp = cfg.sparsity.t_init if temperature is None else temperature
+    out = []
+    for lo in range(0, x.shape[0], cfg.train.chunk_size):
+        codes, temp = code_chunk(x[lo:lo + cfg.train.chunk_size] @ atoms.T, gram, chol, temp, cfg)
+        out.append(codes)
+    return torch.cat(out), temp
+
+
+def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generator):
+    """(bank [m, r, d], codes [N, m], temperature) for the configured init from aligned targets [N, r, d]."""
+    n, r, d = targets.shape
+    x = targets.reshape(n, r * d)
+    init = cfg.bank.init
+    if init == "svd":
+        atoms = _pad(svd_atoms(x, m, gen), m, x, gen)
+    elif init == "ts_pca":
+        atoms = _pad(ts_pca_atoms(x, m, gen), m, x, gen)
+    elif init == "kmeans":
+        atoms = kmeans_atoms(x, m, gen)
+    elif init == "greedy":
+        atoms = residual_atoms(x, x.new_zeros(0, r * d), m, gen, cfg)
+    else:  # hybrid
+        atoms = residual_atoms(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
+    codes, temp = encode(x, atoms, cfg)
+    if init in ("greedy", "hybrid"):
+        for _ in range(2):
+            atoms, codes = ksvd_sweep(x, atoms, codes)
+    return atoms.reshape(m, r, d).contiguous(), codes, temp

@@ -1,0 +1,1 @@
+"""GloBE test suite."""

@@ -1,0 +1,65 @@
+"""Shared pytest fixtures: tiny MoE models and checkpoints, built once per session and cached.
+
+    def test_x(tiny_checkpoint, tiny_model):
+        path = tiny_checkpoint("qwen2_moe", layout="fused", shards=2)   # read-only, shared across tests
+        model = tiny_model("qwen2_moe")                                  # the model that checkpoint was saved from
+
+    def test_y(mutable_checkpoint):
+        path = mutable_checkpoint("mixtral")                             # a private copy a test may damage
+
+Add further fixtures below; keep them generic (any architecture in tests.helpers.tiny_models.TINY_ARCHS).
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers.tiny_models import make_tiny_checkpoint, make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Callable[..., Any]:
+    """Factory (arch, seed=0, dtype=float32) -> cached tiny transformers model. Do not modify it."""
+    cache: dict[tuple[str, int, torch.dtype], Any] = {}
+
+    def build(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+        key = (arch, seed, dtype)
+        if key not in cache:
+            cache[key] = make_tiny_model(arch, seed=seed, dtype=dtype)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[..., Any]) -> Callable[..., Path]:
+    """Factory (arch, layout="per_expert", shards=1, dtype=float32, seed=0) -> cached checkpoint dir (read-only)."""
+    cache: dict[tuple[str, str, int, torch.dtype, int], Path] = {}
+
+    def build(arch: str, layout: str = "per_expert", shards: int = 1, dtype: torch.dtype = torch.float32,
+              seed: int = 0) -> Path:
+        key = (arch, layout, shards, dtype, seed)
+        if key not in cache:
+            name = f"{arch}-{layout}-{shards}-{str(dtype).removeprefix('torch.')}-{seed}"
+            out = tmp_path_factory.mktemp(name)
+            cache[key] = make_tiny_checkpoint(arch, out, layout=layout, shards=shards,
+                                              model=tiny_model(arch, seed=seed, dtype=dtype))
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture
+def mutable_checkpoint(tmp_path: Path, tiny_checkpoint: Callable[..., Path]) -> Callable[..., Path]:
+    """Factory with tiny_checkpoint's arguments -> a private copy under tmp_path that the test may modify."""
+    def copy(arch: str, **kwargs: Any) -> Path:
+        dest = tmp_path / f"{arch}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_checkpoint(arch, **kwargs), dest)
+        return dest
+
+    return copy
