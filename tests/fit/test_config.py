@@ -1,0 +1,47 @@
+"""Fit configuration: JSON/YAML round trips, validation with clear errors, format versions."""
+from __future__ import annotations
+
+import pytest
+
+from globe.errors import ConfigError
+from globe.fit.config import CONFIG_FORMAT_VERSION, BankConfig, FitConfig, SparsityConfig, TrainConfig
+
+
+def custom() -> FitConfig:
+    return FitConfig(bank=BankConfig(m=32, r=16, phi="silu", init="kmeans", families=("gate",)),
+                     sparsity=SparsityConfig(method="sparsemax", target_support=5, eta=0.3),
+                     train=TrainConfig(am_iters=7, refine_steps=3, amp="bf16", seed=11))
+
+
+def test_json_and_yaml_round_trip(tmp_path):
+    cfg = custom()
+    assert FitConfig.from_dict(cfg.to_dict()) == cfg
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    (tmp_path / "c.yaml").write_text(cfg.to_yaml())
+    assert FitConfig.from_file(tmp_path / "c.json") == cfg == FitConfig.from_file(tmp_path / "c.yaml")
+    assert cfg.to_dict()["format_version"] == CONFIG_FORMAT_VERSION
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: setattr(c.bank, "m", 0), "bank.m must be > 0"),
+    (lambda c: setattr(c.bank, "budget", 1.5), "bank.budget"),
+    (lambda c: setattr(c.bank, "phi", "relu"), "bank.phi"),
+    (lambda c: setattr(c.sparsity, "target_support", 40), "target_support"),
+    (lambda c: setattr(c.train, "amp", "fp8"), "train.amp"),
+])
+def test_out_of_range_values_are_rejected(mutate, message):
+    cfg = custom()
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+
+
+def test_newer_format_and_unknown_keys_are_rejected(tmp_path):
+    data = custom().to_dict()
+    with pytest.raises(ConfigError, match="newer"):
+        FitConfig.from_dict({**data, "format_version": CONFIG_FORMAT_VERSION + 1})
+    with pytest.raises(ConfigError, match="invalid fit config"):
+        FitConfig.from_dict({**data, "bank": {"atoms": 3}})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        FitConfig.from_file(tmp_path / "bad.json")
