@@ -14,7 +14,11 @@ from globe.errors import GlobeError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family, fit_model
 from globe.fit.result import FamilyFit, FitResult
+from globe.runtime import apply_globe
+from globe.export import export_dense, load_compressed, save_compressed
+from globe.eval import evaluate
 
 __version__ = "0.1.0"
 __all__ = ["fit_model", "fit_family", "save", "load", "FitConfig", "BankConfig", "SparsityConfig", "TrainConfig",
-           "FitResult", "FamilyFit", "GlobeError"]
+           "FitResult", "FamilyFit", "GlobeError", "apply_globe", "load_compressed", "save_compressed", "export_dense",
+           "evaluate"]

@@ -43,32 +43,31 @@ class AMState:
     history: list[dict] = field(default_factory=list)
 
 
-def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, values_fn=None, retries: int = 8):
+def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, retries: int = 8):
     """Codes for one chunk with temperature control: re-codes with a corrected T while the chunk's median support
-    is off target by more than 1. values_fn(idx, valid) -> values [n, k] (default: unweighted NNLS)."""
+    is off target by more than 1. Returns (codes, T used for them, T for the next chunk)."""
     sp, ridge = cfg.sparsity, cfg.train.ridge
-    if values_fn is None:
-        values_fn = lambda idx, valid: nnls_on_support(corr, gram, idx, valid, ridge)  # noqa: E731
     for _ in range(retries):
-        idx, valid = select_support(corr, gram_chol, temperature, sp.method)
-        codes = finish_codes(values_fn(idx, valid), idx, corr, sp.eps)
+        used = temperature
+        idx, valid = select_support(corr, gram_chol, used, sp.method)
+        codes = finish_codes(nnls_on_support(corr, gram, idx, valid, ridge), idx, corr, sp.eps)
         median = float(support_sizes(codes).float().median())
-        new_t = update_temperature(temperature, median, sp)
-        if abs(median - sp.target_support) <= 1 or new_t == temperature:
-            return codes, new_t
-        temperature = new_t
-    return codes, temperature
+        temperature = update_temperature(used, median, sp)
+        if abs(median - sp.target_support) <= 1 or temperature == used:
+            break
+    return codes, used, temperature
 
 
 def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg):
-    """Support from the pinv targets, values from NNLS under the true (A^T A-weighted) objective."""
+    """T and support from the pinv targets (cheap search), values by NNLS under the true (A^T A-weighted)
+    objective. Returns (codes, T for the next chunk)."""
     corr = targets.reshape(targets.shape[0], -1) @ flat.T                     # [c, m] selection
+    _, used_t, next_t = code_chunk(corr, gram, gram_chol, temperature, cfg)
+    idx, valid = select_support(corr, gram_chol, used_t, cfg.sparsity.method, 4 * cfg.sparsity.target_support + 4)
     wcorr = atw.reshape(atw.shape[0], -1) @ flat.T                            # [c, m] <A^T W, B_j>
-
-    def values(idx, valid):
-        return weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx), valid,
-                             cfg.train.ridge)
-    return code_chunk(corr, gram, gram_chol, temperature, cfg, values)
+    values = weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx), valid,
+                           cfg.train.ridge)
+    return finish_codes(values, idx, wcorr, cfg.sparsity.eps), next_t
 
 
 def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig) -> dict:

@@ -118,10 +118,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     adapters, codes, sq_err = finalize(weights, norm, codes, bank, cfg.bank.phi, cfg)
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            bank, codes, _, history["refine"] = adam_refine(weights, norm, bank, codes, adapters, cfg,
-                                                            state.temperature, gen)
-            bank, codes = normalize_atoms(bank, prune(codes, cfg))
-            adapters, codes, sq_err = finalize(weights, norm, codes, bank, cfg.bank.phi, cfg)
+            new_bank, new_codes, _, history["refine"] = adam_refine(weights, norm, bank, codes, adapters, cfg,
+                                                                    state.temperature, gen)
+            new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
+            refined = finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg)
+            if _rel(refined[2], norm) <= _rel(sq_err, norm):
+                bank, (adapters, codes, sq_err) = new_bank, refined
+            else:
+                log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family,
+                            _rel(sq_err, norm), _rel(refined[2], norm))
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)

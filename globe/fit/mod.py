@@ -59,38 +59,39 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
     Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned
-    CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x mean(G).
+    CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x diag(mean G).
     codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, iterations used).
     """
     m, r, d = bank0.shape
     ata = (codes.T.double() @ codes.double())
     gbar = grams.double().mean(0)
     lam = ridge * float(ata.diagonal().mean() * gbar.diagonal().mean()) + 1e-30
-    p_left = ridge_cholesky(ata, max(ridge, 1e-8))
-    p_right = ridge_cholesky(gbar, max(ridge, 1e-8))
+    inv_left = torch.cholesky_inverse(ridge_cholesky(ata, max(ridge, 1e-8))).float()   # [m, m]
+    inv_diag = (1.0 / gbar.diagonal().clamp_min(1e-30)).float()[None, :, None]            # [1, r, 1]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return weighted_apply(x, codes, grams, chunk) + lam * x
 
     def precond(x: torch.Tensor) -> torch.Tensor:
-        y = solve_left(p_left, x.double().reshape(m, r * d)).view(m, r, d)  # (alpha^T alpha)^-1 over atoms
-        return solve_left(p_right, y.transpose(0, 1).reshape(r, m * d)).view(r, m, d).transpose(0, 1).float()
+        y = (inv_left @ x.reshape(m, r * d)).view(m, r, d)                 # (alpha^T alpha)^-1 over atoms
+        return y.mul_(inv_diag)                                             # diag(mean G)^-1 over atom rows
 
     x = bank0.clone()
     res = rhs - apply(x)
     z = precond(res)
-    direction, rz = z.clone(), float((res * z).sum())
+    direction, rz = z.clone(), float(torch.vdot(res.flatten(), z.flatten()))
     norm0 = float(rhs.norm()) + 1e-30
     for it in range(iters):
         if float(res.norm()) <= 1e-6 * norm0:
             return x, it
         hd = apply(direction)
-        step = rz / max(float((direction * hd).sum()), 1e-30)
-        x = x + step * direction
-        res = res - step * hd
+        step = rz / max(float(torch.vdot(direction.flatten(), hd.flatten())), 1e-30)
+        x.add_(direction, alpha=step)
+        res.sub_(hd, alpha=step)
+        del hd
         z = precond(res)
-        rz_new = float((res * z).sum())
-        direction = z + (rz_new / max(rz, 1e-30)) * direction
+        rz_new = float(torch.vdot(res.flatten(), z.flatten()))
+        direction.mul_(rz_new / max(rz, 1e-30)).add_(z)
         rz = rz_new
     return x, iters
 

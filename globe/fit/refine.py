@@ -113,7 +113,7 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        history.append(float(loss) ** 0.5)
+        history.append(float(loss.detach()) ** 0.5)
     with torch.no_grad():
         out_codes = params()
     return bank.detach(), out_codes, adapters.detach(), history

@@ -55,11 +55,13 @@ def nnls_on_support(corr: torch.Tensor, gram: torch.Tensor, idx: torch.Tensor, v
     return torch.where(valid, x.clamp_min(0.0), torch.zeros_like(x))
 
 
-def select_support(corr: torch.Tensor, gram_chol: torch.Tensor, temperature: float,
-                   method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support of each row: the non-zeros of mapping(logits / T). Returns idx [n, k], valid [n, k]."""
+def select_support(corr: torch.Tensor, gram_chol: torch.Tensor, temperature: float, method: str,
+                   max_support: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support of each row: the non-zeros of mapping(logits / T), at most max_support of the largest.
+    Returns idx [n, k], valid [n, k]."""
     probs = mapping(method)(support_logits(corr, gram_chol) / temperature, dim=-1)   # [n, m]
     k = max(int((probs > 0).sum(-1).max()), 1)
+    k = min(k, max_support) if max_support else k
     top, idx = probs.topk(k, dim=-1)
     return idx, top > 0
 
@@ -111,11 +113,21 @@ def codes_to_logits(codes: torch.Tensor, temperature: float, method: str) -> tup
     return z * temperature, sums
 
 
-def weighted_support_gram(grams: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """K_i[a, b] = <G_i B_{idx_ia}, B_{idx_ib}> on each row's support: grams [n, r, r], idx [n, k] -> [n, k, k]."""
-    atoms = bank[idx]                                                       # [n, k, r, d]
-    weighted = grams[:, None] @ atoms                                       # [n, k, r, d]
-    return torch.einsum("nkrd,nlrd->nkl", weighted, atoms)
+def weighted_support_gram(grams: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
+                          max_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """K_i[a, b] = <G_i B_{idx_ia}, B_{idx_ib}> on each row's support: grams [n, r, r], idx [n, k] -> [n, k, k].
+
+    Experts are processed in groups so that the gathered atoms stay under max_bytes.
+    """
+    n, k = idx.shape
+    _, r, d = bank.shape
+    group = max(1, max_bytes // (2 * k * r * d * bank.element_size()))
+    out = torch.empty(n, k, k, dtype=bank.dtype, device=bank.device)
+    for lo in range(0, n, group):
+        atoms = bank[idx[lo:lo + group]]                                    # [g, k, r, d]
+        weighted = grams[lo:lo + group, None] @ atoms                       # [g, k, r, d]
+        out[lo:lo + group] = weighted.flatten(2) @ atoms.flatten(2).transpose(1, 2)
+    return out
 
 
 def weighted_nnls(rhs: torch.Tensor, sub_gram: torch.Tensor, valid: torch.Tensor, ridge: float,

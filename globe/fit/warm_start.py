@@ -138,7 +138,7 @@ def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: fl
     temp = cfg.sparsity.t_init if temperature is None else temperature
     out = []
     for lo in range(0, x.shape[0], cfg.train.chunk_size):
-        codes, temp = code_chunk(x[lo:lo + cfg.train.chunk_size] @ atoms.T, gram, chol, temp, cfg)
+        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size] @ atoms.T, gram, chol, temp, cfg)
         out.append(codes)
     return torch.cat(out), temp
 

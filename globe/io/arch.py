@@ -60,6 +60,11 @@ class ArchSpec:
     untouched_patterns: tuple[tuple[str, str], ...] = ()            # (group, regex searched in the key)
     moe_rule: MoeRule = field(default=_all_layers, compare=False)
     layer_regex: str = r"^model\.layers\.(\d+)\."
+    # In-memory module paths of a loaded transformers 5.x model (every supported arch calls its MoE block `mlp`):
+    # the fused routed-experts module (forward(hidden [T, d], top_k_index [T, k], top_k_weights [T, k]) -> [T, d])
+    # and the router beside it (forward -> (logits, top_k_weights, top_k_index)).
+    experts_module: str = "model.layers.{layer}.mlp.experts"
+    router_module: str = "model.layers.{layer}.mlp.gate"
 
     def expert_key(self, family: str, layer: int, expert: int) -> str:
         """Hub (per-expert) key of one routed expert's weight, e.g. model.layers.3.mlp.experts.7.gate_proj.weight."""
@@ -68,6 +73,14 @@ class ArchSpec:
     def fused_key(self, kind: str, layer: int) -> str:
         """Fused key of one layer's stacked experts; kind is "gate_up" or "down"."""
         return self.fused_keys[kind].format(layer=layer)
+
+    def experts_path(self, layer: int) -> str:
+        """Dotted path of one layer's routed-experts module in a loaded model, e.g. model.layers.3.mlp.experts."""
+        return self.experts_module.format(layer=layer)
+
+    def router_path(self, layer: int) -> str:
+        """Dotted path of one layer's router module in a loaded model, e.g. model.layers.3.mlp.gate."""
+        return self.router_module.format(layer=layer)
 
     def moe_layers(self, config: dict[str, Any]) -> list[int]:
         """Indices of the layers config.json marks as MoE layers (the others are dense)."""

@@ -1,6 +1,8 @@
 """End-to-end properties of fit_family / fit_model: planted recovery, determinism, budgets, warm starts."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -99,3 +101,19 @@ def test_fit_model_on_a_tiny_checkpoint(tiny_checkpoint):
         assert fam.adapters.shape == (len(inv["moe_layers"]) * inv["num_experts"], inv["p"], 4)
         assert 0 < fam.metrics["rel_err"] < 1
     assert result.params["dense_gate"] == inv["params"]["gate"]
+
+
+@pytest.mark.parametrize("phi, amp, checkpointing", [("silu", "bf16", True), ("tanh", "fp16", False),
+                                                     ("identity", "none", False)])
+def test_adam_refinement_with_phi_and_amp_never_returns_a_worse_fit(phi, amp, checkpointing):
+    planted = make_planted(n=32, k=2, seed=5)
+    weights = planted.weights + 0.05 * torch.randn(planted.weights.shape, generator=torch.Generator().manual_seed(0))
+    base = FitConfig(bank=BankConfig(m=8, r=8, phi=phi), sparsity=SparsityConfig(target_support=2),
+                     train=TrainConfig(am_iters=10, varpro_steps=20))
+    refined = FitConfig.from_dict(base.to_dict())
+    refined.train.refine_steps, refined.train.amp, refined.train.grad_checkpoint = 30, amp, checkpointing
+    a = fit_family(weights, planted.ids, base)
+    b = fit_family(weights, planted.ids, refined)
+    assert len(b.history["refine"]) == 30 and all(map(math.isfinite, b.history["refine"]))
+    assert b.metrics["rel_err"] <= a.metrics["rel_err"] + 1e-9
+    assert b.phi == phi and b.metrics["rel_err"] < 1

@@ -34,7 +34,7 @@ def test_temperature_control_reaches_target_median_support(target):
     x = torch.randn(256, 40, generator=torch.Generator().manual_seed(2))
     cfg = FitConfig(sparsity=SparsityConfig(target_support=target, t_init=5.0))
     gram = atoms @ atoms.T
-    codes, temp = code_chunk(x @ atoms.T, gram, ridge_cholesky(gram, 1e-6), 5.0, cfg, retries=30)
+    codes, temp, _ = code_chunk(x @ atoms.T, gram, ridge_cholesky(gram, 1e-6), 5.0, cfg, retries=30)
     assert abs(float(support_sizes(codes).float().median()) - target) <= 1
     assert cfg.sparsity.t_min <= temp <= cfg.sparsity.t_max
 

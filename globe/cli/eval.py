@@ -1,0 +1,114 @@
+"""`globe eval [MODEL_DIR_OR_HF_DIR] [--globe OUT] [--mode M] [--text FILE] [--json]`: perplexity, speed, memory.
+
+MODEL_DIR_OR_HF_DIR is an ordinary Hugging Face checkpoint (original or a `globe export --dense` one), optionally
+patched with the artifact OUT, or a compressed checkpoint from `globe export` (its artifact is inside). The
+default model is the embedded one and the default text its held-out split. Cached layers are warmed up from
+routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from globe.assets import DEFAULT_MODEL_DIR
+from globe.errors import ArtifactError, ModelDirError
+
+log = logging.getLogger(__name__)
+DEFAULT_TEXT = DEFAULT_MODEL_DIR / "heldout.txt"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, tokens/s, memory and cache hit rate of a (compressed) model",
+                       description="Evaluate a model, optionally patched with a GloBE artifact: sliding-window "
+                                   "perplexity, prefill and greedy-decode tokens/s, memory, cache hit rate and the "
+                                   "routed-expert parameter counts before/after.")
+    a = p.add_argument
+    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
+      help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
+    a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
+    a("--mode", default="cached", choices=["cached", "factored", "dense"], help="GloBE runtime mode (default cached)")
+    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
+    a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
+    a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
+    a("--warmup-tokens", type=int, default=1024, help="tokens of --text used for warm-up without --calib")
+    a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
+    a("--max-length", type=int, default=256, help="perplexity window in tokens (default 256)")
+    a("--stride", type=int, help="perplexity window step (default: --max-length, no overlap)")
+    a("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+    a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
+    a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
+    a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
+    a("--no-speed", action="store_true", help="skip the prefill/decode timings")
+    a("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="device (default cpu)")
+    a("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=run)
+
+
+def load_for_eval(args: argparse.Namespace):
+    """(model, tokenizer) as requested: compressed checkpoint, or HF checkpoint with an optional artifact."""
+    import transformers
+    from globe.export import is_compressed, load_compressed, load_model
+    from globe.fit.engine import resolve_device
+    from globe.runtime import apply_globe
+    device = resolve_device(args.device)
+    if is_compressed(args.model_dir):
+        if args.globe:
+            raise ArtifactError(f"{args.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
+        model = load_compressed(args.model_dir, mode=args.mode, cache_size=args.cache_size, device=device)
+    else:
+        model = load_model(args.model_dir, device=str(device))
+        if args.globe:
+            apply_globe(model, args.globe, mode=args.mode, cache_size=args.cache_size)
+    source = args.tokenizer or args.model_dir
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
+    return model, tokenizer
+
+
+def read_text(path: str, what: str) -> str:
+    if not Path(path).is_file():
+        raise ModelDirError(f"{what} file {path} not found; pass an existing text file")
+    return Path(path).read_text(encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    from globe.eval import encode_text, evaluate
+    model, tokenizer = load_for_eval(args)
+    text = read_text(args.text, "--text")
+    calib = read_text(args.calib, "--calib") if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
+    report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
+                      max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
+                      decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
+                      skip_speed=args.no_speed)
+    report["model"]["path"] = str(args.model_dir)
+    report["model"]["artifact"] = args.globe
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """Human-readable summary of an evaluate() report."""
+    m, ppl, fp = report["model"], report["perplexity"], report["footprint"]
+    lines = [f"model        {m['path']} ({m['model_type']}, {m['dtype']}, {m['device']}, "
+             f"GloBE mode {m['globe_mode'] or 'none'})",
+             f"perplexity   {ppl['perplexity']:.4f} over {ppl['tokens']:,} tokens "
+             f"(window {ppl['max_length']}, stride {ppl['stride']})"]
+    if "speed" in report:
+        s = report["speed"]
+        lines += [f"prefill      {s['prefill_tok_s']:,.1f} tok/s ({s['prefill_tokens']} tokens)",
+                  f"decode       {s['decode_tok_s']:,.1f} tok/s ({s['decode_new_tokens']} new tokens, greedy)"]
+    if report.get("cache"):
+        c = report["cache"]
+        lines.append(f"cache        hit rate {c['hit_rate']:.3f} ({c['hits']:,} hits, {c['misses']:,} misses)")
+    lines += [f"routed       {fp['routed_params_before']:,} -> {fp['routed_params_after']:,} params "
+              f"({100 * fp['routed_ratio']:.1f} %), {fp['routed_bytes_before']:,} -> {fp['routed_bytes_after']:,} bytes",
+              f"total        {fp['total_params_before']:,} -> {fp['total_params_after']:,} params "
+              f"({100 * fp['total_ratio']:.1f} %)"]
+    mem = report["memory"]
+    cuda = f", CUDA peak {mem['cuda_peak_mb']:.0f} MiB" if mem.get("cuda_peak_mb") is not None else ""
+    lines.append(f"memory       RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB){cuda}")
+    return "\n".join(lines)

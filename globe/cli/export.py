@@ -1,0 +1,52 @@
+"""`globe export OUT --model MODEL_DIR [--dense] -o HF_DIR`: write a compressed or a dense-reconstructed checkpoint.
+
+Without --dense: HF_DIR holds the tensors GloBE leaves dense plus the artifact (load it with
+`globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`). With --dense: HF_DIR is an ordinary Hugging Face checkpoint
+whose routed experts are W_i = A_i tilde_B_i, loadable by stock transformers, vLLM or lm-eval.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from globe.errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a compressed checkpoint, or a dense HF checkpoint with --dense",
+                       description="Export a GloBE artifact applied to its model: a compressed checkpoint (dense "
+                                   "tensors + artifact) or, with --dense, a dense-reconstructed Hugging Face "
+                                   "checkpoint (per-expert hub keys, the source dtype).")
+    p.add_argument("artifact", metavar="OUT", help="artifact directory written by `globe fit`")
+    p.add_argument("--model", metavar="MODEL_DIR",
+                   help="checkpoint the artifact was fitted on (default: the model_dir recorded in the artifact)")
+    p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")
+    p.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory")
+    p.add_argument("--max-shard-size", default="5GB", help="largest shard of a --dense export (default 5GB)")
+    p.set_defaults(func=run)
+
+
+def model_dir_of(args: argparse.Namespace, result) -> Path:
+    """--model, else the directory recorded in the artifact; ModelDirError when neither exists."""
+    model = args.model or result.source.get("model_dir")
+    if not model or not Path(model).is_dir():
+        raise ModelDirError(f"model directory {model!r} not found; pass --model MODEL_DIR (the checkpoint the "
+                            f"artifact was fitted on)")
+    return Path(model)
+
+
+def run(args: argparse.Namespace) -> int:
+    from globe.artifact import load
+    from globe.export import export_dense, save_compressed
+    result = load(args.artifact)
+    model_dir = model_dir_of(args, result)
+    if args.dense:
+        out = export_dense(model_dir, result, args.out, max_shard_size=args.max_shard_size)
+        print(f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    else:
+        out = save_compressed(model_dir, result, args.out)
+        print(f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)")
+    return 0

@@ -1,0 +1,61 @@
+"""Parameter and byte counts of a model's routed experts, before (dense) and after GloBE.
+
+Stored tensors are counted once each however many layers reference them (the shared banks), by storage. Floating
+tensors count as parameters; integer code indices count in bytes only. Runtime working memory (cache slots,
+`dense`-mode reconstructions: non-persistent buffers) is reported separately.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from globe.runtime.apply import experts_modules
+from globe.runtime.experts import GlobeExperts
+
+
+def _tensors(modules: list[nn.Module], persistent: bool) -> list:
+    """Unique tensors of the modules: parameters + persistent buffers, or only non-persistent buffers."""
+    seen, out = set(), []
+    for module in modules:
+        named = []
+        for sub in module.modules():
+            skip = getattr(sub, "_non_persistent_buffers_set", set())
+            if persistent:
+                named += list(sub._parameters.values())
+                named += [b for n, b in sub._buffers.items() if n not in skip]
+            else:
+                named += [b for n, b in sub._buffers.items() if n in skip]
+        for tensor in named:
+            if tensor is None:
+                continue
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                out.append(tensor)
+    return out
+
+
+def _count(tensors: list) -> tuple[int, int]:
+    params = sum(t.numel() for t in tensors if t.is_floating_point())
+    return params, sum(t.numel() * t.element_size() for t in tensors)
+
+
+def routed_footprint(model: nn.Module) -> dict[str, int | float]:
+    """Routed-expert params/bytes: dense (before), stored now (after), runtime extras, and model totals."""
+    modules = list(experts_modules(model).values())
+    stored, stored_bytes = _count(_tensors(modules, persistent=True))
+    _, runtime_bytes = _count(_tensors(modules, persistent=False))
+    dense, dense_bytes = 0, 0
+    for module in modules:
+        if isinstance(module, GlobeExperts):
+            n = 3 * module.num_experts * module.hidden_dim * module.intermediate_dim
+            dense, dense_bytes = dense + n, dense_bytes + n * module.source_dtype.itemsize
+        else:
+            tensors = [module.gate_up_proj, module.down_proj]
+            dense += sum(t.numel() for t in tensors)
+            dense_bytes += sum(t.numel() * t.element_size() for t in tensors)
+    total, total_bytes = _count(_tensors([model], persistent=True))
+    return {"routed_params_before": dense, "routed_params_after": stored,
+            "routed_bytes_before": dense_bytes, "routed_bytes_after": stored_bytes,
+            "routed_ratio": stored / dense if dense else 1.0, "runtime_bytes": runtime_bytes,
+            "total_params_before": total - stored + dense, "total_params_after": total,
+            "total_bytes_after": total_bytes, "total_ratio": total / (total - stored + dense)}

@@ -1,0 +1,118 @@
+"""Dense export: W_i = A_i tilde_B_i written back as an ordinary Hugging Face checkpoint.
+
+    export_dense("path/to/model", "out/", "dense_hf/")      # or an in-memory model (original or patched)
+    AutoModelForCausalLM.from_pretrained("dense_hf/")        # stock transformers: no missing/unexpected keys
+
+The reconstructed gate/up (and down, when fitted) weights replace the routed experts in the model's in-memory
+state dict, in the experts' dtype; transformers' own `save_pretrained` then writes the hub layout (per-expert
+keys), into a staging directory whose files are moved into place with atomic_write. Tokenizer files and the
+generation config of the source directory are copied along.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from globe.fit.result import FitResult
+from globe.runtime.apply import dense_parts, layer_rows, experts_modules, model_arch, validate
+from globe.runtime.compose import reconstruct_rows
+from globe.runtime.experts import PROJECTIONS, GlobeExperts
+from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir
+
+log = logging.getLogger(__name__)
+_ABSENT = object()
+
+
+def _resolve(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path) -> tuple[nn.Module, FitResult]:
+    from globe.artifact import load
+    model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_model(model_or_dir)
+    result = artifact if isinstance(artifact, FitResult) else load(artifact)
+    return model, result
+
+
+def experts_dtype(module: nn.Module) -> torch.dtype:
+    """Dtype of a layer's routed experts (original module or GlobeExperts)."""
+    if isinstance(module, GlobeExperts):
+        return module.down_proj.dtype if "down" not in module.factored else module.bank[module.factored[0]].dtype
+    return module.gate_up_proj.dtype
+
+
+def check_patched(model: nn.Module, result: FitResult) -> None:
+    """For a model already patched by apply_globe, that its factored families are those of `result`."""
+    from globe.errors import ArtifactError
+    for layer, module in experts_modules(model).items():
+        if isinstance(module, GlobeExperts) and set(module.factored) != set(result.families):
+            raise ArtifactError(f"the model's layer {layer} factors {list(module.factored)} but the artifact "
+                                f"holds {sorted(result.families)}; pass the artifact the model was patched with")
+
+
+def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Tensor]:
+    """The model's in-memory (fused) state dict with every fitted projection replaced by A_i tilde_B_i."""
+    modules = experts_modules(model)
+    patched = any(isinstance(m, GlobeExperts) for m in modules.values())
+    if patched:
+        check_patched(model, result)
+    else:
+        validate(model, result)
+    spec, _ = model_arch(model)
+    state = model.state_dict()
+    first = next(iter(modules.values()))
+    num_experts = first.num_experts if patched else first.gate_up_proj.shape[0]
+    rows = {name: layer_rows(fam, list(modules), num_experts) for name, fam in result.families.items()}
+    for layer, module in modules.items():
+        prefix = spec.experts_path(layer) + "."
+        dtype, device = experts_dtype(module), next(module.parameters()).device
+        dense = ({f: module.dense_weight(f) for f in PROJECTIONS if f not in module.factored} if patched
+                 else dense_parts(module, set(result.families)))
+        parts = {f: reconstruct_rows(result.families[f], rows[f][layer], dtype).to(device) if f in result.families
+                 else dense[f].detach().to(dtype) for f in PROJECTIONS}
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+        state[prefix + "gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1).contiguous()
+        state[prefix + "down_proj"] = parts["down"].contiguous()
+    return state
+
+
+@contextmanager
+def hub_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Make save_pretrained write per-expert hub keys even for a model loaded from a fused checkpoint.
+
+    transformers reverts the conversions it applied at load time; a fused source applied none, so its
+    `_weight_conversions` would write fused keys. Probing one layer tells; the default mapping is then used.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+    spec, _ = model_arch(model)
+    layer = next(iter(experts_modules(model)))
+    keys = [spec.experts_path(layer) + ".gate_up_proj", spec.experts_path(layer) + ".down_proj"]
+    fused = set(keys) & set(revert_weight_conversion(model, {k: state[k] for k in keys}))
+    saved = model.__dict__.get("_weight_conversions", _ABSENT)
+    if fused:
+        model._weight_conversions = None
+    try:
+        yield
+    finally:
+        if fused and saved is _ABSENT:
+            del model._weight_conversions
+        elif fused:
+            model._weight_conversions = saved
+
+
+def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path, out_dir: str | Path,
+                 max_shard_size: str | int = "5GB") -> Path:
+    """Write a dense-reconstructed checkpoint in the model's Hugging Face format to out_dir; returns out_dir."""
+    model, result = _resolve(model_or_dir, artifact)
+    out = Path(out_dir)
+    state = dense_state_dict(model, result)
+    with staging_dir(out) as staging:
+        with hub_layout(model, state):
+            model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
+        written = move_tree_files(Path(staging), out)
+    src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
+    copied = copy_side_files(src, out, skip=tuple(written))
+    log.info("dense checkpoint written to %s (%s; copied %s)", out, ", ".join(written), ", ".join(copied) or "none")
+    return out

@@ -1,0 +1,86 @@
+"""File helpers shared by the exporters: loading a source model, atomic safetensors writes, side files.
+
+Every file lands through globe.artifact.atomic_write (temp file in the target directory, fsync, rename).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from globe.artifact import atomic_write
+from globe.errors import ModelDirError
+
+log = logging.getLogger(__name__)
+
+# Tokenizer and generation files copied next to an exported model when the source directory has them.
+SIDE_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                               "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                               "chat_template.json", "generation_config.json")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto", device: str | None = None) -> nn.Module:
+    """A transformers causal LM from a checkpoint directory, in its stored dtype by default."""
+    import transformers
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ModelDirError(f"no config.json in {str(path)!r}; pass a Hugging Face checkpoint directory")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return (model.to(device) if device else model).eval()
+
+
+def source_dir(model: nn.Module) -> Path | None:
+    """The directory a model was loaded from, when it is a local directory."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys whose tensor aliases an earlier one (tied weights); contiguous CPU tensors, same dtype."""
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def copy_side_files(src: Path | None, out: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy tokenizer / generation files present in `src` to `out` (atomically); returns the names copied."""
+    if src is None:
+        return []
+    copied = []
+    for name in SIDE_FILES:
+        if name in skip or not (src / name).is_file() or (src / name).resolve() == (out / name).resolve():
+            continue
+        atomic_write(out / name, lambda tmp, f=src / name: shutil.copyfile(f, tmp))
+        copied.append(name)
+    return copied
+
+
+def move_tree_files(staging: Path, out: Path) -> list[str]:
+    """Move every file of `staging` (same filesystem) into `out` with atomic_write; returns the names."""
+    names = []
+    for file in sorted(p for p in staging.iterdir() if p.is_file()):
+        atomic_write(out / file.name, lambda tmp, f=file: os.replace(f, tmp))
+        names.append(file.name)
+    return names
+
+
+def staging_dir(out: Path) -> tempfile.TemporaryDirectory:
+    """A temporary directory inside `out` (so moves out of it are renames on one filesystem)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=out, prefix=".globe-staging-")

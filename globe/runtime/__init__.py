@@ -1,0 +1,18 @@
+"""GloBE runtime: GlobeExperts modules (factored / cached / dense) patched into loaded transformers models.
+
+    from globe.runtime import apply_globe, collect_routing_counts, warm_up, cache_stats
+    apply_globe(model, "out/", mode="cached", cache_size=8)
+    warm_up(model, collect_routing_counts(model, calibration_ids))
+"""
+from __future__ import annotations
+
+from globe.runtime.apply import (apply_globe, cache_stats, experts_modules, globe_modules, moe_layers,
+                                 reset_cache_stats, set_collect_stats, set_mode, validate, warm_up)
+from globe.runtime.cache import MixedCache
+from globe.runtime.compose import mix, reconstruct_rows, sparse_codes
+from globe.runtime.experts import GLOBE_STATE, MODES, PROJECTIONS, GlobeExperts
+from globe.runtime.routing import collect_routing_counts
+
+__all__ = ["apply_globe", "cache_stats", "collect_routing_counts", "experts_modules", "globe_modules", "moe_layers",
+           "reset_cache_stats", "set_collect_stats", "set_mode", "validate", "warm_up", "MixedCache", "mix",
+           "reconstruct_rows", "sparse_codes", "GLOBE_STATE", "MODES", "PROJECTIONS", "GlobeExperts"]

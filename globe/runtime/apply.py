@@ -1,0 +1,193 @@
+"""apply_globe: swap every MoE layer's routed-experts module of a loaded transformers model for GlobeExperts.
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    apply_globe(model, "out/", mode="cached", cache_size=8)    # in place, like peft / torchao; returns the model
+    warm_up(model, collect_routing_counts(model, calibration_ids))
+
+Where the experts live comes from the architecture registry (ArchSpec.experts_path). The artifact is validated
+against the model first (architecture, MoE layers, experts per layer, p, d): a mismatch is an ArtifactError.
+One Parameter per family bank is created and handed to every layer (stored once, like VeRA's shared matrices).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from globe.errors import ArtifactError, ConfigError
+from globe.fit.result import FamilyFit, FitResult
+from globe.io.arch import ArchSpec, get_arch
+from globe.runtime.compose import reconstruct_rows, sparse_codes
+from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
+
+log = logging.getLogger(__name__)
+
+
+def model_arch(model: nn.Module) -> tuple[ArchSpec, dict]:
+    """(ArchSpec, config dict) of a loaded transformers model."""
+    config = model.config.to_dict()
+    return get_arch(config), config
+
+
+def moe_layers(model: nn.Module) -> list[int]:
+    spec, config = model_arch(model)
+    return spec.moe_layers(config)
+
+
+def globe_modules(model: nn.Module) -> dict[int, GlobeExperts]:
+    """layer -> GlobeExperts of a patched model (empty for an unpatched one)."""
+    return {m.layer: m for m in model.modules() if isinstance(m, GlobeExperts)}
+
+
+def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """layer -> routed-experts module (original or GlobeExperts) at the registry's path, for every MoE layer."""
+    spec, config = model_arch(model)
+    out = {}
+    for layer in spec.moe_layers(config):
+        try:
+            out[layer] = model.get_submodule(spec.experts_path(layer))
+        except AttributeError:
+            raise ArtifactError(f"model has no module {spec.experts_path(layer)!r} although config marks layer "
+                                f"{layer} as MoE; is this a {spec.name} model loaded with transformers >= 5?") from None
+    return out
+
+
+def layer_rows(fam: FamilyFit, layers: list[int], num_experts: int) -> dict[int, torch.Tensor]:
+    """layer -> rows [E] of the family for experts 0..E-1; ArtifactError unless ids cover exactly the model."""
+    index = {(int(l), int(e)): i for i, (l, e) in enumerate(fam.ids.tolist())}
+    want = {(l, e) for l in layers for e in range(num_experts)}
+    if set(index) != want:
+        have_layers = sorted({l for l, _ in index})
+        have_e = 1 + max((e for _, e in index), default=-1)
+        raise ArtifactError(f"artifact does not match the model: family {fam.family} covers MoE layers "
+                            f"{have_layers} x {have_e} experts, the model has {layers} x {num_experts}; "
+                            f"fit the artifact on this model")
+    return {l: torch.tensor([index[(l, e)] for e in range(num_experts)]) for l in layers}
+
+
+def validate(model: nn.Module, result: FitResult) -> dict[str, dict[int, torch.Tensor]]:
+    """Check that `result` fits `model`; returns {family: {layer: rows [E]}}."""
+    spec, _ = model_arch(model)
+    source_type = result.source.get("model_type")
+    if source_type and source_type != spec.model_type:
+        raise ArtifactError(f"artifact was fitted on a {source_type} model but the model is {spec.model_type}")
+    modules = experts_modules(model)
+    if any(isinstance(m, GlobeExperts) for m in modules.values()):
+        raise ArtifactError("model is already patched by apply_globe; load a fresh model to apply an artifact")
+    first = next(iter(modules.values()))
+    for layer, module in modules.items():
+        if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
+            raise ArtifactError(f"{spec.experts_path(layer)} ({type(module).__name__}) is not a fused experts "
+                                f"module with gate_up_proj/down_proj; unsupported transformers version?")
+    num_experts, two_p, d = first.gate_up_proj.shape
+    p = two_p // 2
+    unknown = sorted(set(result.families) - set(PROJECTIONS))
+    if unknown or not result.families:
+        raise ArtifactError(f"artifact families {sorted(result.families)} are not a subset of {PROJECTIONS}")
+    rows = {}
+    for name, fam in result.families.items():
+        want = (d, p) if name == "down" else (p, d)
+        s = fam.shape
+        if (s["p"], s["d"]) != want:
+            raise ArtifactError(f"artifact does not match the model: family {name} has p={s['p']} d={s['d']}, "
+                                f"the model's experts need p={want[0]} d={want[1]}; fit the artifact on this model")
+        rows[name] = layer_rows(fam, list(modules), num_experts)
+    return rows
+
+
+def dense_parts(module: nn.Module, factored: set[str]) -> dict[str, nn.Parameter]:
+    """The untouched projections of an original experts module: {family: [E, out, in]} (down keeps its object)."""
+    p = module.gate_up_proj.shape[1] // 2
+    dense: dict[str, nn.Parameter] = {}
+    for family, rows in (("gate", slice(0, p)), ("up", slice(p, 2 * p))):
+        if family not in factored:
+            dense[family] = nn.Parameter(module.gate_up_proj.data[:, rows].clone(), requires_grad=False)
+    if "down" not in factored:
+        dense["down"] = module.down_proj
+    return dense
+
+
+def _build_layer(module: nn.Module, layer: int, result: FitResult, rows: dict[str, dict[int, torch.Tensor]],
+                 banks: dict[str, nn.Parameter], dtype: torch.dtype, max_gathered_pairs: int) -> GlobeExperts:
+    device = module.down_proj.device
+    codes, adapters = {}, {}
+    for name, fam in result.families.items():
+        r = rows[name][layer]
+        idx, values = sparse_codes(fam.codes[r].float())
+        codes[name] = (idx.to(device), values.to(device=device, dtype=dtype))
+        adapters[name] = fam.adapters[r].to(device=device, dtype=dtype)
+    num_experts, two_p, d = module.gate_up_proj.shape
+    return GlobeExperts(layer, num_experts, d, two_p // 2, module.act_fn, banks,
+                        {n: f.phi for n, f in result.families.items()}, codes, adapters,
+                        dense_parts(module, set(result.families)), max_gathered_pairs, module.gate_up_proj.dtype)
+
+
+def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = "cached",
+                cache_size: int | None = None, dtype: torch.dtype | None = None, collect_stats: bool = False,
+                max_gathered_pairs: int = 16) -> nn.Module:
+    """Replace the routed experts of every MoE layer of `model` (in place) by GlobeExperts; returns `model`.
+
+    artifact: a FitResult or an artifact directory (globe.save). mode: factored | cached | dense.
+    cache_size: experts per layer kept precomposed in `cached` mode (default: half the experts).
+    dtype: storage dtype of banks/adapters/codes (default: the experts' dtype). collect_stats: count cache
+    hits/misses. max_gathered_pairs: batches with at most this many (token, expert) pairs skip the expert loop.
+    """
+    from globe.artifact import load
+    if mode not in MODES:
+        raise ConfigError(f"runtime mode must be one of {', '.join(MODES)}, not {mode!r}")
+    result = artifact if isinstance(artifact, FitResult) else load(artifact)
+    rows = validate(model, result)
+    spec, _ = model_arch(model)
+    modules = experts_modules(model)
+    first = next(iter(modules.values()))
+    dtype = dtype or first.gate_up_proj.dtype
+    device = first.gate_up_proj.device
+    banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype), requires_grad=False)
+             for n, f in result.families.items()}
+    for layer, module in modules.items():
+        new = _build_layer(module, layer, result, rows, banks, dtype, max_gathered_pairs)
+        dense = None
+        if mode == "dense":
+            dense = {n: reconstruct_rows(f, rows[n][layer], dtype).to(device) for n, f in result.families.items()}
+        new.set_mode(mode, cache_size, dense)
+        if new.cache is not None:
+            new.cache.collect_stats = collect_stats
+        model.set_submodule(spec.experts_path(layer), new)
+    log.info("applied GloBE (%s mode) to %d MoE layers: families %s", mode, len(modules), ", ".join(result.families))
+    return model
+
+
+def set_mode(model: nn.Module, mode: str, cache_size: int | None = None) -> None:
+    """Switch every GlobeExperts of a patched model to another mode (dense weights rebuilt in fp32 from storage)."""
+    for module in globe_modules(model).values():
+        module.set_mode(mode, cache_size)
+
+
+def set_collect_stats(model: nn.Module, on: bool = True) -> None:
+    for module in globe_modules(model).values():
+        if module.cache is not None:
+            module.cache.collect_stats = on
+
+
+def reset_cache_stats(model: nn.Module) -> None:
+    for module in globe_modules(model).values():
+        if module.cache is not None:
+            module.cache.reset_stats()
+
+
+def cache_stats(model: nn.Module) -> dict | None:
+    """Hits, misses and hit rate summed over layers, plus per layer; None when no layer has a cache."""
+    per_layer = {layer: m.cache.stats() for layer, m in globe_modules(model).items() if m.cache is not None}
+    if not per_layer:
+        return None
+    hits = sum(s["hits"] for s in per_layer.values())
+    misses = sum(s["misses"] for s in per_layer.values())
+    return {"hits": hits, "misses": misses, "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "per_layer": {str(layer): s for layer, s in per_layer.items()}}
+
+
+def warm_up(model: nn.Module, counts: dict[int, torch.Tensor]) -> dict[int, list[int]]:
+    """Preload every layer's cache from routing counts {layer: [E]} (see collect_routing_counts)."""
+    return {layer: m.warm_up(counts[layer]) for layer, m in globe_modules(model).items() if layer in counts}

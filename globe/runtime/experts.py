@@ -1,0 +1,236 @@
+"""GlobeExperts: drop-in replacement of a transformers 5.x fused routed-experts module.
+
+Same call as the original: forward(hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k]) -> [T, d].
+Per projection (gate, up: W [p, d]; down: W [d, p]) the module holds either GloBE factors (the family bank,
+shared with every layer, plus this layer's sparse codes and adapters) or the untouched dense weights [E, out, in].
+
+Modes:
+  factored  mix tilde_B_e = phi(sum_j alpha_ej B_j) for the experts routed in this batch, then x -> A_e (tilde_B_e x)
+  cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts
+  dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
+(token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
+matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
+own grouped_mm experts) with one group per expert, or a loop over the routed experts where that is unavailable.
+Either way there is no Python loop over tokens, and only routed experts are mixed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from globe.errors import ConfigError
+from globe.runtime.cache import MixedCache
+from globe.runtime.compose import mix
+
+MODES: tuple[str, ...] = ("factored", "cached", "dense")
+PROJECTIONS: tuple[str, ...] = ("gate", "up", "down")
+GLOBE_STATE: tuple[str, ...] = ("bank.", "adapters.", "code_values.", "code_indices.")  # GloBE-owned state keys
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """grouped_mm exists in this torch, runs on this device (CPU, or CUDA from compute capability 8.0) and accepts
+    these operands (row-major, rows and base pointers aligned to 16 bytes)."""
+    if not hasattr(F, "grouped_mm") or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return False
+    if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return False
+    aligned = all(t.stride(-2) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0 for t in (x, weight))
+    return aligned and weight.device.type in ("cpu", "cuda")
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x [S, in] grouped by `offsets` [G] (cumulative ends, int32) through weight [G, out, in] -> [S, out]."""
+    x = x.to(weight.dtype)
+    if _use_grouped_mm(x, weight):
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
+    for group, end in enumerate(offsets.tolist()):                                  # fallback: loop over groups
+        if end > start:
+            out[start:end] = F.linear(x[start:end], weight[group])
+        start = end
+    return out
+
+
+@dataclass
+class _Projection:
+    """One projection of the experts hit by a batch: dense W [E, out, in] (indexed by expert id), or mixed atoms
+    [U, r, in] (indexed by position among the hit experts) followed by adapters [E, out, r] (by expert id)."""
+
+    weight: torch.Tensor
+    adapters: torch.Tensor | None = None
+
+    def grouped(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
+        """x [S, in], pairs sorted by expert -> [S, out] with grouped GEMMs."""
+        if self.adapters is None:
+            return grouped_linear(x, self.weight, route.expert_offsets)
+        return grouped_linear(grouped_linear(x, self.weight, route.hit_offsets), self.adapters, route.expert_offsets)
+
+    def pairs(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
+        """x [S, in] -> [S, out] with one row-vector bmm per projection over weights gathered per pair."""
+        rows = x.to(self.weight.dtype).unsqueeze(1)                                  # [S, 1, in]
+        if self.adapters is None:
+            return torch.bmm(rows, self.weight.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
+        mixed = self.weight if route.positions is None else self.weight.index_select(0, route.positions)
+        low = torch.bmm(rows, mixed.transpose(1, 2))                                 # [S, 1, r]
+        return torch.bmm(low, self.adapters.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
+
+
+class _Route:
+    """Where the (token, expert) pairs of a batch go, sorted by expert; each path computes only what it uses."""
+
+    def __init__(self, experts: torch.Tensor, counts: torch.Tensor, num_experts: int, distinct: bool) -> None:
+        self.experts = experts                        # [S] expert id of each sorted pair
+        self.counts = counts                          # [U] pairs per hit expert
+        self.num_experts = num_experts
+        self.distinct = distinct                      # every hit expert has exactly one pair
+
+    @cached_property
+    def positions(self) -> torch.Tensor | None:
+        """[S] index of each pair's expert among the hit experts; None when it is simply 0..S-1."""
+        if self.distinct:
+            return None
+        return torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.counts.device), self.counts)
+
+    @cached_property
+    def hit_offsets(self) -> torch.Tensor:
+        """[U] int32 cumulative pair counts per hit expert (groups of the mixed atoms)."""
+        return self.counts.cumsum(0).to(torch.int32)
+
+    @cached_property
+    def expert_offsets(self) -> torch.Tensor:
+        """[E] int32 cumulative pair counts per expert id (groups of adapters and dense weights)."""
+        return torch.bincount(self.experts, minlength=self.num_experts).cumsum(0).to(torch.int32)
+
+
+class _Buffers(nn.Module):
+    """Named buffers (a BufferDict), so that state keys read `code_indices.gate`."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+
+class GlobeExperts(nn.Module):
+    """Routed experts of one MoE layer with GloBE-factored projections; see the module docstring."""
+
+    def __init__(self, layer: int, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
+                 banks: dict[str, nn.Parameter], phis: dict[str, str],
+                 codes: dict[str, tuple[torch.Tensor, torch.Tensor]], adapters: dict[str, torch.Tensor],
+                 dense: dict[str, nn.Parameter], max_gathered_pairs: int = 16,
+                 source_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if set(banks) | set(dense) != set(PROJECTIONS) or set(banks) & set(dense):
+            raise ConfigError(f"layer {layer}: each of {PROJECTIONS} must be either factored or dense "
+                              f"(factored {sorted(banks)}, dense {sorted(dense)})")
+        self.layer, self.num_experts = layer, num_experts
+        self.hidden_dim, self.intermediate_dim = hidden_dim, intermediate_dim
+        self.act_fn = act_fn
+        self.factored = tuple(f for f in PROJECTIONS if f in banks)
+        self.phis = dict(phis)
+        self.bank = nn.ParameterDict(banks)                                          # shared: [m, r, in]
+        self.adapters = nn.ParameterDict({f: _frozen(a) for f, a in adapters.items()})   # [E, out, r]
+        self.code_values = nn.ParameterDict({f: _frozen(v) for f, (_, v) in codes.items()})  # [E, k]
+        self.code_indices = _Buffers({f: i for f, (i, _) in codes.items()})           # [E, k] int64
+        for family, weight in dense.items():                                          # [E, out, in]
+            self.register_parameter(f"{family}_proj", weight)
+        self.max_gathered_pairs = max_gathered_pairs
+        self.source_dtype = source_dtype or next(iter({**banks, **dense}.values())).dtype
+        self.mode = "factored"
+        self.cache: MixedCache | None = None
+
+    # ---- modes ----
+    def set_mode(self, mode: str, cache_size: int | None = None,
+                 dense_weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Switch to `factored`, `cached` (LRU of `cache_size` experts) or `dense` (W_e precomputed; from
+        `dense_weights` {family: [E, out, in]} when given, else reconstructed here in fp32)."""
+        if mode not in MODES:
+            raise ConfigError(f"runtime mode must be one of {', '.join(MODES)}, not {mode!r}")
+        for family in self.factored:
+            if hasattr(self, f"dense_{family}"):
+                delattr(self, f"dense_{family}")
+        self.cache = None
+        if mode == "cached":
+            size = self.num_experts // 2 if cache_size is None else int(cache_size)
+            if size < 0:
+                raise ConfigError(f"cache_size must be >= 0, not {size}")
+            shapes = {f: tuple(self.bank[f].shape[1:]) for f in self.factored}
+            ref = self.bank[self.factored[0]] if self.factored else self.down_proj
+            self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
+        elif mode == "dense":
+            for family in self.factored:
+                weight = (dense_weights or {}).get(family)
+                if weight is None:
+                    weight = self.reconstruct(family)
+                self.register_buffer(f"dense_{family}", weight.to(self.adapters[family]), persistent=False)
+        self.mode = mode
+
+    def compose(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the storage dtype."""
+        out = {}
+        for f in self.factored:
+            idx = experts.to(self.code_indices[f].device)
+            out[f] = mix(self.code_indices[f][idx], self.code_values[f][idx], self.bank[f], self.phis[f])
+        return out
+
+    def reconstruct(self, family: str) -> torch.Tensor:
+        """W_e = A_e tilde_B_e of every expert of this layer, computed in fp32: [E, out, in]."""
+        idx, values = self.code_indices[family], self.code_values[family].float()
+        mixed = mix(idx, values, self.bank[family].float(), self.phis[family])
+        return self.adapters[family].float() @ mixed
+
+    def dense_weight(self, family: str) -> torch.Tensor:
+        """The dense [E, out, in] weight a projection runs with in `dense` mode (or an untouched projection)."""
+        return getattr(self, f"dense_{family}" if family in self.factored else f"{family}_proj")
+
+    def warm_up(self, counts: torch.Tensor) -> list[int]:
+        """Preload the cache with the experts most routed in `counts` [E] (cached mode only; else a no-op)."""
+        return self.cache.warm_up(counts, self.compose) if self.cache is not None else []
+
+    # ---- forward ----
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        top_k = top_k_index.shape[-1]
+        flat, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1)          # [S] per (token, expert) pair
+        out = torch.zeros_like(hidden_states)
+        experts, counts = torch.unique(flat, return_counts=True)                   # sorted
+        expert_list = experts.tolist()                                              # the one host sync
+        pair_ids = None
+        if expert_list and expert_list[-1] >= self.num_experts:                     # expert-parallel sentinels
+            keep = sum(e < self.num_experts for e in expert_list)
+            experts, counts, expert_list = experts[:keep], counts[:keep], expert_list[:keep]
+            pair_ids = (flat < self.num_experts).nonzero().squeeze(1)
+            flat, weights = flat[pair_ids], weights[pair_ids]
+        if not expert_list:
+            return out
+        projections = self._projections(experts, expert_list)
+        order = torch.argsort(flat, stable=True)                                    # pairs sorted by expert
+        tokens = (order if pair_ids is None else pair_ids[order]) // top_k
+        route = _Route(flat.index_select(0, order), counts, self.num_experts, len(expert_list) == flat.numel())
+        run = _Projection.pairs if flat.numel() <= self.max_gathered_pairs else _Projection.grouped
+        gate, up, down = (projections[f] for f in PROJECTIONS)
+        x = hidden_states.index_select(0, tokens)                                   # [S, d]
+        y = run(down, self.act_fn(run(gate, x, route)) * run(up, x, route), route)  # [S, d]
+        return out.index_add_(0, tokens, (y * weights.index_select(0, order)[:, None]).to(out.dtype))
+
+    def _projections(self, experts: torch.Tensor, expert_list: list[int]) -> dict[str, _Projection]:
+        if self.mode == "dense":
+            return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
+        mixed = self.cache.fetch(expert_list, self.compose) if self.cache is not None else self.compose(experts)
+        return {f: _Projection(mixed[f], self.adapters[f]) if f in self.factored
+                else _Projection(self.dense_weight(f)) for f in PROJECTIONS}
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.layer}, experts={self.num_experts}, factored={list(self.factored)}, "
+                f"mode={self.mode!r}")
+
+
+def _frozen(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)

@@ -1,0 +1,61 @@
+"""FitResults for runtime/export/eval tests: an exact factorisation of a model's experts, and quick real fits.
+
+    exact_result(model)          # m = N atoms, atom i = W_i, r = p, A_i = I: reconstruct() == the experts exactly
+    quick_fit(checkpoint_dir)    # globe.fit_model with tiny settings, cached per directory for the session
+    char_tokenizer(out_dir)      # a character-level fast tokenizer with < 64 ids (fits the tiny models' vocab)
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
+from globe.fit.result import FamilyFit, FitResult
+from tests.helpers.tiny_models import reference_experts
+
+QUICK = FitConfig(bank=BankConfig(m=4, r=4), sparsity=SparsityConfig(target_support=2),
+                  train=TrainConfig(am_iters=3, varpro_steps=5))
+
+
+def exact_result(model, families: tuple[str, ...] = ("gate", "up"), model_type: str | None = None) -> FitResult:
+    """Every expert its own atom: bank [N, p, d] = the weights, codes = I [N, N], adapters = I [N, p, p]."""
+    ref = reference_experts(model.state_dict())
+    fams = {}
+    for family in families:
+        weights = ref[family].weights.float()
+        n, p, _ = weights.shape
+        fams[family] = FamilyFit(family=family, bank=weights.clone(), codes=torch.eye(n),
+                                 adapters=torch.eye(p).expand(n, p, p).clone(), scales=torch.ones(n),
+                                 ids=ref[family].ids)
+    source = {"model_type": model_type or model.config.model_type}
+    return FitResult(families=fams, config=FitConfig(), source=source)
+
+
+@lru_cache(maxsize=None)
+def _fit(path: str, families: tuple[str, ...]) -> FitResult:
+    from globe.fit.engine import fit_model
+    cfg = FitConfig.from_dict(QUICK.to_dict())
+    cfg.bank.families = families
+    return fit_model(path, cfg)
+
+
+def quick_fit(path: str | Path, families: tuple[str, ...] = ("gate", "up")) -> FitResult:
+    """A real (approximate) fit of a tiny checkpoint, computed once per directory and families."""
+    return _fit(str(path), tuple(families))
+
+
+def char_tokenizer(out_dir: str | Path, alphabet: str = " abcdefghijklmnopqrstuvwxyz.,\n") -> Path:
+    """Save a character-level PreTrainedTokenizerFast to out_dir (ids < 64, [UNK]=0, [EOS]=2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2}
+    vocab.update({ch: 3 + i for i, ch in enumerate(alphabet)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[UNK]")
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
