@@ -57,7 +57,10 @@ def compare_budget(weights, ids, budget: float, args) -> dict:
     svd = svd_baseline(weights, budget)
     rows = [globe_row(weights, ids, budget, init, args) for init in args.inits]
     best = min(rows, key=lambda row: row["rel_err"])
-    mobe = per_layer_bank(weights, ids, budget, r=best["r"], steps=args.mobe_steps)
+    tried = [per_layer_bank(weights, ids, budget, r=r, steps=args.mobe_steps)     # the baseline's best rank
+             for r in sorted({best["r"], max(8, best["r"] * 3 // 4 // 8 * 8), max(8, best["r"] // 2 // 8 * 8)})]
+    mobe = min((t for t in tried if t["rel_err"] is not None), key=lambda t: t["rel_err"], default=tried[0])
+    mobe["ranks_tried"] = [{"r": t["r"], "m": t["m"], "rel_err": t["rel_err"]} for t in tried]
     out = {"budget": budget, "dense_params": dense, "svd": svd, "per_layer_bank": mobe, "globe": rows,
            "best_globe": best["init"], "ratio_vs_svd": best["rel_err"] / svd["rel_err"]}
     if mobe["rel_err"]:

@@ -21,7 +21,7 @@ from globe.errors import NumericalError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.config import FitConfig
 from globe.fit.linalg import ridge_cholesky, solve_left
-from globe.fit.mod import normalize_atoms, weighted_mod
+from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import (finish_codes, nnls_on_support, select_support, support_sizes,
                                      update_temperature, weighted_nnls, weighted_support_gram)
@@ -78,8 +78,9 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     flat = state.bank.reshape(m, r * d)
     gram = flat @ flat.T                                                     # [m, m]
     gram_chol = ridge_cholesky(gram, ridge)
-    grams = torch.empty(n, r, r, device=dev)                                 # A_i^T A_i, kept for the MOD
-    rhs = torch.zeros(m, r * d, device=dev)                                  # sum_i alpha_ij A_i^T W_i
+    normal = ModAccumulator(m, r, d, device=dev) if cfg.train.mod == "normal" else None
+    grams = torch.empty(n, r, r, device=dev) if normal is None else None     # A_i^T A_i for the weighted MOD
+    rhs = torch.zeros(m, r * d, device=dev) if normal is None else None      # sum_i alpha_ij A_i^T W_i
     new_codes = torch.zeros_like(state.codes)
     sq_err = torch.zeros(n, dtype=torch.float64, device=dev)
     conds, temp = [], state.temperature
@@ -91,11 +92,18 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
         atw = fit.adapters.transpose(1, 2) @ w                               # [c, r, d]
         targets = solve_left(ridge_cholesky(ata, ridge), atw)                # pinv(A) W
         codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg)
-        rhs.addmm_(codes.T, atw.reshape(hi - lo, -1))
-        grams[lo:hi], new_codes[lo:hi], sq_err[lo:hi] = ata, codes, fit.sq_err.double()
+        if normal is not None:
+            normal.add(codes, targets)
+        else:
+            rhs.addmm_(codes.T, atw.reshape(hi - lo, -1))
+            grams[lo:hi] = ata
+        new_codes[lo:hi], sq_err[lo:hi] = codes, fit.sq_err.double()
         if cfg.train.collect_stats:
             conds.append(fit.cond.max())
-    bank, cg_iters = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge)
+    if normal is not None:
+        (bank, mod_cond), cg_iters = normal.solve(ridge, previous=state.bank), 0
+    else:
+        bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge)
     bank, new_codes = normalize_atoms(bank, new_codes)
     rel = float(((sq_err.cpu() * norm.scales.double() ** 2).sum() / norm.sq_norms.sum()).sqrt())
     if not (math.isfinite(rel) and bool(torch.isfinite(bank).all()) and bool(torch.isfinite(new_codes).all())):
@@ -108,7 +116,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
              "median_support": float(support.median()), "mean_support": float(support.mean()),
              "max_support": int(support.max()), "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
     if cfg.train.collect_stats:
-        stats["adapter_cond_max"] = float(torch.stack(conds).max())
+        stats.update(adapter_cond_max=float(torch.stack(conds).max()), mod_cond=mod_cond)
     state.bank, state.codes, state.temperature = bank, new_codes, temp
     state.iteration += 1
     state.history.append(stats)

@@ -49,6 +49,7 @@ class TrainConfig:
     am_iters: int = 30
     tol: float = 1e-5             # stop when relative error improves by less than this
     ridge: float = 1e-6           # relative ridge of every normal-equation system
+    mod: str = "weighted"         # dictionary update: weighted (exact, A^T A-weighted CG) | normal (m x m MOD on Y)
     restarts: int = 1             # warm start + AM from this many seeds; the best is kept
     varpro_steps: int = 100       # L-BFGS evaluations of the variable-projection refinement (0: off)
     refine_steps: int = 0         # Adam steps with the real phi (0: off)
@@ -90,6 +91,7 @@ class FitConfig:
             (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),
+            (t.mod in ("weighted", "normal"), f"train.mod must be weighted|normal (got {t.mod!r})"),
         ]
         for ok, msg in checks:
             if not ok:

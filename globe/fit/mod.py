@@ -55,18 +55,20 @@ def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor,
 
 
 def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor,
-                 ridge: float, iters: int = 12, chunk: int = 256) -> tuple[torch.Tensor, int]:
+                 ridge: float, iters: int = 12, chunk: int = 256) -> tuple[torch.Tensor, int, float]:
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
     Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned
     CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x diag(mean G).
-    codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, iterations used).
+    codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, CG iterations, cond of alpha^T alpha).
     """
     m, r, d = bank0.shape
     ata = (codes.T.double() @ codes.double())
     gbar = grams.double().mean(0)
     lam = ridge * float(ata.diagonal().mean() * gbar.diagonal().mean()) + 1e-30
-    inv_left = torch.cholesky_inverse(ridge_cholesky(ata, max(ridge, 1e-8))).float()   # [m, m]
+    chol_left = ridge_cholesky(ata, max(ridge, 1e-8))
+    cond = float(cond_from_cholesky(chol_left))
+    inv_left = torch.cholesky_inverse(chol_left).float()                                # [m, m]
     inv_diag = (1.0 / gbar.diagonal().clamp_min(1e-30)).float()[None, :, None]            # [1, r, 1]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     norm0 = float(rhs.norm()) + 1e-30
     for it in range(iters):
         if float(res.norm()) <= 1e-6 * norm0:
-            return x, it
+            return x, it, cond
         hd = apply(direction)
         step = rz / max(float(torch.vdot(direction.flatten(), hd.flatten())), 1e-30)
         x.add_(direction, alpha=step)
@@ -93,7 +95,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
         rz_new = float(torch.vdot(res.flatten(), z.flatten()))
         direction.mul_(rz_new / max(rz, 1e-30)).add_(z)
         rz = rz_new
-    return x, iters
+    return x, iters, cond
 
 
 def weighted_objective(codes, grams, rhs, bank, const: float = 0.0) -> float:

@@ -26,7 +26,8 @@ def test_weighted_mod_never_increases_the_true_objective_and_is_optimal():
     before = true_objective(weights, adapters, codes, bank0)
     objectives = []
     for iters in (1, 3, 60):
-        bank, _ = weighted_mod(codes, grams, rhs, bank0, ridge=1e-10, iters=iters)
+        bank, _, cond = weighted_mod(codes, grams, rhs, bank0, ridge=1e-10, iters=iters)
+        assert cond >= 1.0
         objectives.append(true_objective(weights, adapters, codes, bank))
     assert objectives[0] <= before and objectives[1] <= objectives[0] + 1e-6 and objectives[2] <= objectives[1] + 1e-6
     # optimality: random perturbations of the solution never do better
