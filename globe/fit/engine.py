@@ -98,35 +98,19 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     with phase(timings, "warm_start", device):
         targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
     with phase(timings, "am", device):
-        state = None
-        for attempt in range(cfg.train.restarts):
-            bank, codes, temp = warm_start(targets, m, cfg, gen)
-            trial = AMState(bank=bank, codes=codes, temperature=temp)
-            run_am(weights, norm, trial, cfg, family)
-            trial.bank, trial.codes = best_state(weights, norm, trial, cfg)
-            log.debug("%s start %d: rel_err %.5f", family, attempt, trial.best_err)
-            if state is None or trial.best_err < state.best_err:
-                state = trial
+        state = alternate(weights, norm, targets, m, cfg, gen, family)
         del targets
-        bank, codes = state.bank, state.codes
-    history = {"am": state.history}
+    bank, codes, history = state.bank, state.codes, {"am": state.history}
     if cfg.train.varpro_steps > 0:
         with phase(timings, "varpro", device):
             bank, codes, history["varpro"] = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
                                                            state.temperature)
             bank, codes = normalize_atoms(bank, codes)
-    adapters, codes, sq_err = finalize(weights, norm, codes, bank, cfg.bank.phi, cfg)
+    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            new_bank, new_codes, _, history["refine"] = adam_refine(weights, norm, bank, codes, adapters, cfg,
-                                                                    state.temperature, gen)
-            new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
-            refined = finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg)
-            if _rel(refined[2], norm) <= _rel(sq_err, norm):
-                bank, (adapters, codes, sq_err) = new_bank, refined
-            else:
-                log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family,
-                            _rel(sq_err, norm), _rel(refined[2], norm))
+            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family)
+    bank, adapters, codes, sq_err = fitted
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
@@ -134,6 +118,34 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
     return fam
+
+
+def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str) -> AMState:
+    """Warm start + alternating minimisation from cfg.train.restarts seeds; the state with the lowest error."""
+    best = None
+    for attempt in range(cfg.train.restarts):
+        bank, codes, temp = warm_start(targets, m, cfg, gen)
+        trial = AMState(bank=bank, codes=codes, temperature=temp)
+        run_am(weights, norm, trial, cfg, family)
+        trial.bank, trial.codes = best_state(weights, norm, trial, cfg)
+        log.debug("%s start %d: rel_err %.5f", family, attempt, trial.best_err)
+        if best is None or trial.best_err < best.best_err:
+            best = trial
+    return best
+
+
+def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
+                   family: str) -> tuple[tuple, list[float]]:
+    """Adam refinement of (bank, adapters, codes, sq_err); rolled back with a warning if it raised the error."""
+    bank, adapters, codes, sq_err = fitted
+    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen)
+    new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
+    refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg))
+    if _rel(refined[3], norm) <= _rel(sq_err, norm):
+        return refined, history
+    log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, _rel(sq_err, norm),
+                _rel(refined[3], norm))
+    return fitted, history
 
 
 def prune(codes: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
