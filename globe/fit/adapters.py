@@ -25,6 +25,7 @@ class AdapterFit:
     adapters: torch.Tensor   # [c, p, r]
     sq_err: torch.Tensor     # [c] ||W_i - A_i tilde_B_i||^2 (normalised space)
     cond: torch.Tensor       # [c] condition estimate of tilde_B tilde_B^T
+    gram: torch.Tensor       # [c, r, r] A_i^T A_i (reused by the coding step)
 
 
 def refit_adapters(weights: torch.Tensor, mixed: torch.Tensor, ridge: float) -> AdapterFit:
@@ -38,7 +39,7 @@ def refit_adapters(weights: torch.Tensor, mixed: torch.Tensor, ridge: float) -> 
     adapters = solve_right(wmt, chol)                                      # [c, p, r]
     ata = adapters.transpose(1, 2) @ adapters                              # [c, r, r]
     sq = weights.square().sum((1, 2)) - 2 * (adapters * wmt).sum((1, 2)) + (ata * mmt).sum((1, 2))
-    return AdapterFit(adapters=adapters, sq_err=sq.clamp_min(0), cond=cond_from_cholesky(chol))
+    return AdapterFit(adapters=adapters, sq_err=sq.clamp_min(0), cond=cond_from_cholesky(chol), gram=ata)
 
 
 def coding_targets(weights: torch.Tensor, adapters: torch.Tensor, ridge: float) -> torch.Tensor:

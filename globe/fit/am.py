@@ -88,7 +88,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
         hi = min(lo + cfg.train.chunk_size, n)
         w = norm.chunk(weights, lo, hi, dev)                                 # [c, p, d]
         fit = refit_adapters(w, compose(state.codes[lo:hi], state.bank), ridge)
-        ata = fit.adapters.transpose(1, 2) @ fit.adapters                    # [c, r, r]
+        ata = fit.gram                                                       # [c, r, r] A^T A
         atw = fit.adapters.transpose(1, 2) @ w                               # [c, r, d]
         targets = solve_left(ridge_cholesky(ata, ridge), atw)                # pinv(A) W
         codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg)
