@@ -3,7 +3,8 @@
 MODEL_DIR_OR_HF_DIR is an ordinary Hugging Face checkpoint (original or a `globe export --dense` one), optionally
 patched with the artifact OUT, or a compressed checkpoint from `globe export` (its artifact is inside). The
 default model is the embedded one and the default text its held-out split. Cached layers are warmed up from
-routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it).
+routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it),
+and the hit rate is counted while decoding the last --hit-tokens tokens one by one.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
     a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
     a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
+    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
     a("--no-speed", action="store_true", help="skip the prefill/decode timings")
     a("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="device (default cpu)")
     a("--json", action="store_true", help="print the full report as JSON")
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
                       max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
-                      skip_speed=args.no_speed)
+                      hit_tokens=args.hit_tokens, skip_speed=args.no_speed)
     report["model"]["path"] = str(args.model_dir)
     report["model"]["artifact"] = args.globe
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -103,7 +105,8 @@ def format_report(report: dict) -> str:
                   f"decode       {s['decode_tok_s']:,.1f} tok/s ({s['decode_new_tokens']} new tokens, greedy)"]
     if report.get("cache"):
         c = report["cache"]
-        lines.append(f"cache        hit rate {c['hit_rate']:.3f} ({c['hits']:,} hits, {c['misses']:,} misses)")
+        lines.append(f"cache        decode hit rate {c['hit_rate']:.3f} ({c['hits']:,} hits, {c['misses']:,} misses "
+                     f"over {c['tokens']} tokens)")
     lines += [f"routed       {fp['routed_params_before']:,} -> {fp['routed_params_after']:,} params "
               f"({100 * fp['routed_ratio']:.1f} %), {fp['routed_bytes_before']:,} -> {fp['routed_bytes_after']:,} bytes",
               f"total        {fp['total_params_before']:,} -> {fp['total_params_after']:,} params "

@@ -4,7 +4,8 @@
     json.dumps(report)          # plain Python numbers and strings only
 
 Works on an original model and on a GloBE-patched one (any mode). With a cached model and calibration text the
-caches are warmed up from routing counts first; the hit rate is counted over the perplexity pass.
+caches are warmed up from routing counts first; the hit rate is then counted while decoding the end of the text
+token by token (see globe.eval.hits), which is what generation sees.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 
 from globe.eval.footprint import routed_footprint
+from globe.eval.hits import decode_hit_rate
 from globe.eval.perplexity import encode_text, perplexity
 from globe.eval.speed import decode_speed, memory_stats, prefill_speed
-from globe.runtime.apply import cache_stats, globe_modules, model_arch, reset_cache_stats, set_collect_stats, warm_up
+from globe.runtime.apply import globe_modules, model_arch, warm_up
 from globe.runtime.routing import collect_routing_counts
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,14 @@ def warm_up_caches(model: nn.Module, tokenizer, calibration: str | torch.Tensor,
 def evaluate(model: nn.Module, tokenizer, text: str | torch.Tensor, *, max_length: int = 256,
              stride: int | None = None, max_tokens: int | None = None, prefill_tokens: int = 256,
              decode_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3,
-             calibration_text: str | torch.Tensor | None = None, skip_speed: bool = False) -> dict:
+             calibration_text: str | torch.Tensor | None = None, hit_tokens: int = 256,
+             skip_speed: bool = False) -> dict:
     """Evaluate `model` on `text` (a string, or token ids when tokenizer is None); JSON-serialisable dict.
 
     perplexity: sliding window of max_length tokens every `stride` (default max_length), over the first
     max_tokens tokens (default all). prefill: one forward of prefill_tokens. decode: greedy generation of
     decode_tokens after prompt_tokens, use_cache=True. calibration_text: warm-up of cached layers first.
+    hit_tokens: last tokens of the text, decoded one by one to count cache hits (cached models only).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -63,16 +67,12 @@ def evaluate(model: nn.Module, tokenizer, text: str | torch.Tensor, *, max_lengt
     report: dict = {"model": describe(model), "footprint": routed_footprint(model)}
     report["warm_up"] = warm_up_caches(model, tokenizer, calibration_text, max_length) if calibration_text is not None \
         else None
-    set_collect_stats(model, True)
-    reset_cache_stats(model)
+    report["cache"] = decode_hit_rate(model, ids[-hit_tokens:], hit_tokens, max_length)
     report["perplexity"] = perplexity(model, ids, max_length, stride, max_tokens)
-    stats = cache_stats(model)
-    report["cache"] = None if stats is None else {k: stats[k] for k in ("hits", "misses", "hit_rate")}
-    set_collect_stats(model, False)
     if not skip_speed:
         report["speed"] = {**prefill_speed(model, ids[:prefill_tokens], repeats),
                            **decode_speed(model, ids[:prompt_tokens], decode_tokens, repeats)}
     report["memory"] = memory_stats(device)
     log.info("perplexity %.3f over %d tokens%s", report["perplexity"]["perplexity"], report["perplexity"]["tokens"],
-             "" if stats is None else f", cache hit rate {stats['hit_rate']:.3f}")
+             "" if report["cache"] is None else f", decode cache hit rate {report['cache']['hit_rate']:.3f}")
     return report

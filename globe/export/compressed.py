@@ -72,10 +72,10 @@ def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | 
     else:
         validate(model, result)
     out = Path(out_dir)
-    save(result, out)
     spec, _ = model_arch(model)
     first = next(iter(experts_modules(model).values()))
     globe_dtype = (first.bank[first.factored[0]] if patched else first.gate_up_proj).dtype   # storage of the factors
+    save(result, out, dtype=globe_dtype)      # the runtime rounds the factors to this dtype anyway
     tensors = unique_tensors(runtime_state_dict(model, set(result.families)))
     write_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt", "globe_compressed": str(COMPRESSED_FORMAT_VERSION)})
     atomic_write_text(out / "config.json", model.config.to_json_string())

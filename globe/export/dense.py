@@ -4,9 +4,10 @@
     AutoModelForCausalLM.from_pretrained("dense_hf/")        # stock transformers: no missing/unexpected keys
 
 The reconstructed gate/up (and down, when fitted) weights replace the routed experts in the model's in-memory
-state dict, in the experts' dtype; transformers' own `save_pretrained` then writes the hub layout (per-expert
-keys), into a staging directory whose files are moved into place with atomic_write. Tokenizer files and the
-generation config of the source directory are copied along.
+state dict, in the experts' dtype. They are computed exactly as the runtime's `dense` mode computes them (factors
+rounded to the storage dtype, product in fp32), so the export and the patched model agree. transformers' own
+`save_pretrained` then writes the hub layout (per-expert keys) into a staging directory whose files are moved into
+place with atomic_write. Tokenizer files and the generation config of the source directory are copied along.
 """
 from __future__ import annotations
 
@@ -36,10 +37,8 @@ def _resolve(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | P
 
 
 def experts_dtype(module: nn.Module) -> torch.dtype:
-    """Dtype of a layer's routed experts (original module or GlobeExperts)."""
-    if isinstance(module, GlobeExperts):
-        return module.down_proj.dtype if "down" not in module.factored else module.bank[module.factored[0]].dtype
-    return module.gate_up_proj.dtype
+    """Dtype of a layer's routed experts in the source model (original module or GlobeExperts)."""
+    return module.source_dtype if isinstance(module, GlobeExperts) else module.gate_up_proj.dtype
 
 
 def check_patched(model: nn.Module, result: FitResult) -> None:
@@ -67,10 +66,14 @@ def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Ten
     for layer, module in modules.items():
         prefix = spec.experts_path(layer) + "."
         dtype, device = experts_dtype(module), next(module.parameters()).device
-        dense = ({f: module.dense_weight(f) for f in PROJECTIONS if f not in module.factored} if patched
-                 else dense_parts(module, set(result.families)))
-        parts = {f: reconstruct_rows(result.families[f], rows[f][layer], dtype).to(device) if f in result.families
-                 else dense[f].detach().to(dtype) for f in PROJECTIONS}
+        if patched:                     # from the factors as the runtime stores them (== its `dense` mode)
+            parts = {f: module.reconstruct(f) if f in module.factored else module.dense_weight(f)
+                     for f in PROJECTIONS}
+        else:                           # factors rounded to the dtype apply_globe would store them in
+            dense = dense_parts(module, set(result.families))
+            parts = {f: reconstruct_rows(result.families[f], rows[f][layer], factor_dtype=dtype).to(device)
+                     if f in result.families else dense[f] for f in PROJECTIONS}
+        parts = {f: w.detach().to(dtype) for f, w in parts.items()}
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
         state[prefix + "gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1).contiguous()

@@ -19,7 +19,7 @@ from torch import nn
 from globe.errors import ArtifactError, ConfigError
 from globe.fit.result import FamilyFit, FitResult
 from globe.io.arch import ArchSpec, get_arch
-from globe.runtime.compose import reconstruct_rows, sparse_codes
+from globe.runtime.compose import sparse_codes
 from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     artifact: a FitResult or an artifact directory (globe.save). mode: factored | cached | dense.
     cache_size: experts per layer kept precomposed in `cached` mode (default: half the experts).
     dtype: storage dtype of banks/adapters/codes (default: the experts' dtype). collect_stats: count cache
-    hits/misses. max_gathered_pairs: batches with at most this many (token, expert) pairs skip the expert loop.
+    hits/misses. max_gathered_pairs: batches with at most this many (token, expert) pairs (decode) run as batched
+    matmuls over per-pair gathered weights instead of grouped GEMMs.
     """
     from globe.artifact import load
     if mode not in MODES:
@@ -148,10 +149,7 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
              for n, f in result.families.items()}
     for layer, module in modules.items():
         new = _build_layer(module, layer, result, rows, banks, dtype, max_gathered_pairs)
-        dense = None
-        if mode == "dense":
-            dense = {n: reconstruct_rows(f, rows[n][layer], dtype).to(device) for n, f in result.families.items()}
-        new.set_mode(mode, cache_size, dense)
+        new.set_mode(mode, cache_size)
         if new.cache is not None:
             new.cache.collect_stats = collect_stats
         model.set_submodule(spec.experts_path(layer), new)

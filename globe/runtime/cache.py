@@ -57,11 +57,13 @@ class MixedCache(nn.Module):
         if self.collect_stats:
             self.hits += len(hit_pos)
             self.misses += len(miss_pos)
-        if not miss_pos:
-            index = torch.tensor(hit_slots, device=self.slots(self.families[0]).device)
-            return {f: self.slots(f).index_select(0, index) for f in self.families}
         missing = [experts[pos] for pos in miss_pos]
-        composed = compose(torch.tensor(missing, dtype=torch.long))
+        composed = compose(torch.tensor(missing, dtype=torch.long)) if missing else {}
+        if len(experts) <= self.capacity:
+            # Hits were refreshed, so inserting the misses evicts none of this batch: gather everything from slots.
+            self._insert(missing, composed)
+            index = torch.tensor([self.order[e] for e in experts], device=self.slots(self.families[0]).device)
+            return {f: self.slots(f).index_select(0, index) for f in self.families}
         out = self._assemble(len(experts), hit_pos, hit_slots, miss_pos, composed)
         self._insert(missing, composed)
         return out
@@ -81,7 +83,7 @@ class MixedCache(nn.Module):
 
     def _insert(self, missing: list[int], composed: dict[str, torch.Tensor]) -> None:
         """Put freshly composed experts into slots, evicting least recently used ones when full."""
-        if self.capacity <= 0:
+        if self.capacity <= 0 or not missing:
             return
         final: dict[int, int] = {}                                                  # slot -> row of `composed`
         for row, expert in enumerate(missing):
@@ -93,9 +95,11 @@ class MixedCache(nn.Module):
             final[slot] = row
         device = self.slots(self.families[0]).device
         slot_index = torch.tensor(list(final), device=device)
-        row_index = torch.tensor(list(final.values()), device=device)
+        every_row = len(final) == len(missing)                                       # rows 0..n-1 in order
+        row_index = None if every_row else torch.tensor(list(final.values()), device=device)
         for f in self.families:
-            self.slots(f)[slot_index] = composed[f][row_index].to(self.slots(f).dtype)
+            rows = composed[f] if every_row else composed[f].index_select(0, row_index)
+            self.slots(f).index_copy_(0, slot_index, rows.to(self.slots(f).dtype))
 
     def warm_up(self, counts: torch.Tensor, compose: Compose) -> list[int]:
         """Preload the (up to `capacity`) experts routed most often in `counts` [E]; resets the counters.

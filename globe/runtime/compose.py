@@ -34,12 +34,18 @@ def mix(indices: torch.Tensor, values: torch.Tensor, bank: torch.Tensor, phi: st
     return PHI[phi](summed.view(-1, r, d))
 
 
-def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W_hat = A_i tilde_B_i for the given rows of a family, computed in fp32: [len(rows), p, d] in `dtype`.
+def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | None = None,
+                     factor_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W_hat = A_i tilde_B_i for the given rows of a family: [len(rows), p, d] in `dtype`.
 
-    This one function feeds both the runtime `dense` mode and the dense export, so the two agree bit for bit.
+    The factors are first rounded to `factor_dtype` (the runtime's storage dtype, when given), then everything is
+    computed in fp32 exactly as GlobeExperts.reconstruct does, so the runtime `dense` mode and the dense export
+    agree bit for bit.
     """
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t.to(factor_dtype) if factor_dtype is not None else t).float()
+
     indices, values = sparse_codes(fam.codes[rows].float())
-    mixed = mix(indices, values, fam.bank.float(), fam.phi)                         # [n, r, d]
-    weights = fam.adapters[rows].float() @ mixed                                    # [n, p, d]
+    mixed = mix(indices, cast(values), cast(fam.bank), fam.phi)                      # [n, r, d]
+    weights = cast(fam.adapters[rows]) @ mixed                                       # [n, p, d]
     return weights if dtype is None else weights.to(dtype)

@@ -147,10 +147,9 @@ class GlobeExperts(nn.Module):
         self.cache: MixedCache | None = None
 
     # ---- modes ----
-    def set_mode(self, mode: str, cache_size: int | None = None,
-                 dense_weights: dict[str, torch.Tensor] | None = None) -> None:
-        """Switch to `factored`, `cached` (LRU of `cache_size` experts) or `dense` (W_e precomputed; from
-        `dense_weights` {family: [E, out, in]} when given, else reconstructed here in fp32)."""
+    def set_mode(self, mode: str, cache_size: int | None = None) -> None:
+        """Switch to `factored`, `cached` (LRU of `cache_size` experts, default half) or `dense` (W_e = A_e tilde_B_e
+        reconstructed once from the stored factors, in fp32, kept in the storage dtype)."""
         if mode not in MODES:
             raise ConfigError(f"runtime mode must be one of {', '.join(MODES)}, not {mode!r}")
         for family in self.factored:
@@ -166,10 +165,8 @@ class GlobeExperts(nn.Module):
             self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
         elif mode == "dense":
             for family in self.factored:
-                weight = (dense_weights or {}).get(family)
-                if weight is None:
-                    weight = self.reconstruct(family)
-                self.register_buffer(f"dense_{family}", weight.to(self.adapters[family]), persistent=False)
+                self.register_buffer(f"dense_{family}", self.reconstruct(family).to(self.adapters[family]),
+                                     persistent=False)
         self.mode = mode
 
     def compose(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,14 +22,15 @@ def test_report_of_a_cached_model(tiny_checkpoint):
     path = tiny_checkpoint("qwen2_moe")
     model = apply_globe(load_model(path), quick_fit(path), mode="cached", cache_size=2)
     report = evaluate(model, None, _ids(), max_length=32, stride=16, prefill_tokens=32, decode_tokens=4, repeats=1,
-                      calibration_text=_ids(40))
+                      calibration_text=_ids(40), hit_tokens=20)
     assert json.loads(json.dumps(report)) == report
     assert report["model"]["globe_mode"] == "cached" and report["perplexity"]["tokens"] == 119
     assert report["speed"]["prefill_tok_s"] > 0 and report["speed"]["decode_tok_s"] > 0
     assert report["memory"]["rss_mb"] > 0 and report["memory"]["peak_rss_mb"] >= report["memory"]["rss_mb"]
     assert set(report["warm_up"]) == {"0", "2"} and all(len(v) <= 2 for v in report["warm_up"].values())
     cache = report["cache"]
-    assert cache["hits"] + cache["misses"] > 0 and 0 < cache["hit_rate"] < 1
+    assert cache["tokens"] == 20 and cache["hits"] + cache["misses"] == 2 * 20 * TINY.top_k   # 2 MoE layers
+    assert 0 < cache["hit_rate"] < 1
 
 
 def test_compressed_and_original_perplexity_agree_for_an_exact_bank(tiny_model):

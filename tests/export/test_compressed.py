@@ -105,3 +105,12 @@ def test_storage_dtype_of_a_patched_model_is_kept(tmp_path, tiny_checkpoint):
     loaded = load_compressed(tmp_path / "c", mode="factored")
     assert loaded.dtype == torch.bfloat16 and globe_modules(loaded)[0].bank["gate"].dtype == torch.float32
     assert torch.equal(_logits(loaded), _logits(model))
+
+
+def test_artifact_is_stored_in_the_runtime_dtype(tmp_path, tiny_checkpoint):
+    path = tiny_checkpoint("mixtral", dtype=torch.bfloat16)
+    out = save_compressed(path, quick_fit(path), tmp_path / "c")
+    banks = load_file(str(out / "banks.safetensors"))
+    assert banks["gate.bank"].dtype == banks["up.adapters"].dtype == torch.bfloat16
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < sum(f.stat().st_size for f in path.glob("*.safetensors"))   # smaller than the source on disk

@@ -64,7 +64,7 @@ def test_dense_mode_equals_reconstructed_weights_loaded_normally(tiny_checkpoint
             weight = plain.model.layers[layer].mlp.experts.gate_up_proj
             block = slice(0, TINY.p) if family == "gate" else slice(TINY.p, 2 * TINY.p)
             with torch.no_grad():
-                weight[:, block] = reconstruct_rows(fam, rows[layer], dtype)
+                weight[:, block] = reconstruct_rows(fam, rows[layer], dtype, factor_dtype=dtype)
     assert plain.dtype == patched.dtype == dtype
     torch.testing.assert_close(_logits(patched, _ids()).float(), _logits(plain, _ids()).float(), rtol=tol, atol=tol)
 
