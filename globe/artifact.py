@@ -147,6 +147,12 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
     if int(t["codes.indptr"][-1]) != t["codes.indices"].numel() or (t["codes.indices"].numel() and
                                                                       int(t["codes.indices"].max()) >= m):
         raise ArtifactError(f"{out / BANKS_FILE}: sparse codes of {name} are inconsistent")
-    codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], m)
+    return build_family(name, t, info["phi"], metrics)
+
+
+def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,
+                 history: dict | None = None) -> FamilyFit:
+    """FamilyFit from its stored tensors (keys without the family prefix, codes in CSR form)."""
+    codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], t["bank"].shape[0])
     return FamilyFit(family=name, bank=t["bank"], codes=codes, adapters=t["adapters"], scales=t["scales"],
-                     ids=t["ids"].long(), phi=info["phi"], metrics=metrics)
+                     ids=t["ids"].long(), phi=phi, metrics=metrics, history=history or {})

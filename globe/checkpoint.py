@@ -13,7 +13,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from globe.artifact import atomic_write, family_tensors
+from globe.artifact import atomic_write, build_family, family_tensors
 from globe.fit.config import FitConfig
 from globe.fit.result import FamilyFit
 
@@ -35,7 +35,6 @@ def save_family(out: Path, fam: FamilyFit, cfg: FitConfig, model_dir: str) -> No
 
 def load_families(out: Path, cfg: FitConfig, model_dir: str) -> dict[str, FamilyFit]:
     """Families finished by an earlier run with the same config and model; others are ignored (with a log)."""
-    from globe.artifact import csr_to_codes
     found: dict[str, FamilyFit] = {}
     for family in cfg.bank.families:
         path = out / CHECKPOINT_DIR / f"{family}.safetensors"
@@ -51,10 +50,7 @@ def load_families(out: Path, cfg: FitConfig, model_dir: str) -> dict[str, Family
         if meta.get("fingerprint") != _fingerprint(cfg, model_dir):
             log.warning("checkpoint %s was made with another config or model: %s will be refitted", path, family)
             continue
-        codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], t["bank"].shape[0])
-        found[family] = FamilyFit(family=family, bank=t["bank"], codes=codes, adapters=t["adapters"],
-                                  scales=t["scales"], ids=t["ids"].long(), phi=meta["phi"],
-                                  metrics=json.loads(meta["metrics"]), history=json.loads(meta["history"]))
+        found[family] = build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]))
     return found
 
 
