@@ -58,7 +58,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = torch.zeros((), dtype=torch.float64)
+        loss = 0.0
         for lo in range(0, n, cfg.train.chunk_size):
             hi = min(lo + cfg.train.chunk_size, n)
             w = norm.chunk(weights, lo, hi, bank.device)
@@ -67,11 +67,11 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
                 adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
             part.backward()
-            loss += part.detach().double()
-        if not math.isfinite(float(loss)):
+            loss += float(part.detach())
+        if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
-        history.append(float(loss) ** 0.5)
-        return loss.float()
+        history.append(loss ** 0.5)
+        return torch.tensor(loss, device=bank.device)
 
     opt.step(closure)
     with torch.no_grad():
