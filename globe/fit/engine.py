@@ -97,15 +97,9 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
     with phase(timings, "warm_start", device):
         targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
-    with phase(timings, "am", device):
-        state = alternate(weights, norm, targets, m, cfg, gen, family)
+    with phase(timings, "am_varpro", device):
+        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family)
         del targets
-    bank, codes, history = state.bank, state.codes, {"am": state.history}
-    if cfg.train.varpro_steps > 0:
-        with phase(timings, "varpro", device):
-            bank, codes, history["varpro"] = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
-                                                           state.temperature)
-            bank, codes = normalize_atoms(bank, codes)
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
@@ -120,18 +114,27 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     return fam
 
 
-def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str) -> AMState:
-    """Warm start + alternating minimisation from cfg.train.restarts seeds; the state with the lowest error."""
+def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str):
+    """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
+
+    Returns (AM state, bank, codes, history) of the attempt with the lowest final error.
+    """
     best = None
     for attempt in range(cfg.train.restarts):
         bank, codes, temp = warm_start(targets, m, cfg, gen)
-        trial = AMState(bank=bank, codes=codes, temperature=temp)
-        run_am(weights, norm, trial, cfg, family)
-        trial.bank, trial.codes = best_state(weights, norm, trial, cfg)
-        log.debug("%s start %d: rel_err %.5f", family, attempt, trial.best_err)
-        if best is None or trial.best_err < best.best_err:
-            best = trial
-    return best
+        state = AMState(bank=bank, codes=codes, temperature=temp)
+        run_am(weights, norm, state, cfg, family)
+        bank, codes = best_state(weights, norm, state, cfg)
+        history, err = {"am": state.history}, state.best_err
+        if cfg.train.varpro_steps > 0:
+            bank, codes, history["varpro"] = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
+                                                           state.temperature)
+            bank, codes = normalize_atoms(bank, codes)
+            err = history["varpro"][-1]
+        log.debug("%s start %d: rel_err %.5f", family, attempt, err)
+        if best is None or err < best[0]:
+            best = (err, state, bank, codes, history)
+    return best[1:]
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
