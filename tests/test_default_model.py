@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from globe.assets import DEFAULT_MODEL_DIR
