@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=CODERS, help="sparse mapping of the codes (default entmax15)")
     p.add_argument("--am-iters", type=int, help="alternating-minimisation iterations (default 30)")
     p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement")
+    p.add_argument("--cycles", type=int, help="rounds of (AM, variable projection); more is slower and better (default 1)")
     p.add_argument("--refine-steps", type=int, help="Adam refinement steps with the real phi (default 0)")
     p.add_argument("--families", help="comma-separated families to fit (default gate,up)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
@@ -45,7 +46,7 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
-                             (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps),
+                             (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
                              (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed)]:
         if value is not None:
             setattr(obj, attr, value)

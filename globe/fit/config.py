@@ -50,7 +50,8 @@ class TrainConfig:
     tol: float = 1e-5             # stop when relative error improves by less than this
     ridge: float = 1e-6           # relative ridge of every normal-equation system
     mod: str = "weighted"         # dictionary update: weighted (exact, A^T A-weighted CG) | normal (m x m MOD on Y)
-    restarts: int = 1             # warm start + AM from this many seeds; the best is kept
+    restarts: int = 1             # warm start + AM + VarPro from this many seeds; the best is kept
+    cycles: int = 1               # rounds of (AM, VarPro); later rounds re-select supports after VarPro
     varpro_steps: int = 100       # L-BFGS evaluations of the variable-projection refinement (0: off)
     refine_steps: int = 0         # Adam steps with the real phi (0: off)
     refine_lr: float = 1e-3
@@ -88,6 +89,7 @@ class FitConfig:
             (0 < s.t_min <= s.t_init <= s.t_max, "need 0 < sparsity.t_min <= t_init <= t_max"),
             (min(t.am_iters, t.refine_steps, t.varpro_steps) >= 0, "iteration counts must be >= 0"),
             (t.restarts >= 1, f"train.restarts must be >= 1 (got {t.restarts})"),
+            (t.cycles >= 1, f"train.cycles must be >= 1 (got {t.cycles})"),
             (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),

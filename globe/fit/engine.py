@@ -3,6 +3,7 @@ fit_model: stream each family of a checkpoint through fit_family. Returns tensor
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,17 +124,22 @@ def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, f
     for attempt in range(cfg.train.restarts):
         bank, codes, temp = warm_start(targets, m, cfg, gen)
         state = AMState(bank=bank, codes=codes, temperature=temp)
-        run_am(weights, norm, state, cfg, family)
-        bank, codes = best_state(weights, norm, state, cfg)
-        history, err = {"am": state.history}, state.best_err
-        if cfg.train.varpro_steps > 0:
-            bank, codes, history["varpro"] = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
-                                                           state.temperature)
-            bank, codes = normalize_atoms(bank, codes)
-            err = history["varpro"][-1]
+        history: dict = {"am": state.history, "varpro": []}
+        for _ in range(cfg.train.cycles):
+            state.iteration, state.best_err, state.best_bank, state.best_codes = 0, math.inf, None, None
+            run_am(weights, norm, state, cfg, family)
+            bank, codes = best_state(weights, norm, state, cfg)
+            err = state.best_err
+            if cfg.train.varpro_steps > 0:
+                bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
+                                                    state.temperature)
+                bank, codes = normalize_atoms(bank, codes)
+                history["varpro"] += losses
+                err = losses[-1]
+            state.bank, state.codes = bank, codes
         log.debug("%s start %d: rel_err %.5f", family, attempt, err)
         if best is None or err < best[0]:
-            best = (err, state, bank, codes, history)
+            best = (err, state, bank, codes, {k: v for k, v in history.items() if v})
     return best[1:]
 
 

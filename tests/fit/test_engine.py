@@ -117,3 +117,15 @@ def test_adam_refinement_with_phi_and_amp_never_returns_a_worse_fit(phi, amp, ch
     assert len(b.history["refine"]) == 30 and all(map(math.isfinite, b.history["refine"]))
     assert b.metrics["rel_err"] <= a.metrics["rel_err"] + 1e-9
     assert b.phi == phi and b.metrics["rel_err"] < 1
+
+
+def test_a_second_am_varpro_cycle_never_makes_the_fit_worse():
+    planted = make_planted(n=48, k=2, seed=6)
+    weights = planted.weights + 0.05 * torch.randn(planted.weights.shape, generator=torch.Generator().manual_seed(1))
+    one = FitConfig(bank=BankConfig(m=8, r=8), sparsity=SparsityConfig(target_support=2),
+                    train=TrainConfig(am_iters=8, varpro_steps=20))
+    two = FitConfig.from_dict(one.to_dict())
+    two.train.cycles = 2
+    a, b = fit_family(weights, planted.ids, one), fit_family(weights, planted.ids, two)
+    assert b.metrics["rel_err"] <= a.metrics["rel_err"] + 1e-6
+    assert len(b.history["am"]) > len(a.history["am"]) and len(b.history["varpro"]) > len(a.history["varpro"])
