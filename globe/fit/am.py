@@ -23,8 +23,8 @@ from globe.fit.config import FitConfig
 from globe.fit.linalg import ridge_cholesky, solve_left
 from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
 from globe.fit.normalize import Normalizer
-from globe.fit.sparse_coding import (finish_codes, nnls_on_support, select_support, support_sizes,
-                                     update_temperature, weighted_nnls, weighted_support_gram)
+from globe.fit.sparse_coding import (finish_codes, select_support, sparse_code, support_sizes, update_temperature,
+                                     weighted_nnls, weighted_support_gram)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, retries: int 
     sp, ridge = cfg.sparsity, cfg.train.ridge
     for _ in range(retries):
         used = temperature
-        idx, valid = select_support(corr, gram_chol, used, sp.method)
-        codes = finish_codes(nnls_on_support(corr, gram, idx, valid, ridge), idx, corr, sp.eps)
+        codes = sparse_code(corr, gram, gram_chol, used, sp, ridge)
         median = float(support_sizes(codes).float().median())
         temperature = update_temperature(used, median, sp)
         if abs(median - sp.target_support) <= 1 or temperature == used:

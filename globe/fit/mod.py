@@ -97,7 +97,3 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
         rz = rz_new
     return x, iters, cond
 
-
-def weighted_objective(codes, grams, rhs, bank, const: float = 0.0) -> float:
-    """0.5 <B, H(B)> - <rhs, B> + const: the quadratic that weighted_mod minimises (diagnostics/tests)."""
-    return float(0.5 * (bank * weighted_apply(bank, codes, grams, 256)).sum() - (rhs * bank).sum()) + const
