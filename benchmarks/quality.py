@@ -118,7 +118,7 @@ def main() -> None:
             stack = reader.read_family(family)
             results["families"][family] = [compare_budget(stack.weights, stack.ids, b, args) for b in args.budgets]
     peak = matmul_peak()
-    small = throughput(96, p, d, 16, 96, args.target_support)                  # the embedded model's fit shape
+    small = throughput(96, p, d, 16, p * 3 // 4, args.target_support)          # the model's fit shape (r = 3p/4)
     large = throughput(32, 1408, 2048, 16, 704, args.target_support, iters=1)  # Qwen1.5 expert shape, N/m = 2
     results["throughput"] = {"matmul_peak_gflops": round(peak, 2), "embedded_shape": small, "qwen15_shape": large,
                              "fraction_of_peak": {"embedded_shape": round(small["gflops"] / peak, 3),
