@@ -1,7 +1,10 @@
-"""Per-family fit checkpoints inside the output directory, for `globe fit --resume`.
+"""Fit checkpoints inside the output directory, for `globe fit --resume`.
 
-OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors + metrics and the fit config in the
-header). A resumed run reuses every family whose stored config equals the current one and refits the rest.
+OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit fingerprint in
+the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
+globe.fit.progress). Every file is written atomically, so a crash at any moment leaves the previous or the new
+complete checkpoint. A resumed run reuses only checkpoints whose fingerprint (fit config + model directory)
+equals the current one; anything else is reported and ignored, never silently mixed in.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from safetensors.torch import save_file
 
 from globe.artifact import atomic_write, build_family, family_tensors
 from globe.fit.config import FitConfig
+from globe.fit.progress import FitProgress
 from globe.fit.result import FamilyFit
 
 log = logging.getLogger(__name__)
@@ -25,34 +29,62 @@ def _fingerprint(cfg: FitConfig, model_dir: str) -> str:
     return json.dumps({"config": cfg.to_dict(), "model_dir": str(Path(model_dir).resolve())}, sort_keys=True)
 
 
-def save_family(out: Path, fam: FamilyFit, cfg: FitConfig, model_dir: str) -> None:
-    meta = {"fingerprint": _fingerprint(cfg, model_dir), "phi": fam.phi,
-            "metrics": json.dumps(fam.metrics, default=float), "history": json.dumps(fam.history, default=float)}
-    tensors = family_tensors(fam)
-    atomic_write(out / CHECKPOINT_DIR / f"{fam.family}.safetensors",
-                 lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+def _read(path: Path, fingerprint: str, what: str):
+    """(tensors, metadata) of a checkpoint file made with `fingerprint`, else None (with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        log.warning("ignoring unreadable checkpoint %s (%s): %s will be refitted", path, exc, what)
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("checkpoint %s was made with another config or model: %s will be refitted", path, what)
+        return None
+    return tensors, meta
 
 
-def load_families(out: Path, cfg: FitConfig, model_dir: str) -> dict[str, FamilyFit]:
-    """Families finished by an earlier run with the same config and model; others are ignored (with a log)."""
-    found: dict[str, FamilyFit] = {}
-    for family in cfg.bank.families:
-        path = out / CHECKPOINT_DIR / f"{family}.safetensors"
-        if not path.is_file():
-            continue
+class CheckpointStore:
+    """globe.fit.progress.FitStore on disk. With resume=False nothing stored earlier is read."""
+
+    def __init__(self, out: str | Path, cfg: FitConfig, model_dir: str | Path, resume: bool = True) -> None:
+        self.dir = Path(out) / CHECKPOINT_DIR
+        self.fingerprint = _fingerprint(cfg, str(model_dir))
+        self.resume = resume
+
+    def finished(self, family: str) -> FamilyFit | None:
+        found = _read(self.dir / f"{family}.safetensors", self.fingerprint, family) if self.resume else None
+        if found is None:
+            return None
+        tensors, meta = found
+        t = {k.split(".", 1)[1]: v for k, v in tensors.items()}
+        return build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]))
+
+    def progress(self, family: str) -> FitProgress | None:
+        path = self.dir / f"{family}.progress.safetensors"
+        found = _read(path, self.fingerprint, family) if self.resume else None
+        if found is None:
+            return None
         try:
-            with safe_open(str(path), "pt") as fh:
-                meta = fh.metadata() or {}
-                t = {k.split(".", 1)[1]: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError) as exc:
-            log.warning("ignoring unreadable checkpoint %s (%s): %s will be refitted", path, exc, family)
-            continue
-        if meta.get("fingerprint") != _fingerprint(cfg, model_dir):
-            log.warning("checkpoint %s was made with another config or model: %s will be refitted", path, family)
-            continue
-        found[family] = build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]))
-    return found
+            return FitProgress.from_tensors(*found)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("ignoring inconsistent checkpoint %s (%s): %s will be refitted", path, exc, family)
+            return None
 
+    def save_progress(self, family: str, progress: FitProgress) -> None:
+        tensors, meta = progress.to_tensors()
+        meta["fingerprint"] = self.fingerprint
+        atomic_write(self.dir / f"{family}.progress.safetensors",
+                     lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
-def clear(out: Path) -> None:
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    def save_family(self, fam: FamilyFit) -> None:
+        meta = {"fingerprint": self.fingerprint, "phi": fam.phi,
+                "metrics": json.dumps(fam.metrics, default=float), "history": json.dumps(fam.history, default=float)}
+        tensors = family_tensors(fam)
+        atomic_write(self.dir / f"{fam.family}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        (self.dir / f"{fam.family}.progress.safetensors").unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 
+from globe import checkpoint
 from globe.artifact import BANKS_FILE, save
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, GlobeError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--families", help="comma-separated families to fit (default gate,up)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--resume", action="store_true", help="reuse families finished by an interrupted run in OUT")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="AM iterations between checkpoints in OUT/.globe_checkpoint (default 5; 0: phase ends only)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -47,7 +52,8 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
                              (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
-                             (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed)]:
+                             (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed),
+                             (t, "checkpoint_every", args.checkpoint_every)]:
         if value is not None:
             setattr(obj, attr, value)
     if args.families:
@@ -55,18 +61,42 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     return cfg.validate()
 
 
+def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
+    """Fail before any work if OUT cannot take the artifact: not a directory, not writable, or not empty
+    (unless --overwrite replaces the artifact or --resume continues an interrupted fit there)."""
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"output {out} exists and is not a directory: choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        if (out / checkpoint.CHECKPOINT_DIR).is_dir():
+            what, hint = "holds an interrupted fit", "--resume to continue it or --overwrite to start again"
+        elif (out / BANKS_FILE).exists():
+            what, hint = "already holds an artifact", "--overwrite to replace it"
+        else:
+            what, hint = "is not empty", "--overwrite to write the artifact among its files"
+        raise ArtifactError(f"output directory {out} {what}: pass {hint}, or choose another -o")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ArtifactError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    from globe import checkpoint
     from globe.fit.engine import fit_model
     cfg = build_config(args)
     out = Path(args.out)
-    if (out / BANKS_FILE).exists() and not (args.overwrite or args.resume):
-        raise ArtifactError(f"{out} already holds an artifact: pass --overwrite to replace it or choose another -o")
-    done = checkpoint.load_families(out, cfg, args.model_dir) if args.resume else {}
-    result = fit_model(args.model_dir, cfg, done=done,
-                       on_family=lambda fam: checkpoint.save_family(out, fam, cfg, args.model_dir))
+    created = not out.exists()
+    check_output_dir(out, args.overwrite, args.resume)
+    store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume)
+    try:
+        result = fit_model(args.model_dir, cfg, store=store)
+    except GlobeError:
+        if created and not (out / checkpoint.CHECKPOINT_DIR).exists():
+            shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
+        raise
     save(result, out)
-    checkpoint.clear(out)
+    store.clear()
     summary = {name: {k: fam.metrics[k] for k in ("rel_err", "energy_captured", "median_support", "seconds")}
                | {"m": fam.shape["m"], "r": fam.shape["r"],
                   "params_ratio": fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -122,11 +123,15 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     return stats
 
 
-def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "") -> AMState:
-    """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept."""
+def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "",
+           on_iteration: Callable[[AMState], None] | None = None) -> AMState:
+    """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
+
+    Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
     bar = tqdm(range(state.iteration, cfg.train.am_iters), desc=f"AM {family}", leave=False,
                disable=not log.isEnabledFor(logging.INFO))
-    prev = math.inf
+    done = state.history[len(state.history) - state.iteration:] if state.iteration else []
+    prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:
         stats = am_pass(weights, norm, state, cfg)
         bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
@@ -136,4 +141,6 @@ def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
                 log.info("AM %s converged at iteration %d (rel_err %.5f)", family, stats["iteration"], stats["rel_err"])
                 break
         prev = min(prev, stats["rel_err"])
+        if on_iteration is not None:
+            on_iteration(state)
     return state

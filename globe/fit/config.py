@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import yaml
 
 from globe.errors import ConfigError
 
+log = logging.getLogger(__name__)
 CONFIG_FORMAT_VERSION = 1
 PHIS = ("identity", "silu", "tanh")
 INITS = ("svd", "ts_pca", "kmeans", "greedy", "hybrid")
@@ -59,6 +61,7 @@ class TrainConfig:
     amp: str = "none"             # none | bf16 | fp16
     grad_checkpoint: bool = False
     chunk_size: int = 64          # experts processed at once in fp32
+    checkpoint_every: int = 5     # AM iterations between in-progress checkpoints (0: only at phase ends)
     seed: int = 0
     device: str = "cpu"
     collect_stats: bool = True
@@ -90,6 +93,7 @@ class FitConfig:
             (min(t.am_iters, t.refine_steps, t.varpro_steps) >= 0, "iteration counts must be >= 0"),
             (t.restarts >= 1, f"train.restarts must be >= 1 (got {t.restarts})"),
             (t.cycles >= 1, f"train.cycles must be >= 1 (got {t.cycles})"),
+            (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {t.checkpoint_every})"),
             (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),
@@ -98,6 +102,16 @@ class FitConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        return self
+
+    def check_dims(self, n: int, p: int, d: int) -> "FitConfig":
+        """Range checks that need the checkpoint's dimensions: N experts of p x d matrices."""
+        b = self.bank
+        if b.r is not None and b.r > min(p, d):
+            raise ConfigError(f"bank.r ({b.r}) must be <= min(p, d) = {min(p, d)} for this checkpoint "
+                              f"(p={p}, d={d})")
+        if b.m is not None and b.r is not None and b.m * b.r * d + n * p * b.r >= n * p * d:
+            log.warning("bank.m=%d, bank.r=%d store at least as many parameters as the dense experts", b.m, b.r)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from globe.fit.budget import candidate_shapes, choose_shape
 from globe.fit.config import FitConfig
 from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_memory_mb, phase
 from globe.fit.normalize import Normalizer
+from globe.fit.progress import Attempt, FitProgress, FitStore
 from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
@@ -84,9 +85,13 @@ def _rel(sq_err: torch.Tensor, norm: Normalizer) -> float:
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
-               generator: torch.Generator | None = None) -> FamilyFit:
-    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert)."""
-    cfg.validate()
+               generator: torch.Generator | None = None, resume: FitProgress | None = None,
+               on_progress: Callable[[FitProgress], None] | None = None) -> FamilyFit:
+    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
+
+    resume: progress reported by an interrupted fit of the same data and config (see globe.fit.progress);
+    on_progress(progress) is called at every checkpoint."""
+    cfg.validate().check_dims(*weights.shape)
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
@@ -96,15 +101,27 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     with phase(timings, "shape", device):
         m, r = pick_shape(weights, norm, cfg, device)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
-    with phase(timings, "warm_start", device):
-        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+    cached: list[torch.Tensor] = []
+
+    def targets() -> torch.Tensor:                  # only needed by warm starts: not at all on a late resume
+        if not cached:
+            with phase(timings, "warm_start", device):
+                cached.append(aligned_targets(weights, norm, r, cfg.train.chunk_size, device))
+        return cached[0]
+
+    if resume is not None:
+        if resume.gen_state is not None:
+            gen.set_state(resume.gen_state)
+        resume = resume.to(device)
+        log.info("%s: resuming at restart %d, cycle %d, phase %s", family, resume.attempt, resume.cycle, resume.phase)
     with phase(timings, "am_varpro", device):
-        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family)
-        del targets
+        best = alternate(weights, norm, targets, m, cfg, gen, family, resume, on_progress)
+        cached.clear()
+    bank, codes, history = best.bank, best.codes, dict(best.history)
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family)
+            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family)
     bank, adapters, codes, sq_err = fitted
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
@@ -115,32 +132,58 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     return fam
 
 
-def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str):
+def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor], m: int, cfg: FitConfig, gen,
+              family: str, resume: FitProgress | None = None,
+              on_progress: Callable[[FitProgress], None] | None = None) -> Attempt:
     """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
 
-    Returns (AM state, bank, codes, history) of the attempt with the lowest final error.
+    Returns the attempt with the lowest final error. Progress is reported every train.checkpoint_every AM
+    iterations and after each phase; given such a progress (resume), the result equals an uninterrupted run's.
     """
-    best = None
-    for attempt in range(cfg.train.restarts):
-        bank, codes, temp = warm_start(targets, m, cfg, gen)
-        state = AMState(bank=bank, codes=codes, temperature=temp)
-        history: dict = {"am": state.history, "varpro": []}
-        for _ in range(cfg.train.cycles):
-            state.iteration, state.best_err, state.best_bank, state.best_codes = 0, math.inf, None, None
-            run_am(weights, norm, state, cfg, family)
+    t = cfg.train
+    prog = resume or FitProgress(attempt=0, cycle=0, phase="warm_start", state=None)
+
+    def report() -> None:
+        if on_progress is not None:
+            prog.gen_state = gen.get_state()
+            on_progress(prog)
+
+    def every(state: AMState) -> None:
+        if t.checkpoint_every > 0 and state.iteration % t.checkpoint_every == 0:
+            report()
+
+    while prog.attempt < t.restarts:
+        if prog.state is None:                                   # a new attempt starts from a warm start
+            bank, codes, temp = warm_start(targets_fn(), m, cfg, gen)
+            prog.state, prog.cycle, prog.phase, prog.varpro = AMState(bank, codes, temp), 0, "cycle_start", []
+        state = prog.state
+        while prog.cycle < t.cycles:
+            if prog.phase == "cycle_start":
+                state.iteration, state.best_err, state.best_bank, state.best_codes = 0, math.inf, None, None
+                prog.phase = "am"
+            if prog.phase == "am":
+                run_am(weights, norm, state, cfg, family, on_iteration=every)
+                prog.phase = "varpro"
+                report()
             bank, codes = best_state(weights, norm, state, cfg)
-            err = state.best_err
-            if cfg.train.varpro_steps > 0:
-                bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
-                                                    state.temperature)
+            prog.err = state.best_err
+            if t.varpro_steps > 0:
+                bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, t.varpro_steps, state.temperature)
                 bank, codes = normalize_atoms(bank, codes)
-                history["varpro"] += losses
-                err = losses[-1]
+                prog.varpro += losses
+                prog.err = losses[-1]
             state.bank, state.codes = bank, codes
-        log.debug("%s start %d: rel_err %.5f", family, attempt, err)
-        if best is None or err < best[0]:
-            best = (err, state, bank, codes, {k: v for k, v in history.items() if v})
-    return best[1:]
+            prog.cycle, prog.phase = prog.cycle + 1, "cycle_start"
+            report()
+        log.debug("%s start %d: rel_err %.5f", family, prog.attempt, prog.err)
+        if prog.best is None or prog.err < prog.best.err:
+            history = {k: v for k, v in {"am": state.history, "varpro": prog.varpro}.items() if v}
+            prog.best = Attempt(prog.err, state.bank, state.codes, state.temperature, history)
+        prog.attempt, prog.state, prog.cycle = prog.attempt + 1, None, 0
+        prog.phase = "warm_start" if prog.attempt < t.restarts else "done"
+        prog.varpro, prog.err = [], math.inf
+        report()
+    return prog.best
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
@@ -185,28 +228,34 @@ def family_metrics(fam: FamilyFit, sq_err: torch.Tensor, norm: Normalizer, timin
     return out
 
 
-def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[str, FamilyFit] | None = None,
-              on_family: Callable[[FamilyFit], None] | None = None) -> FitResult:
+def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitStore | None = None) -> FitResult:
     """Fit every configured family of the checkpoint in model_dir (see globe.io for supported layouts).
 
-    Family k is seeded with cfg.train.seed + k, so a family fitted in a resumed run equals an uninterrupted
-    one. `done` holds families already fitted (resume); on_family(fam) is called after each new family.
+    Family k is seeded with cfg.train.seed + k. With a store (globe.checkpoint.CheckpointStore), finished
+    families are taken from it, a family in progress continues from its last checkpoint, and new progress and
+    families are saved to it: a resumed run's result equals an uninterrupted one's, bit for bit.
     """
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
-    families, t0 = dict(done or {}), time.perf_counter()
+    families: dict[str, FamilyFit] = {}
+    t0 = time.perf_counter()
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
+        cfg.check_dims(inventory.params.get("gate", 0) // max(inventory.p * inventory.d, 1), inventory.p, inventory.d)
         for k, family in enumerate(cfg.bank.families):
-            if family in families:
+            fam = store.finished(family) if store is not None else None
+            if fam is not None:
                 log.info("%s: taken from checkpoint", family)
+                families[family] = fam
                 continue
             stack = reader.read_family(family)
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen)
+            resume = store.progress(family) if store is not None else None
+            save = (lambda prog, f=family: store.save_progress(f, prog)) if store is not None else None
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save)
             del stack
-            if on_family is not None:
-                on_family(families[family])
+            if store is not None:
+                store.save_family(families[family])
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
               "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,

@@ -35,7 +35,7 @@ def test_resume_reuses_finished_families(tiny_checkpoint, tmp_path, caplog):
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["fit", str(model), "-o", str(out), *ARGS])
-    checkpoint.save_family(out, reference.families["gate"], build_config(args), str(model))
+    checkpoint.CheckpointStore(out, build_config(args), str(model)).save_family(reference.families["gate"])
     with caplog.at_level("INFO"):
         assert main(["fit", str(model), "-o", str(out), *ARGS, "--resume"]) == 0
     assert "gate: taken from checkpoint" in caplog.text
