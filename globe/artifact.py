@@ -132,6 +132,28 @@ def load(out: str | Path) -> FitResult:
                      timings=doc.get("timings", {}))
 
 
+def check_compatible(result: FitResult, model_dir: str | Path) -> None:
+    """ArtifactError unless the artifact was fitted on a checkpoint shaped like model_dir's (read from its
+    config and safetensors headers only: fails fast, before any model is loaded)."""
+    from globe.io import open_checkpoint
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+    fitted = result.source.get("model_type")
+    if fitted and fitted != inv.model_type:
+        raise ArtifactError(f"artifact was fitted on a {fitted} model but {model_dir} is {inv.model_type}: "
+                            "fit the artifact on this model")
+    want = {(layer, e) for layer in inv.moe_layers for e in range(inv.num_experts)}
+    for name, fam in result.families.items():
+        n, p, _ = fam.adapters.shape
+        d = fam.bank.shape[-1]
+        dims = (inv.d, inv.p) if name == "down" else (inv.p, inv.d)
+        have = {(int(layer), int(e)) for layer, e in fam.ids.tolist()}
+        if (p, d) != dims or have != want:
+            raise ArtifactError(f"artifact family {name} ({n} experts of {p} x {d}) does not match {model_dir} "
+                                f"({len(want)} routed experts of {dims[0]} x {dims[1]}): fit the artifact on "
+                                "this model")
+
+
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path) -> FamilyFit:
     keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
     missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]

@@ -60,9 +60,14 @@ def load_for_eval(args: argparse.Namespace):
             raise ArtifactError(f"{args.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
         model = load_compressed(args.model_dir, mode=args.mode, cache_size=args.cache_size, device=device)
     else:
-        model = load_model(args.model_dir, device=str(device))
+        artifact = None
         if args.globe:
-            apply_globe(model, args.globe, mode=args.mode, cache_size=args.cache_size)
+            from globe.artifact import check_compatible, load
+            artifact = load(args.globe)
+            check_compatible(artifact, args.model_dir)                  # before the (slow) model load
+        model = load_model(args.model_dir, device=str(device))
+        if artifact is not None:
+            apply_globe(model, artifact, mode=args.mode, cache_size=args.cache_size)
     source = args.tokenizer or args.model_dir
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
-from globe.errors import ModelDirError
+from globe.cli.output_dir import check_output_dir
+from globe.errors import GlobeError, ModelDirError
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint the artifact was fitted on (default: the model_dir recorded in the artifact)")
     p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")
     p.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty HF_DIR, replacing its files")
     p.add_argument("--max-shard-size", default="5GB", help="largest shard of a --dense export (default 5GB)")
     p.set_defaults(func=run)
 
@@ -39,10 +42,23 @@ def model_dir_of(args: argparse.Namespace, result) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe.artifact import load
-    from globe.export import export_dense, save_compressed
+    from globe.artifact import check_compatible, load
     result = load(args.artifact)
     model_dir = model_dir_of(args, result)
+    check_compatible(result, model_dir)
+    out_dir = Path(args.out)
+    created = not out_dir.exists()
+    check_output_dir(out_dir, args.overwrite)
+    try:
+        return _export(args, result, model_dir)
+    except GlobeError:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)         # leave nothing half-made behind
+        raise
+
+
+def _export(args: argparse.Namespace, result, model_dir: Path) -> int:
+    from globe.export import export_dense, save_compressed
     if args.dense:
         out = export_dense(model_dir, result, args.out, max_shard_size=args.max_shard_size)
         print(f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")

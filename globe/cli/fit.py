@@ -5,13 +5,13 @@ import argparse
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from globe import checkpoint
-from globe.artifact import BANKS_FILE, save
+from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ArtifactError, GlobeError
+from globe.cli.output_dir import check_output_dir
+from globe.errors import GlobeError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 
 log = logging.getLogger(__name__)
@@ -59,27 +59,6 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     if args.families:
         b.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     return cfg.validate()
-
-
-def check_output_dir(out: Path, overwrite: bool, resume: bool) -> None:
-    """Fail before any work if OUT cannot take the artifact: not a directory, not writable, or not empty
-    (unless --overwrite replaces the artifact or --resume continues an interrupted fit there)."""
-    if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output {out} exists and is not a directory: choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        if (out / checkpoint.CHECKPOINT_DIR).is_dir():
-            what, hint = "holds an interrupted fit", "--resume to continue it or --overwrite to start again"
-        elif (out / BANKS_FILE).exists():
-            what, hint = "already holds an artifact", "--overwrite to replace it"
-        else:
-            what, hint = "is not empty", "--overwrite to write the artifact among its files"
-        raise ArtifactError(f"output directory {out} {what}: pass {hint}, or choose another -o")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ArtifactError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"globe {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:                           # disk full, permission denied, ... while reading or writing
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"globe {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:                         # a bug: one line for the user, the traceback at DEBUG level
+        log.debug("traceback", exc_info=True)
+        print(f"globe {args.command}: internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG "
+              "for the traceback and please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ class FitConfig:
             cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
                       train=TrainConfig(**data.pop("train", {})))
         except TypeError as exc:
-            raise ConfigError(f"invalid fit config: {exc}") from None
+            field_name = str(exc).rsplit(" ", 1)[-1]
+            raise ConfigError(f"invalid fit config: unknown or missing field {field_name} ({exc})") from None
         if data:
             raise ConfigError(f"unknown fit config sections: {sorted(data)}")
         return cfg
@@ -151,4 +152,7 @@ class FitConfig:
             data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})") from None
-        return cls.from_dict(data or {})
+        try:
+            return cls.from_dict(data or {})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None

@@ -171,7 +171,7 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
                 bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, t.varpro_steps, state.temperature)
                 bank, codes = normalize_atoms(bank, codes)
                 prog.varpro += losses
-                prog.err = losses[-1]
+                prog.err = losses[-1] if losses else prog.err
             state.bank, state.codes = bank, codes
             prog.cycle, prog.phase = prog.cycle + 1, "cycle_start"
             report()

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
+
+from globe.errors import NumericalError
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +28,25 @@ def ridge_cholesky(gram: torch.Tensor, ridge: float) -> torch.Tensor:
         bad = info > 0
         lam *= 10.0
         tries += 1
-        log.warning("ill-conditioned system in %d of %d solves: raising ridge to %.1e",
-                    int(bad.sum()), bad.numel(), lam)
+        log.warning("ill-conditioned system in %d of %d solves (condition number %.2e): raising ridge to %.1e",
+                    int(bad.sum()), bad.numel(), condition_number(gram[bad]), lam)
         fixed, info_fixed = torch.linalg.cholesky_ex(gram[bad] + lam * scale[bad] * eye)
         chol[bad] = fixed
         info = info.clone()
         info[bad] = info_fixed
     if bool((info > 0).any()):
-        raise torch.linalg.LinAlgError("system is not positive definite even with a large ridge")
+        finite = bool(torch.isfinite(gram).all())
+        raise NumericalError("normal equations are not positive definite even with ridge %.0e%s"
+                             % (lam, "" if finite else " (they contain NaN/Inf: check the weights)"))
     return chol
+
+
+def condition_number(gram: torch.Tensor) -> float:
+    """Largest 2-norm condition number among the symmetric PSD systems in gram [..., k, k] (inf if singular)."""
+    if not bool(torch.isfinite(gram).all()):
+        return math.inf
+    eig = torch.linalg.eigvalsh(gram.double()).abs()
+    return float((eig.amax(-1) / eig.amin(-1).clamp_min(1e-300)).max())
 
 
 def solve_right(rhs: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
                   cfg: FitConfig, steps: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history)."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
+    start = (bank, codes)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
     total = float(n * weights.shape[1] * weights.shape[2])                   # ||W||^2 in unit-RMS space
@@ -73,13 +74,67 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         history.append(loss ** 0.5)
         return torch.tensor(loss, device=bank.device)
 
-    opt.step(closure)
+    try:
+        opt.step(closure)
+    except NumericalError as exc:
+        log.warning("%s: rolled back to the state before variable projection", exc)
+        return start[0], start[1], history[:1]                    # the first evaluation is at the start point
     with torch.no_grad():
         out_codes = params()
         out_codes = torch.where(out_codes >= cfg.sparsity.eps * out_codes.amax(-1, keepdim=True), out_codes,
                                 torch.zeros_like(out_codes))
     log.info("varpro: %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
     return bank.detach(), out_codes.detach(), history
+
+
+class DivergenceGuard:
+    """Snapshots of the parameters at good points of an optimisation; on a NaN/Inf loss or a loss far above the
+    best seen, restores the last snapshot with a warning, halves the learning rate and carries on (up to
+    `max_rollbacks` times). Minibatch losses are noisy, so "far above" means `factor` x the best."""
+
+    def __init__(self, tensors: list[torch.Tensor], opt: torch.optim.Optimizer, every: int = 20,
+                 factor: float = 4.0, max_rollbacks: int = 3) -> None:
+        self.tensors, self.opt, self.every, self.factor, self.max_rollbacks = tensors, opt, every, factor, max_rollbacks
+        self.best, self.rollbacks, self.snapshot_loss = math.inf, 0, math.inf
+        self.snapshot = [x.detach().clone() for x in tensors]
+
+    @property
+    def exhausted(self) -> bool:
+        return self.rollbacks >= self.max_rollbacks
+
+    def check(self, loss: float, step: int) -> bool:
+        """True if the step may proceed; False after a rollback."""
+        if math.isfinite(loss) and loss <= self.factor * self.best:
+            if loss < self.best:
+                self.best = loss
+            if step % self.every == 0 and loss <= self.best * 1.5:
+                self._take(loss)
+            return True
+        self.rollbacks += 1
+        self._restore()
+        for group in self.opt.param_groups:
+            group["lr"] *= 0.5
+        self.opt.state.clear()
+        log.warning("refinement diverged at step %d (loss %s, best %.3g): rolled back to the last good state%s",
+                    step, f"{loss:.3g}", self.best,
+                    ", stopping" if self.exhausted else f", learning rate halved to {self.opt.param_groups[0]['lr']:.2g}")
+        return False
+
+    def restore_if_worse(self) -> None:
+        """At the end: nothing to do unless the run ended on a rollback limit (then the snapshot is in place)."""
+        if self.exhausted:
+            self._restore()
+
+    def _take(self, loss: float) -> None:
+        with torch.no_grad():
+            for snap, x in zip(self.snapshot, self.tensors):
+                snap.copy_(x)
+        self.snapshot_loss = loss
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for snap, x in zip(self.snapshot, self.tensors):
+                x.copy_(snap)
 
 
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
@@ -98,7 +153,9 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
     scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
     numel = weights.shape[1] * weights.shape[2]
     history: list[float] = []
-    for _ in tqdm(range(t.refine_steps), desc="refine", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+    guard = DivergenceGuard([bank, adapters, *params.parameters()], opt)
+    for step in tqdm(range(t.refine_steps), desc="refine", leave=False,
+                     disable=not log.isEnabledFor(logging.INFO)):
         idx = torch.randperm(n, generator=gen)[: t.refine_batch].sort().values.to(dev)
         w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -107,13 +164,16 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
                 else mix(params(index=idx), bank)
             recon = adapters[idx] @ mixed
         loss = (w - recon.float()).square().sum() / (idx.numel() * numel)
-        if not torch.isfinite(loss):
-            raise NumericalError("NaN/Inf in Adam refinement (lower train.refine_lr or use amp=none)")
+        if not guard.check(float(loss.detach()), step):
+            if guard.exhausted:
+                break
+            continue
         opt.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         history.append(float(loss.detach()) ** 0.5)
+    guard.restore_if_worse()
     with torch.no_grad():
         out_codes = params()
     return bank.detach(), out_codes, adapters.detach(), history

@@ -176,10 +176,14 @@ class CheckpointReader:
         return p, d
 
     def _routed_dtype(self) -> str:
-        dtypes = {self.shards.dtype(name) for name in self._routed}
+        by_dtype: dict[str, list[str]] = {}
+        for name in self._routed:
+            by_dtype.setdefault(self.shards.dtype(name), []).append(name)
+        dtypes = set(by_dtype)
         if len(dtypes) != 1:
-            raise CheckpointError(f"routed expert tensors of {self.model_dir} mix dtypes {sorted(dtypes)}; "
-                                  f"re-save the checkpoint in one dtype")
+            odd = min(by_dtype, key=lambda k: len(by_dtype[k]))          # the rarer dtype is the odd one out
+            raise CheckpointError(f"routed expert tensor {by_dtype[odd][0]!r} of {self.model_dir} is {odd} while "
+                                  f"others are {sorted(dtypes - {odd})}; re-save the checkpoint in one dtype")
         dtype = dtypes.pop()
         if not dtype.startswith(("float", "bfloat")) or dtype.startswith("float8"):
             raise CheckpointError(f"routed experts of {self.model_dir} are stored as {dtype}; GloBE reads "
