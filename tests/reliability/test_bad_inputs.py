@@ -140,6 +140,12 @@ def config_file_unknown_key(tmp, make):
             [tmp / "out"])
 
 
+def config_file_newer_format(tmp, make):
+    (tmp / "fit.json").write_text(json.dumps({"format_version": 7, "bank": {"m": 4}}))
+    return (_fit(make("qwen2_moe"), tmp / "out", "--config", str(tmp / "fit.json")), ["fit.json", "7", "upgrade"],
+            [tmp / "out"])
+
+
 def _artifact(tmp, make) -> tuple[Path, Path]:
     model = make("qwen2_moe")
     globe.save(quick_fit(model), tmp / "art")
@@ -188,6 +194,7 @@ CASES = [missing_model_dir, config_json_missing, config_json_invalid, unsupporte
          index_names_missing_shard, truncated_safetensors, garbage_safetensors, tensor_with_wrong_shape,
          tensor_with_wrong_dtype, nan_in_weights, output_is_a_file, output_under_a_file, output_not_empty,
          m_not_positive, target_support_above_m, r_above_min_p_d, budget_out_of_range, config_file_unknown_key,
+         config_file_newer_format,
          artifact_newer_format, artifact_for_another_model, artifact_truncated, export_output_not_empty,
          eval_artifact_for_another_model]
 
