@@ -1,4 +1,8 @@
-"""`globe fit`: fit the gate/up banks of a checkpoint and write OUT/banks.safetensors + OUT/globe_config.json."""
+"""`globe fit`: fit the gate/up banks of a checkpoint and write OUT/banks.safetensors + OUT/globe_config.json.
+
+Every metric the fit produces (AM iterations, variable projection, finished families) is also appended to
+OUT/metrics.jsonl (--metrics), and to Weights & Biases with --wandb offline|online (disabled by default).
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +14,8 @@ from globe.artifact import BANKS_FILE, save
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.errors import ArtifactError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
+from globe.run_config import WandbConfig
+from globe.tracking import WANDB_MODES
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="reuse families finished by an interrupted run in OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
-    p.set_defaults(func=run)
+    p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
+    p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
+                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
+    p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
+    p.set_defaults(func=run_tracked)
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
-    cfg = FitConfig.from_file(args.config) if args.config else FitConfig()
+    cfg = getattr(args, "fit_config", None) or (FitConfig.from_file(args.config) if args.config else FitConfig())
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
@@ -80,3 +90,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['energy_captured']:8.4f} {row['median_support']:8.1f} {row['seconds']:7.1f}")
         print(f"artifact written to {out}")
     return 0
+
+
+def run_tracked(args: argparse.Namespace) -> int:
+    """run() with its metrics going to --metrics (default OUT/metrics.jsonl) and, if enabled, wandb."""
+    from globe import tracking
+    metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
+    with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
+                          config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
+        return run(args)
