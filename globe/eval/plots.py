@@ -110,6 +110,7 @@ def plot_am_history(plt, families: dict, path: Path) -> Path:
         bottom.plot(range(len(am)), [row["temperature"] for row in am], marker=".", label=name)
     top.set(ylabel="relative error", title="alternating minimisation")
     bottom.set(xlabel="AM iteration", ylabel="temperature T", yscale="log")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.legend()
