@@ -142,6 +142,7 @@ def format_report(report: dict) -> str:
               f"({100 * fp['total_ratio']:.1f} %)"]
     mem = report["memory"]
     cuda = f", CUDA peak {mem['cuda_peak_mb']:.0f} MiB" if mem.get("cuda_peak_mb") is not None else ""
+    cuda += f", MPS {mem['mps_mb']:.0f} MiB" if mem.get("mps_mb") is not None else ""
     lines.append(f"memory       RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB){cuda}")
     lines += [f"plot         {path}" for path in report.get("plots", [])]
     return "\n".join(lines)
