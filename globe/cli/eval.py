@@ -55,7 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
       help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
     a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
-    a("--mode", default=CacheConfig.mode, choices=RUNTIME_MODES, help=f"GloBE runtime mode (default {CacheConfig.mode})")
+    a("--mode", default=CacheConfig.mode, choices=RUNTIME_MODES,
+      help=f"GloBE runtime mode (default {CacheConfig.mode})")
     add_eval_options(p)
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
     a("--sweep", metavar="JSON", help="budget sweep for the error-vs-budget plot (benchmarks/quality.py output)")
