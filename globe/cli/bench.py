@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict[str, dict]) -> str:
     def num(value, fmt):
-        return format(value, fmt) if value is not None else "-"
+        return format(value, fmt) if value is not None else "-".rjust(int(fmt.split(".")[0]))
     lines = [f"{'variant':10} {'ppl':>9} {'ratio':>7} {'prefill/s':>10} {'decode/s':>9} {'hits':>6} {'routed':>7}"]
     for name, row in summary.items():
         lines.append(f"{name:10} {row['perplexity']:9.3f} {num(row['perplexity_ratio'], '7.4f')} "
