@@ -79,7 +79,8 @@ def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[s
 def config_document(result: FitResult) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "source": result.source, "config": result.config.to_dict(),
             "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
-            "params": result.params, "metrics": result.metrics, "timings": result.timings}
+            "params": result.params, "metrics": result.metrics, "timings": result.timings,
+            "history": {n: f.history for n, f in result.families.items()}}
 
 
 def save(result: FitResult, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -127,7 +128,8 @@ def load(out: str | Path) -> FitResult:
         raise ArtifactError(f"{out / BANKS_FILE} is corrupt or truncated ({exc}): re-run `globe fit`") from None
     families = {}
     for name, info in doc["families"].items():
-        families[name] = _family_from_tensors(name, info, tensors, doc["metrics"].get(name, {}), out)
+        families[name] = _family_from_tensors(name, info, tensors, doc["metrics"].get(name, {}), out,
+                                              doc.get("history", {}).get(name))
     return FitResult(families=families, config=FitConfig.from_dict(doc["config"]), source=doc.get("source", {}),
                      timings=doc.get("timings", {}))
 
@@ -154,7 +156,8 @@ def check_compatible(result: FitResult, model_dir: str | Path) -> None:
                                 "this model")
 
 
-def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path) -> FamilyFit:
+def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
+                         history: dict | None = None) -> FamilyFit:
     keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
     missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
     if missing:
@@ -169,7 +172,7 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
     if int(t["codes.indptr"][-1]) != t["codes.indices"].numel() or (t["codes.indices"].numel() and
                                                                       int(t["codes.indices"].max()) >= m):
         raise ArtifactError(f"{out / BANKS_FILE}: sparse codes of {name} are inconsistent")
-    return build_family(name, t, info["phi"], metrics)
+    return build_family(name, t, info["phi"], metrics, history)
 
 
 def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,

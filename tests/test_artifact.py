@@ -55,3 +55,11 @@ def test_newer_truncated_and_mismatched_artifacts_are_rejected(tmp_path, result)
         globe.load(out)
     with pytest.raises(ArtifactError, match="not found"):
         globe.load(tmp_path / "nothing")
+
+
+def test_fit_history_round_trips(tmp_path, result):
+    globe.save(result, tmp_path / "h")
+    history = globe.load(tmp_path / "h").families["gate"].history
+    assert history == result.families["gate"].history
+    assert len(history["am"]) == 3 and {"rel_err", "temperature", "median_support"} <= set(history["am"][0])
+    assert len(history["varpro"]) >= 1

@@ -14,26 +14,22 @@ import logging
 from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.device import DEVICES
 from globe.errors import ArtifactError, ModelDirError
+from globe.run_config import RUNTIME_MODES, CacheConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_TEXT = DEFAULT_MODEL_DIR / "heldout.txt"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity, tokens/s, memory and cache hit rate of a (compressed) model",
-                       description="Evaluate a model, optionally patched with a GloBE artifact: sliding-window "
-                                   "perplexity, prefill and greedy-decode tokens/s, memory, cache hit rate and the "
-                                   "routed-expert parameter counts before/after.")
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `globe eval` and `globe bench`: text, windows, timings, device and dtype."""
     a = p.add_argument
-    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
-      help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
-    a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
-    a("--mode", default="cached", choices=["cached", "factored", "dense"], help="GloBE runtime mode (default cached)")
     a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
     a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
     a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
-    a("--warmup-tokens", type=int, default=1024, help="tokens of --text used for warm-up without --calib")
+    a("--warmup-tokens", type=int, default=CacheConfig.warmup_tokens,
+      help=f"tokens of --text used for warm-up without --calib (default {CacheConfig.warmup_tokens})")
     a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
     a("--max-length", type=int, default=256, help="perplexity window in tokens (default 256)")
     a("--stride", type=int, help="perplexity window step (default: --max-length, no overlap)")
@@ -43,37 +39,73 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
     a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
     a("--no-speed", action="store_true", help="skip the prefill/decode timings")
-    a("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="device (default cpu)")
+    a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
+    a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, tokens/s, memory and cache hit rate of a (compressed) model",
+                       description="Evaluate a model, optionally patched with a GloBE artifact: sliding-window "
+                                   "perplexity, prefill and greedy-decode tokens/s, memory, cache hit rate and the "
+                                   "routed-expert parameter counts before/after. --plots DIR also writes PNG plots "
+                                   "of the artifact (error vs budget, per-layer error, supports, atoms, AM history).")
+    a = p.add_argument
+    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
+      help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
+    a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
+    a("--mode", default=CacheConfig.mode, choices=RUNTIME_MODES,
+      help=f"GloBE runtime mode (default {CacheConfig.mode})")
+    add_eval_options(p)
+    a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
+    a("--sweep", metavar="JSON", help="budget sweep for the error-vs-budget plot (benchmarks/quality.py output)")
     a("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=run)
 
 
-def load_for_eval(args: argparse.Namespace):
+def load_for_eval(args: argparse.Namespace, mode: str | None = None, artifact: str | None = None):
     """(model, tokenizer) as requested: compressed checkpoint, or HF checkpoint with an optional artifact."""
     import transformers
+    from globe.device import compute_dtype, resolve_device
     from globe.export import is_compressed, load_compressed, load_model
-    from globe.fit.engine import resolve_device
     from globe.runtime import apply_globe
-    device = resolve_device(args.device)
+    device, mode = resolve_device(args.device), mode or getattr(args, "mode", CacheConfig.mode)
+    artifact = artifact if artifact is not None else getattr(args, "globe", None)
     if is_compressed(args.model_dir):
-        if args.globe:
+        if artifact:
             raise ArtifactError(f"{args.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
-        model = load_compressed(args.model_dir, mode=args.mode, cache_size=args.cache_size, device=device)
+        model = load_compressed(args.model_dir, mode=mode, cache_size=args.cache_size, device=device)
     else:
-        artifact = None
-        if args.globe:
+        loaded = None
+        if artifact:
             from globe.artifact import check_compatible, load
-            artifact = load(args.globe)
-            check_compatible(artifact, args.model_dir)                  # before the (slow) model load
-        model = load_model(args.model_dir, device=str(device))
-        if artifact is not None:
-            apply_globe(model, artifact, mode=args.mode, cache_size=args.cache_size)
+            loaded = load(artifact) if isinstance(artifact, (str, Path)) else artifact
+            check_compatible(loaded, args.model_dir)                     # before the (slow) model load
+        model = load_model(args.model_dir, dtype=compute_dtype(args.model_dir, device, args.dtype), device=str(device))
+        if loaded is not None:
+            apply_globe(model, loaded, mode=mode, cache_size=args.cache_size)
     source = args.tokenizer or args.model_dir
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
     return model, tokenizer
+
+
+def evaluate_args(args: argparse.Namespace, mode: str | None = None, artifact: str | None = None) -> dict:
+    """evaluate() of the model described by args (see load_for_eval), as a JSON-serialisable report."""
+    from globe.eval import encode_text, evaluate
+    model, tokenizer = load_for_eval(args, mode, artifact)
+    text = read_text(args.text, "--text")
+    calib = read_text(args.calib, "--calib") if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
+    report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
+                      max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
+                      decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
+                      hit_tokens=args.hit_tokens, skip_speed=args.no_speed)
+    report["model"]["path"] = str(args.model_dir)
+    report["model"]["artifact"] = artifact if artifact is not None else getattr(args, "globe", None)
+    return report
 
 
 def read_text(path: str, what: str) -> str:
@@ -83,16 +115,14 @@ def read_text(path: str, what: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe.eval import encode_text, evaluate
-    model, tokenizer = load_for_eval(args)
-    text = read_text(args.text, "--text")
-    calib = read_text(args.calib, "--calib") if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
-    report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
-                      max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
-                      decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
-                      hit_tokens=args.hit_tokens, skip_speed=args.no_speed)
-    report["model"]["path"] = str(args.model_dir)
-    report["model"]["artifact"] = args.globe
+    from globe import tracking
+    with tracking.session(jsonl=args.metrics):
+        report = evaluate_args(args)
+        tracking.emit("eval", **report)
+    if args.plots:
+        from globe.eval.plots import write_plots
+        artifact = args.globe or (args.model_dir if (Path(args.model_dir) / "banks.safetensors").is_file() else None)
+        report["plots"] = [str(p) for p in write_plots(args.plots, artifact=artifact, sweep=args.sweep)]
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -118,5 +148,7 @@ def format_report(report: dict) -> str:
               f"({100 * fp['total_ratio']:.1f} %)"]
     mem = report["memory"]
     cuda = f", CUDA peak {mem['cuda_peak_mb']:.0f} MiB" if mem.get("cuda_peak_mb") is not None else ""
+    cuda += f", MPS {mem['mps_mb']:.0f} MiB" if mem.get("mps_mb") is not None else ""
     lines.append(f"memory       RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB){cuda}")
+    lines += [f"plot         {path}" for path in report.get("plots", [])]
     return "\n".join(lines)

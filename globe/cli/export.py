@@ -3,6 +3,7 @@
 Without --dense: HF_DIR holds the tensors GloBE leaves dense plus the artifact (load it with
 `globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`). With --dense: HF_DIR is an ordinary Hugging Face checkpoint
 whose routed experts are W_i = A_i tilde_B_i, loadable by stock transformers, vLLM or lm-eval.
+`globe apply` is the same command (apply an artifact to its model and save the result).
 """
 from __future__ import annotations
 
@@ -12,23 +13,29 @@ import shutil
 from pathlib import Path
 
 from globe.cli.output_dir import check_output_dir
+from globe.device import DEVICES
 from globe.errors import GlobeError, ModelDirError
+from globe.run_config import ExportConfig
 
 log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a compressed checkpoint, or a dense HF checkpoint with --dense",
+    p = sub.add_parser("export", aliases=["apply"],
+                       help="apply an artifact to its model and save it: compressed checkpoint, or dense with --dense",
                        description="Export a GloBE artifact applied to its model: a compressed checkpoint (dense "
                                    "tensors + artifact) or, with --dense, a dense-reconstructed Hugging Face "
-                                   "checkpoint (per-expert hub keys, the source dtype).")
+                                   "checkpoint (per-expert hub keys, the source dtype). `globe apply` is an alias.")
     p.add_argument("artifact", metavar="OUT", help="artifact directory written by `globe fit`")
     p.add_argument("--model", metavar="MODEL_DIR",
                    help="checkpoint the artifact was fitted on (default: the model_dir recorded in the artifact)")
     p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")
     p.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty HF_DIR, replacing its files")
-    p.add_argument("--max-shard-size", default="5GB", help="largest shard of a --dense export (default 5GB)")
+    p.add_argument("--max-shard-size", default=ExportConfig.max_shard_size,
+                   help=f"largest shard of a --dense export (default {ExportConfig.max_shard_size})")
+    p.add_argument("--device", default="cpu", choices=DEVICES,
+                   help="device the model is loaded on and the experts reconstructed on (default cpu)")
     p.set_defaults(func=run)
 
 
@@ -58,11 +65,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace, result, model_dir: Path) -> int:
-    from globe.export import export_dense, save_compressed
+    from globe.device import resolve_device
+    from globe.export import export_dense, load_model, save_compressed
+    device = resolve_device(args.device)
+    model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # the checkpoint's dtype
     if args.dense:
-        out = export_dense(model_dir, result, args.out, max_shard_size=args.max_shard_size)
+        out = export_dense(model, result, args.out, max_shard_size=args.max_shard_size)
         print(f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     else:
-        out = save_compressed(model_dir, result, args.out)
+        out = save_compressed(model, result, args.out)
         print(f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)")
     return 0

@@ -1,4 +1,8 @@
-"""`globe fit`: fit the gate/up banks of a checkpoint and write OUT/banks.safetensors + OUT/globe_config.json."""
+"""`globe fit`: fit the gate/up banks of a checkpoint and write OUT/banks.safetensors + OUT/globe_config.json.
+
+Every metric the fit produces (AM iterations, variable projection, finished families) is also appended to
+OUT/metrics.jsonl (--metrics), and to Weights & Biases with --wandb offline|online (disabled by default).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +17,8 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.output_dir import check_output_dir
 from globe.errors import GlobeError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
+from globe.run_config import WandbConfig
+from globe.tracking import WANDB_MODES
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
-    p.set_defaults(func=run)
+    p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
+    p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
+                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
+    p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
+    p.set_defaults(func=run_tracked)
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
-    cfg = FitConfig.from_file(args.config) if args.config else FitConfig()
+    cfg = getattr(args, "fit_config", None) or (FitConfig.from_file(args.config) if args.config else FitConfig())
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
@@ -89,3 +99,12 @@ def run(args: argparse.Namespace) -> int:
                   f"{row['energy_captured']:8.4f} {row['median_support']:8.1f} {row['seconds']:7.1f}")
         print(f"artifact written to {out}")
     return 0
+
+
+def run_tracked(args: argparse.Namespace) -> int:
+    """run() with its metrics going to --metrics (default OUT/metrics.jsonl) and, if enabled, wandb."""
+    from globe import tracking
+    metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
+    with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
+                          config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
+        return run(args)

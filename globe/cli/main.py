@@ -1,4 +1,13 @@
-"""`globe` console script: builds the parser from the subcommand modules and turns GlobeError into one line."""
+"""`globe` console script: builds the parser from the subcommand modules and turns GlobeError into one line.
+
+    globe info [MODEL_DIR]                      inventory of a checkpoint
+    globe fit [MODEL_DIR] -o OUT                fit the banks (OUT/banks.safetensors, globe_config.json, metrics.jsonl)
+    globe export OUT -o DIR [--dense]           compressed or dense checkpoint (`globe apply` is the same command)
+    globe eval [MODEL_DIR] [--globe OUT]        perplexity, speed, memory, cache hit rate; --plots DIR writes PNGs
+    globe bench [MODEL_DIR] --globe OUT         original vs every runtime mode, one JSON
+
+MODEL_DIR (and export's --model) may be a hub id `org/name`: it is downloaded where a network exists.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,21 +20,24 @@ from globe.errors import GlobeError
 log = logging.getLogger("globe")
 
 # Each module defines `register(subparsers)` adding its parser with `set_defaults(func=run)`.
-SUBCOMMANDS = ("info", "fit", "export", "eval")
+SUBCOMMANDS = ("info", "fit", "export", "eval", "bench")
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="globe",
-        description="GloBE: compress the routed experts of MoE LLMs with global sparse basis banks.",
+        description="GloBE: compress the routed experts of MoE LLMs with global sparse basis banks. "
+                    "`globe COMMAND --help` explains every option of a command.",
+        epilog="MODEL_DIR arguments take a local checkpoint directory or a Hugging Face hub id (org/name, "
+               "downloaded where a network exists).",
     )
     parser.add_argument("--log-level", default="INFO", choices=LEVELS,
                         help="logging verbosity (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"globe.cli.{name}").register(sub)
-    for sp in sub.choices.values():  # also accept --log-level after the subcommand
+    for sp in {id(sp): sp for sp in sub.choices.values()}.values():  # --log-level after the subcommand too
         sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS, help="logging verbosity")
     return parser
 
@@ -36,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        resolve_model_args(args)
         return int(args.func(args) or 0)
     except GlobeError as exc:
         print(f"globe {args.command}: error: {exc}", file=sys.stderr)
@@ -52,6 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"globe {args.command}: internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG "
               "for the traceback and please report it)", file=sys.stderr)
         return 3
+
+
+def resolve_model_args(args: argparse.Namespace) -> None:
+    """Hub ids in MODEL_DIR / --model become local snapshot directories (see globe.io.hub)."""
+    from globe.io.hub import resolve_model_dir
+    for name in ("model_dir", "model"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, str(resolve_model_dir(value)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from globe.errors import ConfigError
+from globe.progress import progress
 
 
 def encode_text(tokenizer, text: str) -> torch.Tensor:
@@ -36,7 +37,7 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, max_length: int = 256,
         raise ConfigError(f"perplexity needs at least 2 tokens of text, got {ids.numel()}")
     device = next(model.parameters()).device
     nll, scored, windows, prev_end = 0.0, 0, 0, 0
-    for begin in range(0, ids.numel(), stride):
+    for begin in progress(range(0, ids.numel(), stride), "perplexity"):
         end = min(begin + max_length, ids.numel())
         window = ids[begin:end].to(device)
         n_new = min(end - prev_end, window.numel() - 1)                              # targets not scored yet

@@ -84,7 +84,9 @@ def peak_rss_mb() -> float:
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
-    """RSS now and peak (MiB); CUDA peak allocated since the last reset (MiB) on a CUDA device."""
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    """RSS now and peak (MiB); CUDA peak allocated since the last reset, or MPS allocated now (MiB)."""
+    from globe.device import peak_memory_mb
     now = rss_mb()
-    return {"rss_mb": now, "peak_rss_mb": max(now, peak_rss_mb()), "cuda_peak_mb": cuda}
+    return {"rss_mb": now, "peak_rss_mb": max(now, peak_rss_mb()),
+            "cuda_peak_mb": peak_memory_mb(device) if device.type == "cuda" else None,
+            "mps_mb": peak_memory_mb(device) if device.type == "mps" else None}

@@ -23,6 +23,7 @@ from globe.fit.result import FitResult
 from globe.runtime.apply import dense_parts, layer_rows, experts_modules, model_arch, validate
 from globe.runtime.compose import reconstruct_rows
 from globe.runtime.experts import PROJECTIONS, GlobeExperts
+from globe.progress import progress
 from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Ten
     first = next(iter(modules.values()))
     num_experts = first.num_experts if patched else first.gate_up_proj.shape[0]
     rows = {name: layer_rows(fam, list(modules), num_experts) for name, fam in result.families.items()}
-    for layer, module in modules.items():
+    for layer, module in progress(modules.items(), "reconstruct", len(modules)):
         prefix = spec.experts_path(layer) + "."
         dtype, device = experts_dtype(module), next(module.parameters()).device
         if patched:                     # from the factors as the runtime stores them (== its `dense` mode)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from globe import tracking
 from globe.errors import NumericalError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.config import FitConfig
@@ -136,6 +137,7 @@ def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
         stats = am_pass(weights, norm, state, cfg)
         bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
         log.debug("AM %s iter %d: %s", family, stats["iteration"], stats)
+        tracking.emit("am_iter", family=family, **stats)
         if prev - stats["rel_err"] < cfg.train.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
             if abs(stats["median_support"] - cfg.sparsity.target_support) <= 1:
                 log.info("AM %s converged at iteration %d (rel_err %.5f)", family, stats["iteration"], stats["rel_err"])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from globe import tracking
+from globe.device import resolve_device  # noqa: F401  (re-exported: globe.fit.engine.resolve_device)
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
@@ -23,16 +25,6 @@ from globe.fit.result import FamilyFit, FitResult
 from globe.fit.warm_start import aligned_targets, warm_start
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device) -> torch.Tensor:
@@ -122,10 +114,12 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family)
+            tracking.emit("refine", family=family, steps=len(history["refine"]), loss=(history["refine"] or [None])[-1])
     bank, adapters, codes, sq_err = fitted
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
+    tracking.emit("family_done", family=family, **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
@@ -172,6 +166,7 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
                 bank, codes = normalize_atoms(bank, codes)
                 prog.varpro += losses
                 prog.err = losses[-1] if losses else prog.err
+                tracking.emit("varpro", family=family, evaluations=len(losses), rel_err=prog.err)
             state.bank, state.codes = bank, codes
             prog.cycle, prog.phase = prog.cycle + 1, "cycle_start"
             report()

@@ -2,21 +2,12 @@
 support, entropy and atom popularity, plus time and peak memory helpers."""
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from contextlib import contextmanager
 
 import torch
 
-
-def peak_memory_mb(device: str | torch.device = "cpu") -> float:
-    """Peak resident memory of this process (CPU) or peak allocated memory (CUDA), in MiB."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+from globe.device import peak_memory_mb  # noqa: F401  (re-exported)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ import torch
 from globe.errors import CheckpointError, ConfigError, NumericalError, ShapeError
 from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch
 from globe.io.shards import ShardSet, read_config
+from globe.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ class CheckpointReader:
         e = self.num_experts
         rows, cols = (self.d, self.p) if family == "down" else (self.p, self.d)
         weights = torch.empty(len(selected) * e, rows, cols, dtype=getattr(torch, self.dtype))
-        for i, (_, layer_weights) in enumerate(self.iter_layers(family, selected)):
+        layers = progress(self.iter_layers(family, selected), f"read {family}", len(selected))
+        for i, (_, layer_weights) in enumerate(layers):
             weights[i * e:(i + 1) * e] = layer_weights
         layer_ids = torch.tensor(selected, dtype=torch.long).repeat_interleave(e)
         expert_ids = torch.arange(e, dtype=torch.long).repeat(len(selected))

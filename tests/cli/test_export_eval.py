@@ -79,3 +79,9 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
     assert "pass --model MODEL_DIR" in capsys.readouterr().err
     assert cli.main(["eval", str(model_dir), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "--text file" in capsys.readouterr().err
+
+
+def test_apply_is_export(setup, tmp_path, capsys):
+    model_dir, art, _ = setup
+    assert cli.main(["apply", str(art), "--model", str(model_dir), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    assert is_compressed(tmp_path / "a") and "compressed checkpoint written" in capsys.readouterr().out

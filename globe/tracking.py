@@ -1,0 +1,131 @@
+"""Experiment tracking: `emit(event, **fields)` sends a metric record to every active sink.
+
+    with tracking.session(jsonl="out/metrics.jsonl", wandb_mode="disabled"):
+        fit_model(...)                  # globe.fit emits "am_iter", "varpro", "family_done", ...
+
+Sinks: a JSONL file (one object per line: {"time", "event", **fields}) and Weights & Biases (online/offline).
+wandb is imported only when a wandb sink is created, i.e. never in "disabled" mode (the default); it is an
+optional dependency. Without an active session, emit() does nothing, so library code can call it freely.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from globe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+class Sink(Protocol):
+    def write(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+_SINKS: list[Sink] = []
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: tensors/numpy scalars to Python numbers, non-finite floats to None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+class JsonlSink:
+    """Appends one JSON object per record to `path`; the file is opened on the first record."""
+
+    def __init__(self, path: str | Path, append: bool = True) -> None:
+        self.path, self.mode, self.fh = Path(path), "a" if append else "w", None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, self.mode, encoding="utf-8")
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+class WandbSink:
+    """Logs the numeric fields of each record to a wandb run as `event/field`."""
+
+    def __init__(self, mode: str, project: str | None, config: dict | None = None, name: str | None = None,
+                 directory: str | Path | None = None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError(f"--wandb {mode} needs the wandb package: pip install wandb "
+                              f"(or use --wandb disabled)") from None
+        self.run = wandb.init(mode=mode, project=project or "globe", config=config, name=name,
+                              dir=str(directory) if directory else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        event = record["event"]
+        scalars = {f"{event}/{k}": v for k, v in record.items()
+                   if k not in ("event", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if scalars:
+            self.run.log(scalars)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def emit(event: str, **fields: Any) -> None:
+    """Record one metric event in every active sink (a no-op when none is active)."""
+    if not _SINKS:
+        return
+    record = {"time": time.time(), "event": event, **_plain(fields)}
+    for sink in list(_SINKS):
+        sink.write(record)
+
+
+def active() -> bool:
+    return bool(_SINKS)
+
+
+@contextmanager
+def session(jsonl: str | Path | None = None, wandb_mode: str = "disabled", wandb_project: str | None = None,
+            config: dict | None = None, append: bool = True, run_name: str | None = None) -> Iterator[list[Sink]]:
+    """Activate a JSONL sink (when `jsonl` is given) and a wandb sink (unless wandb_mode is "disabled")."""
+    if wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"wandb mode must be one of {WANDB_MODES} (got {wandb_mode!r})")
+    sinks: list[Sink] = []
+    if jsonl is not None:
+        sinks.append(JsonlSink(jsonl, append=append))
+    if wandb_mode != "disabled":
+        sinks.append(WandbSink(wandb_mode, wandb_project, config, run_name,
+                               Path(jsonl).parent if jsonl is not None else None))
+    _SINKS.extend(sinks)
+    try:
+        yield sinks
+    finally:
+        for sink in sinks:
+            _SINKS.remove(sink)
+            try:
+                sink.close()
+            except Exception as exc:  # a sink failing to close must not hide the run's own outcome
+                log.warning("closing %s failed: %s", type(sink).__name__, exc)
+
+
+def read_jsonl(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
+    """Records of a metrics JSONL file, optionally only those of one event."""
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if event is None or r.get("event") == event]

@@ -1,0 +1,69 @@
+"""Hydra entry point globe.fit_banks: overrides reach the dataclass configs; a run writes what `globe fit` writes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import globe
+from globe.assets import DEFAULT_MODEL_DIR
+from globe.cli.main import main
+from globe.errors import ConfigError
+from globe.fit.config import FitConfig
+from globe.fit_banks import compose_run_config, rewrite_model_override
+from globe.run_config import CacheConfig, ExportConfig, WandbConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_dataclass_defaults():
+    run = compose_run_config()
+    assert run.fit_config() == FitConfig()
+    assert run.model.path == str(DEFAULT_MODEL_DIR)
+    assert (run.cache, run.export, run.wandb) == (CacheConfig(), ExportConfig(), WandbConfig())
+
+
+def test_overrides_reach_fit_config():
+    run = compose_run_config(["model=/ckpt/dir", "bank.m=256", "bank.r=64", "sparsity.target_support=12",
+                              "train.am_iters=7", "train.device=auto", "bank.families=[gate]",
+                              "wandb.mode=offline", "export.dir=hf", "export.dense=true", "cache.size=3", "out=o"])
+    cfg = run.fit_config()
+    assert (cfg.bank.m, cfg.bank.r, cfg.bank.families) == (256, 64, ("gate",))
+    assert (cfg.sparsity.target_support, cfg.train.am_iters, cfg.train.device) == (12, 7, "auto")
+    assert run.model.path == "/ckpt/dir" and run.wandb.mode == "offline" and run.cache.size == 3
+    assert run.export.dir == "hf" and run.export.dense and run.out == "o"
+    assert rewrite_model_override(["model=tiny", "model=org/name"]) == ["model=tiny", "model.path=org/name"]
+
+
+def test_bad_overrides_are_rejected():
+    from hydra.errors import ConfigCompositionException
+    with pytest.raises(ConfigCompositionException, match="bank.m=many"):
+        compose_run_config(["bank.m=many"])                        # typed by the dataclass: int | None
+    with pytest.raises(ConfigCompositionException, match="bank.atoms"):
+        compose_run_config(["bank.atoms=3"])                       # not a field
+    with pytest.raises(ConfigError, match="bank.budget"):
+        compose_run_config(["bank.budget=2"]).fit_config()         # FitConfig.validate
+
+
+def test_run_writes_the_same_artifact_as_globe_fit(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("qwen2_moe")
+    assert main(["fit", str(model), "-o", str(tmp_path / "cli"), "--m", "4", "--r", "4", "--target-support", "2",
+                 "--am-iters", "3", "--varpro-steps", "5"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "globe.fit_banks", f"model={model}", "bank.m=4", "bank.r=4",
+                           "sparsity.target_support=2", "train.am_iters=3", "train.varpro_steps=5", "out=hydra",
+                           "export.dir=hydra_hf", "export.dense=true", "log_level=WARNING"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli, hydra = globe.load(tmp_path / "cli"), globe.load(tmp_path / "hydra")
+    for fam in ("gate", "up"):
+        assert torch.equal(cli.families[fam].bank, hydra.families[fam].bank)
+        assert torch.equal(cli.families[fam].codes, hydra.families[fam].codes)
+    assert json.loads((tmp_path / "hydra" / "globe_config.json").read_text())["config"]["bank"]["m"] == 4
+    assert (tmp_path / "hydra" / "metrics.jsonl").is_file() and (tmp_path / "hydra_hf" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "hydra", "hydra_hf"]   # no outputs/, .hydra, logs

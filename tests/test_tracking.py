@@ -1,0 +1,87 @@
+"""globe.tracking: JSONL sink, no-op without a session, wandb never imported (nor any socket opened) when disabled."""
+from __future__ import annotations
+
+import socket
+import sys
+import types
+
+import pytest
+
+from globe import tracking
+from globe.cli.main import main
+from globe.errors import ConfigError
+
+FIT = ["--m", "4", "--r", "4", "--target-support", "2", "--am-iters", "3", "--varpro-steps", "5"]
+
+
+def test_jsonl_sink_writes_one_object_per_emit(tmp_path):
+    path = tmp_path / "m.jsonl"
+    tracking.emit("ignored", x=1)                                  # no session: nothing recorded anywhere
+    with tracking.session(jsonl=path):
+        tracking.emit("step", loss=0.5, values=[1, 2], nan=float("nan"))
+        tracking.emit("done", ok=True)
+    assert not tracking.active()
+    records = tracking.read_jsonl(path)
+    assert [r["event"] for r in records] == ["step", "done"]
+    assert records[0]["loss"] == 0.5 and records[0]["values"] == [1, 2] and records[0]["nan"] is None
+    assert records[0]["time"] <= records[1]["time"]
+    with pytest.raises(ConfigError, match="wandb mode"):
+        with tracking.session(wandb_mode="sometimes"):
+            pass
+
+
+class _NoNetwork(Exception):
+    pass
+
+
+def _forbid_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise _NoNetwork(f"network attempt: {args}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_fit_with_wandb_disabled_imports_nothing_and_opens_no_socket(tiny_checkpoint, tmp_path, monkeypatch):
+    _forbid_network(monkeypatch)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    out = tmp_path / "out"
+    assert main(["fit", str(tiny_checkpoint("qwen2_moe")), "-o", str(out), *FIT, "--wandb", "disabled"]) == 0
+    assert "wandb" not in sys.modules
+    records = tracking.read_jsonl(out / "metrics.jsonl")
+    am = [r for r in records if r["event"] == "am_iter"]
+    assert {r["family"] for r in am} == {"gate", "up"} and len(am) == 6
+    done = {r["family"]: r for r in records if r["event"] == "family_done"}
+    assert set(done) == {"gate", "up"} and 0 < done["gate"]["rel_err"] < 1
+    assert any(r["event"] == "varpro" for r in records)
+
+
+def test_wandb_offline_logs_the_same_metrics(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, data):
+            calls["log"].append(data)
+
+        def finish(self):
+            calls["finish"] += 1
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls["init"].append(kw) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "out"
+    assert main(["fit", str(tiny_checkpoint("qwen2_moe")), "-o", str(out), *FIT, "--wandb", "offline",
+                 "--wandb-project", "proj"]) == 0
+    assert len(calls["init"]) == 1 and calls["finish"] == 1
+    init = calls["init"][0]
+    assert init["mode"] == "offline" and init["project"] == "proj" and init["config"]["bank"]["m"] == 4
+    logged = [k for row in calls["log"] for k in row]
+    assert "am_iter/rel_err" in logged and "family_done/rel_err" in logged
+    assert len([r for r in calls["log"] if "am_iter/rel_err" in r]) == 6
+
+
+def test_wandb_missing_is_a_clear_error(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "wandb", None)                # import wandb -> ImportError
+    assert main(["fit", str(tiny_checkpoint("qwen2_moe")), "-o", str(tmp_path / "o"), *FIT,
+                 "--wandb", "online"]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
