@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
 from globe.artifact import BANKS_FILE, save
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="output directory for the artifact")
     p.add_argument("--config", help="fit config file (JSON or YAML, as written into globe_config.json)")
     p.add_argument("--budget", type=float, help="stored params / dense params per family, in (0, 1) (default 0.5)")
-    p.add_argument("--m", type=int, help="number of atoms per bank (default: chosen from --budget)")
-    p.add_argument("--r", type=int, help="adapter rank = rows of an atom (default: chosen from --budget)")
+    p.add_argument("--m", "--atoms", dest="m", type=int,
+                   help="number of atoms per bank (default: chosen from --budget); --atoms is an alias that "
+                        "torchrun's own option parser does not mistake for one of its options")
+    p.add_argument("--r", "--adapter-rank", dest="r", type=int,
+                   help="adapter rank = rows of an atom (default: chosen from --budget); alias --adapter-rank")
     p.add_argument("--target-support", type=int, help="target median number of atoms per expert (default 12)")
     p.add_argument("--init", choices=INITS, help="warm start (default hybrid)")
     p.add_argument("--phi", choices=PHIS, help="nonlinearity applied to mixed atoms (default identity)")
@@ -35,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--families", help="comma-separated families to fit (default gate,up)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
+                        "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
     p.add_argument("--resume", action="store_true", help="reuse families finished by an interrupted run in OUT")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
@@ -55,6 +62,22 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     return cfg.validate()
 
 
+def start_comm(args: argparse.Namespace, cfg: FitConfig):
+    """LOCAL, or the torchrun process group when --distributed or WORLD_SIZE > 1 (other ranks log warnings only)."""
+    from globe.fit.distributed import LOCAL, env_world_size, init_comm
+    from globe.fit.engine import resolve_device
+    if not (args.distributed or env_world_size() > 1):
+        return LOCAL
+    if "RANK" not in os.environ:
+        raise ConfigError("--distributed needs the processes started by torchrun, e.g. "
+                          "torchrun --nproc_per_node 2 -m globe.cli.main fit ... --distributed")
+    comm = init_comm(resolve_device(cfg.train.device), force=True)
+    if not comm.is_main:
+        logging.getLogger("globe").setLevel(logging.WARNING)
+    log.info("distributed fit on %d processes", comm.world)
+    return comm
+
+
 def run(args: argparse.Namespace) -> int:
     from globe import checkpoint
     from globe.fit.engine import fit_model
@@ -62,9 +85,16 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / BANKS_FILE).exists() and not (args.overwrite or args.resume):
         raise ArtifactError(f"{out} already holds an artifact: pass --overwrite to replace it or choose another -o")
-    done = checkpoint.load_families(out, cfg, args.model_dir) if args.resume else {}
-    result = fit_model(args.model_dir, cfg, done=done,
-                       on_family=lambda fam: checkpoint.save_family(out, fam, cfg, args.model_dir))
+    comm = start_comm(args, cfg)
+    try:
+        done = checkpoint.load_families(out, cfg, args.model_dir) if args.resume else {}
+        result = fit_model(args.model_dir, cfg, done=done, comm=comm,
+                           on_family=lambda fam: checkpoint.save_family(out, fam, cfg, args.model_dir))
+    finally:
+        if comm.world > 1:
+            comm.close()
+    if result is None:                                     # not rank 0: rank 0 writes and reports
+        return 0
     save(result, out)
     checkpoint.clear(out)
     summary = {name: {k: fam.metrics[k] for k in ("rel_err", "energy_captured", "median_support", "seconds")}

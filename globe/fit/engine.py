@@ -10,16 +10,19 @@ from pathlib import Path
 
 import torch
 
+from globe.errors import ConfigError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_memory_mb, phase
 from globe.fit.normalize import Normalizer
 from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
-from globe.fit.warm_start import aligned_targets, warm_start
+from globe.fit.sharding import gather_fit, read_shard, shared_warm_start
+from globe.fit.warm_start import aligned_targets
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +43,15 @@ def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device
     return torch.cat(out)                                                     # [N, min(p, d)]
 
 
-def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) -> tuple[int, int]:
-    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget."""
-    n, p, d = weights.shape
-    b, k = cfg.bank, cfg.sparsity.target_support
+def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
+               comm: Comm = LOCAL) -> tuple[int, int]:
+    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget (distributed: on rank 0, from the
+    gathered spectra, then broadcast)."""
+    (n, p, d), b, k = weights.shape, cfg.bank, cfg.sparsity.target_support
     if b.m is not None and b.r is not None:
         return b.m, b.r
-    svals = _singular_values(weights, norm, cfg.train.chunk_size, device)
+    n = comm.total(n)
+    svals = comm.gather_rows(_singular_values(weights, norm, cfg.train.chunk_size, device), n)
     cands = candidate_shapes(n, p, d, b.budget, k)
     if b.r is not None:
         cands = [(m, r) for m, r in cands if r == b.r] or cands
@@ -54,9 +59,16 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) 
     probe = grid[:: max(1, len(grid) // 4)][:5]
     stacked = {}
     for r in probe:
-        x = aligned_targets(weights, norm, r, cfg.train.chunk_size, device).reshape(n, -1)
-        stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
-    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
+        x = comm.gather_rows(aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm), n)
+        if x is not None:
+            x = x.reshape(n, -1)
+            stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
+    if not cands or comm.is_main:
+        m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
+    else:
+        m, r = 0, 0
+    if comm.world > 1:
+        m, r = comm.broadcast(torch.tensor([m, r])).tolist()
     return (b.m if b.m is not None else m), r
 
 
@@ -79,14 +91,20 @@ def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
     return adapters, codes, sq_err
 
 
-def _rel(sq_err: torch.Tensor, norm: Normalizer) -> float:
-    return float((sq_err.sum() / norm.sq_norms.sum()).sqrt())
+def _rel(sq_err: torch.Tensor, norm: Normalizer, comm: Comm = LOCAL) -> float:
+    return float((comm.all_reduce(sq_err.sum()) / comm.all_reduce(norm.sq_norms.sum())).sqrt())
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
-               generator: torch.Generator | None = None) -> FamilyFit:
-    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert)."""
+               generator: torch.Generator | None = None, comm: Comm = LOCAL) -> FamilyFit | None:
+    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
+
+    Distributed (comm a DistComm): weights/ids are this rank's contiguous slice comm.shard(N); rank 0 returns
+    the FamilyFit of all experts, the other ranks None."""
     cfg.validate()
+    if comm.world > 1 and cfg.train.refine_steps > 0:
+        raise ConfigError("train.refine_steps > 0 (Adam refinement) is not supported by the distributed fit: "
+                          "set --refine-steps 0 or run in one process")
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
@@ -94,20 +112,25 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(weights, norm, cfg, device)
-    log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
+        m, r = pick_shape(weights, norm, cfg, device, comm)
+    log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, comm.total(weights.shape[0]),
+             *weights.shape[1:], m, r, cfg.bank.init, f" on {comm.world} processes" if comm.world > 1 else "")
     with phase(timings, "warm_start", device):
-        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm)
     with phase(timings, "am_varpro", device):
-        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family)
+        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family, comm)
         del targets
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family)
     bank, adapters, codes, sq_err = fitted
-    fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
-                    ids=ids, phi=cfg.bank.phi, history=history)
+    gathered = gather_fit(comm, norm, norm.fold(adapters), codes, sq_err, ids)
+    if gathered is None:
+        return None
+    norm, adapters, codes, sq_err, ids = gathered
+    fam = FamilyFit(family=family, bank=bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(), scales=norm.scales,
+                    ids=ids, phi=cfg.bank.phi, history=history)                 # results on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
@@ -115,24 +138,24 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     return fam
 
 
-def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str):
+def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str, comm: Comm = LOCAL):
     """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
 
     Returns (AM state, bank, codes, history) of the attempt with the lowest final error.
     """
     best = None
     for attempt in range(cfg.train.restarts):
-        bank, codes, temp = warm_start(targets, m, cfg, gen)
+        bank, codes, temp = shared_warm_start(targets, m, cfg, gen, comm)
         state = AMState(bank=bank, codes=codes, temperature=temp)
         history: dict = {"am": state.history, "varpro": []}
         for _ in range(cfg.train.cycles):
             state.iteration, state.best_err, state.best_bank, state.best_codes = 0, math.inf, None, None
-            run_am(weights, norm, state, cfg, family)
-            bank, codes = best_state(weights, norm, state, cfg)
+            run_am(weights, norm, state, cfg, family, comm)
+            bank, codes = best_state(weights, norm, state, cfg, comm)
             err = state.best_err
             if cfg.train.varpro_steps > 0:
                 bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, cfg.train.varpro_steps,
-                                                    state.temperature)
+                                                    state.temperature, comm)
                 bank, codes = normalize_atoms(bank, codes)
                 history["varpro"] += losses
                 err = losses[-1]
@@ -162,10 +185,11 @@ def prune(codes: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     return torch.where(keep, codes, torch.zeros_like(codes))
 
 
-def best_state(weights, norm: Normalizer, state: AMState, cfg: FitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def best_state(weights, norm: Normalizer, state: AMState, cfg: FitConfig,
+               comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """The final AM state, or the best one seen if the last iterations made the error worse (best_err updated)."""
     _, _, sq_err = finalize(weights, norm, state.codes, state.bank, "identity", cfg)
-    final = _rel(sq_err, norm)
+    final = _rel(sq_err, norm, comm)
     if state.best_bank is None or final <= state.best_err:
         state.best_err = final
         return state.bank, state.codes
@@ -186,11 +210,13 @@ def family_metrics(fam: FamilyFit, sq_err: torch.Tensor, norm: Normalizer, timin
 
 
 def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[str, FamilyFit] | None = None,
-              on_family: Callable[[FamilyFit], None] | None = None) -> FitResult:
+              on_family: Callable[[FamilyFit], None] | None = None, comm: Comm = LOCAL) -> FitResult | None:
     """Fit every configured family of the checkpoint in model_dir (see globe.io for supported layouts).
 
     Family k is seeded with cfg.train.seed + k, so a family fitted in a resumed run equals an uninterrupted
     one. `done` holds families already fitted (resume); on_family(fam) is called after each new family.
+    Distributed (comm from globe.fit.distributed.init_comm): each rank reads and fits its slice of the experts;
+    rank 0 returns the FitResult and calls on_family, the other ranks return None.
     """
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
@@ -201,12 +227,14 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[st
             if family in families:
                 log.info("%s: taken from checkpoint", family)
                 continue
-            stack = reader.read_family(family)
+            stack = read_shard(reader, family, comm)
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen)
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, comm)
             del stack
-            if on_family is not None:
+            if on_family is not None and families[family] is not None:
                 on_family(families[family])
+    if not comm.is_main:
+        return None
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
               "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from globe.errors import NumericalError
 from globe.fit.adapters import PHI, refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping
 
@@ -46,12 +47,20 @@ def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
 
 
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                  cfg: FitConfig, steps: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history)."""
+                  cfg: FitConfig, steps: int, temperature: float,
+                  comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
+
+    Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
+    the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
+    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
+    n_all = comm.total(n)
+    offset = comm.shard(n_all)[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
-    params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
-    total = float(n * weights.shape[1] * weights.shape[2])                   # ||W||^2 in unit-RMS space
+    params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
+                        learn_gain=phi != "identity")
+    total = float(n_all * weights.shape[1] * weights.shape[2])               # ||W||^2 in unit-RMS space
     opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
@@ -62,12 +71,14 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         for lo in range(0, n, cfg.train.chunk_size):
             hi = min(lo + cfg.train.chunk_size, n)
             w = norm.chunk(weights, lo, hi, bank.device)
-            mixed = _mix(params(lo, hi), bank, phi)                            # [c, r, d]
+            mixed = _mix(params(offset + lo, offset + hi), bank, phi)          # [c, r, d]
             with torch.no_grad():
                 adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
             part.backward()
             loss += float(part.detach())
+        loss = comm.all_reduce_float(loss)
+        comm.all_reduce_grads([bank, *params.parameters()])
         if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         history.append(loss ** 0.5)
@@ -75,7 +86,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
 
     opt.step(closure)
     with torch.no_grad():
-        out_codes = params()
+        out_codes = params(offset, offset + n)
         out_codes = torch.where(out_codes >= cfg.sparsity.eps * out_codes.amax(-1, keepdim=True), out_codes,
                                 torch.zeros_like(out_codes))
     log.info("varpro: %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
