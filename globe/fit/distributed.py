@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import torch
 
@@ -112,13 +113,21 @@ class DistComm(Comm):
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.traffic = {"calls": 0, "bytes": 0, "seconds": 0.0}                 # this rank's collectives
+
+    def _run(self, call, tensor: torch.Tensor, **kwargs) -> None:
+        t0 = time.perf_counter()
+        call(tensor, **kwargs)
+        self.traffic["calls"] += 1
+        self.traffic["bytes"] += tensor.numel() * tensor.element_size()
+        self.traffic["seconds"] += time.perf_counter() - t0
 
     def _op(self, op: str):
         return getattr(self.dist.ReduceOp, _OPS[op])
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         buf = tensor.detach().contiguous().to(self.device)
-        self.dist.all_reduce(buf, op=self._op(op))
+        self._run(self.dist.all_reduce, buf, op=self._op(op))
         if buf.data_ptr() != tensor.data_ptr():
             tensor.copy_(buf)
         return tensor
@@ -151,7 +160,7 @@ class DistComm(Comm):
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         buf = tensor.contiguous().to(self.device)
-        self.dist.broadcast(buf, src=src)
+        self._run(self.dist.broadcast, buf, src=src)
         if buf.data_ptr() != tensor.data_ptr():
             tensor.copy_(buf)
         return tensor
@@ -159,14 +168,14 @@ class DistComm(Comm):
     def gather_rows(self, tensor: torch.Tensor, n: int) -> torch.Tensor | None:
         counts = self.counts(n)
         if self.rank != 0:
-            self.dist.send(tensor.contiguous().to(self.device), dst=0)
+            self._run(self.dist.send, tensor.contiguous().to(self.device), dst=0)
             return None
         out = torch.empty((n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         out[: counts[0]] = tensor
         offset = counts[0]
         for k in range(1, self.world):
             buf = torch.empty((counts[k], *tensor.shape[1:]), dtype=tensor.dtype, device=self.device)
-            self.dist.recv(buf, src=k)
+            self._run(self.dist.recv, buf, src=k)
             out[offset:offset + counts[k]] = buf
             offset += counts[k]
         return out
@@ -177,7 +186,7 @@ class DistComm(Comm):
         pad = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=self.device)
         pad[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(pad) for _ in range(self.world)]
-        self.dist.all_gather(parts, pad)
+        self._run(lambda t: self.dist.all_gather(parts, t), pad)
         return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(tensor.device)
 
     def all_reduce_grads(self, params) -> None:

@@ -102,9 +102,9 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     Distributed (comm a DistComm): weights/ids are this rank's contiguous slice comm.shard(N); rank 0 returns
     the FamilyFit of all experts, the other ranks None."""
     cfg.validate()
-    if comm.world > 1 and cfg.train.refine_steps > 0:
-        raise ConfigError("train.refine_steps > 0 (Adam refinement) is not supported by the distributed fit: "
-                          "set --refine-steps 0 or run in one process")
+    if comm.world > 1 and cfg.train.refine_steps > 0 and cfg.train.amp == "fp16":
+        raise ConfigError("train.amp fp16 with Adam refinement is not supported by the distributed fit: "
+                          "use amp bf16 or none")
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
@@ -123,7 +123,8 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family)
+            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family,
+                                                       comm)
     bank, adapters, codes, sq_err = fitted
     gathered = gather_fit(comm, norm, norm.fold(adapters), codes, sq_err, ids)
     if gathered is None:
@@ -167,16 +168,16 @@ def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, f
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
-                   family: str) -> tuple[tuple, list[float]]:
+                   family: str, comm: Comm = LOCAL) -> tuple[tuple, list[float]]:
     """Adam refinement of (bank, adapters, codes, sq_err); rolled back with a warning if it raised the error."""
     bank, adapters, codes, sq_err = fitted
-    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen)
+    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen, comm)
     new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
     refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg))
-    if _rel(refined[3], norm) <= _rel(sq_err, norm):
+    before, after = _rel(sq_err, norm, comm), _rel(refined[3], norm, comm)
+    if after <= before:
         return refined, history
-    log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, _rel(sq_err, norm),
-                _rel(refined[3], norm))
+    log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, before, after)
     return fitted, history
 
 

@@ -61,8 +61,8 @@ def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor,
     return comm.all_reduce(out).view(m, r, d)
 
 
-def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor,
-                 ridge: float, iters: int = 12, chunk: int = 256, comm: Comm = LOCAL) -> tuple[torch.Tensor, int, float]:
+def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor, ridge: float,
+                 iters: int = 12, chunk: int = 256, comm: Comm = LOCAL) -> tuple[torch.Tensor, int, float]:
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
     Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned

@@ -94,13 +94,18 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
 
 
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator):
+                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator,
+                comm: Comm = LOCAL):
     """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
+    Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
+    rank computes its part of it and the bank's gradient is all-reduced (fp16 is refused by the caller: the
+    GradScaler's skip decisions would differ between ranks).
     """
     t, phi, n = cfg.train, cfg.bank.phi, weights.shape[0]
-    dev = bank.device
+    dev, n_all = bank.device, comm.total(n)
+    offset = comm.shard(n_all)[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     adapters = torch.nn.Parameter(adapters.clone(memory_format=torch.contiguous_format))
     params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
@@ -110,21 +115,31 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
     numel = weights.shape[1] * weights.shape[2]
     history: list[float] = []
     for _ in tqdm(range(t.refine_steps), desc="refine", leave=False, disable=not log.isEnabledFor(logging.INFO)):
-        idx = torch.randperm(n, generator=gen)[: t.refine_batch].sort().values.to(dev)
+        idx = torch.randperm(n_all, generator=gen)[: t.refine_batch].sort().values
+        batch = idx.numel()
+        if comm.world > 1:
+            idx = idx[(idx >= offset) & (idx < offset + n)] - offset              # this rank's part of the batch
+        idx = idx.to(dev)
         w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             mix = (lambda c, b: _mix(c, b, phi))
             mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
                 else mix(params(index=idx), bank)
             recon = adapters[idx] @ mixed
-        loss = (w - recon.float()).square().sum() / (idx.numel() * numel)
-        if not torch.isfinite(loss):
+        loss = (w - recon.float()).square().sum() / (batch * numel)
+        total = comm.all_reduce_float(float(loss.detach()))
+        if not math.isfinite(total):
             raise NumericalError("NaN/Inf in Adam refinement (lower train.refine_lr or use amp=none)")
         opt.zero_grad()
         scaler.scale(loss).backward()
+        if comm.world > 1:
+            for param in (bank, adapters, *params.parameters()):           # as one process: zero grads, not None
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            comm.all_reduce_grads([bank])
         scaler.step(opt)
         scaler.update()
-        history.append(float(loss.detach()) ** 0.5)
+        history.append(total ** 0.5)
     with torch.no_grad():
         out_codes = params()
     return bank.detach(), out_codes, adapters.detach(), history

@@ -28,7 +28,8 @@ def read_shard(reader, family: str, comm: Comm):
 
 def shared_warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generator, comm: Comm):
     """warm_start on every expert's targets, computed on rank 0 and broadcast: (bank [m, r, d] on every rank,
-    this rank's codes [n_k, m], temperature). Rank 0 holds all targets [N, r, d] meanwhile, as one process does."""
+    this rank's codes [n_k, m], temperature); gen ends in rank 0's state everywhere. Rank 0 holds all targets
+    [N, r, d] meanwhile, as one process does."""
     if comm.world == 1:
         return warm_start(targets, m, cfg, gen)
     n_local, r, d = targets.shape
@@ -43,6 +44,7 @@ def shared_warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.
     comm.broadcast(bank)
     comm.broadcast(codes)
     temp = float(comm.broadcast(torch.tensor([temp], dtype=torch.float64))[0])
+    gen.set_state(comm.broadcast(gen.get_state()))                          # same draws later on every rank
     lo, hi = comm.shard(n)
     return bank, codes[lo:hi].clone(), temp
 

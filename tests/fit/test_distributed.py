@@ -33,15 +33,17 @@ def planted_problem(n: int = 48, seed: int = 3):
     return planted.weights + noise, planted.ids
 
 
-def planted_config(mod: str, chunk_size: int, device) -> FitConfig:
+def planted_config(train: dict, device) -> FitConfig:
     """Shape from the budget solver (exercises the gathered spectra), hybrid warm start, few iterations."""
     return FitConfig(bank=BankConfig(budget=0.6, init="hybrid"), sparsity=SparsityConfig(target_support=2),
-                     train=TrainConfig(am_iters=5, varpro_steps=10, mod=mod, chunk_size=chunk_size, device=str(device)))
+                     train=TrainConfig(**{"am_iters": 5, "varpro_steps": 10, **train, "device": str(device)}))
 
 
 MODEL_CFG = FitConfig(bank=BankConfig(m=4, r=4), sparsity=SparsityConfig(target_support=2),
                       train=TrainConfig(am_iters=4, varpro_steps=8))
-CASES = {"weighted": (48, "weighted", 64), "normal": (48, "normal", 64), "uneven": (49, "weighted", 8)}
+CASES = {"weighted": (48, {"mod": "weighted"}), "normal": (48, {"mod": "normal"}),
+         "adam": (48, {"refine_steps": 12, "refine_batch": 16, "refine_lr": 1e-4, "varpro_steps": 4}),  # kept
+         "uneven": (49, {"chunk_size": 8})}
 
 
 def model_config(device) -> FitConfig:
@@ -51,7 +53,8 @@ def model_config(device) -> FitConfig:
 def _save_family(fam, path) -> None:
     save_file({"bank": fam.bank, "codes": fam.codes, "adapters": fam.adapters, "scales": fam.scales,
                "ids": fam.ids}, str(path) + ".safetensors")
-    path.with_suffix(".json").write_text(json.dumps({k: fam.metrics[k] for k in ("rel_err", "median_support")}))
+    path.with_suffix(".json").write_text(json.dumps({**{k: fam.metrics[k] for k in ("rel_err", "median_support")},
+                                                     "refine_steps": len(fam.history.get("refine", []))}))
 
 
 def _worker(comm: Comm, out_dir, model_dir, device: str) -> None:
@@ -64,10 +67,10 @@ def _worker(comm: Comm, out_dir, model_dir, device: str) -> None:
                    "stats": torch.tensor(stats, dtype=torch.float64)}, str(out_dir / "comm.safetensors"))
     else:
         comm.all_gather_rows(rows, 11)
-    for name, (n, mod, chunk) in CASES.items():
+    for name, (n, train) in CASES.items():
         weights, ids = planted_problem(n)
         lo, hi = comm.shard(n)
-        fam = fit_family(weights[lo:hi], ids[lo:hi], planted_config(mod, chunk, device), comm=comm)
+        fam = fit_family(weights[lo:hi], ids[lo:hi], planted_config(train, device), comm=comm)
         assert (fam is None) != comm.is_main
         if fam is not None:
             _save_family(fam, out_dir / name)
@@ -111,28 +114,29 @@ def test_collectives_gather_in_rank_order_and_reduce_support_statistics(two_rank
     assert got["stats"].tolist() == pytest.approx([float(support.median()), float(support.mean()), int(sizes.max())])
 
 
-@pytest.mark.parametrize("name", ["weighted", "normal"])
+@pytest.mark.parametrize("name", ["weighted", "normal", "adam"])
 def test_two_processes_fit_the_same_bank_as_one(two_ranks, name, device):
     out, _ = two_ranks
-    n, mod, chunk = CASES[name]
+    n, train = CASES[name]
     weights, ids = planted_problem(n)
-    one = fit_family(weights, ids, planted_config(mod, chunk, device))
+    one = fit_family(weights, ids, planted_config(train, device))
     two, metrics = _load(out / name)
     _assert_same_fit(two, one)
     assert metrics["rel_err"] == pytest.approx(one.metrics["rel_err"], rel=RTOL["bank"])
+    assert metrics["refine_steps"] == len(one.history.get("refine", [])) == train.get("refine_steps", 0)
 
 
 def test_uneven_shards_and_chunks_give_a_consistent_gathered_fit(two_ranks, device):
     """49 experts in chunks of 8: rank 0 has 3 chunks, rank 1 has 4 (an idle temperature step on rank 0).
     The per-chunk temperature trajectory differs from one process, so compare quality, not bits."""
     out, _ = two_ranks
-    n, mod, chunk = CASES["uneven"]
+    n, train = CASES["uneven"]
     weights, ids = planted_problem(n)
     two, metrics = _load(out / "uneven")
     assert torch.equal(two["ids"], ids)
     recon = two["adapters"] @ (two["codes"] @ two["bank"].flatten(1)).view(n, *two["bank"].shape[1:])
     assert _rel(recon, weights) == pytest.approx(metrics["rel_err"], rel=1e-3)
-    one = fit_family(weights, ids, planted_config(mod, chunk, device))
+    one = fit_family(weights, ids, planted_config(train, device))
     assert metrics["rel_err"] < 1.2 * one.metrics["rel_err"] and abs(metrics["median_support"] - 2) <= 1
 
 
