@@ -4,8 +4,8 @@ processes (process start and group set-up excluded): wall seconds, CPU seconds (
 busiest one: on an idle machine wall ~ busiest CPU) and rank 0's time inside collectives (waits included).
 Writes JSON (default benchmarks/results/distributed.json).
 
-    python benchmarks/distributed.py                          # N=128 experts of 128 x 256, m=32, r=32
-    python benchmarks/distributed.py --experts 512 --threads 4 --device cuda
+    python benchmarks/distributed.py                          # N=256 experts of 256 x 512, m=32, r=32
+    python benchmarks/distributed.py --experts 128 --p 128 --d 256 --am-iters 6 --varpro-steps 10 --repeats 3
 
 `time_processes(...)` is the function a larger benchmark (benchmarks/scale.py) can call.
 """
@@ -90,17 +90,17 @@ def time_processes(problem: dict, cfg: FitConfig, worlds: tuple[int, ...] = (1, 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experts", type=int, default=128, help="N experts (default 128)")
-    p.add_argument("--p", type=int, default=128, help="rows of an expert (default 128)")
-    p.add_argument("--d", type=int, default=256, help="columns of an expert (default 256)")
+    p.add_argument("--experts", type=int, default=256, help="N experts (default 256)")
+    p.add_argument("--p", type=int, default=256, help="rows of an expert (default 256)")
+    p.add_argument("--d", type=int, default=512, help="columns of an expert (default 512)")
     p.add_argument("--m", type=int, default=32, help="atoms (default 32)")
     p.add_argument("--r", type=int, default=32, help="adapter rank (default 32)")
     p.add_argument("--support", type=int, default=4, help="planted and target support (default 4)")
-    p.add_argument("--am-iters", type=int, default=6, help="AM iterations (default 6)")
-    p.add_argument("--varpro-steps", type=int, default=10, help="L-BFGS evaluations (default 10)")
+    p.add_argument("--am-iters", type=int, default=4, help="AM iterations (default 4)")
+    p.add_argument("--varpro-steps", type=int, default=6, help="L-BFGS evaluations (default 6)")
     p.add_argument("--chunk-size", type=int, default=64, help="experts per chunk (default 64)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per process count; the fastest is kept (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per process count; the fastest is kept (default 1)")
     p.add_argument("--device", default="cpu", help="fit device of every process (default cpu)")
     p.add_argument("--out", default="benchmarks/results/distributed.json", help="JSON output path")
     return p.parse_args()

@@ -86,13 +86,10 @@ def run(args: argparse.Namespace) -> int:
     if (out / BANKS_FILE).exists() and not (args.overwrite or args.resume):
         raise ArtifactError(f"{out} already holds an artifact: pass --overwrite to replace it or choose another -o")
     comm = start_comm(args, cfg)
-    try:
-        done = checkpoint.load_families(out, cfg, args.model_dir) if args.resume else {}
-        result = fit_model(args.model_dir, cfg, done=done, comm=comm,
-                           on_family=lambda fam: checkpoint.save_family(out, fam, cfg, args.model_dir))
-    finally:
-        if comm.world > 1:
-            comm.close()
+    done = checkpoint.load_families(out, cfg, args.model_dir) if args.resume else {}
+    result = fit_model(args.model_dir, cfg, done=done, comm=comm,
+                       on_family=lambda fam: checkpoint.save_family(out, fam, cfg, args.model_dir))
+    comm.close()                                          # after an error torchrun stops the other processes
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return 0
     save(result, out)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from globe.errors import ConfigError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
@@ -21,7 +20,7 @@ from globe.fit.normalize import Normalizer
 from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
-from globe.fit.sharding import gather_fit, read_shard, shared_warm_start
+from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
 from globe.fit.warm_start import aligned_targets
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
         if x is not None:
             x = x.reshape(n, -1)
             stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
-    if not cands or comm.is_main:
+    if not cands or comm.is_main:                        # no shape fits: every rank raises the same ConfigError
         m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
     else:
         m, r = 0, 0
@@ -102,9 +101,7 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     Distributed (comm a DistComm): weights/ids are this rank's contiguous slice comm.shard(N); rank 0 returns
     the FamilyFit of all experts, the other ranks None."""
     cfg.validate()
-    if comm.world > 1 and cfg.train.refine_steps > 0 and cfg.train.amp == "fp16":
-        raise ConfigError("train.amp fp16 with Adam refinement is not supported by the distributed fit: "
-                          "use amp bf16 or none")
+    check_sharded(cfg, comm, weights.shape[0])
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit.distributed import Comm
 from globe.fit.normalize import Normalizer
 from globe.fit.warm_start import warm_start
+
+
+def check_sharded(cfg: FitConfig, comm: Comm, n_local: int) -> None:
+    """Refuse what the sharded fit cannot do (the same answer on every rank, so all of them raise)."""
+    if comm.world == 1:
+        return
+    n = comm.total(n_local)
+    if n < comm.world:
+        raise ConfigError(f"{n} experts cannot be shared by {comm.world} processes: start fewer processes")
+    if cfg.train.refine_steps > 0 and cfg.train.amp == "fp16":
+        raise ConfigError("train.amp fp16 with Adam refinement is not supported by the distributed fit "
+                          "(the loss scaler would skip steps on some ranks only): use amp bf16 or none")
 
 
 def read_shard(reader, family: str, comm: Comm):

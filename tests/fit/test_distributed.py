@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from globe.errors import ConfigError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.distributed import LOCAL, Comm, run_local, shard_bounds
 from globe.fit.engine import fit_family, fit_model
@@ -67,6 +68,10 @@ def _worker(comm: Comm, out_dir, model_dir, device: str) -> None:
                    "stats": torch.tensor(stats, dtype=torch.float64)}, str(out_dir / "comm.safetensors"))
     else:
         comm.all_gather_rows(rows, 11)
+    weights, ids = planted_problem(48)
+    lo, hi = comm.shard(48)
+    with pytest.raises(ConfigError, match="fp16"):                                 # raised on every rank alike
+        fit_family(weights[lo:hi], ids[lo:hi], planted_config({"refine_steps": 2, "amp": "fp16"}, device), comm=comm)
     for name, (n, train) in CASES.items():
         weights, ids = planted_problem(n)
         lo, hi = comm.shard(n)
