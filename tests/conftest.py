@@ -22,6 +22,20 @@ import torch
 from tests.helpers.tiny_models import make_tiny_checkpoint, make_tiny_model
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that run a fit or a model (fixture `device`): cpu (default), cuda, mps")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """torch.device chosen with `pytest --device` (tests that fit or run a model put their work there)."""
+    dev = torch.device(request.config.getoption("--device"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device")
+    return dev
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Callable[..., Any]:
     """Factory (arch, seed=0, dtype=float32) -> cached tiny transformers model. Do not modify it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from globe import checkpoint
 from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.output_dir import check_output_dir
-from globe.errors import GlobeError
+from globe.errors import ConfigError, GlobeError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 from globe.run_config import WandbConfig
 from globe.tracking import WANDB_MODES
@@ -31,8 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, help="output directory for the artifact")
     p.add_argument("--config", help="fit config file (JSON or YAML, as written into globe_config.json)")
     p.add_argument("--budget", type=float, help="stored params / dense params per family, in (0, 1) (default 0.5)")
-    p.add_argument("--m", type=int, help="number of atoms per bank (default: chosen from --budget)")
-    p.add_argument("--r", type=int, help="adapter rank = rows of an atom (default: chosen from --budget)")
+    p.add_argument("--m", "--atoms", dest="m", type=int,
+                   help="number of atoms per bank (default: chosen from --budget); --atoms is an alias that "
+                        "torchrun's own option parser does not mistake for one of its options")
+    p.add_argument("--r", "--adapter-rank", dest="r", type=int,
+                   help="adapter rank = rows of an atom (default: chosen from --budget); alias --adapter-rank")
     p.add_argument("--target-support", type=int, help="target median number of atoms per expert (default 12)")
     p.add_argument("--init", choices=INITS, help="warm start (default hybrid)")
     p.add_argument("--phi", choices=PHIS, help="nonlinearity applied to mixed atoms (default identity)")
@@ -44,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--families", help="comma-separated families to fit (default gate,up)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
+                        "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
     p.add_argument("--checkpoint-every", type=int,
                    help="AM iterations between checkpoints in OUT/.globe_checkpoint (default 5; 0: phase ends only)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
@@ -71,21 +78,45 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     return cfg.validate()
 
 
+def start_comm(args: argparse.Namespace, cfg: FitConfig):
+    """LOCAL, or the torchrun process group when --distributed or WORLD_SIZE > 1 (other ranks log warnings only)."""
+    from globe.fit.distributed import LOCAL, env_world_size, init_comm
+    from globe.fit.engine import resolve_device
+    if not (args.distributed or env_world_size() > 1):
+        return LOCAL
+    if "RANK" not in os.environ:
+        raise ConfigError("--distributed needs the processes started by torchrun, e.g. "
+                          "torchrun --nproc_per_node 2 -m globe.cli.main fit ... --distributed")
+    comm = init_comm(resolve_device(cfg.train.device), force=True)
+    if not comm.is_main:
+        logging.getLogger("globe").setLevel(logging.WARNING)
+    log.info("distributed fit on %d processes", comm.world)
+    return comm
+
+
 def run(args: argparse.Namespace) -> int:
     from globe.fit.engine import fit_model
     cfg = build_config(args)
     out = Path(args.out)
+    comm = start_comm(args, cfg)
+    if comm.world > 1 and args.resume:
+        raise ConfigError("--resume is not supported with --distributed: rerun the distributed fit from the start")
     created = not out.exists()
-    check_output_dir(out, args.overwrite, args.resume)
-    store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume)
+    if comm.is_main:
+        check_output_dir(out, args.overwrite, args.resume)
+    store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
     try:
-        result = fit_model(args.model_dir, cfg, store=store)
+        result = fit_model(args.model_dir, cfg, store=store, comm=comm)
     except GlobeError:
-        if created and not (out / checkpoint.CHECKPOINT_DIR).exists():
+        if created and comm.is_main and not (out / checkpoint.CHECKPOINT_DIR).exists():
             shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
         raise
+    comm.close()                                          # after an error torchrun stops the other processes
+    if result is None:                                     # not rank 0: rank 0 writes and reports
+        return 0
     save(result, out)
-    store.clear()
+    if store is not None:
+        store.clear()
     summary = {name: {k: fam.metrics[k] for k in ("rel_err", "energy_captured", "median_support", "seconds")}
                | {"m": fam.shape["m"], "r": fam.shape["r"],
                   "params_ratio": fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"]}

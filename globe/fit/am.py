@@ -22,6 +22,7 @@ from globe import tracking
 from globe.errors import NumericalError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky, solve_left
 from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
 from globe.fit.normalize import Normalizer
@@ -45,25 +46,30 @@ class AMState:
     history: list[dict] = field(default_factory=list)
 
 
-def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, retries: int = 8):
+def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, retries: int = 8, comm: Comm = LOCAL):
     """Codes for one chunk with temperature control: re-codes with a corrected T while the chunk's median support
-    is off target by more than 1. Returns (codes, T used for them, T for the next chunk)."""
+    is off target by more than 1. Returns (codes, T used for them, T for the next chunk).
+
+    Distributed, the chunk is the union of every rank's chunk at this step (median over all of them); a rank
+    whose shard has run out passes an empty corr [0, m] and only takes part in the reductions."""
     sp, ridge = cfg.sparsity, cfg.train.ridge
     for _ in range(retries):
         used = temperature
-        codes = sparse_code(corr, gram, gram_chol, used, sp, ridge)
-        median = float(support_sizes(codes).float().median())
+        codes = sparse_code(corr, gram, gram_chol, used, sp, ridge) if corr.shape[0] else torch.zeros_like(corr)
+        median = comm.median(support_sizes(codes), corr.shape[1])
         temperature = update_temperature(used, median, sp)
         if abs(median - sp.target_support) <= 1 or temperature == used:
             break
     return codes, used, temperature
 
 
-def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg):
+def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg, comm: Comm = LOCAL):
     """T and support from the pinv targets (cheap search), values by NNLS under the true (A^T A-weighted)
     objective. Returns (codes, T for the next chunk)."""
-    corr = targets.reshape(targets.shape[0], -1) @ flat.T                     # [c, m] selection
-    _, used_t, next_t = code_chunk(corr, gram, gram_chol, temperature, cfg)
+    corr = targets.flatten(1) @ flat.T                                     # [c, m] selection
+    _, used_t, next_t = code_chunk(corr, gram, gram_chol, temperature, cfg, comm=comm)
+    if corr.shape[0] == 0:
+        return corr, next_t
     idx, valid = select_support(corr, gram_chol, used_t, cfg.sparsity.method, 4 * cfg.sparsity.target_support + 4)
     wcorr = atw.reshape(atw.shape[0], -1) @ flat.T                            # [c, m] <A^T W, B_j>
     values = weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx), valid,
@@ -71,8 +77,10 @@ def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, 
     return finish_codes(values, idx, wcorr, cfg.sparsity.eps), next_t
 
 
-def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig) -> dict:
-    """One AM iteration in place on `state`; returns the iteration's stats (error is of the incoming state)."""
+def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, comm: Comm = LOCAL) -> dict:
+    """One AM iteration in place on `state`; returns the iteration's stats (error is of the incoming state).
+
+    Distributed, weights/norm/state.codes hold this rank's experts; sums over experts are all-reduced."""
     t0, ridge, dev = time.perf_counter(), cfg.train.ridge, state.bank.device
     m, r, d = state.bank.shape
     n = weights.shape[0]
@@ -85,39 +93,42 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     new_codes = torch.zeros_like(state.codes)
     sq_err = torch.zeros(n, dtype=torch.float64, device=dev)
     conds, temp = [], state.temperature
-    for lo in range(0, n, cfg.train.chunk_size):
-        hi = min(lo + cfg.train.chunk_size, n)
+    for lo in range(0, comm.largest(n), cfg.train.chunk_size):
+        lo, hi = min(lo, n), min(lo + cfg.train.chunk_size, n)              # empty once this shard has run out
         w = norm.chunk(weights, lo, hi, dev)                                 # [c, p, d]
         fit = refit_adapters(w, compose(state.codes[lo:hi], state.bank), ridge)
         ata = fit.gram                                                       # [c, r, r] A^T A
         atw = fit.adapters.transpose(1, 2) @ w                               # [c, r, d]
         targets = solve_left(ridge_cholesky(ata, ridge), atw)                # pinv(A) W
-        codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg)
+        codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg, comm)
         if normal is not None:
             normal.add(codes, targets)
         else:
-            rhs.addmm_(codes.T, atw.reshape(hi - lo, -1))
+            rhs.addmm_(codes.T, atw.flatten(1))
             grams[lo:hi] = ata
         new_codes[lo:hi], sq_err[lo:hi] = codes, fit.sq_err.double()
-        if cfg.train.collect_stats:
+        if cfg.train.collect_stats and hi > lo:
             conds.append(fit.cond.max())
     if normal is not None:
-        (bank, mod_cond), cg_iters = normal.solve(ridge, previous=state.bank), 0
+        (bank, mod_cond), cg_iters = normal.solve(ridge, previous=state.bank, comm=comm), 0
     else:
-        bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge)
+        comm.all_reduce(rhs)
+        bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge, comm=comm)
     bank, new_codes = normalize_atoms(bank, new_codes)
-    rel = float(((sq_err.cpu() * norm.scales.double() ** 2).sum() / norm.sq_norms.sum()).sqrt())
-    if not (math.isfinite(rel) and bool(torch.isfinite(bank).all()) and bool(torch.isfinite(new_codes).all())):
+    err = comm.all_reduce((sq_err.cpu() * norm.scales.double() ** 2).sum())
+    rel = float((err / comm.all_reduce(norm.sq_norms.sum())).sqrt())
+    bad_codes = comm.all_reduce_float(float(not bool(torch.isfinite(new_codes).all())))   # ranks with NaN codes
+    if not (math.isfinite(rel) and bool(torch.isfinite(bank).all()) and bad_codes == 0):
         raise NumericalError(f"NaN/Inf in alternating minimisation at iteration {state.iteration} "
                              "(try a larger train.ridge or another bank.init)")
     if rel < state.best_err:
         state.best_err, state.best_bank, state.best_codes = rel, state.bank, state.codes
-    support = support_sizes(new_codes).float()
-    stats = {"iteration": state.iteration, "rel_err": rel, "temperature": temp,
-             "median_support": float(support.median()), "mean_support": float(support.mean()),
-             "max_support": int(support.max()), "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
+    median, mean, most = comm.support_stats(support_sizes(new_codes), m)
+    stats = {"iteration": state.iteration, "rel_err": rel, "temperature": temp, "median_support": median,
+             "mean_support": mean, "max_support": most, "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
     if cfg.train.collect_stats:
-        stats.update(adapter_cond_max=float(torch.stack(conds).max()), mod_cond=mod_cond)
+        cond = comm.all_reduce(torch.stack(conds).max() if conds else torch.zeros(()), "max")
+        stats.update(adapter_cond_max=float(cond), mod_cond=mod_cond)
     state.bank, state.codes, state.temperature = bank, new_codes, temp
     state.iteration += 1
     state.history.append(stats)
@@ -125,7 +136,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
 
 
 def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "",
-           on_iteration: Callable[[AMState], None] | None = None) -> AMState:
+           on_iteration: Callable[[AMState], None] | None = None, comm: Comm = LOCAL) -> AMState:
     """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
 
     Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
@@ -134,7 +145,7 @@ def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
     done = state.history[len(state.history) - state.iteration:] if state.iteration else []
     prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:
-        stats = am_pass(weights, norm, state, cfg)
+        stats = am_pass(weights, norm, state, cfg, comm)
         bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
         log.debug("AM %s iter %d: %s", family, stats["iteration"], stats)
         tracking.emit("am_iter", family=family, **stats)

@@ -12,17 +12,20 @@ import torch
 
 from globe import tracking
 from globe.device import resolve_device  # noqa: F401  (re-exported: globe.fit.engine.resolve_device)
+from globe.errors import ConfigError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_memory_mb, phase
 from globe.fit.normalize import Normalizer
 from globe.fit.progress import Attempt, FitProgress, FitStore
 from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
-from globe.fit.warm_start import aligned_targets, warm_start
+from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
+from globe.fit.warm_start import aligned_targets
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,15 @@ def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device
     return torch.cat(out)                                                     # [N, min(p, d)]
 
 
-def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) -> tuple[int, int]:
-    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget."""
-    n, p, d = weights.shape
-    b, k = cfg.bank, cfg.sparsity.target_support
+def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
+               comm: Comm = LOCAL) -> tuple[int, int]:
+    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget (distributed: on rank 0, from the
+    gathered spectra, then broadcast)."""
+    (n, p, d), b, k = weights.shape, cfg.bank, cfg.sparsity.target_support
     if b.m is not None and b.r is not None:
         return b.m, b.r
-    svals = _singular_values(weights, norm, cfg.train.chunk_size, device)
+    n = comm.total(n)
+    svals = comm.gather_rows(_singular_values(weights, norm, cfg.train.chunk_size, device), n)
     cands = candidate_shapes(n, p, d, b.budget, k)
     if b.r is not None:
         cands = [(m, r) for m, r in cands if r == b.r] or cands
@@ -47,9 +52,16 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) 
     probe = grid[:: max(1, len(grid) // 4)][:5]
     stacked = {}
     for r in probe:
-        x = aligned_targets(weights, norm, r, cfg.train.chunk_size, device).reshape(n, -1)
-        stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
-    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
+        x = comm.gather_rows(aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm), n)
+        if x is not None:
+            x = x.reshape(n, -1)
+            stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
+    if not cands or comm.is_main:                        # no shape fits: every rank raises the same ConfigError
+        m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
+    else:
+        m, r = 0, 0
+    if comm.world > 1:
+        m, r = comm.broadcast(torch.tensor([m, r])).tolist()
     return (b.m if b.m is not None else m), r
 
 
@@ -72,18 +84,23 @@ def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
     return adapters, codes, sq_err
 
 
-def _rel(sq_err: torch.Tensor, norm: Normalizer) -> float:
-    return float((sq_err.sum() / norm.sq_norms.sum()).sqrt())
+def _rel(sq_err: torch.Tensor, norm: Normalizer, comm: Comm = LOCAL) -> float:
+    return float((comm.all_reduce(sq_err.sum()) / comm.all_reduce(norm.sq_norms.sum())).sqrt())
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
                generator: torch.Generator | None = None, resume: FitProgress | None = None,
-               on_progress: Callable[[FitProgress], None] | None = None) -> FamilyFit:
+               on_progress: Callable[[FitProgress], None] | None = None, comm: Comm = LOCAL) -> FamilyFit | None:
     """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
 
     resume: progress reported by an interrupted fit of the same data and config (see globe.fit.progress);
-    on_progress(progress) is called at every checkpoint."""
+    on_progress(progress) is called at every checkpoint (single process only).
+    Distributed (comm a DistComm): weights/ids are this rank's contiguous slice comm.shard(N); rank 0 returns
+    the FamilyFit of all experts, the other ranks None."""
     cfg.validate().check_dims(*weights.shape)
+    check_sharded(cfg, comm, weights.shape[0])
+    if comm.world > 1 and (resume is not None or on_progress is not None):
+        raise ConfigError("checkpoints within a family are not supported in a distributed fit")
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
@@ -91,14 +108,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(weights, norm, cfg, device)
-    log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
+        m, r = pick_shape(weights, norm, cfg, device, comm)
+    log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, comm.total(weights.shape[0]),
+             *weights.shape[1:], m, r, cfg.bank.init, f" on {comm.world} processes" if comm.world > 1 else "")
     cached: list[torch.Tensor] = []
 
     def targets() -> torch.Tensor:                  # only needed by warm starts: not at all on a late resume
         if not cached:
             with phase(timings, "warm_start", device):
-                cached.append(aligned_targets(weights, norm, r, cfg.train.chunk_size, device))
+                cached.append(aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm))
         return cached[0]
 
     if resume is not None:
@@ -107,17 +125,22 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         resume = resume.to(device)
         log.info("%s: resuming at restart %d, cycle %d, phase %s", family, resume.attempt, resume.cycle, resume.phase)
     with phase(timings, "am_varpro", device):
-        best = alternate(weights, norm, targets, m, cfg, gen, family, resume, on_progress)
+        best = alternate(weights, norm, targets, m, cfg, gen, family, resume, on_progress, comm)
         cached.clear()
     bank, codes, history = best.bank, best.codes, dict(best.history)
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family)
+            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family,
+                                                       comm)
             tracking.emit("refine", family=family, steps=len(history["refine"]), loss=(history["refine"] or [None])[-1])
     bank, adapters, codes, sq_err = fitted
-    fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
-                    ids=ids, phi=cfg.bank.phi, history=history)
+    gathered = gather_fit(comm, norm, norm.fold(adapters), codes, sq_err, ids)
+    if gathered is None:
+        return None
+    norm, adapters, codes, sq_err, ids = gathered
+    fam = FamilyFit(family=family, bank=bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(), scales=norm.scales,
+                    ids=ids, phi=cfg.bank.phi, history=history)                 # results on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
     tracking.emit("family_done", family=family, **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
@@ -128,7 +151,7 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
 
 def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor], m: int, cfg: FitConfig, gen,
               family: str, resume: FitProgress | None = None,
-              on_progress: Callable[[FitProgress], None] | None = None) -> Attempt:
+              on_progress: Callable[[FitProgress], None] | None = None, comm: Comm = LOCAL) -> Attempt:
     """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
 
     Returns the attempt with the lowest final error. Progress is reported every train.checkpoint_every AM
@@ -148,7 +171,7 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
 
     while prog.attempt < t.restarts:
         if prog.state is None:                                   # a new attempt starts from a warm start
-            bank, codes, temp = warm_start(targets_fn(), m, cfg, gen)
+            bank, codes, temp = shared_warm_start(targets_fn(), m, cfg, gen, comm)
             prog.state, prog.cycle, prog.phase, prog.varpro = AMState(bank, codes, temp), 0, "cycle_start", []
         state = prog.state
         while prog.cycle < t.cycles:
@@ -156,13 +179,14 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
                 state.iteration, state.best_err, state.best_bank, state.best_codes = 0, math.inf, None, None
                 prog.phase = "am"
             if prog.phase == "am":
-                run_am(weights, norm, state, cfg, family, on_iteration=every)
+                run_am(weights, norm, state, cfg, family, on_iteration=every, comm=comm)
                 prog.phase = "varpro"
                 report()
-            bank, codes = best_state(weights, norm, state, cfg)
+            bank, codes = best_state(weights, norm, state, cfg, comm)
             prog.err = state.best_err
             if t.varpro_steps > 0:
-                bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, t.varpro_steps, state.temperature)
+                bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, t.varpro_steps, state.temperature,
+                                                    comm)
                 bank, codes = normalize_atoms(bank, codes)
                 prog.varpro += losses
                 prog.err = losses[-1] if losses else prog.err
@@ -182,16 +206,16 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
-                   family: str) -> tuple[tuple, list[float]]:
+                   family: str, comm: Comm = LOCAL) -> tuple[tuple, list[float]]:
     """Adam refinement of (bank, adapters, codes, sq_err); rolled back with a warning if it raised the error."""
     bank, adapters, codes, sq_err = fitted
-    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen)
+    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen, comm)
     new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
     refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg))
-    if _rel(refined[3], norm) <= _rel(sq_err, norm):
+    before, after = _rel(sq_err, norm, comm), _rel(refined[3], norm, comm)
+    if after <= before:
         return refined, history
-    log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, _rel(sq_err, norm),
-                _rel(refined[3], norm))
+    log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, before, after)
     return fitted, history
 
 
@@ -200,10 +224,11 @@ def prune(codes: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
     return torch.where(keep, codes, torch.zeros_like(codes))
 
 
-def best_state(weights, norm: Normalizer, state: AMState, cfg: FitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def best_state(weights, norm: Normalizer, state: AMState, cfg: FitConfig,
+               comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """The final AM state, or the best one seen if the last iterations made the error worse (best_err updated)."""
     _, _, sq_err = finalize(weights, norm, state.codes, state.bank, "identity", cfg)
-    final = _rel(sq_err, norm)
+    final = _rel(sq_err, norm, comm)
     if state.best_bank is None or final <= state.best_err:
         state.best_err = final
         return state.bank, state.codes
@@ -223,12 +248,15 @@ def family_metrics(fam: FamilyFit, sq_err: torch.Tensor, norm: Normalizer, timin
     return out
 
 
-def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitStore | None = None) -> FitResult:
+def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitStore | None = None,
+              comm: Comm = LOCAL) -> FitResult | None:
     """Fit every configured family of the checkpoint in model_dir (see globe.io for supported layouts).
 
     Family k is seeded with cfg.train.seed + k. With a store (globe.checkpoint.CheckpointStore), finished
     families are taken from it, a family in progress continues from its last checkpoint, and new progress and
     families are saved to it: a resumed run's result equals an uninterrupted one's, bit for bit.
+    Distributed (comm from globe.fit.distributed.init_comm; no store): each rank reads and fits its slice of the
+    experts; rank 0 returns the FitResult, the other ranks return None.
     """
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
@@ -243,14 +271,16 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
                 log.info("%s: taken from checkpoint", family)
                 families[family] = fam
                 continue
-            stack = reader.read_family(family)
+            stack = read_shard(reader, family, comm)
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
             resume = store.progress(family) if store is not None else None
             save = (lambda prog, f=family: store.save_progress(f, prog)) if store is not None else None
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save)
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save, comm)
             del stack
-            if store is not None:
+            if store is not None and families[family] is not None:
                 store.save_family(families[family])
+    if not comm.is_main:
+        return None
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
               "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left
 
 
@@ -18,10 +19,14 @@ class ModAccumulator:
     def add(self, codes: torch.Tensor, targets: torch.Tensor) -> None:
         """codes [c, m], targets [c, r, d] (fp32)."""
         self.ata += (codes.T.double() @ codes.double())
-        self.aty.addmm_(codes.T, targets.reshape(targets.shape[0], -1))
+        self.aty.addmm_(codes.T, targets.flatten(1))
 
-    def solve(self, ridge: float, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-        """New bank [m, r, d] and the condition number of the system. Unused atoms keep `previous`."""
+    def solve(self, ridge: float, previous: torch.Tensor | None = None,
+              comm: Comm = LOCAL) -> tuple[torch.Tensor, float]:
+        """New bank [m, r, d] and the condition number of the system. Unused atoms keep `previous`.
+        Distributed, the per-rank sums are all-reduced first."""
+        comm.all_reduce(self.ata)
+        comm.all_reduce(self.aty)
         chol = ridge_cholesky(self.ata, ridge)
         bank = solve_left(chol, self.aty.double()).float().view(self.shape)
         if previous is not None:
@@ -42,8 +47,10 @@ def mod_objective(codes: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor
     return float((targets - recon).square().sum() + ridge_abs * bank.square().sum())
 
 
-def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor, chunk: int) -> torch.Tensor:
-    """H(B)_j = sum_i alpha_ij G_i (sum_k alpha_ik B_k): the weighted MOD operator. Returns [m, r, d]."""
+def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor, chunk: int,
+                   comm: Comm = LOCAL) -> torch.Tensor:
+    """H(B)_j = sum_i alpha_ij G_i (sum_k alpha_ik B_k): the weighted MOD operator (summed over every rank's
+    experts). Returns [m, r, d]."""
     m, r, d = bank.shape
     flat = bank.reshape(m, r * d)
     out = torch.zeros(m, r * d, dtype=bank.dtype, device=bank.device)
@@ -51,20 +58,21 @@ def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor,
         c = codes[lo:lo + chunk]
         mixed = (c @ flat).view(-1, r, d)                                   # [c, r, d]
         out.addmm_(c.T, (grams[lo:lo + chunk] @ mixed).reshape(c.shape[0], -1))
-    return out.view(m, r, d)
+    return comm.all_reduce(out).view(m, r, d)
 
 
-def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor,
-                 ridge: float, iters: int = 12, chunk: int = 256) -> tuple[torch.Tensor, int, float]:
+def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor, ridge: float,
+                 iters: int = 12, chunk: int = 256, comm: Comm = LOCAL) -> tuple[torch.Tensor, int, float]:
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
     Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned
     CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x diag(mean G).
     codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, CG iterations, cond of alpha^T alpha).
+    Distributed: codes/grams are this rank's experts, rhs/bank0 already summed / identical on every rank.
     """
     m, r, d = bank0.shape
-    ata = (codes.T.double() @ codes.double())
-    gbar = grams.double().mean(0)
+    ata = comm.all_reduce(codes.T.double() @ codes.double())
+    gbar = comm.mean_rows(grams.double())
     lam = ridge * float(ata.diagonal().mean() * gbar.diagonal().mean()) + 1e-30
     chol_left = ridge_cholesky(ata, max(ridge, 1e-8))
     cond = float(cond_from_cholesky(chol_left))
@@ -72,7 +80,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     inv_diag = (1.0 / gbar.diagonal().clamp_min(1e-30)).float()[None, :, None]            # [1, r, 1]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return weighted_apply(x, codes, grams, chunk) + lam * x
+        return weighted_apply(x, codes, grams, chunk, comm) + lam * x
 
     def precond(x: torch.Tensor) -> torch.Tensor:
         y = (inv_left @ x.reshape(m, r * d)).view(m, r, d)                 # (alpha^T alpha)^-1 over atoms

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from globe.errors import NumericalError
 from globe.fit.adapters import PHI, refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping
 
@@ -46,13 +47,21 @@ def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
 
 
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                  cfg: FitConfig, steps: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history)."""
+                  cfg: FitConfig, steps: int, temperature: float,
+                  comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
+
+    Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
+    the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
+    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     start = (bank, codes)
+    n_all = comm.total(n)
+    offset = comm.shard(n_all)[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
-    params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
-    total = float(n * weights.shape[1] * weights.shape[2])                   # ||W||^2 in unit-RMS space
+    params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
+                        learn_gain=phi != "identity")
+    total = float(n_all * weights.shape[1] * weights.shape[2])               # ||W||^2 in unit-RMS space
     opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
@@ -63,12 +72,14 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         for lo in range(0, n, cfg.train.chunk_size):
             hi = min(lo + cfg.train.chunk_size, n)
             w = norm.chunk(weights, lo, hi, bank.device)
-            mixed = _mix(params(lo, hi), bank, phi)                            # [c, r, d]
+            mixed = _mix(params(offset + lo, offset + hi), bank, phi)          # [c, r, d]
             with torch.no_grad():
                 adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
             part.backward()
             loss += float(part.detach())
+        loss = comm.all_reduce_float(loss)
+        comm.all_reduce_grads([bank, *params.parameters()])
         if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         history.append(loss ** 0.5)
@@ -80,7 +91,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         log.warning("%s: rolled back to the state before variable projection", exc)
         return start[0], start[1], history[:1]                    # the first evaluation is at the start point
     with torch.no_grad():
-        out_codes = params()
+        out_codes = params(offset, offset + n)
         out_codes = torch.where(out_codes >= cfg.sparsity.eps * out_codes.amax(-1, keepdim=True), out_codes,
                                 torch.zeros_like(out_codes))
     log.info("varpro: %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
@@ -138,13 +149,18 @@ class DivergenceGuard:
 
 
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator):
+                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator,
+                comm: Comm = LOCAL):
     """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
+    Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
+    rank computes its part of it and the bank's gradient is all-reduced (fp16 is refused by the caller: the
+    GradScaler's skip decisions would differ between ranks).
     """
     t, phi, n = cfg.train, cfg.bank.phi, weights.shape[0]
-    dev = bank.device
+    dev, n_all = bank.device, comm.total(n)
+    offset = comm.shard(n_all)[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     adapters = torch.nn.Parameter(adapters.clone(memory_format=torch.contiguous_format))
     params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
@@ -156,23 +172,33 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
     guard = DivergenceGuard([bank, adapters, *params.parameters()], opt)
     for step in tqdm(range(t.refine_steps), desc="refine", leave=False,
                      disable=not log.isEnabledFor(logging.INFO)):
-        idx = torch.randperm(n, generator=gen)[: t.refine_batch].sort().values.to(dev)
+        idx = torch.randperm(n_all, generator=gen)[: t.refine_batch].sort().values
+        batch = idx.numel()
+        if comm.world > 1:
+            idx = idx[(idx >= offset) & (idx < offset + n)] - offset              # this rank's part of the batch
+        idx = idx.to(dev)
         w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
         with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             mix = (lambda c, b: _mix(c, b, phi))
             mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
                 else mix(params(index=idx), bank)
             recon = adapters[idx] @ mixed
-        loss = (w - recon.float()).square().sum() / (idx.numel() * numel)
-        if not guard.check(float(loss.detach()), step):
+        loss = (w - recon.float()).square().sum() / (batch * numel)
+        total = comm.all_reduce_float(float(loss.detach()))                 # the same on every rank
+        if not guard.check(total, step):
             if guard.exhausted:
                 break
             continue
         opt.zero_grad()
         scaler.scale(loss).backward()
+        if comm.world > 1:
+            for param in (bank, adapters, *params.parameters()):           # as one process: zero grads, not None
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            comm.all_reduce_grads([bank])
         scaler.step(opt)
         scaler.update()
-        history.append(float(loss.detach()) ** 0.5)
+        history.append(total ** 0.5)
     guard.restore_if_worse()
     with torch.no_grad():
         out_codes = params()

@@ -13,19 +13,23 @@ import torch
 from tqdm.auto import tqdm
 
 from globe.fit.config import FitConfig
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky
 from globe.fit.normalize import Normalizer
 
 log = logging.getLogger(__name__)
 
 
-def aligned_targets(weights: torch.Tensor, norm: Normalizer, r: int, chunk: int, device="cpu") -> torch.Tensor:
-    """Gauge-aligned rank-r targets [N, r, d] of the normalised experts."""
+def aligned_targets(weights: torch.Tensor, norm: Normalizer, r: int, chunk: int, device="cpu",
+                    comm: Comm = LOCAL) -> torch.Tensor:
+    """Gauge-aligned rank-r targets [N, r, d] of the normalised experts (distributed: of this rank's experts,
+    aligned to the row space of all of them)."""
     n, _, d = weights.shape
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
     for lo in range(0, n, chunk):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
         cov += torch.einsum("cpd,cpe->de", w, w).double()
+    comm.all_reduce(cov)
     ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
     out = torch.empty(n, r, d, device=device)
     for lo in tqdm(range(0, n, chunk), desc="targets", leave=False, disable=not log.isEnabledFor(logging.INFO)):

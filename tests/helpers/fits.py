@@ -3,6 +3,7 @@
     exact_result(model)          # m = N atoms, atom i = W_i, r = p, A_i = I: reconstruct() == the experts exactly
     quick_fit(checkpoint_dir)    # globe.fit_model with tiny settings, cached per directory for the session
     char_tokenizer(out_dir)      # a character-level fast tokenizer with < 64 ids (fits the tiny models' vocab)
+    on_device(cfg, device)       # cfg with train.device = the `device` fixture (pytest --device)
 """
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def exact_result(model, families: tuple[str, ...] = ("gate", "up"), model_type: 
                                  ids=ref[family].ids)
     source = {"model_type": model_type or model.config.model_type}
     return FitResult(families=fams, config=FitConfig(), source=source)
+
+
+def on_device(cfg: FitConfig, device: torch.device | str) -> FitConfig:
+    """Set cfg.train.device (in place) and return cfg."""
+    cfg.train.device = str(device)
+    return cfg
 
 
 @lru_cache(maxsize=None)

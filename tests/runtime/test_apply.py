@@ -22,26 +22,28 @@ def _ids(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, use_cache=False).logits
+    """Logits on the CPU of ids run on the model's device."""
+    return model(input_ids=ids.to(next(model.parameters()).device), use_cache=False).logits.cpu()
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "deepseek_v2", "olmoe"])
 @pytest.mark.parametrize("mode", MODES)
-def test_exact_bank_reproduces_the_original_logits(tiny_model, arch, mode):
-    model = tiny_model(arch)
-    patched = apply_globe(copy.deepcopy(model), exact_result(model), mode=mode, cache_size=2)
+def test_exact_bank_reproduces_the_original_logits(tiny_model, arch, mode, device):
+    model = copy.deepcopy(tiny_model(arch)).to(device)
+    patched = apply_globe(copy.deepcopy(model), exact_result(tiny_model(arch)), mode=mode, cache_size=2)
     for ids in (_ids(), _ids(1, 3, seed=1)):                       # grouped path and gathered (decode-size) path
         torch.testing.assert_close(_logits(patched, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
-def test_factored_cached_dense_agree(tiny_checkpoint, arch):
+def test_factored_cached_dense_agree(tiny_checkpoint, arch, device):
     path = tiny_checkpoint(arch)
     result = quick_fit(path)
     outs = {}
     for mode in MODES:
         for pairs in (0, 10_000):                                  # force the grouped loop / the gathered path
-            model = apply_globe(load_model(path), result, mode=mode, cache_size=1, max_gathered_pairs=pairs)
+            model = apply_globe(load_model(path, device=device), result, mode=mode, cache_size=1,
+                                max_gathered_pairs=pairs)
             inputs = [_ids()] + [_ids(1, 1, seed=s) for s in range(4)]
             outs[mode, pairs] = [_logits(model, ids) for ids in inputs]
     ref = outs["dense", 0]
@@ -84,21 +86,22 @@ def test_bank_is_one_tensor_shared_by_every_layer(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_generate_works_in_every_mode(tiny_checkpoint, mode):
+def test_generate_works_in_every_mode(tiny_checkpoint, mode, device):
     path = tiny_checkpoint("mixtral")
-    model = apply_globe(load_model(path), quick_fit(path), mode=mode, cache_size=2)
-    out = model.generate(input_ids=_ids(1, 5), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=6,
-                         min_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids, mask = _ids(1, 5).to(device), torch.ones(1, 5, dtype=torch.long, device=device)
+    model = apply_globe(load_model(path, device=device), quick_fit(path), mode=mode, cache_size=2)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
     assert out.shape == (1, 11)
-    dense = apply_globe(load_model(path), quick_fit(path), mode="dense")
-    ref = dense.generate(input_ids=_ids(1, 5), attention_mask=torch.ones(1, 5, dtype=torch.long), max_new_tokens=6,
-                         min_new_tokens=6, do_sample=False, pad_token_id=0)
+    dense = apply_globe(load_model(path, device=device), quick_fit(path), mode="dense")
+    ref = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0)
     assert torch.equal(out, ref)
 
 
-def test_set_mode_switches_without_changing_outputs(tiny_checkpoint):
+def test_set_mode_switches_without_changing_outputs(tiny_checkpoint, device):
     path = tiny_checkpoint("qwen2_moe")
-    model = apply_globe(load_model(path), quick_fit(path), mode="factored")
+    model = apply_globe(load_model(path, device=device), quick_fit(path), mode="factored")
     ref = _logits(model, _ids())
     for mode in ("dense", "cached", "factored"):
         set_mode(model, mode, cache_size=3)
