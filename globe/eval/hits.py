@@ -6,6 +6,8 @@ the number that matters for generation is the per-step rate, measured here by te
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -20,13 +22,15 @@ def decode_hit_rate(model: nn.Module, input_ids: torch.Tensor, tokens: int = 256
     if not any(m.cache is not None for m in globe_modules(model).values()):
         return None
     ids = input_ids.reshape(-1)[:tokens].to(next(model.parameters()).device)
+    # transformers >= 5.2x names the KV cache `cache`; earlier 5.x releases `past_key_values`
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     set_collect_stats(model, True)
     reset_cache_stats(model)
     try:
         for start in range(0, ids.numel(), window):
             past = None
             for token in ids[start:start + window]:
-                past = model(input_ids=token.view(1, 1), cache=past, use_cache=True).cache
+                past = getattr(model(input_ids=token.view(1, 1), use_cache=True, **{key: past}), key)
     finally:
         set_collect_stats(model, False)
     stats = cache_stats(model)
