@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from globe.fit.activation import (activation_metrics, activation_refine, family_whitener, unwhiten_bank,
+                                  whiten_globally)
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
@@ -60,11 +62,12 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) 
     return (b.m if b.m is not None else m), r
 
 
-def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
+def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig, whiten=None):
     """Exact adapters for phi(codes @ bank), chunk by chunk, in the normalised space.
 
     Returns (adapters [N, p, r], codes [N, m], sq_err [N] in the original space). With identity phi the codes
-    are put on the simplex and their row sums moved into the adapters.
+    are put on the simplex and their row sums moved into the adapters. With `whiten` (globe.fit.activation) the
+    adapters and sq_err are those of the activation-weighted objective ||(W_i - A_i M_i) L_i||^2.
     """
     n, dev = weights.shape[0], bank.device
     if phi == "identity":
@@ -73,7 +76,10 @@ def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
     sq_err = torch.empty(n, dtype=torch.float64)
     for lo in range(0, n, cfg.train.chunk_size):
         hi = min(lo + cfg.train.chunk_size, n)
-        fit = refit_adapters(norm.chunk(weights, lo, hi, dev), compose(codes[lo:hi], bank, phi), cfg.train.ridge)
+        w, mixed = norm.chunk(weights, lo, hi, dev), compose(codes[lo:hi], bank, phi)
+        if whiten is not None:
+            w, mixed = whiten(w, lo, hi), whiten(mixed, lo, hi)
+        fit = refit_adapters(w, mixed, cfg.train.ridge)
         adapters[lo:hi] = fit.adapters
         sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
     return adapters, codes, sq_err
@@ -84,31 +90,48 @@ def _rel(sq_err: torch.Tensor, norm: Normalizer) -> float:
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
-               generator: torch.Generator | None = None) -> FamilyFit:
-    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert)."""
+               generator: torch.Generator | None = None, whiten=None) -> FamilyFit:
+    """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
+
+    whiten: a globe.fit.activation.Whitener for an activation-aware fit (see activation_refine), else None."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
+    base, factor = weights, None
+    if whiten is not None and cfg.activation.global_init:      # fit W_i L_g, fold L_g^-1 into the bank after
+        factor = whiten.global_factor()
+        base = whiten_globally(weights, factor, cfg.train.chunk_size)
     with phase(timings, "normalize", device):
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
-        norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
+        norm = Normalizer.fit(base, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(weights, norm, cfg, device)
+        m, r = pick_shape(base, norm, cfg, device)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
     with phase(timings, "warm_start", device):
-        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+        targets = aligned_targets(base, norm, r, cfg.train.chunk_size, device)
     with phase(timings, "am_varpro", device):
-        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family)
+        state, bank, codes, history = alternate(base, norm, targets, m, cfg, gen, family)
         del targets
-    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
+    if whiten is not None:
+        with phase(timings, "activation", device):
+            if factor is not None:
+                bank, codes = unwhiten_bank(bank, codes, factor.to(bank.device))
+                del base
+                norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
+            bank, codes, history["activation"] = activation_refine(weights, norm, bank, codes, cfg,
+                                                                   state.temperature, whiten)
+    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg, whiten))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
-            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family)
+            fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family,
+                                                       whiten)
     bank, adapters, codes, sq_err = fitted
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
+    if whiten is not None:
+        fam.metrics.update(activation_metrics(fam, weights, norm, sq_err, whiten, cfg.train.chunk_size))
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
@@ -144,12 +167,13 @@ def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, f
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
-                   family: str) -> tuple[tuple, list[float]]:
+                   family: str, whiten=None) -> tuple[tuple, list[float]]:
     """Adam refinement of (bank, adapters, codes, sq_err); rolled back with a warning if it raised the error."""
     bank, adapters, codes, sq_err = fitted
-    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen)
+    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen,
+                                                  whiten)
     new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
-    refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg))
+    refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg, whiten))
     if _rel(refined[3], norm) <= _rel(sq_err, norm):
         return refined, history
     log.warning("%s: Adam refinement raised the error (%.5f -> %.5f): rolled back", family, _rel(sq_err, norm),
@@ -192,9 +216,11 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[st
     Family k is seeded with cfg.train.seed + k, so a family fitted in a resumed run equals an uninterrupted
     one. `done` holds families already fitted (resume); on_family(fam) is called after each new family.
     """
+    from globe.calibration import load_stats
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
     families, t0 = dict(done or {}), time.perf_counter()
+    stats = load_stats(cfg.activation.stats) if cfg.activation.stats else None
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
         for k, family in enumerate(cfg.bank.families):
@@ -203,7 +229,8 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[st
                 continue
             stack = reader.read_family(family)
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen)
+            whiten = family_whitener(stats, family, stack, cfg.activation) if stats is not None else None
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, whiten)
             del stack
             if on_family is not None:
                 on_family(families[family])

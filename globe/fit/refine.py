@@ -45,13 +45,36 @@ def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
     return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
 
 
+class _Targets:
+    """Normalised weight chunks, whitened (W_i L_i) and cached in fp32 when a whitener is given."""
+
+    def __init__(self, weights: torch.Tensor, norm: Normalizer, device, whiten) -> None:
+        self.weights, self.norm, self.device, self.whiten = weights, norm, device, whiten
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if self.whiten is None:
+            return self.norm.chunk(self.weights, lo, hi, self.device)
+        if (lo, hi) not in self.cache:
+            self.cache[lo, hi] = self.whiten(self.norm.chunk(self.weights, lo, hi, self.device), lo, hi)
+        return self.cache[lo, hi]
+
+
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                  cfg: FitConfig, steps: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history)."""
+                  cfg: FitConfig, steps: int, temperature: float,
+                  whiten=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
+
+    whiten(x, lo, hi) (a globe.fit.activation.Whitener) makes the objective sum_i ||(W_i - A_i M_i) L_i||^2;
+    the whitened weights W_i L_i are then kept in fp32 for the run (N p d floats)."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
+    targets = _Targets(weights, norm, bank.device, whiten)
+    bounds = [(lo, min(lo + cfg.train.chunk_size, n)) for lo in range(0, n, cfg.train.chunk_size)]
     total = float(n * weights.shape[1] * weights.shape[2])                   # ||W||^2 in unit-RMS space
+    if whiten is not None:
+        total = sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
     opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
@@ -59,10 +82,11 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = 0.0
-        for lo in range(0, n, cfg.train.chunk_size):
-            hi = min(lo + cfg.train.chunk_size, n)
-            w = norm.chunk(weights, lo, hi, bank.device)
+        for lo, hi in bounds:
+            w = targets(lo, hi)                                                # [c, p, d] (whitened)
             mixed = _mix(params(lo, hi), bank, phi)                            # [c, r, d]
+            if whiten is not None:
+                mixed = whiten(mixed, lo, hi)
             with torch.no_grad():
                 adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
@@ -83,8 +107,9 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
 
 
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator):
+                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator, whiten=None):
     """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space.
+    whiten (a globe.fit.activation.Whitener) weights the residuals on the right.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
     """
@@ -106,7 +131,10 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
             mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
                 else mix(params(index=idx), bank)
             recon = adapters[idx] @ mixed
-        loss = (w - recon.float()).square().sum() / (idx.numel() * numel)
+        resid = w - recon.float()
+        if whiten is not None:
+            resid = whiten.rows(resid, idx.cpu())
+        loss = resid.square().sum() / (idx.numel() * numel)
         if not torch.isfinite(loss):
             raise NumericalError("NaN/Inf in Adam refinement (lower train.refine_lr or use amp=none)")
         opt.zero_grad()
