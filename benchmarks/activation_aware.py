@@ -6,11 +6,12 @@ by scripts/build_corpus.py; the held-out text is a disjoint set of documents). F
 TOTAL parameters it fits every method and reports total params, perplexity and the increase over the original:
   weight-space            gate, up; plain Frobenius objective (VarPro gets the activation stage's evaluations
                           too, so both spend the same L-BFGS budget)
-  activation-aware        gate, up; + VarPro under ||(W - W_hat) L_l||^2, C_l = L_l L_l^T per layer
-  activation-aware/expert C from the tokens routed to each expert, blended with C_l
-  + routing weights       per-expert C and errors weighted by routing frequency
+  activation-aware/layer  gate, up; AM on W L_g, then VarPro under ||(W - W_hat) L_l||^2, C_l = L_l L_l^T per layer
+  activation-aware        the same with each expert's C from its routed tokens, blended with C_l (the default)
+  + channel weights       rows weighted by their channel's first-order effect on the expert output
+  + routing weights       errors weighted by routing frequency
   weight-space + down     gate, up, down at the same total cut (each family gets the same budget)
-  activation-aware + down the same with per-expert C (down's input statistics are per expert)
+  activation-aware + down the same, activation-aware (default settings)
 Writes JSON (default benchmarks/results/activation_aware.json).
 
     python benchmarks/activation_aware.py
@@ -41,14 +42,16 @@ from globe.runtime import apply_globe
 
 log = logging.getLogger("benchmarks.activation_aware")
 REPO = Path(__file__).resolve().parents[1]
-# method -> (families, activation-aware, per-expert C, routing weights)
+# method -> (families, ActivationConfig overrides or None for the weight-space fit)
+GATE_UP, ALL = ("gate", "up"), ("gate", "up", "down")
 METHODS = {
-    "weight-space": (("gate", "up"), False, False, False),
-    "activation-aware": (("gate", "up"), True, False, False),
-    "activation-aware/expert": (("gate", "up"), True, True, False),
-    "activation-aware + routing weights": (("gate", "up"), True, True, True),
-    "weight-space + down": (("gate", "up", "down"), False, False, False),
-    "activation-aware + down": (("gate", "up", "down"), True, True, False),
+    "weight-space": (GATE_UP, None),
+    "activation-aware/layer": (GATE_UP, {"per_expert": False}),
+    "activation-aware": (GATE_UP, {}),
+    "activation-aware + channel weights": (GATE_UP, {"channel_weights": True}),
+    "activation-aware + routing weights": (GATE_UP, {"routing_weights": True}),
+    "weight-space + down": (ALL, None),
+    "activation-aware + down": (ALL, {}),
 }
 
 
@@ -87,11 +90,12 @@ def budget_for(reduction: float, inv, families: tuple[str, ...], support: int) -
 
 
 def method_config(method: str, reduction: float, inv, stats_path: str, args) -> FitConfig:
-    families, aware, per_expert, routing = METHODS[method]
+    families, overrides = METHODS[method]
     budget, support = budget_for(reduction, inv, families, args.target_support)
+    aware = overrides is not None
     varpro = args.varpro_steps + (0 if aware else args.act_steps)
-    activation = ActivationConfig(stats=stats_path if aware else None, per_expert=per_expert,
-                                  routing_weights=routing, steps=args.act_steps)
+    activation = ActivationConfig(stats=stats_path, steps=args.act_steps, **overrides) if aware else \
+        ActivationConfig()
     return FitConfig(bank=BankConfig(budget=budget, families=families),
                      sparsity=SparsityConfig(target_support=support),
                      train=TrainConfig(am_iters=args.am_iters, varpro_steps=varpro), activation=activation)
@@ -137,7 +141,8 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for name in ("globe.fit.engine", "globe.fit.am", "globe.fit.refine", "globe.fit.budget", "globe.io.reader"):
+    for name in ("globe.fit.engine", "globe.fit.am", "globe.fit.refine", "globe.fit.budget", "globe.io.reader",
+                 "globe.calibration.collect"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import transformers
     t_start = time.perf_counter()

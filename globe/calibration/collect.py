@@ -5,7 +5,8 @@
 Each MoE layer's experts module is called as forward(hidden [T, d], top_k_index [T, k], top_k_weights [T, k]);
 the hook reads those inputs only (the forward itself is untouched) and accumulates, in fp64, x x^T over all
 tokens and, per expert, over the tokens routed to it, plus h h^T of the down projection's input
-h = act(W_g x) * (W_u x) recomputed from the module's own weights. Hooks are removed even if a forward fails.
+h = act(W_g x) * (W_u x) recomputed from the module's own weights, and per intermediate channel j the output
+sensitivities ||D_:,j||^2 sum_t (act'(g_j) u_j)^2 (gate) and ||D_:,j||^2 sum_t act(g_j)^2 (up). Hooks are removed even if a forward fails.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class _LayerSums:
         self.weight_sums = torch.zeros(num_experts, dtype=torch.float64)
         self.hidden_expert = torch.zeros(num_experts, d, d, dtype=torch.float64) if per_expert else None
         self.inter_expert = torch.zeros(num_experts, p, p, dtype=torch.float64) if per_expert else None
+        self.gate_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
+        self.up_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
         self.tokens = 0
 
     def add(self, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
@@ -52,8 +55,22 @@ class _LayerSums:
             self.hidden_expert[e] += xe.T @ xe
             gate_up = module.gate_up_proj[e].detach().float().cpu()                # [2p, d]
             pre = xe.float() @ gate_up.T                                            # [n_e, 2p]
-            h = (module.act_fn(pre[:, :p]) * pre[:, p:]).double()                   # [n_e, p]
+            gate, up = pre[:, :p], pre[:, p:]
+            act, slope = _act_and_slope(module.act_fn, gate)                        # [n_e, p] each
+            h = (act * up).double()                                                 # [n_e, p]
             self.inter_expert[e] += h.T @ h
+            out_sq = module.down_proj[e].detach().float().cpu().square().sum(0).double()   # [p] ||D_:,j||^2
+            self.gate_channels[e] += (slope * up).double().square().sum(0) * out_sq
+            self.up_channels[e] += act.double().square().sum(0) * out_sq
+
+
+def _act_and_slope(act_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) and act'(x) elementwise (autograd on a detached copy)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        y = act_fn(x)
+        (slope,) = torch.autograd.grad(y.sum(), x)
+    return y.detach(), slope
 
 
 def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,4 +121,6 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
                            counts=stack("counts"), weight_sums=stack("weight_sums"),
                            hidden_expert=stack("hidden_expert") if per_expert else None,
                            intermediate_expert=stack("inter_expert") if per_expert else None,
+                           gate_channels=stack("gate_channels") if per_expert else None,
+                           up_channels=stack("up_channels") if per_expert else None,
                            info={"window": window, **(info or {})})

@@ -5,6 +5,8 @@ Per MoE layer l (stacked along the first axis, in `layers` order), sums over the
   hidden.expert_sum      [L, E, d, d]  the same over the tokens routed to expert e        (optional: per_expert)
   intermediate.expert_sum [L, E, p, p] sum h h^T of the down projection's input h = act(W_g x) * (W_u x)
                                         over the tokens routed to expert e                  (optional: per_expert)
+  gate.channel_sums      [L, E, p]     ||D_:,j||^2 sum_t (act'(g_j) u_j)^2: first-order output weight of gate row j
+  up.channel_sums        [L, E, p]     ||D_:,j||^2 sum_t act(g_j)^2: the same for up row j    (optional: per_expert)
   routed.counts          [L, E]        tokens routed to each expert
   routed.weight_sums     [L, E]        sum of the routing weights of those tokens
   layers                 [L]           MoE layer indices
@@ -39,6 +41,8 @@ class ActivationStats:
     weight_sums: torch.Tensor                     # [L, E]
     hidden_expert: torch.Tensor | None = None     # [L, E, d, d]
     intermediate_expert: torch.Tensor | None = None   # [L, E, p, p]
+    gate_channels: torch.Tensor | None = None     # [L, E, p]
+    up_channels: torch.Tensor | None = None       # [L, E, p]
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,6 +59,9 @@ class ActivationStats:
             out["hidden.expert_sum"] = self.hidden_expert.float()
         if self.intermediate_expert is not None:
             out["intermediate.expert_sum"] = self.intermediate_expert.float()
+        for name in ("gate", "up"):
+            if getattr(self, f"{name}_channels") is not None:
+                out[f"{name}.channel_sums"] = getattr(self, f"{name}_channels").float()
         return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -92,4 +99,6 @@ def load_stats(path: str | Path) -> ActivationStats:
     return ActivationStats(layers=tensors["layers"].tolist(), hidden=tensors["hidden.sum"],
                            tokens=int(info.get("tokens", 0)), counts=tensors["routed.counts"],
                            weight_sums=tensors["routed.weight_sums"], hidden_expert=tensors.get("hidden.expert_sum"),
-                           intermediate_expert=tensors.get("intermediate.expert_sum"), info=info)
+                           intermediate_expert=tensors.get("intermediate.expert_sum"),
+                           gate_channels=tensors.get("gate.channel_sums"), up_channels=tensors.get("up.channel_sums"),
+                           info=info)

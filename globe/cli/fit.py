@@ -37,8 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration", metavar="STATS",
                    help="activation statistics from `globe calibrate`: fit the activation-weighted error "
                         "||(W - W_hat) C^1/2|| instead of the plain weight error")
-    p.add_argument("--per-expert", action="store_true",
-                   help="with --calibration: each expert's C from its routed tokens (blended with the layer's)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="with --calibration: one C per MoE layer instead of each expert's C from its routed tokens")
     p.add_argument("--routing-weights", action="store_true",
                    help="with --calibration: weight each expert's error by its routing frequency")
     p.add_argument("--activation-steps", type=int,
@@ -64,10 +64,10 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     for attr, value in [("stats", args.calibration), ("steps", args.activation_steps)]:
         if value is not None:
             setattr(a, attr, value)
-    a.per_expert = a.per_expert or args.per_expert
+    a.per_expert = a.per_expert and not args.per_layer
     a.routing_weights = a.routing_weights or args.routing_weights
-    if (a.per_expert or a.routing_weights) and not a.stats:
-        raise ConfigError("--per-expert / --routing-weights need --calibration STATS")
+    if (args.per_layer or args.routing_weights) and not a.stats:
+        raise ConfigError("--per-layer / --routing-weights need --calibration STATS")
     if args.families:
         b.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     return cfg.validate()

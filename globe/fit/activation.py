@@ -33,8 +33,17 @@ class Whitener:
     factors: torch.Tensor   # [G, k, k] Cholesky factors (G = layers, or experts with per-expert statistics)
     index: torch.Tensor     # [N] row of `factors` for each expert (long)
     gains: torch.Tensor     # [N] sqrt of each expert's weight (1 without routing weights)
+    rows: torch.Tensor | None = None   # [N, p] output-row weights Lambda_i (channel weights), or None
 
-    def rows(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def scale_rows(self, weights: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Lambda_i W_i for every expert: [N, p, k] fp32 (the objective ||Lambda (W - A M) L||: fit Lambda W, then
+        divide the adapters' rows by Lambda; the bank is untouched)."""
+        out = torch.empty(weights.shape, dtype=torch.float32)
+        for lo in range(0, weights.shape[0], chunk):
+            out[lo:lo + chunk] = weights[lo:lo + chunk].float() * self.rows[lo:lo + chunk, :, None]
+        return out
+
+    def select(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [c, rows, k] of the given experts [c] -> x_i L_i g_i."""
         experts = experts.to(self.index.device)
         factors = self.factors[self.index[experts]].to(x.device, x.dtype)             # [c, k, k]
@@ -42,7 +51,7 @@ class Whitener:
 
     def __call__(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """x [hi - lo, rows, k] of experts lo:hi -> whitened."""
-        return self.rows(x, torch.arange(lo, hi))
+        return self.select(x, torch.arange(lo, hi))
 
     def global_factor(self) -> torch.Tensor:
         """Cholesky factor [k, k] of the experts' mean weighted C (sum_i g_i^2 L_i L_i^T / N): one right factor
@@ -88,13 +97,13 @@ def second_moments(stats: ActivationStats, family: str, per_expert: bool, prior_
         return layer[:, None]
     if sums is None:
         raise ConfigError("activation.per_expert needs per-expert statistics: run `globe calibrate` without "
-                          "--layer-only")
+                          "--layer-only, or fit with --per-layer")
     return (sums + prior_tokens * layer[:, None]) / (counts + prior_tokens)[..., None, None]
 
 
 def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: int, per_expert: bool = False,
                    prior_tokens: float = 64.0, damp: float = 0.01, routing_weights: bool = False,
-                   routing_floor: float = 0.1) -> Whitener:
+                   routing_floor: float = 0.1, channel_weights: bool = False) -> Whitener:
     """Whitener for the experts `ids` [N, 2] (layer, expert) of one family whose input dimension is k."""
     moments = second_moments(stats, family, per_expert, prior_tokens)               # [L, E or 1, k', k']
     if moments.shape[-1] != k:
@@ -117,7 +126,24 @@ def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: in
         freq = counts / counts.mean(1, keepdim=True).clamp_min(1e-12)                # mean 1 per layer
         weight = (1 - routing_floor) * freq[layer_pos, expert] + routing_floor
         gains = weight.sqrt().float()
-    return Whitener(factors=factors, index=index, gains=gains)
+    rows = channel_rows(stats, family, layer_pos, expert, prior_tokens) if channel_weights else None
+    return Whitener(factors=factors, index=index, gains=gains, rows=rows)
+
+
+def channel_rows(stats: ActivationStats, family: str, layer_pos: torch.Tensor, expert: torch.Tensor,
+                 prior_tokens: float) -> torch.Tensor | None:
+    """Row weights Lambda_i [N, p] of gate/up from the first-order output sensitivity of each intermediate channel
+    (mean 1 per expert, blended towards 1 with prior_tokens); None for down (its rows are the residual stream)."""
+    if family == "down":
+        return None
+    sums = getattr(stats, f"{family}_channels")
+    if sums is None:
+        raise ConfigError("activation.channel_weights needs per-expert statistics with channel sums: re-run "
+                          "`globe calibrate` (without --layer-only)")
+    energy = sums.double()[layer_pos, expert]                                        # [N, p]
+    energy = energy / energy.mean(1, keepdim=True).clamp_min(1e-30)
+    n = stats.counts.double()[layer_pos, expert][:, None]
+    return ((n * energy + prior_tokens) / (n + prior_tokens)).sqrt().float()
 
 
 def weighted_sq_norms(weights: torch.Tensor, whiten: Whitener, chunk: int) -> torch.Tensor:
@@ -133,7 +159,7 @@ def family_whitener(stats: ActivationStats, family: str, stack, cfg: ActivationC
     """Whitener of an ExpertStack (weights [N, rows, k], ids [N, 2]) from `cfg`."""
     return build_whitener(stats, family, stack.ids, stack.weights.shape[2], per_expert=cfg.per_expert,
                           prior_tokens=cfg.prior_tokens, damp=cfg.damp, routing_weights=cfg.routing_weights,
-                          routing_floor=cfg.routing_floor)
+                          routing_floor=cfg.routing_floor, channel_weights=cfg.channel_weights)
 
 
 def whiten_globally(weights: torch.Tensor, factor: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -164,13 +190,15 @@ def activation_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tenso
 
 
 def activation_metrics(fam, weights: torch.Tensor, norm: Normalizer, weighted_sq_err: torch.Tensor,
-                       whiten: Whitener, chunk: int) -> dict:
-    """Weight-space error metrics of the final fit (rel_err, ...) plus its activation-weighted error act_rel_err."""
+                       whiten: Whitener, chunk: int, fitted: torch.Tensor | None = None) -> dict:
+    """Weight-space error metrics of the final fit (rel_err, ...) plus its activation-weighted error act_rel_err.
+    fitted: the row-scaled weights the fit saw (Lambda W), when channel weights were used."""
     n = weights.shape[0]
     sq_err = torch.empty(n, dtype=torch.float64)
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         diff = weights[lo:hi].float() - fam.reconstruct(slice(lo, hi))
         sq_err[lo:hi] = diff.square().sum((1, 2)).double()
-    act = float((weighted_sq_err.sum() / weighted_sq_norms(weights, whiten, chunk).sum()).sqrt())
+    fitted = weights if fitted is None else fitted
+    act = float((weighted_sq_err.sum() / weighted_sq_norms(fitted, whiten, chunk).sum()).sqrt())
     return {**error_metrics(sq_err, norm.sq_norms, fam.ids), "act_rel_err": act, "act_energy_captured": 1 - act ** 2}

@@ -73,12 +73,13 @@ class ActivationConfig:
     (C_i = L_i L_i^T of each layer or expert) and the adapters are refitted exactly for it."""
 
     stats: str | None = None       # statistics file written by `globe calibrate`
-    per_expert: bool = False       # C from the tokens routed to each expert, blended with the layer's C
+    per_expert: bool = True        # C from the tokens routed to each expert, blended with the layer's C
     prior_tokens: float = 64.0     # weight of the layer's C in that blend, in tokens
     routing_weights: bool = False  # weight each expert's error by its routing frequency
     routing_floor: float = 0.1     # weight = (1 - floor) * frequency / mean frequency + floor
     damp: float = 0.01             # ridge on C scaled to mean eigenvalue 1
     steps: int = 100               # L-BFGS evaluations of the activation-aware variable projection
+    channel_weights: bool = False  # weight gate/up rows by their channel's first-order effect on the output
     global_init: bool = True       # run warm start + AM on W_i L_g (L_g: mean C over experts), unwhiten the bank
 
 

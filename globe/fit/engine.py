@@ -98,6 +98,9 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
+    original = weights
+    if whiten is not None and whiten.rows is not None:        # ||Lambda (W - A M) L||: fit Lambda W, unscale A
+        weights = whiten.scale_rows(weights, cfg.train.chunk_size)
     base, factor = weights, None
     if whiten is not None and cfg.activation.global_init:      # fit W_i L_g, fold L_g^-1 into the bank after
         factor = whiten.global_factor()
@@ -127,11 +130,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family,
                                                        whiten)
     bank, adapters, codes, sq_err = fitted
-    fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=norm.fold(adapters), scales=norm.scales,
+    adapters = norm.fold(adapters)
+    if original is not weights:
+        adapters = adapters / whiten.rows.to(adapters)[:, :, None]
+    fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=adapters, scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
     if whiten is not None:
-        fam.metrics.update(activation_metrics(fam, weights, norm, sq_err, whiten, cfg.train.chunk_size))
+        fam.metrics.update(activation_metrics(fam, original, Normalizer.fit(original, cfg.train.chunk_size), sq_err,
+                                              whiten, cfg.train.chunk_size, weights))
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])

@@ -133,7 +133,7 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
             recon = adapters[idx] @ mixed
         resid = w - recon.float()
         if whiten is not None:
-            resid = whiten.rows(resid, idx.cpu())
+            resid = whiten.select(resid, idx.cpu())
         loss = resid.square().sum() / (idx.numel() * numel)
         if not torch.isfinite(loss):
             raise NumericalError("NaN/Inf in Adam refinement (lower train.refine_lr or use amp=none)")

@@ -54,6 +54,12 @@ def test_sums_are_the_routed_second_moments(tiny_model):
         gate, up = torch.nn.functional.linear(xe, module.gate_up_proj[e]).chunk(2, dim=-1)
         h = (module.act_fn(gate) * up).double()
         assert torch.allclose(stats.intermediate_expert[pos, e], h.T @ h, rtol=1e-5, atol=1e-6)
+        # channel sensitivities (SiLU: act' = s (1 + g (1 - s)), s = sigmoid(g)), times ||D_:,j||^2
+        s = torch.sigmoid(gate)
+        out_sq = module.down_proj[e].square().sum(0).double()
+        slope = s * (1 + gate * (1 - s))
+        assert torch.allclose(stats.gate_channels[pos, e], (slope * up).double().square().sum(0) * out_sq, rtol=1e-4)
+        assert torch.allclose(stats.up_channels[pos, e], (gate * s).double().square().sum(0) * out_sq, rtol=1e-4)
 
 
 def test_round_trip_and_layer_only(tiny_model, tmp_path):
@@ -62,7 +68,7 @@ def test_round_trip_and_layer_only(tiny_model, tmp_path):
     path = save_stats(stats, tmp_path / "s.safetensors")
     back = load_stats(path)
     assert back.layers == stats.layers and back.tokens == stats.tokens and back.info["text"] == "x.txt"
-    for name in ("hidden", "counts", "hidden_expert", "intermediate_expert"):
+    for name in ("hidden", "counts", "hidden_expert", "intermediate_expert", "gate_channels", "up_channels"):
         assert torch.allclose(getattr(back, name).double(), getattr(stats, name).double(), rtol=1e-6)
     small = collect_stats(model, tokens(), window=16, per_expert=False)
     assert small.hidden_expert is None and torch.allclose(small.hidden, stats.hidden)

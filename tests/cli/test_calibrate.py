@@ -34,7 +34,7 @@ def test_calibrate_writes_stats_and_fit_uses_them(calibrated, tmp_path, capsys):
     loaded = load_stats(stats)
     assert loaded.tokens == 200 and loaded.per_expert and loaded.info["text"].endswith("calib.txt")
     out = tmp_path / "art"
-    assert main(["fit", str(model_dir), "-o", str(out), *FIT, "--calibration", str(stats), "--per-expert",
+    assert main(["fit", str(model_dir), "-o", str(out), *FIT, "--calibration", str(stats),
                  "--families", "gate,up,down"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) == {"gate", "up", "down"}
@@ -46,7 +46,7 @@ def test_calibrate_writes_stats_and_fit_uses_them(calibrated, tmp_path, capsys):
 
 def test_fit_flags_need_calibration_and_missing_stats_fail_cleanly(calibrated, tmp_path, capsys):
     model_dir, _ = calibrated
-    assert main(["fit", str(model_dir), "-o", str(tmp_path / "a"), *FIT, "--per-expert"]) == 2
+    assert main(["fit", str(model_dir), "-o", str(tmp_path / "a"), *FIT, "--per-layer"]) == 2
     assert "need --calibration" in capsys.readouterr().err
     assert main(["fit", str(model_dir), "-o", str(tmp_path / "b"), *FIT, "--calibration",
                  str(tmp_path / "none.safetensors")]) == 2

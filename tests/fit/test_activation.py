@@ -178,3 +178,34 @@ def test_global_whitening_folds_back_into_one_shared_bank():
     mixed = (new_codes @ bank.flatten(1)).view(4, 2, 6)
     assert torch.allclose(mixed @ g, (codes @ bank_w.flatten(1)).view(4, 2, 6), atol=1e-4)
     assert torch.allclose(bank.flatten(1).norm(dim=1), torch.ones(3))
+
+
+def test_row_weights_change_the_bank_objective_not_the_optimal_adapter():
+    gen = torch.Generator().manual_seed(8)
+    n, p, r, d = 4, 6, 3, 8
+    weights, mixed = torch.randn(n, p, d, generator=gen), torch.randn(n, r, d, generator=gen)
+    chol = torch.linalg.cholesky(random_spd(d, gen, 2.0)).float()
+    rows = torch.rand(n, p, generator=gen) + 0.1
+    whiten = Whitener(factors=chol[None], index=torch.zeros(n, dtype=torch.long), gains=torch.ones(n), rows=rows)
+    scaled = whiten.scale_rows(weights, 3)
+    assert torch.allclose(scaled, rows[:, :, None] * weights)
+    plain = refit_adapters(whiten(weights, 0, n), whiten(mixed, 0, n), 0.0).adapters
+    via_rows = refit_adapters(whiten(scaled, 0, n), whiten(mixed, 0, n), 0.0).adapters / rows[:, :, None]
+    assert torch.allclose(plain, via_rows, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_rows_are_normalised_and_blended():
+    gen = torch.Generator().manual_seed(9)
+    counts = torch.tensor([[0, 100, 100, 100]])
+    stats = make_stats(1, 4, 6, 5, gen, counts)
+    stats.gate_channels = torch.rand(1, 4, 5, generator=gen, dtype=torch.float64)
+    ids = torch.tensor([[0, e] for e in range(4)])
+    rows = build_whitener(stats, "gate", ids, 6, prior_tokens=10.0, channel_weights=True).rows
+    assert torch.allclose(rows[0], torch.ones(5))                                  # never routed: uniform
+    assert torch.allclose(rows[1:].square().mean(1), torch.ones(3), atol=1e-5)    # mean weight 1 per expert
+    energy = stats.gate_channels[0, 1]
+    assert torch.equal(rows[1].argsort(), energy.argsort())
+    assert build_whitener(stats, "down", ids, 5, per_expert=True, channel_weights=True).rows is None
+    stats.up_channels = None
+    with pytest.raises(ConfigError, match="channel sums"):
+        build_whitener(stats, "up", ids, 6, channel_weights=True)
