@@ -87,6 +87,8 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
                   info: dict | None = None) -> ActivationStats:
     """Run input_ids ([n] or [b, n]) through `model` in windows of `window` tokens; the layers' ActivationStats."""
     modules = experts_modules(model)
+    if not modules:
+        raise ConfigError("the model has no MoE layer: nothing to calibrate")
     for layer, module in modules.items():
         if not hasattr(module, "gate_up_proj"):
             raise ArtifactError(f"layer {layer}'s experts ({type(module).__name__}) are not the original fused module; "
@@ -116,7 +118,10 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
             handle.remove()
         model.train(was_training)
     layers = list(modules)
-    stack = (lambda name: torch.stack([getattr(sums[layer], name) for layer in layers])) if layers else None
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(sums[layer], name) for layer in layers])
+
     return ActivationStats(layers=layers, hidden=stack("hidden"), tokens=sums[layers[0]].tokens,
                            counts=stack("counts"), weight_sums=stack("weight_sums"),
                            hidden_expert=stack("hidden_expert") if per_expert else None,

@@ -61,10 +61,6 @@ class Whitener:
         mean = torch.einsum("g,gij,gkj->ik", counts, f, f) / counts.sum()
         return torch.linalg.cholesky(0.5 * (mean + mean.T)).float()
 
-    @classmethod
-    def identity(cls, n: int, k: int) -> "Whitener":
-        return cls(factors=torch.eye(k)[None], index=torch.zeros(n, dtype=torch.long), gains=torch.ones(n))
-
 
 def _normalized_cholesky(c: torch.Tensor, damp: float, what: str) -> torch.Tensor:
     """Cholesky factors of C / mean eigenvalue + damp * I for c [..., k, k] (fp64 in, fp32 out)."""

@@ -60,7 +60,6 @@ def test_weighted_adapter_refit_is_the_closed_form_optimum():
 def test_finalize_with_a_whitener_reports_the_weighted_error():
     planted = make_planted(n=16, p=12, d=16, m=4, r=4, seed=1)
     gen = torch.Generator().manual_seed(1)
-    norm = Normalizer.fit(planted.weights)
     noisy = planted.weights + 0.1 * torch.randn(planted.weights.shape, generator=gen)
     norm = Normalizer.fit(noisy)
     chol = torch.linalg.cholesky(random_spd(16, gen)).float()
