@@ -43,6 +43,10 @@ class Whitener:
             out[lo:lo + chunk] = weights[lo:lo + chunk].float() * self.rows[lo:lo + chunk, :, None]
         return out
 
+    def unscale_rows(self, adapters: torch.Tensor) -> torch.Tensor:
+        """Adapters [N, p, r] fitted to Lambda W -> adapters of W (identity without row weights)."""
+        return adapters if self.rows is None else adapters / self.rows.to(adapters)[:, :, None]
+
     def select(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """x [c, rows, k] of the given experts [c] -> x_i L_i g_i."""
         experts = experts.to(self.index.device)
@@ -173,28 +177,42 @@ def unwhiten_bank(bank: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor)
     return normalize_atoms(flat.view(m, r, k), codes)
 
 
-def activation_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                      cfg: FitConfig, temperature: float, whiten: Whitener):
-    """Variable projection of (bank, codes) under the activation-weighted objective, from a weight-space fit.
+def fit_spaces(weights: torch.Tensor, whiten: Whitener, cfg: FitConfig):
+    """(weights the objective sees: Lambda W or W; the space warm start and AM run in: that times L_g, or itself
+    without cfg.activation.global_init; L_g or None)."""
+    work = weights if whiten.rows is None else whiten.scale_rows(weights, cfg.train.chunk_size)
+    if not cfg.activation.global_init:
+        return work, work, None
+    factor = whiten.global_factor()
+    return work, whiten_globally(work, factor, cfg.train.chunk_size), factor
 
-    Returns (bank, codes, loss history); the history is the weighted relative error per L-BFGS evaluation."""
+
+def activation_stage(weights: torch.Tensor, names: list[str], bank: torch.Tensor, codes: torch.Tensor,
+                     factor: torch.Tensor | None, cfg: FitConfig, temperature: float, whiten: Whitener):
+    """From the AM's (bank, codes) in the globally whitened space: fold L_g^-1 back into the bank, then variable
+    projection of (bank, codes) under the activation-weighted objective on `weights` (fit_spaces' first output).
+
+    Returns (bank, codes, Normalizer of weights, loss history: weighted relative error per L-BFGS evaluation)."""
+    if factor is not None:
+        bank, codes = unwhiten_bank(bank, codes, factor.to(bank.device))
+    norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
     if cfg.activation.steps == 0:
-        return bank, codes, []
+        return bank, codes, norm, []
     bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, cfg.activation.steps, temperature, whiten)
     bank, codes = normalize_atoms(bank, codes)
-    return bank, codes, losses
+    return bank, codes, norm, losses
 
 
-def activation_metrics(fam, weights: torch.Tensor, norm: Normalizer, weighted_sq_err: torch.Tensor,
-                       whiten: Whitener, chunk: int, fitted: torch.Tensor | None = None) -> dict:
-    """Weight-space error metrics of the final fit (rel_err, ...) plus its activation-weighted error act_rel_err.
-    fitted: the row-scaled weights the fit saw (Lambda W), when channel weights were used."""
+def activation_metrics(fam, weights: torch.Tensor, fitted: torch.Tensor, weighted_sq_err: torch.Tensor,
+                       whiten: Whitener, chunk: int) -> dict:
+    """Weight-space error metrics of the final fit (rel_err, ...) on `weights`, plus its activation-weighted error
+    act_rel_err; fitted: the weights the objective saw (Lambda W with row weights, else weights)."""
     n = weights.shape[0]
-    sq_err = torch.empty(n, dtype=torch.float64)
+    sq_err, sq_norms = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
-        diff = weights[lo:hi].float() - fam.reconstruct(slice(lo, hi))
-        sq_err[lo:hi] = diff.square().sum((1, 2)).double()
-    fitted = weights if fitted is None else fitted
+        w = weights[lo:hi].float()
+        sq_err[lo:hi] = (w - fam.reconstruct(slice(lo, hi))).square().sum((1, 2)).double()
+        sq_norms[lo:hi] = w.double().square().sum((1, 2))
     act = float((weighted_sq_err.sum() / weighted_sq_norms(fitted, whiten, chunk).sum()).sqrt())
-    return {**error_metrics(sq_err, norm.sq_norms, fam.ids), "act_rel_err": act, "act_energy_captured": 1 - act ** 2}
+    return {**error_metrics(sq_err, sq_norms, fam.ids), "act_rel_err": act, "act_energy_captured": 1 - act ** 2}

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from globe.fit.activation import (activation_metrics, activation_refine, family_whitener, unwhiten_bank,
-                                  whiten_globally)
+from globe.fit.activation import activation_metrics, activation_stage, family_whitener, fit_spaces
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
@@ -93,18 +92,13 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
                generator: torch.Generator | None = None, whiten=None) -> FamilyFit:
     """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
 
-    whiten: a globe.fit.activation.Whitener for an activation-aware fit (see activation_refine), else None."""
+    whiten: a globe.fit.activation.Whitener for an activation-aware fit (see fit_spaces, activation_stage)."""
     cfg.validate()
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
     original = weights
-    if whiten is not None and whiten.rows is not None:        # ||Lambda (W - A M) L||: fit Lambda W, unscale A
-        weights = whiten.scale_rows(weights, cfg.train.chunk_size)
-    base, factor = weights, None
-    if whiten is not None and cfg.activation.global_init:      # fit W_i L_g, fold L_g^-1 into the bank after
-        factor = whiten.global_factor()
-        base = whiten_globally(weights, factor, cfg.train.chunk_size)
+    weights, base, factor = fit_spaces(weights, whiten, cfg) if whiten is not None else (weights, weights, None)
     with phase(timings, "normalize", device):
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(base, cfg.train.chunk_size, names)
@@ -117,28 +111,22 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         state, bank, codes, history = alternate(base, norm, targets, m, cfg, gen, family)
         del targets
     if whiten is not None:
+        del base
         with phase(timings, "activation", device):
-            if factor is not None:
-                bank, codes = unwhiten_bank(bank, codes, factor.to(bank.device))
-                del base
-                norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
-            bank, codes, history["activation"] = activation_refine(weights, norm, bank, codes, cfg,
-                                                                   state.temperature, whiten)
+            bank, codes, norm, history["activation"] = activation_stage(weights, names, bank, codes, factor, cfg,
+                                                                        state.temperature, whiten)
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg, whiten))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, state.temperature, gen, family,
                                                        whiten)
     bank, adapters, codes, sq_err = fitted
-    adapters = norm.fold(adapters)
-    if original is not weights:
-        adapters = adapters / whiten.rows.to(adapters)[:, :, None]
+    adapters = norm.fold(adapters) if whiten is None else whiten.unscale_rows(norm.fold(adapters))
     fam = FamilyFit(family=family, bank=bank, codes=codes, adapters=adapters, scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
     if whiten is not None:
-        fam.metrics.update(activation_metrics(fam, original, Normalizer.fit(original, cfg.train.chunk_size), sq_err,
-                                              whiten, cfg.train.chunk_size, weights))
+        fam.metrics.update(activation_metrics(fam, original, weights, sq_err, whiten, cfg.train.chunk_size))
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
