@@ -15,7 +15,8 @@ TOTAL parameters it fits every method and reports total params, perplexity and t
 Writes JSON (default benchmarks/results/activation_aware.json).
 
     python benchmarks/activation_aware.py
-    python benchmarks/activation_aware.py --reductions 0.4 --ppl-tokens 8192 --methods weight-space activation-aware
+    python benchmarks/activation_aware.py --reductions 0.5 --methods "weight-space + down" "activation-aware + down" \
+        --out benchmarks/results/activation_aware_50.json
 """
 from __future__ import annotations
 
