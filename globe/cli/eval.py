@@ -1,4 +1,5 @@
-"""`globe eval [MODEL_DIR_OR_HF_DIR] [--globe OUT] [--mode M] [--text FILE] [--json]`: perplexity, speed, memory.
+"""`globe eval [MODEL_DIR_OR_HF_DIR] [--globe OUT] [--mode M] [--text FILE] [--json]`: perplexity, speed, memory;
+with `--tasks t1,t2 [--task-dir DIR]`: zero-shot tasks through lm-evaluation-harness instead (globe.eval.harness).
 
 MODEL_DIR_OR_HF_DIR is an ordinary Hugging Face checkpoint (original or a `globe export --dense` one), optionally
 patched with the artifact OUT, or a compressed checkpoint from `globe export` (its artifact is inside). The
@@ -61,6 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
     a("--sweep", metavar="JSON", help="budget sweep for the error-vs-budget plot (benchmarks/quality.py output)")
     a("--json", action="store_true", help="print the full report as JSON")
+    h = p.add_argument_group("zero-shot tasks (lm-evaluation-harness; pip install 'globe-moe[eval]')")
+    h.add_argument("--tasks", metavar="T1,T2", help="run these lm-eval tasks instead of perplexity and speed")
+    h.add_argument("--task-dir", metavar="DIR", help="directory of local lm-eval task YAMLs (only it is indexed)")
+    h.add_argument("--builtin-tasks", action="store_true", help="also index lm-eval's built-in tasks with --task-dir")
+    h.add_argument("--limit", type=int, help="examples per task (default: all)")
+    h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's, usually 0)")
+    h.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
     p.set_defaults(func=run)
 
 
@@ -115,6 +123,9 @@ def read_text(path: str, what: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
+        model, tokenizer = load_for_eval(args)
+        return run_harness(model, tokenizer, args)
     from globe import tracking
     with tracking.session(jsonl=args.metrics):
         report = evaluate_args(args)
@@ -124,6 +135,21 @@ def run(args: argparse.Namespace) -> int:
         artifact = args.globe or (args.model_dir if (Path(args.model_dir) / "banks.safetensors").is_file() else None)
         report["plots"] = [str(p) for p in write_plots(args.plots, artifact=artifact, sweep=args.sweep)]
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def run_harness(model, tokenizer, args: argparse.Namespace) -> int:
+    from globe.eval.harness import run_tasks
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    report = run_tasks(model, tokenizer, tasks, task_dir=args.task_dir, builtin_tasks=args.builtin_tasks,
+                       batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
+    report["model"] = {"path": str(args.model_dir), "artifact": args.globe, "mode": args.mode}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    for task, metrics in report["results"].items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task:24} {shown} ({report['n_samples'].get(task, {}).get('effective', '?')} examples)")
     return 0
 
 

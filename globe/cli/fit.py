@@ -1,4 +1,5 @@
-"""`globe fit`: fit the gate/up banks of a checkpoint and write OUT/banks.safetensors + OUT/globe_config.json.
+"""`globe fit`: fit the gate/up (optionally down) banks of a checkpoint and write OUT/banks.safetensors +
+OUT/globe_config.json; with --calibration STATS the fit minimises the activation-weighted error.
 
 Every metric the fit produces (AM iterations, variable projection, finished families) is also appended to
 OUT/metrics.jsonl (--metrics), and to Weights & Biases with --wandb offline|online (disabled by default).
@@ -45,7 +46,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement")
     p.add_argument("--cycles", type=int, help="rounds of (AM, variable projection); more is slower and better (default 1)")
     p.add_argument("--refine-steps", type=int, help="Adam refinement steps with the real phi (default 0)")
-    p.add_argument("--families", help="comma-separated families to fit (default gate,up)")
+    p.add_argument("--families", help="comma-separated families to fit: gate,up (default) or gate,up,down")
+    p.add_argument("--calibration", metavar="STATS",
+                   help="activation statistics from `globe calibrate`: fit the activation-weighted error "
+                        "||(W - W_hat) C^1/2|| instead of the plain weight error")
+    p.add_argument("--per-layer", action="store_true",
+                   help="with --calibration: one C per MoE layer instead of each expert's C from its routed tokens")
+    p.add_argument("--routing-weights", action="store_true",
+                   help="with --calibration: weight each expert's error by its routing frequency")
+    p.add_argument("--activation-steps", type=int,
+                   help="L-BFGS evaluations of the activation-aware refinement (default 100)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--distributed", action="store_true",
@@ -73,6 +83,14 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (t, "checkpoint_every", args.checkpoint_every)]:
         if value is not None:
             setattr(obj, attr, value)
+    a = cfg.activation
+    for attr, value in [("stats", args.calibration), ("steps", args.activation_steps)]:
+        if value is not None:
+            setattr(a, attr, value)
+    a.per_expert = a.per_expert and not args.per_layer
+    a.routing_weights = a.routing_weights or args.routing_weights
+    if (args.per_layer or args.routing_weights) and not a.stats:
+        raise ConfigError("--per-layer / --routing-weights need --calibration STATS")
     if args.families:
         b.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
     return cfg.validate()
@@ -120,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {name: {k: fam.metrics[k] for k in ("rel_err", "energy_captured", "median_support", "seconds")}
                | {"m": fam.shape["m"], "r": fam.shape["r"],
                   "params_ratio": fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"]}
+               | {k: fam.metrics[k] for k in ("act_rel_err",) if k in fam.metrics}
                for name, fam in result.families.items()}
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -128,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         for name, row in summary.items():
             print(f"{name:8} {row['m']:5d} {row['r']:5d} {row['params_ratio']:8.3f} {row['rel_err']:9.4f} "
                   f"{row['energy_captured']:8.4f} {row['median_support']:8.1f} {row['seconds']:7.1f}")
+            if "act_rel_err" in row:
+                print(f"{'':8} activation-weighted rel_err {row['act_rel_err']:.4f}")
         print(f"artifact written to {out}")
     return 0
 

@@ -20,7 +20,7 @@ from globe.errors import GlobeError
 log = logging.getLogger("globe")
 
 # Each module defines `register(subparsers)` adding its parser with `set_defaults(func=run)`.
-SUBCOMMANDS = ("info", "fit", "export", "eval", "bench")
+SUBCOMMANDS = ("info", "calibrate", "fit", "export", "eval", "bench")
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 

@@ -68,16 +68,36 @@ class TrainConfig:
 
 
 @dataclass
+class ActivationConfig:
+    """Activation-aware fitting (globe.fit.activation) from `globe calibrate` statistics; off while stats is None.
+
+    The warm start and alternating minimisation run on W_i L_g (one global whitening, folded back into the bank,
+    which stays shared); then variable projection refines bank and codes under sum_i g_i^2 ||(W_i - W_hat_i) L_i||^2
+    (C_i = L_i L_i^T of each layer or expert) and the adapters are refitted exactly for it."""
+
+    stats: str | None = None       # statistics file written by `globe calibrate`
+    per_expert: bool = True        # C from the tokens routed to each expert, blended with the layer's C
+    prior_tokens: float = 64.0     # weight of the layer's C in that blend, in tokens
+    routing_weights: bool = False  # weight each expert's error by its routing frequency
+    routing_floor: float = 0.1     # weight = (1 - floor) * frequency / mean frequency + floor
+    damp: float = 0.01             # ridge on C scaled to mean eigenvalue 1
+    steps: int = 100               # L-BFGS evaluations of the activation-aware variable projection
+    channel_weights: bool = False  # weight gate/up rows by their channel's first-order effect on the output
+    global_init: bool = True       # run warm start + AM on W_i L_g (L_g: mean C over experts), unwhiten the bank
+
+
+@dataclass
 class FitConfig:
     """Everything a fit needs; serialised into globe_config.json."""
 
     bank: BankConfig = field(default_factory=BankConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
-        b, s, t = self.bank, self.sparsity, self.train
+        b, s, t, a = self.bank, self.sparsity, self.train, self.activation
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
@@ -98,6 +118,9 @@ class FitConfig:
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),
             (t.mod in ("weighted", "normal"), f"train.mod must be weighted|normal (got {t.mod!r})"),
+            (a.damp > 0 and a.prior_tokens >= 0 and a.steps >= 0, "activation.damp must be > 0, prior_tokens "
+             "and steps >= 0"),
+            (0 < a.routing_floor <= 1, f"activation.routing_floor must be in (0, 1] (got {a.routing_floor})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -129,7 +152,8 @@ class FitConfig:
             if "families" in bank:
                 bank["families"] = tuple(bank["families"])
             cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
-                      train=TrainConfig(**data.pop("train", {})))
+                      train=TrainConfig(**data.pop("train", {})),
+                      activation=ActivationConfig(**data.pop("activation", {})))
         except TypeError as exc:
             field_name = str(exc).rsplit(" ", 1)[-1]
             raise ConfigError(f"invalid fit config: unknown or missing field {field_name} ({exc})") from None

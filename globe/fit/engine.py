@@ -13,6 +13,7 @@ import torch
 from globe import tracking
 from globe.device import resolve_device  # noqa: F401  (re-exported: globe.fit.engine.resolve_device)
 from globe.errors import ConfigError
+from globe.fit.activation import activation_metrics, activation_stage, family_whitener, fit_spaces
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.am import AMState, run_am
 from globe.fit.budget import candidate_shapes, choose_shape
@@ -65,11 +66,12 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
     return (b.m if b.m is not None else m), r
 
 
-def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
+def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig, whiten=None):
     """Exact adapters for phi(codes @ bank), chunk by chunk, in the normalised space.
 
     Returns (adapters [N, p, r], codes [N, m], sq_err [N] in the original space). With identity phi the codes
-    are put on the simplex and their row sums moved into the adapters.
+    are put on the simplex and their row sums moved into the adapters. With `whiten` (globe.fit.activation) the
+    adapters and sq_err are those of the activation-weighted objective ||(W_i - A_i M_i) L_i||^2.
     """
     n, dev = weights.shape[0], bank.device
     if phi == "identity":
@@ -78,7 +80,10 @@ def finalize(weights, norm: Normalizer, codes, bank, phi: str, cfg: FitConfig):
     sq_err = torch.empty(n, dtype=torch.float64)
     for lo in range(0, n, cfg.train.chunk_size):
         hi = min(lo + cfg.train.chunk_size, n)
-        fit = refit_adapters(norm.chunk(weights, lo, hi, dev), compose(codes[lo:hi], bank, phi), cfg.train.ridge)
+        w, mixed = norm.chunk(weights, lo, hi, dev), compose(codes[lo:hi], bank, phi)
+        if whiten is not None:
+            w, mixed = whiten(w, lo, hi), whiten(mixed, lo, hi)
+        fit = refit_adapters(w, mixed, cfg.train.ridge)
         adapters[lo:hi] = fit.adapters
         sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
     return adapters, codes, sq_err
@@ -90,25 +95,31 @@ def _rel(sq_err: torch.Tensor, norm: Normalizer, comm: Comm = LOCAL) -> float:
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
                generator: torch.Generator | None = None, resume: FitProgress | None = None,
-               on_progress: Callable[[FitProgress], None] | None = None, comm: Comm = LOCAL) -> FamilyFit | None:
+               on_progress: Callable[[FitProgress], None] | None = None, comm: Comm = LOCAL,
+               whiten=None) -> FamilyFit | None:
     """Fit one family: weights [N, p, d] (any float dtype, kept as stored), ids [N, 2] (layer, expert).
 
     resume: progress reported by an interrupted fit of the same data and config (see globe.fit.progress);
     on_progress(progress) is called at every checkpoint (single process only).
     Distributed (comm a DistComm): weights/ids are this rank's contiguous slice comm.shard(N); rank 0 returns
-    the FamilyFit of all experts, the other ranks None."""
+    the FamilyFit of all experts, the other ranks None.
+    whiten: a globe.fit.activation.Whitener for an activation-aware fit (see fit_spaces, activation_stage)."""
     cfg.validate().check_dims(*weights.shape)
     check_sharded(cfg, comm, weights.shape[0])
     if comm.world > 1 and (resume is not None or on_progress is not None):
         raise ConfigError("checkpoints within a family are not supported in a distributed fit")
+    if comm.world > 1 and whiten is not None:
+        raise ConfigError("activation-aware fitting (activation.stats) is not supported in a distributed fit yet")
     device = resolve_device(cfg.train.device)
     gen = generator if generator is not None else torch.Generator().manual_seed(cfg.train.seed)
     timings: dict = {}
+    original = weights
+    weights, base, factor = fit_spaces(weights, whiten, cfg) if whiten is not None else (weights, weights, None)
     with phase(timings, "normalize", device):
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
-        norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
+        norm = Normalizer.fit(base, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(weights, norm, cfg, device, comm)
+        m, r = pick_shape(base, norm, cfg, device, comm)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, comm.total(weights.shape[0]),
              *weights.shape[1:], m, r, cfg.bank.init, f" on {comm.world} processes" if comm.world > 1 else "")
     cached: list[torch.Tensor] = []
@@ -116,7 +127,7 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     def targets() -> torch.Tensor:                  # only needed by warm starts: not at all on a late resume
         if not cached:
             with phase(timings, "warm_start", device):
-                cached.append(aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm))
+                cached.append(aligned_targets(base, norm, r, cfg.train.chunk_size, device, comm))
         return cached[0]
 
     if resume is not None:
@@ -125,23 +136,31 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         resume = resume.to(device)
         log.info("%s: resuming at restart %d, cycle %d, phase %s", family, resume.attempt, resume.cycle, resume.phase)
     with phase(timings, "am_varpro", device):
-        best = alternate(weights, norm, targets, m, cfg, gen, family, resume, on_progress, comm)
+        best = alternate(base, norm, targets, m, cfg, gen, family, resume, on_progress, comm)
         cached.clear()
     bank, codes, history = best.bank, best.codes, dict(best.history)
-    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
+    if whiten is not None:
+        del base
+        with phase(timings, "activation", device):
+            bank, codes, norm, history["activation"] = activation_stage(weights, names, bank, codes, factor, cfg,
+                                                                        best.temperature, whiten)
+    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg, whiten))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family,
-                                                       comm)
+                                                       comm, whiten)
             tracking.emit("refine", family=family, steps=len(history["refine"]), loss=(history["refine"] or [None])[-1])
     bank, adapters, codes, sq_err = fitted
-    gathered = gather_fit(comm, norm, norm.fold(adapters), codes, sq_err, ids)
+    adapters = norm.fold(adapters) if whiten is None else whiten.unscale_rows(norm.fold(adapters))
+    gathered = gather_fit(comm, norm, adapters, codes, sq_err, ids)
     if gathered is None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     fam = FamilyFit(family=family, bank=bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(), scales=norm.scales,
                     ids=ids, phi=cfg.bank.phi, history=history)                 # results on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
+    if whiten is not None:
+        fam.metrics.update(activation_metrics(fam, original, weights, sq_err, whiten, cfg.train.chunk_size))
     tracking.emit("family_done", family=family, **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
@@ -206,12 +225,13 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
 
 
 def refine_or_keep(weights, norm: Normalizer, fitted: tuple, cfg: FitConfig, temperature: float, gen,
-                   family: str, comm: Comm = LOCAL) -> tuple[tuple, list[float]]:
+                   family: str, comm: Comm = LOCAL, whiten=None) -> tuple[tuple, list[float]]:
     """Adam refinement of (bank, adapters, codes, sq_err); rolled back with a warning if it raised the error."""
     bank, adapters, codes, sq_err = fitted
-    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen, comm)
+    new_bank, new_codes, _, history = adam_refine(weights, norm, bank, codes, adapters, cfg, temperature, gen, comm,
+                                                  whiten)
     new_bank, new_codes = normalize_atoms(new_bank, prune(new_codes, cfg))
-    refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg))
+    refined = (new_bank, *finalize(weights, norm, new_codes, new_bank, cfg.bank.phi, cfg, whiten))
     before, after = _rel(sq_err, norm, comm), _rel(refined[3], norm, comm)
     if after <= before:
         return refined, history
@@ -258,10 +278,12 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     Distributed (comm from globe.fit.distributed.init_comm; no store): each rank reads and fits its slice of the
     experts; rank 0 returns the FitResult, the other ranks return None.
     """
+    from globe.calibration import load_stats
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
     families: dict[str, FamilyFit] = {}
     t0 = time.perf_counter()
+    stats = load_stats(cfg.activation.stats) if cfg.activation.stats else None
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
         cfg.check_dims(inventory.params.get("gate", 0) // max(inventory.p * inventory.d, 1), inventory.p, inventory.d)
@@ -275,7 +297,8 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
             resume = store.progress(family) if store is not None else None
             save = (lambda prog, f=family: store.save_progress(f, prog)) if store is not None else None
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save, comm)
+            whiten = family_whitener(stats, family, stack, cfg.activation) if stats is not None else None
+            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save, comm, whiten)
             del stack
             if store is not None and families[family] is not None:
                 store.save_family(families[family])

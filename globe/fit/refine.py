@@ -46,14 +46,31 @@ def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
     return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
 
 
+class _Targets:
+    """Normalised weight chunks, whitened (W_i L_i) and cached in fp32 when a whitener is given."""
+
+    def __init__(self, weights: torch.Tensor, norm: Normalizer, device, whiten) -> None:
+        self.weights, self.norm, self.device, self.whiten = weights, norm, device, whiten
+        self.cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, lo: int, hi: int) -> torch.Tensor:
+        if self.whiten is None:
+            return self.norm.chunk(self.weights, lo, hi, self.device)
+        if (lo, hi) not in self.cache:
+            self.cache[lo, hi] = self.whiten(self.norm.chunk(self.weights, lo, hi, self.device), lo, hi)
+        return self.cache[lo, hi]
+
+
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                   cfg: FitConfig, steps: int, temperature: float,
-                  comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  comm: Comm = LOCAL, whiten=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
 
     Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
-    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere."""
+    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere.
+    whiten(x, lo, hi) (a globe.fit.activation.Whitener) makes the objective sum_i ||(W_i - A_i M_i) L_i||^2;
+    the whitened weights W_i L_i are then kept in fp32 for the run (N p d floats; single process only)."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     start = (bank, codes)
     n_all = comm.total(n)
@@ -61,7 +78,11 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
                         learn_gain=phi != "identity")
+    targets = _Targets(weights, norm, bank.device, whiten)
+    bounds = [(lo, min(lo + cfg.train.chunk_size, n)) for lo in range(0, n, cfg.train.chunk_size)]
     total = float(n_all * weights.shape[1] * weights.shape[2])               # ||W||^2 in unit-RMS space
+    if whiten is not None:
+        total = sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
     opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
@@ -69,10 +90,11 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = 0.0
-        for lo in range(0, n, cfg.train.chunk_size):
-            hi = min(lo + cfg.train.chunk_size, n)
-            w = norm.chunk(weights, lo, hi, bank.device)
+        for lo, hi in bounds:
+            w = targets(lo, hi)                                                # [c, p, d] (whitened)
             mixed = _mix(params(offset + lo, offset + hi), bank, phi)          # [c, r, d]
+            if whiten is not None:
+                mixed = whiten(mixed, lo, hi)
             with torch.no_grad():
                 adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
@@ -150,8 +172,9 @@ class DivergenceGuard:
 
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                 adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator,
-                comm: Comm = LOCAL):
+                comm: Comm = LOCAL, whiten=None):
     """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space.
+    whiten (a globe.fit.activation.Whitener) weights the residuals on the right.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
     Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
@@ -183,7 +206,10 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
             mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
                 else mix(params(index=idx), bank)
             recon = adapters[idx] @ mixed
-        loss = (w - recon.float()).square().sum() / (batch * numel)
+        resid = w - recon.float()
+        if whiten is not None:
+            resid = whiten.select(resid, idx.cpu())
+        loss = resid.square().sum() / (batch * numel)
         total = comm.all_reduce_float(float(loss.detach()))                 # the same on every rank
         if not guard.check(total, step):
             if guard.exhausted:

@@ -89,3 +89,16 @@ def test_artifact_of_another_model_is_refused(tmp_path, tiny_checkpoint, tiny_mo
     bigger = exact_result(tiny_model("qwen2_moe"), model_type="mixtral")
     with pytest.raises(ArtifactError, match=f"covers MoE layers \\[0, 2\\] x {TINY.num_experts} experts"):
         export_dense(path, bigger, tmp_path / "hf")
+
+
+def test_fitted_down_family_exports_and_runs_like_the_patched_model(tmp_path, tiny_checkpoint):
+    import transformers
+    path = tiny_checkpoint("qwen2_moe")
+    result = quick_fit(path, ("gate", "up", "down"))
+    out = export_dense(path, result, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    patched = apply_globe(load_model(path), result, mode="factored")
+    torch.testing.assert_close(_logits(model), _logits(patched), rtol=1e-4, atol=1e-4)
+    down = model.state_dict()["model.layers.0.mlp.experts.down_proj"]                 # [E, d, p]
+    original = load_model(path).state_dict()["model.layers.0.mlp.experts.down_proj"]
+    assert down.shape == original.shape and not torch.allclose(down, original)

@@ -4,13 +4,15 @@ from __future__ import annotations
 import pytest
 
 from globe.errors import ConfigError
-from globe.fit.config import CONFIG_FORMAT_VERSION, BankConfig, FitConfig, SparsityConfig, TrainConfig
+from globe.fit.config import (CONFIG_FORMAT_VERSION, ActivationConfig, BankConfig, FitConfig, SparsityConfig,
+                              TrainConfig)
 
 
 def custom() -> FitConfig:
     return FitConfig(bank=BankConfig(m=32, r=16, phi="silu", init="kmeans", families=("gate",)),
                      sparsity=SparsityConfig(method="sparsemax", target_support=5, eta=0.3),
-                     train=TrainConfig(am_iters=7, refine_steps=3, amp="bf16", seed=11))
+                     train=TrainConfig(am_iters=7, refine_steps=3, amp="bf16", seed=11),
+                     activation=ActivationConfig(stats="stats.safetensors", per_expert=False, routing_weights=True))
 
 
 def test_json_and_yaml_round_trip(tmp_path):
@@ -28,6 +30,8 @@ def test_json_and_yaml_round_trip(tmp_path):
     (lambda c: setattr(c.bank, "phi", "relu"), "bank.phi"),
     (lambda c: setattr(c.sparsity, "target_support", 40), "target_support"),
     (lambda c: setattr(c.train, "amp", "fp8"), "train.amp"),
+    (lambda c: setattr(c.activation, "damp", 0.0), "activation.damp"),
+    (lambda c: setattr(c.activation, "routing_floor", 0.0), "activation.routing_floor"),
 ])
 def test_out_of_range_values_are_rejected(mutate, message):
     cfg = custom()
@@ -45,3 +49,10 @@ def test_newer_format_and_unknown_keys_are_rejected(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json"):
         FitConfig.from_file(tmp_path / "bad.json")
+
+
+def test_configs_without_an_activation_section_still_load():
+    data = FitConfig().to_dict()
+    del data["activation"]
+    cfg = FitConfig.from_dict(data)
+    assert cfg.activation == ActivationConfig() and cfg.activation.stats is None

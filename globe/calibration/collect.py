@@ -1,0 +1,131 @@
+"""Collect ActivationStats from calibration text with forward pre-hooks on the routed-experts modules.
+
+    stats = collect_stats(model, input_ids, window=256)      # model: an original (unpatched) transformers model
+
+Each MoE layer's experts module is called as forward(hidden [T, d], top_k_index [T, k], top_k_weights [T, k]);
+the hook reads those inputs only (the forward itself is untouched) and accumulates, in fp64, x x^T over all
+tokens and, per expert, over the tokens routed to it, plus h h^T of the down projection's input
+h = act(W_g x) * (W_u x) recomputed from the module's own weights, and per intermediate channel j the output
+sensitivities ||D_:,j||^2 sum_t (act'(g_j) u_j)^2 (gate) and ||D_:,j||^2 sum_t act(g_j)^2 (up). Hooks are removed even if a forward fails.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from globe.calibration.stats import ActivationStats
+from globe.errors import ArtifactError, ConfigError
+from globe.runtime.apply import experts_modules
+
+log = logging.getLogger(__name__)
+
+
+class _LayerSums:
+    """Running fp64 sums of one MoE layer."""
+
+    def __init__(self, num_experts: int, d: int, p: int, per_expert: bool) -> None:
+        self.hidden = torch.zeros(d, d, dtype=torch.float64)
+        self.counts = torch.zeros(num_experts, dtype=torch.int64)
+        self.weight_sums = torch.zeros(num_experts, dtype=torch.float64)
+        self.hidden_expert = torch.zeros(num_experts, d, d, dtype=torch.float64) if per_expert else None
+        self.inter_expert = torch.zeros(num_experts, p, p, dtype=torch.float64) if per_expert else None
+        self.gate_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
+        self.up_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
+        self.tokens = 0
+
+    def add(self, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+        x = hidden.detach().reshape(-1, hidden.shape[-1]).double().cpu()           # [T, d]
+        self.hidden += x.T @ x
+        self.tokens += x.shape[0]
+        k = index.shape[-1]
+        flat = index.reshape(-1).cpu()                                              # [T k] expert per pair
+        token = torch.arange(x.shape[0]).repeat_interleave(k)                      # [T k] token per pair
+        valid = flat < self.counts.numel()                                          # drop expert-parallel sentinels
+        flat, token, pair_w = flat[valid], token[valid], weights.reshape(-1).cpu().double()[valid]
+        self.counts += torch.bincount(flat, minlength=self.counts.numel())
+        self.weight_sums.index_add_(0, flat, pair_w)
+        if self.hidden_expert is None:
+            return
+        p = self.inter_expert.shape[-1]
+        for e in flat.unique().tolist():
+            xe = x[token[flat == e]]                                                # [n_e, d]
+            self.hidden_expert[e] += xe.T @ xe
+            gate_up = module.gate_up_proj[e].detach().float().cpu()                # [2p, d]
+            pre = xe.float() @ gate_up.T                                            # [n_e, 2p]
+            gate, up = pre[:, :p], pre[:, p:]
+            act, slope = _act_and_slope(module.act_fn, gate)                        # [n_e, p] each
+            h = (act * up).double()                                                 # [n_e, p]
+            self.inter_expert[e] += h.T @ h
+            out_sq = module.down_proj[e].detach().float().cpu().square().sum(0).double()   # [p] ||D_:,j||^2
+            self.gate_channels[e] += (slope * up).double().square().sum(0) * out_sq
+            self.up_channels[e] += act.double().square().sum(0) * out_sq
+
+
+def _act_and_slope(act_fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) and act'(x) elementwise (autograd on a detached copy)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        y = act_fn(x)
+        (slope,) = torch.autograd.grad(y.sum(), x)
+    return y.detach(), slope
+
+
+def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+    if len(values) < 3:
+        raise ArtifactError("routed-experts module called without (hidden_states, top_k_index, top_k_weights); "
+                            "unsupported transformers version?")
+    return values[0], values[1], values[2]
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, per_expert: bool = True,
+                  info: dict | None = None) -> ActivationStats:
+    """Run input_ids ([n] or [b, n]) through `model` in windows of `window` tokens; the layers' ActivationStats."""
+    modules = experts_modules(model)
+    if not modules:
+        raise ConfigError("the model has no MoE layer: nothing to calibrate")
+    for layer, module in modules.items():
+        if not hasattr(module, "gate_up_proj"):
+            raise ArtifactError(f"layer {layer}'s experts ({type(module).__name__}) are not the original fused module; "
+                                f"calibrate the original model, not a GloBE-patched one")
+    ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
+    if ids.shape[1] < 2:
+        raise ConfigError(f"calibration needs at least 2 tokens, got {ids.shape[1]}")
+    first = next(iter(modules.values()))
+    num_experts, two_p, d = first.gate_up_proj.shape
+    sums = {layer: _LayerSums(num_experts, d, two_p // 2, per_expert) for layer in modules}
+
+    def hook(layer: int):
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            sums[layer].add(module, *_inputs(args, kwargs))
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(layer), with_kwargs=True) for layer, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        starts = range(0, ids.shape[1], window)
+        for start in tqdm(starts, desc="calibrate", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+            model(input_ids=ids[:, start:start + window].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    layers = list(modules)
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(sums[layer], name) for layer in layers])
+
+    return ActivationStats(layers=layers, hidden=stack("hidden"), tokens=sums[layers[0]].tokens,
+                           counts=stack("counts"), weight_sums=stack("weight_sums"),
+                           hidden_expert=stack("hidden_expert") if per_expert else None,
+                           intermediate_expert=stack("inter_expert") if per_expert else None,
+                           gate_channels=stack("gate_channels") if per_expert else None,
+                           up_channels=stack("up_channels") if per_expert else None,
+                           info={"window": window, **(info or {})})
