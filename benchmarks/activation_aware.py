@@ -32,10 +32,9 @@ import torch
 from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.calibration import collect_stats, load_stats, save_stats
-from globe.errors import ConfigError
 from globe.eval import encode_text, perplexity
 from globe.export import load_model
-from globe.fit.budget import candidate_shapes
+from globe.fit.budget import total_cut_budget
 from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_model
 from globe.io import open_checkpoint
@@ -77,22 +76,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def budget_for(reduction: float, inv, families: tuple[str, ...], support: int) -> tuple[float, int]:
-    """(per-family budget, support) cutting `reduction` of ALL params, every family shrunk by the same fraction."""
-    dense = inv.params["gate"]
-    budget = 1.0 - reduction * inv.total_params / (len(families) * dense)
-    if not 0 < budget < 1:
-        raise ConfigError(f"a {reduction:.0%} total cut needs budget {budget:.3f} per family, outside (0, 1)")
-    n = len(inv.moe_layers) * inv.num_experts
-    for k in sorted({support, 8, 4, 2, 1}, reverse=True):
-        if k <= support and candidate_shapes(n, inv.p, inv.d, budget, k):
-            return budget, k
-    raise ConfigError(f"budget {budget:.4f} admits no bank shape for N={n}, p={inv.p}, d={inv.d}")
-
-
 def method_config(method: str, reduction: float, inv, stats_path: str, args) -> FitConfig:
     families, overrides = METHODS[method]
-    budget, support = budget_for(reduction, inv, families, args.target_support)
+    budget, support = total_cut_budget(reduction, inv, families, args.target_support)
     aware = overrides is not None
     varpro = args.varpro_steps + (0 if aware else args.act_steps)
     activation = ActivationConfig(stats=stats_path, steps=args.act_steps, **overrides) if aware else \

@@ -25,10 +25,9 @@ import torch
 
 from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ConfigError
 from globe.eval import decode_hit_rate, decode_speed, encode_text, perplexity, prefill_speed, routed_footprint
 from globe.export import load_model
-from globe.fit.budget import candidate_shapes
+from globe.fit.budget import total_cut_budget
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_model
 from globe.io import open_checkpoint
@@ -80,21 +79,8 @@ def wait_for_model(model_dir: Path, timeout: float, poll: float = 30.0) -> None:
         time.sleep(poll)
 
 
-def budget_for(reduction: float, inv, support: int) -> tuple[float, int]:
-    """(per-family budget, target support) that cuts `reduction` of ALL params by shrinking gate and up."""
-    dense = inv.params["gate"]
-    budget = 1.0 - reduction * inv.total_params / (2 * dense)
-    if not 0 < budget < 1:
-        raise ConfigError(f"a {reduction:.0%} total cut needs budget {budget:.3f} per family, outside (0, 1)")
-    n = len(inv.moe_layers) * inv.num_experts
-    for k in sorted({support, 8, 4, 2, 1}, reverse=True):
-        if k <= support and candidate_shapes(n, inv.p, inv.d, budget, k):
-            return budget, k
-    raise ConfigError(f"budget {budget:.4f} admits no bank shape for N={n}, p={inv.p}, d={inv.d}")
-
-
 def fit_for(model_dir: Path, reduction: float, inv, args) -> tuple[object, dict]:
-    budget, support = budget_for(reduction, inv, args.target_support)
+    budget, support = total_cut_budget(reduction, inv, ("gate", "up"), args.target_support)
     cfg = FitConfig(bank=BankConfig(budget=budget), sparsity=SparsityConfig(target_support=support),
                     train=TrainConfig(am_iters=args.am_iters, varpro_steps=args.varpro_steps))
     t0 = time.perf_counter()

@@ -5,7 +5,7 @@
     python -m globe.fit_banks model=tiny bank.m=8 train.am_iters=2 wandb.mode=offline export.dir=runs/b/hf
     python -m globe.fit_banks --cfg job                                   # print the composed config
 
-Config groups model, bank, sparsity, train, cache, export, wandb are the dataclasses of globe.fit.config and
+Config groups model, bank, sparsity, train, activation, cache, export, wandb are the dataclasses of globe.fit.config and
 globe.run_config registered as structured configs (one source of defaults). `model=tiny` is the embedded model;
 `model=PATH_OR_HUB_ID` (anything that is not a registered option) sets model.path. Writes OUT/banks.safetensors,
 OUT/globe_config.json and OUT/metrics.jsonl exactly as `globe fit` does, then exports when export.dir is set.
@@ -18,13 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from globe.fit.config import BankConfig, SparsityConfig, TrainConfig
+from globe.fit.config import ActivationConfig, BankConfig, SparsityConfig, TrainConfig
 from globe.run_config import CacheConfig, ExportConfig, ModelConfig, RunConfig, WandbConfig
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "fit_banks"
 GROUPS = {"model": ModelConfig, "bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-          "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
+          "activation": ActivationConfig, "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
 MODEL_OPTIONS = ("tiny",)
 # Keep Hydra from changing directory or writing .hydra/ and log files.
 HYDRA_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=False",

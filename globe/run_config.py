@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
+from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 RUNTIME_MODES = ("cached", "factored", "dense")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -56,6 +56,7 @@ class RunConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    activation: ActivationConfig = field(default_factory=ActivationConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -65,4 +66,5 @@ class RunConfig:
     log_level: str = "INFO"
 
     def fit_config(self) -> FitConfig:
-        return FitConfig(bank=self.bank, sparsity=self.sparsity, train=self.train).validate()
+        return FitConfig(bank=self.bank, sparsity=self.sparsity, train=self.train,
+                         activation=self.activation).validate()

@@ -31,8 +31,10 @@ def test_defaults_are_the_dataclass_defaults():
 def test_overrides_reach_fit_config():
     run = compose_run_config(["model=/ckpt/dir", "bank.m=256", "bank.r=64", "sparsity.target_support=12",
                               "train.am_iters=7", "train.device=auto", "bank.families=[gate]",
-                              "wandb.mode=offline", "export.dir=hf", "export.dense=true", "cache.size=3", "out=o"])
+                              "wandb.mode=offline", "export.dir=hf", "export.dense=true", "cache.size=3", "out=o",
+                              "activation.stats=calib.safetensors", "activation.steps=7", "train.checkpoint_every=2"])
     cfg = run.fit_config()
+    assert (cfg.activation.stats, cfg.activation.steps, cfg.train.checkpoint_every) == ("calib.safetensors", 7, 2)
     assert (cfg.bank.m, cfg.bank.r, cfg.bank.families) == (256, 64, ("gate",))
     assert (cfg.sparsity.target_support, cfg.train.am_iters, cfg.train.device) == (12, 7, "auto")
     assert run.model.path == "/ckpt/dir" and run.wandb.mode == "offline" and run.cache.size == 3

@@ -59,3 +59,20 @@ def choose_shape(n: int, p: int, d: int, budget: float, support: int, svals: tor
     log.info("budget %.3f: chose m=%d r=%d (proxy error %.4g) among %d shapes", budget, best[2], best[3],
              best[0], len(cands))
     return best[2], best[3]
+
+
+def total_cut_budget(reduction: float, inv, families: tuple[str, ...] = ("gate", "up"),
+                     support: int = 12) -> tuple[float, int]:
+    """(per-family budget, target support) that cuts `reduction` of ALL of a checkpoint's params (inv: its
+    globe.io Inventory) by shrinking every listed family by the same fraction; the support is lowered (8, 4, 2, 1)
+    until some bank shape fits the budget."""
+    from globe.errors import ConfigError
+    dense = inv.params["gate"]
+    budget = 1.0 - reduction * inv.total_params / (len(families) * dense)
+    if not 0 < budget < 1:
+        raise ConfigError(f"a {reduction:.0%} total cut needs budget {budget:.3f} per family, outside (0, 1)")
+    n = len(inv.moe_layers) * inv.num_experts
+    for k in sorted({support, 8, 4, 2, 1}, reverse=True):
+        if k <= support and candidate_shapes(n, inv.p, inv.d, budget, k):
+            return budget, k
+    raise ConfigError(f"budget {budget:.4f} admits no bank shape for N={n}, p={inv.p}, d={inv.d}")
