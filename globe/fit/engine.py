@@ -40,6 +40,21 @@ def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device
     return torch.cat(out)                                                     # [N, min(p, d)]
 
 
+def gram64(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """x @ x.T in fp64 for x [N, D]: at once for fp32 x, by row blocks (upcast per block) for narrower x."""
+    if x.dtype == torch.float32:
+        return x.double() @ x.double().T
+    n = x.shape[0]
+    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    for lo in range(0, n, chunk):
+        xi = x[lo:lo + chunk].double()
+        for lo2 in range(0, lo + chunk, chunk):
+            block = xi @ x[lo2:lo2 + chunk].double().T
+            out[lo:lo + chunk, lo2:lo2 + chunk] = block
+            out[lo2:lo2 + chunk, lo:lo + chunk] = block.T
+    return out
+
+
 def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) -> tuple[int, int]:
     """(m, r) from the config, or chosen on the data to meet cfg.bank.budget."""
     n, p, d = weights.shape
@@ -55,7 +70,8 @@ def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) 
     stacked = {}
     for r in probe:
         x = aligned_targets(weights, norm, r, cfg.train.chunk_size, device).reshape(n, -1)
-        stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
+        stacked[r] = torch.linalg.svdvals(gram64(x)).sqrt().cpu()
+        del x
     m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
     return (b.m if b.m is not None else m), r
 
@@ -98,9 +114,10 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
     with phase(timings, "warm_start", device):
         targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+        starts = [warm_start(targets, m, cfg, gen) for _ in range(cfg.train.restarts)]
+        del targets                                                         # [N, r, d]: freed before AM
     with phase(timings, "am_varpro", device):
-        state, bank, codes, history = alternate(weights, norm, targets, m, cfg, gen, family)
-        del targets
+        state, bank, codes, history = alternate(weights, norm, starts, cfg, family)
     fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg))
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
@@ -115,14 +132,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     return fam
 
 
-def alternate(weights, norm: Normalizer, targets, m: int, cfg: FitConfig, gen, family: str):
-    """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
+def alternate(weights, norm: Normalizer, starts: list[tuple], cfg: FitConfig, family: str):
+    """Alternating minimisation + variable projection from each warm start (bank, codes, temperature).
 
     Returns (AM state, bank, codes, history) of the attempt with the lowest final error.
     """
     best = None
-    for attempt in range(cfg.train.restarts):
-        bank, codes, temp = warm_start(targets, m, cfg, gen)
+    for attempt in range(len(starts)):
+        bank, codes, temp = starts[attempt]
+        starts[attempt] = None                                              # the state owns it now
         state = AMState(bank=bank, codes=codes, temperature=temp)
         history: dict = {"am": state.history, "varpro": []}
         for _ in range(cfg.train.cycles):
@@ -201,7 +219,7 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, done: dict[st
             if family in families:
                 log.info("%s: taken from checkpoint", family)
                 continue
-            stack = reader.read_family(family)
+            stack = reader.read_family(family, lazy=True)              # experts read chunk by chunk, never all
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
             families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen)
             del stack

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from globe.errors import NumericalError
 from globe.fit.adapters import PHI, refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping
 
@@ -45,14 +46,24 @@ def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
     return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
 
 
+LBFGS_HISTORY_BYTES = 2 * 2**30   # L-BFGS keeps 2 fp32 vectors of all parameters per history entry
+
+
+def lbfgs_history(numel: int, most: int = 20) -> int:
+    """L-BFGS history length: `most`, fewer when the history would exceed LBFGS_HISTORY_BYTES (large banks)."""
+    return int(max(3, min(most, LBFGS_HISTORY_BYTES // (8 * numel))))
+
+
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                   cfg: FitConfig, steps: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history)."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
+    low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
     total = float(n * weights.shape[1] * weights.shape[2])                   # ||W||^2 in unit-RMS space
-    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
+    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps,
+                            history_size=lbfgs_history(bank.numel() + params.logits.numel()),
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
 
@@ -64,7 +75,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
             w = norm.chunk(weights, lo, hi, bank.device)
             mixed = _mix(params(lo, hi), bank, phi)                            # [c, r, d]
             with torch.no_grad():
-                adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
+                adapters = refit_adapters(w, mixed, ridge, low).adapters      # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
             part.backward()
             loss += float(part.detach())

@@ -114,19 +114,23 @@ def codes_to_logits(codes: torch.Tensor, temperature: float, method: str) -> tup
 
 
 def weighted_support_gram(grams: torch.Tensor, bank: torch.Tensor, idx: torch.Tensor,
-                          max_bytes: int = 256 * 2**20) -> torch.Tensor:
+                          max_bytes: int = 256 * 2**20, low_bank: torch.Tensor | None = None) -> torch.Tensor:
     """K_i[a, b] = <G_i B_{idx_ia}, B_{idx_ib}> on each row's support: grams [n, r, r], idx [n, k] -> [n, k, k].
 
-    Experts are processed in groups so that the gathered atoms stay under max_bytes.
+    Experts are processed in groups so that the gathered atoms stay under max_bytes. low_bank (the bank in bf16)
+    computes G_i B_a, the dominant product (2 k r^2 d flops per expert), from rounded operands; the final
+    contraction is fp32. K only sets the code values (NNLS), whose error enters the objective to second order.
     """
     n, k = idx.shape
     _, r, d = bank.shape
-    group = max(1, max_bytes // (2 * k * r * d * bank.element_size()))
+    src = bank if low_bank is None else low_bank
+    group = max(1, max_bytes // (2 * k * r * d * src.element_size()))
     out = torch.empty(n, k, k, dtype=bank.dtype, device=bank.device)
     for lo in range(0, n, group):
-        atoms = bank[idx[lo:lo + group]]                                    # [g, k, r, d]
-        weighted = grams[lo:lo + group, None] @ atoms                       # [g, k, r, d]
-        out[lo:lo + group] = weighted.flatten(2) @ atoms.flatten(2).transpose(1, 2)
+        atoms = src[idx[lo:lo + group]]                                     # [g, k, r, d]
+        weighted = grams[lo:lo + group, None].to(src.dtype) @ atoms         # [g, k, r, d]
+        out[lo:lo + group] = (weighted.flatten(2) @ atoms.flatten(2).transpose(1, 2)).to(bank.dtype) \
+            if low_bank is None else weighted.flatten(2).float() @ atoms.flatten(2).float().transpose(1, 2)
     return out
 
 

@@ -28,6 +28,7 @@ def test_json_and_yaml_round_trip(tmp_path):
     (lambda c: setattr(c.bank, "phi", "relu"), "bank.phi"),
     (lambda c: setattr(c.sparsity, "target_support", 40), "target_support"),
     (lambda c: setattr(c.train, "amp", "fp8"), "train.amp"),
+    (lambda c: setattr(c.train, "precision", "fp16"), "train.precision"),
 ])
 def test_out_of_range_values_are_rejected(mutate, message):
     cfg = custom()
