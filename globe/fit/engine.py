@@ -19,7 +19,7 @@ from globe.fit.normalize import Normalizer
 from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
-from globe.fit.warm_start import aligned_targets, warm_start
+from globe.fit.warm_start import align_factors, aligned_targets, expert_factors, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +32,6 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(name)
-
-
-def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device) -> torch.Tensor:
-    out = [torch.linalg.svdvals(norm.chunk(weights, lo, min(lo + chunk, weights.shape[0]), device)).cpu()
-           for lo in range(0, weights.shape[0], chunk)]
-    return torch.cat(out)                                                     # [N, min(p, d)]
 
 
 def gram64(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -55,23 +49,32 @@ def gram64(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
     return out
 
 
-def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device) -> tuple[int, int]:
-    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget."""
+def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
+               spectra: dict | None = None) -> tuple[int, int]:
+    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget.
+
+    The per-expert SVDs are computed once (expert_factors) for every probed rank; pass a dict as `spectra` to
+    get them back ("factors", "cov") for the warm start.
+    """
     n, p, d = weights.shape
     b, k = cfg.bank, cfg.sparsity.target_support
     if b.m is not None and b.r is not None:
         return b.m, b.r
-    svals = _singular_values(weights, norm, cfg.train.chunk_size, device)
     cands = candidate_shapes(n, p, d, b.budget, k)
     if b.r is not None:
         cands = [(m, r) for m, r in cands if r == b.r] or cands
     grid = sorted({r for _, r in cands})
     probe = grid[:: max(1, len(grid) // 4)][:5]
+    if not probe:                                                           # no shape fits: ConfigError
+        return choose_shape(n, p, d, b.budget, k, torch.zeros(n, 0))
+    svals, factors, cov = expert_factors(weights, norm, max(probe), cfg.train.chunk_size, device)
     stacked = {}
     for r in probe:
-        x = aligned_targets(weights, norm, r, cfg.train.chunk_size, device).reshape(n, -1)
+        x = align_factors(factors, cov, r, cfg.train.chunk_size).reshape(n, -1)
         stacked[r] = torch.linalg.svdvals(gram64(x)).sqrt().cpu()
         del x
+    if spectra is not None:
+        spectra.update(factors=factors, cov=cov)
     m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
     return (b.m if b.m is not None else m), r
 
@@ -110,10 +113,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(weights, norm, cfg, device)
+        spectra: dict = {}
+        m, r = pick_shape(weights, norm, cfg, device, spectra)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)", family, *weights.shape, m, r, cfg.bank.init)
     with phase(timings, "warm_start", device):
-        targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+        if spectra and r <= spectra["factors"].shape[1]:                    # reuse the solver's SVDs
+            targets = align_factors(spectra["factors"], spectra["cov"], r, cfg.train.chunk_size)
+        else:
+            targets = aligned_targets(weights, norm, r, cfg.train.chunk_size, device)
+        spectra.clear()
         starts = [warm_start(targets, m, cfg, gen) for _ in range(cfg.train.restarts)]
         del targets                                                         # [N, r, d]: freed before AM
     with phase(timings, "am_varpro", device):

@@ -71,6 +71,37 @@ def aligned_targets(weights, norm: Normalizer, r: int, chunk: int, device="cpu",
     return out
 
 
+def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu"):
+    """One read and one full SVD per expert, for the shape solver and the warm start to share.
+
+    Returns (singular values [N, min(p, d)] fp32, factors S V^T [N, rmax, d] in target_dtype, covariance
+    sum_i W_i^T W_i [d, d] fp64); align_factors turns them into aligned targets of any rank r <= rmax.
+    """
+    n, p, d = weights.shape
+    svals = torch.empty(n, min(p, d))
+    factors = torch.empty(n, rmax, d, device=device, dtype=target_dtype(n, rmax, d))
+    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for lo in tqdm(range(0, n, chunk), desc="spectra", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+        w = norm.chunk(weights, lo, min(lo + chunk, n), device)
+        cov += torch.einsum("cpd,cpe->de", w, w).double()
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        svals[lo:lo + w.shape[0]] = s.cpu()
+        factors[lo:lo + w.shape[0]] = s[:, :rmax, None] * vh[:, :rmax]
+    return svals, factors, cov
+
+
+def align_factors(factors: torch.Tensor, cov: torch.Tensor, r: int, chunk: int) -> torch.Tensor:
+    """Gauge-aligned rank-r targets [N, r, d] (dtype of factors) from expert_factors' output, r <= rmax."""
+    n, _, d = factors.shape
+    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
+    out = torch.empty(n, r, d, device=factors.device, dtype=factors.dtype)
+    for lo in range(0, n, chunk):
+        t0 = factors[lo:lo + chunk, :r].float()                             # [c, r, d]
+        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))
+        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
+    return out
+
+
 def rows_mm(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """x [N, D] @ y [D, k] in y's dtype; x stored in a narrower dtype is upcast a row chunk at a time."""
     if x.dtype == y.dtype:
