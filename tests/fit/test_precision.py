@@ -60,7 +60,7 @@ def test_bf16_support_gram_stays_close():
     exact = weighted_support_gram(grams, bank, idx)
     fast = weighted_support_gram(grams, bank, idx, low_bank=bank.bfloat16())
     assert fast.dtype == torch.float32
-    assert float((fast - exact).norm() / exact.norm()) < 1e-2
+    assert float((fast - exact).norm() / exact.norm()) < 5e-3
 
 
 def test_bf16_am_pass_tracks_the_fp32_pass():
@@ -72,9 +72,10 @@ def test_bf16_am_pass_tracks_the_fp32_pass():
                         train=TrainConfig(precision=precision, chunk_size=16))
         bank, codes, temp = warm_start(aligned_targets(weights, norm, 8, 16), 8, cfg, torch.Generator().manual_seed(0))
         state = AMState(bank=bank, codes=codes, temperature=temp)
-        errs[precision] = [am_pass(weights, norm, state, cfg)["rel_err"] for _ in range(4)]
+        errs[precision] = [am_pass(weights, norm, state, cfg) for _ in range(4)]
     for a, b in zip(errs["fp32"], errs["bf16"]):
-        assert abs(a - b) <= 0.02 * a
+        assert abs(a["rel_err"] - b["rel_err"]) <= 0.02 * a["rel_err"]
+        assert abs(a["median_support"] - b["median_support"]) <= 1          # the support metric is kept
 
 
 def test_bf16_fit_is_as_good_as_fp32():
