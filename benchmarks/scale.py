@@ -3,7 +3,7 @@ the measured matmul peak. Writes (merges into) benchmarks/results/scale.json; ea
 
     python benchmarks/scale.py --peak                                         # fp32 / bf16 matmul peaks
     python benchmarks/scale.py --profile --shape 32 1408 2048 352 64          # one AM pass, fp32 vs bf16 products
-    python benchmarks/scale.py --fit /tmp/qwen15 --family gate --m 128 --r 256 --am-iters 2 --varpro-steps 2
+    python benchmarks/scale.py --fit /tmp/qwen15 --family gate --m 64 --r 128 --am-iters 2 --varpro-steps 1
     python benchmarks/scale.py --fit /tmp/qwen15 --procs 1 2                  # needs globe.fit.distributed
 
 Sections: "peak" (GFLOP/s of a 2048^3 matmul and of the loop's batched shape, fp32 and bf16), "profile" (per
@@ -44,12 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="synthetic family for --profile (default: 32 Qwen1.5-MoE-shaped experts, r=352, m=64)")
     p.add_argument("--fit", metavar="MODEL_DIR", help="fit one family of this checkpoint and record RSS / timings")
     p.add_argument("--family", default="gate", help="family to fit (gate)")
-    p.add_argument("--m", type=int, default=128, help="atoms (128)")
-    p.add_argument("--r", type=int, default=256, help="adapter rank (256)")
+    p.add_argument("--m", type=int, default=64, help="atoms (64)")
+    p.add_argument("--r", type=int, default=128, help="adapter rank (128)")
     p.add_argument("--target-support", type=int, default=12, help="target median support (12)")
     p.add_argument("--init", default="svd", help="warm start (svd: streams bf16 targets)")
     p.add_argument("--am-iters", type=int, default=2, help="AM iterations (2)")
-    p.add_argument("--varpro-steps", type=int, default=2, help="variable-projection L-BFGS iterations (2)")
+    p.add_argument("--varpro-steps", type=int, default=1, help="variable-projection L-BFGS iterations (1)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="train.precision")
     p.add_argument("--chunk-size", type=int, default=64, help="experts per chunk (64)")
     p.add_argument("--procs", type=int, nargs="*", help="process counts for the distributed section (e.g. 1 2)")
