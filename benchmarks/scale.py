@@ -245,7 +245,8 @@ def run_processes(args: argparse.Namespace) -> dict:
     module = importlib.import_module("globe.fit.distributed")
     hook = getattr(module, "scale_benchmark", None)
     if hook is None:
-        return {"available": False, "reason": "globe.fit.distributed has no scale_benchmark(model_dir, cfg, family, procs)"}
+        return {"available": False,
+                "reason": "globe.fit.distributed has no scale_benchmark(model_dir, cfg, family, procs)"}
     return {"available": True, "runs": {str(k): hook(args.fit, fit_config(args), args.family, k) for k in args.procs}}
 
 

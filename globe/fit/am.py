@@ -64,8 +64,8 @@ def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, 
     _, used_t, next_t = code_chunk(corr, gram, gram_chol, temperature, cfg)
     idx, valid = select_support(corr, gram_chol, used_t, cfg.sparsity.method, 4 * cfg.sparsity.target_support + 4)
     wcorr = atw.reshape(atw.shape[0], -1) @ flat.T                            # [c, m] <A^T W, B_j>
-    values = weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx, low_bank=low_bank), valid,
-                           cfg.train.ridge)
+    sub_gram = weighted_support_gram(ata, bank, idx, low_bank=low_bank)       # [c, k, k]
+    values = weighted_nnls(torch.gather(wcorr, 1, idx), sub_gram, valid, cfg.train.ridge)
     return finish_codes(values, idx, wcorr, cfg.sparsity.eps), next_t
 
 

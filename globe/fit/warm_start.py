@@ -139,7 +139,8 @@ def _pad(atoms: torch.Tensor, m: int, x: torch.Tensor, gen: torch.Generator) -> 
         return atoms[:m]
     k = m - atoms.shape[0]
     pick = torch.randint(0, x.shape[0], (k,), generator=gen).to(x.device)
-    extra = x[pick].float() / x[pick].float().norm(dim=1, keepdim=True) + 0.1 * _random_atoms(k, x.shape[1], gen, x.device)
+    rows = x[pick].float()
+    extra = rows / rows.norm(dim=1, keepdim=True) + 0.1 * _random_atoms(k, x.shape[1], gen, x.device)
     return torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True)])
 
 
