@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left, solve_right
+from globe.fit.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
 
 PHI = {"identity": lambda x: x, "silu": F.silu, "tanh": torch.tanh}
 
@@ -28,13 +28,16 @@ class AdapterFit:
     gram: torch.Tensor       # [c, r, r] A_i^T A_i (reused by the coding step)
 
 
-def refit_adapters(weights: torch.Tensor, mixed: torch.Tensor, ridge: float) -> AdapterFit:
+def refit_adapters(weights: torch.Tensor, mixed: torch.Tensor, ridge: float,
+                   low: torch.dtype | None = None) -> AdapterFit:
     """A_i = W_i M_i^T (M_i M_i^T + lambda I)^-1 for weights [c, p, d], mixed M [c, r, d].
 
-    The error uses ||W||^2 - 2 <A, W M^T> + <A^T A, M M^T>, so no [c, p, d] residual is formed.
+    The error uses ||W||^2 - 2 <A, W M^T> + <A^T A, M M^T>, so no [c, p, d] residual is formed. With `low`
+    (bf16) the cross term W M^T, the largest product, is computed from rounded operands: A is the minimiser, so
+    its error raises the objective only to second order; the Gram M M^T stays fp32.
     """
     mmt = mixed @ mixed.transpose(1, 2)                                    # [c, r, r]
-    wmt = weights @ mixed.transpose(1, 2)                                  # [c, p, r]
+    wmt = matmul(weights, mixed.transpose(1, 2), low)                      # [c, p, r]
     chol = ridge_cholesky(mmt, ridge)
     adapters = solve_right(wmt, chol)                                      # [c, p, r]
     ata = adapters.transpose(1, 2) @ adapters                              # [c, r, r]

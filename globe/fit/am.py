@@ -23,7 +23,7 @@ from globe.errors import NumericalError
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.config import FitConfig
 from globe.fit.distributed import LOCAL, Comm
-from globe.fit.linalg import ridge_cholesky, solve_left
+from globe.fit.linalg import low_precision, matmul, ridge_cholesky, solve_left
 from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import (finish_codes, select_support, sparse_code, support_sizes, update_temperature,
@@ -63,17 +63,18 @@ def code_chunk(corr, gram, gram_chol, temperature, cfg: FitConfig, retries: int 
     return codes, used, temperature
 
 
-def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg, comm: Comm = LOCAL):
+def _code_weighted(targets, atw, ata, flat, bank, gram, gram_chol, temperature, cfg, comm: Comm = LOCAL,
+                   low_bank=None):
     """T and support from the pinv targets (cheap search), values by NNLS under the true (A^T A-weighted)
-    objective. Returns (codes, T for the next chunk)."""
+    objective. Returns (codes, T for the next chunk). low_bank: bank in bf16 for the support Grams."""
     corr = targets.flatten(1) @ flat.T                                     # [c, m] selection
     _, used_t, next_t = code_chunk(corr, gram, gram_chol, temperature, cfg, comm=comm)
     if corr.shape[0] == 0:
         return corr, next_t
     idx, valid = select_support(corr, gram_chol, used_t, cfg.sparsity.method, 4 * cfg.sparsity.target_support + 4)
     wcorr = atw.reshape(atw.shape[0], -1) @ flat.T                            # [c, m] <A^T W, B_j>
-    values = weighted_nnls(torch.gather(wcorr, 1, idx), weighted_support_gram(ata, bank, idx), valid,
-                           cfg.train.ridge)
+    sub_gram = weighted_support_gram(ata, bank, idx, low_bank=low_bank)       # [c, k, k]
+    values = weighted_nnls(torch.gather(wcorr, 1, idx), sub_gram, valid, cfg.train.ridge)
     return finish_codes(values, idx, wcorr, cfg.sparsity.eps), next_t
 
 
@@ -83,7 +84,9 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     Distributed, weights/norm/state.codes hold this rank's experts; sums over experts are all-reduced."""
     t0, ridge, dev = time.perf_counter(), cfg.train.ridge, state.bank.device
     m, r, d = state.bank.shape
-    n = weights.shape[0]
+    n, p = weights.shape[:2]
+    low = low_precision(cfg.train.precision, weights.dtype, p, d, dev)     # bf16 for tolerant products, or None
+    low_bank = None if low is None else state.bank.to(low)
     flat = state.bank.reshape(m, r * d)
     gram = flat @ flat.T                                                     # [m, m]
     gram_chol = ridge_cholesky(gram, ridge)
@@ -96,11 +99,12 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     for lo in range(0, comm.largest(n), cfg.train.chunk_size):
         lo, hi = min(lo, n), min(lo + cfg.train.chunk_size, n)              # empty once this shard has run out
         w = norm.chunk(weights, lo, hi, dev)                                 # [c, p, d]
-        fit = refit_adapters(w, compose(state.codes[lo:hi], state.bank), ridge)
+        fit = refit_adapters(w, compose(state.codes[lo:hi], state.bank), ridge, low)
         ata = fit.gram                                                       # [c, r, r] A^T A
-        atw = fit.adapters.transpose(1, 2) @ w                               # [c, r, d]
+        atw = matmul(fit.adapters.transpose(1, 2), w, low)                   # [c, r, d]
         targets = solve_left(ridge_cholesky(ata, ridge), atw)                # pinv(A) W
-        codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg, comm)
+        codes, temp = _code_weighted(targets, atw, ata, flat, state.bank, gram, gram_chol, temp, cfg, comm,
+                                     low_bank)
         if normal is not None:
             normal.add(codes, targets)
         else:

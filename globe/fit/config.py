@@ -61,6 +61,8 @@ class TrainConfig:
     amp: str = "none"             # none | bf16 | fp16
     grad_checkpoint: bool = False
     chunk_size: int = 64          # experts processed at once in fp32
+    precision: str = "auto"       # products that tolerate rounding (W M^T, A^T W, support Grams): fp32 | bf16 |
+                                  # auto (bf16 for large bf16 checkpoints where bf16 matmuls are fast, else fp32)
     checkpoint_every: int = 5     # AM iterations between in-progress checkpoints (0: only at phase ends)
     seed: int = 0
     device: str = "cpu"
@@ -117,6 +119,7 @@ class FitConfig:
             (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),
+            (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16 (got {t.precision!r})"),
             (t.mod in ("weighted", "normal"), f"train.mod must be weighted|normal (got {t.mod!r})"),
             (a.damp > 0 and a.prior_tokens >= 0 and a.steps >= 0, "activation.damp must be > 0, prior_tokens "
              "and steps >= 0"),

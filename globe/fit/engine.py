@@ -26,41 +26,63 @@ from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
 from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
-from globe.fit.warm_start import aligned_targets
+from globe.fit.warm_start import align_factors, aligned_targets, expert_factors, warm_start
 
 log = logging.getLogger(__name__)
 
 
-def _singular_values(weights: torch.Tensor, norm: Normalizer, chunk: int, device) -> torch.Tensor:
-    out = [torch.linalg.svdvals(norm.chunk(weights, lo, min(lo + chunk, weights.shape[0]), device)).cpu()
-           for lo in range(0, weights.shape[0], chunk)]
-    return torch.cat(out)                                                     # [N, min(p, d)]
+def gram64(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """x @ x.T in fp64 for x [N, D]: at once for fp32 x, by row blocks (upcast per block) for narrower x."""
+    if x.dtype == torch.float32:
+        return x.double() @ x.double().T
+    n = x.shape[0]
+    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    for lo in range(0, n, chunk):
+        xi = x[lo:lo + chunk].double()
+        for lo2 in range(0, lo + chunk, chunk):
+            block = xi @ x[lo2:lo2 + chunk].double().T
+            out[lo:lo + chunk, lo2:lo2 + chunk] = block
+            out[lo2:lo2 + chunk, lo:lo + chunk] = block.T
+    return out
 
 
-def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device,
-               comm: Comm = LOCAL) -> tuple[int, int]:
-    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget (distributed: on rank 0, from the
-    gathered spectra, then broadcast)."""
+def _probe_ranks(n: int, p: int, d: int, cfg: FitConfig) -> tuple[list, list[int]]:
+    """(candidate (m, r) shapes, up to 5 ranks spread over them) for the budget solver."""
+    b = cfg.bank
+    cands = candidate_shapes(n, p, d, b.budget, cfg.sparsity.target_support)
+    if b.r is not None:
+        cands = [(m, r) for m, r in cands if r == b.r] or cands
+    grid = sorted({r for _, r in cands})
+    return cands, grid[:: max(1, len(grid) // 4)][:5]
+
+
+def pick_shape(weights: torch.Tensor, norm: Normalizer, cfg: FitConfig, device, comm: Comm = LOCAL,
+               spectra: dict | None = None) -> tuple[int, int]:
+    """(m, r) from the config, or chosen on the data to meet cfg.bank.budget.
+
+    The per-expert SVDs are computed once (expert_factors) for every probed rank; pass a dict as `spectra` to
+    get them back ("factors", "cov") for the warm start. Distributed: each rank factors its experts, the
+    covariance is all-reduced, rank 0 chooses from the gathered spectra and stacked targets and broadcasts.
+    """
     (n, p, d), b, k = weights.shape, cfg.bank, cfg.sparsity.target_support
     if b.m is not None and b.r is not None:
         return b.m, b.r
     n = comm.total(n)
-    svals = comm.gather_rows(_singular_values(weights, norm, cfg.train.chunk_size, device), n)
-    cands = candidate_shapes(n, p, d, b.budget, k)
-    if b.r is not None:
-        cands = [(m, r) for m, r in cands if r == b.r] or cands
-    grid = sorted({r for _, r in cands})
-    probe = grid[:: max(1, len(grid) // 4)][:5]
+    cands, probe = _probe_ranks(n, p, d, cfg)
+    if not probe:                                        # no shape fits: every rank raises the same ConfigError
+        return choose_shape(n, p, d, b.budget, k, torch.zeros(n, 0))
+    svals, factors, cov = expert_factors(weights, norm, max(probe), cfg.train.chunk_size, device)
+    comm.all_reduce(cov)
+    svals = comm.gather_rows(svals, n)                                      # [N, min(p, d)] on rank 0
     stacked = {}
     for r in probe:
-        x = comm.gather_rows(aligned_targets(weights, norm, r, cfg.train.chunk_size, device, comm), n)
+        x = comm.gather_rows(align_factors(factors, cov, r, cfg.train.chunk_size), n)
         if x is not None:
-            x = x.reshape(n, -1)
-            stacked[r] = torch.linalg.svdvals(x.double() @ x.double().T).sqrt().cpu()
-    if not cands or comm.is_main:                        # no shape fits: every rank raises the same ConfigError
-        m, r = choose_shape(n, p, d, b.budget, k, svals, stacked)
-    else:
-        m, r = 0, 0
+            stacked[r] = torch.linalg.svdvals(gram64(x.reshape(n, -1))).sqrt().cpu()
+        del x
+    if spectra is not None:
+        spectra.update(factors=factors, cov=cov)
+    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked) if comm.is_main else (0, 0)
     if comm.world > 1:
         m, r = comm.broadcast(torch.tensor([m, r])).tolist()
     return (b.m if b.m is not None else m), r
@@ -119,24 +141,37 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(base, cfg.train.chunk_size, names)
     with phase(timings, "shape", device):
-        m, r = pick_shape(base, norm, cfg, device, comm)
+        spectra: dict = {}
+        m, r = pick_shape(base, norm, cfg, device, comm, spectra)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, comm.total(weights.shape[0]),
              *weights.shape[1:], m, r, cfg.bank.init, f" on {comm.world} processes" if comm.world > 1 else "")
-    cached: list[torch.Tensor] = []
+    gen_start, cached = gen.get_state(), []
 
-    def targets() -> torch.Tensor:                  # only needed by warm starts: not at all on a late resume
+    def starts() -> list:
+        """Every restart's warm start, computed on first need (not at all on a late resume) from the generator's
+        state at the start of the family, so a resumed fit draws exactly what an uninterrupted one did."""
         if not cached:
             with phase(timings, "warm_start", device):
-                cached.append(aligned_targets(base, norm, r, cfg.train.chunk_size, device, comm))
-        return cached[0]
+                if spectra and r <= spectra["factors"].shape[1]:            # reuse the solver's SVDs
+                    targets = align_factors(spectra["factors"], spectra["cov"], r, cfg.train.chunk_size)
+                else:
+                    targets = aligned_targets(base, norm, r, cfg.train.chunk_size, device, comm)
+                spectra.clear()
+                gen.set_state(gen_start)
+                cached.extend(shared_warm_start(targets, m, cfg, gen, comm) for _ in range(cfg.train.restarts))
+                del targets                                                 # [N, r, d]: freed before AM
+        return cached
 
     if resume is not None:
         if resume.gen_state is not None:
             gen.set_state(resume.gen_state)
         resume = resume.to(device)
         log.info("%s: resuming at restart %d, cycle %d, phase %s", family, resume.attempt, resume.cycle, resume.phase)
+    if resume is None or resume.phase == "warm_start" or resume.attempt + 1 < cfg.train.restarts:
+        starts()                                     # now, from the solver's SVDs, so the targets go before AM
+    spectra.clear()
     with phase(timings, "am_varpro", device):
-        best = alternate(base, norm, targets, m, cfg, gen, family, resume, on_progress, comm)
+        best = alternate(base, norm, starts, cfg, gen, family, resume, on_progress, comm)
         cached.clear()
     bank, codes, history = best.bank, best.codes, dict(best.history)
     if whiten is not None:
@@ -168,10 +203,11 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     return fam
 
 
-def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor], m: int, cfg: FitConfig, gen,
-              family: str, resume: FitProgress | None = None,
-              on_progress: Callable[[FitProgress], None] | None = None, comm: Comm = LOCAL) -> Attempt:
-    """Warm start + alternating minimisation + variable projection from cfg.train.restarts seeds.
+def alternate(weights, norm: Normalizer, starts: Callable[[], list[tuple]], cfg: FitConfig, gen, family: str,
+              resume: FitProgress | None = None, on_progress: Callable[[FitProgress], None] | None = None,
+              comm: Comm = LOCAL) -> Attempt:
+    """Alternating minimisation + variable projection from each restart's warm start (starts()[k] = (bank, codes,
+    temperature)).
 
     Returns the attempt with the lowest final error. Progress is reported every train.checkpoint_every AM
     iterations and after each phase; given such a progress (resume), the result equals an uninterrupted run's.
@@ -190,7 +226,8 @@ def alternate(weights, norm: Normalizer, targets_fn: Callable[[], torch.Tensor],
 
     while prog.attempt < t.restarts:
         if prog.state is None:                                   # a new attempt starts from a warm start
-            bank, codes, temp = shared_warm_start(targets_fn(), m, cfg, gen, comm)
+            bank, codes, temp = starts()[prog.attempt]
+            starts()[prog.attempt] = None                            # the state owns it now
             prog.state, prog.cycle, prog.phase, prog.varpro = AMState(bank, codes, temp), 0, "cycle_start", []
         state = prog.state
         while prog.cycle < t.cycles:
@@ -293,7 +330,7 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
                 log.info("%s: taken from checkpoint", family)
                 families[family] = fam
                 continue
-            stack = read_shard(reader, family, comm)
+            stack = read_shard(reader, family, comm)        # one process: lazy, experts read chunk by chunk
             gen = torch.Generator().manual_seed(cfg.train.seed + k)
             resume = store.progress(family) if store is not None else None
             save = (lambda prog, f=family: store.save_progress(f, prog)) if store is not None else None

@@ -59,6 +59,34 @@ def solve_left(chol: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(rhs, chol)
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor, low: torch.dtype | None = None) -> torch.Tensor:
+    """a @ b, with both operands rounded to `low` (e.g. bf16; the kernels accumulate in fp32) and the product
+    returned in a's dtype when `low` is given. Used only where rounding errors average out (see TrainConfig)."""
+    if low is None or a.dtype == low:
+        return a @ b
+    return (a.to(low) @ b.to(low)).to(a.dtype)
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat fp32 here: CUDA/MPS, or a CPU with native bf16 instructions (AVX512-BF16/AMX)."""
+    if device.type != "cpu":
+        return True
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+LARGE_EXPERT = 2**20   # p * d from which precision="auto" uses bf16 (bf16 checkpoints only)
+
+
+def low_precision(precision: str, weights_dtype: torch.dtype, p: int, d: int,
+                  device: torch.device) -> torch.dtype | None:
+    """The dtype of the rounding-tolerant products for TrainConfig.precision, or None for fp32 everywhere."""
+    if precision == "bf16" or (precision == "auto" and weights_dtype == torch.bfloat16 and p * d >= LARGE_EXPERT
+                               and bf16_is_fast(device)):
+        return torch.bfloat16
+    return None
+
+
 def cond_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
     """Cheap lower bound on the condition number of chol @ chol^T: (max diag / min diag)^2."""
     diag = chol.diagonal(dim1=-2, dim2=-1).abs()

@@ -80,7 +80,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     inv_diag = (1.0 / gbar.diagonal().clamp_min(1e-30)).float()[None, :, None]            # [1, r, 1]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return weighted_apply(x, codes, grams, chunk, comm) + lam * x
+        return weighted_apply(x, codes, grams, chunk, comm).add_(x, alpha=lam)   # in place: no [m, r, d] temporaries
 
     def precond(x: torch.Tensor) -> torch.Tensor:
         y = (inv_left @ x.reshape(m, r * d)).view(m, r, d)                 # (alpha^T alpha)^-1 over atoms

@@ -19,6 +19,7 @@ from globe.errors import NumericalError
 from globe.fit.adapters import PHI, refit_adapters
 from globe.fit.config import FitConfig
 from globe.fit.distributed import LOCAL, Comm
+from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping
 
@@ -61,6 +62,14 @@ class _Targets:
         return self.cache[lo, hi]
 
 
+LBFGS_HISTORY_BYTES = 2 * 2**30   # L-BFGS keeps 2 fp32 vectors of all parameters per history entry
+
+
+def lbfgs_history(numel: int, most: int = 20) -> int:
+    """L-BFGS history length: `most`, fewer when the history would exceed LBFGS_HISTORY_BYTES (large banks)."""
+    return int(max(3, min(most, LBFGS_HISTORY_BYTES // (8 * numel))))
+
+
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                   cfg: FitConfig, steps: int, temperature: float,
                   comm: Comm = LOCAL, whiten=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -75,6 +84,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     start = (bank, codes)
     n_all = comm.total(n)
     offset = comm.shard(n_all)[0]
+    low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
                         learn_gain=phi != "identity")
@@ -83,7 +93,8 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     total = float(n_all * weights.shape[1] * weights.shape[2])               # ||W||^2 in unit-RMS space
     if whiten is not None:
         total = sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
-    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps, history_size=20,
+    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps,
+                            history_size=lbfgs_history(bank.numel() + params.logits.numel()),
                             tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
     history: list[float] = []
 
@@ -96,7 +107,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
             if whiten is not None:
                 mixed = whiten(mixed, lo, hi)
             with torch.no_grad():
-                adapters = refit_adapters(w, mixed, ridge).adapters           # envelope: A* held fixed
+                adapters = refit_adapters(w, mixed, ridge, low).adapters      # envelope: A* held fixed
             part = (w - adapters @ mixed).square().sum() / total
             part.backward()
             loss += float(part.detach())

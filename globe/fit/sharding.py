@@ -27,7 +27,7 @@ def check_sharded(cfg: FitConfig, comm: Comm, n_local: int) -> None:
 def read_shard(reader, family: str, comm: Comm):
     """ExpertStack of this rank's contiguous slice of the family (reads only the layers that hold it)."""
     if comm.world == 1:
-        return reader.read_family(family)
+        return reader.read_family(family, lazy=True)                        # experts read chunk by chunk, never all
     from globe.io.reader import ExpertStack
     inv = reader.inventory()
     e, layers = inv.num_experts, list(inv.moe_layers)

@@ -20,30 +20,111 @@ from globe.fit.normalize import Normalizer
 log = logging.getLogger(__name__)
 
 
-def aligned_targets(weights: torch.Tensor, norm: Normalizer, r: int, chunk: int, device="cpu",
-                    comm: Comm = LOCAL) -> torch.Tensor:
-    """Gauge-aligned rank-r targets [N, r, d] of the normalised experts (distributed: of this rank's experts,
-    aligned to the row space of all of them)."""
-    n, _, d = weights.shape
+# Above this many bytes of fp32 targets, aligned targets are stored in bf16 (warm start only needs them coarse),
+# and matrices this large (p * d) with r <= min(p, d) / 4 use a randomised top-r SVD instead of a full one.
+LARGE_TARGETS_BYTES = 2**30
+LARGE_MATRIX = 2**20
+
+
+def target_dtype(n: int, r: int, d: int) -> torch.dtype:
+    """Storage dtype of aligned targets [n, r, d]: fp32, or bf16 when fp32 would exceed LARGE_TARGETS_BYTES."""
+    return torch.bfloat16 if n * r * d * 4 > LARGE_TARGETS_BYTES else torch.float32
+
+
+def top_r(w: torch.Tensor, r: int, power: int = 2, oversample: int = 16) -> torch.Tensor:
+    """S_r V_r^T [c, r, d] of each w [c, p, d]: full SVD, or a seeded randomised range finder with `power`
+    subspace iterations for large matrices with r <= min(p, d) / 4 (cost ~(2 power + 2) * 2 p d (r + oversample))."""
+    c, p, d = w.shape
+    if p * d < LARGE_MATRIX or 4 * r > min(p, d):
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        return s[:, :r, None] * vh[:, :r]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(w @ torch.randn(d, r + oversample, generator=gen).to(w.device)).Q   # [c, p, k]
+    for _ in range(power):
+        q = torch.linalg.qr(w @ (w.transpose(1, 2) @ q)).Q
+    _, s, vh = torch.linalg.svd(q.transpose(1, 2) @ w, full_matrices=False)               # [c, k, d]
+    return s[:, :r, None] * vh[:, :r]
+
+
+def aligned_targets(weights, norm: Normalizer, r: int, chunk: int, device="cpu",
+                    comm: Comm = LOCAL, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Gauge-aligned rank-r targets [N, r, d] of the normalised experts, in `dtype` (default: target_dtype).
+    Distributed: of this rank's experts, aligned to the row space of all of them (the covariance is all-reduced).
+
+    One read of the weights: per chunk the top-r factors are stored and the family covariance accumulated (from
+    W, or from the factors when they are randomised); a second in-place pass aligns them.
+    """
+    n, p, d = weights.shape
+    dtype = dtype or target_dtype(n, r, d)
+    exact_cov = p * d < LARGE_MATRIX or 4 * r > min(p, d)
     cov = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for lo in range(0, n, chunk):
-        w = norm.chunk(weights, lo, min(lo + chunk, n), device)
-        cov += torch.einsum("cpd,cpe->de", w, w).double()
-    comm.all_reduce(cov)
-    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
-    out = torch.empty(n, r, d, device=device)
+    out = torch.empty(n, r, d, device=device, dtype=dtype)
     for lo in tqdm(range(0, n, chunk), desc="targets", leave=False, disable=not log.isEnabledFor(logging.INFO)):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
-        _, s, vh = torch.linalg.svd(w, full_matrices=False)
-        t0 = s[:, :r, None] * vh[:, :r]                                     # [c, r, d]
+        src = w if exact_cov else top_r(w, r)
+        cov += torch.einsum("cpd,cpe->de", src, src).double()
+        out[lo:lo + w.shape[0]] = top_r(w, r) if exact_cov else src
+        del w, src
+    comm.all_reduce(cov)
+    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
+    for lo in range(0, n, chunk):
+        t0 = out[lo:lo + chunk].float()                                     # [c, r, d]
         u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))                # polar factor of [c, r, r]
-        out[lo:lo + w.shape[0]] = (u @ v2) @ t0
+        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
+    return out
+
+
+def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu"):
+    """One read and one full SVD per expert, for the shape solver and the warm start to share.
+
+    Returns (singular values [N, min(p, d)] fp32, factors S V^T [N, rmax, d] in target_dtype, covariance
+    sum_i W_i^T W_i [d, d] fp64); align_factors turns them into aligned targets of any rank r <= rmax.
+    """
+    n, p, d = weights.shape
+    svals = torch.empty(n, min(p, d))
+    factors = torch.empty(n, rmax, d, device=device, dtype=target_dtype(n, rmax, d))
+    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for lo in tqdm(range(0, n, chunk), desc="spectra", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+        w = norm.chunk(weights, lo, min(lo + chunk, n), device)
+        cov += torch.einsum("cpd,cpe->de", w, w).double()
+        _, s, vh = torch.linalg.svd(w, full_matrices=False)
+        svals[lo:lo + w.shape[0]] = s.cpu()
+        factors[lo:lo + w.shape[0]] = s[:, :rmax, None] * vh[:, :rmax]
+    return svals, factors, cov
+
+
+def align_factors(factors: torch.Tensor, cov: torch.Tensor, r: int, chunk: int) -> torch.Tensor:
+    """Gauge-aligned rank-r targets [N, r, d] (dtype of factors) from expert_factors' output, r <= rmax."""
+    n, _, d = factors.shape
+    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
+    out = torch.empty(n, r, d, device=factors.device, dtype=factors.dtype)
+    for lo in range(0, n, chunk):
+        t0 = factors[lo:lo + chunk, :r].float()                             # [c, r, d]
+        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))
+        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
+    return out
+
+
+def rows_mm(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """x [N, D] @ y [D, k] in y's dtype; x stored in a narrower dtype is upcast a row chunk at a time."""
+    if x.dtype == y.dtype:
+        return x @ y
+    return torch.cat([x[lo:lo + chunk].to(y.dtype) @ y for lo in range(0, x.shape[0], chunk)])
+
+
+def rows_tmm(x: torch.Tensor, q: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """x [N, D]^T @ q [N, k] in q's dtype, accumulated over row chunks of a narrower x."""
+    if x.dtype == q.dtype:
+        return x.T @ q
+    out = torch.zeros(x.shape[1], q.shape[1], dtype=q.dtype, device=q.device)
+    for lo in range(0, x.shape[0], chunk):
+        out.addmm_(x[lo:lo + chunk].to(q.dtype).T, q[lo:lo + chunk])
     return out
 
 
 def _signed(directions: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
     """Atoms from directions [k, D]: sign so that most experts correlate positively, then +/- pairs up to m."""
-    sign = torch.sign((x @ directions.T).sum(0)).clamp_min(0) * 2 - 1       # [k]
+    sign = torch.sign(rows_mm(x, directions.T).sum(0)).clamp_min(0) * 2 - 1       # [k]
     directions = directions * sign[:, None]
     first = directions[:1]
     pairs = torch.stack([directions[1:], -directions[1:]], 1).reshape(-1, directions.shape[1])
@@ -61,7 +142,8 @@ def _pad(atoms: torch.Tensor, m: int, x: torch.Tensor, gen: torch.Generator) -> 
         return atoms[:m]
     k = m - atoms.shape[0]
     pick = torch.randint(0, x.shape[0], (k,), generator=gen).to(x.device)
-    extra = x[pick] / x[pick].norm(dim=1, keepdim=True) + 0.1 * _random_atoms(k, x.shape[1], gen, x.device)
+    rows = x[pick].float()
+    extra = rows / rows.norm(dim=1, keepdim=True) + 0.1 * _random_atoms(k, x.shape[1], gen, x.device)
     return torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True)])
 
 
@@ -69,10 +151,10 @@ def svd_atoms(x: torch.Tensor, m: int, gen: torch.Generator, oversample: int = 8
     """Randomised truncated SVD of stacked targets x [N, D]: top right singular vectors as signed atoms."""
     k = min((m + 1) // 2 + 1, *x.shape)
     probe = torch.randn(x.shape[1], min(k + oversample, x.shape[1]), generator=gen).to(x.device)
-    q = torch.linalg.qr(x @ probe).Q                                       # [N, k']
+    q = torch.linalg.qr(rows_mm(x, probe)).Q                               # [N, k']
     for _ in range(power):
-        q = torch.linalg.qr(x @ (x.T @ q)).Q
-    _, _, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+        q = torch.linalg.qr(rows_mm(x, rows_tmm(x, q))).Q
+    _, _, vh = torch.linalg.svd(rows_tmm(x, q).T, full_matrices=False)
     return _signed(vh[:k], x, m)
 
 
@@ -89,6 +171,7 @@ def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
 
 def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15) -> torch.Tensor:
     """Spherical k-means++ centroids of the unit targets (cosine similarity)."""
+    x = x.float()
     u = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
     k = min(m, u.shape[0])
     cent = u[torch.randint(0, u.shape[0], (1,), generator=gen)]
@@ -142,13 +225,15 @@ def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: fl
     temp = cfg.sparsity.t_init if temperature is None else temperature
     out = []
     for lo in range(0, x.shape[0], cfg.train.chunk_size):
-        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size] @ atoms.T, gram, chol, temp, cfg)
+        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size].float() @ atoms.T, gram, chol, temp, cfg)
         out.append(codes)
     return torch.cat(out), temp
 
 
 def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generator):
-    """(bank [m, r, d], codes [N, m], temperature) for the configured init from aligned targets [N, r, d]."""
+    """(bank [m, r, d], codes [N, m], temperature) for the configured init from aligned targets [N, r, d]
+    (fp32, or bf16 for large families: `svd` and `ts_pca` then upcast chunk by chunk, the others hold fp32
+    copies of the targets or of their residual)."""
     n, r, d = targets.shape
     x = targets.reshape(n, r * d)
     init = cfg.bank.init
@@ -159,7 +244,7 @@ def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generat
     elif init == "kmeans":
         atoms = kmeans_atoms(x, m, gen)
     elif init == "greedy":
-        atoms = residual_atoms(x, x.new_zeros(0, r * d), m, gen, cfg)
+        atoms = residual_atoms(x, x.new_zeros(0, r * d, dtype=torch.float32), m, gen, cfg)
     else:  # hybrid
         atoms = residual_atoms(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
     codes, temp = encode(x, atoms, cfg)

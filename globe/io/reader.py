@@ -24,6 +24,7 @@ import torch
 
 from globe.errors import CheckpointError, ConfigError, NumericalError, ShapeError
 from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch
+from globe.io.lazy import Block, LazyExperts, data_offsets
 from globe.io.shards import ShardSet, read_config
 from globe.progress import progress
 
@@ -63,10 +64,11 @@ class Inventory:
 
 @dataclass
 class ExpertStack:
-    """One family's routed experts across layers: weights [N, p, d] (down: [N, d, p]), ids [N, 2] = (layer, expert)."""
+    """One family's routed experts across layers: weights [N, p, d] (down: [N, d, p]), ids [N, 2] = (layer, expert).
+    weights is a LazyExperts view (read on indexing) when read with lazy=True."""
 
     family: str
-    weights: torch.Tensor
+    weights: torch.Tensor | LazyExperts
     ids: torch.Tensor
 
     def __len__(self) -> int:
@@ -226,19 +228,49 @@ class CheckpointReader:
         for layer in self._select_layers(layers):
             yield layer, self._read_layer(family, layer)
 
-    def read_family(self, family: str, layers: Iterable[int] | None = None) -> ExpertStack:
-        """All routed experts of one family stacked layer-major: weights [N, p, d] (down: [N, d, p])."""
+    def read_family(self, family: str, layers: Iterable[int] | None = None, lazy: bool = False) -> ExpertStack:
+        """All routed experts of one family stacked layer-major: weights [N, p, d] (down: [N, d, p]).
+
+        lazy=True returns a LazyExperts view instead of a tensor: nothing is read until it is indexed.
+        """
         check_family(family)
         selected = self._select_layers(layers)
         e = self.num_experts
         rows, cols = (self.d, self.p) if family == "down" else (self.p, self.d)
-        weights = torch.empty(len(selected) * e, rows, cols, dtype=getattr(torch, self.dtype))
-        layers = progress(self.iter_layers(family, selected), f"read {family}", len(selected))
-        for i, (_, layer_weights) in enumerate(layers):
-            weights[i * e:(i + 1) * e] = layer_weights
+        if lazy:
+            weights = LazyExperts(self._blocks(family, selected), rows, cols, getattr(torch, self.dtype))
+        else:
+            weights = torch.empty(len(selected) * e, rows, cols, dtype=getattr(torch, self.dtype))
+            layers = progress(self.iter_layers(family, selected), f"read {family}", len(selected))
+            for i, (_, layer_weights) in enumerate(layers):
+                weights[i * e:(i + 1) * e] = layer_weights
         layer_ids = torch.tensor(selected, dtype=torch.long).repeat_interleave(e)
         expert_ids = torch.arange(e, dtype=torch.long).repeat(len(selected))
         return ExpertStack(family=family, weights=weights, ids=torch.stack([layer_ids, expert_ids], dim=1))
+
+    def _blocks(self, family: str, layers: list[int]) -> list[Block]:
+        """Where each expert of `family` lives on disk, layer-major (see globe.io.lazy)."""
+        offsets: dict[str, dict[str, tuple[int, int]]] = {}
+
+        def locate(name: str) -> tuple[Path, int]:
+            file = self.shards.location[name]
+            if file not in offsets:
+                offsets[file] = data_offsets(self.model_dir / file)
+            return self.model_dir / file, offsets[file][name][0]
+
+        size = self.p * self.d * getattr(torch, self.dtype).itemsize                # bytes of one expert
+        blocks = []
+        for layer in layers:
+            if self.layout == "per_expert":
+                names = [self.arch.expert_key(family, layer, e) for e in range(self.num_experts)]
+                blocks += [Block(*locate(name), name) for name in names]
+                continue
+            name = self.arch.fused_key("down" if family == "down" else "gate_up", layer)
+            path, base = locate(name)
+            stride = size * (1 if family == "down" else 2)
+            shift = size if family == "up" else 0
+            blocks += [Block(path, base + e * stride + shift, name) for e in range(self.num_experts)]
+        return blocks
 
     def _select_layers(self, layers: Iterable[int] | None) -> list[int]:
         if layers is None:

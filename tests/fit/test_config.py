@@ -32,6 +32,7 @@ def test_json_and_yaml_round_trip(tmp_path):
     (lambda c: setattr(c.train, "amp", "fp8"), "train.amp"),
     (lambda c: setattr(c.activation, "damp", 0.0), "activation.damp"),
     (lambda c: setattr(c.activation, "routing_floor", 0.0), "activation.routing_floor"),
+    (lambda c: setattr(c.train, "precision", "fp16"), "train.precision"),
 ])
 def test_out_of_range_values_are_rejected(mutate, message):
     cfg = custom()
