@@ -26,7 +26,7 @@ from globe.fit.mod import normalize_atoms
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
 from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
-from globe.fit.warm_start import align_factors, aligned_targets, expert_factors, warm_start
+from globe.fit.warm_start import align_factors, aligned_targets, expert_factors
 
 log = logging.getLogger(__name__)
 
