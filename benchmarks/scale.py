@@ -16,7 +16,7 @@ Time it with the thread count you report (OMP_NUM_THREADS); the JSON records it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import sys
 import json
 import logging
 import resource
@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="train.precision")
     p.add_argument("--chunk-size", type=int, default=64, help="experts per chunk (64)")
     p.add_argument("--procs", type=int, nargs="*", help="process counts for the distributed section (e.g. 1 2)")
+    p.add_argument("--proc-problem", type=int, nargs=6, default=[256, 256, 512, 32, 32, 4],
+                   metavar=("N", "P", "D", "M", "R", "K"), help="planted problem of the distributed section")
+    p.add_argument("--threads-per-proc", type=int, default=1, help="CPU threads of each process (1)")
+    p.add_argument("--device", default="cpu", help="fit device: cpu | cuda (timings and CUDA peak memory)")
     return p.parse_args(argv)
 
 
@@ -188,7 +192,7 @@ def fit_config(args: argparse.Namespace) -> FitConfig:
     return FitConfig(bank=BankConfig(m=args.m, r=args.r, init=args.init, families=(args.family,)),
                      sparsity=SparsityConfig(target_support=args.target_support),
                      train=TrainConfig(am_iters=args.am_iters, varpro_steps=args.varpro_steps, tol=-1.0,
-                                       chunk_size=args.chunk_size, precision=args.precision))
+                                       chunk_size=args.chunk_size, precision=args.precision, device=args.device))
 
 
 def run_fit(args: argparse.Namespace) -> dict:
@@ -210,6 +214,9 @@ def run_fit(args: argparse.Namespace) -> dict:
             round(stack.weights.nbytes() / 2**30, 2) if hasattr(stack.weights, "nbytes") else None,
             "config": cfg.to_dict()["train"], "threads": torch.get_num_threads(),
             "peak_rss_gib": round(peak_rss_gib(), 2), "rss_after_open_gib": round(rss_open, 2),
+            "device": torch.cuda.get_device_name() if cfg.train.device.startswith("cuda") else "cpu",
+            "cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if cfg.train.device.startswith("cuda") else None,
             "seconds_total": round(total, 1), "seconds_per_phase": timings,
             "am_seconds_per_iteration": [round(s["seconds"], 1) for s in am],
             "varpro_evaluations": len(fam.history.get("varpro", [])),
@@ -239,15 +246,15 @@ def memory_model(n: int, p: int, d: int, r: int, m: int, chunk: int = 64, stored
 
 
 def run_processes(args: argparse.Namespace) -> dict:
-    """1 vs K process timings through globe.fit.distributed.scale_benchmark, when that module exists."""
-    if importlib.util.find_spec("globe.fit.distributed") is None:
-        return {"available": False, "reason": "globe.fit.distributed is not installed in this tree"}
-    module = importlib.import_module("globe.fit.distributed")
-    hook = getattr(module, "scale_benchmark", None)
-    if hook is None:
-        return {"available": False,
-                "reason": "globe.fit.distributed has no scale_benchmark(model_dir, cfg, family, procs)"}
-    return {"available": True, "runs": {str(k): hook(args.fit, fit_config(args), args.family, k) for k in args.procs}}
+    """1 vs K gloo processes on the planted problem of benchmarks/distributed.py (time_processes), at the sizes
+    given by --proc-problem, `--threads-per-proc` threads each."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from distributed import time_processes
+    n, p, d, m, r, k = args.proc_problem
+    cfg = FitConfig(bank=BankConfig(m=m, r=r), sparsity=SparsityConfig(target_support=k),
+                    train=TrainConfig(am_iters=4, tol=-1.0, varpro_steps=6, device=args.device))
+    return {"problem": dict(n=n, p=p, d=d, m=m, r=r, k=k),
+            **time_processes(dict(n=n, p=p, d=d, m=m, r=r, k=k), cfg, tuple(args.procs), args.threads_per_proc)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -261,9 +268,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("peak: %s", result["peak"])
     if args.profile:
         result["profile"] = run_profile(args.shape)
-    if args.fit and args.procs:
+    if args.procs:
         result["processes"] = run_processes(args)
-    elif args.fit:
+    if args.fit:
         result["fit"] = run_fit(args)
         log.info("fit: %s", result["fit"])
     out.parent.mkdir(parents=True, exist_ok=True)

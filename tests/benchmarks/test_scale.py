@@ -34,9 +34,12 @@ def test_fit_section_records_memory_and_timings(tiny: Path, tmp_path: Path):
     assert fit["peak_rss_gib"] > 0 and len(fit["am_seconds_per_iteration"]) == 2
     assert {"normalize", "warm_start", "am_varpro"} <= set(fit["seconds_per_phase"])
     assert 0 < fit["rel_err"] < 1
-    scale.main(["--out", str(out), "--fit", str(tiny), "--procs", "1", "2"])   # merged into the same file
-    merged = json.loads(out.read_text())
-    assert merged["fit"] == fit and "available" in merged["processes"]
+    scale.main(["--out", str(out), "--procs", "1", "2", "--proc-problem", "16", "8", "16", "4", "4", "2"])
+    merged = json.loads(out.read_text())                                 # merged into the same file
+    assert merged["fit"] == fit
+    runs = merged["processes"]["processes"]
+    assert set(runs) == {"1", "2"} and runs["1"]["bank_rel_diff_vs_1"] == 0.0
+    assert all(0 < row["rel_err"] < 1 and row["seconds"] > 0 for row in runs.values())
 
 
 def test_memory_model_grows_with_the_rank_and_names_its_peak():
