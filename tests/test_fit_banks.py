@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit_banks import compose_run_config, rewrite_model_override
 from globe.run_config import CacheConfig, ExportConfig, WandbConfig
+from tests.helpers.subproc import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_run_writes_the_same_artifact_as_globe_fit(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("qwen2_moe")
     assert main(["fit", str(model), "-o", str(tmp_path / "cli"), "--m", "4", "--r", "4", "--target-support", "2",
                  "--am-iters", "3", "--varpro-steps", "5"]) == 0
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "globe.fit_banks", f"model={model}", "bank.m=4", "bank.r=4",
                            "sparsity.target_support=2", "train.am_iters=3", "train.varpro_steps=5", "out=hydra",
                            "export.dir=hydra_hf", "export.dense=true", "log_level=WARNING"],

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers.subproc import subprocess_env
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +19,7 @@ def globe_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the installed `globe` script (or `python -m globe.cli.main` when it is not on PATH)."""
     script = shutil.which("globe", path=os.path.dirname(sys.executable)) or shutil.which("globe")
     cmd = [script] if script else [sys.executable, "-m", "globe.cli.main"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     proc = subprocess.run([*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"globe {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return proc

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,12 +10,13 @@ from pathlib import Path
 import pytest
 
 import globe
+from tests.helpers.subproc import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_example(name: str, *args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, str(REPO / "examples" / name), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
