@@ -38,6 +38,11 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def acc_dtype(device: str | torch.device) -> torch.dtype:
+    """Accumulation dtype of sums and normal equations on `device`: float64, but float32 on MPS (no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `device` computes in `dtype` (bf16 needs Ampere+ on CUDA, macOS 14+ on MPS)."""
     if dtype not in (torch.bfloat16, torch.float16) or device.type == "cpu":

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from globe import tracking
 from globe.errors import NumericalError
+from globe.device import acc_dtype
 from globe.fit.adapters import compose, refit_adapters
 from globe.fit.config import FitConfig
 from globe.fit.distributed import LOCAL, Comm
@@ -94,7 +95,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     grams = torch.empty(n, r, r, device=dev) if normal is None else None     # A_i^T A_i for the weighted MOD
     rhs = torch.zeros(m, r * d, device=dev) if normal is None else None      # sum_i alpha_ij A_i^T W_i
     new_codes = torch.zeros_like(state.codes)
-    sq_err = torch.zeros(n, dtype=torch.float64, device=dev)
+    sq_err = torch.zeros(n, dtype=acc_dtype(dev), device=dev)
     conds, temp = [], state.temperature
     for lo in range(0, comm.largest(n), cfg.train.chunk_size):
         lo, hi = min(lo, n), min(lo + cfg.train.chunk_size, n)              # empty once this shard has run out
@@ -110,7 +111,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
         else:
             rhs.addmm_(codes.T, atw.flatten(1))
             grams[lo:hi] = ata
-        new_codes[lo:hi], sq_err[lo:hi] = codes, fit.sq_err.double()
+        new_codes[lo:hi], sq_err[lo:hi] = codes, fit.sq_err.to(sq_err.dtype)
         if cfg.train.collect_stats and hi > lo:
             conds.append(fit.cond.max())
     if normal is not None:
@@ -119,7 +120,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
         comm.all_reduce(rhs)
         bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge, comm=comm)
     bank, new_codes = normalize_atoms(bank, new_codes)
-    err = comm.all_reduce((sq_err.cpu() * norm.scales.double() ** 2).sum())
+    err = comm.all_reduce((sq_err.cpu().double() * norm.scales.double() ** 2).sum())
     rel = float((err / comm.all_reduce(norm.sq_norms.sum())).sqrt())
     bad_codes = comm.all_reduce_float(float(not bool(torch.isfinite(new_codes).all())))   # ranks with NaN codes
     if not (math.isfinite(rel) and bool(torch.isfinite(bank).all()) and bad_codes == 0):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from globe import tracking
-from globe.device import resolve_device  # noqa: F401  (re-exported: globe.fit.engine.resolve_device)
+from globe.device import acc_dtype, resolve_device  # noqa: F401  (resolve_device re-exported)
 from globe.errors import ConfigError
 from globe.fit.activation import activation_metrics, activation_stage, family_whitener, fit_spaces
 from globe.fit.adapters import compose, refit_adapters
@@ -32,15 +32,17 @@ log = logging.getLogger(__name__)
 
 
 def gram64(x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
-    """x @ x.T in fp64 for x [N, D]: at once for fp32 x, by row blocks (upcast per block) for narrower x."""
+    """x @ x.T in fp64 (fp32 on MPS) for x [N, D]: at once for fp32 x, by row blocks (upcast per block) for
+    narrower x."""
+    acc = acc_dtype(x.device)
     if x.dtype == torch.float32:
-        return x.double() @ x.double().T
+        return x.to(acc) @ x.to(acc).T
     n = x.shape[0]
-    out = torch.empty(n, n, dtype=torch.float64, device=x.device)
+    out = torch.empty(n, n, dtype=acc, device=x.device)
     for lo in range(0, n, chunk):
-        xi = x[lo:lo + chunk].double()
+        xi = x[lo:lo + chunk].to(acc)
         for lo2 in range(0, lo + chunk, chunk):
-            block = xi @ x[lo2:lo2 + chunk].double().T
+            block = xi @ x[lo2:lo2 + chunk].to(acc).T
             out[lo:lo + chunk, lo2:lo2 + chunk] = block
             out[lo2:lo2 + chunk, lo:lo + chunk] = block.T
     return out

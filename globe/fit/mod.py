@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from globe.device import acc_dtype
+
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left
 
@@ -13,12 +15,12 @@ class ModAccumulator:
 
     def __init__(self, m: int, r: int, d: int, device: torch.device | str = "cpu") -> None:
         self.shape = (m, r, d)
-        self.ata = torch.zeros(m, m, dtype=torch.float64, device=device)      # sum_i alpha_i alpha_i^T
+        self.ata = torch.zeros(m, m, dtype=acc_dtype(device), device=device)  # sum_i alpha_i alpha_i^T
         self.aty = torch.zeros(m, r * d, dtype=torch.float32, device=device)  # sum_i alpha_i Y_i
 
     def add(self, codes: torch.Tensor, targets: torch.Tensor) -> None:
         """codes [c, m], targets [c, r, d] (fp32)."""
-        self.ata += (codes.T.double() @ codes.double())
+        self.ata += codes.T.to(self.ata.dtype) @ codes.to(self.ata.dtype)
         self.aty.addmm_(codes.T, targets.flatten(1))
 
     def solve(self, ridge: float, previous: torch.Tensor | None = None,
@@ -28,7 +30,7 @@ class ModAccumulator:
         comm.all_reduce(self.ata)
         comm.all_reduce(self.aty)
         chol = ridge_cholesky(self.ata, ridge)
-        bank = solve_left(chol, self.aty.double()).float().view(self.shape)
+        bank = solve_left(chol, self.aty.to(self.ata.dtype)).float().view(self.shape)
         if previous is not None:
             unused = self.ata.diagonal() <= 0
             bank[unused] = previous[unused]
@@ -71,8 +73,9 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     Distributed: codes/grams are this rank's experts, rhs/bank0 already summed / identical on every rank.
     """
     m, r, d = bank0.shape
-    ata = comm.all_reduce(codes.T.double() @ codes.double())
-    gbar = comm.mean_rows(grams.double())
+    acc = acc_dtype(codes.device)                                          # float64 (float32 on MPS)
+    ata = comm.all_reduce(codes.T.to(acc) @ codes.to(acc))
+    gbar = comm.mean_rows(grams.to(acc))
     lam = ridge * float(ata.diagonal().mean() * gbar.diagonal().mean()) + 1e-30
     chol_left = ridge_cholesky(ata, max(ridge, 1e-8))
     cond = float(cond_from_cholesky(chol_left))

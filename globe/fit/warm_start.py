@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from globe.fit.config import FitConfig
+from globe.device import acc_dtype
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky
 from globe.fit.normalize import Normalizer
@@ -57,12 +58,12 @@ def aligned_targets(weights, norm: Normalizer, r: int, chunk: int, device="cpu",
     n, p, d = weights.shape
     dtype = dtype or target_dtype(n, r, d)
     exact_cov = p * d < LARGE_MATRIX or 4 * r > min(p, d)
-    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    cov = torch.zeros(d, d, dtype=acc_dtype(device), device=device)
     out = torch.empty(n, r, d, device=device, dtype=dtype)
     for lo in tqdm(range(0, n, chunk), desc="targets", leave=False, disable=not log.isEnabledFor(logging.INFO)):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
         src = w if exact_cov else top_r(w, r)
-        cov += torch.einsum("cpd,cpe->de", src, src).double()
+        cov += torch.einsum("cpd,cpe->de", src, src).to(cov.dtype)
         out[lo:lo + w.shape[0]] = top_r(w, r) if exact_cov else src
         del w, src
     comm.all_reduce(cov)
@@ -83,10 +84,10 @@ def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu
     n, p, d = weights.shape
     svals = torch.empty(n, min(p, d))
     factors = torch.empty(n, rmax, d, device=device, dtype=target_dtype(n, rmax, d))
-    cov = torch.zeros(d, d, dtype=torch.float64, device=device)
+    cov = torch.zeros(d, d, dtype=acc_dtype(device), device=device)
     for lo in tqdm(range(0, n, chunk), desc="spectra", leave=False, disable=not log.isEnabledFor(logging.INFO)):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
-        cov += torch.einsum("cpd,cpe->de", w, w).double()
+        cov += torch.einsum("cpd,cpe->de", w, w).to(cov.dtype)
         _, s, vh = torch.linalg.svd(w, full_matrices=False)
         svals[lo:lo + w.shape[0]] = s.cpu()
         factors[lo:lo + w.shape[0]] = s[:, :rmax, None] * vh[:, :rmax]
@@ -161,7 +162,7 @@ def svd_atoms(x: torch.Tensor, m: int, gen: torch.Generator, oversample: int = 8
 def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
     """Tall-skinny PCA: the highest-energy rows' Gram matrix (n x n), eigenvectors mapped back to atoms."""
     keep = x.norm(dim=1).topk(min(x.shape[0], 4 * m)).indices.sort().values
-    xs = x[keep].double()
+    xs = x[keep].to(acc_dtype(x.device))                                   # float64 (float32 on MPS)
     evals, evecs = torch.linalg.eigh(xs @ xs.T)
     k = min((m + 1) // 2 + 1, xs.shape[0])
     top = evecs[:, -k:].flip(-1)                                           # [n, k]
