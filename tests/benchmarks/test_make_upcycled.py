@@ -2,7 +2,6 @@
 structure it claims, and fit_model fits it by streaming, equal to a fit of the eagerly read family."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,12 @@ import torch
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family, fit_model
 from globe.io import open_checkpoint
+from tests.helpers.scripts import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "make_upcycled.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("make_upcycled", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("make_upcycled")
 
 
 @pytest.fixture(scope="module")

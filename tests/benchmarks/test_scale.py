@@ -1,20 +1,14 @@
 """benchmarks/scale.py: the fit and processes sections on a tiny upcycled checkpoint, and the memory model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.helpers.scripts import load_benchmark
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_load = load_benchmark
 
 
 @pytest.fixture(scope="module")
