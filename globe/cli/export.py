@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     check_compatible(result, model_dir)
     out_dir = Path(args.out)
     created = not out_dir.exists()
-    check_output_dir(out_dir, args.overwrite)
+    check_output_dir(out_dir, args.overwrite, what_out="export")
     try:
         return _export(args, result, model_dir)
     except GlobeError:

@@ -9,7 +9,7 @@ from globe.checkpoint import CHECKPOINT_DIR
 from globe.errors import ArtifactError
 
 
-def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+def check_output_dir(out: Path, overwrite: bool, resume: bool = False, what_out: str = "artifact") -> None:
     """Fail before any work if OUT cannot take the artifact: not a directory, not writable, or not empty
     (unless --overwrite replaces the artifact or --resume continues an interrupted fit there)."""
     if out.exists() and not out.is_dir():
@@ -20,7 +20,7 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
         elif (out / BANKS_FILE).exists():
             what, hint = "already holds an artifact", "--overwrite to replace it"
         else:
-            what, hint = "is not empty", "--overwrite to write the artifact among its files"
+            what, hint = "is not empty", f"--overwrite to write the {what_out} among its files"
         raise ArtifactError(f"output directory {out} {what}: pass {hint}, or choose another -o")
     try:
         out.mkdir(parents=True, exist_ok=True)
