@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distributed", action="store_true",
                    help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
                         "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
+                        "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
     p.add_argument("--checkpoint-every", type=int,
                    help="AM iterations between checkpoints in OUT/.globe_checkpoint (default 5; 0: phase ends only)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
@@ -80,7 +83,8 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
                              (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
                              (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed),
-                             (t, "checkpoint_every", args.checkpoint_every)]:
+                             (t, "checkpoint_every", args.checkpoint_every),
+                             (t, "precision", args.precision)]:
         if value is not None:
             setattr(obj, attr, value)
     a = cfg.activation

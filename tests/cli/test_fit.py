@@ -43,3 +43,12 @@ def test_resume_reuses_finished_families(tiny_checkpoint, tmp_path, caplog):
     for fam in ("gate", "up"):
         assert torch.equal(resumed.families[fam].bank, reference.families[fam].bank)
         assert torch.equal(resumed.families[fam].adapters, reference.families[fam].adapters)
+
+
+def test_options_reach_the_fit_config():
+    from globe.cli.fit import build_config
+    from globe.cli.main import build_parser
+    args = build_parser().parse_args(["fit", "-o", "out", *ARGS, "--precision", "bf16", "--checkpoint-every", "3",
+                                      "--cycles", "2", "--seed", "7"])
+    t = build_config(args).train
+    assert (t.precision, t.checkpoint_every, t.cycles, t.seed, t.am_iters) == ("bf16", 3, 2, 7, 3)
