@@ -5,6 +5,7 @@ directory, fsync, rename), so a crash leaves either the previous or the new comp
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from globe.errors import ArtifactError
@@ -95,10 +96,14 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype = torch.float32)
     tensors: dict[str, torch.Tensor] = {}
     for fam in result.families.values():
         tensors.update(family_tensors(fam, dtype))
+    doc = config_document(result)
+    # Both files carry the same id (a hash of the config document), so a crash between the two renames, which
+    # leaves a new banks file beside an old config, is detected by load() instead of mixing two fits.
+    doc["artifact_id"] = hashlib.sha256(json.dumps(doc, sort_keys=True, default=float).encode()).hexdigest()[:16]
     meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
-            **{f"phi.{n}": f.phi for n, f in result.families.items()}}
+            "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
     atomic_write(out / BANKS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
+    atomic_write_text(out / CONFIG_FILE, json.dumps(doc, indent=1, default=float))
     return out
 
 
@@ -116,6 +121,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return doc
 
 
+def check_pair(out: Path, doc: dict[str, Any]) -> None:
+    """ArtifactError if banks.safetensors and globe_config.json were written by different saves (artifacts
+    written before ids existed have none and pass)."""
+    with safe_open(str(out / BANKS_FILE), "pt") as fh:
+        banks_id = (fh.metadata() or {}).get("artifact_id")
+    if banks_id is not None and doc.get("artifact_id") is not None and banks_id != doc["artifact_id"]:
+        raise ArtifactError(f"{out / BANKS_FILE} and {out / CONFIG_FILE} come from different fits (a write was "
+                            "interrupted?): re-run `globe fit --resume` (or `--overwrite`) into this directory")
+
+
 def load(out: str | Path) -> FitResult:
     """Read an artifact directory back into a FitResult, validating versions and shapes."""
     out = Path(out)
@@ -126,6 +141,7 @@ def load(out: str | Path) -> FitResult:
         raise ArtifactError(f"{out / BANKS_FILE} not found: the artifact is incomplete") from None
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{out / BANKS_FILE} is corrupt or truncated ({exc}): re-run `globe fit`") from None
+    check_pair(out, doc)
     families = {}
     for name, info in doc["families"].items():
         families[name] = _family_from_tensors(name, info, tensors, doc["metrics"].get(name, {}), out,

@@ -70,3 +70,19 @@ def test_checkpoint_store_write_crash_keeps_the_previous_checkpoint(tiny_checkpo
     again = store.finished("gate")
     assert again is not None and torch.equal(again.bank, fam.bank)
     assert sorted(p.name for p in (tmp_path / CHECKPOINT_DIR).iterdir()) == ["gate.safetensors"]
+
+
+def test_banks_and_config_from_different_saves_are_detected(tiny_checkpoint, tmp_path):
+    """A crash between the two renames leaves a new banks file beside the old config: load must refuse it."""
+    import shutil
+
+    import dataclasses
+    from globe.errors import ArtifactError
+    result = quick_fit(tiny_checkpoint("qwen2_moe"))
+    globe.save(result, tmp_path / "old")
+    other = dataclasses.replace(result, timings={"total_seconds": 123.0})        # another save, same shapes
+    globe.save(other, tmp_path / "new")
+    shutil.copyfile(tmp_path / "new" / "banks.safetensors", tmp_path / "old" / "banks.safetensors")
+    with pytest.raises(ArtifactError, match="come from different fits"):
+        globe.load(tmp_path / "old")
+    assert globe.load(tmp_path / "new").timings["total_seconds"] == 123.0
