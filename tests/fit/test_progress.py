@@ -50,6 +50,7 @@ def test_resume_from_every_checkpoint_is_bit_identical(reference):
         assert resumed.metrics["rel_err"] == fam.metrics["rel_err"]
         untimed = (lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist])
         assert untimed(resumed.history["am"]) == untimed(fam.history["am"])
+        assert resumed.history["refine"] == fam.history["refine"]          # same minibatches: generator restored
 
 
 def test_a_wrong_generator_state_changes_the_result(reference):
