@@ -14,10 +14,10 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from globe.calibration.stats import ActivationStats
 from globe.errors import ArtifactError, ConfigError
+from globe.progress import progress
 from globe.runtime.apply import experts_modules
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
     try:
         device = next(model.parameters()).device
         starts = range(0, ids.shape[1], window)
-        for start in tqdm(starts, desc="calibrate", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+        for start in progress(starts, "calibrate"):
             model(input_ids=ids[:, start:start + window].to(device), use_cache=False)
     finally:
         for handle in handles:

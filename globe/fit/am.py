@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from globe import tracking
 from globe.errors import NumericalError
@@ -29,6 +28,7 @@ from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import (finish_codes, select_support, sparse_code, support_sizes, update_temperature,
                                      weighted_nnls, weighted_support_gram)
+from globe.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,7 @@ def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
     """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
 
     Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
-    bar = tqdm(range(state.iteration, cfg.train.am_iters), desc=f"AM {family}", leave=False,
-               disable=not log.isEnabledFor(logging.INFO))
+    bar = progress(range(state.iteration, cfg.train.am_iters), f"AM {family}")
     done = state.history[len(state.history) - state.iteration:] if state.iteration else []
     prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:

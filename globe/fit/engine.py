@@ -325,7 +325,7 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     stats = load_stats(cfg.activation.stats) if cfg.activation.stats else None
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
-        cfg.check_dims(inventory.params.get("gate", 0) // max(inventory.p * inventory.d, 1), inventory.p, inventory.d)
+        cfg.check_dims(len(inventory.moe_layers) * inventory.num_experts, inventory.p, inventory.d)
         for k, family in enumerate(cfg.bank.families):
             fam = store.finished(family) if store is not None else None
             if fam is not None:

@@ -13,7 +13,6 @@ import math
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from globe.errors import NumericalError
 from globe.fit.adapters import PHI, refit_adapters
@@ -22,6 +21,7 @@ from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping
+from globe.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +204,7 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
     numel = weights.shape[1] * weights.shape[2]
     history: list[float] = []
     guard = DivergenceGuard([bank, adapters, *params.parameters()], opt)
-    for step in tqdm(range(t.refine_steps), desc="refine", leave=False,
-                     disable=not log.isEnabledFor(logging.INFO)):
+    for step in progress(range(t.refine_steps), "refine"):
         idx = torch.randperm(n_all, generator=gen)[: t.refine_batch].sort().values
         batch = idx.numel()
         if comm.world > 1:

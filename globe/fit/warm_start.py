@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
 from globe.fit.config import FitConfig
 from globe.device import acc_dtype
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky
 from globe.fit.normalize import Normalizer
+from globe.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def aligned_targets(weights, norm: Normalizer, r: int, chunk: int, device="cpu",
     exact_cov = p * d < LARGE_MATRIX or 4 * r > min(p, d)
     cov = torch.zeros(d, d, dtype=acc_dtype(device), device=device)
     out = torch.empty(n, r, d, device=device, dtype=dtype)
-    for lo in tqdm(range(0, n, chunk), desc="targets", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+    for lo in progress(range(0, n, chunk), "targets"):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
         src = w if exact_cov else top_r(w, r)
         cov += torch.einsum("cpd,cpe->de", src, src).to(cov.dtype)
@@ -85,7 +85,7 @@ def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu
     svals = torch.empty(n, min(p, d))
     factors = torch.empty(n, rmax, d, device=device, dtype=target_dtype(n, rmax, d))
     cov = torch.zeros(d, d, dtype=acc_dtype(device), device=device)
-    for lo in tqdm(range(0, n, chunk), desc="spectra", leave=False, disable=not log.isEnabledFor(logging.INFO)):
+    for lo in progress(range(0, n, chunk), "spectra"):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
         cov += torch.einsum("cpd,cpe->de", w, w).to(cov.dtype)
         _, s, vh = torch.linalg.svd(w, full_matrices=False)
