@@ -1,21 +1,13 @@
 """Mixed atoms tilde_B_i = phi(sum_j alpha_ij B_j), the batched-Cholesky adapter refit, coding targets and
-the reconstruction error, all for one chunk of experts."""
+the reconstruction error, all for one chunk of experts (PHI and compose come from globe.core.mixing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from globe.core.mixing import PHI, compose  # noqa: F401  (re-exported: the one mixing step lives in globe.core)
 from globe.fit.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
-
-PHI = {"identity": lambda x: x, "silu": F.silu, "tanh": torch.tanh}
-
-
-def compose(codes: torch.Tensor, bank: torch.Tensor, phi: str = "identity") -> torch.Tensor:
-    """codes [c, m] @ bank [m, r, d] -> phi(mixed) [c, r, d]."""
-    m, r, d = bank.shape
-    return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
 
 
 @dataclass
