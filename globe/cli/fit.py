@@ -62,8 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
                         "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
     p.add_argument("--checkpoint-every", type=int,
-                   help="AM iterations between checkpoints in OUT/.globe_checkpoint (default 5; 0: phase ends only)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
+                   help="AM iterations between saves of the resume files in OUT/.globe_checkpoint (default 5; 0: phase "
+                        "ends only)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its resume files in OUT (same result as an "
+                        "uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
