@@ -2,7 +2,7 @@
 
 OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit fingerprint in
 the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
-globe.fit.progress). Every file is written atomically, so a crash at any moment leaves the previous or the new
+globe.fit.resume). Every file is written atomically, so a crash at any moment leaves the previous or the new
 complete checkpoint. A resumed run reuses only checkpoints whose fingerprint (fit config + model directory)
 equals the current one; anything else is reported and ignored, never silently mixed in.
 """
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from globe.artifact import atomic_write, build_family, family_tensors
 from globe.fit.config import FitConfig
-from globe.fit.progress import FitProgress
+from globe.fit.resume import FitProgress
 from globe.fit.result import FamilyFit
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _read(path: Path, fingerprint: str, what: str):
 
 
 class CheckpointStore:
-    """globe.fit.progress.FitStore on disk. With resume=False nothing stored earlier is read."""
+    """globe.fit.resume.FitStore on disk. With resume=False nothing stored earlier is read."""
 
     def __init__(self, out: str | Path, cfg: FitConfig, model_dir: str | Path, resume: bool = True) -> None:
         self.dir = Path(out) / CHECKPOINT_DIR

@@ -103,7 +103,7 @@ def build_config(args: argparse.Namespace) -> FitConfig:
 def start_comm(args: argparse.Namespace, cfg: FitConfig):
     """LOCAL, or the torchrun process group when --distributed or WORLD_SIZE > 1 (other ranks log warnings only)."""
     from globe.fit.distributed import LOCAL, env_world_size, init_comm
-    from globe.fit.engine import resolve_device
+    from globe.device import resolve_device
     if not (args.distributed or env_world_size() > 1):
         return LOCAL
     if "RANK" not in os.environ:

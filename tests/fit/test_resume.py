@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from globe.fit.engine import fit_family
-from globe.fit.progress import FitProgress
+from globe.fit.resume import FitProgress
 from tests.fit.test_engine import planted_config
 from tests.helpers.planted import make_planted
 
