@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from globe.calibration import collect_stats, save_stats
     from globe.eval import encode_text
     from globe.export import load_model
-    from globe.fit.engine import resolve_device
+    from globe.device import resolve_device
     text_path = Path(args.text)
     if not text_path.is_file():
         raise ModelDirError(f"--text file {text_path} not found; pass an existing text file")

@@ -2,7 +2,7 @@
 
 An objective is sum_i ||(W_i - A_i M_i) R_i||_F^2 over the experts of a family, with mixed atoms
 M_i = phi(sum_j alpha_ij B_j) and a right weighting R_i. The stages that solve for adapters or refine the bank
-(globe.fit.engine.finalise, globe.fit.refine.varpro_refine / adam_refine) only ever call these methods, so a new
+(globe.fit.adapters.finalize, globe.fit.refine.varpro_refine / adam_refine) only ever call these methods, so a new
 objective is one new class, not a new branch in every stage:
 
 - `WeightSpace` (R_i = I): the default, ||W_i - W_hat_i||^2.
