@@ -58,7 +58,6 @@ def total_cut_budget(reduction: float, inv, families: tuple[str, ...] = ("gate",
     """(per-family budget, target support) that cuts `reduction` of ALL of a checkpoint's params (inv: its
     globe.io Inventory) by shrinking every listed family by the same fraction; the support is lowered (8, 4, 2, 1)
     until some bank shape fits the budget."""
-    from globe.errors import ConfigError
     dense = inv.params["gate"]
     budget = 1.0 - reduction * inv.total_params / (len(families) * dense)
     if not 0 < budget < 1:

@@ -3,7 +3,7 @@
 Wording: a *checkpoint* is a model directory (config.json + safetensors); what a fit leaves to resume from are
 *resume files*. OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit
 fingerprint in the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
-globe.fit.progress). Every file is written atomically, so a crash at any moment leaves the previous or the new
+globe.fit.resume). Every file is written atomically, so a crash at any moment leaves the previous or the new
 complete resume file. A resumed run reuses only resume files whose fingerprint (fit config + model directory)
 equals the current one; anything else is reported and ignored, never silently mixed in.
 """
@@ -21,7 +21,7 @@ from globe.artifact import build_family, family_tensors
 from globe.core.files import atomic_write
 from globe.core.result import FamilyFit
 from globe.fit.config import FitConfig
-from globe.fit.progress import FitProgress
+from globe.fit.resume import FitProgress
 
 log = logging.getLogger(__name__)
 RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume
@@ -49,7 +49,7 @@ def _read(path: Path, fingerprint: str, what: str):
 
 
 class ResumeStore:
-    """globe.fit.progress.FitStore on disk. With resume=False nothing stored earlier is read."""
+    """globe.fit.resume.FitStore on disk. With resume=False nothing stored earlier is read."""
 
     def __init__(self, out: str | Path, cfg: FitConfig, model_dir: str | Path, resume: bool = True) -> None:
         self.dir = Path(out) / RESUME_DIR
