@@ -156,8 +156,9 @@ def finish(model: PreTrainedModel, tok: PreTrainedTokenizerFast, data: torch.Ten
            "model_config": json.loads(reloaded.config.to_json_string()), **record, "checkpoint": ckpt,
            "heldout_eval_of_saved_bf16_model": metrics}
     if sharing:
-        out["expert_sharing"] = expert_sharing(args.out_dir)
-        LOG.info("expert sharing (gate, mean over layers): %s", out["expert_sharing"]["mean_over_layers"])
+        out["expert_sharing"] = {proj: expert_sharing(args.out_dir, proj) for proj in ("gate", "up")}
+        for proj, stats in out["expert_sharing"].items():
+            LOG.info("expert sharing (%s, mean over layers): %s", proj, stats["mean_over_layers"])
     out["versions"] = versions()
     out["total_wall_s"] = round(time.time() - t0, 1)
     (args.out_dir / "training.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -55,7 +55,8 @@ def add_training_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> N
     a("--out-dir", type=Path, default=defaults["out_dir"], help="where the model, tokenizer and training.json go")
     a("--seed", type=int, default=defaults.get("seed", 1234), help="seed for torch and the data-sampling generator")
     a("--threads", type=int, default=1, help="torch / tokenizers CPU threads")
-    a("--aux-loss-coef", type=float, default=0.01, help="router load-balancing loss coefficient (per layer)")
+    a("--aux-loss-coef", type=float, default=defaults.get("aux_loss_coef", 0.01),
+      help="router load-balancing loss coefficient (per layer)")
     a("--context", type=int, default=256, help="training / evaluation window in tokens")
     a("--batch-size", type=int, default=8, help="sequences per step")
     a("--steps", type=int, default=defaults["steps"], help="optimizer steps")
