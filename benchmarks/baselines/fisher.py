@@ -46,7 +46,7 @@ def expert_fisher(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
     for module in experts.values():
         module.gate_up_proj.requires_grad_(True)
     sums = {layer: torch.zeros_like(m.gate_up_proj, dtype=torch.float64) for layer, m in experts.items()}
-    starts = list(range(0, input_ids.numel() - window - 1, window))[:batches]
+    starts = list(range(0, input_ids.numel() - window, window))[:batches]     # each window + 1 target
     was_training = model.training
     model.train()
     try:
