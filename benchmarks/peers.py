@@ -294,7 +294,7 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every model and cut (cuts in --jobs worker processes); write one JSON; return the report."""
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
     from globe.artifact import atomic_write_text
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         with pool:
             futures = [pool.submit(cut_job, model_dir, cut, argv) for cut in args.cuts]
-            for future in futures:
+            for future in as_completed(futures):                # each cut saved as soon as it is done
                 entry["cuts"].append(future.result())
+                entry["cuts"].sort(key=lambda c: c["cut"])
                 save()
     save()
     log.info("wrote %s in %.0f s", out, report["seconds"])
