@@ -89,6 +89,21 @@ class ActivationConfig:
 
 
 @dataclass
+class NonlinearConfig:
+    """End-to-end nonlinear refinement (globe.fit.nonlinear): after AM + VarPro, Adam on the bank and the code
+    logits of W_i = A_i phi(sum_j alpha_ij B_j), full batch, adapters solved exactly at every step, best state
+    kept. Off (enabled=False) gives the linear fit (bank.phi) of earlier versions."""
+
+    enabled: bool = True
+    phi: str = "tanh"              # phi of the refined bank (bank.phi is the phi of AM / VarPro)
+    steps: int = 300               # full-batch Adam steps
+    lr: float = 0.03               # constant learning rate (atoms start with entries of RMS 1/sqrt(d))
+    eval_every: int = 25           # steps between best-state checks
+    off_logit: float = -10.0       # start logit of the atoms an expert's code does not use
+    learn_gain: bool = True        # learn each expert's code sum (the scale entering phi)
+
+
+@dataclass
 class FitConfig:
     """Everything a fit needs; serialised into globe_config.json."""
 
@@ -96,10 +111,11 @@ class FitConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
-        b, s, t, a = self.bank, self.sparsity, self.train, self.activation
+        b, s, t, a, nl = self.bank, self.sparsity, self.train, self.activation, self.nonlinear
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
@@ -124,6 +140,9 @@ class FitConfig:
             (a.damp > 0 and a.prior_tokens >= 0 and a.steps >= 0, "activation.damp must be > 0, prior_tokens "
              "and steps >= 0"),
             (0 < a.routing_floor <= 1, f"activation.routing_floor must be in (0, 1] (got {a.routing_floor})"),
+            (nl.phi in PHIS, f"nonlinear.phi must be one of {PHIS} (got {nl.phi!r})"),
+            (nl.steps >= 0 and nl.eval_every >= 1, "nonlinear.steps must be >= 0 and nonlinear.eval_every >= 1"),
+            (nl.lr > 0, f"nonlinear.lr must be > 0 (got {nl.lr})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -156,7 +175,8 @@ class FitConfig:
                 bank["families"] = tuple(bank["families"])
             cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
                       train=TrainConfig(**data.pop("train", {})),
-                      activation=ActivationConfig(**data.pop("activation", {})))
+                      activation=ActivationConfig(**data.pop("activation", {})),
+                      nonlinear=NonlinearConfig(**data.pop("nonlinear", {})))
         except TypeError as exc:
             field_name = str(exc).rsplit(" ", 1)[-1]
             raise ConfigError(f"invalid fit config: unknown or missing field {field_name} ({exc})") from None

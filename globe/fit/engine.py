@@ -23,6 +23,7 @@ from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_me
 from globe.fit.normalize import Normalizer
 from globe.fit.progress import Attempt, FitProgress, FitStore
 from globe.fit.mod import normalize_atoms
+from globe.fit.nonlinear_stage import nonlinear_applies, nonlinear_stage
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
 from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
@@ -181,7 +182,10 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         with phase(timings, "activation", device):
             bank, codes, norm, history["activation"] = activation_stage(weights, names, bank, codes, factor, cfg,
                                                                         best.temperature, whiten)
-    fitted = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg, whiten))
+    fitted, phi = (bank, *finalize(weights, norm, codes, bank, cfg.bank.phi, cfg, whiten)), cfg.bank.phi
+    if nonlinear_applies(cfg, comm.world, whiten):
+        with phase(timings, "nonlinear", device):
+            fitted, history["nonlinear"], phi = nonlinear_stage(weights, norm, fitted, cfg, family)
     if cfg.train.refine_steps > 0:
         with phase(timings, "refine", device):
             fitted, history["refine"] = refine_or_keep(weights, norm, fitted, cfg, best.temperature, gen, family,
@@ -194,7 +198,7 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     fam = FamilyFit(family=family, bank=bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(), scales=norm.scales,
-                    ids=ids, phi=cfg.bank.phi, history=history)                 # results on the CPU
+                    ids=ids, phi=phi, history=history)                 # results on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, timings)
     if whiten is not None:
         fam.metrics.update(activation_metrics(fam, original, weights, sq_err, whiten, cfg.train.chunk_size))
