@@ -18,13 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from globe.fit.config import ActivationConfig, BankConfig, SparsityConfig, TrainConfig
+from globe.fit.config import ActivationConfig, BankConfig, NonlinearConfig, SparsityConfig, TrainConfig
 from globe.run_config import CacheConfig, ExportConfig, ModelConfig, RunConfig, WandbConfig
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "fit_banks"
 GROUPS = {"model": ModelConfig, "bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-          "activation": ActivationConfig, "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
+          "activation": ActivationConfig, "nonlinear": NonlinearConfig, "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
 MODEL_OPTIONS = ("tiny",)
 # Keep Hydra from changing directory or writing .hydra/ and log files.
 HYDRA_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=False",

@@ -90,11 +90,18 @@ class ActivationConfig:
 
 @dataclass
 class NonlinearConfig:
-    """End-to-end nonlinear refinement (globe.fit.nonlinear): after AM + VarPro, Adam on the bank and the code
-    logits of W_i = A_i phi(sum_j alpha_ij B_j), full batch, adapters solved exactly at every step, best state
-    kept. Off (enabled=False) gives the linear fit (bank.phi) of earlier versions."""
+    """End-to-end nonlinear bank fit (globe.fit.nonlinear): Adam on the bank and the codes of
+    W_i = A_i phi(sum_j alpha_ij B_j), full batch, adapters solved exactly at every step, best state kept; from a
+    block SVD start (start=groups, replacing warm start + AM + VarPro; the rank comes from bank.budget or bank.r,
+    the atoms are `groups` per layer) or from the AM / VarPro solution (start=am). One process, weight space only.
+    Off (enabled=False, the default for now) gives the linear AM fit of earlier versions."""
 
-    enabled: bool = True
+    enabled: bool = False
+    start: str = "groups"          # groups: block SVD start per layer in one bank (replaces warm start + AM);
+                                   # am: refine the AM / VarPro solution (its shape and supports)
+    groups: int = 0                # atoms per layer for start=groups (0: experts per layer / 4)
+    scope: str = "layer"           # start=groups: layer (codes stay in their layer's block) | global (any atom)
+    signed_codes: bool = True      # real codes (may be negative) instead of gain * softmax
     phi: str = "tanh"              # phi of the refined bank (bank.phi is the phi of AM / VarPro)
     steps: int = 300               # full-batch Adam steps
     lr: float = 0.03               # constant learning rate (atoms start with entries of RMS 1/sqrt(d))
@@ -143,6 +150,9 @@ class FitConfig:
             (nl.phi in PHIS, f"nonlinear.phi must be one of {PHIS} (got {nl.phi!r})"),
             (nl.steps >= 0 and nl.eval_every >= 1, "nonlinear.steps must be >= 0 and nonlinear.eval_every >= 1"),
             (nl.lr > 0, f"nonlinear.lr must be > 0 (got {nl.lr})"),
+            (nl.start in ("groups", "am"), f"nonlinear.start must be groups|am (got {nl.start!r})"),
+            (nl.scope in ("layer", "global"), f"nonlinear.scope must be layer|global (got {nl.scope!r})"),
+            (nl.groups >= 0, f"nonlinear.groups must be >= 0 (got {nl.groups})"),
         ]
         for ok, msg in checks:
             if not ok:

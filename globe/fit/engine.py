@@ -23,7 +23,7 @@ from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_me
 from globe.fit.normalize import Normalizer
 from globe.fit.progress import Attempt, FitProgress, FitStore
 from globe.fit.mod import normalize_atoms
-from globe.fit.nonlinear_stage import nonlinear_applies, nonlinear_stage
+from globe.fit.nonlinear_stage import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.refine import adam_refine, varpro_refine
 from globe.fit.result import FamilyFit, FitResult
 from globe.fit.sharding import check_sharded, gather_fit, read_shard, shared_warm_start
@@ -143,6 +143,8 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     with phase(timings, "normalize", device):
         names = [f"{family} of layer {int(l)} expert {int(e)}" for l, e in ids.tolist()]
         norm = Normalizer.fit(base, cfg.train.chunk_size, names)
+    if groups_applies(cfg, comm.world, whiten):
+        return groups_family(weights, ids, norm, cfg, family, timings, device)
     with phase(timings, "shape", device):
         spectra: dict = {}
         m, r = pick_shape(base, norm, cfg, device, comm, spectra)
@@ -206,6 +208,20 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", family,
              fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
+    return fam
+
+
+def groups_family(weights, ids, norm: Normalizer, cfg: FitConfig, family: str, timings: dict, device) -> FamilyFit:
+    """The nonlinear.start == "groups" path: block SVD start + nonlinear refinement (globe.fit.nonlinear_stage)
+    in place of shape solver, warm start, AM and VarPro; one process, weight space."""
+    with phase(timings, "nonlinear", device):
+        (bank, adapters, codes, sq_err), steps, phi = groups_fit(weights, ids, norm, cfg, family, device)
+    fam = FamilyFit(family=family, bank=bank.cpu(), codes=codes.cpu(), adapters=norm.fold(adapters).cpu(),
+                    scales=norm.scales, ids=ids, phi=phi, history={"nonlinear": steps})
+    fam.metrics = family_metrics(fam, sq_err, norm, timings)
+    tracking.emit("family_done", family=family, **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})
+    log.info("%s: rel_err %.4f, %d stored params (%.1f%% of dense)", family, fam.metrics["rel_err"],
+             fam.metrics["params"]["stored"], 100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
     return fam
 
 
