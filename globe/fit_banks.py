@@ -24,7 +24,8 @@ from globe.run_config import CacheConfig, ExportConfig, ModelConfig, RunConfig, 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "fit_banks"
 GROUPS = {"model": ModelConfig, "bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-          "activation": ActivationConfig, "nonlinear": NonlinearConfig, "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
+          "activation": ActivationConfig, "nonlinear": NonlinearConfig, "cache": CacheConfig, "export": ExportConfig,
+          "wandb": WandbConfig}
 MODEL_OPTIONS = ("tiny",)
 # Keep Hydra from changing directory or writing .hydra/ and log files.
 HYDRA_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=False",

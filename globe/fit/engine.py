@@ -1,4 +1,4 @@
-"""fit_family: normalise -> warm start -> alternating minimisation -> (nonlinear) -> (refine) -> fold back, for one family
+"""fit_family: normalise -> warm start -> alternating minimisation -> (nonlinear) -> (refine) -> fold back, one family
 fit_model: stream each family of a checkpoint through fit_family. Returns tensors and metrics, writes nothing."""
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ Pure functions on tensors (no config, no files). The recipe:
                   eliminated exactly at every step (variable projection: A_i = argmin, batched Cholesky, held
                   fixed for the gradient) or trained jointly (project=False, MoBE's recipe); the best state seen
                   is kept (checked every `eval_every` steps).
-  finish          codes alpha_i = g_i softmax(logits_i) pruned below eps * max, adapters refitted exactly.
+  finish          codes alpha_i = g_i softmax(logits_i) (or real codes, NonlinearState.make_signed) pruned below
+                  eps * max, adapters refitted exactly.
 Atoms start with entries ~1/sqrt(d), where tanh and silu are nearly linear, so training starts at the linear
 (SVD) solution and moves into the nonlinear regime only where that lowers the error.
 """
@@ -48,7 +49,8 @@ class NonlinearState:
     def make_signed(self) -> "NonlinearState":
         """The same codes, parametrised as real numbers (an atom's code may then change sign)."""
         if not self.signed:
-            self.logits, self.log_gain, self.signed = self.codes().detach().clone(), torch.zeros_like(self.log_gain), True
+            codes = self.codes().detach().clone()
+            self.logits, self.log_gain, self.signed = codes, torch.zeros_like(self.log_gain), True
         return self
 
 
@@ -146,8 +148,9 @@ def fit_nonlinear(weights: torch.Tensor, state: NonlinearState, phi: str = "tanh
                   chunk: int = 256, learn_gain: bool = True, lr_end: float | None = None) -> NonlinearState:
     """Full-batch Adam on the nonlinear bank objective from `state` (modified and returned: the best state seen).
 
-    weights [N, p, d] fp32 (normalised); lr constant, or cosine-annealed to lr_end. project=True: adapters solved exactly at every step (not
-    Adam parameters); False: adapters trained by Adam too. The relative error of every step is in history."""
+    weights [N, p, d] fp32 (normalised); lr constant, or cosine-annealed to lr_end. project=True: adapters solved
+    exactly at every step (not Adam parameters); False: adapters trained by Adam too (MoBE's recipe). The relative
+    error of every step is in history; the best state is checked every `eval_every` steps."""
     total = float(weights.square().sum())
     params = [state.bank, state.logits] + ([state.log_gain] if learn_gain else [])
     params += [] if project else [state.adapters]
