@@ -11,7 +11,8 @@ written as a dense Hugging Face checkpoint, reloaded with stock `AutoModelForCau
   fit time          seconds of the method's own fit (shared statistics, Fisher information: reported once)
 Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2moe-llm, d2moe-sharev (whitened
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
-config gets the full evaluation), globe (weight-space default fit), globe-aware (activation-aware, default
+config gets the full evaluation), globe (weight-space default fit), globe-nonlinear (weight space, the block SVD
+start + full-batch tanh refinement of globe.fit.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
 settings). Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
 corpus/train.txt as benchmarks/activation_aware.py uses (rebuild with scripts/build_corpus.py). Calibration
 statistics come from `globe.calibration.collect_stats` (what `globe calibrate` writes) on the first
@@ -45,7 +46,8 @@ from benchmarks.baselines.routed import capture_routed, output_error     # noqa:
 from benchmarks.baselines.svd import per_expert_svd, whitened_svd        # noqa: E402
 
 log = logging.getLogger("benchmarks.peers")
-METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "globe", "globe-aware")
+METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "globe", "globe-aware",
+           "globe-nonlinear")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -169,14 +171,14 @@ def baseline(method: str, ctx: dict, budget: float, mobe_cfg: MobeConfig | None 
 def globe_fit(method: str, ctx: dict, budget: float, support: int):
     """GloBE's default fit (weight space, or activation-aware from the calibration statistics) at `budget`."""
     import globe
-    from globe.fit.config import ActivationConfig, BankConfig, SparsityConfig, TrainConfig
+    from globe.fit.config import ActivationConfig, BankConfig, NonlinearConfig, SparsityConfig, TrainConfig
     steps = {} if ctx["globe_varpro_steps"] is None else {"steps": ctx["globe_varpro_steps"]}
     activation = ActivationConfig(stats=ctx["stats_path"], **steps) if method == "globe-aware" else ActivationConfig()
     train = {k: v for k, v in (("am_iters", ctx["globe_am_iters"]), ("varpro_steps", ctx["globe_varpro_steps"]))
              if v is not None}
     cfg = globe.FitConfig(bank=BankConfig(budget=budget, families=FAMILIES),
                           sparsity=SparsityConfig(target_support=support), train=TrainConfig(**train),
-                          activation=activation)
+                          activation=activation, nonlinear=NonlinearConfig(enabled=method == "globe-nonlinear"))
     return globe.fit_model(ctx["dir"], cfg)
 
 
@@ -267,7 +269,7 @@ def ratios(rows: list[dict]) -> dict:
     """GloBE / MoBE (defaults and best of the sweep) ratios of each error, where both were run."""
     by = {r["method"]: r for r in rows}
     out = {}
-    for g in ("globe", "globe-aware"):
+    for g in ("globe", "globe-nonlinear", "globe-aware"):
         for m in ("mobe", "mobe-best"):
             if g in by and m in by:
                 a, b = by[g], by[m]
