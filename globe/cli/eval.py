@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         tracking.emit("eval", **report)
     if args.plots:
         from globe.eval.plots import write_plots
-        artifact = args.globe or (args.model_dir if (Path(args.model_dir) / "banks.safetensors").is_file() else None)
+        from globe.export import is_compressed, load_artifact
+        artifact = args.globe or (load_artifact(args.model_dir) if is_compressed(args.model_dir) or
+                                  (Path(args.model_dir) / "banks.safetensors").is_file() else None)
         report["plots"] = [str(p) for p in write_plots(args.plots, artifact=artifact, sweep=args.sweep)]
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
