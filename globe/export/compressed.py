@@ -87,17 +87,27 @@ def _patched(model_or_dir: nn.Module | str | Path, result: FitResult) -> nn.Modu
 
 
 def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path,
-                    out_dir: str | Path, max_shard_size: str | int = "5GB") -> Path:
+                    out_dir: str | Path, max_shard_size: str | int = "5GB", mode: str | None = None) -> Path:
     """Write the compressed checkpoint of a model (directory or in-memory, original or patched) to out_dir.
 
     It is `save_pretrained` of the patched model (factors in the dtype it was patched with: for a directory, the
-    checkpoint's dtype) plus the fit's globe_config.json and the source's tokenizer files."""
+    checkpoint's dtype) plus the fit's globe_config.json and the source's tokenizer files. mode: the runtime mode
+    the checkpoint loads in (default: a patched model's own, else `cached`)."""
     result = artifact if isinstance(artifact, FitResult) else load(artifact)
+    patched = any(isinstance(m, GlobeExperts) for m in experts_modules(model_or_dir).values()) \
+        if isinstance(model_or_dir, nn.Module) else False
     model = _patched(model_or_dir, result)
     out = Path(out_dir)
-    with staging_dir(out) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        written = move_tree_files(Path(staging), out)
+    quant = model.config.quantization_config
+    saved_mode = quant["mode"] if isinstance(quant, dict) else quant.mode
+    new_mode = mode or (saved_mode if patched else "cached")
+    _set_quant_mode(quant, new_mode)
+    try:
+        with staging_dir(out) as staging:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            written = move_tree_files(Path(staging), out)
+    finally:
+        _set_quant_mode(quant, saved_mode)
     for stale in (MARKER_FILE, WEIGHTS_FILE, BANKS_FILE):          # a format-1 checkpoint written here before
         (out / stale).unlink(missing_ok=True)
     atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
@@ -105,6 +115,13 @@ def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | 
     copied = copy_side_files(src, out, skip=tuple(written))
     log.info("compressed checkpoint written to %s (%s; copied %s)", out, ", ".join(written), ", ".join(copied) or "none")
     return out
+
+
+def _set_quant_mode(quant, mode: str) -> None:
+    if isinstance(quant, dict):
+        quant["mode"] = mode
+    else:
+        quant.mode = mode
 
 
 def _name(dtype: torch.dtype) -> str:
