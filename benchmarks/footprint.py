@@ -4,7 +4,9 @@ For each total cut (default the README's -25 % and -40 %, gate and up compressed
 (short fits: the bytes do not depend on the quality), writes the artifact (checkpoint dtype) and the compressed
 export, then starts one worker process per variant (the original, and the export loaded with stock
 `AutoModelForCausalLM.from_pretrained` in the default `cached` mode, `factored` and `dense`). Each worker loads its
-model once and reports the bytes it holds (parameters + buffers + cache), its RSS and CUDA peak; the parent then
+model once and reports the bytes it holds (parameters + buffers + cache), its RSS before and after loading and after
+decoding (the lifetime peak RSS of a CPU process is set by importing torch, so it is kept in the JSON only) and
+the CUDA peak; the parent then
 asks the workers in turn for a decode timing (interleaved rounds), so the speed ratios compare runs made side by
 side. Goals (issue 15), checked and written to the JSON:
     disk:    on-disk size of the export / the original's  <=  1.02 x  its parameter ratio
@@ -185,13 +187,15 @@ def bench_cut(cut: float, args, work: Path, original_disk: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| cut | variant | bytes held | / original | stored ratio | peak RSS MiB | decode tok/s | / original |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| cut | variant | bytes held | / original | stored ratio | RSS after load, after decode (MiB above "
+             "the process before loading) | decode tok/s | / original |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for name, v in row["variants"].items():
             fp, s = v["footprint"], row["speed"][name]
+            rss = f"+{v['rss_after_load_mb'] - v['rss_before_load_mb']:.0f}, +{v['rss_mb'] - v['rss_before_load_mb']:.0f}"
+            cuda = f" (CUDA peak {v['cuda_peak_mb']:.0f})" if v.get("cuda_peak_mb") is not None else ""
             lines.append(f"| -{100 * row['cut']:.0f} % | {name} | {fp['model_bytes']:,} | {fp['runtime_ratio']:.3f} | "
-                         f"{fp['stored_bytes_ratio']:.3f} | {v['peak_rss_mb']:.0f} | {s['decode_tok_s']:.1f} | "
+                         f"{fp['stored_bytes_ratio']:.3f} | {rss}{cuda} | {s['decode_tok_s']:.1f} | "
                          f"{s['ratio_to_original']:.3f} |")
     return "\n".join(lines)
 

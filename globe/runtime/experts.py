@@ -8,7 +8,8 @@ Modes:
   factored  mix tilde_B_e = phi(sum_j alpha_ej B_j) for the experts routed in this batch, then x -> A_e (tilde_B_e x);
             with phi = identity and few tokens (decode), project the tokens on the whole bank instead (z = B x, one
             GEMM) and sum each expert's atoms of z with its codes, when that is fewer atoms than mixing
-  cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts
+  cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts; a batch whose
+            cache misses cost more atoms to mix than projecting its tokens is projected (cache untouched)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
@@ -232,7 +233,7 @@ class GlobeExperts(nn.Module):
             flat, weights = flat[pair_ids], weights[pair_ids]
         if not expert_list:
             return out
-        projected = self._projected_families(hidden_states.shape[0], flat.numel(), len(expert_list))
+        projected = self._projected_families(hidden_states.shape[0], flat.numel(), expert_list)
         projections = self._projections(experts, expert_list, projected)
         order = torch.argsort(flat, stable=True)                                    # pairs sorted by expert
         tokens = (order if pair_ids is None else pair_ids[order]) // top_k
@@ -248,14 +249,19 @@ class GlobeExperts(nn.Module):
         y = apply(down, h, None, h)                                                 # [S, d]
         return out.index_add_(0, tokens, (y * weights.index_select(0, order)[:, None]).to(out.dtype))
 
-    def _projected_families(self, num_tokens: int, num_pairs: int, num_hit: int) -> set[str]:
-        """Factored families (factored mode, phi = identity) cheaper to project than to mix for this batch: rows
-        projected x atoms (tokens for gate/up, pairs for down) < hit experts x code width."""
-        if self.mode != "factored":
+    def _projected_families(self, num_tokens: int, num_pairs: int, expert_list: list[int]) -> set[str]:
+        """Factored families (phi = identity) cheaper to project than to mix for this batch: rows projected x atoms
+        (tokens for gate/up, pairs for down) < experts to mix x code width. In factored mode every hit expert is
+        mixed; in cached mode only the misses are, and all families go one way (the cache holds them together):
+        a projected batch leaves the cache untouched and uncounted."""
+        if self.mode == "dense" or any(self.phis[f] != "identity" for f in self.factored):
             return set()
-        return {f for f in self.factored if self.phis[f] == "identity" and
-                (num_pairs if f == "down" else num_tokens) * self.bank[f].shape[0]
-                < num_hit * self.code_indices[f].shape[1]}
+        rows = {f: (num_pairs if f == "down" else num_tokens) * self.bank[f].shape[0] for f in self.factored}
+        width = {f: self.code_indices[f].shape[1] for f in self.factored}
+        if self.cache is None:
+            return {f for f in self.factored if rows[f] < len(expert_list) * width[f]}
+        misses = sum(e not in self.cache.order for e in expert_list)
+        return set(self.factored) if sum(rows.values()) < misses * sum(width.values()) else set()
 
     def _projections(self, experts: torch.Tensor, expert_list: list[int],
                      projected: set[str] = frozenset()) -> dict[str, _Projection | _Projected]:
