@@ -208,7 +208,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     import torch
-    from globe.artifact import atomic_write_text
+    from globe.core.files import atomic_write_text
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from globe.runtime.apply import experts_modules
+from globe.io.model import experts_modules
 from globe.runtime.experts import GlobeExperts
 from globe.runtime.memory import dense_model_bytes, model_bytes
 

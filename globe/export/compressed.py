@@ -27,14 +27,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from globe.artifact import BANKS_FILE, CONFIG_FILE, atomic_write_text, config_document, load
+from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, config_document, load
+from globe.core.files import atomic_write_text
+from globe.core.result import FitResult
 from globe.errors import ArtifactError
 from globe.export import hf_quantizer  # noqa: F401  (registers quant_method "globe" with transformers)
-from globe.export.dense import check_patched
 from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir, unique_tensors
-from globe.fit.result import FitResult
-from globe.runtime.apply import (apply_globe, dense_parts, experts_modules, model_arch, set_collect_stats, set_mode,
-                                 validate)
+from globe.io.model import experts_modules, model_arch, model_shape
+from globe.runtime.apply import apply_globe, dense_parts, set_collect_stats, set_mode
 from globe.runtime.experts import GLOBE_STATE, GlobeExperts
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,9 @@ def _patched(model_or_dir: nn.Module | str | Path, result: FitResult) -> nn.Modu
     import copy
     if not isinstance(model_or_dir, nn.Module):
         return apply_globe(load_model(model_or_dir), result, mode="factored")
+    check_compatible(result, model_shape(model_or_dir))
     if any(isinstance(m, GlobeExperts) for m in experts_modules(model_or_dir).values()):
-        check_patched(model_or_dir, result)
         return model_or_dir
-    validate(model_or_dir, result)
     return apply_globe(copy.deepcopy(model_or_dir), result, mode="factored")
 
 
@@ -263,7 +262,7 @@ class _open_weights:
 
 def _family_from_layers(name: str, spec, config: dict, tensors: _open_weights, doc: dict):
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint."""
-    from globe.fit.result import FamilyFit
+    from globe.core.result import FamilyFit
     layers = spec.moe_layers(config)
     adapters, codes, ids = [], [], []
     bank = tensors[f"{spec.experts_path(min(layers))}.bank.{name}"].float()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from globe.runtime.experts import GlobeExperts
+
 DEFAULT_CACHE_FRACTION = 0.04      # of the original model's bytes, for all layers' caches together
 
 
@@ -42,8 +44,7 @@ def model_bytes(model: nn.Module, buffers: bool = True) -> int:
 
 def dense_model_bytes(model: nn.Module) -> int:
     """Bytes the model would hold unpatched: GloBE factors and runtime buffers replaced by the dense experts."""
-    from globe.runtime.apply import globe_modules
-    modules = list(globe_modules(model).values())
+    modules = [m for m in model.modules() if isinstance(m, GlobeExperts)]
     owned = {id(t) for m in modules for t in list(m.parameters()) + list(m.buffers())}
     dense_params = [t for m in modules for f in ("gate", "up", "down") if f not in m.factored
                     for t in [m.dense_weight(f)]]
