@@ -13,7 +13,10 @@ from globe.run.load import ModelLoad
 def add_eval_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `globe eval` and `globe bench`: text, windows, timings, device and dtype."""
     a = p.add_argument
-    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
+    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: as many as "
+                                     "--cache-bytes allows)")
+    a("--cache-bytes", type=int, help="bytes of the cached mode's cache, all layers together (default 4 %% of the "
+                                      "original model's bytes)")
     a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
     a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
     a("--warmup-tokens", type=int, default=CacheConfig.warmup_tokens,
@@ -36,7 +39,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
 def model_load(args: argparse.Namespace) -> ModelLoad:
     """The model `globe eval` / `globe bench` measures (bench has no --mode: the default, overridden per variant)."""
     return ModelLoad(model_dir=args.model_dir, artifact=args.globe, mode=getattr(args, "mode", CacheConfig.mode),
-                     cache_size=args.cache_size, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+                     cache_size=args.cache_size, cache_bytes=args.cache_bytes, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
 def eval_text(args: argparse.Namespace) -> EvalText:

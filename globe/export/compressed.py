@@ -277,3 +277,23 @@ def _family_from_layers(name: str, spec, config: dict, tensors: _open_weights, d
     return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
                      scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
                      metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}))
+
+
+def describe_compressed(path: str | Path) -> dict:
+    """What a compressed checkpoint is, from its JSON files only: source, families, mode, params and bytes."""
+    from globe.artifact import _read_json
+    path = Path(path)
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    doc = _read_json(path / CONFIG_FILE)
+    inv = doc.get("source", {}).get("inventory") or {}
+    params, total = doc.get("params", {}), inv.get("total_params")
+    saved = sum(params[f"dense_{f}"] - params[f] for f in quant.get("families", {}) if f in params)
+    return {"compressed": True, "path": str(path), "source": doc.get("source", {}).get("model_dir"),
+            "model_type": doc.get("source", {}).get("model_type"), "quant_method": quant.get("quant_method"),
+            "format_version": quant.get("format_version"), "mode": quant.get("mode"),
+            "families": {f: {**v, "params": params.get(f), "dense_params": params.get(f"dense_{f}"),
+                             "rel_err": doc.get("metrics", {}).get(f, {}).get("rel_err")}
+                         for f, v in quant.get("families", {}).items()},
+            "total_params_before": total, "total_params_after": total - saved if total else None,
+            "total_cut": saved / total if total else None,
+            "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
