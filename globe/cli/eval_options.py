@@ -28,7 +28,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
     a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
     a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
-    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
+    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits (default 256)")
     a("--no-speed", action="store_true", help="skip the prefill/decode timings")
     a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phi", choices=PHIS, help="nonlinearity applied to mixed atoms (default identity)")
     p.add_argument("--method", choices=CODERS, help="sparse mapping of the codes (default entmax15)")
     p.add_argument("--am-iters", type=int, help="alternating-minimisation iterations (default 30)")
-    p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement")
+    p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement (default 100)")
     p.add_argument("--cycles", type=int, help="rounds of (AM, variable projection); more is slower and better (default 1)")
     p.add_argument("--refine-steps", type=int, help="Adam refinement steps with the real phi (default 0)")
     p.add_argument("--families", help="comma-separated families to fit: gate,up (default) or gate,up,down")

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"globe.cli.{name}").register(sub)
     for sp in {id(sp): sp for sp in sub.choices.values()}.values():  # --log-level after the subcommand too
-        sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS, help="logging verbosity")
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS,
+                        help="logging verbosity (default: INFO)")
     return parser
 
 

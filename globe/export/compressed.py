@@ -112,7 +112,7 @@ def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | 
     atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
     src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
     copied = copy_side_files(src, out, skip=tuple(written))
-    log.info("compressed checkpoint written to %s (%s; copied %s)", out, ", ".join(written), ", ".join(copied) or "none")
+    log.debug("compressed export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
     return out
 
 

@@ -122,5 +122,5 @@ def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str
         written = move_tree_files(Path(staging), out)
     src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
     copied = copy_side_files(src, out, skip=tuple(written))
-    log.info("dense checkpoint written to %s (%s; copied %s)", out, ", ".join(written), ", ".join(copied) or "none")
+    log.debug("dense export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
     return out

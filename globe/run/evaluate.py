@@ -46,9 +46,20 @@ class EvalText:
     no_speed: bool = False
 
 
+def _source_of(spec: ModelLoad) -> Path:
+    """The checkpoint a model comes from (a compressed export's source)."""
+    if is_compressed(spec.model_dir):
+        from globe.export.compressed import describe_compressed
+        return Path(describe_compressed(spec.model_dir).get("source") or spec.model_dir).resolve()
+    return Path(spec.model_dir).resolve()
+
+
 def evaluate_model(spec: ModelLoad, text: EvalText) -> dict:
     """evaluate() of the model described by spec, as a JSON-serialisable report."""
     model, tokenizer = load_for_eval(spec)
+    if Path(text.text).resolve() == DEFAULT_TEXT.resolve() and _source_of(spec) != DEFAULT_MODEL_DIR.resolve():
+        log.warning("scoring %s, the embedded model's held-out text, on %s: pass --text FILE for this model's own",
+                    text.text, spec.model_dir)
     body = read_text(text.text, "--text")
     calib = read_text(text.calib, "--calib") if text.calib else encode_text(tokenizer, body)[:text.warmup_tokens]
     report = evaluate(model, tokenizer, body, max_length=text.max_length, stride=text.stride,

@@ -114,10 +114,24 @@ def _fit_and_save(run: FitRun) -> FitResult | None:
     comm.close()                                          # after an error torchrun stops the other processes
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return None
+    warn_support(result)
     save(result, out)
     if store is not None:
         store.clear()
     return result
+
+
+def warn_support(result: FitResult) -> list[str]:
+    """Warn for every family whose median support stayed below the target (the temperature cannot spread the
+    codes further on this model); returns those families."""
+    target = result.config.sparsity.target_support
+    short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5]
+    for name in short:
+        log.warning("%s: median support %.1f stayed below the target %d (the codes would not spread further at "
+                    "the maximum temperature); the fit is valid, pass --target-support %d to ask for what it reaches",
+                    name, result.families[name].metrics["median_support"], target,
+                    int(result.families[name].metrics["median_support"]))
+    return short
 
 
 def fit_summary(result: FitResult) -> dict[str, dict]:
