@@ -19,7 +19,7 @@ def test_options_show_their_default(command, option, capsys):
         cli.main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
     section = text[text.index("options:"):]                              # past the usage line
-    start = re.search(rf" {re.escape(option)}(?: [A-Z_]+)? (?=[a-z(])", section).start()   # its own entry
+    start = re.search(rf" {re.escape(option)} (?:[A-Z_]+|{{[A-Z,]+}}) ", section).start()   # its own entry
     after = section[start + 1:][:300]
     assert "default" in after.split(" --")[0], after
 
