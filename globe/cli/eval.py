@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "routed-expert parameter counts before/after. --plots DIR also writes PNG plots "
                                    "of the artifact (error vs budget, per-layer error, supports, atoms, AM history).")
     a = p.add_argument
-    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
+    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
       help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
     a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
     a("--mode", default=CacheConfig.mode, choices=MODES,

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit global banks for the routed experts' gate/up projections",
                        description="Fit one shared bank per family (gate, up) over all layers' routed experts.")
-    p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR),
+    p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
                    help="checkpoint directory (config.json + *.safetensors); default: the embedded tiny model")
     p.add_argument("-o", "--out", required=True, help="output directory for the artifact")
     p.add_argument("--config", help="fit config file (JSON or YAML, as written into globe_config.json)")

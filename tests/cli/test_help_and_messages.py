@@ -46,3 +46,11 @@ def test_the_embedded_text_on_another_model_is_warned_about(tmp_path, tiny_check
     char_tokenizer(model)
     evaluate_model(ModelLoad(str(model)), EvalText(max_tokens=64, max_length=32, no_speed=True, hit_tokens=8))
     assert "embedded model's held-out text" in caplog.text and "heldout.txt" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["info", "fit", "compress", "eval", "bench", "calibrate"])
+def test_the_model_positional_has_one_name(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "[MODEL_DIR]" in usage and "model_dir" not in usage and "MODEL_DIR_OR" not in usage
