@@ -10,7 +10,16 @@ from globe.export.compressed import (MARKER_FILE, WEIGHTS_FILE, is_compressed, l
                                      runtime_state_dict, save_compressed)
 from globe.export.dense import dense_state_dict, export_dense
 from globe.export.files import load_model
-from globe.export.hf_quantizer import GlobeConfig, GlobeHfQuantizer
+from globe.export.hf_hook import install as _install_hf_quantizer
+
+_install_hf_quantizer()                     # quant_method "globe" for from_pretrained, without importing transformers
+
+
+def __getattr__(name: str):
+    if name in ("GlobeConfig", "GlobeHfQuantizer"):             # these import transformers: on first use only
+        from globe.export import hf_quantizer
+        return getattr(hf_quantizer, name)
+    raise AttributeError(f"module 'globe.export' has no attribute {name!r}")
 
 __all__ = ["MARKER_FILE", "WEIGHTS_FILE", "is_compressed", "load_artifact", "load_compressed", "runtime_state_dict",
            "save_compressed", "dense_state_dict", "export_dense", "load_model", "GlobeConfig", "GlobeHfQuantizer"]

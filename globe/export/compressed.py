@@ -31,7 +31,6 @@ from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, config_doc
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
 from globe.errors import ArtifactError
-from globe.export import hf_quantizer  # noqa: F401  (registers quant_method "globe" with transformers)
 from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir, unique_tensors
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.runtime.apply import apply_globe, dense_parts, set_collect_stats, set_mode

@@ -9,7 +9,7 @@ Modes:
             with phi = identity and few tokens (decode), project the tokens on the whole bank instead (z = B x, one
             GEMM) and sum each expert's atoms of z with its codes, when that is fewer atoms than mixing
   cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts; a batch whose
-            cache misses cost more atoms to mix than projecting its tokens is projected (cache untouched)
+            cache misses cost more atoms to mix than projecting its tokens is projected (counted, not inserted)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
@@ -254,7 +254,7 @@ class GlobeExperts(nn.Module):
         """Factored families (phi = identity) cheaper to project than to mix for this batch: rows projected x atoms
         (tokens for gate/up, pairs for down) < experts to mix x code width. In factored mode every hit expert is
         mixed; in cached mode only the misses are, and all families go one way (the cache holds them together):
-        a projected batch leaves the cache untouched and uncounted."""
+        a projected batch is counted as a lookup but inserts nothing."""
         if self.mode == "dense" or any(self.phis[f] != "identity" for f in self.factored):
             return set()
         rows = {f: (num_pairs if f == "down" else num_tokens) * self.bank[f].shape[0] for f in self.factored}
@@ -272,6 +272,8 @@ class GlobeExperts(nn.Module):
             f: _Projected(self.bank[f], self.code_indices[f], self.code_values[f], self.adapters[f])
             for f in projected}
         mixing = tuple(f for f in self.factored if f not in projected)
+        if not mixing and self.cache is not None:
+            self.cache.count(expert_list)                      # projected: looked up, not inserted
         if mixing:
             mixed = (self.cache.fetch(expert_list, self.mixed_atoms) if self.cache is not None
                      else self.mixed_atoms(experts, mixing))

@@ -32,3 +32,15 @@ def test_fitting_through_from_pretrained_is_refused():
 def test_bad_configs_are_refused(change, message):
     with pytest.raises(ArtifactError, match=message):
         GlobeConfig(**{"families": FAMILIES, **change})
+
+
+@pytest.mark.parametrize("order", ["import globe, sys; assert 'transformers' not in sys.modules; import transformers",
+                                   "import transformers; import globe"])
+def test_import_globe_registers_in_either_order_without_importing_transformers(order):
+    import subprocess
+    import sys
+    from tests.helpers.subproc import subprocess_env
+    code = order + "; from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING as M; assert 'globe' in M"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
