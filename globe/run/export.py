@@ -66,4 +66,5 @@ def export_message(run: ExportRun, out: Path) -> str:
     """The line both front ends print after an export."""
     if run.dense:
         return f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)"
-    return f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)"
+    return (f"compressed checkpoint written to {out} (load it with AutoModelForCausalLM.from_pretrained after "
+            f"`import globe`, or `globe eval {out}`)")

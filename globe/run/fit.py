@@ -45,6 +45,34 @@ class FitRun:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+def apply_total_cut(cfg: FitConfig, model_dir: str | Path, cut: float) -> FitConfig:
+    """cfg (changed in place) with the per-family budget that cuts `cut` of ALL the checkpoint's parameters,
+    every fitted family shrinking by the same fraction (the target support is lowered when no shape fits)."""
+    from globe.fit.budget import total_cut_budget
+    from globe.io import open_checkpoint
+    if not 0 < cut < 1:
+        raise ConfigError(f"--total-cut must be in (0, 1), not {cut}")
+    if cfg.bank.m is not None or cfg.bank.r is not None:
+        raise ConfigError("--total-cut sets the budget: drop --m / --r (or give --budget instead of --total-cut)")
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+    budget, support = total_cut_budget(cut, inv, tuple(cfg.bank.families), cfg.sparsity.target_support)
+    if support != cfg.sparsity.target_support:
+        log.info("total cut %.3f: target support lowered to %d so that a bank shape fits", cut, support)
+    cfg.bank.budget, cfg.sparsity.target_support = budget, support
+    log.info("total cut %.3f of %s params -> budget %.4f per family (%s)", cut, f"{inv.total_params:,}", budget,
+             ", ".join(cfg.bank.families))
+    return cfg.validate()
+
+
+def total_cut_of(result: FitResult) -> float | None:
+    """The cut of all the source checkpoint's parameters a fit achieves (None without an inventory)."""
+    total = (result.source.get("inventory") or {}).get("total_params")
+    if not total:
+        return None
+    return sum(result.params[f"dense_{f}"] - result.params[f] for f in result.families) / total
+
+
 def start_comm(run: FitRun):
     """LOCAL, or the torchrun process group when distributed or WORLD_SIZE > 1 (other ranks log warnings only)."""
     if not (run.distributed or env_world_size() > 1):
@@ -86,10 +114,24 @@ def _fit_and_save(run: FitRun) -> FitResult | None:
     comm.close()                                          # after an error torchrun stops the other processes
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return None
+    warn_support(result)
     save(result, out)
     if store is not None:
         store.clear()
     return result
+
+
+def warn_support(result: FitResult) -> list[str]:
+    """Warn for every family whose median support stayed below the target (the temperature cannot spread the
+    codes further on this model); returns those families."""
+    target = result.config.sparsity.target_support
+    short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5]
+    for name in short:
+        log.warning("%s: median support %.1f stayed below the target %d (the codes would not spread further at "
+                    "the maximum temperature); the fit is valid, pass --target-support %d to ask for what it reaches",
+                    name, result.families[name].metrics["median_support"], target,
+                    int(result.families[name].metrics["median_support"]))
+    return short
 
 
 def fit_summary(result: FitResult) -> dict[str, dict]:
