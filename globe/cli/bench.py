@@ -7,13 +7,12 @@ its ratio to the original, prefill/decode tokens/s, routed-parameter ratio and p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.cli.eval import add_eval_options, evaluate_args
+from globe.cli.eval import add_eval_options, check_eval_options, evaluate_args
 from globe.errors import ArtifactError
 from globe.run_config import RUNTIME_MODES
 
@@ -32,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GloBE runtime modes to benchmark (default: all)")
     p.add_argument("--no-original", action="store_true", help="skip the original model")
     p.add_argument("-o", "--out", metavar="JSON", help="write the benchmark JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     add_eval_options(p)
     p.set_defaults(func=run)
 
@@ -52,7 +52,10 @@ def summarize(reports: dict[str, dict]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe import tracking
+    from globe import outputs, tracking
+    check_eval_options(args)
+    if args.out:
+        outputs.check_output_file(args.out, args.overwrite)
     variants = ([] if args.no_original else [("original", None)]) + \
         [(mode, args.globe) for mode in (args.modes if args.globe else [])]
     if not variants:
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             tracking.emit("bench", variant=name, **reports[name])
     doc = {"model_dir": str(args.model_dir), "artifact": args.globe, "summary": summarize(reports), "reports": reports}
     if args.out:
-        atomic_write_text(Path(args.out), json.dumps(doc, indent=1))
+        atomic_write_text(Path(args.out), outputs.json_text(doc, indent=1))
     print(format_summary(doc["summary"]) + (f"\nbenchmark written to {args.out}" if args.out else ""))
     return 0
 

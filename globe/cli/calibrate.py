@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ModelDirError
+from globe.calibration.stats import save_stats
+from globe.errors import ConfigError, ModelDirError
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), help="checkpoint directory (default: the embedded model)")
     a("--text", required=True, metavar="FILE", help="calibration text (not the text you evaluate on)")
     a("-o", "--out", required=True, metavar="STATS", help="output statistics file (.safetensors)")
+    a("--overwrite", action="store_true", help="replace an existing STATS file")
     a("--max-tokens", type=int, default=32768, help="calibration tokens read from the start of --text (default 32768)")
     a("--window", type=int, default=256, help="tokens per forward pass (default 256)")
     a("--layer-only", action="store_true",
@@ -36,25 +38,38 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from globe import outputs
+    from globe.io.text import read_text
+    text_path, out = Path(args.text), Path(args.out)
+    if args.window < 1 or args.max_tokens < 0:
+        raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {args.window}, "
+                          f"--max-tokens {args.max_tokens})")
+    outputs.check_not_an_input(out, [args.model_dir, text_path, args.tokenizer])
+    outputs.check_output_file(out, args.overwrite)
+    text = read_text(text_path, "--text", 64 * args.max_tokens or None)   # ~4 characters per token is plenty
+    with outputs.output_lock(out, "calibrate"):
+        outputs.remove_debris(out)
+        stats = _collect(args, text, text_path)
+        save_stats(stats, out)
+    print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {out}")
+    return 0
+
+
+def _collect(args: argparse.Namespace, text: str, text_path: Path):
     import transformers
-    from globe.calibration import collect_stats, save_stats
+    from globe.calibration import collect_stats
     from globe.eval import encode_text
     from globe.export import load_model
     from globe.fit.engine import resolve_device
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise ModelDirError(f"--text file {text_path} not found; pass an existing text file")
+    model = load_model(args.model_dir, device=str(resolve_device(args.device)))
     source = args.tokenizer or args.model_dir
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
-    model = load_model(args.model_dir, device=str(resolve_device(args.device)))
-    with text_path.open(encoding="utf-8") as fh:                          # ~4 characters per token is plenty
-        text = fh.read(64 * args.max_tokens) if args.max_tokens else fh.read()
     ids = encode_text(tokenizer, text)[:args.max_tokens] if args.max_tokens else encode_text(tokenizer, text)
-    stats = collect_stats(model, ids, window=args.window, per_expert=not args.layer_only,
-                          info={"model_dir": str(Path(args.model_dir).resolve()), "text": str(text_path.resolve())})
-    save_stats(stats, args.out)
-    print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {args.out}")
-    return 0
+    if ids.numel() < 2:
+        raise ConfigError(f"--text file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
+                          f"pass a longer text")
+    return collect_stats(model, ids, window=args.window, per_expert=not args.layer_only,
+                         info={"model_dir": str(Path(args.model_dir).resolve()), "text": str(text_path.resolve())})

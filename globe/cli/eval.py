@@ -10,13 +10,15 @@ and the hit rate is counted while decoding the last --hit-tokens tokens one by o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.device import DEVICES
-from globe.errors import ArtifactError, ModelDirError
+from globe.errors import ArtifactError, ConfigError, ModelDirError
+from globe.io.text import read_text
+from globe.outputs import json_text
 from globe.run_config import RUNTIME_MODES, CacheConfig
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,31 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
     a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")
+    a("--force", action="store_true",
+      help="apply --globe even if the model's weights differ from those it was fitted on (same shapes; warns)")
+
+
+# Options that count something: (flag, attribute, smallest allowed value).
+_COUNTS = [("--max-length", "max_length", 2), ("--stride", "stride", 1), ("--max-tokens", "max_tokens", 0),
+           ("--prefill-tokens", "prefill_tokens", 1), ("--decode-tokens", "decode_tokens", 1),
+           ("--repeats", "repeats", 1), ("--hit-tokens", "hit_tokens", 0), ("--warmup-tokens", "warmup_tokens", 0),
+           ("--cache-size", "cache_size", 1)]
+
+
+def check_eval_options(args: argparse.Namespace) -> None:
+    """ConfigError naming the option when a count is out of range, or an output would land in an input."""
+    from globe import outputs
+    for flag, attr, low in _COUNTS:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low} (got {value})")
+    stride, length = getattr(args, "stride", None), args.max_length
+    if stride is not None and stride > length:
+        raise ConfigError(f"--stride ({stride}) must be <= --max-length ({length})")
+    inputs = [args.model_dir, getattr(args, "globe", None), args.text, args.calib, args.tokenizer]
+    for flag, attr in (("--metrics", "metrics"), ("--plots", "plots"), ("-o", "out")):
+        if getattr(args, attr, None):
+            outputs.check_not_an_input(getattr(args, attr), inputs, flag=flag)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -89,14 +116,14 @@ def load_for_eval(args: argparse.Namespace, mode: str | None = None, artifact: s
         if artifact:
             from globe.artifact import check_compatible, load
             loaded = load(artifact) if isinstance(artifact, (str, Path)) else artifact
-            check_compatible(loaded, args.model_dir)                     # before the (slow) model load
+            check_compatible(loaded, args.model_dir, force=getattr(args, "force", False))   # before the model load
         model = load_model(args.model_dir, dtype=compute_dtype(args.model_dir, device, args.dtype), device=str(device))
         if loaded is not None:
             apply_globe(model, loaded, mode=mode, cache_size=args.cache_size)
     source = args.tokenizer or args.model_dir
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
     return model, tokenizer
 
@@ -104,9 +131,10 @@ def load_for_eval(args: argparse.Namespace, mode: str | None = None, artifact: s
 def evaluate_args(args: argparse.Namespace, mode: str | None = None, artifact: str | None = None) -> dict:
     """evaluate() of the model described by args (see load_for_eval), as a JSON-serialisable report."""
     from globe.eval import encode_text, evaluate
+    text = read_text(args.text, "--text")                              # before the (slow) model load
+    calib_text = read_text(args.calib, "--calib") if args.calib else None
     model, tokenizer = load_for_eval(args, mode, artifact)
-    text = read_text(args.text, "--text")
-    calib = read_text(args.calib, "--calib") if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
+    calib = calib_text if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
     report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
                       max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
                       decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
@@ -116,13 +144,8 @@ def evaluate_args(args: argparse.Namespace, mode: str | None = None, artifact: s
     return report
 
 
-def read_text(path: str, what: str) -> str:
-    if not Path(path).is_file():
-        raise ModelDirError(f"{what} file {path} not found; pass an existing text file")
-    return Path(path).read_text(encoding="utf-8")
-
-
 def run(args: argparse.Namespace) -> int:
+    check_eval_options(args)
     if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
         model, tokenizer = load_for_eval(args)
         return run_harness(model, tokenizer, args)
@@ -134,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
         from globe.eval.plots import write_plots
         artifact = args.globe or (args.model_dir if (Path(args.model_dir) / "banks.safetensors").is_file() else None)
         report["plots"] = [str(p) for p in write_plots(args.plots, artifact=artifact, sweep=args.sweep)]
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    ppl = report["perplexity"]["perplexity"]
+    if not math.isfinite(ppl):
+        log.warning("perplexity is %s: the model produces non-finite logits on this text", ppl)
+    print(json_text(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -145,7 +171,7 @@ def run_harness(model, tokenizer, args: argparse.Namespace) -> int:
                        batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
     report["model"] = {"path": str(args.model_dir), "artifact": args.globe, "mode": args.mode}
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json_text(report, indent=2, default=str))
         return 0
     for task, metrics in report["results"].items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -12,9 +12,12 @@ import logging
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+from globe import outputs
 from globe.cli.output_dir import check_output_dir
 from globe.device import DEVICES
-from globe.errors import GlobeError, ModelDirError
+from globe.errors import ModelDirError, OutputError
 from globe.run_config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")
     p.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty HF_DIR, replacing its files")
+    p.add_argument("--force", action="store_true",
+                   help="apply the artifact even if MODEL_DIR's weights differ from those it was fitted on "
+                        "(same shapes; a warning is logged)")
     p.add_argument("--max-shard-size", default=ExportConfig.max_shard_size,
                    help=f"largest shard of a --dense export (default {ExportConfig.max_shard_size})")
     p.add_argument("--device", default="cpu", choices=DEVICES,
@@ -52,27 +58,38 @@ def run(args: argparse.Namespace) -> int:
     from globe.artifact import check_compatible, load
     result = load(args.artifact)
     model_dir = model_dir_of(args, result)
-    check_compatible(result, model_dir)
+    check_compatible(result, model_dir, force=args.force)
     out_dir = Path(args.out)
+    outputs.check_not_an_input(out_dir, [model_dir, args.artifact])
     created = not out_dir.exists()
     check_output_dir(out_dir, args.overwrite, what_out="export")
-    try:
-        return _export(args, result, model_dir)
-    except GlobeError:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)         # leave nothing half-made behind
-        raise
+    with outputs.output_lock(out_dir, "export"):
+        outputs.remove_debris(out_dir)
+        done = False
+        try:
+            code = _export(args, result, model_dir)
+            done = True
+            return code
+        except SafetensorError as exc:                     # transformers' writer: disk full, ...
+            raise OutputError(f"cannot write the export into {out_dir}: {exc}") from None
+        finally:
+            if created and not done:
+                shutil.rmtree(out_dir, ignore_errors=True)     # leave nothing half-made behind
 
 
 def _export(args: argparse.Namespace, result, model_dir: Path) -> int:
     from globe.device import resolve_device
     from globe.export import export_dense, load_model, save_compressed
+    from globe.export.files import move_tree_files, staging_dir
     device = resolve_device(args.device)
     model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # the checkpoint's dtype
     if args.dense:
         out = export_dense(model, result, args.out, max_shard_size=args.max_shard_size)
         print(f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
     else:
-        out = save_compressed(model, result, args.out)
-        print(f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)")
+        with staging_dir(Path(args.out)) as staging:        # all files written first: a failure keeps the old ones
+            save_compressed(model, result, staging)
+            move_tree_files(Path(staging), Path(args.out))
+        print(f"compressed checkpoint written to {args.out} (load it with globe.load_compressed or "
+              f"`globe eval {args.out}`)")
     return 0

@@ -7,17 +7,17 @@ OUT/metrics.jsonl (--metrics), and to Weights & Biases with --wandb offline|onli
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import shutil
 from pathlib import Path
 
-from globe import checkpoint
+from globe import checkpoint, outputs
 from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.output_dir import check_output_dir
-from globe.errors import ConfigError, GlobeError
+from globe.errors import ConfigError, GlobeError, OutputError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 from globe.run_config import WandbConfig
 from globe.tracking import WANDB_MODES
@@ -125,14 +125,39 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume is not supported with --distributed: rerun the distributed fit from the start")
     created = not out.exists()
     if comm.is_main:
+        outputs.check_not_an_input(out, [args.model_dir, cfg.activation.stats, args.config])
         check_output_dir(out, args.overwrite, args.resume)
-    store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
+    with outputs.output_lock(out, "fit") if comm.is_main else contextlib.nullcontext():
+        if comm.is_main:
+            outputs.remove_debris(out)
+        store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
+        try:
+            if args.resume and store is not None:
+                check_resume_target(out, store)
+            result = fit_model(args.model_dir, cfg, store=store, comm=comm)
+        except BaseException:
+            if created and comm.is_main and not (out / checkpoint.CHECKPOINT_DIR).exists():
+                shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
+            raise
+        return finish(args, out, comm, store, result)
+
+
+def check_resume_target(out: Path, store: checkpoint.CheckpointStore) -> None:
+    """--resume never replaces a finished artifact: only one whose fit was interrupted after it was written
+    (its checkpoints, made with this config and model, are still there) may be completed."""
+    from globe.artifact import BANKS_FILE, load
+    if not (out / BANKS_FILE).exists():
+        return
     try:
-        result = fit_model(args.model_dir, cfg, store=store, comm=comm)
+        load(out)
     except GlobeError:
-        if created and comm.is_main and not (out / checkpoint.CHECKPOINT_DIR).exists():
-            shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
-        raise
+        return                                             # torn or incomplete: a write was interrupted
+    if not store.has_matching():
+        raise OutputError(f"output directory {out} holds a finished artifact: --resume only continues an "
+                          f"interrupted fit; pass --overwrite to replace the artifact, or choose another -o")
+
+
+def finish(args: argparse.Namespace, out: Path, comm, store, result) -> int:
     comm.close()                                          # after an error torchrun stops the other processes
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return 0
@@ -145,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
                | {k: fam.metrics[k] for k in ("act_rel_err",) if k in fam.metrics}
                for name, fam in result.families.items()}
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(outputs.json_text(summary, indent=2))
     else:
         print(f"{'family':8} {'m':>5} {'r':>5} {'params':>8} {'rel_err':>9} {'energy':>8} {'support':>8} {'time s':>7}")
         for name, row in summary.items():
@@ -161,6 +186,7 @@ def run_tracked(args: argparse.Namespace) -> int:
     """run() with its metrics going to --metrics (default OUT/metrics.jsonl) and, if enabled, wandb."""
     from globe import tracking
     metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
+    outputs.check_not_an_input(metrics, [args.model_dir, args.calibration, args.config], flag="--metrics")
     with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
                           config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
         return run(args)

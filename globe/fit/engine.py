@@ -317,7 +317,7 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     Distributed (comm from globe.fit.distributed.init_comm; no store): each rank reads and fits its slice of the
     experts; rank 0 returns the FitResult, the other ranks return None.
     """
-    from globe.calibration import load_stats
+    from globe.calibration import check_stats_fit, load_stats
     from globe.io import open_checkpoint
     cfg = (cfg or FitConfig()).validate()
     families: dict[str, FamilyFit] = {}
@@ -326,6 +326,9 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
         cfg.check_dims(len(inventory.moe_layers) * inventory.num_experts, inventory.p, inventory.d)
+        if stats is not None:
+            check_stats_fit(stats, inventory, cfg.activation.stats)
+        content = reader.content_hash()
         for k, family in enumerate(cfg.bank.families):
             fam = store.finished(family) if store is not None else None
             if fam is not None:
@@ -344,6 +347,6 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     if not comm.is_main:
         return None
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
-              "inventory": inventory.to_dict()}
+              "content_hash": content, "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,
                      timings={"total_seconds": round(time.perf_counter() - t0, 3)})
