@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from globe.errors import ConfigError
+
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -32,7 +34,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r}: torch sees no such CUDA device on this machine; use --device cpu "
+                          f"(or auto)")
+    if device.type == "mps" and not mps_available():
+        raise ConfigError(f"device {name!r}: MPS is not available on this machine; use --device cpu (or auto)")
     if device.type == "mps":
         os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     return device

@@ -1,11 +1,14 @@
 """What every command may do to its output (-o): the rules that keep the user's data safe, in one place.
 
+    with claim_output_dir(out, "fit", overwrite, resume, inputs=[model_dir, stats]):   # or claim_output_file
+        ...                                                      # write the output
+
+which combines the pieces, each usable alone:
     check_not_an_input(out, inputs=[model_dir, artifact_dir])   # -o equal to / inside an input: refused
     check_output_dir(out, overwrite=..., resume=..., what="artifact")   # non-empty needs --overwrite
     check_output_file(out, overwrite=...)                        # an existing file needs --overwrite
     with output_lock(out, "fit"):                                # one run per output; stale locks are taken over
         remove_debris(out)                                       # staging dirs / *.tmp of a killed run
-        ...
 
 The lock is an flock on OUT/.globe.lock (a sibling `.NAME.globe.lock` for a file output), so the kernel releases
 it when its process dies, even by kill -9. The file also records pid, host and process start time: a lock whose
@@ -227,6 +230,48 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
                 path.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+
+# ---- what a command calls: check, lock, clean, and undo a directory it created if it fails ----
+@contextmanager
+def claim_output_dir(out: str | Path, command: str, overwrite: bool, resume: bool = False, what: str = "artifact",
+                     inputs: Iterable[str | Path | None] = (), keep: Iterable[str] = (CHECKPOINT_DIR,)
+                     ) -> Iterator[Path]:
+    """Hold output directory `out` for one run of `command`: refused if it is an input or holds the user's
+    files (without --overwrite / --resume) or another run holds it; debris of a killed run is removed first
+    (also when the run is then refused); a directory this run created is removed again if the run fails,
+    unless it holds one of `keep` (a fit's checkpoints, for --resume)."""
+    out = Path(out)
+    check_not_an_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory: choose another -o")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
+    with output_lock(out, command):
+        remove_debris(out)
+        try:
+            check_output_dir(out, overwrite, resume, what)
+            yield out
+        except BaseException:
+            if created and not any((out / name).exists() for name in keep):
+                shutil.rmtree(out, ignore_errors=True)     # leave no half-made output behind
+            raise
+
+
+@contextmanager
+def claim_output_file(out: str | Path, command: str, overwrite: bool, inputs: Iterable[str | Path | None] = (),
+                      flag: str = "-o") -> Iterator[Path]:
+    """The same for an output file: refused if it is an input, exists without --overwrite, or another run
+    writes it; temp files a killed run left beside it are removed."""
+    out = Path(out)
+    check_not_an_input(out, inputs, flag)
+    check_output_file(out, overwrite, flag)
+    with output_lock(out, command):
+        remove_debris(out)
+        yield out
 
 
 # ---- JSON that every reader accepts ----

@@ -7,6 +7,7 @@ its ratio to the original, prefill/decode tokens/s, routed-parameter ratio and p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
 
@@ -52,10 +53,14 @@ def summarize(reports: dict[str, dict]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe import outputs, tracking
+    from globe import outputs
     check_eval_options(args)
-    if args.out:
-        outputs.check_output_file(args.out, args.overwrite)
+    with outputs.claim_output_file(args.out, "bench", args.overwrite) if args.out else contextlib.nullcontext():
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from globe import outputs, tracking
     variants = ([] if args.no_original else [("original", None)]) + \
         [(mode, args.globe) for mode in (args.modes if args.globe else [])]
     if not variants:

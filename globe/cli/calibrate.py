@@ -44,11 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 1 or args.max_tokens < 0:
         raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {args.window}, "
                           f"--max-tokens {args.max_tokens})")
-    outputs.check_not_an_input(out, [args.model_dir, text_path, args.tokenizer])
-    outputs.check_output_file(out, args.overwrite)
-    text = read_text(text_path, "--text", 64 * args.max_tokens or None)   # ~4 characters per token is plenty
-    with outputs.output_lock(out, "calibrate"):
-        outputs.remove_debris(out)
+    with outputs.claim_output_file(out, "calibrate", args.overwrite, inputs=[args.model_dir, text_path, args.tokenizer]):
+        text = read_text(text_path, "--text", 64 * args.max_tokens or None)   # ~4 characters per token: plenty
         stats = _collect(args, text, text_path)
         save_stats(stats, out)
     print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {out}")

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
+import re
 from pathlib import Path
 
 from safetensors import SafetensorError
 
 from globe import outputs
-from globe.cli.output_dir import check_output_dir
 from globe.device import DEVICES
-from globe.errors import ModelDirError, OutputError
+from globe.errors import ConfigError, ModelDirError, OutputError
 from globe.run_config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -54,27 +53,29 @@ def model_dir_of(args: argparse.Namespace, result) -> Path:
     return Path(model)
 
 
+SHARD_SIZE = re.compile(r"^\s*([1-9]\d*)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+
+
+def shard_size(value: str) -> str | int:
+    """--max-shard-size as transformers takes it ("5GB", "500MiB", or bytes); ConfigError otherwise."""
+    match = SHARD_SIZE.match(str(value))
+    if match is None:
+        raise ConfigError(f"--max-shard-size {value!r} is not a size: pass an integer with a unit, e.g. 5GB or 500MB")
+    return int(match[1]) if match[2] is None else f"{match[1]}{match[2].upper()}"
+
+
 def run(args: argparse.Namespace) -> int:
     from globe.artifact import check_compatible, load
+    args.max_shard_size = shard_size(args.max_shard_size)
     result = load(args.artifact)
     model_dir = model_dir_of(args, result)
     check_compatible(result, model_dir, force=args.force)
     out_dir = Path(args.out)
-    outputs.check_not_an_input(out_dir, [model_dir, args.artifact])
-    created = not out_dir.exists()
-    check_output_dir(out_dir, args.overwrite, what_out="export")
-    with outputs.output_lock(out_dir, "export"):
-        outputs.remove_debris(out_dir)
-        done = False
+    with outputs.claim_output_dir(out_dir, "export", args.overwrite, what="export", inputs=[model_dir, args.artifact]):
         try:
-            code = _export(args, result, model_dir)
-            done = True
-            return code
+            return _export(args, result, model_dir)
         except SafetensorError as exc:                     # transformers' writer: disk full, ...
             raise OutputError(f"cannot write the export into {out_dir}: {exc}") from None
-        finally:
-            if created and not done:
-                shutil.rmtree(out_dir, ignore_errors=True)     # leave nothing half-made behind
 
 
 def _export(args: argparse.Namespace, result, model_dir: Path) -> int:

@@ -10,13 +10,11 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 from globe import checkpoint, outputs
 from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.cli.output_dir import check_output_dir
 from globe.errors import ConfigError, GlobeError, OutputError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
 from globe.run_config import WandbConfig
@@ -97,7 +95,9 @@ def build_config(args: argparse.Namespace) -> FitConfig:
         raise ConfigError("--per-layer / --routing-weights need --calibration STATS")
     if args.families:
         b.families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-    return cfg.validate()
+    from globe.device import resolve_device
+    resolve_device(cfg.validate().train.device)            # an unavailable device fails before any work
+    return cfg
 
 
 def start_comm(args: argparse.Namespace, cfg: FitConfig):
@@ -123,22 +123,13 @@ def run(args: argparse.Namespace) -> int:
     comm = start_comm(args, cfg)
     if comm.world > 1 and args.resume:
         raise ConfigError("--resume is not supported with --distributed: rerun the distributed fit from the start")
-    created = not out.exists()
-    if comm.is_main:
-        outputs.check_not_an_input(out, [args.model_dir, cfg.activation.stats, args.config])
-        check_output_dir(out, args.overwrite, args.resume)
-    with outputs.output_lock(out, "fit") if comm.is_main else contextlib.nullcontext():
-        if comm.is_main:
-            outputs.remove_debris(out)
+    claim = outputs.claim_output_dir(out, "fit", args.overwrite, args.resume,
+                                     inputs=[args.model_dir, cfg.activation.stats, args.config])
+    with claim if comm.is_main else contextlib.nullcontext():
         store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
-        try:
-            if args.resume and store is not None:
-                check_resume_target(out, store)
-            result = fit_model(args.model_dir, cfg, store=store, comm=comm)
-        except BaseException:
-            if created and comm.is_main and not (out / checkpoint.CHECKPOINT_DIR).exists():
-                shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
-            raise
+        if args.resume and store is not None:
+            check_resume_target(out, store)
+        result = fit_model(args.model_dir, cfg, store=store, comm=comm)
         return finish(args, out, comm, store, result)
 
 
@@ -158,6 +149,7 @@ def check_resume_target(out: Path, store: checkpoint.CheckpointStore) -> None:
 
 
 def finish(args: argparse.Namespace, out: Path, comm, store, result) -> int:
+    """Save the artifact (rank 0), clear the checkpoints and print the summary."""
     comm.close()                                          # after an error torchrun stops the other processes
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return 0
@@ -187,6 +179,8 @@ def run_tracked(args: argparse.Namespace) -> int:
     from globe import tracking
     metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
     outputs.check_not_an_input(metrics, [args.model_dir, args.calibration, args.config], flag="--metrics")
+    if metrics.is_dir():
+        raise OutputError(f"--metrics {metrics} is a directory: pass a file name (default OUT/metrics.jsonl)")
     with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
                           config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
         return run(args)

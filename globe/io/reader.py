@@ -305,9 +305,9 @@ class CheckpointReader:
             check_finite(experts[-1], name)
         return torch.stack(experts)
 
-    def routed_names(self) -> set[str]:
-        """Names of every routed expert tensor of the checkpoint."""
-        return set(self._routed)
+    def expert_blocks(self, family: str) -> list[Block]:
+        """Where each routed expert matrix of `family` lies on disk, layer-major (see globe.io.lazy.Block)."""
+        return self._blocks(check_family(family), list(self.moe_layers))
 
     def content_hash(self) -> str:
         """Hash of the routed experts' names, shapes and bytes (see globe.io.identity); cached."""

@@ -321,6 +321,36 @@ def fit_metrics_into_model_weights(env):
     return env.fit(None, "--metrics", str(env.model / "model.safetensors")), ["model.safetensors", "input"]
 
 
+def fit_metrics_is_a_directory(env):
+    (env.tmp / "metrics").mkdir()
+    return env.fit(None, "--metrics", str(env.tmp / "metrics")), ["metrics", "directory"]
+
+
+def export_max_shard_size_garbage(env):
+    return env.export(None, "--dense", "--max-shard-size", "1.5 gigs"), ["--max-shard-size", "1.5 gigs"]
+
+
+def export_device_unavailable(env):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return env.export(None, "--device", "cuda"), ["cuda"]
+
+
+def fit_device_unavailable(env):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return env.fit(None, "--device", "cuda"), ["cuda"]
+
+
+def eval_tokenizer_garbage(env):
+    (env.tmp / "tok").mkdir()
+    (env.tmp / "tok" / "tokenizer.json").write_text("{not json")
+    (env.tmp / "tok" / "tokenizer_config.json").write_text("{}")
+    return env.eval("--tokenizer", str(env.tmp / "tok")), ["tokenizer", str(env.tmp / "tok")]
+
+
 def fit_output_locked_by_live_run(env):
     out = env.tmp / "out"
     out.mkdir()
