@@ -19,10 +19,12 @@ Only the holder of the lock removes debris, so a concurrent run's temporary file
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -107,9 +109,13 @@ def _user_entries(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.name != LOCK_NAME and not _is_debris(p)]
 
 
+# atomic_write's temp files: tempfile.mkstemp(prefix=".NAME.", suffix=".tmp") adds 8 random characters.
+_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
 def _is_debris(path: Path) -> bool:
     return (path.name.startswith(STAGING_PREFIX) and path.is_dir()) or \
-        (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX) and path.is_file())
+        (bool(_TEMP.match(path.name)) and path.is_file())
 
 
 def remove_debris(out: str | Path) -> list[str]:
@@ -121,8 +127,8 @@ def remove_debris(out: str | Path) -> list[str]:
         candidates = [p for d in (out, out / CHECKPOINT_DIR) if d.is_dir() for p in d.iterdir() if _is_debris(p)]
     else:
         prefix = f".{out.name}."
-        candidates = [p for p in out.parent.glob(f"{prefix}*{TMP_SUFFIX}") if p.is_file()] \
-            if out.parent.is_dir() else []
+        candidates = [p for p in out.parent.glob(f"{glob.escape(prefix)}*{TMP_SUFFIX}") if _is_debris(p)
+                      and len(p.name) == len(prefix) + 8 + len(TMP_SUFFIX)] if out.parent.is_dir() else []
     for path in candidates:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         log.info("removed %s left by an interrupted run", path)

@@ -38,7 +38,7 @@ def test_output_dir_rules(tmp_path):
     out = tmp_path / "out"
     check_output_dir(out, overwrite=False)                   # created, empty: fine
     (out / LOCK_NAME).write_text("{}")
-    (out / ".banks.safetensors.x.tmp").write_bytes(b"")
+    (out / ".banks.safetensors.x1y2z3w4.tmp").write_bytes(b"")
     check_output_dir(out, overwrite=False)                   # lock and debris are not the user's files
     (out / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty.*--overwrite"):
@@ -68,18 +68,19 @@ def test_remove_debris_of_a_directory_and_of_a_file(tmp_path):
     (out / ".globe_checkpoint").mkdir(parents=True)
     (out / ".globe-staging-abc").mkdir()
     (out / ".globe-staging-abc" / "model.safetensors").write_bytes(b"x")
-    for name in (".banks.safetensors.1.tmp", ".globe_checkpoint/.gate.safetensors.2.tmp"):
+    for name in (".banks.safetensors.1a2b3c4d.tmp", ".globe_checkpoint/.gate.safetensors.2a2b3c4d.tmp"):
         (out / name).write_bytes(b"x")
     (out / "keep.tmp").write_text("not ours: no leading dot")
     (out / ".hidden").write_text("not ours")
-    assert sorted(remove_debris(out)) == sorted([".globe-staging-abc", ".banks.safetensors.1.tmp",
-                                                 ".gate.safetensors.2.tmp"])
-    assert sorted(p.name for p in out.iterdir()) == [".globe_checkpoint", ".hidden", "keep.tmp"]
+    (out / ".notes.tmp").write_text("not ours: no 8-character random part")
+    assert sorted(remove_debris(out)) == sorted([".globe-staging-abc", ".banks.safetensors.1a2b3c4d.tmp",
+                                                 ".gate.safetensors.2a2b3c4d.tmp"])
+    assert sorted(p.name for p in out.iterdir()) == [".globe_checkpoint", ".hidden", ".notes.tmp", "keep.tmp"]
     stats = tmp_path / "stats.safetensors"
-    (tmp_path / ".stats.safetensors.x.tmp").write_bytes(b"x")
-    (tmp_path / ".other.safetensors.x.tmp").write_bytes(b"x")
-    assert remove_debris(stats) == [".stats.safetensors.x.tmp"]
-    assert (tmp_path / ".other.safetensors.x.tmp").exists()
+    (tmp_path / ".stats.safetensors.q9w8e7r6.tmp").write_bytes(b"x")
+    (tmp_path / ".other.safetensors.q9w8e7r6.tmp").write_bytes(b"x")
+    assert remove_debris(stats) == [".stats.safetensors.q9w8e7r6.tmp"]
+    assert (tmp_path / ".other.safetensors.q9w8e7r6.tmp").exists()
 
 
 def test_lock_is_exclusive_released_and_removed(tmp_path):

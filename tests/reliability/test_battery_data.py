@@ -134,12 +134,12 @@ def test_debris_of_killed_runs_is_removed_by_the_next_run(env, tmp_path, capsys)
     out, hf = tmp_path / "out", tmp_path / "hf"
     for d in (out, out / CHECKPOINT_DIR, hf):
         d.mkdir()
-    (out / ".banks.safetensors.k1x2.tmp").write_bytes(b"torn")
-    (out / CHECKPOINT_DIR / ".gate.safetensors.abc.tmp").write_bytes(b"torn")
+    (out / ".banks.safetensors.k1x2k1x2.tmp").write_bytes(b"torn")
+    (out / CHECKPOINT_DIR / ".gate.safetensors.abcdefgh.tmp").write_bytes(b"torn")
     (hf / ".globe-staging-q1w2").mkdir()
     (hf / ".globe-staging-q1w2" / "model.safetensors").write_bytes(b"half a shard")
-    (hf / ".config.json.zz.tmp").write_text("{")
-    (tmp_path / ".stats.safetensors.r2d2.tmp").write_bytes(b"torn")
+    (hf / ".config.json.zz_zz_zz.tmp").write_text("{")
+    (tmp_path / ".stats.safetensors.r2d2r2d2.tmp").write_bytes(b"torn")
     assert main(env.fit(out, "--resume")) == 0
     assert main(env.export(hf, "--dense")) == 0                    # debris alone does not make hf "not empty"
     assert main(env.calibrate()) == 0
