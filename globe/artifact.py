@@ -207,6 +207,10 @@ def _check_document(path: Path, doc: dict[str, Any]) -> None:
         for name, value in doc.get(key, {}).items():
             if not isinstance(value, dict):
                 fail(f"{key}.{name}", "an object", value)
+    for name, phases in doc.get("history", {}).items():
+        for phase, records in phases.items():
+            if not isinstance(records, list) or not all(isinstance(r, (dict, int, float)) for r in records):
+                fail(f"history.{name}.{phase}", "a list of records", records)
     model_dir = doc.get("source", {}).get("model_dir")
     if model_dir is not None and not isinstance(model_dir, str):
         fail("source.model_dir", "a path string", model_dir)

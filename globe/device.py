@@ -69,8 +69,10 @@ def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype | None:
     """The dtype recorded in a checkpoint's config.json (`dtype` or `torch_dtype`), None when absent."""
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):                       # missing, not JSON, not UTF-8: the loader reports it
+        return None
+    if not isinstance(config, dict):
         return None
     name = config.get("dtype") or config.get("torch_dtype")
     value = getattr(torch, str(name), None) if name else None

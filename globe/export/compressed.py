@@ -129,9 +129,9 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     validate_config(raw, get_arch(raw), path / "config.json")
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ArtifactError(f"{path / 'config.json'} cannot be read by transformers ({type(exc).__name__}); "
-                            f"re-export the checkpoint") from None
+    except Exception as exc:            # whatever transformers rejects in the user's config.json
+        raise ArtifactError(f"{path / 'config.json'} cannot be read by transformers ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); re-export the checkpoint") from None
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()                                   # skipped with the initialisation above

@@ -40,10 +40,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto", device:
         pass
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelDirError(f"transformers cannot load {path} ({type(exc).__name__}: {first[:200]}); check that "
-                            f"it is a complete Hugging Face checkpoint") from None
+    except Exception as exc:            # whatever transformers rejects in the user's directory (validated above)
+        raise ModelDirError(f"transformers cannot load {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+                            f"); check its config.json and weights") from None
     check_finite_weights(model, path)
     return (model.to(device) if device else model).eval()
 

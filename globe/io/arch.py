@@ -123,6 +123,7 @@ def config_value(config: dict[str, Any], keys: tuple[str, ...], model_type: str,
 
 # Optional config.json keys the MoE-layer rules read: key -> smallest allowed value (mlp_only_layers: a list).
 _RULE_KEYS: dict[str, int] = {"decoder_sparse_step": 1, "moe_layer_freq": 1, "first_k_dense_replace": 0}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
 
 
 def _is_int(value: Any) -> bool:
@@ -149,6 +150,14 @@ def validate_config(config: dict[str, Any], spec: "ArchSpec", path: Any) -> None
     for key, minimum in _RULE_KEYS.items():
         if config.get(key) is not None and (not _is_int(config[key]) or config[key] < minimum):
             raise bad(key, f"an integer >= {minimum}")
+    experts = next(config[k] for k in spec.num_experts_keys if config.get(k) is not None)
+    top_k = next((config[k] for k in spec.top_k_keys if config.get(k) is not None), None)
+    if top_k is not None and top_k > experts:
+        raise ConfigError(f"{path}: {spec.top_k_keys[0]!r} ({top_k}) must be <= the number of routed experts "
+                          f"({experts}); fix config.json")
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None and config[key] not in _FLOAT_DTYPES:
+            raise bad(key, f"one of {', '.join(_FLOAT_DTYPES)}")
     layers = config.get("mlp_only_layers")
     if layers is not None and (not isinstance(layers, list) or not all(_is_int(v) and v >= 0 for v in layers)):
         raise bad("mlp_only_layers", "a list of layer indices")

@@ -86,6 +86,31 @@ def eval_config_num_experts_string(env):
     return ["eval", str(env.model), "--text", str(env.text), "--json"], ["config.json", "num_experts"]
 
 
+def eval_config_is_a_list(env):
+    (env.model / "config.json").write_text("[1]")
+    return env.eval(), ["config.json", "JSON object"]
+
+
+def eval_config_dtype_int8(env):
+    edit_config(env.model, dtype="int8", torch_dtype="int8")
+    return env.eval(), ["config.json", "dtype"]
+
+
+def eval_config_top_k_above_experts(env):
+    edit_config(env.model, num_experts_per_tok=10)
+    return env.eval(), ["config.json", "num_experts_per_tok"]
+
+
+def eval_config_vocab_size_string(env):
+    edit_config(env.model, vocab_size="64")
+    return ["eval", str(env.model), "--text", str(env.text), "--json"], [str(env.model), "vocab_size"]
+
+
+def eval_plots_history_garbage(env):
+    edit_json(env.art / "globe_config.json", lambda d: d["history"].__setitem__("gate", {"am": "x"}))
+    return env.eval("--plots", str(env.tmp / "plots")), ["globe_config.json", "history.gate.am"]
+
+
 def calibrate_config_hidden_size_string(env):
     edit_config(env.model, hidden_size="24")
     return env.calibrate(), ["config.json", "hidden_size"]
