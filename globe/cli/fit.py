@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
                                      inputs=[args.model_dir, cfg.activation.stats, args.config])
     with claim if comm.is_main else contextlib.nullcontext():
         store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
-        if args.resume and store is not None:
+        if args.resume and not args.overwrite and store is not None:
             check_resume_target(out, store)
         result = fit_model(args.model_dir, cfg, store=store, comm=comm)
         return finish(args, out, comm, store, result)
