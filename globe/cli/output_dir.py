@@ -1,9 +1,10 @@
 """Output directories of the CLI: checked before any work, so a long run never dies at the end on a bad -o.
-The rules live in globe.outputs; this name is kept for the commands that import it."""
+The rules live in globe.outputs (claim_output_dir is what the commands use); this name is kept for callers."""
 from __future__ import annotations
 
-from globe.outputs import check_output_dir as _check
 from pathlib import Path
+
+from globe.outputs import check_output_dir as _check
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool = False, what_out: str = "artifact") -> None:
