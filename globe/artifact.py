@@ -1,7 +1,8 @@
 """FitResult <-> directory: banks.safetensors (tensors, metadata in the header) + globe_config.json.
 
-Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (temp file in the same
-directory, fsync, rename), so a crash leaves either the previous or the new complete file.
+Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (globe.core.files:
+temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
+`check_compatible` is the one check that an artifact fits a model (a checkpoint directory or a loaded model).
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,78 +17,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from globe.errors import ArtifactError, ConfigError, OutputError
+from globe.core.files import (atomic_write, atomic_write_all, atomic_write_text,  # noqa: F401  (re-exported)
+                              save_safetensors, sort_metadata)
+from globe.core.result import FamilyFit, FitResult
+from globe.errors import ArtifactError, ConfigError
 from globe.fit.config import PHIS, FitConfig
-from globe.fit.result import FamilyFit, FitResult
+from globe.io.arch import FAMILIES
+from globe.io.model import ModelShape, checkpoint_shape
+from globe.io.reader import open_checkpoint
 from globe.outputs import json_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then fsync and rename tmp over path."""
-    atomic_write_all({Path(path): write})
-
-
-def atomic_write_all(writers: dict[Path, Any]) -> None:
-    """Write several files so that either all of them are replaced or none: every write(tmp) goes to a temp
-    file beside its target and is fsynced first, and only then are the temp files renamed over their targets.
-    A failure while writing (disk full, ...) leaves every previous file as it was, and no temp file behind."""
-    umask = os.umask(0)
-    os.umask(umask)
-    temps: dict[Path, Path] = {}
-    try:
-        for path, write in writers.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            temps[path] = Path(tmp)
-            try:
-                write(Path(tmp))
-            except SafetensorError as exc:             # the Rust writer's I/O errors (disk full, ...)
-                raise OutputError(f"cannot write {path}: {exc}") from None
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o666 & ~umask)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-        raise
-    for parent in {path.parent for path in writers}:
-        dir_fd = os.open(parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file with the header metadata in sorted key order: the writer serialises it from a
-    hash map whose order changes from process to process, and the same tensors must give the same bytes."""
-    save_file(tensors, str(path), metadata=metadata)
-    sort_metadata(path)
-
-
-def sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors file's header in place with its metadata keys sorted (same length, same data)."""
-    with open(path, "rb+") as fh:
-        size = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(size))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= size:                           # same content, so never longer; pad as safetensors does
-            fh.seek(8)
-            fh.write(text + b" " * (size - len(text)))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def codes_to_csr(codes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -156,7 +98,11 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype = torch.float32)
     meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
             "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
     text = json_text(doc, indent=1)
-    atomic_write_all({out / BANKS_FILE: lambda tmp: save_safetensors(tensors, tmp, meta),
+
+    def write_banks(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=meta)
+        sort_metadata(tmp)                              # the same fit gives the same bytes
+    atomic_write_all({out / BANKS_FILE: write_banks,
                       out / CONFIG_FILE: lambda tmp: tmp.write_text(text)})
     return out
 
@@ -252,40 +198,54 @@ def load(out: str | Path) -> FitResult:
                      timings=doc.get("timings", {}))
 
 
-def check_compatible(result: FitResult, model_dir: str | Path, force: bool = False) -> None:
-    """ArtifactError unless the artifact was fitted on a checkpoint shaped like model_dir's (read from its
-    config and safetensors headers only: fails fast, before any model is loaded), and on the same weights
-    (the content hash recorded at fit time, see globe.io.identity); with force=True other weights of the same
-    shapes only log a warning."""
-    from globe.io import open_checkpoint
+def check_same_weights(result: FitResult, model_dir: str | Path, force: bool = False) -> None:
+    """ArtifactError unless model_dir holds the weights the artifact was fitted on (the content hash of its
+    routed experts recorded at fit time, see globe.io.identity; artifacts without one pass). With force=True
+    other weights of the same shapes only log a warning. Call it after check_compatible."""
+    fitted = result.source.get("content_hash")
+    if fitted is None:
+        return
     with open_checkpoint(model_dir) as reader:
-        inv = reader.inventory()
-        _check_shapes(result, model_dir, inv)
-        fitted = result.source.get("content_hash")
-        if fitted is None or fitted == reader.content_hash():
-            return
-    what = (f"artifact {result.source.get('model_dir', '?')!r} was fitted on other weights than those in "
-            f"{model_dir} (same shapes, content hash {fitted} != {reader.content_hash()})")
+        found = reader.content_hash()
+    if fitted == found:
+        return
+    what = (f"artifact fitted on {result.source.get('model_dir', '?')} was fitted on other weights than those in "
+            f"{model_dir} (same shapes, content hash {fitted} != {found})")
     if not force:
         raise ArtifactError(f"{what}: fit it on this model, or pass --force to apply it anyway")
     log.warning("%s: applying it anyway (--force)", what)
 
 
-def _check_shapes(result: FitResult, model_dir: str | Path, inv) -> None:
+def check_compatible(result: FitResult, model: ModelShape | str | Path) -> None:
+    """ArtifactError unless `result` fits `model`, the one place this is decided: same architecture, families
+    among gate/up/down (exactly those a patched model factors), and per family p x d and (layer, expert) ids
+    covering exactly the model's MoE layers x experts. `model`: a ModelShape (globe.io.model_shape of a loaded
+    model) or a checkpoint directory (its config and safetensors headers only: fails before any model is loaded).
+    """
+    shape = model if isinstance(model, ModelShape) else checkpoint_shape(model)
+    where, hint = shape.name, "fit the artifact on this model"
     fitted = result.source.get("model_type")
-    if fitted and fitted != inv.model_type:
-        raise ArtifactError(f"artifact was fitted on a {fitted} model but {model_dir} is {inv.model_type}: "
-                            "fit the artifact on this model")
-    want = {(layer, e) for layer in inv.moe_layers for e in range(inv.num_experts)}
+    if fitted and fitted != shape.model_type:
+        raise ArtifactError(f"artifact was fitted on a {fitted} model but {where} is {shape.model_type}: {hint}")
+    unknown = sorted(set(result.families) - set(FAMILIES))
+    if unknown or not result.families:
+        raise ArtifactError(f"artifact families {sorted(result.families)} are not a subset of {FAMILIES}")
+    if shape.factored is not None and set(shape.factored) != set(result.families):
+        raise ArtifactError(f"{where} is patched and factors {list(shape.factored)} but the artifact holds "
+                            f"{sorted(result.families)}; pass the artifact the model was patched with")
+    want = {(layer, e) for layer in shape.moe_layers for e in range(shape.num_experts)}
     for name, fam in result.families.items():
-        n, p, _ = fam.adapters.shape
-        d = fam.bank.shape[-1]
-        dims = (inv.d, inv.p) if name == "down" else (inv.p, inv.d)
-        have = {(int(layer), int(e)) for layer, e in fam.ids.tolist()}
-        if (p, d) != dims or have != want:
-            raise ArtifactError(f"artifact family {name} ({n} experts of {p} x {d}) does not match {model_dir} "
-                                f"({len(want)} routed experts of {dims[0]} x {dims[1]}): fit the artifact on "
-                                "this model")
+        s = fam.shape
+        dims = (shape.d, shape.p) if name == "down" else (shape.p, shape.d)
+        if (s["p"], s["d"]) != dims:
+            raise ArtifactError(f"artifact does not match {where}: family {name} has p={s['p']} d={s['d']}, "
+                                f"{where}'s experts need p={dims[0]} d={dims[1]}; {hint}")
+        have = [(int(layer), int(e)) for layer, e in fam.ids.tolist()]
+        if set(have) != want or len(have) != len(want):
+            have_e = 1 + max((e for _, e in have), default=-1)
+            raise ArtifactError(f"artifact does not match {where}: family {name} covers MoE layers "
+                                f"{sorted({layer for layer, _ in have})} x {have_e} experts, {where} has "
+                                f"{shape.moe_layers} x {shape.num_experts}; {hint}")
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

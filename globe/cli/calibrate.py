@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.calibration.stats import save_stats
-from globe.errors import ConfigError, ModelDirError
+from globe.device import DEVICES
+from globe.run.calibrate import CalibrateRun, run_calibrate
 
 log = logging.getLogger(__name__)
 
@@ -33,40 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--layer-only", action="store_true",
       help="only the per-layer statistics (smaller; no per-expert C, no activation-aware down projections)")
     a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
-    a("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="device (default cpu)")
+    a("--device", default="cpu", choices=DEVICES, help="device (default cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe import outputs
-    from globe.io.text import read_text
-    text_path, out = Path(args.text), Path(args.out)
-    if args.window < 1 or args.max_tokens < 0:
-        raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {args.window}, "
-                          f"--max-tokens {args.max_tokens})")
-    with outputs.claim_output_file(out, "calibrate", args.overwrite, inputs=[args.model_dir, text_path, args.tokenizer]):
-        text = read_text(text_path, "--text", 64 * args.max_tokens or None)   # ~4 characters per token: plenty
-        stats = _collect(args, text, text_path)
-        save_stats(stats, out)
-    print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {out}")
+    stats = run_calibrate(CalibrateRun(model_dir=args.model_dir, text=args.text, out=args.out,
+                                       max_tokens=args.max_tokens, window=args.window, layer_only=args.layer_only,
+                                       tokenizer=args.tokenizer, device=args.device, overwrite=args.overwrite))
+    print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {args.out}")
     return 0
-
-
-def _collect(args: argparse.Namespace, text: str, text_path: Path):
-    import transformers
-    from globe.calibration import collect_stats
-    from globe.eval import encode_text
-    from globe.export import load_model
-    from globe.fit.engine import resolve_device
-    model = load_model(args.model_dir, device=str(resolve_device(args.device)))
-    source = args.tokenizer or args.model_dir
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
-        raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
-    ids = encode_text(tokenizer, text)[:args.max_tokens] if args.max_tokens else encode_text(tokenizer, text)
-    if ids.numel() < 2:
-        raise ConfigError(f"--text file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
-                          f"pass a longer text")
-    return collect_stats(model, ids, window=args.window, per_expert=not args.layer_only,
-                         info={"model_dir": str(Path(args.model_dir).resolve()), "text": str(text_path.resolve())})

@@ -18,6 +18,7 @@ import sys
 from safetensors import SafetensorError
 
 from globe.errors import GlobeError
+from globe.io.hub import resolve_model_dir
 
 log = logging.getLogger("globe")
 
@@ -80,7 +81,6 @@ def one_line(exc: BaseException) -> str:
 
 def resolve_model_args(args: argparse.Namespace) -> None:
     """Hub ids in MODEL_DIR / --model become local snapshot directories (see globe.io.hub)."""
-    from globe.io.hub import resolve_model_dir
     for name in ("model_dir", "model"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value:

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 
 import globe
-from globe.checkpoint import CHECKPOINT_DIR, CheckpointStore
+from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR, ResumeStore as CheckpointStore
 from globe.cli.main import main
 from tests.helpers.subproc import subprocess_env
 from tests.helpers.tiny_models import make_tiny_checkpoint
@@ -82,11 +82,12 @@ def test_artifact_records_what_it_was_fitted_on(env, tmp_path):
     source = globe.load(env.art).source
     assert len(source["content_hash"]) >= 16
     _swap_weights(env.model, tmp_path)
-    from globe.artifact import check_compatible
+    from globe.artifact import check_compatible, check_same_weights
     from globe.errors import ArtifactError
+    check_compatible(globe.load(env.art), env.model)              # same shapes ...
     with pytest.raises(ArtifactError, match="--force"):
-        check_compatible(globe.load(env.art), env.model)
-    check_compatible(globe.load(env.art), env.model, force=True)
+        check_same_weights(globe.load(env.art), env.model)        # ... other weights
+    check_same_weights(globe.load(env.art), env.model, force=True)
 
 
 def test_force_applies_an_artifact_to_other_weights_with_a_warning(env, tmp_path, caplog, capsys):

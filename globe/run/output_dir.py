@@ -1,5 +1,5 @@
-"""Output directories of the CLI: checked before any work, so a long run never dies at the end on a bad -o.
-The rules live in globe.outputs (claim_output_dir is what the commands use); this name is kept for callers."""
+"""Output directories of fit and export runs: checked before any work, so a long run never dies at the end on a bad -o.
+The rules live in globe.outputs (claim_output_dir is what the runs use); this name is kept for callers."""
 from __future__ import annotations
 
 from pathlib import Path
