@@ -25,7 +25,7 @@ from globe.fit.config import PHIS, FitConfig
 from globe.io.arch import FAMILIES
 from globe.io.model import ModelShape, checkpoint_shape
 from globe.io.reader import open_checkpoint
-from globe.outputs import json_text
+from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.eval_options import add_eval_options, eval_text, model_load
-from globe.outputs import json_text
+from globe.core.outputs import json_text
 from globe.run.config import CacheConfig
 from globe.run.evaluate import run_eval, run_eval_tasks
 from globe.runtime import MODES

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from globe import outputs
+from globe.core import outputs
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.run.config import CacheConfig

@@ -14,7 +14,7 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
-from globe.outputs import json_text
+from globe.core.outputs import json_text
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES

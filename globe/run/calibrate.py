@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from globe import outputs
+from globe.core import outputs
 from globe.calibration import ActivationStats, collect_stats, save_stats
 from globe.device import resolve_device
 from globe.eval import encode_text
@@ -33,7 +33,7 @@ class CalibrateRun:
 
 def run_calibrate(run: CalibrateRun) -> ActivationStats:
     """Collect the statistics and write them to run.out; returns them. The output file is never an input,
-    is replaced only with overwrite, and is locked while the run lasts (globe.outputs.claim_output_file)."""
+    is replaced only with overwrite, and is locked while the run lasts (globe.core.outputs.claim_output_file)."""
     if run.window < 1 or (run.max_tokens or 0) < 0:
         raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {run.window}, "
                           f"--max-tokens {run.max_tokens})")

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from globe import outputs, tracking
+from globe import tracking
+from globe.core import outputs
 from globe.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text

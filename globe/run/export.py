@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from globe import outputs
+from globe.core import outputs
 from globe.artifact import check_compatible, check_same_weights, load
 from globe.core.result import FitResult
 from globe.device import resolve_device
@@ -59,7 +59,7 @@ def shard_size(value: str | int) -> str | int:
 
 def run_export(run: ExportRun) -> Path:
     """Write the export; returns its directory. Checked before the model is loaded: the artifact, that it fits
-    the model's shapes and weights, the size option, and OUT (globe.outputs.claim_output_dir: never an input,
+    the model's shapes and weights, the size option, and OUT (globe.core.outputs.claim_output_dir: never an input,
     --overwrite, one run at a time, crash debris removed, a created OUT removed again on failure)."""
     max_shard_size = shard_size(run.max_shard_size)
     result = load(run.artifact)

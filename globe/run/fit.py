@@ -3,7 +3,7 @@
     result = run_fit(FitRun(model_dir, "out/", FitConfig()))     # writes out/banks.safetensors + globe_config.json
 
 A run sets up the communicator (one process, or the torchrun group), checks OUT before any work, opens the
-resume store (OUT/.globe_checkpoint), holds OUT's lock (globe.outputs: one run per output, crash debris
+resume store (OUT/.globe_checkpoint), holds OUT's lock (globe.core.outputs: one run per output, crash debris
 removed, a finished artifact never replaced by --resume), removes an output directory it created when the run
 fails, saves the artifact (rank 0 only), clears the resume files, and sends every metric to OUT/metrics.jsonl (and
 wandb when enabled). Both front ends (`globe fit`, the Hydra entry point) call run_fit.
@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from globe import outputs, tracking
+from globe import tracking
+from globe.core import outputs
 from globe.artifact import BANKS_FILE, load, save
 from globe.core.result import FitResult
 from globe.device import resolve_device

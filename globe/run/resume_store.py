@@ -24,7 +24,7 @@ from globe.core.result import FamilyFit
 from globe.errors import GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.resume import FitProgress
-from globe.outputs import json_text
+from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
 RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume

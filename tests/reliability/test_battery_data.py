@@ -162,7 +162,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(env, tmp_path, capsys):
 
 def test_a_lock_of_a_reused_pid_is_stale(env, tmp_path, capsys):
     """The recorded pid runs, but it is another process (its start time differs): the lock is stale."""
-    from globe.outputs import process_start
+    from globe.core.outputs import process_start
     out = tmp_path / "out"
     out.mkdir()
     pid = os.getppid()

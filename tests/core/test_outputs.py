@@ -1,4 +1,4 @@
-"""globe.outputs: output rules (inputs never written, --overwrite, --resume), crash debris and the output lock."""
+"""globe.core.outputs: output rules (inputs never written, --overwrite, --resume), crash debris and the output lock."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from globe.errors import OutputError
-from globe.outputs import (LOCK_NAME, check_not_an_input, check_output_dir, check_output_file, holder_alive,
+from globe.core.outputs import (LOCK_NAME, check_not_an_input, check_output_dir, check_output_file, holder_alive,
                            is_within, lock_path, output_lock, process_start, remove_debris)
 
 
