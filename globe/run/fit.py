@@ -65,7 +65,9 @@ def run_fit(run: FitRun) -> FitResult | None:
     """Fit and save into run.out, with metrics going to run.metrics (default OUT/metrics.jsonl) and wandb;
     returns the result on rank 0, None on the other ranks of a distributed fit."""
     metrics = Path(run.metrics) if run.metrics else Path(run.out) / "metrics.jsonl"
-    outputs.check_not_an_input(metrics, [run.model_dir, run.config.activation.stats, run.config_file], "--metrics")
+    inputs = [run.model_dir, run.config.activation.stats, run.config_file]
+    outputs.check_not_an_input(run.out, inputs)                       # OUT first: the message names -o
+    outputs.check_not_an_input(metrics, inputs, "--metrics")
     if metrics.is_dir():
         raise OutputError(f"--metrics {metrics} is a directory: pass a file name (default OUT/metrics.jsonl)")
     resolve_device(run.config.train.device)                # an unavailable device fails before any work
