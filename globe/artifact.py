@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from globe.core.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from globe.core.files import (atomic_write, atomic_write_all, atomic_write_text,  # noqa: F401  (re-exported)
+                              save_safetensors, sort_metadata)
 from globe.core.result import FamilyFit, FitResult
-from globe.errors import ArtifactError
-from globe.fit.config import FitConfig
+from globe.errors import ArtifactError, ConfigError
+from globe.fit.config import PHIS, FitConfig
 from globe.io.arch import FAMILIES
 from globe.io.model import ModelShape, checkpoint_shape
+from globe.io.reader import open_checkpoint
+from globe.core.outputs import json_text
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
@@ -69,8 +74,22 @@ def storage_dtype(result: FitResult) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else torch.float32
 
 
+def artifact_id(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> str:
+    """Id shared by banks.safetensors and globe_config.json: a hash of the tensors and of the deterministic part
+    of the document (format, source, config, shapes), not of timings or memory, so the same fit gives the same
+    bytes on every run while two different fits never share an id."""
+    digest = hashlib.sha256(json_text({k: doc[k] for k in ("format_version", "source", "config", "families")},
+                                      sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the artifact directory (banks.safetensors + globe_config.json); returns its path.
+    """Write the artifact directory (banks.safetensors + globe_config.json); returns its path. Both files are
+    replaced together (see atomic_write_all): a failure leaves the previous artifact whole.
 
     dtype: storage dtype of banks, adapters and code values (default: the source checkpoint's, storage_dtype)."""
     dtype = dtype or storage_dtype(result)
@@ -85,13 +104,18 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -
     for fam in result.families.values():
         tensors.update(family_tensors(fam, dtype))
     doc = config_document(result)
-    # Both files carry the same id (a hash of the config document), so a crash between the two renames, which
-    # leaves a new banks file beside an old config, is detected by load() instead of mixing two fits.
-    doc["artifact_id"] = hashlib.sha256(json.dumps(doc, sort_keys=True, default=float).encode()).hexdigest()[:16]
+    # Both files carry the same id, so a crash between the two renames, which leaves a new banks file beside an
+    # old config, is detected by load() instead of mixing two fits.
+    doc["artifact_id"] = artifact_id(tensors, doc)
     meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
             "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
-    atomic_write(out / BANKS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    atomic_write_text(out / CONFIG_FILE, json.dumps(doc, indent=1, default=float))
+    text = json_text(doc, indent=1)
+
+    def write_banks(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=meta)
+        sort_metadata(tmp)                              # the same fit gives the same bytes
+    atomic_write_all({out / BANKS_FILE: write_banks,
+                      out / CONFIG_FILE: lambda tmp: tmp.write_text(text)})
     return out
 
 
@@ -99,14 +123,57 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} not found: not a GloBE artifact directory (run `globe fit` first)")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    version = int(doc.get("format_version", -1))
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path} is not UTF-8 text (byte offset {exc.start}): re-run `globe fit`") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path} must hold a JSON object, not {type(doc).__name__}: re-run `globe fit`")
+    version = doc.get("format_version", -1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: format_version must be an integer (got {version!r})")
     if version > FORMAT_VERSION or version < 1:
         raise ArtifactError(f"{path} has format_version {version}; this globe reads versions 1..{FORMAT_VERSION}"
                             + (": upgrade globe" if version > FORMAT_VERSION else ""))
+    _check_document(path, doc)
     return doc
+
+
+def _check_document(path: Path, doc: dict[str, Any]) -> None:
+    """ArtifactError naming the key of globe_config.json whose type or value cannot be right."""
+    def fail(key: str, want: str, value: Any) -> None:
+        raise ArtifactError(f"{path}: {key} must be {want} (got {value!r}); re-run `globe fit` or restore the file")
+    families = doc.get("families")
+    if not isinstance(families, dict) or not families:
+        fail("families", "an object of fitted families", families)
+    for name, info in families.items():
+        if name not in ("gate", "up", "down"):
+            fail("families", "keyed by gate / up / down", name)
+        if not isinstance(info, dict):
+            fail(f"families.{name}", "an object", info)
+        for key in ("N", "p", "d", "m", "r"):
+            value = info.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(f"families.{name}.{key}", "a positive integer", value)
+        if info.get("phi") not in PHIS:
+            fail(f"families.{name}.phi", f"one of {', '.join(PHIS)}", info.get("phi"))
+    for key in ("source", "metrics", "history", "timings"):
+        if key in doc and not isinstance(doc[key], dict):
+            fail(key, "an object", doc[key])
+    for key in ("metrics", "history"):
+        for name, value in doc.get(key, {}).items():
+            if not isinstance(value, dict):
+                fail(f"{key}.{name}", "an object", value)
+    for name, phases in doc.get("history", {}).items():
+        for phase, records in phases.items():
+            if not isinstance(records, list) or not all(isinstance(r, (dict, int, float)) for r in records):
+                fail(f"history.{name}.{phase}", "a list of records", records)
+    model_dir = doc.get("source", {}).get("model_dir")
+    if model_dir is not None and not isinstance(model_dir, str):
+        fail("source.model_dir", "a path string", model_dir)
+    if not isinstance(doc.get("config"), dict):
+        fail("config", "the fit config object", doc.get("config"))
 
 
 def check_pair(out: Path, doc: dict[str, Any]) -> None:
@@ -120,22 +187,45 @@ def check_pair(out: Path, doc: dict[str, Any]) -> None:
 
 
 def load(out: str | Path) -> FitResult:
-    """Read an artifact directory back into a FitResult, validating versions and shapes."""
+    """Read an artifact directory back into a FitResult, validating versions, types, shapes, dtypes, index
+    ranges and finiteness (ArtifactError naming the file and key)."""
     out = Path(out)
     doc = _read_json(out / CONFIG_FILE)
     try:
         tensors = load_file(str(out / BANKS_FILE))
+        check_pair(out, doc)
     except FileNotFoundError:
         raise ArtifactError(f"{out / BANKS_FILE} not found: the artifact is incomplete") from None
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{out / BANKS_FILE} is corrupt or truncated ({exc}): re-run `globe fit`") from None
-    check_pair(out, doc)
+    try:
+        config = FitConfig.from_dict(doc["config"])
+    except ConfigError as exc:
+        raise ArtifactError(f"{out / CONFIG_FILE}: config: {exc}") from None
     families = {}
     for name, info in doc["families"].items():
-        families[name] = _family_from_tensors(name, info, tensors, doc["metrics"].get(name, {}), out,
+        families[name] = _family_from_tensors(name, info, tensors, doc.get("metrics", {}).get(name, {}), out,
                                               doc.get("history", {}).get(name))
-    return FitResult(families=families, config=FitConfig.from_dict(doc["config"]), source=doc.get("source", {}),
+    return FitResult(families=families, config=config, source=doc.get("source", {}),
                      timings=doc.get("timings", {}))
+
+
+def check_same_weights(result: FitResult, model_dir: str | Path, force: bool = False) -> None:
+    """ArtifactError unless model_dir holds the weights the artifact was fitted on (the content hash of its
+    routed experts recorded at fit time, see globe.io.identity; artifacts without one pass). With force=True
+    other weights of the same shapes only log a warning. Call it after check_compatible."""
+    fitted = result.source.get("content_hash")
+    if fitted is None:
+        return
+    with open_checkpoint(model_dir) as reader:
+        found = reader.content_hash()
+    if fitted == found:
+        return
+    what = (f"artifact fitted on {result.source.get('model_dir', '?')} was fitted on other weights than those in "
+            f"{model_dir} (same shapes, content hash {fitted} != {found})")
+    if not force:
+        raise ArtifactError(f"{what}: fit it on this model, or pass --force to apply it anyway")
+    log.warning("%s: applying it anyway (--force)", what)
 
 
 def check_compatible(result: FitResult, model: ModelShape | str | Path) -> None:
@@ -170,6 +260,36 @@ def check_compatible(result: FitResult, model: ModelShape | str | Path) -> None:
                                 f"{shape.moe_layers} x {shape.num_experts}; {hint}")
 
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+_DTYPES = {"bank": FLOAT_DTYPES, "adapters": FLOAT_DTYPES, "scales": FLOAT_DTYPES, "codes.values": FLOAT_DTYPES,
+           "ids": INDEX_DTYPES, "codes.indptr": INDEX_DTYPES, "codes.indices": INDEX_DTYPES}
+
+
+def check_family_tensors(name: str, t: dict[str, torch.Tensor], m: int, where: Path) -> None:
+    """ArtifactError naming `where` and the tensor when one of a family's stored tensors has a wrong dtype,
+    non-finite values or indices out of range (codes in [0, m), CSR row pointers from 0 up to nnz, ids >= 0)."""
+    def fail(key: str, what: str) -> None:
+        raise ArtifactError(f"{where}: tensor {name}.{key} {what}; the artifact is damaged, re-run `globe fit`")
+    for key, dtypes in _DTYPES.items():
+        if t[key].dtype not in dtypes:
+            fail(key, f"is {str(t[key].dtype).removeprefix('torch.')}, expected one of "
+                      f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
+    for key in ("bank", "adapters", "scales", "codes.values"):
+        finite = torch.isfinite(t[key])
+        if not bool(finite.all()):
+            fail(key, f"holds {int((~finite).sum())} NaN/Inf value(s)")
+    indices, indptr = t["codes.indices"], t["codes.indptr"]
+    if indices.dim() != 1 or t["codes.values"].shape != indices.shape:
+        fail("codes.indices", f"has shape {list(indices.shape)} but codes.values {list(t['codes.values'].shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= m):
+        fail("codes.indices", f"holds atom indices in [{int(indices.min())}, {int(indices.max())}], outside [0, {m})")
+    if int(indptr[0]) != 0 or bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[-1]) != indices.numel():
+        fail("codes.indptr", f"is not a row pointer from 0 up to the {indices.numel()} stored codes")
+    if bool((t["ids"] < 0).any()):
+        fail("ids", "holds negative (layer, expert) ids")
+
+
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
                          history: dict | None = None) -> FamilyFit:
     keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
@@ -183,9 +303,7 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
         if tuple(t[k].shape) != shape:
             raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
                                 f"expected {shape} from {CONFIG_FILE}")
-    if int(t["codes.indptr"][-1]) != t["codes.indices"].numel() or (t["codes.indices"].numel() and
-                                                                      int(t["codes.indices"].max()) >= m):
-        raise ArtifactError(f"{out / BANKS_FILE}: sparse codes of {name} are inconsistent")
+    check_family_tensors(name, t, m, out / BANKS_FILE)
     return build_family(name, t, info["phi"], metrics, history)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from globe.errors import ConfigError
+
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -32,7 +34,15 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {name!r}; use one of {', '.join(DEVICES)}") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device {name!r}: torch sees no such CUDA device on this machine; use --device cpu "
+                          f"(or auto)")
+    if device.type == "mps" and not mps_available():
+        raise ConfigError(f"device {name!r}: MPS is not available on this machine; use --device cpu (or auto)")
     if device.type == "mps":
         os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     return device
@@ -59,8 +69,10 @@ def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
 def checkpoint_dtype(model_dir: str | Path) -> torch.dtype | None:
     """The dtype recorded in a checkpoint's config.json (`dtype` or `torch_dtype`), None when absent."""
     try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):                       # missing, not JSON, not UTF-8: the loader reports it
+        return None
+    if not isinstance(config, dict):
         return None
     name = config.get("dtype") or config.get("torch_dtype")
     value = getattr(torch, str(name), None) if name else None

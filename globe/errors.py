@@ -32,3 +32,7 @@ class NumericalError(GlobeError):
 
 class ArtifactError(GlobeError):
     """A GloBE artifact is missing, corrupt, from a newer format, or does not match the model."""
+
+
+class OutputError(ArtifactError):
+    """An output (-o) cannot be written safely: it holds the user's data, is an input, or another run uses it."""

@@ -30,13 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="GloBE runtime modes to benchmark (default: all)")
     p.add_argument("--no-original", action="store_true", help="skip the original model")
     p.add_argument("-o", "--out", metavar="JSON", help="write the benchmark JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     add_eval_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     doc = run_bench(model_load(args), args.modes, eval_text(args), original=not args.no_original,
-                    metrics=args.metrics, out=args.out)
+                    metrics=args.metrics, out=args.out, overwrite=args.overwrite)
     print(format_summary(doc["summary"]) + (f"\nbenchmark written to {args.out}" if args.out else ""))
     return 0
 

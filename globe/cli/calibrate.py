@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
       help="checkpoint directory (default: the embedded model)")
     a("--text", required=True, metavar="FILE", help="calibration text (not the text you evaluate on)")
     a("-o", "--out", required=True, metavar="STATS", help="output statistics file (.safetensors)")
+    a("--overwrite", action="store_true", help="replace an existing STATS file")
     a("--max-tokens", type=int, default=32768, help="calibration tokens read from the start of --text (default 32768)")
     a("--window", type=int, default=256, help="tokens per forward pass (default 256)")
     a("--layer-only", action="store_true",
@@ -39,6 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     stats = run_calibrate(CalibrateRun(model_dir=args.model_dir, text=args.text, out=args.out,
                                        max_tokens=args.max_tokens, window=args.window, layer_only=args.layer_only,
-                                       tokenizer=args.tokenizer, device=args.device))
+                                       tokenizer=args.tokenizer, device=args.device, overwrite=args.overwrite))
     print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {args.out}")
     return 0

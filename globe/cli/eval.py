@@ -11,11 +11,11 @@ globe.run.evaluate's; the options shared with `globe bench` are in globe.cli.eva
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.eval_options import add_eval_options, eval_text, model_load
+from globe.core.outputs import json_text
 from globe.run.config import CacheConfig
 from globe.run.evaluate import run_eval, run_eval_tasks
 from globe.runtime import MODES
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
         return print_tasks(args)
     report = run_eval(model_load(args), eval_text(args), metrics=args.metrics, plots=args.plots, sweep=args.sweep)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json_text(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -62,7 +62,7 @@ def print_tasks(args: argparse.Namespace) -> int:
     report = run_eval_tasks(model_load(args), tasks, task_dir=args.task_dir, builtin_tasks=args.builtin_tasks,
                             batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
     if args.json:
-        print(json.dumps(report, indent=2, default=str))
+        print(json_text(report, indent=2, default=str))
         return 0
     for task, metrics in report["results"].items():
         shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from globe.core import outputs
 from globe.device import DEVICES
+from globe.errors import ConfigError
 from globe.run.config import CacheConfig
 from globe.run.evaluate import DEFAULT_TEXT, EvalText
 from globe.run.load import ModelLoad
@@ -34,12 +36,38 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
     a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")
+    a("--force", action="store_true",
+      help="apply --globe even if the model's weights differ from those it was fitted on (same shapes; warns)")
+
+
+# Options that count something: (flag, attribute, smallest allowed value).
+_COUNTS = [("--max-length", "max_length", 2), ("--stride", "stride", 1), ("--max-tokens", "max_tokens", 0),
+           ("--prefill-tokens", "prefill_tokens", 1), ("--decode-tokens", "decode_tokens", 1),
+           ("--repeats", "repeats", 1), ("--hit-tokens", "hit_tokens", 0), ("--warmup-tokens", "warmup_tokens", 0),
+           ("--cache-size", "cache_size", 1)]
+
+
+def check_eval_options(args: argparse.Namespace) -> None:
+    """ConfigError naming the option when a count is out of range; OutputError when an output (--metrics,
+    --plots, -o) would land in an input (the model, the artifact, a text, the tokenizer)."""
+    for flag, attr, low in _COUNTS:
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low} (got {value})")
+    if args.stride is not None and args.stride > args.max_length:
+        raise ConfigError(f"--stride ({args.stride}) must be <= --max-length ({args.max_length})")
+    inputs = [args.model_dir, getattr(args, "globe", None), args.text, args.calib, args.tokenizer]
+    for flag, attr in (("--metrics", "metrics"), ("--plots", "plots"), ("-o", "out")):
+        if getattr(args, attr, None):
+            outputs.check_not_an_input(getattr(args, attr), inputs, flag=flag)
 
 
 def model_load(args: argparse.Namespace) -> ModelLoad:
     """The model `globe eval` / `globe bench` measures (bench has no --mode: the default, overridden per variant)."""
+    check_eval_options(args)
     return ModelLoad(model_dir=args.model_dir, artifact=args.globe, mode=getattr(args, "mode", CacheConfig.mode),
-                     cache_size=args.cache_size, cache_bytes=args.cache_bytes, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+                     cache_size=args.cache_size, cache_bytes=args.cache_bytes, device=args.device, dtype=args.dtype,
+                     tokenizer=args.tokenizer, force=args.force)
 
 
 def eval_text(args: argparse.Namespace) -> EvalText:

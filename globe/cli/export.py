@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")
     p.add_argument("-o", "--out", required=True, metavar="HF_DIR", help="output directory")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty HF_DIR, replacing its files")
+    p.add_argument("--force", action="store_true",
+                   help="apply the artifact even if MODEL_DIR's weights differ from those it was fitted on "
+                        "(same shapes; a warning is logged)")
     p.add_argument("--max-shard-size", default=ExportConfig.max_shard_size,
                    help=f"largest shard of a --dense export (default {ExportConfig.max_shard_size})")
     p.add_argument("--device", default="cpu", choices=DEVICES,
@@ -39,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_ = ExportRun(artifact=args.artifact, out=args.out, model=args.model, dense=args.dense,
-                     max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite)
+                     max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite,
+                     force=args.force)
     print(export_message(run_, run_export(run_)))
     return 0

@@ -8,13 +8,13 @@ This module turns the options into a FitConfig and a globe.run.fit.FitRun, and p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
+from globe.core.outputs import json_text
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
@@ -110,7 +110,7 @@ def fit_run(args: argparse.Namespace) -> FitRun:
         apply_total_cut(cfg, args.model_dir, args.total_cut)
     return FitRun(model_dir=args.model_dir, out=args.out, config=cfg, resume=args.resume,
                   overwrite=args.overwrite, distributed=args.distributed, metrics=args.metrics,
-                  wandb=WandbConfig(mode=args.wandb, project=args.wandb_project))
+                  wandb=WandbConfig(mode=args.wandb, project=args.wandb_project), config_file=args.config)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,5 +119,5 @@ def run(args: argparse.Namespace) -> int:
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return 0
     summary = fit_summary(result)
-    print(json.dumps(summary, indent=2) if args.json else format_fit_summary(summary, run_.out))
+    print(json_text(summary, indent=2) if args.json else format_fit_summary(summary, run_.out))
     return 0

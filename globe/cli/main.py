@@ -16,6 +16,8 @@ import importlib
 import logging
 import sys
 
+from safetensors import SafetensorError
+
 from globe.errors import GlobeError
 from globe.io.hub import resolve_model_dir
 
@@ -64,11 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"globe {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except (SafetensorError, UnicodeDecodeError, OverflowError) as exc:   # from a file or value the user gave
+        log.debug("traceback", exc_info=True)
+        print(f"globe {args.command}: error: {type(exc).__name__}: {one_line(exc)} (a damaged file or an "
+              "out-of-range value; rerun with --log-level DEBUG to see where)", file=sys.stderr)
+        return 2
     except Exception as exc:                         # a bug: one line for the user, the traceback at DEBUG level
         log.debug("traceback", exc_info=True)
-        print(f"globe {args.command}: internal error: {type(exc).__name__}: {exc} (rerun with --log-level DEBUG "
+        print(f"globe {args.command}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --log-level DEBUG "
               "for the traceback and please report it)", file=sys.stderr)
         return 3
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:

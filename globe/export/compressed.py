@@ -131,12 +131,21 @@ def _read_marker(path: Path) -> dict:
         raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (no {MARKER_FILE}); "
                             f"write one with `globe export OUT --model MODEL_DIR -o {path}`")
     try:
-        marker = json.loads((path / MARKER_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path / MARKER_FILE} is not valid JSON ({exc.msg})") from None
-    if int(marker.get("format_version", -1)) not in range(1, COMPRESSED_FORMAT_VERSION + 1):
-        raise ArtifactError(f"{path / MARKER_FILE} has format_version {marker.get('format_version')}; this globe "
+        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path / MARKER_FILE} is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(marker, dict):
+        raise ArtifactError(f"{path / MARKER_FILE} must hold a JSON object: re-export the checkpoint")
+    if marker.get("format_version") not in range(1, COMPRESSED_FORMAT_VERSION + 1):
+        raise ArtifactError(f"{path / MARKER_FILE} has format_version {marker.get('format_version')!r}; this globe "
                             f"reads 1..{COMPRESSED_FORMAT_VERSION}: upgrade globe")
+    for key in ("dtype", "globe_dtype"):
+        if (key == "dtype" or key in marker) and not isinstance(getattr(torch, str(marker[key]), None), torch.dtype):
+            raise ArtifactError(f"{path / MARKER_FILE}: {key} {marker[key]!r} is not a torch dtype; re-export "
+                                f"the checkpoint")
+    if not isinstance(marker.get("weights"), str) or Path(marker["weights"]).name != marker["weights"]:
+        raise ArtifactError(f"{path / MARKER_FILE}: weights must name a file of {path} (got "
+                            f"{marker.get('weights')!r}); re-export the checkpoint")
     return marker
 
 
@@ -144,7 +153,15 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     """The model built from config.json with weights allocated but not initialised (they are loaded next)."""
     import transformers
     from transformers.initialization import no_init_weights
-    config = transformers.AutoConfig.from_pretrained(path)
+    from globe.io import get_arch, read_config
+    from globe.io.arch import validate_config
+    raw = read_config(path)
+    validate_config(raw, get_arch(raw), path / "config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as exc:            # whatever transformers rejects in the user's config.json
+        raise ArtifactError(f"{path / 'config.json'} cannot be read by transformers ({type(exc).__name__}: "
+                            f"{' '.join(str(exc).split())[:200]}); re-export the checkpoint") from None
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()                                   # skipped with the initialisation above

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from globe.artifact import sort_metadata
 from globe.core.files import atomic_write
 from globe.errors import ModelDirError
 
@@ -26,14 +27,35 @@ SIDE_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "speci
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto", device: str | None = None) -> nn.Module:
-    """A transformers causal LM from a checkpoint directory, in its stored dtype by default."""
+    """A transformers causal LM from a checkpoint directory, in its stored dtype by default.
+
+    Safetensors only (never pickle): the directory is validated by globe.io first (config.json values, shards,
+    headers; a .bin-only directory is refused with how to convert it), loaded with use_safetensors=True, and
+    every weight is checked for NaN/Inf. Failures are ModelDirError / NumericalError naming the directory."""
     import transformers
+    from globe.io import open_checkpoint
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         from globe.io.shards import missing_config_message
         raise ModelDirError(missing_config_message(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with open_checkpoint(path):
+        pass
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    except Exception as exc:            # whatever transformers rejects in the user's directory (validated above)
+        raise ModelDirError(f"transformers cannot load {path} ({type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
+                            f"); check its config.json and weights") from None
+    check_finite_weights(model, path)
     return (model.to(device) if device else model).eval()
+
+
+def check_finite_weights(model: nn.Module, where: Path) -> None:
+    """NumericalError naming the first parameter or buffer of `model` that holds NaN/Inf."""
+    from globe.errors import NumericalError
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NumericalError(f"tensor {name!r} of {where} holds NaN/Inf values; the checkpoint is damaged, "
+                                 f"re-download or repair it")
 
 
 def source_dir(model: nn.Module) -> Path | None:
@@ -56,7 +78,10 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=metadata)
+        sort_metadata(tmp)                     # the same tensors give the same bytes
+    atomic_write(path, write)
 
 
 def copy_side_files(src: Path | None, out: Path, skip: tuple[str, ...] = ()) -> list[str]:

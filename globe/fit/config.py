@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ CONFIG_FORMAT_VERSION = 1
 PHIS = ("identity", "silu", "tanh")
 INITS = ("svd", "ts_pca", "kmeans", "greedy", "hybrid")
 CODERS = ("entmax15", "sparsemax")
+MAX_SEED = 2 ** 63 - 1 - 8        # family k is seeded with seed + k; torch.Generator takes 64-bit seeds
 
 
 @dataclass
@@ -147,6 +149,7 @@ class FitConfig:
             (t.restarts >= 1, f"train.restarts must be >= 1 (got {t.restarts})"),
             (t.cycles >= 1, f"train.cycles must be >= 1 (got {t.cycles})"),
             (t.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {t.checkpoint_every})"),
+            (0 <= t.seed <= MAX_SEED, f"train.seed must be in 0..{MAX_SEED} (got {t.seed})"),
             (t.chunk_size >= 1, f"train.chunk_size must be >= 1 (got {t.chunk_size})"),
             (t.amp in ("none", "bf16", "fp16"), f"train.amp must be none|bf16|fp16 (got {t.amp!r})"),
             (t.ridge >= 0, "train.ridge must be >= 0"),
@@ -173,6 +176,10 @@ class FitConfig:
         if b.r is not None and b.r > min(p, d):
             raise ConfigError(f"bank.r ({b.r}) must be <= min(p, d) = {min(p, d)} for this checkpoint "
                               f"(p={p}, d={d})")
+        rank = b.r if b.r is not None else min(p, d)
+        if b.m is not None and b.m > n * rank:
+            raise ConfigError(f"bank.m ({b.m}) must be <= N * r = {n} * {rank} = {n * rank} for this checkpoint "
+                              f"(more atoms than the experts' adapter rows can use); lower --m")
         if b.m is not None and b.r is not None and b.m * b.r * d + n * p * b.r >= n * p * d:
             log.warning("bank.m=%d, bank.r=%d store at least as many parameters as the dense experts", b.m, b.r)
         return self
@@ -182,25 +189,22 @@ class FitConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
+        """FitConfig from a dict as to_dict() writes it; ConfigError naming the key of any unknown field or
+        value of the wrong type (sections missing from `data` take their defaults)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a fit config must be a mapping of sections, not {type(data).__name__}")
         data = dict(data)
-        version = int(data.pop("format_version", CONFIG_FORMAT_VERSION))
+        version = data.pop("format_version", CONFIG_FORMAT_VERSION)
+        if not _is_int(version) or version < 1:
+            raise ConfigError(f"format_version must be a positive integer (got {version!r})")
         if version > CONFIG_FORMAT_VERSION:
             raise ConfigError(f"fit config format_version {version} is newer than supported "
                               f"({CONFIG_FORMAT_VERSION}); upgrade globe")
-        try:
-            bank = dict(data.pop("bank", {}))
-            if "families" in bank:
-                bank["families"] = tuple(bank["families"])
-            cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
-                      train=TrainConfig(**data.pop("train", {})),
-                      activation=ActivationConfig(**data.pop("activation", {})),
-                      nonlinear=NonlinearConfig(**data.pop("nonlinear", {})))
-        except TypeError as exc:
-            field_name = str(exc).rsplit(" ", 1)[-1]
-            raise ConfigError(f"invalid fit config: unknown or missing field {field_name} ({exc})") from None
-        if data:
-            raise ConfigError(f"unknown fit config sections: {sorted(data)}")
-        return cfg
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown fit config sections: {unknown}")
+        sections = {name: _section(name, kind, data.get(name, {})) for name, kind in SECTIONS.items()}
+        return cls(**sections)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -212,12 +216,63 @@ class FitConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "FitConfig":
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"fit config file {path} not found; pass an existing --config file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+                              ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read fit config {path} ({exc.strerror})") from None
         try:
             data = yaml.safe_load(text) if str(path).endswith((".yaml", ".yml")) else json.loads(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML/JSON ({exc.__class__.__name__})") from None
         try:
-            return cls.from_dict(data or {})
+            return cls.from_dict({} if data is None else data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+SECTIONS: dict[str, type] = {"bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
+                             "activation": ActivationConfig, "nonlinear": NonlinearConfig}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _typed(where: str, annotation: str, value: Any) -> Any:
+    """`value` checked against a dataclass field annotation (int, float, str, bool, tuple[str, ...], X | None);
+    returns it (ints widened to float, lists to tuples); ConfigError naming `where` otherwise."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = kinds[0]
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and _is_int(value):
+        return value
+    if kind == "float" and (_is_int(value) or isinstance(value, float)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number (got {value!r})")
+        return float(value)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind.startswith("tuple") and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    want = {"tuple[str, ...]": "a list of strings", "int": "an integer", "float": "a number", "bool": "true or false",
+            "str": "a string"}.get(kind, kind)
+    raise ConfigError(f"{where} must be {want}{' or null' if 'None' in kinds else ''} (got {value!r})")
+
+
+def _section(name: str, kind: type, data: Any) -> Any:
+    """One config section (a dataclass) from a mapping, every value type-checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"fit config section {name!r} must be a mapping of fields (got {data!r})")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"invalid fit config: unknown field(s) {', '.join(f'{name}.{k}' for k in unknown)}")
+    return kind(**{k: _typed(f"{name}.{k}", str(fields[k].type), v) for k, v in data.items()})

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from globe import tracking
-from globe.calibration.stats import load_stats
+from globe.calibration.stats import check_stats_fit, load_stats
 from globe.fit.activation import ActivationObjective, family_whitener
 from globe.fit.adapters import finalize
 from globe.fit.alternate import run_restarts
@@ -228,6 +228,9 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
         cfg.check_dims(len(inventory.moe_layers) * inventory.num_experts, inventory.p, inventory.d)
+        if stats is not None:
+            check_stats_fit(stats, inventory, cfg.activation.stats)
+        content = reader.content_hash()
         for k, family in enumerate(cfg.bank.families):
             fam = store.finished(family) if store is not None else None
             if fam is not None:
@@ -247,6 +250,6 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     if not comm.is_main:
         return None
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
-              "inventory": inventory.to_dict()}
+              "content_hash": content, "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,
                      timings={"total_seconds": round(time.perf_counter() - t0, 3)})

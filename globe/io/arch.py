@@ -121,6 +121,48 @@ def config_value(config: dict[str, Any], keys: tuple[str, ...], model_type: str,
     return None
 
 
+# Optional config.json keys the MoE-layer rules read: key -> smallest allowed value (mlp_only_layers: a list).
+_RULE_KEYS: dict[str, int] = {"decoder_sparse_step": 1, "moe_layer_freq": 1, "first_k_dense_replace": 0}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64", "auto")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config: dict[str, Any], spec: "ArchSpec", path: Any) -> None:
+    """ConfigError naming `path` (config.json) and the key when a value GloBE reads has the wrong type or range:
+    layer / expert counts and sizes must be positive integers, the MoE-layer rule keys integers, mlp_only_layers
+    a list of layer indices."""
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"{path}: {key!r} must be {want} (got {config[key]!r}); fix config.json")
+
+    required = (spec.num_layers_keys, spec.num_experts_keys, spec.expert_size_keys, spec.hidden_size_keys)
+    for keys in (*required, spec.top_k_keys):
+        key = next((k for k in keys if config.get(k) is not None), None)
+        if key is None:
+            if keys is not spec.top_k_keys:
+                raise ConfigError(f"{path} lacks {' / '.join(repr(k) for k in keys)}, which a {spec.model_type} "
+                                  f"config needs; add it (see the model card)")
+            continue
+        if not _is_int(config[key]) or config[key] < 1:
+            raise bad(key, "a positive integer")
+    for key, minimum in _RULE_KEYS.items():
+        if config.get(key) is not None and (not _is_int(config[key]) or config[key] < minimum):
+            raise bad(key, f"an integer >= {minimum}")
+    experts = next(config[k] for k in spec.num_experts_keys if config.get(k) is not None)
+    top_k = next((config[k] for k in spec.top_k_keys if config.get(k) is not None), None)
+    if top_k is not None and top_k > experts:
+        raise ConfigError(f"{path}: {spec.top_k_keys[0]!r} ({top_k}) must be <= the number of routed experts "
+                          f"({experts}); fix config.json")
+    for key in ("dtype", "torch_dtype"):
+        if config.get(key) is not None and config[key] not in _FLOAT_DTYPES:
+            raise bad(key, f"one of {', '.join(_FLOAT_DTYPES)}")
+    layers = config.get("mlp_only_layers")
+    if layers is not None and (not isinstance(layers, list) or not all(_is_int(v) and v >= 0 for v in layers)):
+        raise bad("mlp_only_layers", "a list of layer indices")
+
+
 def _template_regex(template: str) -> re.Pattern[str]:
     pattern = re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
     return re.compile(f"^{pattern}$")
@@ -185,7 +227,7 @@ def supported_model_types() -> list[str]:
 def get_arch(config: dict[str, Any]) -> ArchSpec:
     """The ArchSpec for config.json's `model_type`; UnsupportedArchitectureError if it is not registered."""
     model_type = config.get("model_type")
-    if model_type not in REGISTRY:
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
         raise UnsupportedArchitectureError(
             f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}")
     return REGISTRY[model_type]

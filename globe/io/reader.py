@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from globe.errors import CheckpointError, ConfigError, ShapeError
-from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch
+from globe.errors import CheckpointError, ConfigError, ShapeError, UnsupportedArchitectureError
+from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch, validate_config
 from globe.io.checks import check_finite  # noqa: F401  (re-exported)
 from globe.io.lazy import Block, LazyExperts, data_offsets
 from globe.io.shards import ShardSet, read_config
@@ -82,7 +82,11 @@ class CheckpointReader:
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.model_dir = Path(model_dir)
         self.config: dict[str, Any] = read_config(self.model_dir)
-        self.arch: ArchSpec = get_arch(self.config)
+        try:
+            self.arch: ArchSpec = get_arch(self.config)
+        except UnsupportedArchitectureError as exc:
+            raise UnsupportedArchitectureError(f"{exc} (from {self.model_dir / 'config.json'})") from None
+        validate_config(self.config, self.arch, self.model_dir / "config.json")
         self.shards = ShardSet(self.model_dir)
         self.num_layers = self.arch.num_layers(self.config)
         self.moe_layers = self.arch.moe_layers(self.config)
@@ -91,6 +95,7 @@ class CheckpointReader:
         self.p, self.d = self._validate_shapes()
         self.dtype = self._routed_dtype()
         self._inventory = self._build_inventory()
+        self._content_hash: str | None = None
         log.info("opened %s: %s, %d MoE layers x %d experts, p=%d d=%d, %s layout, %s", self.model_dir,
                  self.arch.name, len(self.moe_layers), self.num_experts, self.p, self.d, self.layout, self.dtype)
 
@@ -289,6 +294,17 @@ class CheckpointReader:
             experts.append(self.shards.get(name))
             check_finite(experts[-1], name)
         return torch.stack(experts)
+
+    def expert_blocks(self, family: str) -> list[Block]:
+        """Where each routed expert matrix of `family` lies on disk, layer-major (see globe.io.lazy.Block)."""
+        return self._blocks(check_family(family), list(self.moe_layers))
+
+    def content_hash(self) -> str:
+        """Hash of the routed experts' names, shapes and bytes (see globe.io.identity); cached."""
+        if self._content_hash is None:
+            from globe.io.identity import content_hash
+            self._content_hash = content_hash(self)
+        return self._content_hash
 
     def tensor(self, name: str) -> torch.Tensor:
         """Any tensor of the checkpoint by its stored name, in its stored dtype."""

@@ -73,7 +73,9 @@ def find_weight_files(model_dir: Path) -> tuple[list[str], dict[str, str] | None
         return [SINGLE_FILE], None
     files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
-        hint = " (only .bin weights found: convert them to safetensors)" if any(model_dir.glob("*.bin")) else ""
+        hint = (" (only pickle .bin weights found, which GloBE never loads: convert them in a trusted environment "
+                "with AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR), which writes safetensors)"
+                if any(model_dir.glob("*.bin")) else "")
         raise ModelDirError(f"no safetensors weights in {str(model_dir)!r}{hint}; expected {SINGLE_FILE} "
                             f"or {INDEX_FILE} with its shards")
     return files, None

@@ -6,13 +6,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from globe import tracking
+from globe.core import outputs
 from globe.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
@@ -56,18 +59,22 @@ def _source_of(spec: ModelLoad) -> Path:
 
 def evaluate_model(spec: ModelLoad, text: EvalText) -> dict:
     """evaluate() of the model described by spec, as a JSON-serialisable report."""
+    body = read_text(text.text, "--text")                              # before the (slow) model load
+    calib_text = read_text(text.calib, "--calib") if text.calib else None
     model, tokenizer = load_for_eval(spec)
     if Path(text.text).resolve() == DEFAULT_TEXT.resolve() and _source_of(spec) != DEFAULT_MODEL_DIR.resolve():
         log.warning("scoring %s, the embedded model's held-out text, on %s: pass --text FILE for this model's own",
                     text.text, spec.model_dir)
-    body = read_text(text.text, "--text")
-    calib = read_text(text.calib, "--calib") if text.calib else encode_text(tokenizer, body)[:text.warmup_tokens]
+    calib = calib_text if text.calib else encode_text(tokenizer, body)[:text.warmup_tokens]
     report = evaluate(model, tokenizer, body, max_length=text.max_length, stride=text.stride,
                       max_tokens=text.max_tokens, prefill_tokens=text.prefill_tokens,
                       decode_tokens=text.decode_tokens, repeats=text.repeats, calibration_text=calib,
                       hit_tokens=text.hit_tokens, skip_speed=text.no_speed)
     report["model"]["path"] = str(spec.model_dir)
     report["model"]["artifact"] = spec.artifact
+    ppl = report["perplexity"]["perplexity"]
+    if not math.isfinite(ppl):
+        log.warning("perplexity of %s is %s: the model produces non-finite logits on this text", spec.model_dir, ppl)
     return report
 
 
@@ -156,11 +163,20 @@ def _worker() -> None:
 
 
 def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool = True,
-              metrics: str | None = None, out: str | None = None, isolate: bool = True) -> dict:
+              metrics: str | None = None, out: str | None = None, isolate: bool = True,
+              overwrite: bool = False) -> dict:
     """The original model (unless original=False) and spec.artifact in each of `modes`, on the same text:
     {"model_dir", "artifact", "summary", "reports"}, also written to `out` (JSON) when given. spec.model_dir may
     be a compressed checkpoint: its modes are measured, against the source model it records when that exists.
-    Each variant runs in its own process (isolate), so that memory and speed do not carry over between them."""
+    Each variant runs in its own process (isolate), so that memory and speed do not carry over between them.
+    An existing `out` file is replaced only with overwrite."""
+    claim = outputs.claim_output_file(out, "bench", overwrite) if out else contextlib.nullcontext()
+    with claim:
+        return _bench(spec, modes, text, original, metrics, out, isolate)
+
+
+def _bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool, metrics: str | None,
+           out: str | None, isolate: bool) -> dict:
     reports = {}
     with tracking.session(jsonl=metrics):
         for name, variant in bench_variants(spec, modes, original).items():
@@ -170,7 +186,7 @@ def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool 
     doc = {"model_dir": str(spec.model_dir), "artifact": spec.artifact, "summary": bench_summary(reports),
            "reports": reports}
     if out:
-        atomic_write_text(Path(out), json.dumps(doc, indent=1))
+        atomic_write_text(Path(out), outputs.json_text(doc, indent=1))
     return doc
 
 

@@ -2,22 +2,25 @@
 
     out = run_export(ExportRun("out/", "hf/", model="path/to/model", dense=True))
 
-The artifact is checked against the model's headers and the output directory before the model is loaded; an
-output directory the run created is removed again when the export fails on bad input.
+The artifact is checked against the model's headers and weights and the output directory before the model is
+loaded; an output directory the run created is removed again when the export fails.
 """
 from __future__ import annotations
 
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from globe.artifact import check_compatible, load
+from safetensors import SafetensorError
+
+from globe.core import outputs
+from globe.artifact import check_compatible, check_same_weights, load
 from globe.core.result import FitResult
 from globe.device import resolve_device
-from globe.errors import GlobeError, ModelDirError
+from globe.errors import ConfigError, ModelDirError, OutputError
 from globe.export import export_dense, load_model, save_compressed
+from globe.export.files import move_tree_files, staging_dir
 from globe.run.config import ExportConfig
-from globe.run.output_dir import check_output_dir
 
 
 @dataclass
@@ -31,6 +34,7 @@ class ExportRun:
     max_shard_size: str = ExportConfig.max_shard_size
     device: str = "cpu"
     overwrite: bool = False
+    force: bool = False                       # apply even to other weights of the same shapes (warns)
 
 
 def model_dir_of(model: str | None, result: FitResult) -> Path:
@@ -42,24 +46,39 @@ def model_dir_of(model: str | None, result: FitResult) -> Path:
     return Path(model)
 
 
+SHARD_SIZE = re.compile(r"^\s*([1-9]\d*)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+
+
+def shard_size(value: str | int) -> str | int:
+    """--max-shard-size as transformers takes it ("5GB", "500MiB", or bytes); ConfigError otherwise."""
+    match = SHARD_SIZE.match(str(value))
+    if match is None:
+        raise ConfigError(f"--max-shard-size {value!r} is not a size: pass an integer with a unit, e.g. 5GB or 500MB")
+    return int(match[1]) if match[2] is None else f"{match[1]}{match[2].upper()}"
+
+
 def run_export(run: ExportRun) -> Path:
-    """Write the export; returns its directory."""
+    """Write the export; returns its directory. Checked before the model is loaded: the artifact, that it fits
+    the model's shapes and weights, the size option, and OUT (globe.core.outputs.claim_output_dir: never an input,
+    --overwrite, one run at a time, crash debris removed, a created OUT removed again on failure)."""
+    max_shard_size = shard_size(run.max_shard_size)
     result = load(run.artifact)
     model_dir = model_dir_of(run.model, result)
     check_compatible(result, model_dir)
-    out_dir = Path(run.out)
-    created = not out_dir.exists()
-    check_output_dir(out_dir, run.overwrite, what_out="export")
-    try:
-        device = resolve_device(run.device)
-        model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # the checkpoint's dtype
-        if run.dense:
-            return export_dense(model, result, run.out, max_shard_size=run.max_shard_size)
-        return save_compressed(model, result, run.out)
-    except GlobeError:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)         # leave nothing half-made behind
-        raise
+    check_same_weights(result, model_dir, force=run.force)
+    device = resolve_device(run.device)
+    out = Path(run.out)
+    with outputs.claim_output_dir(out, "export", run.overwrite, what="export", inputs=[model_dir, run.artifact]):
+        try:
+            model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # its dtype
+            if run.dense:
+                return export_dense(model, result, out, max_shard_size=max_shard_size)
+            with staging_dir(out) as staging:          # every file written first: a failure keeps the old ones
+                save_compressed(model, result, staging)
+                move_tree_files(Path(staging), out)
+            return out
+        except SafetensorError as exc:                 # transformers' writer: disk full, ...
+            raise OutputError(f"cannot write the export into {out}: {exc}") from None
 
 
 def export_message(run: ExportRun, out: Path) -> str:

@@ -3,29 +3,30 @@
     result = run_fit(FitRun(model_dir, "out/", FitConfig()))     # writes out/banks.safetensors + globe_config.json
 
 A run sets up the communicator (one process, or the torchrun group), checks OUT before any work, opens the
-resume store (OUT/.globe_checkpoint), removes an output directory it created when the input turns out bad,
-saves the artifact (rank 0 only), clears the resume files, and sends every metric to OUT/metrics.jsonl (and
+resume store (OUT/.globe_checkpoint), holds OUT's lock (globe.core.outputs: one run per output, crash debris
+removed, a finished artifact never replaced by --resume), removes an output directory it created when the run
+fails, saves the artifact (rank 0 only), clears the resume files, and sends every metric to OUT/metrics.jsonl (and
 wandb when enabled). Both front ends (`globe fit`, the Hydra entry point) call run_fit.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from globe import tracking
-from globe.artifact import save
+from globe.core import outputs
+from globe.artifact import BANKS_FILE, load, save
 from globe.core.result import FitResult
 from globe.device import resolve_device
-from globe.errors import ConfigError, GlobeError
+from globe.errors import ConfigError, GlobeError, OutputError
 from globe.fit.config import FitConfig
 from globe.fit.distributed import LOCAL, env_world_size, init_comm
 from globe.fit.engine import fit_model
 from globe.run.config import WandbConfig
-from globe.run.output_dir import check_output_dir
-from globe.run.resume_store import RESUME_DIR, ResumeStore
+from globe.run.resume_store import ResumeStore
 
 log = logging.getLogger(__name__)
 SUMMARY_KEYS = ("rel_err", "energy_captured", "median_support", "seconds")
@@ -42,6 +43,7 @@ class FitRun:
     overwrite: bool = False
     distributed: bool = False                 # also implied when WORLD_SIZE > 1
     metrics: str | None = None                # JSONL metrics file (default OUT/metrics.jsonl)
+    config_file: str | None = None            # the --config file the config came from (an input: never written)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -91,6 +93,12 @@ def run_fit(run: FitRun) -> FitResult | None:
     """Fit and save into run.out, with metrics going to run.metrics (default OUT/metrics.jsonl) and wandb;
     returns the result on rank 0, None on the other ranks of a distributed fit."""
     metrics = Path(run.metrics) if run.metrics else Path(run.out) / "metrics.jsonl"
+    inputs = [run.model_dir, run.config.activation.stats, run.config_file]
+    outputs.check_not_an_input(run.out, inputs)                       # OUT first: the message names -o
+    outputs.check_not_an_input(metrics, inputs, "--metrics")
+    if metrics.is_dir():
+        raise OutputError(f"--metrics {metrics} is a directory: pass a file name (default OUT/metrics.jsonl)")
+    resolve_device(run.config.train.device)                # an unavailable device fails before any work
     with tracking.session(jsonl=metrics, wandb_mode=run.wandb.mode, wandb_project=run.wandb.project,
                           config=run.config.to_dict(), append=run.resume, run_name=Path(run.out).name):
         return _fit_and_save(run)
@@ -101,24 +109,35 @@ def _fit_and_save(run: FitRun) -> FitResult | None:
     comm = start_comm(run)
     if comm.world > 1 and run.resume:
         raise ConfigError("--resume is not supported with --distributed: rerun the distributed fit from the start")
-    created = not out.exists()
-    if comm.is_main:
-        check_output_dir(out, run.overwrite, run.resume)
-    store = ResumeStore(out, cfg, run.model_dir, resume=run.resume) if comm.world == 1 else None
-    try:
+    claim = outputs.claim_output_dir(out, "fit", run.overwrite, run.resume,
+                                     inputs=[run.model_dir, cfg.activation.stats, run.config_file])
+    with claim if comm.is_main else contextlib.nullcontext():      # lock, debris, undo a created OUT on failure
+        store = ResumeStore(out, cfg, run.model_dir, resume=run.resume) if comm.world == 1 else None
+        if run.resume and not run.overwrite and store is not None:
+            check_resume_target(out, store)
         result = fit_model(run.model_dir, cfg, store=store, comm=comm)
+        comm.close()                                      # after an error torchrun stops the other processes
+        if result is None:                                 # not rank 0: rank 0 writes and reports
+            return None
+        warn_support(result)
+        save(result, out)
+        if store is not None:
+            store.clear()
+        return result
+
+
+def check_resume_target(out: Path, store: ResumeStore) -> None:
+    """--resume never replaces a finished artifact: only one whose fit was interrupted after it was written
+    (its resume files, made with this config and model, are still there) may be completed."""
+    if not (out / BANKS_FILE).exists():
+        return
+    try:
+        load(out)
     except GlobeError:
-        if created and comm.is_main and not (out / RESUME_DIR).exists():
-            shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
-        raise
-    comm.close()                                          # after an error torchrun stops the other processes
-    if result is None:                                     # not rank 0: rank 0 writes and reports
-        return None
-    warn_support(result)
-    save(result, out)
-    if store is not None:
-        store.clear()
-    return result
+        return                                             # torn or incomplete: a write was interrupted
+    if not store.has_matching():
+        raise OutputError(f"output directory {out} holds a finished artifact: --resume only continues an "
+                          f"interrupted fit; pass --overwrite to replace the artifact, or choose another -o")
 
 
 def warn_support(result: FitResult) -> list[str]:

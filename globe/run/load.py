@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from globe.artifact import check_compatible, load
+from globe.artifact import check_compatible, check_same_weights, load
 from globe.core.result import FitResult
 from globe.device import compute_dtype, resolve_device
 from globe.errors import ArtifactError
@@ -34,6 +34,7 @@ class ModelLoad:
     device: str = "cpu"
     dtype: str = "auto"                       # auto: the checkpoint's dtype, float32 where the device lacks it
     tokenizer: str | None = None              # default: the model directory
+    force: bool = False                       # apply the artifact even to other weights of the same shapes
 
 
 def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
@@ -50,6 +51,7 @@ def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
         if spec.artifact:
             loaded = load(spec.artifact) if isinstance(spec.artifact, (str, Path)) else spec.artifact
             check_compatible(loaded, spec.model_dir)                     # before the (slow) model load
+            check_same_weights(loaded, spec.model_dir, force=spec.force)
         model = load_model(spec.model_dir, dtype=compute_dtype(spec.model_dir, device, spec.dtype), device=str(device))
         if loaded is not None:
             apply_globe(model, loaded, mode=spec.mode, cache_size=spec.cache_size, cache_bytes=spec.cache_bytes)

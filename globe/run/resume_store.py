@@ -4,8 +4,9 @@ Wording: a *checkpoint* is a model directory (config.json + safetensors); what a
 *resume files*. OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit
 fingerprint in the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
 globe.fit.resume). Every file is written atomically, so a crash at any moment leaves the previous or the new
-complete resume file. A resumed run reuses only resume files whose fingerprint (fit config + model directory)
-equals the current one; anything else is reported and ignored, never silently mixed in.
+complete resume file. A resumed run reuses only resume files whose fingerprint (fit config + model directory +
+content hash of its routed experts) equals the current one; anything else is reported and ignored, never
+silently mixed in.
 """
 from __future__ import annotations
 
@@ -20,15 +21,26 @@ from safetensors.torch import save_file
 from globe.artifact import build_family, family_tensors
 from globe.core.files import atomic_write
 from globe.core.result import FamilyFit
+from globe.errors import GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.resume import FitProgress
+from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
 RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume
 
 
 def _fingerprint(cfg: FitConfig, model_dir: str) -> str:
-    return json.dumps({"config": cfg.to_dict(), "model_dir": str(Path(model_dir).resolve())}, sort_keys=True)
+    """Fit config + model directory + content hash of its routed experts (globe.io.identity): a checkpoint of
+    the same directory whose weights were replaced since is not reused."""
+    from globe.io import open_checkpoint
+    try:
+        with open_checkpoint(model_dir) as reader:
+            content = reader.content_hash()
+    except GlobeError:                                  # not a readable checkpoint: no fit will run on it
+        content = None
+    return json.dumps({"config": cfg.to_dict(), "model_dir": str(Path(model_dir).resolve()), "content": content},
+                      sort_keys=True)
 
 
 def _read(path: Path, fingerprint: str, what: str):
@@ -53,8 +65,29 @@ class ResumeStore:
 
     def __init__(self, out: str | Path, cfg: FitConfig, model_dir: str | Path, resume: bool = True) -> None:
         self.dir = Path(out) / RESUME_DIR
-        self.fingerprint = _fingerprint(cfg, str(model_dir))
+        self.cfg, self.model_dir = cfg, str(model_dir)
+        self._fingerprint: str | None = None
         self.resume = resume
+
+    @property
+    def fingerprint(self) -> str:
+        """Computed on first use (the model is read by then, so a bad model dir fails in the reader first)."""
+        if self._fingerprint is None:
+            self._fingerprint = _fingerprint(self.cfg, self.model_dir)
+        return self._fingerprint
+
+    def has_matching(self) -> bool:
+        """Whether a checkpoint made with this config and model exists (something for --resume to continue)."""
+        if not self.dir.is_dir():
+            return False
+        for path in self.dir.glob("*.safetensors"):
+            try:
+                with safe_open(str(path), "pt") as fh:
+                    if (fh.metadata() or {}).get("fingerprint") == self.fingerprint:
+                        return True
+            except (SafetensorError, OSError):
+                continue
+        return False
 
     def finished(self, family: str) -> FamilyFit | None:
         found = _read(self.dir / f"{family}.safetensors", self.fingerprint, family) if self.resume else None
@@ -83,7 +116,7 @@ class ResumeStore:
 
     def save_family(self, fam: FamilyFit) -> None:
         meta = {"fingerprint": self.fingerprint, "phi": fam.phi,
-                "metrics": json.dumps(fam.metrics, default=float), "history": json.dumps(fam.history, default=float)}
+                "metrics": json_text(fam.metrics), "history": json_text(fam.history)}
         tensors = family_tensors(fam)
         atomic_write(self.dir / f"{fam.family}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         (self.dir / f"{fam.family}.progress.safetensors").unlink(missing_ok=True)

@@ -15,7 +15,7 @@ def load_tokenizer(source: str | Path):
     import transformers
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
 
 
@@ -26,5 +26,7 @@ def check_text_file(path: str | Path, what: str) -> Path:
     return Path(path)
 
 
-def read_text(path: str | Path, what: str) -> str:
-    return check_text_file(path, what).read_text(encoding="utf-8")
+def read_text(path: str | Path, what: str, limit: int | None = None) -> str:
+    """The text of a --text / --calib file: UTF-8 and not empty, or one error line naming the file."""
+    from globe.io.text import read_text as read
+    return read(check_text_file(path, what), what, limit)

@@ -48,11 +48,18 @@ def test_artifact_save_interrupted_between_files_leaves_a_loadable_previous_arti
     artifact unloadable in a way that goes unnoticed: the loader either reads a consistent pair or errors."""
     result = quick_fit(tiny_checkpoint("qwen2_moe"))
     globe.save(result, tmp_path / "art")
-    real = artifact.atomic_write_text
-    monkeypatch.setattr(artifact, "atomic_write_text", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    real = os.replace
+    renames = []
+
+    def crash_on_second_rename(src, dst):                 # both files are renamed into place at the end
+        renames.append(dst)
+        if len(renames) == 2:
+            raise Crash
+        real(src, dst)
+    monkeypatch.setattr(artifact.os, "replace", crash_on_second_rename)
     with pytest.raises(Crash):
         globe.save(result, tmp_path / "art")
-    monkeypatch.setattr(artifact, "atomic_write_text", real)
+    monkeypatch.setattr(artifact.os, "replace", real)
     loaded = globe.load(tmp_path / "art")
     assert torch.equal(loaded.families["gate"].bank, result.families["gate"].bank)
     assert not list((tmp_path / "art").glob(".*.tmp"))
@@ -80,7 +87,9 @@ def test_banks_and_config_from_different_saves_are_detected(tiny_checkpoint, tmp
     from globe.errors import ArtifactError
     result = quick_fit(tiny_checkpoint("qwen2_moe"))
     globe.save(result, tmp_path / "old")
-    other = dataclasses.replace(result, timings={"total_seconds": 123.0})        # another save, same shapes
+    gate = dataclasses.replace(result.families["gate"], bank=result.families["gate"].bank * 0.5)
+    other = dataclasses.replace(result, timings={"total_seconds": 123.0},        # another fit, same shapes
+                                families={**result.families, "gate": gate})
     globe.save(other, tmp_path / "new")
     shutil.copyfile(tmp_path / "new" / "banks.safetensors", tmp_path / "old" / "banks.safetensors")
     with pytest.raises(ArtifactError, match="come from different fits"):
