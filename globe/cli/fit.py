@@ -16,6 +16,7 @@ from pathlib import Path
 from globe import checkpoint
 from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.cli import dry_run
 from globe.cli.output_dir import check_output_dir
 from globe.errors import ConfigError, GlobeError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    dry_run.add_argument(p)
     p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
     p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
                    help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
 def run_tracked(args: argparse.Namespace) -> int:
     """run() with its metrics going to --metrics (default OUT/metrics.jsonl) and, if enabled, wandb."""
     from globe import tracking
+    if args.dry_run:
+        return dry_run.print_plan(args, build_config(args))
     metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
     with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
                           config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
