@@ -114,11 +114,13 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
         new_codes[lo:hi], sq_err[lo:hi] = codes, fit.sq_err.to(sq_err.dtype)
         if cfg.train.collect_stats and hi > lo:
             conds.append(fit.cond.max())
+    del low_bank                                                              # freed before the MOD's vectors
     if normal is not None:
         (bank, mod_cond), cg_iters = normal.solve(ridge, previous=state.bank, comm=comm), 0
     else:
         comm.all_reduce(rhs)
-        bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge, comm=comm)
+        bank, cg_iters, mod_cond = weighted_mod(new_codes, grams, rhs.view(m, r, d), state.bank, ridge, comm=comm,
+                                                overwrite_rhs=True)
     bank, new_codes = normalize_atoms(bank, new_codes)
     err = comm.all_reduce((sq_err.cpu().double() * norm.scales.double() ** 2).sum())
     rel = float((err / comm.all_reduce(norm.sq_norms.sum())).sqrt())

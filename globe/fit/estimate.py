@@ -147,23 +147,50 @@ def _target_work(s: FitShape) -> int:
 
 def phase_warm_start(s: FitShape) -> int:
     """Aligned targets (from the solver's factors, which are still held, or from a fresh pass), then the init on
-    the stacked targets x [N, r d]: the fp32 residual copies of `greedy` / `hybrid` and of k-means are counted."""
+    the stacked targets x [N, r d]: fp32 targets get the in-memory inits (fp32 residual copies of `greedy` /
+    `hybrid`, k-means' unit copy), bf16 targets the streamed ones of globe.fit.warm_stream."""
     t, big = s.targets(), s.n * s.r * s.d * F4                                # T and one fp32 copy of it
     if s.probe_ranks and s.r <= max(s.probe_ranks):
         make = s.targets(max(s.probe_ranks)) + t + 3 * F4 * s.c * s.r * s.d
     else:
         make = t + _target_work(s)
-    dim, atoms = s.r * s.d, s.bank
-    k = min((s.m + 1) // 2 + 1, s.n, dim) + 8
-    upcast = 256 * dim * F4 if t < big else 0
-    svd = 3 * F4 * dim * k + upcast + atoms
-    if s.init in ("svd", "ts_pca"):
-        init = svd if s.init == "svd" else min(s.n, 4 * s.m) * dim * F8 * 2 + atoms
-    elif s.init == "kmeans":
-        init = (big if t < big else 0) + big + atoms
-    else:                                                                       # greedy / hybrid (+ K-SVD)
-        init = max(svd, 2 * big + atoms, 2 * atoms + big + 3 * big)             # residual; sweep (users <= N)
+    init = (_streamed_init if t < big else _init)(s, big)
     return max(make, t + init + s.n * s.m * F4 * s.restarts)
+
+
+def _svd_init(s: FitShape, big: int) -> int:
+    """svd_atoms: probe, range and right factors [r d, k'] fp32 (+ 256 upcast rows of bf16 targets), atoms."""
+    dim = s.r * s.d
+    k = min((s.m + 1) // 2 + 1, s.n, dim) + 8
+    return 3 * F4 * dim * k + (min(256, s.n) * dim * F4 if s.targets() < big else 0) + s.bank
+
+
+def _init(s: FitShape, big: int) -> int:
+    """In-memory inits on fp32 targets."""
+    dim, atoms = s.r * s.d, s.bank
+    if s.init == "svd":
+        return _svd_init(s, big)
+    if s.init == "ts_pca":
+        return min(s.n, 4 * s.m) * dim * F8 * 2 + atoms
+    if s.init == "kmeans":
+        return big + atoms
+    return max(_svd_init(s, big), 2 * big + atoms, 2 * atoms + big + 3 * big)   # residual; K-SVD (users <= N)
+
+
+def _streamed_init(s: FitShape, big: int) -> int:
+    """globe.fit.warm_stream on bf16 targets: chunk-sized work, one bf16 residual for K-SVD."""
+    from globe.fit.warm_stream import COLUMNS, ROWS
+    dim, atoms, rows = s.r * s.d, s.bank, min(ROWS, s.n) * s.r * s.d * F4
+    if s.init == "svd":
+        return _svd_init(s, big)
+    if s.init == "ts_pca":
+        keep = min(s.n, 4 * s.m)
+        return 2 * keep * min(COLUMNS, dim) * F8 + ((s.m + 1) // 2 + 1) * dim * F4 + 2 * atoms
+    if s.init == "kmeans":
+        return 2 * atoms + 3 * rows
+    residual = atoms + 3 * rows + s.c * dim * F4
+    sweep = 2 * atoms + s.targets() + 4 * rows
+    return max(_svd_init(s, big), residual, sweep)
 
 
 def _am_chunk(s: FitShape) -> int:
@@ -180,36 +207,46 @@ def _am_chunk(s: FitShape) -> int:
 
 
 def phase_am(s: FitShape) -> int:
-    """am_pass (the loop's largest moment) and the weighted MOD's conjugate gradients after it, plus the best
-    state's error pass (finalize of the identity fit, which allocates every adapter)."""
+    """am_pass (the loop's largest moment) and the weighted MOD's conjugate gradients after it (the bf16 bank
+    copy freed), plus the best state's error pass (finalize of the identity fit, which allocates every adapter)."""
+    from globe.fit.mod import apply_chunk
     if s.am_iters == 0:
         return 0
     bank, low = s.bank, s.bank // 2 if s.low else 0
-    keep = bank * (2 if s.am_iters > 1 else 1) + low + s.n * s.m * F4 * 3      # state (+ best) bank, codes
+    keep = bank * (2 if s.am_iters > 1 else 1) + s.n * s.m * F4 * 3           # state (+ best) bank, codes
     if s.mod == "weighted":
         persist = s.n * s.r * s.r * F4 + bank                                   # A_i^T A_i of every expert, rhs
-        cc = min(256, s.n)
-        mod = persist + 5 * bank + bank + 2 * cc * s.r * s.d * F4               # x, res, z, dir, hd + apply temps
+        cc = min(apply_chunk(s.r, s.d), s.n)
+        mod = persist + 4 * bank + bank + 2 * cc * s.r * s.d * F4               # x, z, dir, hd (res in rhs) + apply
     else:
         persist = bank + s.m * s.m * F8
         mod = persist + 2 * bank
-    loop = persist + _am_chunk(s)
-    best = s.adapters + F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s) + bank
-    return keep + max(loop, mod, best - keep + bank)
+    loop = low + persist + _am_chunk(s)
+    best = s.adapters + F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)
+    return keep + max(loop, mod, best)
 
 
 def phase_varpro(s: FitShape) -> int:
-    """L-BFGS on (bank, logits): parameters and gradients, 2 h history vectors, flat gradient, its previous copy,
-    the direction and its scratch, the line search's start point and three gradient copies; plus one chunk of the
-    closure with autograd (w, residual, its square, their gradients)."""
+    """Variable projection. torch.optim.LBFGS (small banks): parameters and gradients, 2 h fp32 history vectors,
+    flat gradient, its previous copy, direction, line-search copies, plus one chunk of the closure with autograd
+    (w, residual, its square, their gradients). Large banks (globe.fit.lean_varpro): x, g, d, bf16 pairs and the
+    old gradient, plus a chunk without any [c, p, d] residual. Both: the AM state's bank and best bank."""
+    from globe.fit.lean_varpro import PAIRS
+    from globe.fit.refine import uses_lean_varpro
     if s.varpro_steps == 0:
         return 0
     vec, bank = s.lbfgs_vector(), s.bank
-    pairs = min(s.lbfgs_history(), max(s.varpro_steps - 1, 0))              # history fills one pair per iteration
-    state = (2 * pairs + 5) * vec + 2 * bank                     # + params and their gradients
+    held = bank * (2 if s.am_iters else 1)
     cpd, crd, cpr = s.c * s.p * s.d, s.c * s.r * s.d, s.c * s.p * s.r
+    if uses_lean_varpro(s.m * s.r * s.d, s.n * s.m):
+        pairs = min(PAIRS, max(s.varpro_steps - 1, 0))
+        state = 3 * vec + pairs * vec + vec // 2
+        chunk = F4 * cpd + F4 * crd + max(refit_work(s), 3 * F4 * crd + F4 * cpr)   # w, M; A^T W, A^T A M
+        return held + state + max(chunk, 3 * vec // 2)
+    pairs = min(s.lbfgs_history(), max(s.varpro_steps - 1, 0))              # history fills one pair per iteration
+    state = (2 * pairs + 5) * vec + 2 * bank
     closure = 4 * F4 * cpd + 2 * F4 * crd + F4 * cpr + max(refit_work(s), 2 * F4 * cpd + bank)
-    return bank + state + closure                                             # + the input bank
+    return held - bank + bank + state + closure
 
 
 def phase_refine(s: FitShape) -> int:

@@ -70,6 +70,12 @@ def lbfgs_history(numel: int, most: int = 20) -> int:
     return int(max(3, min(most, LBFGS_HISTORY_BYTES // (8 * numel))))
 
 
+def uses_lean_varpro(bank_numel: int, logits_numel: int, whiten=None) -> bool:
+    """Whether varpro_refine runs globe.fit.lean_varpro: for banks whose full 20-pair history does not fit
+    LBFGS_HISTORY_BYTES (and no activation whitening)."""
+    return whiten is None and lbfgs_history(bank_numel + logits_numel) < 20
+
+
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                   cfg: FitConfig, steps: int, temperature: float,
                   comm: Comm = LOCAL, whiten=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
@@ -79,10 +85,14 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
     loss and gradients are summed over ranks, so the optimiser state stays identical everywhere.
     whiten(x, lo, hi) (a globe.fit.activation.Whitener) makes the objective sum_i ||(W_i - A_i M_i) L_i||^2;
-    the whitened weights W_i L_i are then kept in fp32 for the run (N p d floats; single process only)."""
+    the whitened weights W_i L_i are then kept in fp32 for the run (N p d floats; single process only).
+    Large banks (uses_lean_varpro) go to globe.fit.lean_varpro, which keeps a few flat vectors instead."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     start = (bank, codes)
     n_all = comm.total(n)
+    if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], whiten):
+        from globe.fit.lean_varpro import lean_varpro
+        return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm)
     offset = comm.shard(n_all)[0]
     low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
