@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.calibration import collect_stats, load_stats, save_stats
+from globe.core.files import atomic_write_text
 from globe.eval import encode_text, perplexity
 from globe.export import load_model
 from globe.fit.budget import total_cut_budget

@@ -32,9 +32,10 @@ from globe.artifact import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 log = logging.getLogger("benchmarks.design_shape")
-PROBES = {"pick_shape": "shape", "shared_warm_start": "warm_start", "aligned_targets": "warm_start",
-          "align_factors": "warm_start", "run_am": "am", "best_state": "am", "varpro_refine": "varpro",
-          "refine_or_keep": "refine", "finalize": "finalize", "family_metrics": "finalize"}
+PROBES = [("globe.fit.engine", "shape_stage", "shape"), ("globe.fit.engine", "warm_start_stage", "warm_start"),
+          ("globe.fit.alternate", "run_am", "am"), ("globe.fit.alternate", "settle", "am"),
+          ("globe.fit.alternate", "varpro_refine", "varpro"), ("globe.fit.engine", "refine_stage", "refine"),
+          ("globe.fit.engine", "finalise_stage", "finalize"), ("globe.fit.engine", "gather_stage", "finalize")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,8 +82,9 @@ def rss_now() -> int:
 def phase_probes(device: torch.device, record: dict, baseline: int = 0):
     """Wrap the engine's phase functions: seconds and peak memory per phase in `record` (CUDA peaks are reset at
     each phase start, so each phase reports its own peak; on the CPU the peak RSS so far is recorded)."""
-    import globe.fit.engine as engine
-    saved = {name: getattr(engine, name) for name in PROBES if hasattr(engine, name)}
+    import importlib
+    saved = {(mod, name): (getattr(importlib.import_module(mod), name), label) for mod, name, label in PROBES
+             if hasattr(importlib.import_module(mod), name)}
     depth = [0]                                   # only the outermost probe measures (finalize runs inside am)
 
     def wrap(fn, label):
@@ -107,13 +109,13 @@ def phase_probes(device: torch.device, record: dict, baseline: int = 0):
                 row["calls"] += 1
         return probe
 
-    for name, fn in saved.items():
-        setattr(engine, name, wrap(fn, PROBES[name]))
+    for (mod, name), (fn, label) in saved.items():
+        setattr(importlib.import_module(mod), name, wrap(fn, label))
     try:
         yield record
     finally:
-        for name, fn in saved.items():
-            setattr(engine, name, fn)
+        for (mod, name), (fn, _) in saved.items():
+            setattr(importlib.import_module(mod), name, fn)
 
 
 def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
@@ -246,8 +248,11 @@ def main(argv: list[str] | None = None) -> None:
         from globe.fit.timing import phase_seconds
         n = len(args.layers) * inv.num_experts
         shape = FitShape.from_config(cfg, n, inv.p, inv.d, args.m, r, inv.dtype, args.device)
+        from globe.fit.plan import artifact_bytes, family_params
         fam = plan.families[0]
         fam.n, fam.memory = n, phase_bytes(shape)
+        fam.params = family_params(n, inv.p, inv.d, args.m, r, cfg.sparsity.target_support)
+        fam.artifact_bytes = artifact_bytes(fam.params, n)
         fam.seconds = phase_seconds(shape, KernelRates.from_dict(plan.rates))
     result["plan"] = plan.to_dict()
     log.info("plan:\n%s", plan.table())

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from globe.artifact import atomic_write_text
+from globe.core.files import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.distributed import Comm, run_local
 

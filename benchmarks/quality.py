@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.core.files import atomic_write_text
 from globe.fit.am import AMState, am_pass
 from globe.fit.baselines import per_layer_bank, svd_baseline
 from globe.fit.config import INITS, BankConfig, FitConfig, SparsityConfig, TrainConfig

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.core.files import atomic_write_text
 from globe.eval import decode_hit_rate, decode_speed, encode_text, perplexity, prefill_speed, routed_footprint
 from globe.export import load_model
 from globe.fit.budget import total_cut_budget

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from globe.artifact import atomic_write_text
+from globe.core.files import atomic_write_text
 from globe.fit.am import AMState, am_pass
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family

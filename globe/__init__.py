@@ -13,7 +13,7 @@ from globe.artifact import load, save
 from globe.errors import GlobeError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family, fit_model
-from globe.fit.result import FamilyFit, FitResult
+from globe.core.result import FamilyFit, FitResult
 from globe.runtime import apply_globe
 from globe.export import export_dense, load_compressed, save_compressed
 from globe.eval import evaluate

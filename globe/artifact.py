@@ -1,14 +1,14 @@
 """FitResult <-> directory: banks.safetensors (tensors, metadata in the header) + globe_config.json.
 
-Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (temp file in the same
-directory, fsync, rename), so a crash leaves either the previous or the new complete file.
+Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (globe.core.files:
+temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
+`check_compatible` is the one check that an artifact fits a model (a checkpoint directory or a loaded model).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,40 +16,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from globe.core.files import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError
 from globe.fit.config import FitConfig
-from globe.fit.result import FamilyFit, FitResult
+from globe.io.arch import FAMILIES
+from globe.io.model import ModelShape, checkpoint_shape
 
 FORMAT_VERSION = 1
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) then fsync and rename tmp over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def codes_to_csr(codes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,26 +126,36 @@ def load(out: str | Path) -> FitResult:
                      timings=doc.get("timings", {}))
 
 
-def check_compatible(result: FitResult, model_dir: str | Path) -> None:
-    """ArtifactError unless the artifact was fitted on a checkpoint shaped like model_dir's (read from its
-    config and safetensors headers only: fails fast, before any model is loaded)."""
-    from globe.io import open_checkpoint
-    with open_checkpoint(model_dir) as reader:
-        inv = reader.inventory()
+def check_compatible(result: FitResult, model: ModelShape | str | Path) -> None:
+    """ArtifactError unless `result` fits `model`, the one place this is decided: same architecture, families
+    among gate/up/down (exactly those a patched model factors), and per family p x d and (layer, expert) ids
+    covering exactly the model's MoE layers x experts. `model`: a ModelShape (globe.io.model_shape of a loaded
+    model) or a checkpoint directory (its config and safetensors headers only: fails before any model is loaded).
+    """
+    shape = model if isinstance(model, ModelShape) else checkpoint_shape(model)
+    where, hint = shape.name, "fit the artifact on this model"
     fitted = result.source.get("model_type")
-    if fitted and fitted != inv.model_type:
-        raise ArtifactError(f"artifact was fitted on a {fitted} model but {model_dir} is {inv.model_type}: "
-                            "fit the artifact on this model")
-    want = {(layer, e) for layer in inv.moe_layers for e in range(inv.num_experts)}
+    if fitted and fitted != shape.model_type:
+        raise ArtifactError(f"artifact was fitted on a {fitted} model but {where} is {shape.model_type}: {hint}")
+    unknown = sorted(set(result.families) - set(FAMILIES))
+    if unknown or not result.families:
+        raise ArtifactError(f"artifact families {sorted(result.families)} are not a subset of {FAMILIES}")
+    if shape.factored is not None and set(shape.factored) != set(result.families):
+        raise ArtifactError(f"{where} is patched and factors {list(shape.factored)} but the artifact holds "
+                            f"{sorted(result.families)}; pass the artifact the model was patched with")
+    want = {(layer, e) for layer in shape.moe_layers for e in range(shape.num_experts)}
     for name, fam in result.families.items():
-        n, p, _ = fam.adapters.shape
-        d = fam.bank.shape[-1]
-        dims = (inv.d, inv.p) if name == "down" else (inv.p, inv.d)
-        have = {(int(layer), int(e)) for layer, e in fam.ids.tolist()}
-        if (p, d) != dims or have != want:
-            raise ArtifactError(f"artifact family {name} ({n} experts of {p} x {d}) does not match {model_dir} "
-                                f"({len(want)} routed experts of {dims[0]} x {dims[1]}): fit the artifact on "
-                                "this model")
+        s = fam.shape
+        dims = (shape.d, shape.p) if name == "down" else (shape.p, shape.d)
+        if (s["p"], s["d"]) != dims:
+            raise ArtifactError(f"artifact does not match {where}: family {name} has p={s['p']} d={s['d']}, "
+                                f"{where}'s experts need p={dims[0]} d={dims[1]}; {hint}")
+        have = [(int(layer), int(e)) for layer, e in fam.ids.tolist()]
+        if set(have) != want or len(have) != len(want):
+            have_e = 1 + max((e for _, e in have), default=-1)
+            raise ArtifactError(f"artifact does not match {where}: family {name} covers MoE layers "
+                                f"{sorted({layer for layer, _ in have})} x {have_e} experts, {where} has "
+                                f"{shape.moe_layers} x {shape.num_experts}; {hint}")
 
 
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,

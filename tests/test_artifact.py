@@ -1,15 +1,20 @@
 """Artifact directory: bit-exact round trips, atomic files, clear errors on damaged or newer artifacts."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import globe
-from globe.artifact import BANKS_FILE, CONFIG_FILE, csr_to_codes, codes_to_csr
+from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, csr_to_codes, codes_to_csr
 from globe.errors import ArtifactError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
+from globe.io import model_shape
+from globe.runtime import apply_globe
+from tests.helpers.fits import exact_result
 from tests.helpers.planted import make_planted
 
 
@@ -63,3 +68,22 @@ def test_fit_history_round_trips(tmp_path, result):
     assert history == result.families["gate"].history
     assert len(history["am"]) == 3 and {"rel_err", "temperature", "median_support"} <= set(history["am"][0])
     assert len(history["varpro"]) >= 1
+
+
+def test_compatibility_is_one_check_for_directories_and_loaded_models(tiny_model, tiny_checkpoint):
+    model = tiny_model("mixtral")
+    result = exact_result(model)
+    check_compatible(result, tiny_checkpoint("mixtral"))                           # fits: no error
+    check_compatible(result, model_shape(model))
+    with pytest.raises(ArtifactError, match="fitted on a mixtral model but .* is qwen2_moe"):
+        check_compatible(result, tiny_checkpoint("qwen2_moe"))
+    patched = apply_globe(copy.deepcopy(model), exact_result(model, ("up",)), mode="factored")
+    with pytest.raises(ArtifactError, match=r"factors \['up'\] but the artifact holds \['gate', 'up'\]"):
+        check_compatible(result, model_shape(patched))
+    odd = dataclasses.replace(result, families={"gate_up": result.families["gate"]})
+    with pytest.raises(ArtifactError, match="not a subset of"):
+        check_compatible(odd, model_shape(model))
+    gate = result.families["gate"]
+    short = dataclasses.replace(result, families={"gate": dataclasses.replace(gate, ids=gate.ids[:-1])})
+    with pytest.raises(ArtifactError, match="covers MoE layers"):
+        check_compatible(short, model_shape(model))

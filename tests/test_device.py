@@ -49,10 +49,11 @@ def test_fit_accumulates_in_float32_where_float64_is_missing(monkeypatch):
     import globe.fit.am as am
     import globe.fit.engine as engine
     import globe.fit.mod as mod
+    import globe.fit.shape as shape
     import globe.fit.warm_start as warm_start
     from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
     from tests.helpers.planted import make_planted
-    for module in (device_mod, am, engine, mod, warm_start):
+    for module in (device_mod, am, shape, mod, warm_start):
         monkeypatch.setattr(module, "acc_dtype", lambda device: torch.float32)
     seen = []
     real = mod.ridge_cholesky

@@ -17,8 +17,8 @@ from torch import nn
 
 from globe.calibration.stats import ActivationStats
 from globe.errors import ArtifactError, ConfigError
+from globe.io.model import experts_modules
 from globe.progress import progress
-from globe.runtime.apply import experts_modules
 
 log = logging.getLogger(__name__)
 

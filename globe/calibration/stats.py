@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from globe.core.files import atomic_write
 from globe.errors import ArtifactError
 
 STATS_FORMAT_VERSION = 1
@@ -67,7 +68,6 @@ class ActivationStats:
 
 def save_stats(stats: ActivationStats, path: str | Path) -> Path:
     """Write `stats` to one safetensors file atomically; returns its path."""
-    from globe.artifact import atomic_write
     path = Path(path)
     meta = {"format_version": str(STATS_FORMAT_VERSION), "kind": STATS_KIND,
             "info": json.dumps({**stats.info, "tokens": stats.tokens}, default=str)}

@@ -2,20 +2,18 @@
 
 Evaluates the original checkpoint and, with --globe, the model patched in every requested mode (same text,
 windows and timings as `globe eval`), and writes one JSON: the full reports plus a summary table of perplexity,
-its ratio to the original, prefill/decode tokens/s, routed-parameter ratio and peak memory per variant.
+its ratio to the original, prefill/decode tokens/s, routed-parameter ratio and peak memory per variant
+(the run is globe.run.evaluate.run_bench).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
 
-from globe.artifact import atomic_write_text
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.cli.eval import add_eval_options, evaluate_args
-from globe.errors import ArtifactError
-from globe.run_config import RUNTIME_MODES
+from globe.cli.eval_options import add_eval_options, eval_text, model_load
+from globe.run.evaluate import run_bench
+from globe.runtime import MODES
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
                    help="HF checkpoint directory (default: the embedded model)")
     p.add_argument("--globe", metavar="OUT", help="artifact directory from `globe fit` (without it: original only)")
-    p.add_argument("--modes", nargs="+", default=list(RUNTIME_MODES), choices=RUNTIME_MODES,
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="GloBE runtime modes to benchmark (default: all)")
     p.add_argument("--no-original", action="store_true", help="skip the original model")
     p.add_argument("-o", "--out", metavar="JSON", help="write the benchmark JSON here")
@@ -36,36 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def summarize(reports: dict[str, dict]) -> dict[str, dict]:
-    """Per variant: perplexity (and ratio to the original), tokens/s, routed ratio, peak memory."""
-    base = reports.get("original", {}).get("perplexity", {}).get("perplexity")
-    out = {}
-    for name, rep in reports.items():
-        ppl = rep["perplexity"]["perplexity"]
-        out[name] = {"perplexity": ppl, "perplexity_ratio": ppl / base if base else None,
-                     "prefill_tok_s": rep.get("speed", {}).get("prefill_tok_s"),
-                     "decode_tok_s": rep.get("speed", {}).get("decode_tok_s"),
-                     "cache_hit_rate": (rep.get("cache") or {}).get("hit_rate"),
-                     "routed_ratio": rep["footprint"]["routed_ratio"], "total_ratio": rep["footprint"]["total_ratio"],
-                     "peak_rss_mb": rep["memory"]["peak_rss_mb"], "cuda_peak_mb": rep["memory"].get("cuda_peak_mb")}
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    from globe import tracking
-    variants = ([] if args.no_original else [("original", None)]) + \
-        [(mode, args.globe) for mode in (args.modes if args.globe else [])]
-    if not variants:
-        raise ArtifactError("nothing to benchmark: pass --globe OUT or drop --no-original")
-    reports = {}
-    with tracking.session(jsonl=args.metrics):
-        for name, artifact in variants:
-            log.info("bench: %s", name)
-            reports[name] = evaluate_args(args, mode=name if artifact else None, artifact=artifact or "")
-            tracking.emit("bench", variant=name, **reports[name])
-    doc = {"model_dir": str(args.model_dir), "artifact": args.globe, "summary": summarize(reports), "reports": reports}
-    if args.out:
-        atomic_write_text(Path(args.out), json.dumps(doc, indent=1))
+    doc = run_bench(model_load(args), args.modes, eval_text(args), original=not args.no_original,
+                    metrics=args.metrics, out=args.out)
     print(format_summary(doc["summary"]) + (f"\nbenchmark written to {args.out}" if args.out else ""))
     return 0
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.errors import ModelDirError
+from globe.device import DEVICES
+from globe.run.calibrate import CalibrateRun, run_calibrate
 
 log = logging.getLogger(__name__)
 
@@ -31,30 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--layer-only", action="store_true",
       help="only the per-layer statistics (smaller; no per-expert C, no activation-aware down projections)")
     a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
-    a("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="device (default cpu)")
+    a("--device", default="cpu", choices=DEVICES, help="device (default cpu)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import transformers
-    from globe.calibration import collect_stats, save_stats
-    from globe.eval import encode_text
-    from globe.export import load_model
-    from globe.fit.engine import resolve_device
-    text_path = Path(args.text)
-    if not text_path.is_file():
-        raise ModelDirError(f"--text file {text_path} not found; pass an existing text file")
-    source = args.tokenizer or args.model_dir
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
-    model = load_model(args.model_dir, device=str(resolve_device(args.device)))
-    with text_path.open(encoding="utf-8") as fh:                          # ~4 characters per token is plenty
-        text = fh.read(64 * args.max_tokens) if args.max_tokens else fh.read()
-    ids = encode_text(tokenizer, text)[:args.max_tokens] if args.max_tokens else encode_text(tokenizer, text)
-    stats = collect_stats(model, ids, window=args.window, per_expert=not args.layer_only,
-                          info={"model_dir": str(Path(args.model_dir).resolve()), "text": str(text_path.resolve())})
-    save_stats(stats, args.out)
+    stats = run_calibrate(CalibrateRun(model_dir=args.model_dir, text=args.text, out=args.out,
+                                       max_tokens=args.max_tokens, window=args.window, layer_only=args.layer_only,
+                                       tokenizer=args.tokenizer, device=args.device))
     print(f"activation statistics of {len(stats.layers)} MoE layers over {stats.tokens:,} tokens written to {args.out}")
     return 0

@@ -5,45 +5,22 @@ MODEL_DIR_OR_HF_DIR is an ordinary Hugging Face checkpoint (original or a `globe
 patched with the artifact OUT, or a compressed checkpoint from `globe export` (its artifact is inside). The
 default model is the embedded one and the default text its held-out split. Cached layers are warmed up from
 routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it),
-and the hit rate is counted while decoding the last --hit-tokens tokens one by one.
+and the hit rate is counted while decoding the last --hit-tokens tokens one by one. The runs themselves are
+globe.run.evaluate's; the options shared with `globe bench` are in globe.cli.eval_options.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.device import DEVICES
-from globe.errors import ArtifactError, ModelDirError
-from globe.run_config import RUNTIME_MODES, CacheConfig
+from globe.cli.eval_options import add_eval_options, eval_text, model_load
+from globe.run.config import CacheConfig
+from globe.run.evaluate import run_eval, run_eval_tasks
+from globe.runtime import MODES
 
 log = logging.getLogger(__name__)
-DEFAULT_TEXT = DEFAULT_MODEL_DIR / "heldout.txt"
-
-
-def add_eval_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by `globe eval` and `globe bench`: text, windows, timings, device and dtype."""
-    a = p.add_argument
-    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
-    a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
-    a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
-    a("--warmup-tokens", type=int, default=CacheConfig.warmup_tokens,
-      help=f"tokens of --text used for warm-up without --calib (default {CacheConfig.warmup_tokens})")
-    a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
-    a("--max-length", type=int, default=256, help="perplexity window in tokens (default 256)")
-    a("--stride", type=int, help="perplexity window step (default: --max-length, no overlap)")
-    a("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
-    a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
-    a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
-    a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
-    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
-    a("--no-speed", action="store_true", help="skip the prefill/decode timings")
-    a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-      help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
-    a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
       help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
     a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
-    a("--mode", default=CacheConfig.mode, choices=RUNTIME_MODES,
+    a("--mode", default=CacheConfig.mode, choices=MODES,
       help=f"GloBE runtime mode (default {CacheConfig.mode})")
     add_eval_options(p)
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
@@ -72,78 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def load_for_eval(args: argparse.Namespace, mode: str | None = None, artifact: str | None = None):
-    """(model, tokenizer) as requested: compressed checkpoint, or HF checkpoint with an optional artifact."""
-    import transformers
-    from globe.device import compute_dtype, resolve_device
-    from globe.export import is_compressed, load_compressed, load_model
-    from globe.runtime import apply_globe
-    device, mode = resolve_device(args.device), mode or getattr(args, "mode", CacheConfig.mode)
-    artifact = artifact if artifact is not None else getattr(args, "globe", None)
-    if is_compressed(args.model_dir):
-        if artifact:
-            raise ArtifactError(f"{args.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
-        model = load_compressed(args.model_dir, mode=mode, cache_size=args.cache_size, device=device)
-    else:
-        loaded = None
-        if artifact:
-            from globe.artifact import check_compatible, load
-            loaded = load(artifact) if isinstance(artifact, (str, Path)) else artifact
-            check_compatible(loaded, args.model_dir)                     # before the (slow) model load
-        model = load_model(args.model_dir, dtype=compute_dtype(args.model_dir, device, args.dtype), device=str(device))
-        if loaded is not None:
-            apply_globe(model, loaded, mode=mode, cache_size=args.cache_size)
-    source = args.tokenizer or args.model_dir
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
-    return model, tokenizer
-
-
-def evaluate_args(args: argparse.Namespace, mode: str | None = None, artifact: str | None = None) -> dict:
-    """evaluate() of the model described by args (see load_for_eval), as a JSON-serialisable report."""
-    from globe.eval import encode_text, evaluate
-    model, tokenizer = load_for_eval(args, mode, artifact)
-    text = read_text(args.text, "--text")
-    calib = read_text(args.calib, "--calib") if args.calib else encode_text(tokenizer, text)[:args.warmup_tokens]
-    report = evaluate(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
-                      max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
-                      decode_tokens=args.decode_tokens, repeats=args.repeats, calibration_text=calib,
-                      hit_tokens=args.hit_tokens, skip_speed=args.no_speed)
-    report["model"]["path"] = str(args.model_dir)
-    report["model"]["artifact"] = artifact if artifact is not None else getattr(args, "globe", None)
-    return report
-
-
-def read_text(path: str, what: str) -> str:
-    if not Path(path).is_file():
-        raise ModelDirError(f"{what} file {path} not found; pass an existing text file")
-    return Path(path).read_text(encoding="utf-8")
-
-
 def run(args: argparse.Namespace) -> int:
     if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
-        model, tokenizer = load_for_eval(args)
-        return run_harness(model, tokenizer, args)
-    from globe import tracking
-    with tracking.session(jsonl=args.metrics):
-        report = evaluate_args(args)
-        tracking.emit("eval", **report)
-    if args.plots:
-        from globe.eval.plots import write_plots
-        artifact = args.globe or (args.model_dir if (Path(args.model_dir) / "banks.safetensors").is_file() else None)
-        report["plots"] = [str(p) for p in write_plots(args.plots, artifact=artifact, sweep=args.sweep)]
+        return print_tasks(args)
+    report = run_eval(model_load(args), eval_text(args), metrics=args.metrics, plots=args.plots, sweep=args.sweep)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
-def run_harness(model, tokenizer, args: argparse.Namespace) -> int:
-    from globe.eval.harness import run_tasks
+def print_tasks(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    report = run_tasks(model, tokenizer, tasks, task_dir=args.task_dir, builtin_tasks=args.builtin_tasks,
-                       batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
-    report["model"] = {"path": str(args.model_dir), "artifact": args.globe, "mode": args.mode}
+    report = run_eval_tasks(model_load(args), tasks, task_dir=args.task_dir, builtin_tasks=args.builtin_tasks,
+                            batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0

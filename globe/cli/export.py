@@ -3,19 +3,17 @@
 Without --dense: HF_DIR holds the tensors GloBE leaves dense plus the artifact (load it with
 `globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`). With --dense: HF_DIR is an ordinary Hugging Face checkpoint
 whose routed experts are W_i = A_i tilde_B_i, loadable by stock transformers, vLLM or lm-eval.
-`globe apply` is the same command (apply an artifact to its model and save the result).
+`globe apply` is the same command (apply an artifact to its model and save the result). The export itself is
+globe.run.export.run_export.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-from pathlib import Path
 
-from globe.cli.output_dir import check_output_dir
 from globe.device import DEVICES
-from globe.errors import GlobeError, ModelDirError
-from globe.run_config import ExportConfig
+from globe.run.config import ExportConfig
+from globe.run.export import ExportRun, export_message, run_export
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def model_dir_of(args: argparse.Namespace, result) -> Path:
-    """--model, else the directory recorded in the artifact; ModelDirError when neither exists."""
-    model = args.model or result.source.get("model_dir")
-    if not model or not Path(model).is_dir():
-        raise ModelDirError(f"model directory {model!r} not found; pass --model MODEL_DIR (the checkpoint the "
-                            f"artifact was fitted on)")
-    return Path(model)
-
-
 def run(args: argparse.Namespace) -> int:
-    from globe.artifact import check_compatible, load
-    result = load(args.artifact)
-    model_dir = model_dir_of(args, result)
-    check_compatible(result, model_dir)
-    out_dir = Path(args.out)
-    created = not out_dir.exists()
-    check_output_dir(out_dir, args.overwrite, what_out="export")
-    try:
-        return _export(args, result, model_dir)
-    except GlobeError:
-        if created:
-            shutil.rmtree(out_dir, ignore_errors=True)         # leave nothing half-made behind
-        raise
-
-
-def _export(args: argparse.Namespace, result, model_dir: Path) -> int:
-    from globe.device import resolve_device
-    from globe.export import export_dense, load_model, save_compressed
-    device = resolve_device(args.device)
-    model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # the checkpoint's dtype
-    if args.dense:
-        out = export_dense(model, result, args.out, max_shard_size=args.max_shard_size)
-        print(f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
-    else:
-        out = save_compressed(model, result, args.out)
-        print(f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)")
+    run_ = ExportRun(artifact=args.artifact, out=args.out, model=args.model, dense=args.dense,
+                     max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite)
+    print(export_message(run_, run_export(run_)))
     return 0

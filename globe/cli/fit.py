@@ -3,24 +3,21 @@ OUT/globe_config.json; with --calibration STATS the fit minimises the activation
 
 Every metric the fit produces (AM iterations, variable projection, finished families) is also appended to
 OUT/metrics.jsonl (--metrics), and to Weights & Biases with --wandb offline|online (disabled by default).
+This module turns the options into a FitConfig and a globe.run.fit.FitRun, and prints what the run returns.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import shutil
-from pathlib import Path
 
-from globe import checkpoint
-from globe.artifact import save
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli import dry_run
-from globe.cli.output_dir import check_output_dir
-from globe.errors import ConfigError, GlobeError
+from globe.device import DEVICES
+from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
-from globe.run_config import WandbConfig
+from globe.run.config import WandbConfig
+from globe.run.fit import FitRun, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
 
 log = logging.getLogger(__name__)
@@ -57,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --calibration: weight each expert's error by its routing frequency")
     p.add_argument("--activation-steps", type=int,
                    help="L-BFGS evaluations of the activation-aware refinement (default 100)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default cpu)")
+    p.add_argument("--device", choices=DEVICES, help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--distributed", action="store_true",
                    help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
@@ -66,8 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
                         "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
     p.add_argument("--checkpoint-every", type=int,
-                   help="AM iterations between checkpoints in OUT/.globe_checkpoint (default 5; 0: phase ends only)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its checkpoints in OUT (same result as an uninterrupted run)")
+                   help="AM iterations between saves of the resume files in OUT/.globe_checkpoint (default 5; 0: phase "
+                        "ends only)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its resume files in OUT (same result as an "
+                        "uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     dry_run.add_argument(p)
@@ -75,11 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
                    help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
     p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
-    p.set_defaults(func=run_tracked)
+    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
-    cfg = getattr(args, "fit_config", None) or (FitConfig.from_file(args.config) if args.config else FitConfig())
+    cfg = FitConfig.from_file(args.config) if args.config else FitConfig()
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),
@@ -102,69 +101,19 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     return cfg.validate()
 
 
-def start_comm(args: argparse.Namespace, cfg: FitConfig):
-    """LOCAL, or the torchrun process group when --distributed or WORLD_SIZE > 1 (other ranks log warnings only)."""
-    from globe.fit.distributed import LOCAL, env_world_size, init_comm
-    from globe.fit.engine import resolve_device
-    if not (args.distributed or env_world_size() > 1):
-        return LOCAL
-    if "RANK" not in os.environ:
-        raise ConfigError("--distributed needs the processes started by torchrun, e.g. "
-                          "torchrun --nproc_per_node 2 -m globe.cli.main fit ... --distributed")
-    comm = init_comm(resolve_device(cfg.train.device), force=True)
-    if not comm.is_main:
-        logging.getLogger("globe").setLevel(logging.WARNING)
-    log.info("distributed fit on %d processes", comm.world)
-    return comm
+def fit_run(args: argparse.Namespace) -> FitRun:
+    return FitRun(model_dir=args.model_dir, out=args.out, config=build_config(args), resume=args.resume,
+                  overwrite=args.overwrite, distributed=args.distributed, metrics=args.metrics,
+                  wandb=WandbConfig(mode=args.wandb, project=args.wandb_project))
 
 
 def run(args: argparse.Namespace) -> int:
-    from globe.fit.engine import fit_model
-    cfg = build_config(args)
-    out = Path(args.out)
-    comm = start_comm(args, cfg)
-    if comm.world > 1 and args.resume:
-        raise ConfigError("--resume is not supported with --distributed: rerun the distributed fit from the start")
-    created = not out.exists()
-    if comm.is_main:
-        check_output_dir(out, args.overwrite, args.resume)
-    store = checkpoint.CheckpointStore(out, cfg, args.model_dir, resume=args.resume) if comm.world == 1 else None
-    try:
-        result = fit_model(args.model_dir, cfg, store=store, comm=comm)
-    except GlobeError:
-        if created and comm.is_main and not (out / checkpoint.CHECKPOINT_DIR).exists():
-            shutil.rmtree(out, ignore_errors=True)          # bad input: leave no empty output behind
-        raise
-    comm.close()                                          # after an error torchrun stops the other processes
+    if args.dry_run:                                       # headers only: nothing read, nothing written
+        return dry_run.print_plan(args, build_config(args))
+    run_ = fit_run(args)
+    result = run_fit(run_)
     if result is None:                                     # not rank 0: rank 0 writes and reports
         return 0
-    save(result, out)
-    if store is not None:
-        store.clear()
-    summary = {name: {k: fam.metrics[k] for k in ("rel_err", "energy_captured", "median_support", "seconds")}
-               | {"m": fam.shape["m"], "r": fam.shape["r"],
-                  "params_ratio": fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"]}
-               | {k: fam.metrics[k] for k in ("act_rel_err",) if k in fam.metrics}
-               for name, fam in result.families.items()}
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(f"{'family':8} {'m':>5} {'r':>5} {'params':>8} {'rel_err':>9} {'energy':>8} {'support':>8} {'time s':>7}")
-        for name, row in summary.items():
-            print(f"{name:8} {row['m']:5d} {row['r']:5d} {row['params_ratio']:8.3f} {row['rel_err']:9.4f} "
-                  f"{row['energy_captured']:8.4f} {row['median_support']:8.1f} {row['seconds']:7.1f}")
-            if "act_rel_err" in row:
-                print(f"{'':8} activation-weighted rel_err {row['act_rel_err']:.4f}")
-        print(f"artifact written to {out}")
+    summary = fit_summary(result)
+    print(json.dumps(summary, indent=2) if args.json else format_fit_summary(summary, run_.out))
     return 0
-
-
-def run_tracked(args: argparse.Namespace) -> int:
-    """run() with its metrics going to --metrics (default OUT/metrics.jsonl) and, if enabled, wandb."""
-    from globe import tracking
-    if args.dry_run:
-        return dry_run.print_plan(args, build_config(args))
-    metrics = Path(args.metrics) if args.metrics else Path(args.out) / "metrics.jsonl"
-    with tracking.session(jsonl=metrics, wandb_mode=args.wandb, wandb_project=args.wandb_project,
-                          config=build_config(args).to_dict(), append=args.resume, run_name=Path(args.out).name):
-        return run(args)

@@ -16,6 +16,7 @@ import logging
 import sys
 
 from globe.errors import GlobeError
+from globe.io.hub import resolve_model_dir
 
 log = logging.getLogger("globe")
 
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def resolve_model_args(args: argparse.Namespace) -> None:
     """Hub ids in MODEL_DIR / --model become local snapshot directories (see globe.io.hub)."""
-    from globe.io.hub import resolve_model_dir
     for name in ("model_dir", "model"):
         value = getattr(args, name, None)
         if isinstance(value, str) and value:

@@ -18,7 +18,8 @@ from globe.eval.footprint import routed_footprint
 from globe.eval.hits import decode_hit_rate
 from globe.eval.perplexity import encode_text, perplexity
 from globe.eval.speed import decode_speed, memory_stats, prefill_speed
-from globe.runtime.apply import globe_modules, model_arch, warm_up
+from globe.io.model import model_arch
+from globe.runtime.apply import globe_modules, warm_up
 from globe.runtime.routing import collect_routing_counts
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from globe.runtime.apply import experts_modules
+from globe.io.model import experts_modules
 from globe.runtime.experts import GlobeExperts
 
 

@@ -15,6 +15,8 @@ import json
 import logging
 from pathlib import Path
 
+from globe.artifact import load
+from globe.core.result import FitResult
 from globe.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -119,8 +121,6 @@ def plot_am_history(plt, families: dict, path: Path) -> Path:
 
 def write_plots(out_dir: str | Path, artifact=None, sweep: str | Path | dict | None = None) -> list[Path]:
     """Write the PNGs for an artifact (directory or FitResult) and/or a sweep JSON into out_dir; their paths."""
-    from globe.artifact import load
-    from globe.fit.result import FitResult
     if artifact is None and sweep is None:
         raise ArtifactError("nothing to plot: pass an artifact (--globe OUT) or a budget sweep (--sweep JSON)")
     plt = _pyplot()

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from globe.device import peak_memory_mb
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -85,7 +87,6 @@ def peak_rss_mb() -> float:
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
     """RSS now and peak (MiB); CUDA peak allocated since the last reset, or MPS allocated now (MiB)."""
-    from globe.device import peak_memory_mb
     now = rss_mb()
     return {"rss_mb": now, "peak_rss_mb": max(now, peak_rss_mb()),
             "cuda_peak_mb": peak_memory_mb(device) if device.type == "cuda" else None,

@@ -24,12 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from globe.artifact import atomic_write_text, load, save
+from globe.artifact import check_compatible, load, save
+from globe.core.files import atomic_write_text
+from globe.core.result import FitResult
 from globe.errors import ArtifactError
-from globe.export.dense import check_patched
 from globe.export.files import copy_side_files, load_model, source_dir, unique_tensors, write_safetensors
-from globe.fit.result import FitResult
-from globe.runtime.apply import apply_globe, dense_parts, experts_modules, model_arch, validate
+from globe.io.model import experts_modules, model_arch, model_shape
+from globe.runtime.apply import apply_globe, dense_parts
 from globe.runtime.experts import GLOBE_STATE, GlobeExperts
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,9 @@ def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | 
     """Write the compressed checkpoint of a model (directory or in-memory, original or patched) to out_dir."""
     model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_model(model_or_dir)
     result = artifact if isinstance(artifact, FitResult) else load(artifact)
-    patched = any(isinstance(m, GlobeExperts) for m in experts_modules(model).values())
-    if patched:
-        check_patched(model, result)
-    else:
-        validate(model, result)
+    shape = model_shape(model)
+    check_compatible(result, shape)
+    patched = shape.factored is not None
     out = Path(out_dir)
     spec, _ = model_arch(model)
     first = next(iter(experts_modules(model).values()))

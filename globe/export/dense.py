@@ -19,19 +19,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from globe.fit.result import FitResult
-from globe.runtime.apply import dense_parts, layer_rows, experts_modules, model_arch, validate
-from globe.runtime.compose import reconstruct_rows
-from globe.runtime.experts import PROJECTIONS, GlobeExperts
-from globe.progress import progress
+from globe.artifact import check_compatible, load
+from globe.core.result import FitResult
 from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir
+from globe.io.model import experts_modules, model_arch, model_shape
+from globe.progress import progress
+from globe.runtime.apply import dense_parts, layer_rows
+from globe.runtime.experts import PROJECTIONS, GlobeExperts
+from globe.runtime.reconstruct import reconstruct_rows
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
 
 
 def _resolve(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path) -> tuple[nn.Module, FitResult]:
-    from globe.artifact import load
     model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_model(model_or_dir)
     result = artifact if isinstance(artifact, FitResult) else load(artifact)
     return model, result
@@ -42,28 +43,15 @@ def experts_dtype(module: nn.Module) -> torch.dtype:
     return module.source_dtype if isinstance(module, GlobeExperts) else module.gate_up_proj.dtype
 
 
-def check_patched(model: nn.Module, result: FitResult) -> None:
-    """For a model already patched by apply_globe, that its factored families are those of `result`."""
-    from globe.errors import ArtifactError
-    for layer, module in experts_modules(model).items():
-        if isinstance(module, GlobeExperts) and set(module.factored) != set(result.families):
-            raise ArtifactError(f"the model's layer {layer} factors {list(module.factored)} but the artifact "
-                                f"holds {sorted(result.families)}; pass the artifact the model was patched with")
-
-
 def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Tensor]:
     """The model's in-memory (fused) state dict with every fitted projection replaced by A_i tilde_B_i."""
+    shape = model_shape(model)
+    check_compatible(result, shape)
+    patched = shape.factored is not None
     modules = experts_modules(model)
-    patched = any(isinstance(m, GlobeExperts) for m in modules.values())
-    if patched:
-        check_patched(model, result)
-    else:
-        validate(model, result)
     spec, _ = model_arch(model)
     state = model.state_dict()
-    first = next(iter(modules.values()))
-    num_experts = first.num_experts if patched else first.gate_up_proj.shape[0]
-    rows = {name: layer_rows(fam, list(modules), num_experts) for name, fam in result.families.items()}
+    rows = {name: layer_rows(fam, shape.moe_layers, shape.num_experts) for name, fam in result.families.items()}
     for layer, module in progress(modules.items(), "reconstruct", len(modules)):
         prefix = spec.experts_path(layer) + "."
         dtype, device = experts_dtype(module), next(module.parameters()).device

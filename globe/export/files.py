@@ -1,6 +1,6 @@
 """File helpers shared by the exporters: loading a source model, atomic safetensors writes, side files.
 
-Every file lands through globe.artifact.atomic_write (temp file in the target directory, fsync, rename).
+Every file lands through globe.core.files.atomic_write (temp file in the target directory, fsync, rename).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from globe.artifact import atomic_write
+from globe.core.files import atomic_write
 from globe.errors import ModelDirError
 
 log = logging.getLogger(__name__)

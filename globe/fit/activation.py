@@ -4,7 +4,7 @@ expert i's input on calibration text (Cholesky factor, lower triangular) and g_i
 The bank stays in weight space (it is shared by layers whose C differ); only the objective is weighted on the
 right. For fixed mixed atoms M_i the optimal adapter is A_i = W_i C M_i^T (M_i C M_i^T)^-1, i.e. the plain refit
 applied to (W_i L_i, M_i L_i) (globe.fit.adapters.refit_adapters), so variable projection, the Adam refinement
-and the final refit take a `whiten(x, lo, hi)` that right-multiplies a chunk by g_i L_i.
+and the final refit only need R_i = g_i L_i: `ActivationObjective` is that globe.fit.objective.Objective.
 
 C per family input: gate/up read the MoE layer input x (C_l over all tokens, or C_{l,e} over the tokens routed
 to expert e blended with C_l: (S_e + k C_l) / (n_e + k), k = prior_tokens); down reads h = act(W_g x) * (W_u x)
@@ -13,16 +13,17 @@ the weighted fit is the weight-space fit), damped by `damp` * I, then factorised
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from globe.calibration.stats import ActivationStats
 from globe.errors import ConfigError, NumericalError
-from globe.fit.config import ActivationConfig, FitConfig
+from globe.fit.config import ActivationConfig
 from globe.fit.metrics import error_metrics
 from globe.fit.mod import normalize_atoms
 from globe.fit.normalize import Normalizer
+from globe.fit.objective import Solution, Spaces, WeightSpace
 from globe.fit.refine import varpro_refine
 
 
@@ -177,31 +178,57 @@ def unwhiten_bank(bank: torch.Tensor, codes: torch.Tensor, factor: torch.Tensor)
     return normalize_atoms(flat.view(m, r, k), codes)
 
 
-def fit_spaces(weights: torch.Tensor, whiten: Whitener, cfg: FitConfig):
-    """(weights the objective sees: Lambda W or W; the space warm start and AM run in: that times L_g, or itself
-    without cfg.activation.global_init; L_g or None)."""
-    work = weights if whiten.rows is None else whiten.scale_rows(weights, cfg.train.chunk_size)
-    if not cfg.activation.global_init:
-        return work, work, None
-    factor = whiten.global_factor()
-    return work, whiten_globally(work, factor, cfg.train.chunk_size), factor
+@dataclass
+class ActivationObjective(WeightSpace):
+    """sum_i g_i^2 ||(W_i - A_i M_i) L_i||^2 (optionally Lambda_i on the left: channel weights).
 
+    Spaces: target = Lambda W (or W); work = target L_g with cfg.global_init (AM then runs on one global whitening
+    that is folded back into the bank afterwards), else target. `after_alternation` folds L_g^-1 back and runs
+    variable projection under this objective."""
 
-def activation_stage(weights: torch.Tensor, names: list[str], bank: torch.Tensor, codes: torch.Tensor,
-                     factor: torch.Tensor | None, cfg: FitConfig, temperature: float, whiten: Whitener):
-    """From the AM's (bank, codes) in the globally whitened space: fold L_g^-1 back into the bank, then variable
-    projection of (bank, codes) under the activation-weighted objective on `weights` (fit_spaces' first output).
+    whiten: Whitener
+    config: ActivationConfig = field(default_factory=ActivationConfig)
+    name = "activation"
+    stage_name = "activation"
+    cache_targets = True
 
-    Returns (bank, codes, Normalizer of weights, loss history: weighted relative error per L-BFGS evaluation)."""
-    if factor is not None:
-        bank, codes = unwhiten_bank(bank, codes, factor.to(bank.device))
-    norm = Normalizer.fit(weights, cfg.train.chunk_size, names)
-    if cfg.activation.steps == 0:
-        return bank, codes, norm, []
-    bank, codes, losses = varpro_refine(weights, norm, bank, codes, cfg, cfg.activation.steps, temperature,
-                                        whiten=whiten)
-    bank, codes = normalize_atoms(bank, codes)
-    return bank, codes, norm, losses
+    def spaces(self, weights: torch.Tensor, chunk: int) -> Spaces:
+        target = weights if self.whiten.rows is None else self.whiten.scale_rows(weights, chunk)
+        if not self.config.global_init:
+            return Spaces(original=weights, target=target, work=target)
+        factor = self.whiten.global_factor()
+        return Spaces(original=weights, target=target, work=whiten_globally(target, factor, chunk), factor=factor)
+
+    def right(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return self.whiten(x, lo, hi)
+
+    def select(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        return self.whiten.select(x, experts)
+
+    def total(self, targets, bounds: list[tuple[int, int]], n: int, p: int, d: int) -> float:
+        return sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
+
+    def unscale(self, adapters: torch.Tensor) -> torch.Tensor:
+        return self.whiten.unscale_rows(adapters)
+
+    def after_alternation(self, problem, solution: Solution) -> Solution:
+        """From the AM's (bank, codes) in the work space: fold L_g^-1 back into the bank, then variable projection
+        of (bank, codes) under this objective on the target weights (loss history: weighted relative error)."""
+        bank, codes, spaces, cfg = solution.bank, solution.codes, problem.spaces, problem.cfg
+        if spaces.factor is not None:
+            bank, codes = unwhiten_bank(bank, codes, spaces.factor.to(bank.device))
+        norm = Normalizer.fit(spaces.target, cfg.train.chunk_size, problem.names)
+        losses: list[float] = []
+        if self.config.steps > 0:
+            bank, codes, losses = varpro_refine(spaces.target, norm, bank, codes, cfg, self.config.steps,
+                                                solution.temperature, objective=self)
+            bank, codes = normalize_atoms(bank, codes)
+        history = {**solution.history, "activation": losses}
+        return Solution(bank=bank, codes=codes, norm=norm, temperature=solution.temperature, history=history)
+
+    def metrics(self, problem, fam, sq_err: torch.Tensor) -> dict:
+        return activation_metrics(fam, problem.spaces.original, problem.spaces.target, sq_err, self.whiten,
+                                  problem.cfg.train.chunk_size)
 
 
 def activation_metrics(fam, weights: torch.Tensor, fitted: torch.Tensor, weighted_sq_err: torch.Tensor,

@@ -1,21 +1,16 @@
 """Mixed atoms tilde_B_i = phi(sum_j alpha_ij B_j), the batched-Cholesky adapter refit, coding targets and
-the reconstruction error, all for one chunk of experts."""
+the reconstruction error, all for one chunk of experts (PHI and compose come from globe.core.mixing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+from globe.core.mixing import PHI, compose  # noqa: F401  (re-exported: the one mixing step lives in globe.core)
 from globe.fit.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
-
-PHI = {"identity": lambda x: x, "silu": F.silu, "tanh": torch.tanh}
-
-
-def compose(codes: torch.Tensor, bank: torch.Tensor, phi: str = "identity") -> torch.Tensor:
-    """codes [c, m] @ bank [m, r, d] -> phi(mixed) [c, r, d]."""
-    m, r, d = bank.shape
-    return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
+from globe.fit.normalize import Normalizer
+from globe.fit.objective import WEIGHTS, WeightSpace
 
 
 @dataclass
@@ -51,6 +46,32 @@ def coding_targets(weights: torch.Tensor, adapters: torch.Tensor, ridge: float) 
     return solve_left(ridge_cholesky(ata, ridge), adapters.transpose(1, 2) @ weights)
 
 
-def reconstruct(adapters: torch.Tensor, codes: torch.Tensor, bank: torch.Tensor, phi: str = "identity") -> torch.Tensor:
-    """W_hat = A_i @ phi(alpha_i B): adapters [c, p, r], codes [c, m], bank [m, r, d] -> [c, p, d]."""
-    return adapters @ compose(codes, bank, phi)
+class Adapted(NamedTuple):
+    """Exact adapters for fixed (codes, bank) and their error."""
+
+    adapters: torch.Tensor        # [N, p, r] in the normalised space
+    codes: torch.Tensor           # [N, m] (on the simplex for identity phi)
+    sq_err: torch.Tensor          # [N] fp64 on the CPU, original space (of the objective)
+
+
+def finalize(weights: torch.Tensor, norm: Normalizer, codes: torch.Tensor, bank: torch.Tensor, phi: str,
+             chunk: int, ridge: float, objective: WeightSpace = WEIGHTS, keep_adapters: bool = True) -> Adapted:
+    """Exact adapters for phi(codes @ bank) under the objective, chunk by chunk, in the normalised space.
+
+    With identity phi the codes are put on the simplex and their row sums moved into the adapters. The error is
+    the objective's ||(W_i - A_i M_i) R_i||^2 in the original space. keep_adapters=False: only the errors are
+    wanted (adapters is None; no [N, p, r] buffer)."""
+    n, dev = weights.shape[0], bank.device
+    if phi == "identity":
+        codes = codes / codes.sum(-1, keepdim=True).clamp_min(1e-30)
+    adapters = torch.empty(n, weights.shape[1], bank.shape[1], device=dev) if keep_adapters else None
+    sq_err = torch.empty(n, dtype=torch.float64)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        w = objective.targets(weights, norm, lo, hi, dev)
+        mixed = objective.right(compose(codes[lo:hi], bank, phi), lo, hi)
+        fit = refit_adapters(w, mixed, ridge)
+        if adapters is not None:
+            adapters[lo:hi] = fit.adapters
+        sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
+    return Adapted(adapters, codes, sq_err)

@@ -6,18 +6,10 @@ import math
 
 import torch
 
+from globe.core.params import dense_params, stored_params  # noqa: F401  (moved to globe.core)
 from globe.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def stored_params(n: int, p: int, d: int, m: int, r: int, nnz: int) -> int:
-    """Stored parameters of one family: bank m*r*d + adapters N*p*r + non-zero codes + N scales."""
-    return m * r * d + n * p * r + nnz + n
-
-
-def dense_params(n: int, p: int, d: int) -> int:
-    return n * p * d
 
 
 def candidate_shapes(n: int, p: int, d: int, budget: float, support: int, step: int = 8) -> list[tuple[int, int]]:
@@ -45,9 +37,12 @@ def spectral_error(svals: torch.Tensor, target_svals: torch.Tensor | None, m: in
 
 
 def choose_shape(n: int, p: int, d: int, budget: float, support: int, svals: torch.Tensor,
-                 stacked_svals: dict[int, torch.Tensor] | None = None) -> tuple[int, int]:
-    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data)."""
+                 stacked_svals: dict[int, torch.Tensor] | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data); a given `rank`
+    (bank.r without bank.m) restricts the choice to that r when the budget admits it."""
     cands = candidate_shapes(n, p, d, budget, support)
+    if rank is not None:
+        cands = [c for c in cands if c[1] == rank] or cands
     if not cands:
         raise ConfigError(f"budget {budget:.3f} is too small for N={n}, p={p}, d={d} with support {support}: "
                           f"raise --budget or lower --target-support")
@@ -66,7 +61,6 @@ def total_cut_budget(reduction: float, inv, families: tuple[str, ...] = ("gate",
     """(per-family budget, target support) that cuts `reduction` of ALL of a checkpoint's params (inv: its
     globe.io Inventory) by shrinking every listed family by the same fraction; the support is lowered (8, 4, 2, 1)
     until some bank shape fits the budget."""
-    from globe.errors import ConfigError
     dense = inv.params["gate"]
     budget = 1.0 - reduction * inv.total_params / (len(families) * dense)
     if not 0 < budget < 1:

@@ -19,6 +19,7 @@ import socket
 import time
 
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,14 @@ class Comm:
     def all_reduce_grads(self, params) -> None:
         """Sum the .grad of the given parameters over ranks (one flat buffer)."""
 
+    def all_reduce_shared_grads(self, shared, params) -> None:
+        """Sum the .grad of the `shared` parameters over ranks after a backward pass over `params` (a rank whose
+        part of a minibatch is empty leaves some .grad None: they become zeros, as in one process)."""
+
+    def rows_of_shard(self, idx: torch.Tensor, lo: int, n_local: int) -> torch.Tensor:
+        """Global expert indices idx [k] -> the local indices of those in this rank's shard [lo, lo + n_local)."""
+        return idx
+
     def barrier(self) -> None:
         pass
 
@@ -109,7 +118,6 @@ class DistComm(Comm):
     """torch.distributed process group (already initialised); collectives run on `device` (cuda for NCCL)."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        import torch.distributed as dist
         self.dist = dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(device) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -199,6 +207,15 @@ class DistComm(Comm):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def all_reduce_shared_grads(self, shared, params) -> None:
+        for param in params:
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+        self.all_reduce_grads(shared)
+
+    def rows_of_shard(self, idx: torch.Tensor, lo: int, n_local: int) -> torch.Tensor:
+        return idx[(idx >= lo) & (idx < lo + n_local)] - lo
+
     def barrier(self) -> None:
         self.dist.barrier()
 
@@ -220,7 +237,6 @@ def init_comm(device: torch.device | str = "cpu", force: bool = False, backend: 
     gloo otherwise, or the given backend (gloo with CUDA tensors works too: collectives then go through the CPU).
     MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE come from the environment (torchrun sets them).
     """
-    import torch.distributed as dist
     if env_world_size() <= 1 and not force and not dist.is_initialized():
         return LOCAL
     device = torch.device(device)
@@ -242,7 +258,6 @@ def free_port() -> int:
 
 
 def _local_rank(rank: int, world: int, port: int, threads: int, fn, args: tuple) -> None:
-    import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS=str(threads))
     torch.set_num_threads(threads)

@@ -208,7 +208,7 @@ def _am_chunk(s: FitShape) -> int:
 
 def phase_am(s: FitShape) -> int:
     """am_pass (the loop's largest moment) and the weighted MOD's conjugate gradients after it (the bf16 bank
-    copy freed), plus the best state's error pass (finalize of the identity fit, which allocates every adapter)."""
+    copy freed, the residual in the rhs), plus the settling error pass (chunk by chunk)."""
     from globe.fit.mod import apply_chunk
     if s.am_iters == 0:
         return 0
@@ -222,8 +222,8 @@ def phase_am(s: FitShape) -> int:
         persist = bank + s.m * s.m * F8
         mod = persist + 2 * bank
     loop = low + persist + _am_chunk(s)
-    best = s.adapters + F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)
-    return keep + max(loop, mod, best)
+    settle = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)              # errors only, no adapters kept
+    return keep + max(loop, mod, settle)
 
 
 def phase_varpro(s: FitShape) -> int:
@@ -260,11 +260,13 @@ def phase_refine(s: FitShape) -> int:
 
 
 def phase_finalize(s: FitShape) -> int:
-    """finalize (exact adapters, chunk by chunk), the folded copy of the adapters, and the bank metrics (the bank
-    in fp64, its SVD copy and its unit rows)."""
+    """finalize (exact adapters, chunk by chunk), folded in place, and the bank metrics: the bank in fp64 with its
+    SVD copy / unit rows, or for large banks the m x m Gram accumulated over column blocks."""
+    from globe.fit.metrics import GRAM_METRICS_BYTES
     chunk = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)
-    metrics = 2 * 2 * s.bank + 2 * s.m * s.m * F8                            # fp64 bank + its SVD copy / unit rows
-    return s.bank + max(s.adapters + chunk, 2 * s.adapters + metrics)
+    big = s.m * s.r * s.d * F8 > GRAM_METRICS_BYTES
+    metrics = 2 * s.m * 2**16 * F8 + 3 * s.m * s.m * F8 if big else 2 * 2 * s.bank + 2 * s.m * s.m * F8
+    return s.bank + s.adapters + max(chunk, metrics)
 
 
 PHASES = {"normalize": phase_normalize, "shape": phase_shape, "warm_start": phase_warm_start, "am": phase_am,

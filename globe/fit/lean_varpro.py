@@ -19,12 +19,14 @@ import math
 import torch
 
 from globe.errors import NumericalError
-from globe.fit.adapters import PHI, refit_adapters
+from globe.core.mixing import PHI
+from globe.fit.adapters import refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.constants import LBFGS_TOLERANCE_CHANGE, LBFGS_TOLERANCE_GRAD
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
-from globe.fit.sparse_coding import codes_to_logits, mapping
+from globe.fit.sparse_coding import codes_to_logits, mapping, prune_codes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,8 @@ class FlatParams:
         self.g = torch.zeros_like(self.x)
         xs, gs = self.x.split(sizes), self.g.split(sizes)
         shapes = [(m, r, d), (n, m), (n,)]
-        self.leaves = [x.view(s).detach().requires_grad_(grad) for x, s, grad in zip(xs, shapes, (True, True, learn_gain))]
+        wants = (True, True, learn_gain)
+        self.leaves = [x.view(s).detach().requires_grad_(grad) for x, s, grad in zip(xs, shapes, wants)]
         for leaf, grad, shape in zip(self.leaves, gs, shapes):
             if leaf.requires_grad:
                 leaf.grad = grad.view(shape)
@@ -138,8 +141,8 @@ def direction(g: torch.Tensor, d: torch.Tensor, pairs: list[tuple[torch.Tensor, 
         d.add_(s.float(), alpha=a - b)
 
 
-def minimise(objective: Objective, params: FlatParams, steps: int, tol_grad: float = 1e-10,
-             tol_change: float = 1e-12) -> None:
+def minimise(objective: Objective, params: FlatParams, steps: int, tol_grad: float = LBFGS_TOLERANCE_GRAD,
+             tol_change: float = LBFGS_TOLERANCE_CHANGE) -> None:
     """Limited-memory BFGS with an Armijo backtracking line search, in place on params.x, for `steps`
     iterations or 1.25 * steps evaluations (as torch.optim.LBFGS counts them)."""
     x, g = params.x, params.g
@@ -198,8 +201,7 @@ def lean_varpro(weights, norm: Normalizer, bank: torch.Tensor, codes: torch.Tens
         log.warning("%s: rolled back to the state before variable projection", exc)
         return bank, codes, objective.history[:1]
     with torch.no_grad():
-        out = params.codes(offset, offset + n)
-        out = torch.where(out >= cfg.sparsity.eps * out.amax(-1, keepdim=True), out, torch.zeros_like(out))
+        out = prune_codes(params.codes(offset, offset + n), cfg.sparsity.eps)
     history = objective.history
     log.info("varpro (lean): %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
     return params.bank.detach(), out.detach(), history

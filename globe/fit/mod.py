@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from globe.device import acc_dtype
-
+from globe.fit.constants import MOD_CG_ITERS, MOD_CG_RTOL
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import cond_from_cholesky, ridge_cholesky, solve_left
 
@@ -43,12 +43,6 @@ def normalize_atoms(bank: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tens
     return bank / norms[:, None, None], codes * norms[None, :]
 
 
-def mod_objective(codes: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor, ridge_abs: float) -> float:
-    """sum_i ||Y_i - alpha_i B||^2 + ridge_abs ||B||^2 (for tests and diagnostics; small problems)."""
-    recon = (codes @ bank.flatten(1)).view_as(targets)
-    return float((targets - recon).square().sum() + ridge_abs * bank.square().sum())
-
-
 def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor, chunk: int,
                    comm: Comm = LOCAL) -> torch.Tensor:
     """H(B)_j = sum_i alpha_ij G_i (sum_k alpha_ik B_k): the weighted MOD operator (summed over every rank's
@@ -72,7 +66,7 @@ def apply_chunk(r: int, d: int, most: int = 256) -> int:
 
 
 def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor, ridge: float,
-                 iters: int = 12, chunk: int | None = None, comm: Comm = LOCAL,
+                 iters: int = MOD_CG_ITERS, chunk: int | None = None, comm: Comm = LOCAL,
                  overwrite_rhs: bool = False) -> tuple[torch.Tensor, int, float]:
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
@@ -108,7 +102,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     z = precond(res)
     direction, rz = z.clone(), float(torch.vdot(res.flatten(), z.flatten()))
     for it in range(iters):
-        if float(res.norm()) <= 1e-6 * norm0:
+        if float(res.norm()) <= MOD_CG_RTOL * norm0:
             return x, it, cond
         hd = apply(direction)
         step = rz / max(float(torch.vdot(direction.flatten(), hd.flatten())), 1e-30)

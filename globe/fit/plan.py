@@ -119,15 +119,15 @@ def free_disk(out: str | os.PathLike[str] | None) -> int | None:
 
 
 def probe_ranks(n: int, p: int, d: int, cfg: FitConfig) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
-    """(budget candidates, ranks the shape solver probes), as globe.fit.engine picks them."""
+    """(budget candidates the fit may choose, ranks the shape solver probes: globe.fit.shape.probe_ranks)."""
+    from globe.fit.shape import probe_ranks as solver_ranks
     b = cfg.bank
     cands = candidate_shapes(n, p, d, b.budget, cfg.sparsity.target_support)
     if b.r is not None:
         cands = [(m, r) for m, r in cands if r == b.r] or cands
     if b.m is not None:
         cands = [(b.m, r) for _, r in cands]
-    grid = sorted({r for _, r in cands})
-    return cands, tuple(grid[:: max(1, len(grid) // 4)][:5])
+    return cands, tuple(solver_ranks(n, p, d, cfg))
 
 
 def family_params(n: int, p: int, d: int, m: int, r: int, support: int) -> dict[str, int]:

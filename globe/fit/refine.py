@@ -1,10 +1,15 @@
-"""Refinement after alternating minimisation.
+"""Refinement of (bank, codes) after alternating minimisation, under any globe.fit.objective.Objective.
 
 varpro_refine: variable projection. The adapters are eliminated exactly (A_i = argmin, batched Cholesky) and
-L-BFGS optimises the bank and the code logits on the reduced objective sum_i ||W_i - A_i*(M) phi(M_i)||^2,
+L-BFGS optimises the bank and the code logits on the reduced objective sum_i ||(W_i - A_i*(M) phi(M_i)) R_i||^2,
 streamed over expert chunks. This converges where plain alternation stalls.
 adam_refine: Adam on (bank, code logits, adapters) with the real phi, minibatches of experts, AMP and optional
 gradient checkpointing of the mixer.
+
+Both take the objective as one object (its `targets`, `right`, `select`, `total` hooks) and a Comm for the sums
+over ranks (a no-op in one process); neither branches on the objective or on the number of processes.
+A new refinement (e.g. a nonlinear-phi objective) is a new Objective whose `after_alternation` calls these, or a
+function of the same shape: (weights, norm, bank, codes, ..., objective) -> (bank, codes, losses).
 """
 from __future__ import annotations
 
@@ -15,15 +20,21 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from globe.errors import NumericalError
-from globe.fit.adapters import PHI, refit_adapters
+from globe.core.mixing import compose
+from globe.fit.adapters import refit_adapters
 from globe.fit.config import FitConfig
+from globe.fit.constants import (DIVERGED_FACTOR, LBFGS_HISTORY_BYTES, LBFGS_MAX_HISTORY, LBFGS_TOLERANCE_CHANGE,
+                                 LBFGS_TOLERANCE_GRAD, MAX_ROLLBACKS, SNAPSHOT_EVERY, SNAPSHOT_SLACK)
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
-from globe.fit.sparse_coding import codes_to_logits, mapping
+from globe.fit.objective import WEIGHTS, WeightSpace
+from globe.fit.sparse_coding import codes_to_logits, mapping, prune_codes
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CodeParams", "DivergenceGuard", "LBFGS_HISTORY_BYTES", "adam_refine", "lbfgs_history", "varpro_refine"]
 
 
 class CodeParams(torch.nn.Module):
@@ -42,55 +53,64 @@ class CodeParams(torch.nn.Module):
         return probs * self.log_gain[sel].exp()[:, None]
 
 
-def _mix(codes: torch.Tensor, bank: torch.Tensor, phi: str) -> torch.Tensor:
-    m, r, d = bank.shape
-    return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
-
-
 class _Targets:
-    """Normalised weight chunks, whitened (W_i L_i) and cached in fp32 when a whitener is given."""
+    """The objective's normalised target chunks W_i R_i / s_i, cached in fp32 when the objective asks for it."""
 
-    def __init__(self, weights: torch.Tensor, norm: Normalizer, device, whiten) -> None:
-        self.weights, self.norm, self.device, self.whiten = weights, norm, device, whiten
+    def __init__(self, weights: torch.Tensor, norm: Normalizer, device, objective: WeightSpace) -> None:
+        self.weights, self.norm, self.device, self.objective = weights, norm, device, objective
         self.cache: dict[tuple[int, int], torch.Tensor] = {}
 
     def __call__(self, lo: int, hi: int) -> torch.Tensor:
-        if self.whiten is None:
-            return self.norm.chunk(self.weights, lo, hi, self.device)
+        if not self.objective.cache_targets:
+            return self.objective.targets(self.weights, self.norm, lo, hi, self.device)
         if (lo, hi) not in self.cache:
-            self.cache[lo, hi] = self.whiten(self.norm.chunk(self.weights, lo, hi, self.device), lo, hi)
+            self.cache[lo, hi] = self.objective.targets(self.weights, self.norm, lo, hi, self.device)
         return self.cache[lo, hi]
 
 
-LBFGS_HISTORY_BYTES = 2 * 2**30   # L-BFGS keeps 2 fp32 vectors of all parameters per history entry
-
-
-def lbfgs_history(numel: int, most: int = 20) -> int:
+def lbfgs_history(numel: int, most: int = LBFGS_MAX_HISTORY) -> int:
     """L-BFGS history length: `most`, fewer when the history would exceed LBFGS_HISTORY_BYTES (large banks)."""
     return int(max(3, min(most, LBFGS_HISTORY_BYTES // (8 * numel))))
 
 
-def uses_lean_varpro(bank_numel: int, logits_numel: int, whiten=None) -> bool:
-    """Whether varpro_refine runs globe.fit.lean_varpro: for banks whose full 20-pair history does not fit
-    LBFGS_HISTORY_BYTES (and no activation whitening)."""
-    return whiten is None and lbfgs_history(bank_numel + logits_numel) < 20
+def uses_lean_varpro(bank_numel: int, logits_numel: int, objective: WeightSpace = WEIGHTS) -> bool:
+    """Whether varpro_refine runs globe.fit.lean_varpro: in weight space, for banks whose full L-BFGS history
+    does not fit LBFGS_HISTORY_BYTES."""
+    return type(objective) is WeightSpace and lbfgs_history(bank_numel + logits_numel) < LBFGS_MAX_HISTORY
+
+
+def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: int, total: float, ridge: float,
+                  phi: str, low, objective: WeightSpace, comm: Comm) -> float:
+    """sum_i ||(W_i - A_i* M_i) R_i||^2 / total over this rank's chunks, gradients accumulated (A* held fixed:
+    the envelope theorem makes its gradient zero), loss and gradients summed over ranks."""
+    loss = 0.0
+    for lo, hi in bounds:
+        w = targets(lo, hi)                                                    # [c, p, d] (weighted)
+        mixed = objective.right(compose(params(offset + lo, offset + hi), bank, phi), lo, hi)   # [c, r, d]
+        with torch.no_grad():
+            adapters = refit_adapters(w, mixed, ridge, low).adapters
+        part = (w - adapters @ mixed).square().sum() / total
+        part.backward()
+        loss += float(part.detach())
+    loss = comm.all_reduce_float(loss)
+    comm.all_reduce_grads([bank, *params.parameters()])
+    return loss
 
 
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                  cfg: FitConfig, steps: int, temperature: float,
-                  comm: Comm = LOCAL, whiten=None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  cfg: FitConfig, steps: int, temperature: float, comm: Comm = LOCAL,
+                  objective: WeightSpace = WEIGHTS) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
 
     Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
-    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere.
-    whiten(x, lo, hi) (a globe.fit.activation.Whitener) makes the objective sum_i ||(W_i - A_i M_i) L_i||^2;
-    the whitened weights W_i L_i are then kept in fp32 for the run (N p d floats; single process only).
-    Large banks (uses_lean_varpro) go to globe.fit.lean_varpro, which keeps a few flat vectors instead."""
+    loss and gradients are summed over ranks, so the optimiser state stays identical everywhere. An objective
+    with cache_targets keeps its weighted targets in fp32 for the run (N p d floats; single process only).
+    Large banks in weight space (uses_lean_varpro) go to globe.fit.lean_varpro, which keeps a few flat vectors."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     start = (bank, codes)
     n_all = comm.total(n)
-    if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], whiten):
+    if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], objective):
         from globe.fit.lean_varpro import lean_varpro
         return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm)
     offset = comm.shard(n_all)[0]
@@ -98,31 +118,18 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
                         learn_gain=phi != "identity")
-    targets = _Targets(weights, norm, bank.device, whiten)
+    targets = _Targets(weights, norm, bank.device, objective)
     bounds = [(lo, min(lo + cfg.train.chunk_size, n)) for lo in range(0, n, cfg.train.chunk_size)]
-    total = float(n_all * weights.shape[1] * weights.shape[2])               # ||W||^2 in unit-RMS space
-    if whiten is not None:
-        total = sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
+    total = objective.total(targets, bounds, n_all, weights.shape[1], weights.shape[2])
     opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps,
                             history_size=lbfgs_history(bank.numel() + params.logits.numel()),
-                            tolerance_grad=1e-10, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+                            tolerance_grad=LBFGS_TOLERANCE_GRAD, tolerance_change=LBFGS_TOLERANCE_CHANGE,
+                            line_search_fn="strong_wolfe")
     history: list[float] = []
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = 0.0
-        for lo, hi in bounds:
-            w = targets(lo, hi)                                                # [c, p, d] (whitened)
-            mixed = _mix(params(offset + lo, offset + hi), bank, phi)          # [c, r, d]
-            if whiten is not None:
-                mixed = whiten(mixed, lo, hi)
-            with torch.no_grad():
-                adapters = refit_adapters(w, mixed, ridge, low).adapters      # envelope: A* held fixed
-            part = (w - adapters @ mixed).square().sum() / total
-            part.backward()
-            loss += float(part.detach())
-        loss = comm.all_reduce_float(loss)
-        comm.all_reduce_grads([bank, *params.parameters()])
+        loss = _reduced_loss(targets, bounds, bank, params, offset, total, ridge, phi, low, objective, comm)
         if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         history.append(loss ** 0.5)
@@ -134,9 +141,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         log.warning("%s: rolled back to the state before variable projection", exc)
         return start[0], start[1], history[:1]                    # the first evaluation is at the start point
     with torch.no_grad():
-        out_codes = params(offset, offset + n)
-        out_codes = torch.where(out_codes >= cfg.sparsity.eps * out_codes.amax(-1, keepdim=True), out_codes,
-                                torch.zeros_like(out_codes))
+        out_codes = prune_codes(params(offset, offset + n), cfg.sparsity.eps)
     log.info("varpro: %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
     return bank.detach(), out_codes.detach(), history
 
@@ -146,8 +151,8 @@ class DivergenceGuard:
     best seen, restores the last snapshot with a warning, halves the learning rate and carries on (up to
     `max_rollbacks` times). Minibatch losses are noisy, so "far above" means `factor` x the best."""
 
-    def __init__(self, tensors: list[torch.Tensor], opt: torch.optim.Optimizer, every: int = 20,
-                 factor: float = 4.0, max_rollbacks: int = 3) -> None:
+    def __init__(self, tensors: list[torch.Tensor], opt: torch.optim.Optimizer, every: int = SNAPSHOT_EVERY,
+                 factor: float = DIVERGED_FACTOR, max_rollbacks: int = MAX_ROLLBACKS) -> None:
         self.tensors, self.opt, self.every, self.factor, self.max_rollbacks = tensors, opt, every, factor, max_rollbacks
         self.best, self.rollbacks, self.snapshot_loss = math.inf, 0, math.inf
         self.snapshot = [x.detach().clone() for x in tensors]
@@ -161,7 +166,7 @@ class DivergenceGuard:
         if math.isfinite(loss) and loss <= self.factor * self.best:
             if loss < self.best:
                 self.best = loss
-            if step % self.every == 0 and loss <= self.best * 1.5:
+            if step % self.every == 0 and loss <= self.best * SNAPSHOT_SLACK:
                 self._take(loss)
             return True
         self.rollbacks += 1
@@ -191,45 +196,47 @@ class DivergenceGuard:
                 x.copy_(snap)
 
 
+def _minibatch_loss(weights, norm: Normalizer, bank, adapters, params: CodeParams, idx: torch.Tensor, batch: int,
+                    cfg: FitConfig, objective: WeightSpace) -> torch.Tensor:
+    """Mean squared (weighted) residual of this rank's experts `idx` of a minibatch of `batch` experts."""
+    t, phi, dev = cfg.train, cfg.bank.phi, bank.device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
+    w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
+    with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        mix = (lambda c, b: compose(c, b, phi))
+        mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
+            else mix(params(index=idx), bank)
+        recon = adapters[idx] @ mixed
+    resid = objective.select(w - recon.float(), idx.cpu())
+    return resid.square().sum() / (batch * weights.shape[1] * weights.shape[2])
+
+
 def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                 adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator,
-                comm: Comm = LOCAL, whiten=None):
-    """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space.
-    whiten (a globe.fit.activation.Whitener) weights the residuals on the right.
+                comm: Comm = LOCAL, objective: WeightSpace = WEIGHTS):
+    """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space, residuals
+    weighted by the objective.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
     Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
     rank computes its part of it and the bank's gradient is all-reduced (fp16 is refused by the caller: the
     GradScaler's skip decisions would differ between ranks).
     """
-    t, phi, n = cfg.train, cfg.bank.phi, weights.shape[0]
-    dev, n_all = bank.device, comm.total(n)
+    t, n, dev = cfg.train, weights.shape[0], bank.device
+    n_all = comm.total(n)
     offset = comm.shard(n_all)[0]
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
     adapters = torch.nn.Parameter(adapters.clone(memory_format=torch.contiguous_format))
-    params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=phi != "identity")
+    params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=cfg.bank.phi != "identity")
     opt = torch.optim.Adam([bank, adapters, *params.parameters()], lr=t.refine_lr)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
     scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
-    numel = weights.shape[1] * weights.shape[2]
     history: list[float] = []
     guard = DivergenceGuard([bank, adapters, *params.parameters()], opt)
     for step in progress(range(t.refine_steps), "refine"):
         idx = torch.randperm(n_all, generator=gen)[: t.refine_batch].sort().values
         batch = idx.numel()
-        if comm.world > 1:
-            idx = idx[(idx >= offset) & (idx < offset + n)] - offset              # this rank's part of the batch
-        idx = idx.to(dev)
-        w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
-        with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            mix = (lambda c, b: _mix(c, b, phi))
-            mixed = checkpoint(mix, params(index=idx), bank, use_reentrant=False) if t.grad_checkpoint \
-                else mix(params(index=idx), bank)
-            recon = adapters[idx] @ mixed
-        resid = w - recon.float()
-        if whiten is not None:
-            resid = whiten.select(resid, idx.cpu())
-        loss = resid.square().sum() / (batch * numel)
+        idx = comm.rows_of_shard(idx, offset, n).to(dev)                     # this rank's part of the batch
+        loss = _minibatch_loss(weights, norm, bank, adapters, params, idx, batch, cfg, objective)
         total = comm.all_reduce_float(float(loss.detach()))                 # the same on every rank
         if not guard.check(total, step):
             if guard.exhausted:
@@ -237,11 +244,7 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
             continue
         opt.zero_grad()
         scaler.scale(loss).backward()
-        if comm.world > 1:
-            for param in (bank, adapters, *params.parameters()):           # as one process: zero grads, not None
-                if param.requires_grad and param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            comm.all_reduce_grads([bank])
+        comm.all_reduce_shared_grads([bank], [bank, adapters, *params.parameters()])
         scaler.step(opt)
         scaler.update()
         history.append(total ** 0.5)

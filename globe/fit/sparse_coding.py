@@ -1,5 +1,6 @@
 """Sparse codes: entmax/sparsemax support selection at temperature T, non-negative least squares on the
-support, pruning, the temperature controller, and the inverse map codes -> logits used by refinement."""
+support (one active-set loop for a shared or a per-expert Gram), the pruning rule, the temperature controller
+(code_chunk), and the inverse map codes -> logits used by refinement."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,8 @@ import torch
 from entmax import entmax15, sparsemax
 
 from globe.fit.config import SparsityConfig
+from globe.fit.constants import NNLS_SWEEPS, TEMPERATURE_RETRIES
+from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import solve_right
 
 
@@ -26,14 +29,6 @@ def support_logits(corr: torch.Tensor, gram_chol: torch.Tensor) -> torch.Tensor:
     return coef / coef.abs().amax(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _gather_gram(gram: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Sub-Gram on each row's support: [n, k, k]; padded slots get an identity row/column."""
-    sub = gram[idx[:, :, None], idx[:, None, :]]                       # [n, k, k]
-    vv = valid[:, :, None] & valid[:, None, :]
-    eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device).expand_as(sub)
-    return torch.where(vv, sub, eye)
-
-
 def _solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """x [n, k] with system [n, k, k] @ x = rhs [n, k]; a singular system (duplicate atoms with ridge 0) gets the
     minimum-norm solution instead of an error."""
@@ -44,25 +39,32 @@ def _solve(system: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return x.squeeze(-1)
 
 
-def nnls_on_support(corr: torch.Tensor, gram: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
-                    ridge: float, sweeps: int = 4) -> torch.Tensor:
-    """Non-negative least squares restricted to each row's support (active-set sweeps).
-
-    corr: [n, m], gram: [m, m], idx/valid: [n, k]. Returns values [n, k] (0 on invalid slots).
-    """
-    rhs_all = torch.gather(corr, 1, idx)                              # [n, k]
-    scale = gram.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(idx.shape[1], dtype=gram.dtype, device=gram.device)
+def _active_set_nnls(sub_gram: torch.Tensor, rhs_all: torch.Tensor, valid: torch.Tensor, ridge: float,
+                     scale: torch.Tensor, sweeps: int) -> torch.Tensor:
+    """The one NNLS loop: solve on each row's support, drop the negative values, repeat (`sweeps` times at most).
+    sub_gram [n, k, k], rhs_all/valid [n, k], scale: ridge scale (scalar or [n, 1, 1]). Returns values [n, k]."""
+    eye = torch.eye(rhs_all.shape[1], dtype=sub_gram.dtype, device=sub_gram.device)
     x = torch.zeros_like(rhs_all)
     for _ in range(sweeps):
-        sub = _gather_gram(gram, idx, valid) + ridge * scale * eye
-        rhs = torch.where(valid, rhs_all, torch.zeros_like(rhs_all))
-        x = _solve(sub, rhs)
+        vv = valid[:, :, None] & valid[:, None, :]
+        system = torch.where(vv, sub_gram, eye.expand_as(sub_gram)) + ridge * scale * eye
+        x = _solve(system, torch.where(valid, rhs_all, torch.zeros_like(rhs_all)))
         neg = valid & (x < 0)
         if not bool(neg.any()):
             break
         valid = valid & ~neg
     return torch.where(valid, x.clamp_min(0.0), torch.zeros_like(x))
+
+
+def nnls_on_support(corr: torch.Tensor, gram: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                    ridge: float, sweeps: int = NNLS_SWEEPS) -> torch.Tensor:
+    """Non-negative least squares restricted to each row's support, with one shared Gram.
+
+    corr: [n, m], gram: [m, m], idx/valid: [n, k]. Returns values [n, k] (0 on invalid slots).
+    """
+    sub = gram[idx[:, :, None], idx[:, None, :]]                       # [n, k, k]
+    scale = gram.diagonal().mean().clamp_min(1e-30)
+    return _active_set_nnls(sub, torch.gather(corr, 1, idx), valid, ridge, scale, sweeps)
 
 
 def select_support(corr: torch.Tensor, gram_chol: torch.Tensor, temperature: float, method: str,
@@ -76,9 +78,15 @@ def select_support(corr: torch.Tensor, gram_chol: torch.Tensor, temperature: flo
     return idx, top > 0
 
 
+def prune_codes(codes: torch.Tensor, eps: float) -> torch.Tensor:
+    """The pruning rule of every stage: zero the codes [n, k] below eps * the row's largest magnitude."""
+    keep = codes.abs() >= eps * codes.abs().amax(-1, keepdim=True)
+    return torch.where(keep, codes, torch.zeros_like(codes))
+
+
 def finish_codes(values: torch.Tensor, idx: torch.Tensor, corr: torch.Tensor, eps: float) -> torch.Tensor:
-    """Prune values [n, k] below eps * row max, scatter to [n, m]; an empty row keeps its best atom."""
-    values = torch.where(values >= eps * values.amax(-1, keepdim=True), values, torch.zeros_like(values))
+    """Prune values [n, k] >= 0, scatter to [n, m]; an empty row keeps its best atom."""
+    values = prune_codes(values, eps)
     codes = torch.zeros_like(corr).scatter_(1, idx, values)
     empty = codes.amax(-1) <= 0
     if bool(empty.any()):
@@ -146,18 +154,24 @@ def weighted_support_gram(grams: torch.Tensor, bank: torch.Tensor, idx: torch.Te
 
 
 def weighted_nnls(rhs: torch.Tensor, sub_gram: torch.Tensor, valid: torch.Tensor, ridge: float,
-                  sweeps: int = 4) -> torch.Tensor:
+                  sweeps: int = NNLS_SWEEPS) -> torch.Tensor:
     """NNLS with a per-row Gram: rhs [n, k], sub_gram [n, k, k], valid [n, k] -> values [n, k] >= 0."""
-    k = rhs.shape[1]
-    eye = torch.eye(k, dtype=rhs.dtype, device=rhs.device)
     scale = sub_gram.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(1e-30)[:, None, None]
-    x = torch.zeros_like(rhs)
-    for _ in range(sweeps):
-        vv = valid[:, :, None] & valid[:, None, :]
-        system = torch.where(vv, sub_gram, eye.expand_as(sub_gram)) + ridge * scale * eye
-        x = _solve(system, torch.where(valid, rhs, torch.zeros_like(rhs)))
-        neg = valid & (x < 0)
-        if not bool(neg.any()):
+    return _active_set_nnls(sub_gram, rhs, valid, ridge, scale, sweeps)
+
+
+def code_chunk(corr: torch.Tensor, gram: torch.Tensor, gram_chol: torch.Tensor, temperature: float,
+               sparsity: SparsityConfig, ridge: float, retries: int = TEMPERATURE_RETRIES, comm: Comm = LOCAL):
+    """Codes for one chunk with temperature control: re-codes with a corrected T while the chunk's median support
+    is off target by more than 1. Returns (codes, T used for them, T for the next chunk).
+
+    Distributed, the chunk is the union of every rank's chunk at this step (median over all of them); a rank
+    whose shard has run out passes an empty corr [0, m] and only takes part in the reductions."""
+    for _ in range(retries):
+        used = temperature
+        codes = sparse_code(corr, gram, gram_chol, used, sparsity, ridge) if corr.shape[0] else torch.zeros_like(corr)
+        median = comm.median(support_sizes(codes), corr.shape[1])
+        temperature = update_temperature(used, median, sparsity)
+        if abs(median - sparsity.target_support) <= 1 or temperature == used:
             break
-        valid = valid & ~neg
-    return torch.where(valid, x.clamp_min(0.0), torch.zeros_like(x))
+    return codes, used, temperature

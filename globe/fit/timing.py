@@ -116,7 +116,7 @@ def measure_rates(s: FitShape, device: str | torch.device = "cpu", experts: int 
     stream64 = c * p * d * (2 + 3 * acc.itemsize) / _best(lambda: stored.to(acc).square().sum(), dev)
     return KernelRates(device=str(dev), wd=wd, wd32=wd32, bank=bank, rr=rr, chol=chol, svd=svd, align=align,
                        stream=stream, stream64=stream64, threads=torch.get_num_threads(),
-                       benchmark_seconds=round(time.perf_counter() - t0, 2))
+                       benchmark_seconds=round(time.perf_counter() - t0, 3))
 
 
 def greedy_rounds(m: int, start: int, batches: int = 8) -> list[int]:

@@ -8,23 +8,24 @@ experts with similar row spaces have similar targets.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
-from globe.fit.config import FitConfig
 from globe.device import acc_dtype
+from globe.fit.config import FitConfig
+from globe.fit.constants import KSVD_SWEEPS, LARGE_MATRIX, LARGE_TARGETS_BYTES
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky
+from globe.fit.sparse_coding import code_chunk
 from globe.fit.normalize import Normalizer
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
 
 
-# Above this many bytes of fp32 targets, aligned targets are stored in bf16 (warm start only needs them coarse),
-# and matrices this large (p * d) with r <= min(p, d) / 4 use a randomised top-r SVD instead of a full one.
-LARGE_TARGETS_BYTES = 2**30
-LARGE_MATRIX = 2**20
+# LARGE_TARGETS_BYTES and LARGE_MATRIX (globe.fit.constants) are read as this module's globals: tests lower them
+# here to force the large-family paths.
 
 
 def target_dtype(n: int, r: int, d: int) -> torch.dtype:
@@ -32,14 +33,20 @@ def target_dtype(n: int, r: int, d: int) -> torch.dtype:
     return torch.bfloat16 if n * r * d * 4 > LARGE_TARGETS_BYTES else torch.float32
 
 
-def top_r(w: torch.Tensor, r: int, power: int = 2, oversample: int = 16) -> torch.Tensor:
-    """S_r V_r^T [c, r, d] of each w [c, p, d]: full SVD, or a seeded randomised range finder with `power`
-    subspace iterations for large matrices with r <= min(p, d) / 4 (cost ~(2 power + 2) * 2 p d (r + oversample))."""
+def _randomised(p: int, d: int, r: int) -> bool:
+    """Whether top-r factors of p x d matrices come from the randomised range finder (large, r <= min(p, d) / 4)."""
+    return p * d >= LARGE_MATRIX and 4 * r <= min(p, d)
+
+
+def top_r(w: torch.Tensor, r: int, power: int = 2, oversample: int = 16, seed: int = 0) -> torch.Tensor:
+    """S_r V_r^T [c, r, d] of each w [c, p, d]: full SVD, or a randomised range finder seeded with `seed`
+    (train.seed) with `power` subspace iterations for large matrices with r <= min(p, d) / 4
+    (cost ~(2 power + 2) * 2 p d (r + oversample))."""
     c, p, d = w.shape
-    if p * d < LARGE_MATRIX or 4 * r > min(p, d):
+    if not _randomised(p, d, r):
         _, s, vh = torch.linalg.svd(w, full_matrices=False)
         return s[:, :r, None] * vh[:, :r]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(w @ torch.randn(d, r + oversample, generator=gen).to(w.device)).Q   # [c, p, k]
     for _ in range(power):
         q = torch.linalg.qr(w @ (w.transpose(1, 2) @ q)).Q
@@ -47,32 +54,38 @@ def top_r(w: torch.Tensor, r: int, power: int = 2, oversample: int = 16) -> torc
     return s[:, :r, None] * vh[:, :r]
 
 
+def _align(src: torch.Tensor, cov: torch.Tensor, r: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """The one alignment loop: out[i] = Q_i src[i, :r] with Q_i the polar factor aligning expert i's rank-r basis
+    to the top-r eigenvectors of cov [d, d] (src [N, >= r, d]; out may be src itself)."""
+    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
+    for lo in range(0, src.shape[0], chunk):
+        t0 = src[lo:lo + chunk, :r].float()                                 # [c, r, d]
+        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))                # polar factor of [c, r, r]
+        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
+    return out
+
+
 def aligned_targets(weights, norm: Normalizer, r: int, chunk: int, device="cpu",
-                    comm: Comm = LOCAL, dtype: torch.dtype | None = None) -> torch.Tensor:
+                    comm: Comm = LOCAL, dtype: torch.dtype | None = None, seed: int = 0) -> torch.Tensor:
     """Gauge-aligned rank-r targets [N, r, d] of the normalised experts, in `dtype` (default: target_dtype).
     Distributed: of this rank's experts, aligned to the row space of all of them (the covariance is all-reduced).
 
     One read of the weights: per chunk the top-r factors are stored and the family covariance accumulated (from
-    W, or from the factors when they are randomised); a second in-place pass aligns them.
+    W, or from the factors when they are randomised, seeded with `seed`); a second in-place pass aligns them.
     """
     n, p, d = weights.shape
     dtype = dtype or target_dtype(n, r, d)
-    exact_cov = p * d < LARGE_MATRIX or 4 * r > min(p, d)
+    exact_cov = not _randomised(p, d, r)
     cov = torch.zeros(d, d, dtype=acc_dtype(device), device=device)
     out = torch.empty(n, r, d, device=device, dtype=dtype)
     for lo in progress(range(0, n, chunk), "targets"):
         w = norm.chunk(weights, lo, min(lo + chunk, n), device)
-        src = w if exact_cov else top_r(w, r)
+        src = w if exact_cov else top_r(w, r, seed=seed)
         cov += torch.einsum("cpd,cpe->de", src, src).to(cov.dtype)
-        out[lo:lo + w.shape[0]] = top_r(w, r) if exact_cov else src
+        out[lo:lo + w.shape[0]] = top_r(w, r, seed=seed) if exact_cov else src
         del w, src
     comm.all_reduce(cov)
-    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
-    for lo in range(0, n, chunk):
-        t0 = out[lo:lo + chunk].float()                                     # [c, r, d]
-        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))                # polar factor of [c, r, r]
-        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
-    return out
+    return _align(out, cov, r, chunk, out)
 
 
 def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu"):
@@ -97,13 +110,7 @@ def expert_factors(weights, norm: Normalizer, rmax: int, chunk: int, device="cpu
 def align_factors(factors: torch.Tensor, cov: torch.Tensor, r: int, chunk: int) -> torch.Tensor:
     """Gauge-aligned rank-r targets [N, r, d] (dtype of factors) from expert_factors' output, r <= rmax."""
     n, _, d = factors.shape
-    ref = torch.linalg.eigh(cov).eigenvectors[:, -r:].flip(-1).T.float()    # [r, d] shared row space
-    out = torch.empty(n, r, d, device=factors.device, dtype=factors.dtype)
-    for lo in range(0, n, chunk):
-        t0 = factors[lo:lo + chunk, :r].float()                             # [c, r, d]
-        u, _, v2 = torch.linalg.svd(ref @ t0.transpose(1, 2))
-        out[lo:lo + t0.shape[0]] = (u @ v2) @ t0
-    return out
+    return _align(factors, cov, r, chunk, torch.empty(n, r, d, device=factors.device, dtype=factors.dtype))
 
 
 def rows_mm(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -220,13 +227,13 @@ def ksvd_sweep(x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor) -> tup
 
 def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: float | None = None):
     """Sparse codes [N, m] of targets x [N, D] against unit atoms, with temperature control; returns (codes, T)."""
-    from globe.fit.am import code_chunk  # local import: am imports this module's users
     gram = atoms @ atoms.T
     chol = ridge_cholesky(gram, cfg.train.ridge)
     temp = cfg.sparsity.t_init if temperature is None else temperature
     out = []
     for lo in range(0, x.shape[0], cfg.train.chunk_size):
-        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size].float() @ atoms.T, gram, chol, temp, cfg)
+        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size].float() @ atoms.T, gram, chol, temp,
+                                    cfg.sparsity, cfg.train.ridge)
         out.append(codes)
     return torch.cat(out), temp
 
@@ -240,8 +247,8 @@ def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generat
     ts_pca, kmeans, residual, sweep = ts_pca_atoms, kmeans_atoms, residual_atoms, ksvd_sweep
     if x.dtype != torch.float32:                          # large family (bf16 targets): no fp32 copies of x
         from globe.fit import warm_stream
-        ts_pca, kmeans, residual, sweep = (warm_stream.ts_pca_atoms, warm_stream.kmeans_atoms,
-                                           warm_stream.residual_atoms, warm_stream.ksvd_sweep)
+        ts_pca, kmeans = partial(warm_stream.ts_pca_atoms, signed=_signed), partial(warm_stream.kmeans_atoms, pad=_pad)
+        residual, sweep = partial(warm_stream.residual_atoms, encode=encode), warm_stream.ksvd_sweep
     if init == "svd":
         atoms = _pad(svd_atoms(x, m, gen), m, x, gen)
     elif init == "ts_pca":
@@ -254,6 +261,6 @@ def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generat
         atoms = residual(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
     codes, temp = encode(x, atoms, cfg)
     if init in ("greedy", "hybrid"):
-        for _ in range(2):
+        for _ in range(KSVD_SWEEPS):
             atoms, codes = sweep(x, atoms, codes)
     return atoms.reshape(m, r, d).contiguous(), codes, temp

@@ -7,6 +7,8 @@
     ts_pca_atoms    the Gram of the highest-energy rows and the atoms accumulated over column blocks
 
 Peak beyond x itself: one residual in x's dtype (K-SVD only), two fp32 atom sets and chunk-sized work.
+globe.fit.warm_start dispatches here and passes its helpers (encode, _pad, _signed) in, so this module imports
+nothing of it.
 """
 from __future__ import annotations
 
@@ -26,9 +28,8 @@ def _residual(x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor | None, 
 
 
 def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig,
-                   batches: int = 8) -> torch.Tensor:
-    """globe.fit.warm_start.residual_atoms without the [N, r d] residual."""
-    from globe.fit.warm_start import encode
+                   batches: int = 8, *, encode) -> torch.Tensor:
+    """globe.fit.warm_start.residual_atoms without the [N, r d] residual (encode: warm_start.encode)."""
     n = x.shape[0]
     atoms = atoms.float()
     while atoms.shape[0] < m:
@@ -76,9 +77,8 @@ def _similarities(x: torch.Tensor, norms: torch.Tensor, cent: torch.Tensor) -> t
     return torch.cat([_unit_rows(x, norms, slice(lo, lo + ROWS)) @ cent.T for lo in range(0, x.shape[0], ROWS)])
 
 
-def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15) -> torch.Tensor:
-    """globe.fit.warm_start.kmeans_atoms without the fp32 and unit copies of x."""
-    from globe.fit.warm_start import _pad
+def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15, *, pad) -> torch.Tensor:
+    """globe.fit.warm_start.kmeans_atoms without the fp32 and unit copies of x (pad: warm_start._pad)."""
     n = x.shape[0]
     norms = torch.cat([x[lo:lo + ROWS].float().norm(dim=1) for lo in range(0, n, ROWS)]).clamp_min(1e-30)
     k = min(m, n)
@@ -97,12 +97,12 @@ def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15)
         empty = sums.norm(dim=1) == 0
         sums[empty] = cent[empty]
         cent = sums / sums.norm(dim=1, keepdim=True)
-    return _pad(cent, m, x, gen)
+    return pad(cent, m, x, gen)
 
 
-def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
-    """globe.fit.warm_start.ts_pca_atoms with the selected rows upcast a column block at a time."""
-    from globe.fit.warm_start import _signed
+def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator, *, signed) -> torch.Tensor:
+    """globe.fit.warm_start.ts_pca_atoms with the selected rows upcast a column block at a time (signed:
+    warm_start._signed)."""
     n, dim = x.shape
     acc = acc_dtype(x.device)
     norms = torch.cat([x[lo:lo + ROWS].float().norm(dim=1) for lo in range(0, n, ROWS)])
@@ -118,4 +118,4 @@ def ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
     atoms = torch.empty(k, dim, device=x.device)
     for lo in range(0, dim, COLUMNS):
         atoms[:, lo:lo + COLUMNS] = ((top.T @ x[keep, lo:lo + COLUMNS].to(acc)) / scale).float()
-    return _signed(atoms, x, m)
+    return signed(atoms, x, m)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from globe.errors import CheckpointError
+from globe.io.checks import check_finite
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,6 @@ class LazyExperts:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def nbytes(self) -> int:
-        """Bytes the whole family would take in RAM."""
-        return self.shape.numel() * self.dtype.itemsize
-
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, int):
             return self._read([key % len(self)])[0]
@@ -72,7 +69,6 @@ class LazyExperts:
                                                                                          *self.shape[1:])
 
     def _read(self, experts: list[int]) -> torch.Tensor:
-        from globe.io.reader import check_finite  # local import: reader imports this module
         rows, cols = self.shape[1:]
         out = torch.empty(len(experts), rows, cols, dtype=self.dtype)
         raw = out.view(len(experts), -1).view(torch.uint8)                  # [c, rows * cols * itemsize]

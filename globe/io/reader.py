@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from globe.errors import CheckpointError, ConfigError, NumericalError, ShapeError
+from globe.errors import CheckpointError, ConfigError, ShapeError
 from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch
+from globe.io.checks import check_finite  # noqa: F401  (re-exported)
 from globe.io.lazy import Block, LazyExperts, data_offsets
 from globe.io.shards import ShardSet, read_config
 from globe.progress import progress
@@ -73,17 +74,6 @@ class ExpertStack:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
-
-
-def check_finite(tensor: torch.Tensor, name: str) -> None:
-    """NumericalError naming `name` (and the first bad index) if `tensor` holds NaN or Inf."""
-    finite = torch.isfinite(tensor)
-    if bool(finite.all()):
-        return
-    bad = (~finite).nonzero()
-    first = tuple(int(i) for i in bad[0].tolist())
-    raise NumericalError(f"tensor {name!r} holds {bad.shape[0]} NaN/Inf value(s) (first at index {first}); "
-                         f"the checkpoint is damaged, re-download or repair it")
 
 
 class CheckpointReader:

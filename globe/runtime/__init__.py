@@ -6,13 +6,15 @@
 """
 from __future__ import annotations
 
-from globe.runtime.apply import (apply_globe, cache_stats, experts_modules, globe_modules, moe_layers,
-                                 reset_cache_stats, set_collect_stats, set_mode, validate, warm_up)
+from globe.core.mixing import SparseCodes, compose, sparse_codes
+from globe.io.model import experts_modules, moe_layers
+from globe.runtime.apply import (apply_globe, cache_stats, globe_modules, reset_cache_stats, set_collect_stats,
+                                 set_mode, validate, warm_up)
 from globe.runtime.cache import MixedCache
-from globe.runtime.compose import mix, reconstruct_rows, sparse_codes
+from globe.runtime.reconstruct import reconstruct_rows
 from globe.runtime.experts import GLOBE_STATE, MODES, PROJECTIONS, GlobeExperts
 from globe.runtime.routing import collect_routing_counts
 
 __all__ = ["apply_globe", "cache_stats", "collect_routing_counts", "experts_modules", "globe_modules", "moe_layers",
-           "reset_cache_stats", "set_collect_stats", "set_mode", "validate", "warm_up", "MixedCache", "mix",
-           "reconstruct_rows", "sparse_codes", "GLOBE_STATE", "MODES", "PROJECTIONS", "GlobeExperts"]
+           "reset_cache_stats", "set_collect_stats", "set_mode", "validate", "warm_up", "MixedCache", "compose",
+           "reconstruct_rows", "sparse_codes", "SparseCodes", "GLOBE_STATE", "MODES", "PROJECTIONS", "GlobeExperts"]

@@ -4,8 +4,8 @@
     apply_globe(model, "out/", mode="cached", cache_size=8)    # in place, like peft / torchao; returns the model
     warm_up(model, collect_routing_counts(model, calibration_ids))
 
-Where the experts live comes from the architecture registry (ArchSpec.experts_path). The artifact is validated
-against the model first (architecture, MoE layers, experts per layer, p, d): a mismatch is an ArtifactError.
+Where the experts live comes from the architecture registry applied to the model (globe.io.model). The artifact
+is checked against the model first (globe.artifact.check_compatible): a mismatch is an ArtifactError.
 One Parameter per family bank is created and handed to every layer (stored once, like VeRA's shared matrices).
 """
 from __future__ import annotations
@@ -16,24 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from globe.artifact import check_compatible, load
+from globe.core.mixing import sparse_codes
+from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError, ConfigError
-from globe.fit.result import FamilyFit, FitResult
-from globe.io.arch import ArchSpec, get_arch
-from globe.runtime.compose import sparse_codes
-from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
+from globe.io.model import experts_modules, model_arch, model_shape, moe_layers  # noqa: F401  (re-exported)
+from globe.runtime.experts import MODES, GlobeExperts
 
 log = logging.getLogger(__name__)
-
-
-def model_arch(model: nn.Module) -> tuple[ArchSpec, dict]:
-    """(ArchSpec, config dict) of a loaded transformers model."""
-    config = model.config.to_dict()
-    return get_arch(config), config
-
-
-def moe_layers(model: nn.Module) -> list[int]:
-    spec, config = model_arch(model)
-    return spec.moe_layers(config)
 
 
 def globe_modules(model: nn.Module) -> dict[int, GlobeExperts]:
@@ -41,60 +31,19 @@ def globe_modules(model: nn.Module) -> dict[int, GlobeExperts]:
     return {m.layer: m for m in model.modules() if isinstance(m, GlobeExperts)}
 
 
-def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
-    """layer -> routed-experts module (original or GlobeExperts) at the registry's path, for every MoE layer."""
-    spec, config = model_arch(model)
-    out = {}
-    for layer in spec.moe_layers(config):
-        try:
-            out[layer] = model.get_submodule(spec.experts_path(layer))
-        except AttributeError:
-            raise ArtifactError(f"model has no module {spec.experts_path(layer)!r} although config marks layer "
-                                f"{layer} as MoE; is this a {spec.name} model loaded with transformers >= 5?") from None
-    return out
-
-
 def layer_rows(fam: FamilyFit, layers: list[int], num_experts: int) -> dict[int, torch.Tensor]:
-    """layer -> rows [E] of the family for experts 0..E-1; ArtifactError unless ids cover exactly the model."""
+    """layer -> rows [E] of the family for experts 0..E-1 (after globe.artifact.check_compatible)."""
     index = {(int(l), int(e)): i for i, (l, e) in enumerate(fam.ids.tolist())}
-    want = {(l, e) for l in layers for e in range(num_experts)}
-    if set(index) != want:
-        have_layers = sorted({l for l, _ in index})
-        have_e = 1 + max((e for _, e in index), default=-1)
-        raise ArtifactError(f"artifact does not match the model: family {fam.family} covers MoE layers "
-                            f"{have_layers} x {have_e} experts, the model has {layers} x {num_experts}; "
-                            f"fit the artifact on this model")
     return {l: torch.tensor([index[(l, e)] for e in range(num_experts)]) for l in layers}
 
 
 def validate(model: nn.Module, result: FitResult) -> dict[str, dict[int, torch.Tensor]]:
-    """Check that `result` fits `model`; returns {family: {layer: rows [E]}}."""
-    spec, _ = model_arch(model)
-    source_type = result.source.get("model_type")
-    if source_type and source_type != spec.model_type:
-        raise ArtifactError(f"artifact was fitted on a {source_type} model but the model is {spec.model_type}")
-    modules = experts_modules(model)
-    if any(isinstance(m, GlobeExperts) for m in modules.values()):
+    """Check that `result` fits the unpatched `model` (globe.artifact.check_compatible); {family: {layer: rows [E]}}."""
+    if globe_modules(model):
         raise ArtifactError("model is already patched by apply_globe; load a fresh model to apply an artifact")
-    first = next(iter(modules.values()))
-    for layer, module in modules.items():
-        if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
-            raise ArtifactError(f"{spec.experts_path(layer)} ({type(module).__name__}) is not a fused experts "
-                                f"module with gate_up_proj/down_proj; unsupported transformers version?")
-    num_experts, two_p, d = first.gate_up_proj.shape
-    p = two_p // 2
-    unknown = sorted(set(result.families) - set(PROJECTIONS))
-    if unknown or not result.families:
-        raise ArtifactError(f"artifact families {sorted(result.families)} are not a subset of {PROJECTIONS}")
-    rows = {}
-    for name, fam in result.families.items():
-        want = (d, p) if name == "down" else (p, d)
-        s = fam.shape
-        if (s["p"], s["d"]) != want:
-            raise ArtifactError(f"artifact does not match the model: family {name} has p={s['p']} d={s['d']}, "
-                                f"the model's experts need p={want[0]} d={want[1]}; fit the artifact on this model")
-        rows[name] = layer_rows(fam, list(modules), num_experts)
-    return rows
+    shape = model_shape(model)
+    check_compatible(result, shape)
+    return {name: layer_rows(fam, shape.moe_layers, shape.num_experts) for name, fam in result.families.items()}
 
 
 def dense_parts(module: nn.Module, factored: set[str]) -> dict[str, nn.Parameter]:
@@ -135,7 +84,6 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     hits/misses. max_gathered_pairs: batches with at most this many (token, expert) pairs (decode) run as batched
     matmuls over per-pair gathered weights instead of grouped GEMMs.
     """
-    from globe.artifact import load
     if mode not in MODES:
         raise ConfigError(f"runtime mode must be one of {', '.join(MODES)}, not {mode!r}")
     result = artifact if isinstance(artifact, FitResult) else load(artifact)

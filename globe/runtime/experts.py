@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from globe.core.mixing import SparseCodes, compose
 from globe.errors import ConfigError
 from globe.runtime.cache import MixedCache
-from globe.runtime.compose import mix
 
-MODES: tuple[str, ...] = ("factored", "cached", "dense")
+MODES: tuple[str, ...] = ("cached", "factored", "dense")
 PROJECTIONS: tuple[str, ...] = ("gate", "up", "down")
 GLOBE_STATE: tuple[str, ...] = ("bank.", "adapters.", "code_values.", "code_indices.")  # GloBE-owned state keys
 
@@ -169,18 +169,19 @@ class GlobeExperts(nn.Module):
                                      persistent=False)
         self.mode = mode
 
-    def compose(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def mixed_atoms(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the storage dtype."""
         out = {}
         for f in self.factored:
             idx = experts.to(self.code_indices[f].device)
-            out[f] = mix(self.code_indices[f][idx], self.code_values[f][idx], self.bank[f], self.phis[f])
+            codes = SparseCodes(self.code_indices[f][idx], self.code_values[f][idx])
+            out[f] = compose(codes, self.bank[f], self.phis[f])
         return out
 
     def reconstruct(self, family: str) -> torch.Tensor:
         """W_e = A_e tilde_B_e of every expert of this layer, computed in fp32: [E, out, in]."""
         idx, values = self.code_indices[family], self.code_values[family].float()
-        mixed = mix(idx, values, self.bank[family].float(), self.phis[family])
+        mixed = compose(SparseCodes(idx, values), self.bank[family].float(), self.phis[family])
         return self.adapters[family].float() @ mixed
 
     def dense_weight(self, family: str) -> torch.Tensor:
@@ -189,7 +190,7 @@ class GlobeExperts(nn.Module):
 
     def warm_up(self, counts: torch.Tensor) -> list[int]:
         """Preload the cache with the experts most routed in `counts` [E] (cached mode only; else a no-op)."""
-        return self.cache.warm_up(counts, self.compose) if self.cache is not None else []
+        return self.cache.warm_up(counts, self.mixed_atoms) if self.cache is not None else []
 
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -220,7 +221,8 @@ class GlobeExperts(nn.Module):
     def _projections(self, experts: torch.Tensor, expert_list: list[int]) -> dict[str, _Projection]:
         if self.mode == "dense":
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
-        mixed = self.cache.fetch(expert_list, self.compose) if self.cache is not None else self.compose(experts)
+        mixed = self.cache.fetch(expert_list, self.mixed_atoms) if self.cache is not None \
+            else self.mixed_atoms(experts)
         return {f: _Projection(mixed[f], self.adapters[f]) if f in self.factored
                 else _Projection(self.dense_weight(f)) for f in PROJECTIONS}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from globe.runtime.apply import experts_modules, model_arch
+from globe.io.model import experts_modules, model_arch
 
 
 def _num_experts(module: nn.Module) -> int:

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from globe.calibration import collect_stats, load_stats, save_stats
 from globe.errors import ArtifactError
-from globe.runtime.apply import experts_modules
+from globe.io import experts_modules
 from tests.helpers.tiny_models import TINY
 
 

@@ -7,7 +7,7 @@ import torch
 
 from globe.calibration import ActivationStats
 from globe.errors import ConfigError
-from globe.fit.activation import Whitener, build_whitener, weighted_sq_norms
+from globe.fit.activation import ActivationObjective, Whitener, build_whitener, weighted_sq_norms
 from globe.fit.adapters import refit_adapters
 from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family, finalize
@@ -65,7 +65,8 @@ def test_finalize_with_a_whitener_reports_the_weighted_error():
     chol = torch.linalg.cholesky(random_spd(16, gen)).float()
     whiten = Whitener(factors=chol[None], index=torch.zeros(16, dtype=torch.long), gains=torch.ones(16))
     cfg = FitConfig()
-    adapters, codes, sq_err = finalize(noisy, norm, planted.codes, planted.bank, "identity", cfg, whiten)
+    adapters, codes, sq_err = finalize(noisy, norm, planted.codes, planted.bank, "identity", cfg.train.chunk_size,
+                                     cfg.train.ridge, ActivationObjective(whiten))
     recon = norm.fold(adapters) @ (codes @ planted.bank.flatten(1)).view(16, 4, 16)
     direct = ((noisy - recon) @ chol).square().sum((1, 2)).double()
     assert torch.allclose(sq_err, direct, rtol=1e-3)
@@ -84,7 +85,7 @@ def test_identity_covariance_reduces_to_the_weight_space_varpro():
     whiten = build_whitener(stats, "gate", planted.ids, 16, damp=0.05)
     codes = planted.codes + 0.1
     plain = varpro_refine(weights, norm, planted.bank, codes, cfg, 15, 0.5)
-    aware = varpro_refine(weights, norm, planted.bank, codes, cfg, 15, 0.5, whiten=whiten)
+    aware = varpro_refine(weights, norm, planted.bank, codes, cfg, 15, 0.5, objective=ActivationObjective(whiten))
     assert torch.allclose(plain[0], aware[0], atol=1e-4) and torch.allclose(plain[1], aware[1], atol=1e-4)
     assert plain[2] == pytest.approx(aware[2], rel=1e-4)
 
@@ -135,7 +136,7 @@ def test_activation_aware_fit_lowers_the_weighted_error():
     cfg = FitConfig(bank=BankConfig(m=8, r=4, init="svd"), sparsity=SparsityConfig(target_support=2),
                     train=TrainConfig(am_iters=8, varpro_steps=20), activation=ActivationConfig(steps=40))
     plain = fit_family(weights, planted.ids, cfg)
-    aware = fit_family(weights, planted.ids, cfg, whiten=whiten)
+    aware = fit_family(weights, planted.ids, cfg, objective=ActivationObjective(whiten, cfg.activation))
     norms = weighted_sq_norms(weights, whiten, 8).sum()
     plain_act = float(((weights - plain.reconstruct()) @ whiten.factors[whiten.index]).square().sum() / norms) ** 0.5
     assert aware.metrics["act_rel_err"] < 0.9 * plain_act
@@ -158,7 +159,7 @@ def test_identity_covariance_fit_equals_the_weight_space_fit():
     cfg = FitConfig(bank=BankConfig(m=6, r=4, init="svd"), sparsity=SparsityConfig(target_support=2),
                     train=TrainConfig(am_iters=5, varpro_steps=10), activation=ActivationConfig(steps=0))
     plain = fit_family(weights, planted.ids, cfg)
-    aware = fit_family(weights, planted.ids, cfg, whiten=whiten)
+    aware = fit_family(weights, planted.ids, cfg, objective=ActivationObjective(whiten, cfg.activation))
     assert torch.allclose(plain.reconstruct(), aware.reconstruct(), atol=1e-5)
     assert aware.metrics["rel_err"] == pytest.approx(plain.metrics["rel_err"], rel=1e-5)
     assert aware.metrics["act_rel_err"] == pytest.approx(plain.metrics["rel_err"], rel=1e-3)

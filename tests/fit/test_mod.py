@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from globe.fit.mod import ModAccumulator, mod_objective, normalize_atoms, weighted_mod
+from globe.fit.mod import ModAccumulator, normalize_atoms, weighted_mod
+
+
+def mod_objective(codes: torch.Tensor, targets: torch.Tensor, bank: torch.Tensor, ridge_abs: float) -> float:
+    """sum_i ||Y_i - alpha_i B||^2 + ridge_abs ||B||^2 (the objective the unweighted MOD minimises)."""
+    recon = (codes @ bank.flatten(1)).view_as(targets)
+    return float((targets - recon).square().sum() + ridge_abs * bank.square().sum())
 
 
 def problem(n=40, m=6, r=4, d=10, p=7, seed=0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from globe.fit.am import code_chunk
+from globe.fit.sparse_coding import code_chunk
 from globe.fit.config import FitConfig, SparsityConfig
 from globe.fit.linalg import ridge_cholesky
 from globe.fit.sparse_coding import (codes_to_logits, mapping, nnls_on_support, support_sizes, update_temperature,
@@ -34,7 +34,8 @@ def test_temperature_control_reaches_target_median_support(target):
     x = torch.randn(256, 40, generator=torch.Generator().manual_seed(2))
     cfg = FitConfig(sparsity=SparsityConfig(target_support=target, t_init=5.0))
     gram = atoms @ atoms.T
-    codes, temp, _ = code_chunk(x @ atoms.T, gram, ridge_cholesky(gram, 1e-6), 5.0, cfg, retries=30)
+    codes, temp, _ = code_chunk(x @ atoms.T, gram, ridge_cholesky(gram, 1e-6), 5.0, cfg.sparsity, cfg.train.ridge,
+                                retries=30)
     assert abs(float(support_sizes(codes).float().median()) - target) <= 1
     assert cfg.sparsity.t_min <= temp <= cfg.sparsity.t_max
 

@@ -28,11 +28,11 @@ def test_streamed_atoms_equal_the_in_memory_ones():
     up = x.float()
     cfg = config("greedy")
     start = ws.svd_atoms(x, 8, torch.Generator().manual_seed(1))
-    streamed = warm_stream.residual_atoms(x, start, 16, torch.Generator(), cfg)
+    streamed = warm_stream.residual_atoms(x, start, 16, torch.Generator(), cfg, encode=ws.encode)
     assert torch.allclose(streamed, ws.residual_atoms(up, start, 16, torch.Generator(), cfg), atol=1e-5)
-    km = warm_stream.kmeans_atoms(x, 16, torch.Generator().manual_seed(2))
+    km = warm_stream.kmeans_atoms(x, 16, torch.Generator().manual_seed(2), pad=ws._pad)
     assert torch.allclose(km, ws.kmeans_atoms(up, 16, torch.Generator().manual_seed(2)), atol=1e-5)
-    pca = warm_stream.ts_pca_atoms(x, 16, torch.Generator())
+    pca = warm_stream.ts_pca_atoms(x, 16, torch.Generator(), signed=ws._signed)
     assert torch.allclose(pca, ws.ts_pca_atoms(up, 16, torch.Generator()), atol=1e-4)
 
 

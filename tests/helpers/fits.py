@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
-from globe.fit.result import FamilyFit, FitResult
+from globe.core.result import FamilyFit, FitResult
 from tests.helpers.tiny_models import reference_experts
 
 QUICK = FitConfig(bank=BankConfig(m=4, r=4), sparsity=SparsityConfig(target_support=2),

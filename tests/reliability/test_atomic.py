@@ -10,7 +10,7 @@ import torch
 import globe
 import globe.artifact as artifact
 from globe.artifact import atomic_write
-from globe.checkpoint import CHECKPOINT_DIR, CheckpointStore
+from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR, ResumeStore as CheckpointStore
 from globe.fit.config import FitConfig
 from tests.helpers.fits import quick_fit
 
@@ -62,7 +62,7 @@ def test_checkpoint_store_write_crash_keeps_the_previous_checkpoint(tiny_checkpo
     fam = quick_fit(tiny_checkpoint("qwen2_moe")).families["gate"]
     store = CheckpointStore(tmp_path, FitConfig(), "model")
     store.save_family(fam)
-    import globe.checkpoint as checkpoint
+    import globe.run.resume_store as checkpoint
     monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, metadata: (open(path, "wb").write(b"torn"),
                                                                                   (_ for _ in ()).throw(Crash())))
     with pytest.raises(Crash):

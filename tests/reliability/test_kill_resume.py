@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import globe
 from globe.errors import ArtifactError
-from globe.checkpoint import CHECKPOINT_DIR
+from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR
 
 ARGS = ["--m", "16", "--r", "16", "--target-support", "4", "--am-iters", "8", "--varpro-steps", "15",
         "--checkpoint-every", "1", "--families", "gate,up"]

@@ -1,4 +1,4 @@
-"""Hydra entry point globe.fit_banks: overrides reach the dataclass configs; a run writes what `globe fit` writes."""
+"""Hydra entry point globe.hydra_app (run as `python -m globe.fit_banks`): overrides reach the dataclass configs; a run writes what `globe fit` writes."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.main import main
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
-from globe.fit_banks import compose_run_config, rewrite_model_override
-from globe.run_config import CacheConfig, ExportConfig, WandbConfig
+from globe.hydra_app import compose_run_config, rewrite_model_override
+from globe.run.config import CacheConfig, ExportConfig, WandbConfig
 from tests.helpers.subproc import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,8 +1,9 @@
 """Configuration of a whole run beyond the fit itself: model, runtime cache, export, experiment tracking.
 
 These dataclasses (with globe.fit.config's BankConfig, SparsityConfig, TrainConfig) are the single source of the
-defaults: the `globe` CLI reads its defaults from them and the Hydra entry point `python -m globe.fit_banks`
-registers them as structured configs (groups model, bank, sparsity, train, cache, export, wandb).
+defaults: the `globe` CLI reads its defaults from them and the Hydra entry point (globe.hydra_app,
+`python -m globe.fit_banks`) registers them as structured configs (groups model, bank, sparsity, train, cache,
+export, wandb). Runtime modes are globe.runtime.MODES, devices globe.device.DEVICES.
 """
 from __future__ import annotations
 
@@ -10,9 +11,6 @@ from dataclasses import dataclass, field
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
-
-RUNTIME_MODES = ("cached", "factored", "dense")
-DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 @dataclass
@@ -50,7 +48,7 @@ class WandbConfig:
 
 @dataclass
 class RunConfig:
-    """Primary config of `python -m globe.fit_banks` (Hydra)."""
+    """Primary config of the Hydra entry point (`python -m globe.fit_banks`)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     bank: BankConfig = field(default_factory=BankConfig)

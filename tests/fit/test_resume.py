@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from globe.fit.engine import fit_family
-from globe.fit.progress import FitProgress
+from globe.fit.resume import FitProgress
 from tests.fit.test_engine import planted_config
 from tests.helpers.planted import make_planted
 
@@ -63,3 +63,29 @@ def test_a_wrong_generator_state_changes_the_result(reference):
     resumed = fit_family(planted.weights, planted.ids, _config(), "gate", torch.Generator().manual_seed(7),
                          resume=prog)
     assert resumed.history["refine"] != fam.history["refine"]            # other minibatches were drawn
+
+
+def test_a_checkpoint_of_another_format_is_reported_and_ignored(reference, tmp_path, caplog):
+    """An older on-disk resume format (phase strings, no format tag) is refused by from_tensors and skipped, with a
+    warning, by the store: the family is refitted instead of crashing."""
+    import json
+    import logging
+
+    from safetensors.torch import save_file
+
+    from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR, ResumeStore as CheckpointStore  # noqa: E501
+    from globe.fit.config import FitConfig
+    _, _, snapshots = reference
+    tensors, meta = snapshots[-1].to_tensors()
+    info = json.loads(meta["progress"])
+    old = {"attempt": info["cursor"][0], "cycle": info["cursor"][1], "phase": info["cursor"][2],
+           **{k: v for k, v in info.items() if k not in ("format", "cursor")}}
+    with pytest.raises(ValueError, match="resume format"):
+        FitProgress.from_tensors(tensors, {"progress": json.dumps(old)})
+    store = CheckpointStore(tmp_path, FitConfig(), "model")
+    (tmp_path / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    save_file(tensors, str(tmp_path / CHECKPOINT_DIR / "gate.progress.safetensors"),
+              metadata={"progress": json.dumps(old), "fingerprint": store.fingerprint})
+    with caplog.at_level(logging.WARNING):
+        assert store.progress("gate") is None
+    assert "ignoring inconsistent resume file" in caplog.text

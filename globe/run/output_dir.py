@@ -1,12 +1,12 @@
-"""Output directories of the CLI: checked before any work, so a long run never dies at the end on a bad -o."""
+"""Output directories of fit and export runs: checked before any work, so a long run never dies at the end on a bad -o."""
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
 from globe.artifact import BANKS_FILE
-from globe.checkpoint import CHECKPOINT_DIR
 from globe.errors import ArtifactError
+from globe.run.resume_store import RESUME_DIR
 
 
 def check_output_dir(out: Path, overwrite: bool, resume: bool = False, what_out: str = "artifact") -> None:
@@ -15,7 +15,7 @@ def check_output_dir(out: Path, overwrite: bool, resume: bool = False, what_out:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"output {out} exists and is not a directory: choose another -o")
     if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
-        if (out / CHECKPOINT_DIR).is_dir():
+        if (out / RESUME_DIR).is_dir():
             what, hint = "holds an interrupted fit", "--resume to continue it or --overwrite to start again"
         elif (out / BANKS_FILE).exists():
             what, hint = "already holds an artifact", "--overwrite to replace it"

@@ -1,9 +1,10 @@
-"""Fit checkpoints inside the output directory, for `globe fit --resume`.
+"""Resume files of a fit inside its output directory, for `globe fit --resume` (the run layer's store).
 
-OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit fingerprint in
-the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
-globe.fit.progress). Every file is written atomically, so a crash at any moment leaves the previous or the new
-complete checkpoint. A resumed run reuses only checkpoints whose fingerprint (fit config + model directory)
+Wording: a *checkpoint* is a model directory (config.json + safetensors); what a fit leaves to resume from are
+*resume files*. OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit
+fingerprint in the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
+globe.fit.resume). Every file is written atomically, so a crash at any moment leaves the previous or the new
+complete resume file. A resumed run reuses only resume files whose fingerprint (fit config + model directory)
 equals the current one; anything else is reported and ignored, never silently mixed in.
 """
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from globe.artifact import atomic_write, build_family, family_tensors
+from globe.artifact import build_family, family_tensors
+from globe.core.files import atomic_write
+from globe.core.result import FamilyFit
 from globe.fit.config import FitConfig
-from globe.fit.progress import FitProgress
-from globe.fit.result import FamilyFit
+from globe.fit.resume import FitProgress
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = ".globe_checkpoint"
+RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume
 
 
 def _fingerprint(cfg: FitConfig, model_dir: str) -> str:
@@ -30,7 +32,7 @@ def _fingerprint(cfg: FitConfig, model_dir: str) -> str:
 
 
 def _read(path: Path, fingerprint: str, what: str):
-    """(tensors, metadata) of a checkpoint file made with `fingerprint`, else None (with a warning)."""
+    """(tensors, metadata) of a resume file made with `fingerprint`, else None (with a warning)."""
     if not path.is_file():
         return None
     try:
@@ -38,19 +40,19 @@ def _read(path: Path, fingerprint: str, what: str):
             meta = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except (SafetensorError, OSError) as exc:
-        log.warning("ignoring unreadable checkpoint %s (%s): %s will be refitted", path, exc, what)
+        log.warning("ignoring unreadable resume file %s (%s): %s will be refitted", path, exc, what)
         return None
     if meta.get("fingerprint") != fingerprint:
-        log.warning("checkpoint %s was made with another config or model: %s will be refitted", path, what)
+        log.warning("resume file %s was made with another config or model: %s will be refitted", path, what)
         return None
     return tensors, meta
 
 
-class CheckpointStore:
-    """globe.fit.progress.FitStore on disk. With resume=False nothing stored earlier is read."""
+class ResumeStore:
+    """globe.fit.resume.FitStore on disk. With resume=False nothing stored earlier is read."""
 
     def __init__(self, out: str | Path, cfg: FitConfig, model_dir: str | Path, resume: bool = True) -> None:
-        self.dir = Path(out) / CHECKPOINT_DIR
+        self.dir = Path(out) / RESUME_DIR
         self.fingerprint = _fingerprint(cfg, str(model_dir))
         self.resume = resume
 
@@ -70,7 +72,7 @@ class CheckpointStore:
         try:
             return FitProgress.from_tensors(*found)
         except (KeyError, ValueError, TypeError) as exc:
-            log.warning("ignoring inconsistent checkpoint %s (%s): %s will be refitted", path, exc, family)
+            log.warning("ignoring inconsistent resume file %s (%s): %s will be refitted", path, exc, family)
             return None
 
     def save_progress(self, family: str, progress: FitProgress) -> None:

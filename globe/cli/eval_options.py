@@ -1,0 +1,46 @@
+"""Options shared by `globe eval` and `globe bench` (text, windows, timings, device, dtype), and their
+translation into the run layer's configs (globe.run.load.ModelLoad, globe.run.evaluate.EvalText)."""
+from __future__ import annotations
+
+import argparse
+
+from globe.device import DEVICES
+from globe.run.config import CacheConfig
+from globe.run.evaluate import DEFAULT_TEXT, EvalText
+from globe.run.load import ModelLoad
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by `globe eval` and `globe bench`: text, windows, timings, device and dtype."""
+    a = p.add_argument
+    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
+    a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
+    a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
+    a("--warmup-tokens", type=int, default=CacheConfig.warmup_tokens,
+      help=f"tokens of --text used for warm-up without --calib (default {CacheConfig.warmup_tokens})")
+    a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
+    a("--max-length", type=int, default=256, help="perplexity window in tokens (default 256)")
+    a("--stride", type=int, help="perplexity window step (default: --max-length, no overlap)")
+    a("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+    a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
+    a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
+    a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
+    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
+    a("--no-speed", action="store_true", help="skip the prefill/decode timings")
+    a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
+    a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")
+
+
+def model_load(args: argparse.Namespace) -> ModelLoad:
+    """The model `globe eval` / `globe bench` measures (bench has no --mode: the default, overridden per variant)."""
+    return ModelLoad(model_dir=args.model_dir, artifact=args.globe, mode=getattr(args, "mode", CacheConfig.mode),
+                     cache_size=args.cache_size, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+
+
+def eval_text(args: argparse.Namespace) -> EvalText:
+    return EvalText(text=args.text, calib=args.calib, warmup_tokens=args.warmup_tokens, max_length=args.max_length,
+                    stride=args.stride, max_tokens=args.max_tokens, prefill_tokens=args.prefill_tokens,
+                    decode_tokens=args.decode_tokens, repeats=args.repeats, hit_tokens=args.hit_tokens,
+                    no_speed=args.no_speed)

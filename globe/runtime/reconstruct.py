@@ -1,0 +1,27 @@
+"""Dense weights of selected experts from an artifact family, computed exactly as the runtime computes them.
+
+    weights = reconstruct_rows(fam, rows, factor_dtype=torch.bfloat16)     # [len(rows), p, d]
+"""
+from __future__ import annotations
+
+import torch
+
+from globe.core.mixing import SparseCodes, compose, sparse_codes
+from globe.core.result import FamilyFit
+
+
+def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | None = None,
+                     factor_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W_hat = A_i tilde_B_i for the given rows of a family: [len(rows), p, d] in `dtype`.
+
+    The factors are first rounded to `factor_dtype` (the runtime's storage dtype, when given), then everything is
+    computed in fp32 exactly as GlobeExperts.reconstruct does, so the runtime `dense` mode and the dense export
+    agree bit for bit.
+    """
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return (t.to(factor_dtype) if factor_dtype is not None else t).float()
+
+    indices, values = sparse_codes(fam.codes[rows].float())
+    mixed = compose(SparseCodes(indices, cast(values)), cast(fam.bank), fam.phi)     # [n, r, d]
+    weights = cast(fam.adapters[rows]) @ mixed                                       # [n, p, d]
+    return weights if dtype is None else weights.to(dtype)
