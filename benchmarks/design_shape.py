@@ -8,7 +8,8 @@ then the compress -> export -> load -> forward path on a loadable model with the
     python benchmarks/design_shape.py --checkpoint /tmp/qwen15 --layers 0 1 --device cpu ...   # reduced N
 
 Sections of the JSON: "plan" (globe.fit.plan on this device: GiB and seconds per phase), "fit" (measured: seconds
-and peak memory per phase; CUDA: torch.cuda.max_memory_allocated reset at each phase, CPU: peak RSS so far),
+(wall, and this process's CPU time: compare that with the prediction on a shared CPU) and peak memory per
+phase; CUDA: torch.cuda.max_memory_allocated reset at each phase, CPU: peak RSS so far),
 "compare" (measured / predicted per phase), "extrapolated" (every family of the checkpoint at the default
 iteration counts), "export" (with --export-model-layers L > 0: a transformers Qwen2-MoE with L layers and the
 checkpoint's expert shapes is built, compressed with `globe fit` + `globe export` at the same (m, r), loaded, and
@@ -96,15 +97,16 @@ def phase_probes(device: torch.device, record: dict, baseline: int = 0):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 depth[0] -= 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                row = record.setdefault(label, {"seconds": 0.0, "peak_bytes": 0, "calls": 0})
+                row = record.setdefault(label, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "calls": 0})
                 row["seconds"] += time.perf_counter() - t0
+                row["cpu_seconds"] += time.process_time() - c0                 # this process's CPU time
                 row["peak_bytes"] = max(row["peak_bytes"], peak_now(device) - baseline)
                 row["calls"] += 1
         return probe
@@ -149,8 +151,11 @@ def compare(plan_family: dict, fit: dict) -> dict:
     out = {}
     for name, row in fit["phases"].items():
         mem, sec = plan_family["memory"].get(name, 0), plan_family["seconds"].get(name, 0.0)
+        cpu = row.get("cpu_seconds")
         out[name] = {"seconds_measured": round(row["seconds"], 1), "seconds_predicted": round(sec, 1),
                      "time_ratio": round(row["seconds"] / sec, 2) if sec else None,
+                     "cpu_seconds_measured": None if cpu is None else round(cpu, 1),
+                     "cpu_time_ratio": round(cpu / sec, 2) if sec and cpu is not None else None,
                      "peak_gib_measured": round(row["peak_bytes"] / 2**30, 2), "peak_gib_predicted": round(mem / 2**30, 2)}
     out["peak"] = {"gib_measured": round(fit["peak_bytes"] / 2**30, 2),
                    "gib_predicted": round(plan_family["memory"]["peak"] / 2**30, 2)}
