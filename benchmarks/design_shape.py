@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--am-iters", type=int, default=2)
     p.add_argument("--varpro-steps", type=int, default=2, help="L-BFGS iterations (evaluations: about one more)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trace", action="store_true",
+                   help="CPU: also trace torch's allocations per phase (globe.fit.estimate.traced_peak)")
     p.add_argument("--export-model-layers", type=int, default=0,
                    help="layers of the loadable model of the export section (0: skip it)")
     return p.parse_args(argv)
@@ -94,6 +96,8 @@ def phase_probes(device: torch.device, record: dict, baseline: int = 0):
             if depth[0]:
                 return fn(*a, **k)
             depth[0] += 1
+            scope = torch.profiler.record_function(label)
+            scope.__enter__()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -101,6 +105,7 @@ def phase_probes(device: torch.device, record: dict, baseline: int = 0):
             try:
                 return fn(*a, **k)
             finally:
+                scope.__exit__(None, None, None)
                 depth[0] -= 1
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -131,7 +136,14 @@ def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
     with open_checkpoint(args.checkpoint) as reader:
         stack = reader.read_family(args.family, args.layers, lazy=True)
         with phase_probes(device, record, baseline):
-            fam = fit_family(stack.weights, stack.ids, cfg, args.family, torch.Generator().manual_seed(0))
+            run = (fit_family, stack.weights, stack.ids, cfg, args.family, torch.Generator().manual_seed(0))
+            if args.trace:
+                from globe.fit.estimate import traced_peak
+                fam, traced, ranges = traced_peak(*run)
+                for name, row in record.items():
+                    row["traced_bytes"] = ranges.get(name, 0)
+            else:
+                fam, traced = run[0](*run[1:]), None
     total = time.perf_counter() - t0
     timings = fam.metrics["timings"]
     record["normalize"] = {"seconds": timings["normalize"]["seconds"], "calls": 1,
@@ -141,7 +153,7 @@ def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
             "am_seconds_per_iteration": [round(s["seconds"], 2) for s in am],
             "varpro_evaluations": len(fam.history.get("varpro", [])), "rel_err": fam.metrics["rel_err"],
             "median_support": fam.metrics["median_support"], "params": fam.metrics["params"],
-            "peak_bytes": peak_now(device) - baseline, "rss_baseline_bytes": baseline,
+            "peak_bytes": peak_now(device) - baseline, "rss_baseline_bytes": baseline, "traced_peak_bytes": traced,
             "threads": torch.get_num_threads(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
@@ -157,6 +169,8 @@ def compare(plan_family: dict, fit: dict) -> dict:
                      "cpu_seconds_measured": None if cpu is None else round(cpu, 1),
                      "cpu_time_ratio": round(cpu / sec, 2) if sec and cpu is not None else None,
                      "peak_gib_measured": round(row["peak_bytes"] / 2**30, 2), "peak_gib_predicted": round(mem / 2**30, 2)}
+        if "traced_bytes" in row:
+            out[name]["traced_gib"] = round(row["traced_bytes"] / 2**30, 2)
     out["peak"] = {"gib_measured": round(fit["peak_bytes"] / 2**30, 2),
                    "gib_predicted": round(plan_family["memory"]["peak"] / 2**30, 2)}
     return out
