@@ -1,5 +1,8 @@
-"""Quality benchmark: GloBE vs per-expert SVD vs a MoBE-style per-layer bank at equal parameter budgets, plus
-AM-iteration throughput against a measured matmul peak. Writes JSON (default benchmarks/results/quality.json).
+"""Quality benchmark: GloBE vs per-expert SVD vs MoBE (benchmarks/baselines/mobe.py, the peer's own recipe at its
+default m = E/4) at equal parameter budgets, plus AM-iteration throughput against a measured matmul peak.
+Writes JSON (default benchmarks/results/quality.json); the MoBE row is also written under "per_layer_bank", the key
+globe/eval/plots.py reads. The full peer comparison (D2-MoE, whitened SVD, output error, perplexity) is
+benchmarks/peers.py.
 
     python benchmarks/quality.py                       # embedded model, budgets 0.5 0.35 0.25, all warm starts
     python benchmarks/quality.py --budgets 0.35 --inits hybrid --families gate
@@ -9,15 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks.baselines from a checkout
+
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
 from globe.fit.am import AMState, am_pass
-from globe.fit.baselines import per_layer_bank, svd_baseline
+from benchmarks.baselines import rel_err
+from benchmarks.baselines.common import by_layer
+from benchmarks.baselines.mobe import MobeConfig, fit_mobe
+from benchmarks.baselines.svd import per_expert_svd
 from globe.fit.config import INITS, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
 from globe.fit.normalize import Normalizer
@@ -35,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--target-support", type=int, default=12, help="GloBE target median support")
     p.add_argument("--am-iters", type=int, default=30, help="GloBE AM iterations")
     p.add_argument("--varpro-steps", type=int, default=150, help="GloBE variable-projection L-BFGS evaluations")
-    p.add_argument("--mobe-steps", type=int, default=500, help="Adam steps of the per-layer bank baseline")
+    p.add_argument("--mobe-epochs", type=int, default=1000, help="Adam epochs of the MoBE baseline")
     p.add_argument("--out", default="benchmarks/results/quality.json", help="JSON output path")
     p.add_argument("--throughput-only", action="store_true", help="only measure AM throughput (updates --out)")
     return p.parse_args()
@@ -54,18 +63,20 @@ def globe_row(weights, ids, budget: float, init: str, args) -> dict:
 
 def compare_budget(weights, ids, budget: float, args) -> dict:
     dense = weights[0].numel() * weights.shape[0]
-    svd = svd_baseline(weights, budget)
+    stacked = by_layer(weights, ids)                                           # [L, E, p, d]
+    fit = per_expert_svd(stacked, budget)
+    svd = {"rank": fit.info["rank"], "params": fit.params, "rel_err": rel_err(stacked, fit.weights)}
     rows = [globe_row(weights, ids, budget, init, args) for init in args.inits]
     best = min(rows, key=lambda row: row["rel_err"])
-    tried = [per_layer_bank(weights, ids, budget, r=r, steps=args.mobe_steps)     # the baseline's best rank
-             for r in sorted({best["r"], max(8, best["r"] * 3 // 4 // 8 * 8), max(8, best["r"] // 2 // 8 * 8)})]
-    mobe = min((t for t in tried if t["rel_err"] is not None), key=lambda t: t["rel_err"], default=tried[0])
-    mobe["ranks_tried"] = [{"r": t["r"], "m": t["m"], "rel_err": t["rel_err"]} for t in tried]
-    out = {"budget": budget, "dense_params": dense, "svd": svd, "per_layer_bank": mobe, "globe": rows,
-           "best_globe": best["init"], "ratio_vs_svd": best["rel_err"] / svd["rel_err"]}
-    if mobe["rel_err"]:
-        out["ratio_vs_per_layer_bank"] = best["rel_err"] / mobe["rel_err"]
-    log.info("budget %.2f: svd %.4f, per-layer bank %s, globe best %.4f (%s)", budget, svd["rel_err"],
+    t0 = time.perf_counter()
+    fit = fit_mobe(stacked, budget, MobeConfig(epochs=args.mobe_epochs))
+    mobe = {"method": "MoBE", "m": fit.info["m"], "r": fit.info["r"], "params": fit.params,
+            "rel_err": rel_err(stacked, fit.weights), "epochs": args.mobe_epochs,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    out = {"budget": budget, "dense_params": dense, "svd": svd, "mobe": mobe, "per_layer_bank": mobe, "globe": rows,
+           "best_globe": best["init"], "ratio_vs_svd": best["rel_err"] / svd["rel_err"],
+           "ratio_vs_mobe": best["rel_err"] / mobe["rel_err"]}
+    log.info("budget %.2f: svd %.4f, MoBE %.4f, globe best %.4f (%s)", budget, svd["rel_err"],
              mobe["rel_err"], best["rel_err"], best["init"])
     return out
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from globe.errors import GlobeError
-from globe.fit.config import ActivationConfig, BankConfig, SparsityConfig, TrainConfig
+from globe.fit.config import ActivationConfig, BankConfig, NonlinearConfig, SparsityConfig, TrainConfig
 from globe.io.hub import resolve_model_dir
 from globe.run.config import CacheConfig, ExportConfig, ModelConfig, RunConfig, WandbConfig
 from globe.run.export import ExportRun, export_message, run_export
@@ -31,7 +31,8 @@ from globe.run.fit import FitRun, fit_summary, format_fit_summary, run_fit
 log = logging.getLogger(__name__)
 CONFIG_NAME = "fit_banks"
 GROUPS = {"model": ModelConfig, "bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-          "activation": ActivationConfig, "cache": CacheConfig, "export": ExportConfig, "wandb": WandbConfig}
+          "activation": ActivationConfig, "nonlinear": NonlinearConfig, "cache": CacheConfig, "export": ExportConfig,
+          "wandb": WandbConfig}
 MODEL_OPTIONS = ("tiny",)
 # Keep Hydra from changing directory or writing .hydra/ and log files.
 HYDRA_QUIET = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=False",

@@ -10,6 +10,11 @@ Outputs:
     * ``corpus/train.txt`` -- the training split (not committed).
     * ``globe/assets/globe-tiny-moe/heldout.txt`` -- the first ``--heldout-max-kb``
       kilobytes of the validation split, cut at a line boundary (committed).
+    * with ``--calib-out``, a calibration split disjoint from both: the files whose index satisfies
+      ``index % modulus == calib_remainder`` (also cut to ``--heldout-max-kb``), taken out of training.
+
+Other document trees work too (``--source``, ``--glob``); the evaluation models use this script with
+other sources and output paths (see ``scripts/train_scratch_moe.py``, ``scripts/train_upcycled_moe.py``).
 """
 from __future__ import annotations
 
@@ -38,15 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remainder", type=int, default=7,
                    help="see --modulus (default: %(default)s)")
     p.add_argument("--heldout-max-kb", type=int, default=300,
-                   help="keep at most this many KiB of held-out text (default: %(default)s)")
+                   help="keep at most this many KiB of held-out (and calibration) text (default: %(default)s)")
+    p.add_argument("--glob", default="*.rst.txt", help="pattern of the source files under --source (default: %(default)s)")
+    p.add_argument("--calib-out", type=Path, default=None,
+                   help="also write a calibration split here (default: none, all other files train)")
+    p.add_argument("--calib-remainder", type=int, default=13,
+                   help="with --calib-out: files with sorted index %% MODULUS == this are calibration (default: %(default)s)")
     return p.parse_args(argv)
 
 
-def list_sources(source: Path) -> list[Path]:
+def list_sources(source: Path, pattern: str = "*.rst.txt") -> list[Path]:
     """Return the documentation source files, sorted by their path relative to ``source``."""
-    files = sorted(source.rglob("*.rst.txt"), key=lambda f: f.relative_to(source).as_posix())
+    files = sorted(source.rglob(pattern), key=lambda f: f.relative_to(source).as_posix())
     if not files:
-        raise FileNotFoundError(f"no *.rst.txt files under {source}; is python3.11-doc installed?")
+        raise FileNotFoundError(f"no {pattern} files under {source}; is the package that ships them installed?")
     return files
 
 
@@ -82,9 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     """Build the train and held-out files."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    files = list_sources(args.source)
+    files = list_sources(args.source, args.glob)
+    calib_rem = args.calib_remainder if args.calib_out is not None else None
+    if calib_rem == args.remainder:
+        raise ValueError("--calib-remainder must differ from --remainder (the splits must be disjoint)")
     val = [f for i, f in enumerate(files) if i % args.modulus == args.remainder]
-    train = [f for i, f in enumerate(files) if i % args.modulus != args.remainder]
+    calib = [f for i, f in enumerate(files) if i % args.modulus == calib_rem]
+    train = [f for i, f in enumerate(files) if i % args.modulus not in (args.remainder, calib_rem)]
     LOG.info("found %d source files under %s: %d train, %d validation",
              len(files), args.source, len(train), len(val))
     train_text, val_text = join_docs(train), join_docs(val)
@@ -96,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         LOG.info("held-out text truncated to its first %d KiB", args.heldout_max_kb)
     write_text(args.train_out, train_text)
     write_text(args.heldout_out, heldout)
+    if args.calib_out is not None:
+        LOG.info("calibration: %d files", len(calib))
+        write_text(args.calib_out, truncate_at_line(join_docs(calib), args.heldout_max_kb * 1024))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ class FamilyFit:
 
     family: str
     bank: torch.Tensor       # [m, r, d] unit-Frobenius atoms, shared by every layer
-    codes: torch.Tensor      # [N, m] sparse non-negative codes
+    codes: torch.Tensor      # [N, m] sparse codes (non-negative; real with nonlinear.signed_codes)
     adapters: torch.Tensor   # [N, p, r]
     scales: torch.Tensor     # [N] z-score scale recorded at normalisation (folded into adapters)
     ids: torch.Tensor        # [N, 2] (layer, expert)

@@ -89,6 +89,28 @@ class ActivationConfig:
 
 
 @dataclass
+class NonlinearConfig:
+    """End-to-end nonlinear bank fit (globe.fit.nonlinear): Adam on the bank and the codes of
+    W_i = A_i phi(sum_j alpha_ij B_j), full batch, adapters solved exactly at every step, best state kept; from a
+    block SVD start (start=groups, replacing warm start + AM + VarPro; the rank comes from bank.budget or bank.r,
+    the atoms are `groups` per layer) or from the AM / VarPro solution (start=am). One process, weight space only.
+    Off (enabled=False, the default for now) gives the linear AM fit of earlier versions."""
+
+    enabled: bool = False
+    start: str = "groups"          # groups: block SVD start per layer in one bank (replaces warm start + AM);
+                                   # am: refine the AM / VarPro solution (its shape and supports)
+    groups: int = 0                # atoms per layer for start=groups (0: experts per layer / 4)
+    scope: str = "layer"           # start=groups: layer (codes stay in their layer's block) | global (any atom)
+    signed_codes: bool = True      # real codes (may be negative) instead of gain * softmax
+    phi: str = "tanh"              # phi of the refined bank (bank.phi is the phi of AM / VarPro)
+    steps: int = 600               # full-batch Adam steps (parity with MoBE at 3000 epochs on the tuning set)
+    lr: float = 0.03               # constant learning rate (atoms start with entries of RMS 1/sqrt(d))
+    eval_every: int = 25           # steps between best-state checks
+    off_logit: float = -10.0       # start logit of the atoms an expert's code does not use
+    learn_gain: bool = True        # learn each expert's code sum (the scale entering phi)
+
+
+@dataclass
 class FitConfig:
     """Everything a fit needs; serialised into globe_config.json."""
 
@@ -96,10 +118,11 @@ class FitConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
-        b, s, t, a = self.bank, self.sparsity, self.train, self.activation
+        b, s, t, a, nl = self.bank, self.sparsity, self.train, self.activation, self.nonlinear
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
@@ -124,6 +147,12 @@ class FitConfig:
             (a.damp > 0 and a.prior_tokens >= 0 and a.steps >= 0, "activation.damp must be > 0, prior_tokens "
              "and steps >= 0"),
             (0 < a.routing_floor <= 1, f"activation.routing_floor must be in (0, 1] (got {a.routing_floor})"),
+            (nl.phi in PHIS, f"nonlinear.phi must be one of {PHIS} (got {nl.phi!r})"),
+            (nl.steps >= 0 and nl.eval_every >= 1, "nonlinear.steps must be >= 0 and nonlinear.eval_every >= 1"),
+            (nl.lr > 0, f"nonlinear.lr must be > 0 (got {nl.lr})"),
+            (nl.start in ("groups", "am"), f"nonlinear.start must be groups|am (got {nl.start!r})"),
+            (nl.scope in ("layer", "global"), f"nonlinear.scope must be layer|global (got {nl.scope!r})"),
+            (nl.groups >= 0, f"nonlinear.groups must be >= 0 (got {nl.groups})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -156,7 +185,8 @@ class FitConfig:
                 bank["families"] = tuple(bank["families"])
             cfg = cls(bank=BankConfig(**bank), sparsity=SparsityConfig(**data.pop("sparsity", {})),
                       train=TrainConfig(**data.pop("train", {})),
-                      activation=ActivationConfig(**data.pop("activation", {})))
+                      activation=ActivationConfig(**data.pop("activation", {})),
+                      nonlinear=NonlinearConfig(**data.pop("nonlinear", {})))
         except TypeError as exc:
             field_name = str(exc).rsplit(" ", 1)[-1]
             raise ConfigError(f"invalid fit config: unknown or missing field {field_name} ({exc})") from None

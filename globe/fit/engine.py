@@ -43,6 +43,7 @@ from globe.fit.config import FitConfig
 from globe.fit.distributed import LOCAL, Comm
 from globe.fit.metrics import bank_metrics, code_metrics, error_metrics, peak_memory_mb
 from globe.fit.mod import normalize_atoms
+from globe.fit.nonlinear_stage import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.normalize import Normalizer
 from globe.fit.objective import WEIGHTS, Solution, WeightSpace
 from globe.fit.problem import FamilyProblem
@@ -70,6 +71,7 @@ class Fitted:
     norm: Normalizer
     temperature: float
     history: dict
+    phi: str                      # the phi of the mixing these adapters were fitted for
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
@@ -88,6 +90,10 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
                                   resumable=resume is not None)
     with problem.phase("normalize"):
         problem.norm = Normalizer.fit(problem.spaces.work, cfg.train.chunk_size, problem.names)
+    if groups_applies(cfg, comm.world, _non_weight_objective(problem)):
+        with problem.phase("nonlinear"):
+            fitted = groups_stage(problem)
+        return gather_stage(problem, fitted)
     with problem.phase("shape"):
         shape = shape_stage(problem)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, problem.shard.n,
@@ -109,6 +115,9 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     with problem.phase(problem.objective.stage_name) if problem.objective.stage_name else nullcontext():
         solution = problem.objective.after_alternation(problem, solution)
     fitted = finalise_stage(problem, solution)
+    if nonlinear_applies(cfg, comm.world, _non_weight_objective(problem)):
+        with problem.phase("nonlinear"):
+            fitted = nonlinear_refine_stage(problem, fitted)
     if cfg.train.refine_steps > 0:
         with problem.phase("refine"):
             fitted = refine_stage(problem, fitted)
@@ -129,7 +138,29 @@ def finalise_stage(problem: FamilyProblem, solution: Solution) -> Fitted:
     adapted = finalize(problem.spaces.target, solution.norm, solution.codes, solution.bank, problem.cfg.bank.phi,
                        t.chunk_size, t.ridge, problem.objective)
     return Fitted(solution.bank, adapted.adapters, adapted.codes, adapted.sq_err, solution.norm,
-                  solution.temperature, solution.history)
+                  solution.temperature, solution.history, problem.cfg.bank.phi)
+
+
+def _non_weight_objective(problem: FamilyProblem) -> WeightSpace | None:
+    """The objective when it is not plain weight space (the nonlinear stages support weight space only)."""
+    return None if type(problem.objective) is WeightSpace else problem.objective
+
+
+def groups_stage(problem: FamilyProblem) -> Fitted:
+    """nonlinear.start == "groups": block SVD start + full-batch nonlinear refinement (globe.fit.nonlinear_stage),
+    in place of shape, warm start and [AM, VarPro]."""
+    (bank, adapters, codes, sq_err), steps, phi = groups_fit(problem.spaces.target, problem.ids, problem.norm,
+                                                             problem.cfg, problem.family, problem.device)
+    return Fitted(bank, adapters, codes, sq_err, problem.norm, 0.0, {"nonlinear": steps}, phi)
+
+
+def nonlinear_refine_stage(problem: FamilyProblem, fitted: Fitted) -> Fitted:
+    """nonlinear.start == "am": the finalised linear solution refined with phi = nonlinear.phi (kept if worse)."""
+    (bank, adapters, codes, sq_err), steps, phi = nonlinear_stage(
+        problem.spaces.target, fitted.norm, (fitted.bank, fitted.adapters, fitted.codes, fitted.sq_err), problem.cfg,
+        problem.family)
+    return dataclasses.replace(fitted, bank=bank, adapters=adapters, codes=codes, sq_err=sq_err, phi=phi,
+                               history={**fitted.history, "nonlinear": steps})
 
 
 def refine_stage(problem: FamilyProblem, fitted: Fitted) -> Fitted:
@@ -156,7 +187,7 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
-                    scales=norm.scales, ids=ids, phi=problem.cfg.bank.phi, history=fitted.history)  # on the CPU
+                    scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history)  # on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, problem.timings)
     fam.metrics.update(problem.objective.metrics(problem, fam, sq_err))
     tracking.emit("family_done", family=fam.family,

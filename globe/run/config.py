@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from globe.assets import DEFAULT_MODEL_DIR
-from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
+from globe.fit.config import ActivationConfig, BankConfig, FitConfig, NonlinearConfig, SparsityConfig, TrainConfig
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunConfig:
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
+    nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -65,4 +66,4 @@ class RunConfig:
 
     def fit_config(self) -> FitConfig:
         return FitConfig(bank=self.bank, sparsity=self.sparsity, train=self.train,
-                         activation=self.activation).validate()
+                         activation=self.activation, nonlinear=self.nonlinear).validate()

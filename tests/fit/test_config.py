@@ -57,3 +57,18 @@ def test_configs_without_an_activation_section_still_load():
     del data["activation"]
     cfg = FitConfig.from_dict(data)
     assert cfg.activation == ActivationConfig() and cfg.activation.stats is None
+
+
+def test_nonlinear_section_round_trips_validates_and_is_optional():
+    from globe.fit.config import NonlinearConfig
+    cfg = FitConfig(nonlinear=NonlinearConfig(enabled=True, start="am", groups=3, scope="global", steps=7, lr=0.1))
+    assert FitConfig.from_dict(cfg.to_dict()) == cfg
+    assert FitConfig.from_dict(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+    data = FitConfig().to_dict()
+    del data["nonlinear"]
+    assert FitConfig.from_dict(data).nonlinear == NonlinearConfig() and not NonlinearConfig().enabled
+    for field, value in [("start", "kmeans"), ("scope", "model"), ("phi", "relu"), ("lr", 0.0), ("groups", -1),
+                         ("eval_every", 0)]:
+        bad = FitConfig(nonlinear=NonlinearConfig(**{field: value}))
+        with pytest.raises(ConfigError, match=f"nonlinear.{field}"):
+            bad.validate()

@@ -1,4 +1,5 @@
-"""Import a benchmark script (benchmarks/NAME.py) as a module, to call its functions and main(argv) in tests."""
+"""Import a benchmark script (benchmarks/NAME.py) or a script (scripts/NAME.py) as a module, to call its functions
+and main(argv) in tests."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,3 +14,14 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/NAME.py; scripts/ goes on sys.path because the scripts import each other by name."""
+    import sys
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)

@@ -1,0 +1,43 @@
+"""benchmarks/peers.py end to end on the embedded model with short settings: every method at one cut, equal
+stored params, scores from the reloaded dense checkpoints, one JSON."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.helpers.scripts import load_benchmark
+
+peers = load_benchmark("peers")
+
+
+@pytest.mark.slow
+def test_every_method_at_one_cut_writes_one_json(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(("def f(x):\n    return x + 1  # a tiny calibration text\n" * 400), encoding="utf-8")
+    out = tmp_path / "peers.json"
+    report = peers.main(["--cuts", "0.25", "--calib", str(calib), "--calib-tokens", "1024", "--output-tokens", "256",
+                         "--fisher-batches", "2", "--ppl-tokens", "512", "--mobe-epochs", "4", "--mobe-sweep", "m=E/8",
+                         "--globe-am-iters", "1", "--globe-varpro-steps", "2", "--stats-dir", str(tmp_path),
+                         "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=float))
+    cut = report["models"][0]["cuts"][0]
+    rows = {r["method"]: r for r in cut["rows"]}
+    assert set(rows) == set(peers.METHODS) - {"mobe-sweep"} | {"mobe-best"}
+    for row in rows.values():
+        for f in ("gate", "up"):
+            assert row["params_ratio"][f] <= cut["budget_per_family"] + 1e-3, (row["method"], row["params_ratio"])
+            assert 0 < row["rel_err"][f] < 1.5
+        assert math.isfinite(row["perplexity"]) and 0 < row["output_rel_err"]["rel_err"]
+    assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
+    best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
+    assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
+    assert set(cut["ratios"]) == {"globe/mobe", "globe/mobe-best", "globe-aware/mobe", "globe-aware/mobe-best"}
+    assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
+
+
+def test_sweep_configs_resolve_fractions_of_the_experts():
+    cfgs = peers.sweep_configs(["m=E/8", "m=E/2,act=tanh", "lr=0.02,epochs=9", "m=3"], 16, 50)
+    assert [(c.m, c.act, c.lr, c.epochs) for c in cfgs] == [(None, "silu", 0.07, 50), (2, "silu", 0.07, 50),
+                                                            (8, "tanh", 0.07, 50), (None, "silu", 0.02, 9)]
