@@ -29,6 +29,7 @@ from globe.core.files import atomic_write_text
 from globe.fit.am import AMState, am_pass
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
+from globe.fit.estimate import FitShape, gib, phase_bytes
 from globe.fit.normalize import Normalizer
 from globe.fit.warm_start import aligned_targets, warm_start
 
@@ -223,26 +224,18 @@ def run_fit(args: argparse.Namespace) -> dict:
             "varpro_seconds": round(timings.get("am_varpro", 0.0) - am_seconds, 1),
             "rel_err": fam.metrics["rel_err"], "am_rel_err": [s["rel_err"] for s in am],
             "median_support": fam.metrics["median_support"],
-            "memory_model_gib": memory_model(n, p, d, args.r, args.m, args.chunk_size),
-            "memory_model_gib_at_r704_m256": memory_model(n, p, d, 704, 256, args.chunk_size)}
+            "memory_model_gib": memory_model(n, p, d, args.r, args.m, args.chunk_size, init=cfg.bank.init,
+                                             am_iters=cfg.train.am_iters, varpro_steps=cfg.train.varpro_steps),
+            "memory_model_gib_at_r704_m256": memory_model(n, p, d, 704, 256, args.chunk_size, init="hybrid")}
 
 
-def memory_model(n: int, p: int, d: int, r: int, m: int, chunk: int = 64, stored_bytes: int = 2) -> dict:
-    """Estimated resident GiB of the largest buffers of each phase of fit_family (svd init, weighted MOD, lazy
-    reader: the weights themselves are never resident). An estimate, compared with the measured peak."""
-    gib = 2**30
-    from globe.fit.refine import lbfgs_history
-    targets = n * r * d * (2 if n * r * d * 4 > 2**30 else 4)
-    bank = m * r * d * 4
-    work = chunk * p * d * (4 + stored_bytes + 4) + chunk * r * d * 4 * 4 + chunk * p * r * 4 * 3
-    phases = {
-        "normalize": chunk * p * d * 8 * 2,                                  # fp64 chunk and its square
-        "warm_start": targets + work + (m // 2 + 9) * r * d * 4 * 2,
-        "am": n * r * r * 4 + 7 * bank + work,                               # A^T A per expert, MOD CG vectors
-        "varpro": (2 * lbfgs_history(m * r * d + n * m) + 8) * (bank + n * m * 4) + work,   # history + L-BFGS state
-        "finalize": n * p * r * 4 + 2 * bank + work,                         # fp32 adapters of the result
-    }
-    return {k: round(v / gib, 2) for k, v in phases.items()} | {"peak": round(max(phases.values()) / gib, 2)}
+def memory_model(n: int, p: int, d: int, r: int, m: int, chunk: int = 64, stored_bytes: int = 2,
+                 **settings) -> dict:
+    """Predicted peak GiB of each phase of fit_family (globe.fit.estimate; svd init and the reader's streaming
+    unless `settings` (FitShape fields) say otherwise) and their maximum."""
+    shape = FitShape(n=n, p=p, d=d, r=r, m=m, chunk=chunk, stored_bytes=stored_bytes,
+                     **({"init": "svd"} | settings))
+    return {k: gib(v) for k, v in phase_bytes(shape).items()}
 
 
 def run_processes(args: argparse.Namespace) -> dict:

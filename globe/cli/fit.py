@@ -11,6 +11,7 @@ import argparse
 import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.cli import dry_run
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
@@ -71,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "uninterrupted run)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    dry_run.add_argument(p)
     p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
     p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
                    help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
@@ -114,6 +116,8 @@ def fit_run(args: argparse.Namespace) -> FitRun:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:                                       # headers only: nothing read, nothing written
+        return dry_run.print_plan(args, build_config(args))
     run_ = fit_run(args)
     result = run_fit(run_)
     if result is None:                                     # not rank 0: rank 0 writes and reports

@@ -55,21 +55,23 @@ class Adapted(NamedTuple):
 
 
 def finalize(weights: torch.Tensor, norm: Normalizer, codes: torch.Tensor, bank: torch.Tensor, phi: str,
-             chunk: int, ridge: float, objective: WeightSpace = WEIGHTS) -> Adapted:
+             chunk: int, ridge: float, objective: WeightSpace = WEIGHTS, keep_adapters: bool = True) -> Adapted:
     """Exact adapters for phi(codes @ bank) under the objective, chunk by chunk, in the normalised space.
 
     With identity phi the codes are put on the simplex and their row sums moved into the adapters. The error is
-    the objective's ||(W_i - A_i M_i) R_i||^2 in the original space."""
+    the objective's ||(W_i - A_i M_i) R_i||^2 in the original space. keep_adapters=False: only the errors are
+    wanted (adapters is None; no [N, p, r] buffer)."""
     n, dev = weights.shape[0], bank.device
     if phi == "identity":
         codes = codes / codes.sum(-1, keepdim=True).clamp_min(1e-30)
-    adapters = torch.empty(n, weights.shape[1], bank.shape[1], device=dev)
+    adapters = torch.empty(n, weights.shape[1], bank.shape[1], device=dev) if keep_adapters else None
     sq_err = torch.empty(n, dtype=torch.float64)
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
         w = objective.targets(weights, norm, lo, hi, dev)
         mixed = objective.right(compose(codes[lo:hi], bank, phi), lo, hi)
         fit = refit_adapters(w, mixed, ridge)
-        adapters[lo:hi] = fit.adapters
+        if adapters is not None:
+            adapters[lo:hi] = fit.adapters
         sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
     return Adapted(adapters, codes, sq_err)

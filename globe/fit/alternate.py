@@ -67,7 +67,7 @@ def settle(problem, state: AMState) -> tuple:
     """(bank, codes, error) of the final AM state, or of the best one seen if the last iterations made the
     error worse."""
     _, _, sq_err = finalize(problem.spaces.work, problem.norm, state.codes, state.bank, "identity",
-                            problem.cfg.train.chunk_size, problem.cfg.train.ridge)
+                            problem.cfg.train.chunk_size, problem.cfg.train.ridge, keep_adapters=False)
     final = problem.shard.rel_err(sq_err, problem.norm)
     if state.best_bank is None or final <= state.best_err:
         return state.bank, state.codes, final

@@ -138,7 +138,8 @@ def _new_bank(sweep: _Sweep, previous: torch.Tensor, ridge: float, comm: Comm) -
         bank, cond = sweep.normal.solve(ridge, previous=previous, comm=comm)
         return bank, 0, cond
     comm.all_reduce(sweep.rhs)
-    return weighted_mod(sweep.codes, sweep.grams, sweep.rhs.view(previous.shape), previous, ridge, comm=comm)
+    return weighted_mod(sweep.codes, sweep.grams, sweep.rhs.view(previous.shape), previous, ridge, comm=comm,
+                        overwrite_rhs=True)                                 # rhs becomes the CG residual
 
 
 def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, comm: Comm = LOCAL) -> dict:

@@ -37,9 +37,12 @@ def spectral_error(svals: torch.Tensor, target_svals: torch.Tensor | None, m: in
 
 
 def choose_shape(n: int, p: int, d: int, budget: float, support: int, svals: torch.Tensor,
-                 stacked_svals: dict[int, torch.Tensor] | None = None) -> tuple[int, int]:
-    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data)."""
+                 stacked_svals: dict[int, torch.Tensor] | None = None, rank: int | None = None) -> tuple[int, int]:
+    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data); a given `rank`
+    (bank.r without bank.m) restricts the choice to that r when the budget admits it."""
     cands = candidate_shapes(n, p, d, budget, support)
+    if rank is not None:
+        cands = [c for c in cands if c[1] == rank] or cands
     if not cands:
         raise ConfigError(f"budget {budget:.3f} is too small for N={n}, p={p}, d={d} with support {support}: "
                           f"raise --budget or lower --target-support")

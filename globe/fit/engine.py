@@ -181,7 +181,7 @@ def refine_stage(problem: FamilyProblem, fitted: Fitted) -> Fitted:
 
 def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
     """Adapters back to the original weights, every rank's experts onto rank 0, the FamilyFit with its metrics."""
-    adapters = problem.objective.unscale(fitted.norm.fold(fitted.adapters))
+    adapters = problem.objective.unscale(fitted.norm.fold(fitted.adapters, inplace=True))   # fitted is done
     gathered = problem.shard.gather(fitted.norm, adapters, fitted.codes, fitted.sq_err, problem.ids)
     if gathered is None:
         return None

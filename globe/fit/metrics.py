@@ -18,15 +18,36 @@ def phase(timings: dict, name: str, device: str | torch.device = "cpu"):
     timings[name] = {"seconds": round(time.perf_counter() - t0, 4), "peak_mem_mb": round(peak_memory_mb(device), 1)}
 
 
+GRAM_METRICS_BYTES = 2**28     # fp64 banks above this get their metrics from the m x m Gram (no fp64 copy)
+
+
 def bank_metrics(bank: torch.Tensor) -> dict:
     """Effective rank (exp entropy of normalised singular values) and mutual coherence of unit atoms."""
+    if bank.numel() * 8 > GRAM_METRICS_BYTES:
+        return _gram_bank_metrics(bank)
     flat = bank.reshape(bank.shape[0], -1).double()
     s = torch.linalg.svdvals(flat)
+    return _metrics_from(s, flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300))
+
+
+def _metrics_from(s: torch.Tensor, unit: torch.Tensor | None, cos: torch.Tensor | None = None) -> dict:
     prob = s / s.sum().clamp_min(1e-300)
     eff_rank = float(torch.exp(-(prob * prob.clamp_min(1e-300).log()).sum()))
-    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cos = (unit @ unit.T).abs().fill_diagonal_(0)
-    return {"bank_effective_rank": eff_rank, "coherence": float(cos.max()) if flat.shape[0] > 1 else 0.0}
+    cos = (unit @ unit.T if cos is None else cos).abs().fill_diagonal_(0)
+    return {"bank_effective_rank": eff_rank, "coherence": float(cos.max()) if cos.shape[0] > 1 else 0.0}
+
+
+def _gram_bank_metrics(bank: torch.Tensor, columns: int = 2**16) -> dict:
+    """bank_metrics of a large bank from G = B B^T (fp64, accumulated over column blocks): singular values
+    sqrt(eig G), cosines G_ij / sqrt(G_ii G_jj)."""
+    flat = bank.reshape(bank.shape[0], -1)
+    gram = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
+    for lo in range(0, flat.shape[1], columns):
+        block = flat[:, lo:lo + columns].double()
+        gram += block @ block.T
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(0)
+    norms = gram.diagonal().clamp_min(1e-300).sqrt()
+    return _metrics_from(s, None, gram / norms[:, None] / norms[None, :])
 
 
 def code_metrics(codes: torch.Tensor) -> dict:

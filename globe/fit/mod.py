@@ -57,16 +57,27 @@ def weighted_apply(bank: torch.Tensor, codes: torch.Tensor, grams: torch.Tensor,
     return comm.all_reduce(out).view(m, r, d)
 
 
+APPLY_BYTES = 2**28      # fp32 mixed atoms [chunk, r, d] of one step of weighted_apply (large banks: fewer experts)
+
+
+def apply_chunk(r: int, d: int, most: int = 256) -> int:
+    """Experts per step of weighted_apply: `most`, fewer when their mixed atoms would exceed APPLY_BYTES."""
+    return int(max(1, min(most, APPLY_BYTES // (4 * r * d))))
+
+
 def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, bank0: torch.Tensor, ridge: float,
-                 iters: int = MOD_CG_ITERS, chunk: int = 256, comm: Comm = LOCAL) -> tuple[torch.Tensor, int, float]:
+                 iters: int = MOD_CG_ITERS, chunk: int | None = None, comm: Comm = LOCAL,
+                 overwrite_rhs: bool = False) -> tuple[torch.Tensor, int, float]:
     """Exact dictionary update under the true objective sum_i ||W_i - A_i alpha_i B||^2 with A fixed.
 
     Solves sum_i alpha_ij G_i M_i(B) + lambda B_j = rhs_j (rhs_j = sum_i alpha_ij A_i^T W_i) by preconditioned
     CG started at bank0, so every iterate lowers the quadratic. Preconditioner: (alpha^T alpha) x diag(mean G).
     codes [N, m], grams [N, r, r], rhs/bank0 [m, r, d]. Returns (bank, CG iterations, cond of alpha^T alpha).
     Distributed: codes/grams are this rank's experts, rhs/bank0 already summed / identical on every rank.
+    overwrite_rhs: rhs's storage becomes the CG residual (one bank-sized vector fewer; rhs is garbage after).
     """
     m, r, d = bank0.shape
+    chunk = apply_chunk(r, d) if chunk is None else chunk
     acc = acc_dtype(codes.device)                                          # float64 (float32 on MPS)
     ata = comm.all_reduce(codes.T.to(acc) @ codes.to(acc))
     gbar = comm.mean_rows(grams.to(acc))
@@ -79,15 +90,17 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
     def apply(x: torch.Tensor) -> torch.Tensor:
         return weighted_apply(x, codes, grams, chunk, comm).add_(x, alpha=lam)   # in place: no [m, r, d] temporaries
 
-    def precond(x: torch.Tensor) -> torch.Tensor:
-        y = (inv_left @ x.reshape(m, r * d)).view(m, r, d)                 # (alpha^T alpha)^-1 over atoms
-        return y.mul_(inv_diag)                                             # diag(mean G)^-1 over atom rows
+    def precond(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty_like(x)
+        torch.matmul(inv_left, x.reshape(m, r * d), out=out.view(m, r * d))  # (alpha^T alpha)^-1 over atoms
+        return out.mul_(inv_diag)                                           # diag(mean G)^-1 over atom rows
 
     x = bank0.clone()
-    res = rhs - apply(x)
+    norm0 = float(rhs.norm()) + 1e-30
+    res = rhs.sub_(apply(x)) if overwrite_rhs else apply(x).neg_().add_(rhs)   # rhs - H(x)
     z = precond(res)
     direction, rz = z.clone(), float(torch.vdot(res.flatten(), z.flatten()))
-    norm0 = float(rhs.norm()) + 1e-30
     for it in range(iters):
         if float(res.norm()) <= MOD_CG_RTOL * norm0:
             return x, it, cond
@@ -96,7 +109,7 @@ def weighted_mod(codes: torch.Tensor, grams: torch.Tensor, rhs: torch.Tensor, ba
         x.add_(direction, alpha=step)
         res.sub_(hd, alpha=step)
         del hd
-        z = precond(res)
+        z = precond(res, out=z)                                             # in place: z is not needed any more
         rz_new = float(torch.vdot(res.flatten(), z.flatten()))
         direction.mul_(rz_new / max(rz, 1e-30)).add_(z)
         rz = rz_new

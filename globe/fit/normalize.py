@@ -44,7 +44,9 @@ class Normalizer:
         w = weights[lo:hi].to(device=device, dtype=torch.float32)
         return w / self.scales[lo:hi].to(device)[:, None, None]
 
-    def fold(self, adapters: torch.Tensor, lo: int = 0) -> torch.Tensor:
-        """Adapters [c, p, r] of the normalised fit -> adapters of the original weights."""
+    def fold(self, adapters: torch.Tensor, lo: int = 0, inplace: bool = False) -> torch.Tensor:
+        """Adapters [c, p, r] of the normalised fit -> adapters of the original weights (inplace: into the
+        given tensor, no second [c, p, r] copy)."""
         c = adapters.shape[0]
-        return adapters * self.scales[lo:lo + c].to(adapters.device, adapters.dtype)[:, None, None]
+        scales = self.scales[lo:lo + c].to(adapters.device, adapters.dtype)[:, None, None]
+        return adapters.mul_(scales) if inplace else adapters * scales

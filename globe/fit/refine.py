@@ -73,6 +73,12 @@ def lbfgs_history(numel: int, most: int = LBFGS_MAX_HISTORY) -> int:
     return int(max(3, min(most, LBFGS_HISTORY_BYTES // (8 * numel))))
 
 
+def uses_lean_varpro(bank_numel: int, logits_numel: int, objective: WeightSpace = WEIGHTS) -> bool:
+    """Whether varpro_refine runs globe.fit.lean_varpro: in weight space, for banks whose full L-BFGS history
+    does not fit LBFGS_HISTORY_BYTES."""
+    return type(objective) is WeightSpace and lbfgs_history(bank_numel + logits_numel) < LBFGS_MAX_HISTORY
+
+
 def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: int, total: float, ridge: float,
                   phi: str, low, objective: WeightSpace, comm: Comm) -> float:
     """sum_i ||(W_i - A_i* M_i) R_i||^2 / total over this rank's chunks, gradients accumulated (A* held fixed:
@@ -99,10 +105,14 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
     loss and gradients are summed over ranks, so the optimiser state stays identical everywhere. An objective
-    with cache_targets keeps its weighted targets in fp32 for the run (N p d floats; single process only)."""
+    with cache_targets keeps its weighted targets in fp32 for the run (N p d floats; single process only).
+    Large banks in weight space (uses_lean_varpro) go to globe.fit.lean_varpro, which keeps a few flat vectors."""
     phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
     start = (bank, codes)
     n_all = comm.total(n)
+    if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], objective):
+        from globe.fit.lean_varpro import lean_varpro
+        return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm)
     offset = comm.shard(n_all)[0]
     low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))

@@ -83,7 +83,7 @@ def shape_stage(problem) -> Shape:
         if x is not None:
             stacked[r] = torch.linalg.svdvals(gram64(x.reshape(n, -1))).sqrt().cpu()
         del x
-    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked) if shard.is_main else (0, 0)
+    m, r = choose_shape(n, p, d, b.budget, k, svals, stacked, b.r) if shard.is_main else (0, 0)
     m, r = shard.from_main((m, r))
     return Shape(b.m if b.m is not None else m, r, factors, cov)
 

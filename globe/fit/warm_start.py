@@ -8,6 +8,7 @@ experts with similar row spaces have similar targets.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -239,23 +240,27 @@ def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: fl
 
 def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generator):
     """(bank [m, r, d], codes [N, m], temperature) for the configured init from aligned targets [N, r, d]
-    (fp32, or bf16 for large families: `svd` and `ts_pca` then upcast chunk by chunk, the others hold fp32
-    copies of the targets or of their residual)."""
+    (fp32, or bf16 for large families: every init then streams them, see globe.fit.warm_stream)."""
     n, r, d = targets.shape
     x = targets.reshape(n, r * d)
     init = cfg.bank.init
+    ts_pca, kmeans, residual, sweep = ts_pca_atoms, kmeans_atoms, residual_atoms, ksvd_sweep
+    if x.dtype != torch.float32:                          # large family (bf16 targets): no fp32 copies of x
+        from globe.fit import warm_stream
+        ts_pca, kmeans = partial(warm_stream.ts_pca_atoms, signed=_signed), partial(warm_stream.kmeans_atoms, pad=_pad)
+        residual, sweep = partial(warm_stream.residual_atoms, encode=encode), warm_stream.ksvd_sweep
     if init == "svd":
         atoms = _pad(svd_atoms(x, m, gen), m, x, gen)
     elif init == "ts_pca":
-        atoms = _pad(ts_pca_atoms(x, m, gen), m, x, gen)
+        atoms = _pad(ts_pca(x, m, gen), m, x, gen)
     elif init == "kmeans":
-        atoms = kmeans_atoms(x, m, gen)
+        atoms = kmeans(x, m, gen)
     elif init == "greedy":
-        atoms = residual_atoms(x, x.new_zeros(0, r * d, dtype=torch.float32), m, gen, cfg)
+        atoms = residual(x, x.new_zeros(0, r * d, dtype=torch.float32), m, gen, cfg)
     else:  # hybrid
-        atoms = residual_atoms(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
+        atoms = residual(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
     codes, temp = encode(x, atoms, cfg)
     if init in ("greedy", "hybrid"):
         for _ in range(KSVD_SWEEPS):
-            atoms, codes = ksvd_sweep(x, atoms, codes)
+            atoms, codes = sweep(x, atoms, codes)
     return atoms.reshape(m, r, d).contiguous(), codes, temp

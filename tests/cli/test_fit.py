@@ -52,3 +52,15 @@ def test_options_reach_the_fit_config():
                                       "--cycles", "2", "--seed", "7"])
     t = build_config(args).train
     assert (t.precision, t.checkpoint_every, t.cycles, t.seed, t.am_iters) == ("bf16", 3, 2, 7, 3)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    model = tiny_checkpoint("qwen2_moe")
+    out = tmp_path / "out"
+    assert main(["fit", str(model), "-o", str(out), *ARGS, "--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [f["family"] for f in plan["families"]] == ["gate", "up"]
+    assert plan["families"][0]["m"] == 4 and plan["families"][0]["memory"]["peak"] > 0
+    assert plan["rates"]["wd"] > 0 and plan["rates"]["svd"] > 0 and not out.exists()      # kernels timed
+    assert main(["fit", str(model), "-o", str(out), *ARGS, "--dry-run"]) == 0
+    assert "predicted" not in capsys.readouterr().err and not out.exists()

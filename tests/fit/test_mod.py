@@ -62,3 +62,16 @@ def test_normalize_atoms_keeps_the_product():
     unit, scaled = normalize_atoms(bank, codes)
     assert torch.allclose(unit.flatten(1).norm(dim=1), torch.ones(6))
     assert torch.allclose(scaled @ unit.flatten(1), codes @ bank.flatten(1), atol=1e-5)
+
+
+def test_residual_in_the_rhs_and_smaller_apply_chunks_give_the_same_bank():
+    from globe.fit.mod import apply_chunk
+    codes, adapters, weights, bank0 = problem(seed=3)
+    grams = adapters.transpose(1, 2) @ adapters
+    rhs = torch.einsum("nj,nrd->jrd", codes, adapters.transpose(1, 2) @ weights)
+    ref, iters, _ = weighted_mod(codes, grams, rhs, bank0, ridge=1e-6)
+    same, iters2, _ = weighted_mod(codes, grams, rhs.clone(), bank0, ridge=1e-6, overwrite_rhs=True)
+    assert torch.equal(ref, same) and iters == iters2                        # bit for bit
+    chunked, _, _ = weighted_mod(codes, grams, rhs, bank0, ridge=1e-6, chunk=7)
+    assert torch.allclose(chunked, ref, rtol=1e-4, atol=1e-5)
+    assert apply_chunk(4, 10) == 256 and apply_chunk(704, 2048) < 64      # large atoms: fewer experts per step
