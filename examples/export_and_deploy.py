@@ -3,8 +3,8 @@
     python examples/export_and_deploy.py --artifact runs/qwen_moe --out runs/deploy
     python examples/export_and_deploy.py --artifact runs/q --model CKPT --out runs/deploy --prompt "def main("
 
-1. compressed checkpoint (dense tensors + banks): globe.save_compressed -> globe.load_compressed (GloBE runtime,
-   smallest on disk);
+1. compressed checkpoint (quant_method "globe", banks stored once): globe.save_compressed -> globe.load_compressed
+   or transformers.AutoModelForCausalLM.from_pretrained after `import globe` (GloBE runtime, smallest on disk);
 2. dense Hugging Face checkpoint: globe.export_dense -> transformers.AutoModelForCausalLM.from_pretrained (stock
    transformers, vLLM, lm-eval; no GloBE needed at serving time).
 Both are checked to give the same next-token logits as the model patched in memory, then generate from a prompt.

@@ -1,6 +1,8 @@
 """FitResult <-> directory: banks.safetensors (tensors, metadata in the header) + globe_config.json.
 
-Codes are stored sparse (CSR: indptr, indices, values). Every file is written atomically (globe.core.files:
+Codes are stored sparse (CSR: indptr, indices, values). Banks, adapters and code values are stored in the source
+checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
+fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
 temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
 `check_compatible` is the one check that an artifact fits a model (a checkpoint directory or a loaded model).
 """
@@ -33,13 +35,13 @@ BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
 
 
-def codes_to_csr(codes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Dense codes [N, m] -> indptr [N+1] int64, indices [nnz] int32, values [nnz] fp32."""
+def codes_to_csr(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Dense codes [N, m] -> indptr [N+1] int64, indices [nnz] int32, values [nnz] in `dtype`."""
     mask = codes != 0
     indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
     indptr[1:] = mask.sum(1).cumsum(0)
     rows, cols = mask.nonzero(as_tuple=True)
-    return {"indptr": indptr, "indices": cols.to(torch.int32), "values": codes[rows, cols].float().contiguous()}
+    return {"indptr": indptr, "indices": cols.to(torch.int32), "values": codes[rows, cols].to(dtype).contiguous()}
 
 
 def csr_to_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
@@ -54,7 +56,7 @@ def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[s
     f = fam.family
     out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.adapters": fam.adapters.to(dtype),
            f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
-    out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu()).items()})
+    out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu(), dtype).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
@@ -78,9 +80,19 @@ def artifact_id(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> str:
     return digest.hexdigest()[:16]
 
 
-def save(result: FitResult, out: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def storage_dtype(result: FitResult) -> torch.dtype:
+    """The dtype an artifact is stored in: the source checkpoint's floating dtype (fp32 when unknown)."""
+    name = str((result.source.get("inventory") or {}).get("dtype") or "float32")
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else torch.float32
+
+
+def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the artifact directory (banks.safetensors + globe_config.json); returns its path. Both files are
-    replaced together (see atomic_write_all): a failure leaves the previous artifact whole."""
+    replaced together (see atomic_write_all): a failure leaves the previous artifact whole.
+
+    dtype: storage dtype of banks, adapters and code values (default: the source checkpoint's, storage_dtype)."""
+    dtype = dtype or storage_dtype(result)
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +309,9 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
 
 def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,
                  history: dict | None = None) -> FamilyFit:
-    """FamilyFit from its stored tensors (keys without the family prefix, codes in CSR form)."""
+    """FamilyFit from its stored tensors (keys without the family prefix, codes in CSR form); floating tensors come
+    back in fp32 (exactly the stored values, whatever the storage dtype)."""
     codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], t["bank"].shape[0])
-    return FamilyFit(family=name, bank=t["bank"], codes=codes, adapters=t["adapters"], scales=t["scales"],
+    return FamilyFit(family=name, bank=t["bank"].float(), codes=codes, adapters=t["adapters"].float(),
+                     scales=t["scales"].float(),
                      ids=t["ids"].long(), phi=phi, metrics=metrics, history=history or {})

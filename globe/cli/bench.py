@@ -45,9 +45,12 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(summary: dict[str, dict]) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else "-".rjust(int(fmt.split(".")[0]))
-    lines = [f"{'variant':10} {'ppl':>9} {'ratio':>7} {'prefill/s':>10} {'decode/s':>9} {'hits':>6} {'routed':>7}"]
+    lines = [f"{'variant':10} {'ppl':>9} {'ratio':>7} {'prefill/s':>10} {'decode/s':>9} {'hits':>6} {'routed':>7} "
+             f"{'held MB':>8} {'/orig':>6} {'peak MiB':>8}"]
     for name, row in summary.items():
+        held = row["model_bytes"] / 1e6 if row.get("model_bytes") is not None else None
         lines.append(f"{name:10} {row['perplexity']:9.3f} {num(row['perplexity_ratio'], '7.4f')} "
                      f"{num(row['prefill_tok_s'], '10.1f')} {num(row['decode_tok_s'], '9.1f')} "
-                     f"{num(row['cache_hit_rate'], '6.3f')} {row['routed_ratio']:7.3f}")
+                     f"{num(row['cache_hit_rate'], '6.3f')} {row['routed_ratio']:7.3f} {num(held, '8.2f')} "
+                     f"{num(row.get('runtime_ratio'), '6.3f')} {num(row.get('peak_rss_mb'), '8.0f')}")
     return "\n".join(lines)

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "routed tokens; down-projection inputs per expert) plus routing counts, for "
                                    "`globe fit --calibration STATS`.")
     a = p.add_argument
-    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), help="checkpoint directory (default: the embedded model)")
+    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
+      help="checkpoint directory (default: the embedded model)")
     a("--text", required=True, metavar="FILE", help="calibration text (not the text you evaluate on)")
     a("-o", "--out", required=True, metavar="STATS", help="output statistics file (.safetensors)")
     a("--overwrite", action="store_true", help="replace an existing STATS file")

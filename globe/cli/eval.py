@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "routed-expert parameter counts before/after. --plots DIR also writes PNG plots "
                                    "of the artifact (error vs budget, per-layer error, supports, atoms, AM history).")
     a = p.add_argument
-    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR_OR_HF_DIR",
+    a("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
       help="HF checkpoint or compressed checkpoint directory (default: the embedded model)")
     a("--globe", metavar="OUT", help="artifact directory to apply to the model (from `globe fit`)")
     a("--mode", default=CacheConfig.mode, choices=MODES,
@@ -89,6 +89,10 @@ def format_report(report: dict) -> str:
               f"({100 * fp['routed_ratio']:.1f} %), {fp['routed_bytes_before']:,} -> {fp['routed_bytes_after']:,} bytes",
               f"total        {fp['total_params_before']:,} -> {fp['total_params_after']:,} params "
               f"({100 * fp['total_ratio']:.1f} %)"]
+    if "model_bytes" in fp:
+        lines.append(f"held         {fp['original_bytes']:,} -> {fp['model_bytes']:,} bytes of parameters, buffers and "
+                     f"cache ({100 * fp['runtime_ratio']:.1f} % of the original; stored "
+                     f"{100 * fp['stored_bytes_ratio']:.1f} %)")
     mem = report["memory"]
     cuda = f", CUDA peak {mem['cuda_peak_mb']:.0f} MiB" if mem.get("cuda_peak_mb") is not None else ""
     cuda += f", MPS {mem['mps_mb']:.0f} MiB" if mem.get("mps_mb") is not None else ""

@@ -15,7 +15,10 @@ from globe.run.load import ModelLoad
 def add_eval_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `globe eval` and `globe bench`: text, windows, timings, device and dtype."""
     a = p.add_argument
-    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: half)")
+    a("--cache-size", type=int, help="experts per layer kept precomposed in cached mode (default: as many as "
+                                     "--cache-bytes allows)")
+    a("--cache-bytes", type=int, help="bytes of the cached mode's cache, all layers together (default 4 %% of the "
+                                      "original model's bytes)")
     a("--text", default=str(DEFAULT_TEXT), metavar="FILE", help="held-out text (default: the embedded model's)")
     a("--calib", metavar="FILE", help="calibration text for the cache warm-up (default: start of --text)")
     a("--warmup-tokens", type=int, default=CacheConfig.warmup_tokens,
@@ -27,7 +30,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     a("--prefill-tokens", type=int, default=256, help="prompt length of the prefill timing (default 256)")
     a("--decode-tokens", type=int, default=32, help="new tokens of the greedy decode timing (default 32)")
     a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
-    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits")
+    a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits (default 256)")
     a("--no-speed", action="store_true", help="skip the prefill/decode timings")
     a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -63,8 +66,8 @@ def model_load(args: argparse.Namespace) -> ModelLoad:
     """The model `globe eval` / `globe bench` measures (bench has no --mode: the default, overridden per variant)."""
     check_eval_options(args)
     return ModelLoad(model_dir=args.model_dir, artifact=args.globe, mode=getattr(args, "mode", CacheConfig.mode),
-                     cache_size=args.cache_size, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer,
-                     force=args.force)
+                     cache_size=args.cache_size, cache_bytes=args.cache_bytes, device=args.device, dtype=args.dtype,
+                     tokenizer=args.tokenizer, force=args.force)
 
 
 def eval_text(args: argparse.Namespace) -> EvalText:

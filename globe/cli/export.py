@@ -1,4 +1,4 @@
-"""`globe export OUT --model MODEL_DIR [--dense] -o HF_DIR`: write a compressed or a dense-reconstructed checkpoint.
+"""`globe export ARTIFACT --model MODEL_DIR [--dense] -o HF_DIR`: write a compressed or a dense-reconstructed checkpoint.
 
 Without --dense: HF_DIR holds the tensors GloBE leaves dense plus the artifact (load it with
 `globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`). With --dense: HF_DIR is an ordinary Hugging Face checkpoint
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Export a GloBE artifact applied to its model: a compressed checkpoint (dense "
                                    "tensors + artifact) or, with --dense, a dense-reconstructed Hugging Face "
                                    "checkpoint (per-expert hub keys, the source dtype). `globe apply` is an alias.")
-    p.add_argument("artifact", metavar="OUT", help="artifact directory written by `globe fit`")
+    p.add_argument("artifact", metavar="ARTIFACT", help="artifact directory written by `globe fit` (its OUT)")
     p.add_argument("--model", metavar="MODEL_DIR",
                    help="checkpoint the artifact was fitted on (default: the model_dir recorded in the artifact)")
     p.add_argument("--dense", action="store_true", help="reconstruct dense experts (stock transformers checkpoint)")

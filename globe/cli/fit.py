@@ -11,12 +11,12 @@ import argparse
 import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.core.outputs import json_text
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
-from globe.core.outputs import json_text
 from globe.run.config import WandbConfig
-from globe.run.fit import FitRun, fit_summary, format_fit_summary, run_fit
+from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
 
 log = logging.getLogger(__name__)
@@ -25,11 +25,14 @@ log = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit", help="fit global banks for the routed experts' gate/up projections",
                        description="Fit one shared bank per family (gate, up) over all layers' routed experts.")
-    p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR),
+    p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
                    help="checkpoint directory (config.json + *.safetensors); default: the embedded tiny model")
     p.add_argument("-o", "--out", required=True, help="output directory for the artifact")
     p.add_argument("--config", help="fit config file (JSON or YAML, as written into globe_config.json)")
     p.add_argument("--budget", type=float, help="stored params / dense params per family, in (0, 1) (default 0.5)")
+    p.add_argument("--total-cut", type=float, metavar="C",
+                   help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25; sets --budget per family "
+                        "(every fitted family shrinks by the same fraction)")
     p.add_argument("--m", "--atoms", dest="m", type=int,
                    help="number of atoms per bank (default: chosen from --budget); --atoms is an alias that "
                         "torchrun's own option parser does not mistake for one of its options")
@@ -40,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phi", choices=PHIS, help="nonlinearity applied to mixed atoms (default identity)")
     p.add_argument("--method", choices=CODERS, help="sparse mapping of the codes (default entmax15)")
     p.add_argument("--am-iters", type=int, help="alternating-minimisation iterations (default 30)")
-    p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement")
+    p.add_argument("--varpro-steps", type=int, help="L-BFGS evaluations of the variable-projection refinement (default 100)")
     p.add_argument("--cycles", type=int, help="rounds of (AM, variable projection); more is slower and better (default 1)")
     p.add_argument("--refine-steps", type=int, help="Adam refinement steps with the real phi (default 0)")
     p.add_argument("--families", help="comma-separated families to fit: gate,up (default) or gate,up,down")
@@ -100,7 +103,12 @@ def build_config(args: argparse.Namespace) -> FitConfig:
 
 
 def fit_run(args: argparse.Namespace) -> FitRun:
-    return FitRun(model_dir=args.model_dir, out=args.out, config=build_config(args), resume=args.resume,
+    cfg = build_config(args)
+    if getattr(args, "total_cut", None) is not None:
+        if args.budget is not None:
+            raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
+        apply_total_cut(cfg, args.model_dir, args.total_cut)
+    return FitRun(model_dir=args.model_dir, out=args.out, config=cfg, resume=args.resume,
                   overwrite=args.overwrite, distributed=args.distributed, metrics=args.metrics,
                   wandb=WandbConfig(mode=args.wandb, project=args.wandb_project), config_file=args.config)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from globe import assets
 from globe.errors import ModelDirError
+from globe.export.compressed import describe_compressed, is_compressed
 from globe.io import Inventory, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir is None and not (model_dir / "config.json").is_file():
         raise ModelDirError(f"the embedded default model ({model_dir}) is not available in this install; "
                             f"pass MODEL_DIR")
+    if is_compressed(model_dir):                          # a GloBE export: what it was made from, cut, families
+        info = describe_compressed(model_dir)
+        print(json.dumps(info, indent=2) if args.json else format_compressed(info))
+        return 0
     log.debug("reading inventory of %s", model_dir)
     with open_checkpoint(model_dir) as reader:
         inventory = reader.inventory()
@@ -43,6 +48,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_inventory(inventory))
     return 0
+
+
+def format_compressed(info: dict) -> str:
+    """Human-readable summary of a compressed checkpoint (globe.export.describe_compressed)."""
+    lines = [f"GloBE compressed checkpoint {info['path']} (format {info['format_version']}, {info['mode']} mode)",
+             f"made from    {info['source']} ({info['model_type']})"]
+    if info["total_cut"] is not None:
+        lines.append(f"params       {info['total_params_before']:,} -> {info['total_params_after']:,} "
+                     f"(total cut {100 * info['total_cut']:.2f} %), {info['bytes_on_disk']:,} bytes on disk")
+    for name, fam in info["families"].items():
+        lines.append(f"family {name:5} m={fam['m']} r={fam['r']} code width {fam['k']}, phi {fam.get('phi')}, "
+                     f"{fam['params']:,} / {fam['dense_params']:,} params, rel_err {fam['rel_err']:.4f}")
+    return "\n".join(lines)
 
 
 def format_inventory(inv: Inventory) -> str:

@@ -1,6 +1,7 @@
 """`globe` console script: builds the parser from the subcommand modules and turns GlobeError into one line.
 
     globe info [MODEL_DIR]                      inventory of a checkpoint
+    globe compress [MODEL_DIR] -o OUT          fit + compressed checkpoint (+ dense, eval) + model card: the main job
     globe fit [MODEL_DIR] -o OUT                fit the banks (OUT/banks.safetensors, globe_config.json, metrics.jsonl)
     globe export OUT -o DIR [--dense]           compressed or dense checkpoint (`globe apply` is the same command)
     globe eval [MODEL_DIR] [--globe OUT]        perplexity, speed, memory, cache hit rate; --plots DIR writes PNGs
@@ -23,7 +24,7 @@ from globe.io.hub import resolve_model_dir
 log = logging.getLogger("globe")
 
 # Each module defines `register(subparsers)` adding its parser with `set_defaults(func=run)`.
-SUBCOMMANDS = ("info", "calibrate", "fit", "export", "eval", "bench")
+SUBCOMMANDS = ("info", "calibrate", "fit", "compress", "export", "eval", "bench")
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -41,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"globe.cli.{name}").register(sub)
     for sp in {id(sp): sp for sp in sub.choices.values()}.values():  # --log-level after the subcommand too
-        sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS, help="logging verbosity")
+        sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS,
+                        help="logging verbosity (default: INFO)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)          # the command line, for model cards
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:

@@ -2,7 +2,8 @@
 
 Stored tensors are counted once each however many layers reference them (the shared banks), by storage. Floating
 tensors count as parameters; integer code indices count in bytes only. Runtime working memory (cache slots,
-`dense`-mode reconstructions: non-persistent buffers) is reported separately.
+`dense`-mode reconstructions: non-persistent buffers) is reported separately, and for the whole model: the bytes it
+holds now (parameters + all buffers + cache, `model_bytes`) against those of the unpatched model (`original_bytes`).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from globe.io.model import experts_modules
 from globe.runtime.experts import GlobeExperts
+from globe.runtime.memory import dense_model_bytes, model_bytes
 
 
 def _tensors(modules: list[nn.Module], persistent: bool) -> list:
@@ -54,7 +56,12 @@ def routed_footprint(model: nn.Module) -> dict[str, int | float]:
             dense += sum(t.numel() for t in tensors)
             dense_bytes += sum(t.numel() * t.element_size() for t in tensors)
     total, total_bytes = _count(_tensors([model], persistent=True))
-    return {"routed_params_before": dense, "routed_params_after": stored,
+    held = model_bytes(model)
+    original = dense_model_bytes(model) if any(isinstance(m, GlobeExperts) for m in modules) else held
+    stored_before = total_bytes - stored_bytes + dense_bytes
+    whole = {"original_bytes": original, "model_bytes": held, "runtime_ratio": held / original,
+             "stored_bytes_ratio": total_bytes / stored_before if stored_before else 1.0}
+    return {**whole, "routed_params_before": dense, "routed_params_after": stored,
             "routed_bytes_before": dense_bytes, "routed_bytes_after": stored_bytes,
             "routed_ratio": stored / dense if dense else 1.0, "runtime_bytes": runtime_bytes,
             "total_params_before": total - stored + dense, "total_params_after": total,

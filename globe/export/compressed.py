@@ -1,17 +1,20 @@
-"""Compressed checkpoint: everything the model keeps dense plus the GloBE artifact, and its small loader.
+"""Compressed checkpoint: a model patched by apply_globe in transformers' own format, loadable after `import globe`.
 
-Directory layout (every file written atomically):
-    config.json                 the model's transformers config
-    globe_model.safetensors     all tensors but the factored projections, in transformers' in-memory names
-                                (routers, shared experts, attention, embeddings, dense `experts.down_proj` ...)
-    banks.safetensors           the GloBE artifact (globe.save), so `globe.load(dir)` works on it too
-    globe_config.json
-    globe_compressed.json       {"format_version", "weights", "dtype", "model_type", "families", ...}
+    save_compressed("path/to/model", "art/", "compressed/")       # or an in-memory model (original or patched)
+    model = AutoModelForCausalLM.from_pretrained("compressed/", dtype=torch.bfloat16)   # after `import globe`
+    model = load_compressed("compressed/", mode="cached", dtype=torch.float32, device="cuda")
+
+Directory layout (every file moved into place atomically):
+    config.json                 the model's config plus `quantization_config` {"quant_method": "globe", ...}
+                                (see globe.export.hf_quantizer)
+    model.safetensors           the patched model's state dict: banks once, per-layer adapters / sparse codes /
+                                untouched projections, everything else as transformers stores it; factors in
+                                the dtype the model was patched with (by default the checkpoint's)
+    globe_config.json           provenance of the fit: source, config, params, metrics (no tensors)
     tokenizer*, generation_config.json   copied from the source when present
 
-The weights file is deliberately not called model.safetensors: stock transformers refuses the directory instead of
-silently initialising the missing experts at random. `load_compressed` builds the model skeleton without
-initialising it, applies the artifact and loads the rest with a strict key check.
+Checkpoints of format 1 (globe_compressed.json + globe_model.safetensors + banks.safetensors) are still read by
+load_compressed.
 """
 from __future__ import annotations
 
@@ -24,24 +27,36 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from globe.artifact import check_compatible, load, save
+from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, config_document, load
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
 from globe.errors import ArtifactError
-from globe.export.files import copy_side_files, load_model, source_dir, unique_tensors, write_safetensors
+from globe.export.files import (check_finite_weights, copy_side_files, load_model, move_tree_files, source_dir,
+                                staging_dir, unique_tensors)
 from globe.io.model import experts_modules, model_arch, model_shape
-from globe.runtime.apply import apply_globe, dense_parts
+from globe.runtime.apply import apply_globe, dense_parts, set_collect_stats, set_mode
 from globe.runtime.experts import GLOBE_STATE, GlobeExperts
 
 log = logging.getLogger(__name__)
 
-COMPRESSED_FORMAT_VERSION = 1
-MARKER_FILE = "globe_compressed.json"
-WEIGHTS_FILE = "globe_model.safetensors"
+COMPRESSED_FORMAT_VERSION = 1              # of the format-1 marker file, read only
+MARKER_FILE = "globe_compressed.json"       # format 1
+WEIGHTS_FILE = "globe_model.safetensors"    # format 1
 
 
 def is_compressed(path: str | Path) -> bool:
-    return (Path(path) / MARKER_FILE).is_file()
+    """Whether `path` is a GloBE compressed checkpoint (config.json with quant_method "globe", or format 1)."""
+    path = Path(path)
+    if (path / MARKER_FILE).is_file():
+        return True
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(quant, dict):
+        raise ArtifactError(f"{path / 'config.json'}: quantization_config must be an object (got {quant!r}); "
+                            f"re-export the checkpoint or remove the key")
+    return quant.get("quant_method") == "globe"
 
 
 def runtime_state_dict(model: nn.Module, families: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -62,33 +77,53 @@ def runtime_state_dict(model: nn.Module, families: set[str] | None = None) -> di
     return state
 
 
+def _patched(model_or_dir: nn.Module | str | Path, result: FitResult) -> nn.Module:
+    """The model patched with `result`: loaded from a directory, or a patched copy of an in-memory original."""
+    import copy
+    if not isinstance(model_or_dir, nn.Module):
+        return apply_globe(load_model(model_or_dir), result, mode="factored")
+    check_compatible(result, model_shape(model_or_dir))
+    if any(isinstance(m, GlobeExperts) for m in experts_modules(model_or_dir).values()):
+        return model_or_dir
+    return apply_globe(copy.deepcopy(model_or_dir), result, mode="factored")
+
+
 def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path,
-                    out_dir: str | Path) -> Path:
-    """Write the compressed checkpoint of a model (directory or in-memory, original or patched) to out_dir."""
-    model = model_or_dir if isinstance(model_or_dir, nn.Module) else load_model(model_or_dir)
+                    out_dir: str | Path, max_shard_size: str | int = "5GB", mode: str | None = None) -> Path:
+    """Write the compressed checkpoint of a model (directory or in-memory, original or patched) to out_dir.
+
+    It is `save_pretrained` of the patched model (factors in the dtype it was patched with: for a directory, the
+    checkpoint's dtype) plus the fit's globe_config.json and the source's tokenizer files. mode: the runtime mode
+    the checkpoint loads in (default: a patched model's own, else `cached`)."""
     result = artifact if isinstance(artifact, FitResult) else load(artifact)
-    shape = model_shape(model)
-    check_compatible(result, shape)
-    patched = shape.factored is not None
+    patched = any(isinstance(m, GlobeExperts) for m in experts_modules(model_or_dir).values()) \
+        if isinstance(model_or_dir, nn.Module) else False
+    model = _patched(model_or_dir, result)
     out = Path(out_dir)
-    spec, _ = model_arch(model)
-    first = next(iter(experts_modules(model).values()))
-    globe_dtype = (first.bank[first.factored[0]] if patched else first.gate_up_proj).dtype   # storage of the factors
-    save(result, out, dtype=globe_dtype)      # the runtime rounds the factors to this dtype anyway
-    tensors = unique_tensors(runtime_state_dict(model, set(result.families)))
-    write_safetensors(out / WEIGHTS_FILE, tensors, {"format": "pt", "globe_compressed": str(COMPRESSED_FORMAT_VERSION)})
-    atomic_write_text(out / "config.json", model.config.to_json_string())
+    quant = model.config.quantization_config
+    saved_mode = quant["mode"] if isinstance(quant, dict) else quant.mode
+    new_mode = mode or (saved_mode if patched else "cached")
+    _set_quant_mode(quant, new_mode)
+    try:
+        with staging_dir(out) as staging:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            written = move_tree_files(Path(staging), out)
+    finally:
+        _set_quant_mode(quant, saved_mode)
+    for stale in (MARKER_FILE, WEIGHTS_FILE, BANKS_FILE):          # a format-1 checkpoint written here before
+        (out / stale).unlink(missing_ok=True)
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
     src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
-    copied = copy_side_files(src, out)
-    if "generation_config.json" not in copied and getattr(model, "generation_config", None) is not None:
-        atomic_write_text(out / "generation_config.json", model.generation_config.to_json_string())
-    import transformers
-    marker = {"format_version": COMPRESSED_FORMAT_VERSION, "weights": WEIGHTS_FILE, "dtype": _name(model.dtype),
-              "globe_dtype": _name(globe_dtype), "model_type": spec.model_type, "families": sorted(result.families),
-              "transformers_version": transformers.__version__}
-    atomic_write_text(out / MARKER_FILE, json.dumps(marker, indent=1))
-    log.info("compressed checkpoint written to %s (%d dense tensors)", out, len(tensors))
+    copied = copy_side_files(src, out, skip=tuple(written))
+    log.debug("compressed export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
     return out
+
+
+def _set_quant_mode(quant, mode: str) -> None:
+    if isinstance(quant, dict):
+        quant["mode"] = mode
+    else:
+        quant.mode = mode
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -139,16 +174,56 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def load_compressed(path: str | Path, mode: str = "cached", cache_size: int | None = None,
+def load_compressed(path: str | Path, mode: str | None = None, cache_size: int | None = None,
                     device: str | torch.device | None = None, collect_stats: bool = False,
-                    max_gathered_pairs: int = 16) -> nn.Module:
-    """A patched model from a compressed checkpoint directory (see save_compressed); logits equal the
-    in-memory model patched with the same artifact."""
+                    max_gathered_pairs: int | None = None, dtype: torch.dtype | str | None = None,
+                    cache_bytes: int | None = None) -> nn.Module:
+    """A patched model from a compressed checkpoint directory (see save_compressed): from_pretrained with the
+    runtime mode (default: the checkpoint's), cache size or budget, dtype (default: as stored) and device asked for.
+    Logits equal the original model patched with the same artifact, in the same dtype and mode."""
     path = Path(path)
+    if (path / MARKER_FILE).is_file():
+        model = _load_format_1(path, mode or "cached", cache_size, collect_stats, max_gathered_pairs or 16, dtype)
+        return model.to(device) if device is not None else model
+    import transformers
+    if not (path / "config.json").is_file():
+        raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (no config.json); write one with "
+                            f"`globe export ART --model MODEL_DIR -o {path}`")
+    config = transformers.AutoConfig.from_pretrained(path)
+    quant = getattr(config, "quantization_config", None)
+    quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
+    if quant.get("quant_method") != "globe":
+        raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (config.json has no quantization_config "
+                            f"with quant_method 'globe'); write one with `globe export ART --model MODEL_DIR -o {path}`")
+    quant.update({k: v for k, v in {"mode": mode, "cache_bytes": cache_bytes,
+                                    "max_gathered_pairs": max_gathered_pairs}.items() if v is not None})
+    config.quantization_config = quant
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ArtifactError(f"no model.safetensors in {path}: the checkpoint is incomplete; re-export it")
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto",
+                                                                    device_map=device, output_loading_info=True)
+    missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+    if missing or unexpected or info.get("mismatched_keys"):
+        raise ArtifactError(f"{weights[0]} does not fit config.json: missing {missing[:3]}, unexpected "
+                            f"{unexpected[:3]}, mismatched {sorted(info.get('mismatched_keys') or [])[:3]}; "
+                            "re-export the checkpoint")
+    check_finite_weights(model, weights[0])              # banks, adapters, codes and the rest: no NaN/Inf
+    if cache_size is not None:
+        set_mode(model, quant.get("mode", "cached"), cache_size)
+    set_collect_stats(model, collect_stats)
+    return model.eval()
+
+
+def _load_format_1(path: Path, mode: str, cache_size: int | None, collect_stats: bool, max_gathered_pairs: int,
+                   dtype: torch.dtype | str | None) -> nn.Module:
+    """A format-1 checkpoint (globe_compressed.json + globe_model.safetensors + banks.safetensors)."""
     marker = _read_marker(path)
-    model = _skeleton(path, getattr(torch, marker["dtype"]))
+    model_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _skeleton(path, model_dtype or getattr(torch, marker["dtype"]))
+    factor_dtype = model_dtype or getattr(torch, marker.get("globe_dtype", marker["dtype"]))
     apply_globe(model, load(path), mode=mode, cache_size=cache_size, collect_stats=collect_stats,
-                dtype=getattr(torch, marker.get("globe_dtype", marker["dtype"])), max_gathered_pairs=max_gathered_pairs)
+                dtype=factor_dtype, max_gathered_pairs=max_gathered_pairs)
     try:
         tensors = load_file(str(path / marker["weights"]))
     except (FileNotFoundError, SafetensorError, OSError) as exc:
@@ -158,6 +233,88 @@ def load_compressed(path: str | Path, mode: str = "cached", cache_size: int | No
     if missing or unexpected:
         raise ArtifactError(f"{path / marker['weights']} does not fit config.json: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}; re-export the checkpoint")
-    model.load_state_dict(tensors, strict=False)
-    model.eval()
-    return model.to(device) if device is not None else model
+    model.load_state_dict({k: v.to(model_dtype) if model_dtype and v.is_floating_point() else v
+                           for k, v in tensors.items()}, strict=False)
+    return model.eval()
+
+
+def load_artifact(path: str | Path) -> FitResult:
+    """The FitResult an artifact directory or a compressed checkpoint holds (for plots, `globe export`, info).
+
+    From a compressed checkpoint the factors come from model.safetensors (fp32, exactly the stored values) and the
+    provenance from globe_config.json; the z-score scales are folded into the adapters there, so they read 1."""
+    path = Path(path)
+    if not is_compressed(path) or (path / MARKER_FILE).is_file():
+        return load(path)
+    from globe.artifact import _read_json
+    from globe.fit.config import FitConfig
+    from globe.io.arch import get_arch
+    config = json.loads((path / "config.json").read_text())
+    doc = _read_json(path / CONFIG_FILE)
+    spec, families = get_arch(config), {}
+    with _open_weights(path) as tensors:
+        for name in config["quantization_config"]["families"]:
+            families[name] = _family_from_layers(name, spec, config, tensors, doc)
+    return FitResult(families=families, config=FitConfig.from_dict(doc["config"]), source=doc.get("source", {}),
+                     timings=doc.get("timings", {}))
+
+
+class _open_weights:
+    """{key: tensor} reader over every *.safetensors file of a directory (lazy, one file handle each)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+        self.files = [safe_open(str(f), "pt") for f in sorted(path.glob("*.safetensors"))]
+        if not self.files:
+            raise ArtifactError(f"no model.safetensors in {path}: the checkpoint is incomplete; re-export it")
+        self.where = {k: fh for fh in self.files for k in fh.keys()}
+
+    def __enter__(self) -> "_open_weights":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.files.clear()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.where:
+            raise ArtifactError(f"compressed checkpoint lacks tensor {key}; re-export it")
+        return self.where[key].get_tensor(key)
+
+
+def _family_from_layers(name: str, spec, config: dict, tensors: _open_weights, doc: dict):
+    """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint."""
+    from globe.core.result import FamilyFit
+    layers = spec.moe_layers(config)
+    adapters, codes, ids = [], [], []
+    bank = tensors[f"{spec.experts_path(min(layers))}.bank.{name}"].float()
+    for layer in layers:
+        prefix = spec.experts_path(layer)
+        index, values = tensors[f"{prefix}.code_indices.{name}"], tensors[f"{prefix}.code_values.{name}"].float()
+        dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]
+        adapters.append(tensors[f"{prefix}.adapters.{name}"].float())
+        codes.append(dense)
+        ids.append(torch.tensor([[layer, e] for e in range(index.shape[0])]))
+    n = sum(a.shape[0] for a in adapters)
+    return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
+                     scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
+                     metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}))
+
+
+def describe_compressed(path: str | Path) -> dict:
+    """What a compressed checkpoint is, from its JSON files only: source, families, mode, params and bytes."""
+    from globe.artifact import _read_json
+    path = Path(path)
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    doc = _read_json(path / CONFIG_FILE)
+    inv = doc.get("source", {}).get("inventory") or {}
+    params, total = doc.get("params", {}), inv.get("total_params")
+    saved = sum(params[f"dense_{f}"] - params[f] for f in quant.get("families", {}) if f in params)
+    return {"compressed": True, "path": str(path), "source": doc.get("source", {}).get("model_dir"),
+            "model_type": doc.get("source", {}).get("model_type"), "quant_method": quant.get("quant_method"),
+            "format_version": quant.get("format_version"), "mode": quant.get("mode"),
+            "families": {f: {**v, "params": params.get(f), "dense_params": params.get(f"dense_{f}"),
+                             "rel_err": doc.get("metrics", {}).get(f, {}).get("rel_err")}
+                         for f, v in quant.get("families", {}).items()},
+            "total_params_before": total, "total_params_after": total - saved if total else None,
+            "total_cut": saved / total if total else None,
+            "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors"))}

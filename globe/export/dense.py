@@ -94,6 +94,22 @@ def hub_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[Non
             model._weight_conversions = saved
 
 
+@contextmanager
+def unquantized(model: nn.Module) -> Iterator[None]:
+    """Hide a patched model's GloBE `quantization_config` and quantizer while save_pretrained writes dense weights
+    (the dense checkpoint is an ordinary one: stock transformers must load it as such)."""
+    config = getattr(model, "config", None)
+    saved = {"config": config.__dict__.pop("quantization_config", _ABSENT) if config is not None else _ABSENT,
+             "model": model.__dict__.pop("hf_quantizer", _ABSENT)}
+    try:
+        yield
+    finally:
+        if saved["config"] is not _ABSENT:
+            config.quantization_config = saved["config"]
+        if saved["model"] is not _ABSENT:
+            model.hf_quantizer = saved["model"]
+
+
 def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path, out_dir: str | Path,
                  max_shard_size: str | int = "5GB") -> Path:
     """Write a dense-reconstructed checkpoint in the model's Hugging Face format to out_dir; returns out_dir."""
@@ -101,10 +117,10 @@ def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str
     out = Path(out_dir)
     state = dense_state_dict(model, result)
     with staging_dir(out) as staging:
-        with hub_layout(model, state):
+        with hub_layout(model, state), unquantized(model):
             model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         written = move_tree_files(Path(staging), out)
     src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
     copied = copy_side_files(src, out, skip=tuple(written))
-    log.info("dense checkpoint written to %s (%s; copied %s)", out, ", ".join(written), ", ".join(copied) or "none")
+    log.debug("dense export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
     return out

@@ -36,7 +36,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | str = "auto", device:
     from globe.io import open_checkpoint
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise ModelDirError(f"no config.json in {str(path)!r}; pass a Hugging Face checkpoint directory")
+        from globe.io.shards import missing_config_message
+        raise ModelDirError(missing_config_message(path))
     with open_checkpoint(path):
         pass
     try:

@@ -125,6 +125,14 @@ class FitConfig:
 
     def validate(self) -> "FitConfig":
         b, s, t, a, nl = self.bank, self.sparsity, self.train, self.activation, self.nonlinear
+        if b.m is not None and b.m > 0 and s.target_support == SparsityConfig.target_support and s.target_support > b.m:
+            s.target_support = max(1, b.m // 2)                         # the default adapts to an explicit m
+            log.warning("bank.m=%d is below the default target support %d: target support set to %d (pass "
+                        "--target-support / sparsity.target_support to choose)", b.m, SparsityConfig.target_support,
+                        s.target_support)
+        if 0.95 < b.budget < 1.0 and (b.m is None or b.r is None):
+            log.warning("bank.budget %.4g keeps %.1f %% of the dense parameters: it saves almost nothing", b.budget,
+                        100 * b.budget)
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),

@@ -28,6 +28,20 @@ _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat
            "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
+def missing_config_message(model_dir: Path) -> str:
+    """Why a directory without config.json is not a checkpoint, and what to pass instead."""
+    where = repr(str(model_dir))
+    if (model_dir / "banks.safetensors").is_file() or (model_dir / "globe_config.json").is_file():
+        return (f"{where} is a GloBE artifact, not a model: pass the checkpoint it was fitted on as MODEL_DIR "
+                f"and the artifact with --globe {model_dir}")
+    if model_dir.name.startswith("models--") and (model_dir / "snapshots").is_dir():
+        snapshots = sorted(p.name for p in (model_dir / "snapshots").iterdir())
+        hint = f"{model_dir / 'snapshots' / snapshots[-1]}" if snapshots else "its snapshots/<revision> directory"
+        return (f"{where} is a Hugging Face cache root, not a checkpoint: pass {hint} or the hub id "
+                f"{'/'.join(model_dir.name.split('--')[1:])}")
+    return f"no config.json in {where}; pass a Hugging Face checkpoint directory"
+
+
 def read_config(model_dir: Path) -> dict[str, Any]:
     """config.json as a dict; ModelDirError if the directory or file is missing, ConfigError if it is not JSON."""
     if not model_dir.is_dir():
@@ -35,7 +49,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
                             f"directory (config.json + *.safetensors)")
     path = model_dir / "config.json"
     if not path.is_file():
-        raise ModelDirError(f"no config.json in {str(model_dir)!r}; pass a Hugging Face checkpoint directory")
+        raise ModelDirError(missing_config_message(model_dir))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from globe import tracking
-from globe.core import outputs
 from globe.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.core import outputs
 from globe.core.files import atomic_write_text
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, GlobeError
 from globe.eval import encode_text, evaluate
 from globe.eval.harness import run_tasks
 from globe.eval.plots import write_plots
+from globe.export import is_compressed, load_artifact
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval
 from globe.run.tokenizer import read_text
@@ -47,11 +48,22 @@ class EvalText:
     no_speed: bool = False
 
 
+def _source_of(spec: ModelLoad) -> Path:
+    """The checkpoint a model comes from (a compressed export's source)."""
+    if is_compressed(spec.model_dir):
+        from globe.export.compressed import describe_compressed
+        return Path(describe_compressed(spec.model_dir).get("source") or spec.model_dir).resolve()
+    return Path(spec.model_dir).resolve()
+
+
 def evaluate_model(spec: ModelLoad, text: EvalText) -> dict:
     """evaluate() of the model described by spec, as a JSON-serialisable report."""
     body = read_text(text.text, "--text")                              # before the (slow) model load
     calib_text = read_text(text.calib, "--calib") if text.calib else None
     model, tokenizer = load_for_eval(spec)
+    if Path(text.text).resolve() == DEFAULT_TEXT.resolve() and _source_of(spec) != DEFAULT_MODEL_DIR.resolve():
+        log.warning("scoring %s, the embedded model's held-out text, on %s: pass --text FILE for this model's own",
+                    text.text, spec.model_dir)
     calib = calib_text if text.calib else encode_text(tokenizer, body)[:text.warmup_tokens]
     report = evaluate(model, tokenizer, body, max_length=text.max_length, stride=text.stride,
                       max_tokens=text.max_tokens, prefill_tokens=text.prefill_tokens,
@@ -72,7 +84,8 @@ def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots:
         report = evaluate_model(spec, text)
         tracking.emit("eval", **report)
     if plots:
-        artifact = spec.artifact or (spec.model_dir if (Path(spec.model_dir) / BANKS_FILE).is_file() else None)
+        artifact = spec.artifact or (load_artifact(spec.model_dir) if is_compressed(spec.model_dir) or
+                                     (Path(spec.model_dir) / BANKS_FILE).is_file() else None)
         report["plots"] = [str(p) for p in write_plots(plots, artifact=artifact, sweep=sweep)]
     return report
 
@@ -96,35 +109,85 @@ def bench_summary(reports: dict[str, dict]) -> dict[str, dict]:
                      "decode_tok_s": rep.get("speed", {}).get("decode_tok_s"),
                      "cache_hit_rate": (rep.get("cache") or {}).get("hit_rate"),
                      "routed_ratio": rep["footprint"]["routed_ratio"], "total_ratio": rep["footprint"]["total_ratio"],
+                     "model_bytes": rep["footprint"].get("model_bytes"),
+                     "runtime_ratio": rep["footprint"].get("runtime_ratio"),
                      "peak_rss_mb": rep["memory"]["peak_rss_mb"], "cuda_peak_mb": rep["memory"].get("cuda_peak_mb")}
     return out
 
 
+def bench_variants(spec: ModelLoad, modes: list[str], original: bool = True) -> dict[str, ModelLoad]:
+    """{variant name: ModelLoad}: "original" and one per runtime mode."""
+    variants: dict[str, ModelLoad] = {}
+    if is_compressed(spec.model_dir):
+        source = load_artifact(spec.model_dir).source.get("model_dir")
+        if original and source and Path(source).is_dir():
+            variants["original"] = dataclasses.replace(spec, model_dir=source, artifact=None, tokenizer=spec.tokenizer
+                                                       or spec.model_dir)
+        elif original:
+            log.warning("bench: the source model %s of %s is not here: no original to compare", source,
+                        spec.model_dir)
+        variants.update({mode: dataclasses.replace(spec, mode=mode) for mode in modes})
+    else:
+        if original:
+            variants["original"] = dataclasses.replace(spec, artifact=None)
+        if spec.artifact:
+            variants.update({mode: dataclasses.replace(spec, mode=mode) for mode in modes})
+    if not variants:
+        raise ArtifactError("nothing to benchmark: pass --globe OUT (or a compressed checkpoint) or drop --no-original")
+    return variants
+
+
+def evaluate_isolated(spec: ModelLoad, text: EvalText) -> dict:
+    """evaluate_model in a fresh Python process (a FitResult artifact, which cannot travel, runs in this one)."""
+    import subprocess
+    import sys
+    if spec.artifact is not None and not isinstance(spec.artifact, (str, Path)):
+        return evaluate_model(spec, text)
+    job = json.dumps({"spec": {**dataclasses.asdict(spec), "artifact": str(spec.artifact) if spec.artifact else None},
+                      "text": dataclasses.asdict(text)})
+    proc = subprocess.run([sys.executable, "-m", "globe.run.evaluate"], input=job, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GlobeError(f"evaluating {spec.model_dir} ({spec.mode}) in its own process failed: {last}")
+    return json.loads(lines[-1])
+
+
+def _worker() -> None:
+    """`python -m globe.run.evaluate`: one evaluate_model job from stdin, its report as the last stdout line."""
+    import sys
+    job = json.loads(sys.stdin.read())
+    report = evaluate_model(ModelLoad(**job["spec"]), EvalText(**job["text"]))
+    sys.stdout.write(json.dumps(report, default=float) + "\n")
+
+
 def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool = True,
-              metrics: str | None = None, out: str | None = None, overwrite: bool = False) -> dict:
+              metrics: str | None = None, out: str | None = None, isolate: bool = True,
+              overwrite: bool = False) -> dict:
     """The original model (unless original=False) and spec.artifact in each of `modes`, on the same text:
-    {"model_dir", "artifact", "summary", "reports"}, also written to `out` (JSON) when given (an existing
-    file only with overwrite)."""
+    {"model_dir", "artifact", "summary", "reports"}, also written to `out` (JSON) when given (an existing file
+    only with overwrite). spec.model_dir may be a compressed checkpoint: its modes are measured, against the
+    source model it records when that exists. Each variant runs in its own process (isolate), so that memory and
+    speed do not carry over between them."""
     claim = outputs.claim_output_file(out, "bench", overwrite) if out else contextlib.nullcontext()
     with claim:
-        return _bench(spec, modes, text, original, metrics, out)
+        return _bench(spec, modes, text, original, metrics, out, isolate)
 
 
 def _bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool, metrics: str | None,
-           out: str | None) -> dict:
-    variants = ([("original", "")] if original else []) + [(mode, spec.artifact) for mode in
-                                                            (modes if spec.artifact else [])]
-    if not variants:
-        raise ArtifactError("nothing to benchmark: pass --globe OUT or drop --no-original")
+           out: str | None, isolate: bool) -> dict:
     reports = {}
     with tracking.session(jsonl=metrics):
-        for name, artifact in variants:
+        for name, variant in bench_variants(spec, modes, original).items():
             log.info("bench: %s", name)
-            variant = dataclasses.replace(spec, artifact=artifact, mode=name if artifact else spec.mode)
-            reports[name] = evaluate_model(variant, text)
+            reports[name] = evaluate_isolated(variant, text) if isolate else evaluate_model(variant, text)
             tracking.emit("bench", variant=name, **reports[name])
     doc = {"model_dir": str(spec.model_dir), "artifact": spec.artifact, "summary": bench_summary(reports),
            "reports": reports}
     if out:
         atomic_write_text(Path(out), outputs.json_text(doc, indent=1))
     return doc
+
+
+if __name__ == "__main__":
+    _worker()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from globe.core import outputs
 from globe.artifact import check_compatible, check_same_weights, load
+from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, ModelDirError, OutputError
@@ -85,4 +85,5 @@ def export_message(run: ExportRun, out: Path) -> str:
     """The line both front ends print after an export."""
     if run.dense:
         return f"dense checkpoint written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)"
-    return f"compressed checkpoint written to {out} (load it with globe.load_compressed or `globe eval {out}`)"
+    return (f"compressed checkpoint written to {out} (load it with AutoModelForCausalLM.from_pretrained after "
+            f"`import globe`, or `globe eval {out}`)")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from globe import tracking
-from globe.core import outputs
 from globe.artifact import BANKS_FILE, load, save
+from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, GlobeError, OutputError
@@ -45,6 +45,34 @@ class FitRun:
     metrics: str | None = None                # JSONL metrics file (default OUT/metrics.jsonl)
     config_file: str | None = None            # the --config file the config came from (an input: never written)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def apply_total_cut(cfg: FitConfig, model_dir: str | Path, cut: float) -> FitConfig:
+    """cfg (changed in place) with the per-family budget that cuts `cut` of ALL the checkpoint's parameters,
+    every fitted family shrinking by the same fraction (the target support is lowered when no shape fits)."""
+    from globe.fit.budget import total_cut_budget
+    from globe.io import open_checkpoint
+    if not 0 < cut < 1:
+        raise ConfigError(f"--total-cut must be in (0, 1), not {cut}")
+    if cfg.bank.m is not None or cfg.bank.r is not None:
+        raise ConfigError("--total-cut sets the budget: drop --m / --r (or give --budget instead of --total-cut)")
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+    budget, support = total_cut_budget(cut, inv, tuple(cfg.bank.families), cfg.sparsity.target_support)
+    if support != cfg.sparsity.target_support:
+        log.info("total cut %.3f: target support lowered to %d so that a bank shape fits", cut, support)
+    cfg.bank.budget, cfg.sparsity.target_support = budget, support
+    log.info("total cut %.3f of %s params -> budget %.4f per family (%s)", cut, f"{inv.total_params:,}", budget,
+             ", ".join(cfg.bank.families))
+    return cfg.validate()
+
+
+def total_cut_of(result: FitResult) -> float | None:
+    """The cut of all the source checkpoint's parameters a fit achieves (None without an inventory)."""
+    total = (result.source.get("inventory") or {}).get("total_params")
+    if not total:
+        return None
+    return sum(result.params[f"dense_{f}"] - result.params[f] for f in result.families) / total
 
 
 def start_comm(run: FitRun):
@@ -91,6 +119,7 @@ def _fit_and_save(run: FitRun) -> FitResult | None:
         comm.close()                                      # after an error torchrun stops the other processes
         if result is None:                                 # not rank 0: rank 0 writes and reports
             return None
+        warn_support(result)
         save(result, out)
         if store is not None:
             store.clear()
@@ -109,6 +138,19 @@ def check_resume_target(out: Path, store: ResumeStore) -> None:
     if not store.has_matching():
         raise OutputError(f"output directory {out} holds a finished artifact: --resume only continues an "
                           f"interrupted fit; pass --overwrite to replace the artifact, or choose another -o")
+
+
+def warn_support(result: FitResult) -> list[str]:
+    """Warn for every family whose median support stayed below the target (the temperature cannot spread the
+    codes further on this model); returns those families."""
+    target = result.config.sparsity.target_support
+    short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5]
+    for name in short:
+        log.warning("%s: median support %.1f stayed below the target %d (the codes would not spread further at "
+                    "the maximum temperature); the fit is valid, pass --target-support %d to ask for what it reaches",
+                    name, result.families[name].metrics["median_support"], target,
+                    int(result.families[name].metrics["median_support"]))
+    return short
 
 
 def fit_summary(result: FitResult) -> dict[str, dict]:

@@ -30,6 +30,7 @@ class ModelLoad:
     artifact: str | FitResult | None = None   # artifact directory (or result) to patch the model with
     mode: str = CacheConfig.mode
     cache_size: int | None = None
+    cache_bytes: int | None = None            # cache budget of all layers (default: a fraction of the model)
     device: str = "cpu"
     dtype: str = "auto"                       # auto: the checkpoint's dtype, float32 where the device lacks it
     tokenizer: str | None = None              # default: the model directory
@@ -42,7 +43,9 @@ def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
     if is_compressed(spec.model_dir):
         if spec.artifact:
             raise ArtifactError(f"{spec.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
-        model = load_compressed(spec.model_dir, mode=spec.mode, cache_size=spec.cache_size, device=device)
+        dtype = compute_dtype(spec.model_dir, device, spec.dtype)          # as asked, not silently the stored one
+        model = load_compressed(spec.model_dir, mode=spec.mode, cache_size=spec.cache_size, device=device,
+                                dtype=None if dtype == "auto" else dtype, cache_bytes=spec.cache_bytes)
     else:
         loaded = None
         if spec.artifact:
@@ -51,5 +54,5 @@ def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
             check_same_weights(loaded, spec.model_dir, force=spec.force)
         model = load_model(spec.model_dir, dtype=compute_dtype(spec.model_dir, device, spec.dtype), device=str(device))
         if loaded is not None:
-            apply_globe(model, loaded, mode=spec.mode, cache_size=spec.cache_size)
+            apply_globe(model, loaded, mode=spec.mode, cache_size=spec.cache_size, cache_bytes=spec.cache_bytes)
     return model, load_tokenizer(spec.tokenizer or spec.model_dir)

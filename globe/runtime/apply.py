@@ -17,11 +17,14 @@ import torch
 from torch import nn
 
 from globe.artifact import check_compatible, load
-from globe.core.mixing import sparse_codes
+from globe.core.mixing import SparseCodes, sparse_codes
 from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError, ConfigError
 from globe.io.model import experts_modules, model_arch, model_shape, moe_layers  # noqa: F401  (re-exported)
 from globe.runtime.experts import MODES, GlobeExperts
+from globe.runtime.memory import cache_capacity, default_cache_bytes, dense_model_bytes, model_bytes
+
+HF_FORMAT_VERSION = 2          # version of the `quantization_config` / compressed checkpoint layout
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,21 @@ def dense_parts(module: nn.Module, factored: set[str]) -> dict[str, nn.Parameter
     return dense
 
 
+def family_codes(result: FitResult) -> dict[str, SparseCodes]:
+    """{family: SparseCodes [N, k]} of every row, one width k per family (so every layer's codes have the same
+    shape, as a compressed checkpoint stores them; padding adds exact zeros)."""
+    return {name: sparse_codes(fam.codes.float()) for name, fam in result.families.items()}
+
+
 def _build_layer(module: nn.Module, layer: int, result: FitResult, rows: dict[str, dict[int, torch.Tensor]],
-                 banks: dict[str, nn.Parameter], dtype: torch.dtype, max_gathered_pairs: int) -> GlobeExperts:
+                 banks: dict[str, nn.Parameter], dtype: torch.dtype, max_gathered_pairs: int,
+                 all_codes: dict[str, SparseCodes]) -> GlobeExperts:
     device = module.down_proj.device
     codes, adapters = {}, {}
     for name, fam in result.families.items():
         r = rows[name][layer]
-        idx, values = sparse_codes(fam.codes[r].float())
-        codes[name] = (idx.to(device), values.to(device=device, dtype=dtype))
+        idx, values = all_codes[name]
+        codes[name] = (idx[r].to(device), values[r].to(device=device, dtype=dtype))
         adapters[name] = fam.adapters[r].to(device=device, dtype=dtype)
     num_experts, two_p, d = module.gate_up_proj.shape
     return GlobeExperts(layer, num_experts, d, two_p // 2, module.act_fn, banks,
@@ -73,13 +83,35 @@ def _build_layer(module: nn.Module, layer: int, result: FitResult, rows: dict[st
                         dense_parts(module, set(result.families)), max_gathered_pairs, module.gate_up_proj.dtype)
 
 
+def share_banks(model: nn.Module) -> None:
+    """Declare every layer's bank but the first MoE layer's as a tied copy, so that transformers' save_pretrained
+    writes the bank once (instead of refusing the shared tensors) and from_pretrained ties it back."""
+    modules = globe_modules(model)
+    for layer, module in modules.items():
+        module._tied_weights_keys = ({} if layer == min(modules) else
+                                     {f"bank.{f}": f"bank.{f}" for f in module.factored})
+
+
+def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = None) -> dict:
+    """The `quantization_config` entry of config.json that describes a patched model (see globe.export.hf_quantizer)."""
+    first = globe_modules(model)[min(globe_modules(model))]
+    families = {f: {"m": int(first.bank[f].shape[0]), "r": int(first.bank[f].shape[1]),
+                    "k": int(first.code_indices[f].shape[1]), "phi": first.phis[f]} for f in first.factored}
+    return {"quant_method": "globe", "format_version": HF_FORMAT_VERSION, "families": families, "mode": mode,
+            "cache_bytes": cache_bytes, "max_gathered_pairs": first.max_gathered_pairs,
+            "factor_dtype": str(first.bank[first.factored[0]].dtype).removeprefix("torch."),
+            "model_dtype": str(first.source_dtype).removeprefix("torch.")}
+
+
 def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = "cached",
                 cache_size: int | None = None, dtype: torch.dtype | None = None, collect_stats: bool = False,
-                max_gathered_pairs: int = 16) -> nn.Module:
+                max_gathered_pairs: int = 16, cache_bytes: int | None = None) -> nn.Module:
     """Replace the routed experts of every MoE layer of `model` (in place) by GlobeExperts; returns `model`.
 
     artifact: a FitResult or an artifact directory (globe.save). mode: factored | cached | dense.
-    cache_size: experts per layer kept precomposed in `cached` mode (default: half the experts).
+    cache_size: experts per layer kept precomposed in `cached` mode; by default the cache is sized by
+    cache_bytes, the bytes of all layers' caches together (default: DEFAULT_CACHE_FRACTION of the original model's
+    bytes, so the patched model holds at most its stored bytes plus that fraction).
     dtype: storage dtype of banks/adapters/codes (default: the experts' dtype). collect_stats: count cache
     hits/misses. max_gathered_pairs: batches with at most this many (token, expert) pairs (decode) run as batched
     matmuls over per-pair gathered weights instead of grouped GEMMs.
@@ -95,19 +127,34 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     device = first.gate_up_proj.device
     banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype), requires_grad=False)
              for n, f in result.families.items()}
+    original_bytes = model_bytes(model)
+    all_codes = family_codes(result)
     for layer, module in modules.items():
-        new = _build_layer(module, layer, result, rows, banks, dtype, max_gathered_pairs)
-        new.set_mode(mode, cache_size)
-        if new.cache is not None:
-            new.cache.collect_stats = collect_stats
-        model.set_submodule(spec.experts_path(layer), new)
+        model.set_submodule(spec.experts_path(layer),
+                            _build_layer(module, layer, result, rows, banks, dtype, max_gathered_pairs, all_codes))
+    share_banks(model)
+    set_mode(model, mode, cache_size, cache_bytes, original_bytes)
+    set_collect_stats(model, collect_stats)
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = quantization_config(model, mode, cache_bytes)
     log.info("applied GloBE (%s mode) to %d MoE layers: families %s", mode, len(modules), ", ".join(result.families))
     return model
 
 
-def set_mode(model: nn.Module, mode: str, cache_size: int | None = None) -> None:
-    """Switch every GlobeExperts of a patched model to another mode (dense weights rebuilt in fp32 from storage)."""
-    for module in globe_modules(model).values():
+def set_mode(model: nn.Module, mode: str, cache_size: int | None = None, cache_bytes: int | None = None,
+             original_bytes: int | None = None) -> None:
+    """Switch every GlobeExperts of a patched model to another mode (dense weights rebuilt in fp32 from storage).
+
+    In `cached` mode each layer keeps `cache_size` experts or, when it is None, as many as `cache_bytes` (all layers
+    together; default DEFAULT_CACHE_FRACTION of `original_bytes`, the unpatched model's bytes) allows.
+    """
+    modules = globe_modules(model)
+    if mode == "cached" and cache_size is None:
+        budget = default_cache_bytes(original_bytes or dense_model_bytes(model)) if cache_bytes is None else cache_bytes
+        if budget < 0:
+            raise ConfigError(f"cache_bytes must be >= 0, not {budget}")
+        cache_size = min(cache_capacity(m, budget // max(len(modules), 1)) for m in modules.values())
+    for module in modules.values():
         module.set_mode(mode, cache_size)
 
 

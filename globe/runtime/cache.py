@@ -101,6 +101,14 @@ class MixedCache(nn.Module):
             rows = composed[f] if every_row else composed[f].index_select(0, row_index)
             self.slots(f).index_copy_(0, slot_index, rows.to(self.slots(f).dtype))
 
+    def count(self, experts: list[int]) -> None:
+        """Count one access of distinct `experts` (hits: resident ones) without touching the LRU order: a batch
+        the runtime served without the cache (projected) still shows in the hit rate."""
+        if self.collect_stats:
+            hits = sum(e in self.order for e in experts)
+            self.hits += hits
+            self.misses += len(experts) - hits
+
     def warm_up(self, counts: torch.Tensor, compose: Compose) -> list[int]:
         """Preload the (up to `capacity`) experts routed most often in `counts` [E]; resets the counters.
 

@@ -5,8 +5,11 @@ Per projection (gate, up: W [p, d]; down: W [d, p]) the module holds either GloB
 shared with every layer, plus this layer's sparse codes and adapters) or the untouched dense weights [E, out, in].
 
 Modes:
-  factored  mix tilde_B_e = phi(sum_j alpha_ej B_j) for the experts routed in this batch, then x -> A_e (tilde_B_e x)
-  cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts
+  factored  mix tilde_B_e = phi(sum_j alpha_ej B_j) for the experts routed in this batch, then x -> A_e (tilde_B_e x);
+            with phi = identity and few tokens (decode), project the tokens on the whole bank instead (z = B x, one
+            GEMM) and sum each expert's atoms of z with its codes, when that is fewer atoms than mixing
+  cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts; a batch whose
+            cache misses cost more atoms to mix than projecting its tokens is projected (counted, not inserted)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
@@ -76,6 +79,29 @@ class _Projection:
             return torch.bmm(rows, self.weight.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
         mixed = self.weight if route.positions is None else self.weight.index_select(0, route.positions)
         low = torch.bmm(rows, mixed.transpose(1, 2))                                 # [S, 1, r]
+        return torch.bmm(low, self.adapters.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
+
+
+@dataclass
+class _Projected:
+    """A factored projection (phi = identity) applied without mixing atoms: the input rows are projected on the
+    whole bank once, z = B x [n, m, r], and each pair takes its expert's code-weighted sum of its row's atoms
+    (sum_j alpha_ej z[row, j] = tilde_B_e x), then the adapters. Cheaper than mixing when n * m < U * k
+    (decode: one token, few experts routed)."""
+
+    bank: torch.Tensor          # [m, r, in]
+    indices: torch.Tensor       # [E, k]
+    values: torch.Tensor        # [E, k]
+    adapters: torch.Tensor      # [E, out, r]
+
+    def rows(self, x: torch.Tensor, row_of_pair: torch.Tensor | None, route: _Route) -> torch.Tensor:
+        """Input rows x [n, in] (per token, or per pair when row_of_pair is None) -> [S, out], pairs by expert."""
+        m, r, d = self.bank.shape
+        z = F.linear(x.to(self.bank.dtype), self.bank.reshape(m * r, d)).view(-1, m, r)       # [n, m, r]
+        rows = torch.arange(route.experts.numel(), device=x.device) if row_of_pair is None else row_of_pair
+        atoms = z[rows.unsqueeze(1), self.indices.index_select(0, route.experts)]             # [S, k, r]
+        weights = self.values.index_select(0, route.experts).to(z.dtype).unsqueeze(1)         # [S, 1, k]
+        low = torch.bmm(weights, atoms)                                                       # [S, 1, r]
         return torch.bmm(low, self.adapters.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
 
 
@@ -169,10 +195,10 @@ class GlobeExperts(nn.Module):
                                      persistent=False)
         self.mode = mode
 
-    def mixed_atoms(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def mixed_atoms(self, experts: torch.Tensor, families: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the storage dtype."""
         out = {}
-        for f in self.factored:
+        for f in self.factored if families is None else families:
             idx = experts.to(self.code_indices[f].device)
             codes = SparseCodes(self.code_indices[f][idx], self.code_values[f][idx])
             out[f] = compose(codes, self.bank[f], self.phis[f])
@@ -208,23 +234,52 @@ class GlobeExperts(nn.Module):
             flat, weights = flat[pair_ids], weights[pair_ids]
         if not expert_list:
             return out
-        projections = self._projections(experts, expert_list)
+        projected = self._projected_families(hidden_states.shape[0], flat.numel(), expert_list)
+        projections = self._projections(experts, expert_list, projected)
         order = torch.argsort(flat, stable=True)                                    # pairs sorted by expert
         tokens = (order if pair_ids is None else pair_ids[order]) // top_k
         route = _Route(flat.index_select(0, order), counts, self.num_experts, len(expert_list) == flat.numel())
         run = _Projection.pairs if flat.numel() <= self.max_gathered_pairs else _Projection.grouped
         gate, up, down = (projections[f] for f in PROJECTIONS)
         x = hidden_states.index_select(0, tokens)                                   # [S, d]
-        y = run(down, self.act_fn(run(gate, x, route)) * run(up, x, route), route)  # [S, d]
+
+        def apply(proj, rows: torch.Tensor, row_of_pair: torch.Tensor | None, pairs: torch.Tensor) -> torch.Tensor:
+            return proj.rows(rows, row_of_pair, route) if isinstance(proj, _Projected) else run(proj, pairs, route)
+
+        h = self.act_fn(apply(gate, hidden_states, tokens, x)) * apply(up, hidden_states, tokens, x)   # [S, p]
+        y = apply(down, h, None, h)                                                 # [S, d]
         return out.index_add_(0, tokens, (y * weights.index_select(0, order)[:, None]).to(out.dtype))
 
-    def _projections(self, experts: torch.Tensor, expert_list: list[int]) -> dict[str, _Projection]:
+    def _projected_families(self, num_tokens: int, num_pairs: int, expert_list: list[int]) -> set[str]:
+        """Factored families (phi = identity) cheaper to project than to mix for this batch: rows projected x atoms
+        (tokens for gate/up, pairs for down) < experts to mix x code width. In factored mode every hit expert is
+        mixed; in cached mode only the misses are, and all families go one way (the cache holds them together):
+        a projected batch is counted as a lookup but inserts nothing."""
+        if self.mode == "dense" or any(self.phis[f] != "identity" for f in self.factored):
+            return set()
+        rows = {f: (num_pairs if f == "down" else num_tokens) * self.bank[f].shape[0] for f in self.factored}
+        width = {f: self.code_indices[f].shape[1] for f in self.factored}
+        if self.cache is None:
+            return {f for f in self.factored if rows[f] < len(expert_list) * width[f]}
+        misses = sum(e not in self.cache.order for e in expert_list)
+        return set(self.factored) if sum(rows.values()) < misses * sum(width.values()) else set()
+
+    def _projections(self, experts: torch.Tensor, expert_list: list[int],
+                     projected: set[str] = frozenset()) -> dict[str, _Projection | _Projected]:
         if self.mode == "dense":
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
-        mixed = self.cache.fetch(expert_list, self.mixed_atoms) if self.cache is not None \
-            else self.mixed_atoms(experts)
-        return {f: _Projection(mixed[f], self.adapters[f]) if f in self.factored
-                else _Projection(self.dense_weight(f)) for f in PROJECTIONS}
+        out: dict[str, _Projection | _Projected] = {
+            f: _Projected(self.bank[f], self.code_indices[f], self.code_values[f], self.adapters[f])
+            for f in projected}
+        mixing = tuple(f for f in self.factored if f not in projected)
+        if not mixing and self.cache is not None:
+            self.cache.count(expert_list)                      # projected: looked up, not inserted
+        if mixing:
+            mixed = (self.cache.fetch(expert_list, self.mixed_atoms) if self.cache is not None
+                     else self.mixed_atoms(experts, mixing))
+            out.update({f: _Projection(mixed[f], self.adapters[f]) for f in mixing})
+        out.update({f: _Projection(self.dense_weight(f)) for f in PROJECTIONS if f not in self.factored})
+        return out
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, experts={self.num_experts}, factored={list(self.factored)}, "

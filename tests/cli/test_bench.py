@@ -44,3 +44,18 @@ def test_bench_needs_something_to_run(setup, capsys):
     model_dir, _, text = setup
     assert cli.main(["bench", str(model_dir), "--no-original", "--text", str(text), *ARGS]) == 2
     assert "nothing to benchmark" in capsys.readouterr().err
+
+
+def test_bench_of_a_compressed_checkpoint_compares_it_with_its_source(setup, tmp_path, capsys):
+    model_dir, art, text = setup
+    compressed = globe.save_compressed(model_dir, art, tmp_path / "compressed")
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", str(compressed), "--modes", "cached", "factored", "--text", str(text),
+                     "-o", str(out), *ARGS]) == 0
+    table = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert list(doc["summary"]) == ["original", "cached", "factored"] and "held MB" in table
+    s = doc["summary"]
+    assert s["original"]["runtime_ratio"] == 1.0 and s["factored"]["runtime_ratio"] < 1
+    assert s["cached"]["perplexity"] == pytest.approx(s["factored"]["perplexity"], rel=1e-4)
+    assert doc["reports"]["original"]["model"]["path"] == globe.export.load_artifact(compressed).source["model_dir"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers.subproc import subprocess_env
+from globe.export import is_compressed
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def test_info_fit_export_eval(tmp_path):
 
     export = globe_cli("export", "art", "-o", "compressed", cwd=tmp_path)
     assert "compressed checkpoint written" in export.stdout
-    assert (tmp_path / "compressed" / "globe_compressed.json").is_file()
+    assert is_compressed(tmp_path / "compressed")                      # config.json: quant_method "globe"
 
     report = json.loads(globe_cli("eval", "compressed", "--max-tokens", "512", "--max-length", "128",
                                   "--prefill-tokens", "32", "--decode-tokens", "4", "--repeats", "1",

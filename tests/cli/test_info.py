@@ -66,3 +66,19 @@ def test_info_bad_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("globe info: error: model_type 'llama' is not supported") and "\n" not in err
+
+
+def test_info_of_a_compressed_checkpoint(tiny_checkpoint, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from globe.export import save_compressed
+    from tests.helpers.fits import quick_fit
+    path = tiny_checkpoint("qwen2_moe")
+    result = quick_fit(path)
+    out = save_compressed(path, result, tmp_path / "c")
+    assert cli.main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "GloBE compressed checkpoint" in text and f"made from    {path}" in text and "family gate" in text
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    saved = sum(result.params[f"dense_{f}"] - result.params[f] for f in result.families)
+    assert info["total_params_before"] - info["total_params_after"] == saved
+    assert info["families"]["up"]["m"] == result.families["up"].shape["m"]

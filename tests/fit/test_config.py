@@ -72,3 +72,22 @@ def test_nonlinear_section_round_trips_validates_and_is_optional():
         bad = FitConfig(nonlinear=NonlinearConfig(**{field: value}))
         with pytest.raises(ConfigError, match=f"nonlinear.{field}"):
             bad.validate()
+
+
+def test_default_target_support_adapts_to_an_explicit_small_m(caplog):
+    """README's `python -m globe.fit_banks ... bank.m=8` and `globe fit --m 8` used to fail on the default support."""
+    cfg = FitConfig(bank=BankConfig(m=8))
+    assert cfg.validate().sparsity.target_support == 4 and "target support set to 4" in caplog.text
+    with pytest.raises(ConfigError, match="target_support"):                  # an explicit clash still fails
+        FitConfig(bank=BankConfig(m=8), sparsity=SparsityConfig(target_support=9)).validate()
+    from globe.hydra_app import compose_run_config
+    assert compose_run_config(["model=tiny", "bank.m=8", "train.am_iters=2", "out=runs/hydra"]).fit_config() \
+        .sparsity.target_support == 4
+
+
+def test_a_budget_that_saves_almost_nothing_is_warned_about(caplog):
+    FitConfig(bank=BankConfig(budget=0.9999)).validate()
+    assert "saves almost nothing" in caplog.text
+    caplog.clear()
+    FitConfig(bank=BankConfig(budget=0.5)).validate()
+    assert "saves almost nothing" not in caplog.text

@@ -2,6 +2,7 @@
 
     exact_result(model)          # m = N atoms, atom i = W_i, r = p, A_i = I: reconstruct() == the experts exactly
     quick_fit(checkpoint_dir)    # globe.fit_model with tiny settings, cached per directory for the session
+    shaped_result(dir, m, r, k)  # random factors of given shapes for every routed expert (bytes / speed tests)
     char_tokenizer(out_dir)      # a character-level fast tokenizer with < 64 ids (fits the tiny models' vocab)
     on_device(cfg, device)       # cfg with train.device = the `device` fixture (pytest --device)
 """
@@ -66,3 +67,21 @@ def char_tokenizer(out_dir: str | Path, alphabet: str = " abcdefghijklmnopqrstuv
                                    pad_token="[UNK]")
     fast.save_pretrained(str(out_dir))
     return Path(out_dir)
+
+
+def shaped_result(model_dir, m: int, r: int, k: int, seed: int = 0) -> FitResult:
+    """A FitResult with random factors of the given shapes for every routed expert (bytes do not depend on the
+    fit's quality, so a fit is not needed to measure them)."""
+    from globe.io import open_checkpoint
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([[layer, e] for layer in inv.moe_layers for e in range(inv.num_experts)])
+    n, families = ids.shape[0], {}
+    for family in ("gate", "up"):
+        codes = torch.zeros(n, m)
+        support = torch.rand(n, m, generator=gen).argsort(dim=1)[:, :k]
+        codes.scatter_(1, support, torch.rand(n, k, generator=gen) + 0.1)
+        families[family] = FamilyFit(family, torch.randn(m, r, inv.d, generator=gen) / inv.d ** 0.5, codes,
+                                     torch.randn(n, inv.p, r, generator=gen) / r ** 0.5, torch.ones(n), ids)
+    return FitResult(families, FitConfig(), source={"model_type": inv.model_type, "inventory": {"dtype": inv.dtype}})

@@ -1,0 +1,79 @@
+"""`globe compress MODEL_DIR -o OUT [--total-cut C | --budget F] [--calibration-text FILE] [--dense] [--text FILE]`:
+the users' main job in one step: fit the banks, write the compressed checkpoint (loadable with transformers'
+from_pretrained after `import globe`) with a model card, optionally the dense checkpoint and an evaluation.
+The run is globe.run.compress.run_compress; the fit options are those of `globe fit`.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from globe.assets import DEFAULT_MODEL_DIR
+from globe.cli.fit import build_config
+from globe.device import DEVICES
+from globe.run.compress import CompressRun, run_compress
+from globe.run.fit import fit_summary, total_cut_of
+
+FIT_OPTIONS = ("budget", "m", "r", "target_support", "am_iters", "varpro_steps", "seed")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compress", help="fit + compressed export (+ dense export, evaluation) + model card, in one step",
+                       description="Compress a checkpoint's routed experts in one step: fit, compressed export with "
+                                   "a model card (README.md), optionally a dense export and an evaluation.")
+    p.add_argument("model_dir", nargs="?", default=str(DEFAULT_MODEL_DIR), metavar="MODEL_DIR",
+                   help="checkpoint directory or hub id (default: the embedded tiny model)")
+    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory: the compressed checkpoint")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--total-cut", type=float, metavar="C",
+                     help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25 (default: --budget 0.5)")
+    cut.add_argument("--budget", type=float, metavar="F", help="stored / dense params per family (default 0.5)")
+    p.add_argument("--calibration-text", metavar="FILE",
+                   help="text to collect activation statistics on: the fit then minimises the activation-weighted error")
+    p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
+    p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
+    p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of --text scored (default 4096; 0: all)")
+    p.add_argument("--m", type=int, help="atoms per bank (default: chosen from the budget)")
+    p.add_argument("--r", type=int, help="adapter rank (default: chosen from the budget)")
+    p.add_argument("--target-support", type=int, help="target median atoms per expert (default 12)")
+    p.add_argument("--am-iters", type=int, help="alternating-minimisation iterations (default 30)")
+    p.add_argument("--varpro-steps", type=int, help="variable-projection evaluations (default 100)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing its files")
+    p.set_defaults(func=run)
+
+
+def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The `globe fit` namespace these options stand for (the rest at fit's defaults)."""
+    fit = argparse.Namespace(config=None, init=None, phi=None, method=None, cycles=None, refine_steps=None,
+                             checkpoint_every=None, precision=None, calibration=None, activation_steps=None,
+                             per_layer=False, routing_weights=False, families=None, device=args.device)
+    for name in FIT_OPTIONS:
+        setattr(fit, name, getattr(args, name))
+    return fit
+
+
+def run(args: argparse.Namespace) -> int:
+    command = "globe " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=build_config(_fit_args(args)),
+                                   total_cut=args.total_cut, calibration_text=args.calibration_text,
+                                   dense=args.dense, dense_out=args.dense_out, text=args.text,
+                                   eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
+                                   device=args.device, command=command))
+    result, cut = out["result"], total_cut_of(out["result"])
+    for name, row in fit_summary(result).items():
+        print(f"{name:6} m={row['m']} r={row['r']} params {row['params_ratio']:.3f} of dense, "
+              f"rel_err {row['rel_err']:.4f}, median support {row['median_support']:.1f}")
+    if cut is not None:
+        print(f"total parameters cut by {100 * cut:.2f} %")
+    if out["evaluation"]:
+        for name, rep in out["evaluation"].items():
+            print(f"{name:10} perplexity {rep['perplexity']['perplexity']:.4f} over {rep['perplexity']['tokens']:,} "
+                  f"tokens, {rep['footprint']['model_bytes']:,} bytes held")
+    print(f"compressed checkpoint written to {out['out']} (model card {out['card'].name}; load it with "
+          f"AutoModelForCausalLM.from_pretrained after `import globe`)" +
+          (f"; dense checkpoint in {out['dense']}" if out["dense"] else ""))
+    return 0

@@ -1,0 +1,84 @@
+"""Model card (README.md) of an export: source, method, config, per-family metrics, params and bytes, command.
+
+    write_model_card("compressed/", result, command="globe compress ...", evaluation=report)
+
+It describes what is in the directory for a reader on the hub or on disk, and how to load it; the same facts are
+in globe_config.json for programs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from globe.core.files import atomic_write_text
+from globe.core.result import FitResult
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _metrics_table(result: FitResult) -> list[str]:
+    rows = ["| family | m | r | stored / dense params | rel_err (weights) | median support |",
+            "|---|---|---|---|---|---|"]
+    for name, fam in result.families.items():
+        m, params = fam.metrics, fam.param_count()
+        rows.append(f"| {name} | {fam.shape['m']} | {fam.shape['r']} | {params['stored']:,} / {params['dense']:,} "
+                    f"({params['stored'] / params['dense']:.3f}) | {m.get('rel_err', float('nan')):.4f} | "
+                    f"{m.get('median_support', float('nan')):.1f} |")
+    return rows
+
+
+def _size_table(result: FitResult, out: Path) -> list[str]:
+    inv = result.source.get("inventory") or {}
+    total = inv.get("total_params")
+    saved = sum(result.params[f"dense_{f}"] - result.params[f] for f in result.families)
+    rows = ["| | before | after | ratio |", "|---|---|---|---|"]
+    if total:
+        rows.append(f"| parameters (whole model) | {total:,} | {total - saved:,} | {(total - saved) / total:.3f} |")
+    src = result.source.get("model_dir")
+    if src and Path(src).is_dir():
+        before, after = _disk_bytes(Path(src)), _disk_bytes(out)
+        rows.append(f"| bytes on disk (safetensors) | {before:,} | {after:,} | {after / before:.3f} |")
+    return rows
+
+
+def _evaluation(evaluation: dict | None) -> list[str]:
+    if not evaluation:
+        return []
+    lines = ["", "## Evaluation", "", "| model | perplexity | tokens | decode tok/s | bytes held |", "|---|---|---|---|---|"]
+    for name, rep in evaluation.items():
+        ppl, speed, fp = rep["perplexity"], rep.get("speed", {}), rep["footprint"]
+        decode = f"{speed['decode_tok_s']:.1f}" if "decode_tok_s" in speed else "-"
+        lines.append(f"| {name} | {ppl['perplexity']:.4f} | {ppl['tokens']:,} | {decode} | {fp['model_bytes']:,} |")
+    return lines
+
+
+def model_card(result: FitResult, out: Path, command: str | None = None, evaluation: dict | None = None,
+               dense_dir: str | None = None) -> str:
+    """The README.md text of a compressed export in `out`."""
+    src = result.source.get("model_dir", "?")
+    cfg = result.config.to_dict()
+    lines = ["---", "library_name: transformers", "tags: [globe, moe, compression]", "---", "",
+             f"# GloBE-compressed {Path(str(src)).name}", "",
+             f"Source: `{src}` ({result.source.get('model_type', '?')}).", "",
+             "Method: GloBE (Global-Basis Experts). Every routed expert's projection of the families below, across all "
+             "layers, is W_i = A_i phi(sum_j alpha_ij B_j): one shared bank B per family (stored once), sparse codes "
+             "alpha and a per-expert adapter A_i. Shared experts, routers, attention and dense layers are untouched.",
+             "", "## Load", "", "```python", "import globe, torch", "from transformers import AutoModelForCausalLM",
+             f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.bfloat16)   # after `import globe`",
+             "```", "", "## Families", "", *_metrics_table(result), "", "## Size", "", *_size_table(result, out)]
+    lines += _evaluation(evaluation)
+    if dense_dir:
+        lines += ["", f"A dense-reconstructed checkpoint (stock transformers, no globe needed) is in `{dense_dir}`."]
+    lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=1), "```"]
+    if command:
+        lines += ["", "## Command", "", "```", command, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(out: str | Path, result: FitResult, command: str | None = None,
+                     evaluation: dict | None = None, dense_dir: str | None = None) -> Path:
+    path = Path(out) / "README.md"
+    atomic_write_text(path, model_card(result, Path(out), command, evaluation, dense_dir))
+    return path

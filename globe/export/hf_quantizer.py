@@ -1,0 +1,178 @@
+"""Hugging Face integration: `quant_method: "globe"` for transformers' from_pretrained / save_pretrained.
+
+    import globe                                                   # registers the config class and the quantizer
+    model = AutoModelForCausalLM.from_pretrained("compressed/", dtype=torch.bfloat16, device_map="cuda")
+    model.save_pretrained("again/")                                # the same compressed format
+
+A compressed checkpoint is what `save_pretrained` writes for a model patched by apply_globe: config.json with a
+`quantization_config` (GlobeConfig: format version, per-family m / r / code width k / phi, runtime mode, cache
+budget) and model.safetensors with the patched state dict: the family banks once (under the first MoE layer's
+experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
+everything outside the routed experts as transformers stores it.
+
+GlobeHfQuantizer, like the torchao / compressed-tensors quantizers, swaps every routed-experts module of the model
+skeleton (meta device) for a GlobeExperts of the right shapes before the weights load, declares the banks of the
+other layers as tied to the first one, and after loading puts one bank copy on each device that holds experts and
+sets the runtime mode. Loaded tensors take the dtype asked for (`dtype=`); with the checkpoint's own dtype the
+factors keep the dtype they were stored in.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from globe.errors import ArtifactError
+from globe.runtime.apply import (HF_FORMAT_VERSION, experts_modules, globe_modules, model_arch, set_mode,
+                                 share_banks)
+from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "globe"
+
+
+class GlobeConfig(QuantizationConfigMixin):
+    """`quantization_config` of a GloBE-compressed checkpoint (JSON round trip through to_dict / from_dict)."""
+
+    def __init__(self, families: dict[str, dict[str, Any]] | None = None, mode: str = "cached",
+                 cache_bytes: int | None = None, max_gathered_pairs: int = 16, factor_dtype: str | None = None,
+                 model_dtype: str | None = None, format_version: int = HF_FORMAT_VERSION, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format_version = int(format_version)
+        self.families = {f: dict(v) for f, v in (families or {}).items()}
+        self.mode = mode
+        self.cache_bytes = cache_bytes
+        self.max_gathered_pairs = int(max_gathered_pairs)
+        self.factor_dtype, self.model_dtype = factor_dtype, model_dtype
+        self.extra = {k: v for k, v in kwargs.items() if k != "quant_method"}
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.format_version > HF_FORMAT_VERSION or self.format_version < 2:
+            raise ArtifactError(f"GloBE checkpoint has format_version {self.format_version}; this globe reads "
+                                f"2..{HF_FORMAT_VERSION}: upgrade globe")
+        if self.mode not in MODES:
+            raise ArtifactError(f"quantization_config.mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        unknown = sorted(set(self.families) - set(PROJECTIONS))
+        missing = [f"{f}.{k}" for f, v in self.families.items() for k in ("m", "r", "k") if k not in v]
+        if unknown or missing or not self.families:
+            raise ArtifactError(f"quantization_config.families {self.families} must map a subset of {PROJECTIONS} "
+                                f"to m, r, k (missing {missing}): re-export the checkpoint")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"quant_method": QUANT_METHOD, "format_version": self.format_version, "families": self.families,
+               "mode": self.mode, "cache_bytes": self.cache_bytes, "max_gathered_pairs": self.max_gathered_pairs,
+               "factor_dtype": self.factor_dtype, "model_dtype": self.model_dtype}
+        return {**self.extra, **out}
+
+
+def _factor_dtype(config: GlobeConfig, model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype factors load in: the one asked for, or the stored one when the model loads in its stored dtype."""
+    model_dtype = dtype or next(model.parameters()).dtype
+    stored = getattr(torch, config.factor_dtype or "", None)
+    stored_model = getattr(torch, config.model_dtype or "", None)
+    return stored if isinstance(stored, torch.dtype) and model_dtype == stored_model else model_dtype
+
+
+def _skeleton_layer(module: nn.Module, layer: int, config: GlobeConfig, banks: dict[str, nn.Parameter],
+                    dtype: torch.dtype) -> GlobeExperts:
+    """A GlobeExperts with uninitialised tensors of the checkpoint's shapes, on the module's device (meta)."""
+    from globe.runtime.apply import dense_parts
+    num_experts, two_p, d = module.gate_up_proj.shape
+    p, device = two_p // 2, module.gate_up_proj.device
+    codes, adapters = {}, {}
+    for family, info in config.families.items():
+        out_dim = d if family == "down" else p
+        codes[family] = (torch.zeros(num_experts, info["k"], dtype=torch.long, device=device),
+                         torch.empty(num_experts, info["k"], dtype=dtype, device=device))
+        adapters[family] = torch.empty(num_experts, out_dim, info["r"], dtype=dtype, device=device)
+    return GlobeExperts(layer, num_experts, d, p, module.act_fn, banks,
+                        {f: v.get("phi", "identity") for f, v in config.families.items()}, codes, adapters,
+                        dense_parts(module, set(config.families)), config.max_gathered_pairs,
+                        module.gate_up_proj.dtype)
+
+
+def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | None = None) -> None:
+    """Swap the routed experts of a (meta) model skeleton for GlobeExperts; banks shared and declared tied."""
+    spec, _ = model_arch(model)
+    modules = experts_modules(model)
+    first = next(iter(modules.values()))
+    factor_dtype = _factor_dtype(config, model, dtype)
+    _, two_p, d = first.gate_up_proj.shape
+    banks = {f: nn.Parameter(torch.empty(v["m"], v["r"], two_p // 2 if f == "down" else d, dtype=factor_dtype,
+                                         device=first.gate_up_proj.device), requires_grad=False)
+             for f, v in config.families.items()}
+    for layer, module in modules.items():
+        model.set_submodule(spec.experts_path(layer), _skeleton_layer(module, layer, config, banks, factor_dtype))
+    share_banks(model)
+    owner = spec.experts_path(min(modules))
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is not None:
+        tied.update({f"{spec.experts_path(layer)}.bank.{f}": f"{owner}.bank.{f}"
+                     for layer in modules if layer != min(modules) for f in config.families})
+
+
+def place_banks(model: nn.Module) -> None:
+    """One bank per family per device: layers placed on another device than the loaded bank get a shared copy."""
+    copies: dict[tuple[str, torch.device], nn.Parameter] = {}
+    for module in globe_modules(model).values():
+        device = module.code_indices[module.factored[0]].device
+        for family in module.factored:
+            bank = module.bank[family]
+            if bank.device != device:
+                key = (family, device)
+                copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=False))
+                module.bank[family] = copies[key]
+
+
+class GlobeHfQuantizer(HfQuantizer):
+    """Loads GloBE-compressed checkpoints (pre-quantized only: fitting is `globe fit` / `globe compress`)."""
+
+    requires_calibration = True
+    quantization_config: GlobeConfig
+
+    def __init__(self, quantization_config: GlobeConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._dtype: torch.dtype | None = None
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self._dtype = dtype
+        return dtype
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        patch_skeleton(model, self.quantization_config, kwargs.get("dtype") or self._dtype)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        place_banks(model)
+        share_banks(model)
+        set_mode(model, self.quantization_config.mode, cache_bytes=self.quantization_config.cache_bytes)
+        log.info("loaded GloBE checkpoint: %d MoE layers, families %s, %s mode", len(globe_modules(model)),
+                 ", ".join(self.quantization_config.families), self.quantization_config.mode)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register GlobeConfig and GlobeHfQuantizer with transformers (idempotent; done on `import globe`)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(GlobeConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(GlobeHfQuantizer)
+
+
+register()

@@ -1,0 +1,103 @@
+"""Compress runs: fit, compressed export, optional dense export and evaluation, model card, in one step.
+
+    out = run_compress(CompressRun("path/to/model", "compressed/", total_cut=0.25, text="heldout.txt"))
+
+OUT becomes the compressed checkpoint (AutoModelForCausalLM.from_pretrained(OUT) after `import globe`) with
+README.md (model card), globe_config.json and metrics.jsonl of the fit; --dense adds the dense-reconstructed
+checkpoint next to it (OUT-dense by default). The fit runs in OUT/.globe_fit (its resume files live there while it
+runs), which is removed once the export is written: the export holds the artifact (globe.export.load_artifact).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from globe.core import outputs
+from globe.core.result import FitResult
+from globe.errors import ConfigError
+from globe.export import export_dense, save_compressed
+from globe.export.files import move_tree_files, staging_dir
+from globe.export.card import write_model_card
+from globe.fit.config import FitConfig
+from globe.run.calibrate import CalibrateRun, run_calibrate
+from globe.run.evaluate import EvalText, evaluate_isolated
+from globe.run.fit import FitRun, apply_total_cut, run_fit
+from globe.run.load import ModelLoad
+
+log = logging.getLogger(__name__)
+WORK_DIR = outputs.WORK_DIR               # removed by the next run on OUT if a run is killed
+
+
+@dataclass
+class CompressRun:
+    """The model, OUT, how much to cut (total_cut of all params, or the config's per-family budget), and extras."""
+
+    model_dir: str
+    out: str
+    config: FitConfig = field(default_factory=FitConfig)
+    total_cut: float | None = None
+    calibration_text: str | None = None       # activation-aware fit on statistics of this text
+    dense: bool = False
+    dense_out: str | None = None              # default: OUT-dense
+    text: str | None = None                   # evaluate original and compressed on this text
+    eval_tokens: int | None = 4096            # tokens of --text scored (None: all)
+    overwrite: bool = False
+    device: str = "cpu"
+    command: str | None = None                # the command line, for the model card
+
+
+def _fit(run: CompressRun, work: Path) -> FitResult:
+    cfg = run.config
+    if run.total_cut is not None:
+        apply_total_cut(cfg, run.model_dir, run.total_cut)
+    if run.calibration_text:
+        stats = work / "calibration.safetensors"
+        run_calibrate(CalibrateRun(run.model_dir, run.calibration_text, str(stats), device=run.device))
+        cfg.activation.stats = str(stats)
+    return run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
+                          metrics=str(Path(run.out) / "metrics.jsonl")))
+
+
+def _evaluate(run: CompressRun, out: Path) -> dict:
+    text = EvalText(text=run.text, max_tokens=run.eval_tokens, repeats=1, decode_tokens=16, prefill_tokens=64)
+    return {"original": evaluate_isolated(ModelLoad(run.model_dir, device=run.device), text),
+            "compressed": evaluate_isolated(ModelLoad(str(out), device=run.device), text)}
+
+
+def run_compress(run: CompressRun) -> dict:
+    """Run it all; returns {"out", "dense", "result", "evaluation", "card"}. OUT (and the dense directory) follow
+    globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
+    directory of a killed run removed by the next one, a directory this run created removed again on failure."""
+    if run.total_cut is not None and run.config.bank.budget != FitConfig().bank.budget:
+        raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
+    out = Path(run.out)
+    dense_dir = Path(run.dense_out or f"{str(out).rstrip('/')}-dense") if run.dense else None
+    inputs = [run.model_dir, run.calibration_text, run.text, run.config.activation.stats]
+    with contextlib.ExitStack() as claims:
+        claims.enter_context(outputs.claim_output_dir(out, "compress", run.overwrite, what="compressed checkpoint",
+                                                      inputs=inputs, keep=()))
+        if dense_dir is not None:
+            outputs.check_not_an_input(dense_dir, [out])
+            claims.enter_context(outputs.claim_output_dir(dense_dir, "compress", run.overwrite,
+                                                          what="dense checkpoint", inputs=inputs, keep=()))
+        return _compress(run, out, dense_dir)
+
+
+def _compress(run: CompressRun, out: Path, dense_dir: Path | None) -> dict:
+    work = out / WORK_DIR
+    try:
+        result = _fit(run, work)
+        with staging_dir(out) as staging:              # every file written first: a failure keeps the old ones
+            save_compressed(run.model_dir, result, staging)
+            move_tree_files(Path(staging), out)
+        if dense_dir is not None:
+            export_dense(run.model_dir, result, dense_dir)
+        evaluation = _evaluate(run, out) if run.text else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    card = write_model_card(out, result, run.command, evaluation, str(dense_dir) if dense_dir else None)
+    log.info("compressed %s into %s%s", run.model_dir, out, f" (dense: {dense_dir})" if dense_dir else "")
+    return {"out": out, "dense": dense_dir, "result": result, "evaluation": evaluation, "card": card}
