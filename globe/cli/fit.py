@@ -12,10 +12,10 @@ import logging
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli import dry_run
+from globe.core.outputs import json_text
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.config import CODERS, INITS, PHIS, FitConfig
-from globe.core.outputs import json_text
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".globe.lock"
 STAGING_PREFIX = ".globe-staging-"       # globe.export.files.staging_dir
 TMP_SUFFIX = ".tmp"                      # globe.artifact.atomic_write: .NAME.XXXX.tmp beside the target
-CHECKPOINT_DIR = ".globe_checkpoint"     # globe.checkpoint's resume store inside a fit's OUT
+CHECKPOINT_DIR = ".globe_checkpoint"     # globe.run.resume_store's resume files inside a fit's OUT
+WORK_DIR = ".globe_fit"                  # globe.run.compress: the fit inside a compress run's OUT
 FINISHED_FILE = "banks.safetensors"      # what makes a directory a finished artifact (globe.artifact.BANKS_FILE)
 
 
@@ -114,7 +115,7 @@ _TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def _is_debris(path: Path) -> bool:
-    return (path.name.startswith(STAGING_PREFIX) and path.is_dir()) or \
+    return ((path.name.startswith(STAGING_PREFIX) or path.name == WORK_DIR) and path.is_dir()) or \
         (bool(_TEMP.match(path.name)) and path.is_file())
 
 

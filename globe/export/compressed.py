@@ -31,7 +31,8 @@ from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, config_doc
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
 from globe.errors import ArtifactError
-from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir, unique_tensors
+from globe.export.files import (check_finite_weights, copy_side_files, load_model, move_tree_files, source_dir,
+                                staging_dir, unique_tensors)
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.runtime.apply import apply_globe, dense_parts, set_collect_stats, set_mode
 from globe.runtime.experts import GLOBE_STATE, GlobeExperts
@@ -52,7 +53,10 @@ def is_compressed(path: str | Path) -> bool:
         quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(quant, dict) and quant.get("quant_method") == "globe"
+    if not isinstance(quant, dict):
+        raise ArtifactError(f"{path / 'config.json'}: quantization_config must be an object (got {quant!r}); "
+                            f"re-export the checkpoint or remove the key")
+    return quant.get("quant_method") == "globe"
 
 
 def runtime_state_dict(model: nn.Module, families: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -204,6 +208,7 @@ def load_compressed(path: str | Path, mode: str | None = None, cache_size: int |
         raise ArtifactError(f"{weights[0]} does not fit config.json: missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}, mismatched {sorted(info.get('mismatched_keys') or [])[:3]}; "
                             "re-export the checkpoint")
+    check_finite_weights(model, weights[0])              # banks, adapters, codes and the rest: no NaN/Inf
     if cache_size is not None:
         set_mode(model, quant.get("mode", "cached"), cache_size)
     set_collect_stats(model, collect_stats)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from globe.core import outputs
 from globe.calibration import ActivationStats, collect_stats, save_stats
+from globe.core import outputs
 from globe.device import resolve_device
+from globe.errors import ConfigError
 from globe.eval import encode_text
 from globe.export import load_model
-from globe.errors import ConfigError
 from globe.run.tokenizer import check_text_file, load_tokenizer, read_text
 
 

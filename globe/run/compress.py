@@ -9,24 +9,26 @@ runs), which is removed once the export is written: the export holds the artifac
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from globe.core import outputs
 from globe.core.result import FitResult
-from globe.errors import ConfigError, GlobeError
+from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
+from globe.export.files import move_tree_files, staging_dir
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
 from globe.run.calibrate import CalibrateRun, run_calibrate
 from globe.run.evaluate import EvalText, evaluate_isolated
 from globe.run.fit import FitRun, apply_total_cut, run_fit
 from globe.run.load import ModelLoad
-from globe.run.output_dir import check_output_dir
 
 log = logging.getLogger(__name__)
-WORK_DIR = ".globe_fit"
+WORK_DIR = outputs.WORK_DIR               # removed by the next run on OUT if a run is killed
 
 
 @dataclass
@@ -66,25 +68,36 @@ def _evaluate(run: CompressRun, out: Path) -> dict:
 
 
 def run_compress(run: CompressRun) -> dict:
-    """Run it all; returns {"out", "dense", "result", "evaluation", "card"}."""
+    """Run it all; returns {"out", "dense", "result", "evaluation", "card"}. OUT (and the dense directory) follow
+    globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
+    directory of a killed run removed by the next one, a directory this run created removed again on failure."""
     if run.total_cut is not None and run.config.bank.budget != FitConfig().bank.budget:
         raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
     out = Path(run.out)
     dense_dir = Path(run.dense_out or f"{str(out).rstrip('/')}-dense") if run.dense else None
-    check_output_dir(out, run.overwrite, what_out="compressed checkpoint")
-    if dense_dir is not None:
-        check_output_dir(dense_dir, run.overwrite, what_out="dense checkpoint")
+    inputs = [run.model_dir, run.calibration_text, run.text, run.config.activation.stats]
+    with contextlib.ExitStack() as claims:
+        claims.enter_context(outputs.claim_output_dir(out, "compress", run.overwrite, what="compressed checkpoint",
+                                                      inputs=inputs, keep=()))
+        if dense_dir is not None:
+            outputs.check_not_an_input(dense_dir, [out])
+            claims.enter_context(outputs.claim_output_dir(dense_dir, "compress", run.overwrite,
+                                                          what="dense checkpoint", inputs=inputs, keep=()))
+        return _compress(run, out, dense_dir)
+
+
+def _compress(run: CompressRun, out: Path, dense_dir: Path | None) -> dict:
     work = out / WORK_DIR
     try:
         result = _fit(run, work)
-        save_compressed(run.model_dir, result, out)
+        with staging_dir(out) as staging:              # every file written first: a failure keeps the old ones
+            save_compressed(run.model_dir, result, staging)
+            move_tree_files(Path(staging), out)
         if dense_dir is not None:
             export_dense(run.model_dir, result, dense_dir)
         evaluation = _evaluate(run, out) if run.text else None
-    except GlobeError:
+    finally:
         shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
     card = write_model_card(out, result, run.command, evaluation, str(dense_dir) if dense_dir else None)
     log.info("compressed %s into %s%s", run.model_dir, out, f" (dense: {dense_dir})" if dense_dir else "")
     return {"out": out, "dense": dense_dir, "result": result, "evaluation": evaluation, "card": card}

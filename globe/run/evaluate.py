@@ -8,22 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from globe import tracking
-from globe.core import outputs
 from globe.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.core import outputs
 from globe.core.files import atomic_write_text
 from globe.errors import ArtifactError, GlobeError
-from globe.export import is_compressed, load_artifact
 from globe.eval import encode_text, evaluate
 from globe.eval.harness import run_tasks
 from globe.eval.plots import write_plots
+from globe.export import is_compressed, load_artifact
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval
 from globe.run.tokenizer import read_text
@@ -166,10 +166,10 @@ def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool 
               metrics: str | None = None, out: str | None = None, isolate: bool = True,
               overwrite: bool = False) -> dict:
     """The original model (unless original=False) and spec.artifact in each of `modes`, on the same text:
-    {"model_dir", "artifact", "summary", "reports"}, also written to `out` (JSON) when given. spec.model_dir may
-    be a compressed checkpoint: its modes are measured, against the source model it records when that exists.
-    Each variant runs in its own process (isolate), so that memory and speed do not carry over between them.
-    An existing `out` file is replaced only with overwrite."""
+    {"model_dir", "artifact", "summary", "reports"}, also written to `out` (JSON) when given (an existing file
+    only with overwrite). spec.model_dir may be a compressed checkpoint: its modes are measured, against the
+    source model it records when that exists. Each variant runs in its own process (isolate), so that memory and
+    speed do not carry over between them."""
     claim = outputs.claim_output_file(out, "bench", overwrite) if out else contextlib.nullcontext()
     with claim:
         return _bench(spec, modes, text, original, metrics, out, isolate)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from globe.core import outputs
 from globe.artifact import check_compatible, check_same_weights, load
+from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, ModelDirError, OutputError

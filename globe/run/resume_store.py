@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 
 from globe.artifact import build_family, family_tensors
 from globe.core.files import atomic_write
+from globe.core.outputs import json_text
 from globe.core.result import FamilyFit
 from globe.errors import GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.resume import FitProgress
-from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
 RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume

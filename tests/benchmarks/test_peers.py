@@ -33,7 +33,8 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path):
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
-    assert set(cut["ratios"]) == {"globe/mobe", "globe/mobe-best", "globe-aware/mobe", "globe-aware/mobe-best"}
+    assert set(cut["ratios"]) == {f"{g}/{m}" for g in ("globe", "globe-nonlinear", "globe-aware")
+                                  for m in ("mobe", "mobe-best")}
     assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
 
 

@@ -409,6 +409,42 @@ def bench_out_is_model_config(env):
     return env.bench("-o", str(env.model / "config.json"), "--overwrite"), ["config.json", "input"]
 
 
+# ---- compress (fit + export in one run) ----
+def _compress(env, out=None, *extra):
+    return ["compress", str(env.model), "-o", str(out or env.tmp / "c"), *QUICK_COMPRESS, *extra]
+
+
+QUICK_COMPRESS = ["--m", "4", "--r", "4", "--target-support", "2", "--am-iters", "2", "--varpro-steps", "3"]
+
+
+def compress_out_is_model_dir_even_with_overwrite(env):
+    return _compress(env, env.model, "--overwrite"), [str(env.model), "input"]
+
+
+def compress_out_holds_files(env):
+    (env.tmp / "c").mkdir()
+    (env.tmp / "c" / "notes.txt").write_text("mine")
+    return _compress(env), ["not empty", "--overwrite"]
+
+
+def compress_calibration_text_not_utf8(env):
+    env.text.write_bytes(b"\xff\xfe" * 40)
+    return _compress(env, None, "--calibration-text", str(env.text)), [str(env.text), "UTF-8"]
+
+
+def compress_seed_above_64_bits(env):
+    return _compress(env, None, "--seed", str(2 ** 70)), ["seed"]
+
+
+def compress_dense_out_inside_model(env):
+    return _compress(env, None, "--dense", "--dense-out", str(env.model / "dense")), [str(env.model), "input"]
+
+
+def compress_config_num_experts_string(env):
+    edit_config(env.model, num_experts="four")
+    return _compress(env), ["config.json", "num_experts"]
+
+
 # ---- the artifact: banks.safetensors ----
 def _banks(env, edit):
     edit_safetensors(env.art / "banks.safetensors", edit)
@@ -588,27 +624,24 @@ def _compressed(env):
     return out
 
 
-def eval_compressed_marker_dtype_unknown(env):
+def eval_compressed_quantization_config_not_an_object(env):
     out = _compressed(env)
-    edit_json(out / "globe_compressed.json", lambda d: d.__setitem__("dtype", "float99"))
-    return ["eval", str(out), "--text", str(env.text), *["--max-length", "16", "--no-speed"]], \
-        ["globe_compressed.json", "dtype"]
-
-
-def eval_compressed_marker_not_an_object(env):
-    out = _compressed(env)
-    (out / "globe_compressed.json").write_text("[1]")
-    return ["eval", str(out), "--text", str(env.text), "--no-speed"], ["globe_compressed.json"]
+    edit_json(out / "config.json", lambda d: d.__setitem__("quantization_config", ["globe"]))
+    return ["eval", str(out), "--text", str(env.text), "--no-speed"], ["config.json", "quantization_config"]
 
 
 def eval_compressed_bank_nan(env):
     out = _compressed(env)
-    edit_safetensors(out / "banks.safetensors", lambda t: t["gate.bank"].view(-1).__setitem__(0, float("nan")))
-    return ["eval", str(out), "--text", str(env.text), "--no-speed"], ["banks.safetensors", "gate.bank"]
+
+    def poison(t):
+        key = next(k for k in sorted(t) if "bank" in k and t[k].is_floating_point())
+        t[key].view(-1)[0] = float("nan")
+    edit_safetensors(out / "model.safetensors", poison)
+    return ["eval", str(out), "--text", str(env.text), "--no-speed"], ["model.safetensors", "NaN"]
 
 
 CASES = [v for k, v in dict(globals()).items() if callable(v) and k.split("_")[0] in
-         ("info", "fit", "eval", "calibrate", "export", "bench") and getattr(v, "__module__", "") == __name__]
+         ("info", "fit", "eval", "calibrate", "export", "bench", "compress") and getattr(v, "__module__", "") == __name__]
 
 
 class _LiveHolder:
@@ -661,7 +694,7 @@ def test_refused_with_one_line_and_nothing_touched(case, tmp_path, tiny_checkpoi
 
 def test_the_battery_is_broad():
     commands = {c.__name__.split("_")[0] for c in CASES}
-    assert len(CASES) >= 60 and commands == {"info", "fit", "eval", "calibrate", "export", "bench"}
+    assert len(CASES) >= 60 and commands == {"info", "fit", "eval", "calibrate", "export", "bench", "compress"}
 
 
 @pytest.mark.slow
