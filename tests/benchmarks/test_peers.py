@@ -12,6 +12,20 @@ from tests.helpers.scripts import load_benchmark
 peers = load_benchmark("peers")
 
 
+@pytest.fixture(autouse=True)
+def _restore_log_levels():
+    """peers.main quiets globe's loggers for its own output; later tests read those loggers' records."""
+    import logging
+    names = ("globe", "globe.fit", "globe.io", "globe.calibration", "globe.export", "globe.runtime", "benchmarks.peers")
+    levels = {n: logging.getLogger(n).level for n in names}
+    root = (logging.getLogger().level, list(logging.getLogger().handlers))
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    logging.getLogger().setLevel(root[0])
+    logging.getLogger().handlers[:] = root[1]
+
+
 @pytest.mark.slow
 def test_every_method_at_one_cut_writes_one_json(tmp_path):
     calib = tmp_path / "calib.txt"

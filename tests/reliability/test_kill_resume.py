@@ -78,6 +78,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_artifact(tmp_path):
                 globe.load(out)                            # complete: it must then be the final one
             except ArtifactError:
                 pass                                       # torn pair: refused, never mixed
+            else:
+                if not (out / CHECKPOINT_DIR).exists():    # the fit had finished: --resume refuses a finished one
+                    finished = True
+                    break
     assert kills >= 2, "the fit finished before it could be interrupted twice"
     if not finished:
         proc = _fit(out, log, "--resume")

@@ -1,0 +1,51 @@
+"""Markdown tables of a benchmarks/peers.py JSON: one table per model, one row per (cut, method), the GloBE / MoBE
+ratios below it. The README's results section is pasted from this output.
+
+    python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "globe", "globe-nonlinear",
+         "globe-aware")
+
+
+def model_table(model: dict) -> list[str]:
+    """Rows: cut, method, gate / up weight error, routed output error, perplexity (+ increase), fit seconds."""
+    info = model["model"]
+    lines = [f"**{Path(info['dir']).name}** ({info['layers']} layers x {info['experts']} experts, p={info['p']}, "
+             f"d={info['d']}; original perplexity {info['original_perplexity']:.3f} on {info['heldout_tokens']:,} "
+             "held-out tokens)", "",
+             "| cut (budget/family) | method | weight error gate / up | output error | perplexity (increase) | fit s |",
+             "|---|---|---|---|---|---|"]
+    for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
+        rows = {r["method"]: r for r in cut["rows"]}
+        for name in [m for m in ORDER if m in rows]:
+            r = rows[name]
+            lines.append(f"| -{100 * cut['cut']:.0f} % ({cut['budget_per_family']:.3f}) | {name} | "
+                         f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
+                         f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} |")
+    lines += ["", "| cut | ratio to MoBE (defaults) | weight gate | weight up | output error | perplexity increase |",
+              "|---|---|---|---|---|---|"]
+    for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
+        for key, ratio in cut["ratios"].items():
+            if key.endswith("/mobe"):
+                dppl = "n/a" if ratio["delta_ppl"] is None else f"{ratio['delta_ppl']:.2f}"
+                lines.append(f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {ratio['gate']:.3f} | "
+                             f"{ratio['up']:.3f} | {ratio['output']:.2f} | {dppl} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", help="a benchmarks/peers.py output file")
+    report = json.loads(Path(p.parse_args(argv).json).read_text())
+    for model in report["models"]:
+        print("\n".join(model_table(model)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
