@@ -10,10 +10,11 @@ import shlex
 import sys
 
 from globe.assets import DEFAULT_MODEL_DIR
+from globe.cli import dry_run
 from globe.cli.fit import build_config
 from globe.device import DEVICES
 from globe.run.compress import CompressRun, run_compress
-from globe.run.fit import fit_summary, total_cut_of
+from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 
 FIT_OPTIONS = ("budget", "m", "r", "target_support", "am_iters", "varpro_steps", "seed")
 
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing its files")
+    dry_run.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +59,11 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.dry_run:                                       # headers only: nothing read, nothing written
+        cfg = build_config(_fit_args(args))
+        if args.total_cut is not None:
+            apply_total_cut(cfg, args.model_dir, args.total_cut)
+        return dry_run.print_plan(args, cfg)
     command = "globe " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=build_config(_fit_args(args)),
                                    total_cut=args.total_cut, calibration_text=args.calibration_text,

@@ -64,3 +64,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, c
     assert plan["rates"]["wd"] > 0 and plan["rates"]["svd"] > 0 and not out.exists()      # kernels timed
     assert main(["fit", str(model), "-o", str(out), *ARGS, "--dry-run"]) == 0
     assert "predicted" not in capsys.readouterr().err and not out.exists()
+
+
+def test_compress_dry_run_plans_the_cut_and_writes_nothing(tmp_path, capsys):
+    """`globe compress --dry-run --total-cut C` (embedded model) plans the fit at the budget the cut implies and
+    writes nothing."""
+    out = tmp_path / "small"
+    assert main(["compress", "-o", str(out), "--total-cut", "0.25", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "stored params" in text and "peak" in text and not out.exists()
