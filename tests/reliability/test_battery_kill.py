@@ -1,4 +1,5 @@
-"""Fault-injection battery, part 3: kill -9 at random moments of fit, export (compressed and dense) and calibrate.
+"""Fault-injection battery, part 3: kill -9 at random moments of fit, export (compressed and dense), calibrate and
+compress.
 
 After every kill, each output file present is complete (loads) and the previous output, if any, is intact; the
 next run on that output succeeds, leaves no staging directory, temporary file or lock behind, and gives the same
@@ -142,3 +143,23 @@ def test_kill_9_during_calibrate_then_rerun(tmp_path):
         assert proc.returncode == 0, err
         assert torch.equal(load_stats(out).hidden, reference.hidden)
         assert _debris(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_kill_9_during_compress_then_rerun(tmp_path):
+    """globe compress (fit + compressed export in one step) killed at random moments: what is on disk stays
+    complete, and a rerun with --overwrite leaves no debris and writes the uninterrupted run's tensors."""
+    argv = ["compress", *[a for a in FIT if a not in ("--checkpoint-every", "1")]]
+    ref = tmp_path / "ref"
+    duration = _timed(*argv, "-o", str(ref))
+    reference = {p.name: p.read_bytes() for p in ref.iterdir() if p.suffix == ".safetensors"}
+    assert reference
+    for i, delay in enumerate(_delays(duration, 5)):
+        out = tmp_path / f"out{i}"
+        if _kill_at([*argv, "-o", str(out)], delay) and out.exists():
+            _complete_safetensors(out)
+        proc = _globe(*argv, "-o", str(out), "--overwrite")
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert _debris(out) == []
+        assert {name: (out / name).read_bytes() for name in reference} == reference
