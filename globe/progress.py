@@ -2,6 +2,7 @@
 
     for layer in progress(layers, "read gate"):
         ...
+    bar = counter("VarPro gate", total=125)       # a bar advanced by hand: bar.update(1), bar.close()
 """
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False) -> Iterable[T]:
-    """`iterable` wrapped in a tqdm bar (stderr), silent when logging.getLogger("globe") is above INFO."""
-    return tqdm(iterable, desc=desc, total=total, leave=leave,
-                disable=not logging.getLogger("globe").isEnabledFor(logging.INFO))
+def _quiet() -> bool:
+    return not logging.getLogger("globe").isEnabledFor(logging.INFO)
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, leave: bool = False,
+             initial: int = 0) -> Iterable[T]:
+    """`iterable` wrapped in a tqdm bar (stderr), silent when logging.getLogger("globe") is above INFO.
+
+    initial: steps already done before `iterable` starts (a resumed loop shows 15/30, not 0/15)."""
+    return tqdm(iterable, desc=desc, total=total, leave=leave, initial=initial, disable=_quiet())
+
+
+def counter(desc: str, total: int | None = None, leave: bool = False) -> tqdm:
+    """A tqdm bar without an iterable, advanced with .update(n) (closure-driven loops such as L-BFGS)."""
+    return tqdm(desc=desc, total=total, leave=leave, disable=_quiet())

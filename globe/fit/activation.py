@@ -199,6 +199,12 @@ class ActivationObjective(WeightSpace):
         factor = self.whiten.global_factor()
         return Spaces(original=weights, target=target, work=whiten_globally(target, factor, chunk), factor=factor)
 
+    def work_error(self, spaces: Spaces) -> str:
+        """AM's space: one global whitening (W L_g), channel-weighted rows, or the plain weights."""
+        if spaces.factor is not None:
+            return "globally whitened error, AM space"
+        return "channel-weighted weight error" if self.whiten.rows is not None else "weight error"
+
     def right(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return self.whiten(x, lo, hi)
 
@@ -221,7 +227,8 @@ class ActivationObjective(WeightSpace):
         losses: list[float] = []
         if self.config.steps > 0:
             bank, codes, losses = varpro_refine(spaces.target, norm, bank, codes, cfg, self.config.steps,
-                                                solution.temperature, objective=self)
+                                                solution.temperature, objective=self,
+                                                label=f"VarPro {problem.family} (activation-weighted error)")
             bank, codes = normalize_atoms(bank, codes)
         history = {**solution.history, "activation": losses}
         return Solution(bank=bank, codes=codes, norm=norm, temperature=solution.temperature, history=history)

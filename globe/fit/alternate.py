@@ -80,8 +80,9 @@ def varpro_stage(problem, progress: FitProgress, starts) -> FitProgress:
     bank, codes, err = settle(problem, state)
     varpro = list(progress.varpro)
     if cfg.train.varpro_steps > 0:
+        label = f"VarPro {problem.family} ({problem.objective.work_error(problem.spaces)})"
         bank, codes, losses = varpro_refine(problem.spaces.work, problem.norm, bank, codes, cfg,
-                                            cfg.train.varpro_steps, state.temperature, problem.comm)
+                                            cfg.train.varpro_steps, state.temperature, problem.comm, label=label)
         bank, codes = normalize_atoms(bank, codes)
         varpro += losses
         err = losses[-1] if losses else err

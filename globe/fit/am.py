@@ -176,7 +176,8 @@ def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
     """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
 
     Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
-    bar = progress(range(state.iteration, cfg.train.am_iters), f"AM {family}")
+    bar = progress(range(state.iteration, cfg.train.am_iters), f"AM {family}", total=cfg.train.am_iters,
+                   initial=min(state.iteration, cfg.train.am_iters))
     done = state.history[len(state.history) - state.iteration:] if state.iteration else []
     prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:

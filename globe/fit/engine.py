@@ -192,8 +192,10 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
     fam.metrics.update(problem.objective.metrics(problem, fam, sq_err))
     tracking.emit("family_done", family=fam.family,
                   **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})
-    log.info("%s: rel_err %.4f, median support %.1f, %d stored params (%.1f%% of dense)", fam.family,
-             fam.metrics["rel_err"], fam.metrics["median_support"], fam.metrics["params"]["stored"],
+    objective = (f" (not the objective: activation-weighted rel_err {fam.metrics['act_rel_err']:.4f})"
+                 if "act_rel_err" in fam.metrics else "")
+    log.info("%s: weight rel_err %.4f%s, median support %.1f, %d stored params (%.1f%% of dense)", fam.family,
+             fam.metrics["rel_err"], objective, fam.metrics["median_support"], fam.metrics["params"]["stored"],
              100 * fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"])
     return fam
 

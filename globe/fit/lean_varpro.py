@@ -27,6 +27,7 @@ from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
 from globe.fit.sparse_coding import codes_to_logits, mapping, prune_codes
+from globe.progress import counter
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class Objective:
         self.total = float(n_all * weights.shape[1] * weights.shape[2])      # ||W||^2 in unit-RMS space
         self.wsq = (norm.sq_norms.double() / norm.scales.double().square()).tolist()   # ||W_i / s_i||^2
         self.history: list[float] = []
+        self.bar = None                               # a globe.progress.counter advanced once per evaluation
 
     def __call__(self) -> float:
         p = self.params
@@ -121,6 +123,9 @@ class Objective:
         if not math.isfinite(loss) or not bool(torch.isfinite(p.g).all()):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         self.history.append(max(loss, 0.0) ** 0.5)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(err=f"{self.history[-1]:.4f}")
         return loss
 
 
@@ -187,7 +192,8 @@ def minimise(objective: Objective, params: FlatParams, steps: int, tol_grad: flo
 
 
 def lean_varpro(weights, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor, cfg: FitConfig, steps: int,
-                temperature: float, comm: Comm = LOCAL) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                temperature: float, comm: Comm = LOCAL,
+                label: str = "varpro") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """varpro_refine's contract: (bank, codes, loss history); rolls back to the start on NaN/Inf."""
     n = weights.shape[0]
     n_all = comm.total(n)
@@ -195,13 +201,16 @@ def lean_varpro(weights, norm: Normalizer, bank: torch.Tensor, codes: torch.Tens
     params = FlatParams(bank, comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
                         learn_gain=cfg.bank.phi != "identity")
     objective = Objective(weights, norm, params, cfg, offset, n_all, comm)
+    objective.bar = counter(label, total=max(steps * 5 // 4, 2))      # minimise's evaluation budget
     try:
         minimise(objective, params, steps)
     except NumericalError as exc:
         log.warning("%s: rolled back to the state before variable projection", exc)
         return bank, codes, objective.history[:1]
+    finally:
+        objective.bar.close()
     with torch.no_grad():
         out = prune_codes(params.codes(offset, offset + n), cfg.sparsity.eps)
     history = objective.history
-    log.info("varpro (lean): %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
+    log.info("%s (lean): %d evaluations, rel_err %.5f -> %.5f", label, len(history), history[0], history[-1])
     return params.bank.detach(), out.detach(), history

@@ -74,6 +74,10 @@ class WeightSpace:
         """Adapters fitted in the target space -> adapters of the original weights."""
         return adapters
 
+    def work_error(self, spaces: Spaces) -> str:
+        """What the warm start, AM and the first variable projection minimise, in words (for logs and bars)."""
+        return "weight error"
+
     def after_alternation(self, problem, solution: Solution) -> Solution:
         """The objective's own stage after [AM, VarPro] x cycles (weight space: none)."""
         return solution

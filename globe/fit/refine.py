@@ -30,7 +30,7 @@ from globe.fit.linalg import low_precision
 from globe.fit.normalize import Normalizer
 from globe.fit.objective import WEIGHTS, WeightSpace
 from globe.fit.sparse_coding import codes_to_logits, mapping, prune_codes
-from globe.progress import progress
+from globe.progress import counter, progress
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: i
 
 def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
                   cfg: FitConfig, steps: int, temperature: float, comm: Comm = LOCAL,
-                  objective: WeightSpace = WEIGHTS) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                  objective: WeightSpace = WEIGHTS,
+                  label: str = "varpro") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
+
+    label names the run in its progress bar (one step per loss evaluation) and in its closing log line, e.g.
+    "VarPro gate (activation-weighted error)": a fit can run it on more than one objective.
 
     Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
@@ -112,7 +116,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     n_all = comm.total(n)
     if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], objective):
         from globe.fit.lean_varpro import lean_varpro
-        return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm)
+        return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm, label)
     offset = comm.shard(n_all)[0]
     low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
@@ -126,6 +130,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
                             tolerance_grad=LBFGS_TOLERANCE_GRAD, tolerance_change=LBFGS_TOLERANCE_CHANGE,
                             line_search_fn="strong_wolfe")
     history: list[float] = []
+    bar = counter(label, total=opt.param_groups[0]["max_eval"])
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -133,6 +138,8 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
         if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         history.append(loss ** 0.5)
+        bar.update(1)
+        bar.set_postfix(err=f"{history[-1]:.4f}")
         return torch.tensor(loss, device=bank.device)
 
     try:
@@ -140,9 +147,11 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     except NumericalError as exc:
         log.warning("%s: rolled back to the state before variable projection", exc)
         return start[0], start[1], history[:1]                    # the first evaluation is at the start point
+    finally:
+        bar.close()
     with torch.no_grad():
         out_codes = prune_codes(params(offset, offset + n), cfg.sparsity.eps)
-    log.info("varpro: %d evaluations, rel_err %.5f -> %.5f", len(history), history[0], history[-1])
+    log.info("%s: %d evaluations, rel_err %.5f -> %.5f", label, len(history), history[0], history[-1])
     return bank.detach(), out_codes.detach(), history
 
 

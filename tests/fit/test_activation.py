@@ -2,6 +2,8 @@
 construction from statistics (normalisation, per-expert blend, routing weights), and a lower weighted error."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -127,7 +129,7 @@ def test_whitener_rejects_mismatched_statistics():
         build_whitener(stats, "gate", ids[:8], 6, per_expert=True)
 
 
-def test_activation_aware_fit_lowers_the_weighted_error():
+def test_activation_aware_fit_lowers_the_weighted_error(caplog):
     planted = make_planted(n=32, p=16, d=20, m=8, r=4, k=2, seed=5, experts_per_layer=8)
     gen = torch.Generator().manual_seed(5)
     weights = planted.weights + 0.5 * torch.randn(planted.weights.shape, generator=gen)
@@ -136,7 +138,13 @@ def test_activation_aware_fit_lowers_the_weighted_error():
     cfg = FitConfig(bank=BankConfig(m=8, r=4, init="svd"), sparsity=SparsityConfig(target_support=2),
                     train=TrainConfig(am_iters=8, varpro_steps=20), activation=ActivationConfig(steps=40))
     plain = fit_family(weights, planted.ids, cfg)
-    aware = fit_family(weights, planted.ids, cfg, objective=ActivationObjective(whiten, cfg.activation))
+    with caplog.at_level(logging.INFO, logger="globe"):
+        aware = fit_family(weights, planted.ids, cfg, objective=ActivationObjective(whiten, cfg.activation))
+    logged = [r.getMessage() for r in caplog.records]
+    # each variable projection says which error it minimises; the final weight error says it is not the objective
+    assert any(m.startswith("VarPro gate (activation-weighted error)") for m in logged)
+    assert any(m.startswith("VarPro gate (") and "activation" not in m and "evaluations" in m for m in logged)
+    assert any("weight rel_err" in m and "not the objective: activation-weighted rel_err" in m for m in logged)
     norms = weighted_sq_norms(weights, whiten, 8).sum()
     plain_act = float(((weights - plain.reconstruct()) @ whiten.factors[whiten.index]).square().sum() / norms) ** 0.5
     assert aware.metrics["act_rel_err"] < 0.9 * plain_act

@@ -35,3 +35,28 @@ def test_am_error_is_monotone_when_support_is_full(device):
     errs = [am_pass(planted.weights, norm, state, cfg)["rel_err"] for _ in range(8)]
     assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < errs[0]
+
+
+def test_a_resumed_am_bar_counts_from_the_iterations_done(monkeypatch):
+    import globe.fit.am as am
+    planted = make_planted(n=16, m=4, k=2, seed=3)
+    cfg = FitConfig(bank=BankConfig(m=4, r=8), sparsity=SparsityConfig(target_support=2),
+                    train=TrainConfig(am_iters=4, tol=-1.0))
+    norm = Normalizer.fit(planted.weights)
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(4, 8, 48, generator=gen)
+    state = AMState(bank=bank / bank.flatten(1).norm(dim=1)[:, None, None], codes=torch.rand(16, 4, generator=gen),
+                    temperature=0.5)
+    for _ in range(2):
+        am_pass(planted.weights, norm, state, cfg)                       # as if fitted before an interruption
+    seen = {}
+    real = am.progress
+
+    def recording(iterable, desc, **kw):
+        seen.update(kw, desc=desc)
+        return real(iterable, desc, **kw)
+
+    monkeypatch.setattr(am, "progress", recording)
+    am.run_am(planted.weights, norm, state, cfg, family="gate")
+    assert (seen["desc"], seen["initial"], seen["total"]) == ("AM gate", 2, 4)
+    assert state.iteration == 4

@@ -2,6 +2,9 @@
 torch.optim.LBFGS path, varpro_refine routes large banks to it, and it holds far less memory."""
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 
 import globe.fit.refine as refine
@@ -68,3 +71,39 @@ def test_lean_path_holds_a_fraction_of_the_memory():
     _, lean, _ = traced_peak(lean_varpro, weights, norm, bank, codes, cfg, 8, 0.5)
     _, full, _ = traced_peak(refine.varpro_refine, weights, norm, bank, codes, cfg, 8, 0.5)
     assert lean < 0.5 * full
+
+
+class _Bar:
+    """Stands in for globe.progress.counter: records the label, the budget and the updates."""
+
+    made: list["_Bar"] = []
+
+    def __init__(self, desc, total=None):
+        self.desc, self.total, self.n, self.closed = desc, total, 0, False
+        _Bar.made.append(self)
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        self.postfix = kw
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_varpro_shows_one_bar_step_per_evaluation_and_logs_its_label(monkeypatch, caplog, lean):
+    import globe.fit.lean_varpro as lean_mod
+    weights, norm, bank, codes, cfg = problem()
+    _Bar.made = []
+    monkeypatch.setattr(refine, "counter", _Bar)
+    monkeypatch.setattr(lean_mod, "counter", _Bar)
+    monkeypatch.setattr(refine, "uses_lean_varpro", lambda *a: lean)
+    with caplog.at_level(logging.INFO, logger="globe"):
+        _, _, history = refine.varpro_refine(weights, norm, bank, codes, cfg, 6, 0.5, label="VarPro gate (test)")
+    (bar,) = _Bar.made
+    assert bar.desc == "VarPro gate (test)" and bar.n == len(history) and bar.closed
+    assert bar.n <= bar.total
+    assert any(r.getMessage().startswith("VarPro gate (test)") and "evaluations" in r.getMessage()
+               for r in caplog.records)
