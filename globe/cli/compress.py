@@ -11,12 +11,12 @@ import sys
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli import dry_run
-from globe.cli.fit import build_config
+from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
 from globe.run.compress import CompressRun, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 
-FIT_OPTIONS = ("budget", "m", "r", "target_support", "am_iters", "varpro_steps", "seed")
+FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,23 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of --text scored (default 4096; 0: all)")
-    p.add_argument("--m", type=int, help="atoms per bank (default: chosen from the budget)")
-    p.add_argument("--r", type=int, help="adapter rank (default: chosen from the budget)")
-    p.add_argument("--target-support", type=int, help="target median atoms per expert (default 12)")
-    p.add_argument("--am-iters", type=int, help="alternating-minimisation iterations (default 30)")
-    p.add_argument("--varpro-steps", type=int, help="variable-projection evaluations (default 100)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    add_fit_options(p)
     p.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing its files")
+    p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric of the fit "
+                                                    "(default OUT/metrics.jsonl, next to the model files)")
     dry_run.add_argument(p)
     p.set_defaults(func=run)
 
 
 def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `globe fit` namespace these options stand for (the rest at fit's defaults)."""
-    fit = argparse.Namespace(config=None, init=None, phi=None, method=None, cycles=None, refine_steps=None,
-                             checkpoint_every=None, precision=None, calibration=None, activation_steps=None,
-                             per_layer=False, routing_weights=False, families=None, device=args.device)
+    fit = argparse.Namespace(config=None, checkpoint_every=None, calibration=None, activation_steps=None,
+                             per_layer=False, routing_weights=False, device=args.device)
     for name in FIT_OPTIONS:
         setattr(fit, name, getattr(args, name))
     return fit
@@ -69,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
                                    total_cut=args.total_cut, calibration_text=args.calibration_text,
                                    dense=args.dense, dense_out=args.dense_out, text=args.text,
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
-                                   device=args.device, command=command))
+                                   device=args.device, command=command, metrics=args.metrics))
     result, cut = out["result"], total_cut_of(out["result"])
     for name, row in fit_summary(result).items():
         print(f"{name:6} m={row['m']} r={row['r']} params {row['params_ratio']:.3f} of dense, "

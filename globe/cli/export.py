@@ -1,10 +1,13 @@
 """`globe export ARTIFACT --model MODEL_DIR [--dense] -o HF_DIR`: write a compressed or a dense-reconstructed checkpoint.
 
-Without --dense: HF_DIR holds the tensors GloBE leaves dense plus the artifact (load it with
-`globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`). With --dense: HF_DIR is an ordinary Hugging Face checkpoint
-whose routed experts are W_i = A_i tilde_B_i, loadable by stock transformers, vLLM or lm-eval.
-`globe apply` is the same command (apply an artifact to its model and save the result). The export itself is
-globe.run.export.run_export.
+Without --dense: HF_DIR is a compressed checkpoint (config.json with a "globe" quantization_config, the tensors
+GloBE leaves dense plus the banks): `AutoModelForCausalLM.from_pretrained(HF_DIR)` after `import globe`,
+`globe.load_compressed(HF_DIR)` or `globe eval HF_DIR`. With --dense: HF_DIR is an ordinary Hugging Face
+checkpoint whose routed experts are W_i = A_i tilde_B_i, loadable by stock transformers, vLLM or lm-eval.
+
+`globe apply` is a deprecated alias of this command, kept for old scripts: it writes a checkpoint to disk, while
+the Python `globe.apply_globe(model, artifact)` patches a loaded model in memory; the alias logs a warning saying
+so. The export itself is globe.run.export.run_export.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="apply an artifact to its model and save it: compressed checkpoint, or dense with --dense",
                        description="Export a GloBE artifact applied to its model: a compressed checkpoint (dense "
                                    "tensors + artifact) or, with --dense, a dense-reconstructed Hugging Face "
-                                   "checkpoint (per-expert hub keys, the source dtype). `globe apply` is an alias.")
+                                   "checkpoint (per-expert hub keys, the source dtype). `globe apply` is a "
+                                   "deprecated alias.")
     p.add_argument("artifact", metavar="ARTIFACT", help="artifact directory written by `globe fit` (its OUT)")
     p.add_argument("--model", metavar="MODEL_DIR",
                    help="checkpoint the artifact was fitted on (default: the model_dir recorded in the artifact)")
@@ -40,7 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+APPLY_DEPRECATED = ("`globe apply` is a deprecated alias of `globe export` (it writes a checkpoint to disk; the "
+                    "Python globe.apply_globe patches a model in memory): use `globe export`")
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "command", None) == "apply":
+        log.warning(APPLY_DEPRECATED)
     run_ = ExportRun(artifact=args.artifact, out=args.out, model=args.model, dense=args.dense,
                      max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite,
                      force=args.force)

@@ -34,6 +34,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--total-cut", type=float, metavar="C",
                    help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25; sets --budget per family "
                         "(every fitted family shrinks by the same fraction)")
+    add_fit_options(p)
+    p.add_argument("--calibration", metavar="STATS",
+                   help="activation statistics from `globe calibrate`: fit the activation-weighted error "
+                        "||(W - W_hat) C^1/2|| instead of the plain weight error")
+    p.add_argument("--per-layer", action="store_true",
+                   help="with --calibration: one C per MoE layer instead of each expert's C from its routed tokens")
+    p.add_argument("--routing-weights", action="store_true",
+                   help="with --calibration: weight each expert's error by its routing frequency")
+    p.add_argument("--activation-steps", type=int,
+                   help="L-BFGS evaluations of the activation-aware refinement (default 100)")
+    p.add_argument("--device", choices=DEVICES, help="compute device (default cpu)")
+    p.add_argument("--distributed", action="store_true",
+                   help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
+                        "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
+    p.add_argument("--checkpoint-every", type=int,
+                   help="AM iterations between saves of the resume files in OUT/.globe_checkpoint (default 5; 0: phase "
+                        "ends only)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its resume files in OUT (same result as an "
+                        "uninterrupted run)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    dry_run.add_argument(p)
+    p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
+    p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
+                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
+    p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
+    p.set_defaults(func=run)
+
+
+# the options `globe fit` and `globe compress` share: same flags, defaults and help (build_config reads them)
+SHARED_FIT_OPTIONS = ("m", "r", "target_support", "init", "phi", "method", "am_iters", "varpro_steps", "cycles",
+                      "refine_steps", "families", "seed", "precision")
+
+
+def add_fit_options(p: argparse.ArgumentParser) -> None:
+    """Declare the bank shape, sparsity and schedule options of a fit (SHARED_FIT_OPTIONS) on `p`."""
     p.add_argument("--m", "--atoms", dest="m", type=int,
                    help="number of atoms per bank (default: chosen from --budget); --atoms is an alias that "
                         "torchrun's own option parser does not mistake for one of its options")
@@ -48,36 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cycles", type=int, help="rounds of (AM, variable projection); more is slower and better (default 1)")
     p.add_argument("--refine-steps", type=int, help="Adam refinement steps with the real phi (default 0)")
     p.add_argument("--families", help="comma-separated families to fit: gate,up (default) or gate,up,down")
-    p.add_argument("--calibration", metavar="STATS",
-                   help="activation statistics from `globe calibrate`: fit the activation-weighted error "
-                        "||(W - W_hat) C^1/2|| instead of the plain weight error")
-    p.add_argument("--per-layer", action="store_true",
-                   help="with --calibration: one C per MoE layer instead of each expert's C from its routed tokens")
-    p.add_argument("--routing-weights", action="store_true",
-                   help="with --calibration: weight each expert's error by its routing frequency")
-    p.add_argument("--activation-steps", type=int,
-                   help="L-BFGS evaluations of the activation-aware refinement (default 100)")
-    p.add_argument("--device", choices=DEVICES, help="compute device (default cpu)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--distributed", action="store_true",
-                   help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
-                        "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
                         "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
-    p.add_argument("--checkpoint-every", type=int,
-                   help="AM iterations between saves of the resume files in OUT/.globe_checkpoint (default 5; 0: phase "
-                        "ends only)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted fit from its resume files in OUT (same result as an "
-                        "uninterrupted run)")
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing an existing artifact")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
-    dry_run.add_argument(p)
-    p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
-    p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
-                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
-    p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
-    p.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:

@@ -3,7 +3,7 @@
     globe info [MODEL_DIR]                      inventory of a checkpoint
     globe compress [MODEL_DIR] -o OUT          fit + compressed checkpoint (+ dense, eval) + model card: the main job
     globe fit [MODEL_DIR] -o OUT                fit the banks (OUT/banks.safetensors, globe_config.json, metrics.jsonl)
-    globe export OUT -o DIR [--dense]           compressed or dense checkpoint (`globe apply` is the same command)
+    globe export OUT -o DIR [--dense]           compressed or dense checkpoint (`globe apply`: deprecated alias)
     globe eval [MODEL_DIR] [--globe OUT]        perplexity, speed, memory, cache hit rate; --plots DIR writes PNGs
     globe bench [MODEL_DIR] --globe OUT         original vs every runtime mode, one JSON
 

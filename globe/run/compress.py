@@ -3,7 +3,7 @@
     out = run_compress(CompressRun("path/to/model", "compressed/", total_cut=0.25, text="heldout.txt"))
 
 OUT becomes the compressed checkpoint (AutoModelForCausalLM.from_pretrained(OUT) after `import globe`) with
-README.md (model card), globe_config.json and metrics.jsonl of the fit; --dense adds the dense-reconstructed
+README.md (model card), globe_config.json and metrics.jsonl of the fit (elsewhere with metrics=FILE); --dense adds the dense-reconstructed
 checkpoint next to it (OUT-dense by default). The fit runs in OUT/.globe_fit (its resume files live there while it
 runs), which is removed once the export is written: the export holds the artifact (globe.export.load_artifact).
 """
@@ -47,6 +47,7 @@ class CompressRun:
     overwrite: bool = False
     device: str = "cpu"
     command: str | None = None                # the command line, for the model card
+    metrics: str | None = None                # JSONL of the fit's metrics (default OUT/metrics.jsonl)
 
 
 def _fit(run: CompressRun, work: Path) -> FitResult:
@@ -58,7 +59,7 @@ def _fit(run: CompressRun, work: Path) -> FitResult:
         run_calibrate(CalibrateRun(run.model_dir, run.calibration_text, str(stats), device=run.device))
         cfg.activation.stats = str(stats)
     return run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
-                          metrics=str(Path(run.out) / "metrics.jsonl")))
+                          metrics=run.metrics or str(Path(run.out) / "metrics.jsonl")))
 
 
 def _evaluate(run: CompressRun, out: Path) -> dict:
@@ -76,6 +77,8 @@ def run_compress(run: CompressRun) -> dict:
     out = Path(run.out)
     dense_dir = Path(run.dense_out or f"{str(out).rstrip('/')}-dense") if run.dense else None
     inputs = [run.model_dir, run.calibration_text, run.text, run.config.activation.stats]
+    if run.metrics:
+        outputs.check_not_an_input(Path(run.metrics), inputs, flag="--metrics")
     with contextlib.ExitStack() as claims:
         claims.enter_context(outputs.claim_output_dir(out, "compress", run.overwrite, what="compressed checkpoint",
                                                       inputs=inputs, keep=()))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import pytest
@@ -81,7 +82,14 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
     assert "--text file" in capsys.readouterr().err
 
 
-def test_apply_is_export(setup, tmp_path, capsys):
+def test_apply_is_export_and_says_it_is_deprecated(setup, tmp_path, capsys, caplog):
     model_dir, art, _ = setup
-    assert cli.main(["apply", str(art), "--model", str(model_dir), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    with caplog.at_level(logging.WARNING, logger="globe"):
+        assert cli.main(["apply", str(art), "--model", str(model_dir), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
     assert is_compressed(tmp_path / "a") and "compressed checkpoint written" in capsys.readouterr().out
+    assert any("deprecated alias of `globe export`" in r.getMessage() and "apply_globe" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="globe"):
+        assert cli.main(["export", str(art), "--model", str(model_dir), "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert not any("deprecated" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,34 @@
+"""`globe compress` options: the fit options are `globe fit`'s own (same flags, help and effect), and --metrics
+sends the fit's metrics outside the checkpoint directory."""
+from __future__ import annotations
+
+import json
+
+import globe.cli.main as cli
+from globe.cli.fit import SHARED_FIT_OPTIONS
+
+
+def _actions(command: str) -> dict:
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices[command]._actions}
+
+
+def test_compress_declares_the_fit_options_as_fit_does():
+    fit, compress = _actions("fit"), _actions("compress")
+    for name in SHARED_FIT_OPTIONS:
+        assert compress[name].option_strings == fit[name].option_strings, name
+        assert (compress[name].help, compress[name].default, compress[name].type) == \
+               (fit[name].help, fit[name].default, fit[name].type), name
+
+
+def test_compress_fit_options_reach_the_fit_and_metrics_go_where_asked(tmp_path):
+    out, metrics = tmp_path / "small", tmp_path / "logs" / "fit.jsonl"
+    assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
+                     "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--init", "svd",
+                     "--metrics", str(metrics)]) == 0
+    doc = json.loads((out / "globe_config.json").read_text())
+    assert doc["config"]["bank"]["families"] == ["gate"] and doc["config"]["bank"]["init"] == "svd"
+    assert (doc["config"]["bank"]["m"], doc["config"]["bank"]["r"]) == (6, 16)
+    assert not (out / "metrics.jsonl").exists()
+    events = {json.loads(line)["event"] for line in metrics.read_text().splitlines()}
+    assert {"am_iter", "family_done"} <= events
