@@ -3,15 +3,18 @@
     with tracking.session(jsonl="out/metrics.jsonl", wandb_mode="disabled"):
         fit_model(...)                  # globe.fit emits "am_iter", "varpro", "family_done", ...
 
-Sinks: a JSONL file (one object per line: {"time", "event", **fields}) and Weights & Biases (online/offline).
-wandb is imported only when a wandb sink is created, i.e. never in "disabled" mode (the default); it is an
-optional dependency. Without an active session, emit() does nothing, so library code can call it freely.
+Sinks: a JSONL file (one object per line: {"time", "event", **fields}) and Weights & Biases (online/offline),
+which logs each numeric field as one series `[family/]event/field` (a record with a `family` field, such as the
+fit's am_iter of "gate" and of "up", gets one series per family) and keeps its run files in $WANDB_DIR (the
+current directory when unset), never in the output directory. wandb is imported only when a wandb sink is
+created, i.e. never in "disabled" mode (the default); it is an optional dependency. Without an active session, emit() does nothing, so library code can call it freely.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,22 +67,39 @@ class JsonlSink:
             self.fh = None
 
 
-class WandbSink:
-    """Logs the numeric fields of each record to a wandb run as `event/field`."""
+def wandb_dir() -> Path:
+    """Where a wandb run keeps its files (wandb adds a `wandb/` folder there): $WANDB_DIR, else the current
+    directory, as wandb itself does; never next to the metrics file, which usually lies in the artifact."""
+    return Path(os.environ.get("WANDB_DIR") or Path.cwd())
 
-    def __init__(self, mode: str, project: str | None, config: dict | None = None, name: str | None = None,
-                 directory: str | Path | None = None) -> None:
+
+def wandb_key(record: dict[str, Any], field: str) -> str:
+    """The series of one field: `family/event/field` for a record of one family, else `event/field`."""
+    family = record.get("family")
+    prefix = f"{family}/" if isinstance(family, str) and family else ""
+    return f"{prefix}{record['event']}/{field}"
+
+
+class WandbSink:
+    """Logs the numeric fields of each record to a wandb run, one series per wandb_key."""
+
+    def __init__(self, mode: str, project: str | None, config: dict | None = None, name: str | None = None) -> None:
         try:
             import wandb
         except ImportError:
             raise ConfigError(f"--wandb {mode} needs the wandb package: pip install wandb "
                               f"(or use --wandb disabled)") from None
-        self.run = wandb.init(mode=mode, project=project or "globe", config=config, name=name,
-                              dir=str(directory) if directory else None)
+        directory = wandb_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"WANDB_DIR {directory} cannot be created ({exc.strerror}): "
+                              f"set WANDB_DIR to a writable directory") from None
+        log.info("wandb %s run files go to %s", mode, directory / "wandb")
+        self.run = wandb.init(mode=mode, project=project or "globe", config=config, name=name, dir=str(directory))
 
     def write(self, record: dict[str, Any]) -> None:
-        event = record["event"]
-        scalars = {f"{event}/{k}": v for k, v in record.items()
+        scalars = {wandb_key(record, k): v for k, v in record.items()
                    if k not in ("event", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
             self.run.log(scalars)
@@ -111,8 +131,7 @@ def session(jsonl: str | Path | None = None, wandb_mode: str = "disabled", wandb
     if jsonl is not None:
         sinks.append(JsonlSink(jsonl, append=append))
     if wandb_mode != "disabled":
-        sinks.append(WandbSink(wandb_mode, wandb_project, config, run_name,
-                               Path(jsonl).parent if jsonl is not None else None))
+        sinks.append(WandbSink(wandb_mode, wandb_project, config, run_name))
     _SINKS.extend(sinks)
     try:
         yield sinks

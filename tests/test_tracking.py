@@ -1,9 +1,11 @@
 """globe.tracking: JSONL sink, no-op without a session, wandb never imported (nor any socket opened) when disabled."""
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +58,9 @@ def test_fit_with_wandb_disabled_imports_nothing_and_opens_no_socket(tiny_checkp
     assert any(r["event"] == "varpro" for r in records)
 
 
-def test_wandb_offline_logs_the_same_metrics(tiny_checkpoint, tmp_path, monkeypatch):
+def _fake_wandb(monkeypatch):
+    """A wandb module that records init kwargs and logged rows and, like wandb, makes DIR/wandb at init
+    (DIR: the dir argument, else $WANDB_DIR, else the current directory)."""
     calls = {"init": [], "log": [], "finish": 0}
 
     class Run:
@@ -66,18 +70,52 @@ def test_wandb_offline_logs_the_same_metrics(tiny_checkpoint, tmp_path, monkeypa
         def finish(self):
             calls["finish"] += 1
 
+    def init(**kw):
+        calls["init"].append(kw)
+        (Path(kw.get("dir") or os.environ.get("WANDB_DIR") or Path.cwd()) / "wandb").mkdir(parents=True)
+        return Run()
+
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kw: calls["init"].append(kw) or Run()
+    fake.init = init
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    return calls
+
+
+def test_wandb_offline_logs_the_same_metrics(tiny_checkpoint, tmp_path, monkeypatch):
+    model = tiny_checkpoint("qwen2_moe")                   # before the fake: accelerate probes wandb's spec
+    calls = _fake_wandb(monkeypatch)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_home"))
     out = tmp_path / "out"
-    assert main(["fit", str(tiny_checkpoint("qwen2_moe")), "-o", str(out), *FIT, "--wandb", "offline",
+    assert main(["fit", str(model), "-o", str(out), *FIT, "--wandb", "offline",
                  "--wandb-project", "proj"]) == 0
     assert len(calls["init"]) == 1 and calls["finish"] == 1
     init = calls["init"][0]
     assert init["mode"] == "offline" and init["project"] == "proj" and init["config"]["bank"]["m"] == 4
     logged = [k for row in calls["log"] for k in row]
-    assert "am_iter/rel_err" in logged and "family_done/rel_err" in logged
-    assert len([r for r in calls["log"] if "am_iter/rel_err" in r]) == 6
+    for family in ("gate", "up"):                          # one series per family, not one zigzag of both
+        assert f"{family}/family_done/rel_err" in logged and f"{family}/varpro/rel_err" in logged
+        assert len([r for r in calls["log"] if f"{family}/am_iter/rel_err" in r]) == 3
+    assert not any(k.startswith("am_iter/") or k.startswith("family_done/") for k in logged)
+    records = tracking.read_jsonl(out / "metrics.jsonl")   # the JSONL records keep their plain event names
+    assert len([r for r in records if r["event"] == "am_iter"]) == 6
+    assert (tmp_path / "wandb_home" / "wandb").is_dir()    # run files in $WANDB_DIR, none in the artifact
+    assert not (out / "wandb").exists()
+
+
+def test_wandb_without_wandb_dir_writes_to_the_current_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    model = tiny_checkpoint("qwen2_moe")
+    calls = _fake_wandb(monkeypatch)
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "out"
+    assert main(["fit", str(model), "-o", str(out), *FIT, "--wandb", "offline"]) == 0
+    assert calls["finish"] == 1 and (tmp_path / "wandb").is_dir()
+    assert not (out / "wandb").exists() and (out / "metrics.jsonl").is_file()
+
+
+def test_wandb_keys_prefix_the_family_only_when_there_is_one():
+    assert tracking.wandb_key({"event": "am_iter", "family": "up"}, "rel_err") == "up/am_iter/rel_err"
+    assert tracking.wandb_key({"event": "eval", "loss": 1.0}, "loss") == "eval/loss"
 
 
 def test_wandb_missing_is_a_clear_error(tiny_checkpoint, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ import logging
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli.eval_options import add_eval_options, eval_text, model_load
 from globe.core.outputs import json_text
+from globe.eval.harness import BOOTSTRAP_ITERS, metric_lines
 from globe.run.config import CacheConfig
 from globe.run.evaluate import run_eval, run_eval_tasks
 from globe.runtime import MODES
@@ -46,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--limit", type=int, help="examples per task (default: all)")
     h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's, usually 0)")
     h.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    h.add_argument("--bootstrap-iters", type=int, default=BOOTSTRAP_ITERS, metavar="N",
+                   help=f"lm-eval resamples for the stderr of metrics without a closed form (default "
+                        f"{BOOTSTRAP_ITERS}; acc's is closed-form; 0: no stderrs)")
     p.set_defaults(func=run)
 
 
@@ -60,12 +64,13 @@ def run(args: argparse.Namespace) -> int:
 def print_tasks(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     report = run_eval_tasks(model_load(args), tasks, task_dir=args.task_dir, builtin_tasks=args.builtin_tasks,
-                            batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot)
+                            batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
+                            bootstrap_iters=args.bootstrap_iters)
     if args.json:
         print(json_text(report, indent=2, default=str))
         return 0
     for task, metrics in report["results"].items():
-        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        shown = ", ".join(metric_lines(metrics))
         print(f"{task:24} {shown} ({report['n_samples'].get(task, {}).get('effective', '?')} examples)")
     return 0
 

@@ -58,7 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     dry_run.add_argument(p)
     p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric (default OUT/metrics.jsonl)")
     p.add_argument("--wandb", choices=WANDB_MODES, default=WandbConfig.mode,
-                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`)")
+                   help=f"Weights & Biases logging (default {WandbConfig.mode}; offline/online need `pip install wandb`); "
+                        "one series per family (gate/am_iter/rel_err, up/...); run files go to "
+                        "$WANDB_DIR/wandb, or ./wandb when WANDB_DIR is unset")
     p.add_argument("--wandb-project", default=WandbConfig.project, help=f"wandb project (default {WandbConfig.project})")
     p.set_defaults(func=run)
 

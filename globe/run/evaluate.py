@@ -21,7 +21,7 @@ from globe.core import outputs
 from globe.core.files import atomic_write_text
 from globe.errors import ArtifactError, GlobeError
 from globe.eval import encode_text, evaluate
-from globe.eval.harness import run_tasks
+from globe.eval.harness import prepare_tasks, run_tasks
 from globe.eval.plots import write_plots
 from globe.export import is_compressed, load_artifact
 from globe.run.config import CacheConfig
@@ -91,10 +91,13 @@ def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots:
     return report
 
 
-def run_eval_tasks(spec: ModelLoad, tasks: list[str], **options) -> dict:
-    """lm-evaluation-harness tasks on the model described by spec (options: see globe.eval.harness.run_tasks)."""
+def run_eval_tasks(spec: ModelLoad, tasks: list[str], task_dir: str | None = None, builtin_tasks: bool = False,
+                   **options) -> dict:
+    """lm-evaluation-harness tasks on the model described by spec (options: see globe.eval.harness.run_tasks);
+    the tasks are checked (known, local data) before the model is loaded."""
+    manager = prepare_tasks(tasks, task_dir, builtin_tasks)
     model, tokenizer = load_for_eval(spec)
-    report = run_tasks(model, tokenizer, tasks, **options)
+    report = run_tasks(model, tokenizer, tasks, manager=manager, **options)
     report["model"] = {"path": str(spec.model_dir), "artifact": spec.artifact, "mode": spec.mode}
     return report
 
