@@ -1,8 +1,9 @@
 """Quality benchmark: GloBE vs per-expert SVD vs MoBE (benchmarks/baselines/mobe.py, the peer's own recipe at its
 default m = E/4) at equal parameter budgets, plus AM-iteration throughput against a measured matmul peak.
-Writes JSON (default benchmarks/results/quality.json); the MoBE row is also written under "per_layer_bank", the key
-globe/eval/plots.py reads. The full peer comparison (D2-MoE, whitened SVD, output error, perplexity) is
-benchmarks/peers.py.
+The GloBE and SVD rows are globe.eval.sweep's (what the installed `globe sweep` writes); this script adds the MoBE
+row under "mobe" (the key globe/eval/plots.py reads) and the throughput. Writes JSON (default
+benchmarks/results/quality.json), usable as `globe eval --plots DIR --sweep` of an artifact of the same model.
+The full peer comparison (D2-MoE, whitened SVD, output error, perplexity) is benchmarks/peers.py.
 
     python benchmarks/quality.py                       # embedded model, budgets 0.5 0.35 0.25, all warm starts
     python benchmarks/quality.py --budgets 0.35 --inits hybrid --families gate
@@ -22,13 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmar
 
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
+from globe.eval.sweep import SweepSettings, run_sweep
 from globe.fit.am import AMState, am_pass
 from benchmarks.baselines import rel_err
 from benchmarks.baselines.common import by_layer
 from benchmarks.baselines.mobe import MobeConfig, fit_mobe
-from benchmarks.baselines.svd import per_expert_svd
 from globe.fit.config import INITS, BankConfig, FitConfig, SparsityConfig, TrainConfig
-from globe.fit.engine import fit_family
 from globe.fit.normalize import Normalizer
 from globe.io import open_checkpoint
 
@@ -50,35 +50,30 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def globe_row(weights, ids, budget: float, init: str, args) -> dict:
-    cfg = FitConfig(bank=BankConfig(budget=budget, init=init), sparsity=SparsityConfig(target_support=args.target_support),
-                    train=TrainConfig(am_iters=args.am_iters, varpro_steps=args.varpro_steps))
-    t0 = time.perf_counter()
-    fam = fit_family(weights, ids, cfg)
-    met = fam.metrics
-    return {"init": init, "m": fam.shape["m"], "r": fam.shape["r"], "params": met["params"]["stored"],
-            "rel_err": met["rel_err"], "am_rel_err": met.get("am_final_rel_err"), "median_support": met["median_support"],
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def compare_budget(weights, ids, budget: float, args) -> dict:
-    dense = weights[0].numel() * weights.shape[0]
+def mobe_row(weights, ids, budget: float, epochs: int) -> dict:
+    """The MoBE peer at `budget` on one family's experts weights [N, p, d] (ids [N, 2])."""
     stacked = by_layer(weights, ids)                                           # [L, E, p, d]
-    fit = per_expert_svd(stacked, budget)
-    svd = {"rank": fit.info["rank"], "params": fit.params, "rel_err": rel_err(stacked, fit.weights)}
-    rows = [globe_row(weights, ids, budget, init, args) for init in args.inits]
-    best = min(rows, key=lambda row: row["rel_err"])
     t0 = time.perf_counter()
-    fit = fit_mobe(stacked, budget, MobeConfig(epochs=args.mobe_epochs))
-    mobe = {"method": "MoBE", "m": fit.info["m"], "r": fit.info["r"], "params": fit.params,
-            "rel_err": rel_err(stacked, fit.weights), "epochs": args.mobe_epochs,
-            "seconds": round(time.perf_counter() - t0, 2)}
-    out = {"budget": budget, "dense_params": dense, "svd": svd, "mobe": mobe, "per_layer_bank": mobe, "globe": rows,
-           "best_globe": best["init"], "ratio_vs_svd": best["rel_err"] / svd["rel_err"],
-           "ratio_vs_mobe": best["rel_err"] / mobe["rel_err"]}
-    log.info("budget %.2f: svd %.4f, MoBE %.4f, globe best %.4f (%s)", budget, svd["rel_err"],
-             mobe["rel_err"], best["rel_err"], best["init"])
-    return out
+    fit = fit_mobe(stacked, budget, MobeConfig(epochs=epochs))
+    return {"method": "MoBE", "m": fit.info["m"], "r": fit.info["r"], "params": fit.params,
+            "rel_err": rel_err(stacked, fit.weights), "epochs": epochs, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def with_mobe(epochs: int):
+    """globe.eval.sweep's `extra`: the MoBE row of each budget."""
+    def extra(weights, ids, budget: float) -> dict:
+        mobe = mobe_row(weights, ids, budget, epochs)
+        log.info("budget %.2f: MoBE %.4f", budget, mobe["rel_err"])
+        return {"mobe": mobe}
+    return extra
+
+
+def add_ratios(families: dict) -> None:
+    """ratio_vs_mobe (best GloBE / MoBE rel_err) in every row that has both."""
+    for rows in families.values():
+        for row in rows:
+            best = min(g["rel_err"] for g in row["globe"])
+            row["ratio_vs_mobe"] = best / row["mobe"]["rel_err"] if row.get("mobe") else None
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -120,14 +115,18 @@ def throughput(n: int, p: int, d: int, m: int, r: int, k: int, iters: int = 3) -
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = {"model": args.model, "torch_threads": torch.get_num_threads(), "families": {}}
+    results = {"families": {}}
     if args.throughput_only and Path(args.out).is_file():
         results = json.loads(Path(args.out).read_text())
+    if not args.throughput_only:
+        settings = SweepSettings(budgets=tuple(args.budgets), families=tuple(args.families), inits=tuple(args.inits),
+                                 target_support=args.target_support, am_iters=args.am_iters,
+                                 varpro_steps=args.varpro_steps)
+        results = run_sweep(args.model, settings, extra=with_mobe(args.mobe_epochs))
+        add_ratios(results["families"])
+    results["torch_threads"] = torch.get_num_threads()
     with open_checkpoint(args.model) as reader:
         p, d = reader.p, reader.d
-        for family in [] if args.throughput_only else args.families:
-            stack = reader.read_family(family)
-            results["families"][family] = [compare_budget(stack.weights, stack.ids, b, args) for b in args.budgets]
     peak = matmul_peak()
     small = throughput(96, p, d, 16, p * 3 // 4, args.target_support)          # the model's fit shape (r = 3p/4)
     large = throughput(32, 1408, 2048, 16, 704, args.target_support, iters=1)  # Qwen1.5 expert shape, N/m = 2

@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
       help=f"GloBE runtime mode (default {CacheConfig.mode})")
     add_eval_options(p)
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
-    a("--sweep", metavar="JSON", help="budget sweep for the error-vs-budget plot (benchmarks/quality.py output)")
+    a("--sweep", metavar="JSON", help="budget sweep of this checkpoint for error_vs_budget.png (from `globe sweep`)")
     a("--json", action="store_true", help="print the full report as JSON")
     h = p.add_argument_group("zero-shot tasks (lm-evaluation-harness; pip install 'globe-moe[eval]')")
     h.add_argument("--tasks", metavar="T1,T2", help="run these lm-eval tasks instead of perplexity and speed")

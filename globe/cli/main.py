@@ -6,6 +6,7 @@
     globe export OUT -o DIR [--dense]           compressed or dense checkpoint (`globe apply`: deprecated alias)
     globe eval [MODEL_DIR] [--globe OUT]        perplexity, speed, memory, cache hit rate; --plots DIR writes PNGs
     globe bench [MODEL_DIR] --globe OUT         original vs every runtime mode, one JSON
+    globe sweep [MODEL_DIR] -o SWEEP.json       GloBE vs per-expert SVD at several budgets (for eval --sweep)
 
 MODEL_DIR (and export's --model) may be a hub id `org/name`: it is downloaded where a network exists.
 """
@@ -24,7 +25,7 @@ from globe.io.hub import resolve_model_dir
 log = logging.getLogger("globe")
 
 # Each module defines `register(subparsers)` adding its parser with `set_defaults(func=run)`.
-SUBCOMMANDS = ("info", "calibrate", "fit", "compress", "export", "eval", "bench")
+SUBCOMMANDS = ("info", "calibrate", "fit", "compress", "export", "eval", "bench", "sweep")
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 

@@ -19,10 +19,12 @@ from globe.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core import outputs
 from globe.core.files import atomic_write_text
+from globe.core.result import FitResult
 from globe.errors import ArtifactError, GlobeError
 from globe.eval import encode_text, evaluate
 from globe.eval.harness import prepare_tasks, run_tasks
-from globe.eval.plots import write_plots
+from globe.eval.plots import check_sweep_model, sweep_model, write_plots
+from globe.eval.sweep import read_sweep
 from globe.export import is_compressed, load_artifact
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval
@@ -81,14 +83,30 @@ def evaluate_model(spec: ModelLoad, text: EvalText) -> dict:
 def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots: str | None = None,
              sweep: str | None = None) -> dict:
     """evaluate_model with the report appended to `metrics` (JSONL), and PNG plots of the artifact into `plots`."""
+    if sweep and not plots:
+        log.warning("--sweep %s is drawn only with --plots DIR: ignoring it", sweep)
+    if plots:                                   # a sweep of another model is refused before the evaluation
+        artifact = _plot_artifact(spec)
+        sweep_doc = read_sweep(sweep) if sweep else None
+        if artifact is None and sweep_doc is None:
+            raise ArtifactError(f"nothing to plot: {spec.model_dir} has no artifact; pass --globe OUT or --sweep JSON")
+        if sweep_doc is not None and artifact is not None and sweep_model(sweep_doc) is not None:
+            check_sweep_model(sweep_doc, artifact.source, sweep)
     with tracking.session(jsonl=metrics):
         report = evaluate_model(spec, text)
         tracking.emit("eval", **report)
     if plots:
-        artifact = spec.artifact or (load_artifact(spec.model_dir) if is_compressed(spec.model_dir) or
-                                     (Path(spec.model_dir) / BANKS_FILE).is_file() else None)
         report["plots"] = [str(p) for p in write_plots(plots, artifact=artifact, sweep=sweep)]
     return report
+
+
+def _plot_artifact(spec: ModelLoad) -> FitResult | None:
+    """The artifact `globe eval --plots` draws: --globe OUT, a compressed checkpoint's, or an artifact dir."""
+    if spec.artifact is not None:
+        return spec.artifact if isinstance(spec.artifact, FitResult) else load_artifact(spec.artifact)
+    if is_compressed(spec.model_dir) or (Path(spec.model_dir) / BANKS_FILE).is_file():
+        return load_artifact(spec.model_dir)
+    return None
 
 
 def run_eval_tasks(spec: ModelLoad, tasks: list[str], task_dir: str | None = None, builtin_tasks: bool = False,

@@ -50,8 +50,8 @@ def test_info_fit_export_eval(tmp_path):
     assert report["model"]["globe_mode"] == "cached"
     assert report["footprint"]["routed_ratio"] == pytest.approx(expected, rel=0.02)
     assert 1 < report["perplexity"]["perplexity"] < 4096 and report["speed"]["decode_tok_s"] > 0
-    assert {Path(p).name for p in report["plots"]} >= {"error_vs_budget.png", "per_layer_error.png",
-                                                       "support_hist.png", "atom_popularity.png", "am_history.png"}
+    assert {Path(p).name for p in report["plots"]} == {"per_layer_error.png", "support_hist.png",   # no sweep:
+                                                       "atom_popularity.png", "am_history.png"}  # no error_vs_budget
     assert all((tmp_path / p).is_file() or Path(p).is_file() for p in report["plots"])
     evals = [json.loads(l) for l in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["event"] for e in evals] == ["eval"]
@@ -66,9 +66,10 @@ def test_help_lists_every_command_and_option(capsys):
             main([*args, "--help"])
         return capsys.readouterr().out
     top = help_of()
-    for command in ("info", "fit", "export", "apply", "eval", "bench"):
+    for command in ("info", "fit", "export", "apply", "eval", "bench", "sweep"):
         assert command in top
     fit = help_of("fit")
     for option in ("--budget", "--m", "--r", "--device", "--wandb", "--metrics", "--resume", "--log-level"):
         assert option in fit
     assert "--plots" in help_of("eval") and "--dense" in help_of("apply") and "--modes" in help_of("bench")
+    assert "--budgets" in help_of("sweep")
