@@ -27,7 +27,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, NumericalError
 from globe.runtime.apply import (HF_FORMAT_VERSION, experts_modules, globe_modules, model_arch, set_mode,
                                  share_banks)
 from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
@@ -131,6 +131,22 @@ def place_banks(model: nn.Module) -> None:
                 module.bank[family] = copies[key]
 
 
+def check_finite_factors(model: nn.Module) -> None:
+    """NumericalError naming the first GloBE tensor (bank, adapters, codes) of a loaded model that holds NaN/Inf:
+    plain from_pretrained checks what `globe.load_compressed` checks, where a damaged file would otherwise only
+    show as NaN logits."""
+    seen: set[int] = set()
+    where = getattr(model.config, "_name_or_path", "") or "the checkpoint"
+    for layer, module in globe_modules(model).items():
+        for name, tensor in module.named_parameters():
+            if id(tensor) in seen or not tensor.is_floating_point():
+                continue
+            seen.add(id(tensor))
+            if not bool(torch.isfinite(tensor).all()):
+                raise NumericalError(f"GloBE tensor {name!r} of MoE layer {layer} in {where} holds NaN/Inf values; "
+                                     f"the checkpoint is damaged, re-export or re-download it")
+
+
 class GlobeHfQuantizer(HfQuantizer):
     """Loads GloBE-compressed checkpoints (pre-quantized only: fitting is `globe fit` / `globe compress`)."""
 
@@ -154,6 +170,7 @@ class GlobeHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         place_banks(model)
         share_banks(model)
+        check_finite_factors(model)
         set_mode(model, self.quantization_config.mode, cache_bytes=self.quantization_config.cache_bytes)
         log.info("loaded GloBE checkpoint: %d MoE layers, families %s, %s mode", len(globe_modules(model)),
                  ", ".join(self.quantization_config.families), self.quantization_config.mode)

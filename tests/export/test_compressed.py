@@ -189,3 +189,17 @@ def test_the_artifact_is_read_back_from_a_compressed_checkpoint(tmp_path, tiny_c
     for name, fam in artifact.families.items():
         order = [fam.ids.tolist().index(row) for row in back.families[name].ids.tolist()]
         assert torch.equal(back.families[name].reconstruct(), fam.reconstruct(torch.tensor(order)))
+
+
+@pytest.mark.parametrize("key_part", [".bank.gate", ".adapters.up"])
+def test_plain_from_pretrained_refuses_nan_in_the_factors(tmp_path, tiny_checkpoint, key_part):
+    from globe.errors import NumericalError
+    path = tiny_checkpoint("qwen2_moe")
+    out = save_compressed(path, quick_fit(path), tmp_path / "c")
+    tensors = load_file(str(out / WEIGHTS))
+    key = next(k for k in sorted(tensors) if key_part in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = float("nan")
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    with pytest.raises(NumericalError, match=rf"{key_part.lstrip('.')}.*NaN/Inf"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
