@@ -40,3 +40,5 @@ SNAPSHOT_EVERY = 20             # steps between snapshots of the parameters
 DIVERGED_FACTOR = 4.0           # a minibatch loss this many times the best seen counts as diverged (losses are noisy)
 SNAPSHOT_SLACK = 1.5            # a snapshot is taken only when the loss is within this factor of the best
 MAX_ROLLBACKS = 3               # rollbacks (each halving the learning rate) before refinement stops
+SPILL_FAMILY_BYTES = 2**30      # a finished family this large (fp32 adapters + bank + codes) waits in the fit's
+                                # store on disk, not in RAM, while the next family fits (globe.fit.engine.fit_model)

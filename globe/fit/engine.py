@@ -49,6 +49,7 @@ from globe.fit.objective import WEIGHTS, Solution, WeightSpace
 from globe.fit.problem import FamilyProblem
 from globe.fit.refine import adam_refine
 from globe.core.result import FamilyFit, FitResult
+from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.resume import FitProgress, FitStore
 from globe.fit.shape import shape_stage, warm_start_stage
 from globe.fit.shard import read_shard
@@ -213,6 +214,11 @@ def family_metrics(fam: FamilyFit, sq_err: torch.Tensor, norm: Normalizer, timin
     return out
 
 
+def result_bytes(fam: FamilyFit) -> int:
+    """Bytes a finished family's tensors hold in memory."""
+    return sum(t.numel() * t.element_size() for t in (fam.bank, fam.codes, fam.adapters, fam.scales))
+
+
 def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitStore | None = None,
               comm: Comm = LOCAL) -> FitResult | None:
     """Fit every configured family of the checkpoint in model_dir (see globe.io for supported layouts).
@@ -249,8 +255,12 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
             del stack
             if store is not None and families[family] is not None:
                 store.save_family(families[family])
+                if k + 1 < len(cfg.bank.families) and result_bytes(families[family]) >= SPILL_FAMILY_BYTES:
+                    log.info("%s: result kept on disk until the last family is fitted", family)
+                    families[family] = None                 # spilled: read back below
     if not comm.is_main:
         return None
+    families = {f: fam if fam is not None else store.reload(f) for f, fam in families.items()}
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
               "content_hash": content, "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,

@@ -27,6 +27,7 @@ from globe.device import resolve_device
 from globe.errors import ConfigError
 from globe.fit.budget import candidate_shapes, dense_params, stored_params
 from globe.fit.config import FitConfig
+from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.estimate import FitShape, gib, held_results, phase_bytes
 from globe.fit.timing import KernelRates, measure_rates, phase_seconds, varpro_evaluations
 
@@ -161,6 +162,7 @@ def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.Pa
     memory = phase_bytes(shape)
     params = family_params(n, p, d, shape.m, shape.r, cfg.sparsity.target_support)
     families = []
+    spilled = held_results(shape) >= SPILL_FAMILY_BYTES and len(cfg.bank.families) > 1   # see fit_model
     for k, family in enumerate(cfg.bank.families):
         pd_ = (d, p) if family == "down" else (p, d)
         fam_shape = shape if family != "down" else shape.with_(p=pd_[0], d=pd_[1])
@@ -170,8 +172,10 @@ def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.Pa
             artifact_bytes=artifact_bytes(fam_params, n),
             memory=memory if family != "down" else phase_bytes(fam_shape),
             seconds=seconds if family != "down" or rates is None else phase_seconds(fam_shape, rates),
-            held_bytes=k * held_results(shape), varpro_evaluations=varpro_evaluations(shape)))
+            held_bytes=0 if spilled else k * held_results(shape), varpro_evaluations=varpro_evaluations(shape)))
     peak = max(f.memory["peak"] + f.held_bytes for f in families)
+    if spilled:                                          # every family read back from disk once all are fitted
+        peak = max(peak, len(families) * held_results(shape))
     plan = Plan(model_dir=str(model_dir), device=str(device), stored_dtype=inv.dtype, families=families,
                 peak_bytes=peak, seconds=round(sum(f.seconds["total"] for f in families), 1),
                 free_memory_bytes=free_memory(device), free_disk_bytes=free_disk(out),

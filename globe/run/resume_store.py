@@ -22,7 +22,7 @@ from globe.artifact import build_family, family_tensors
 from globe.core.files import atomic_write
 from globe.core.outputs import json_text
 from globe.core.result import FamilyFit
-from globe.errors import GlobeError
+from globe.errors import CheckpointError, GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.resume import FitProgress
 
@@ -90,7 +90,18 @@ class ResumeStore:
         return False
 
     def finished(self, family: str) -> FamilyFit | None:
-        found = _read(self.dir / f"{family}.safetensors", self.fingerprint, family) if self.resume else None
+        return self._family(family) if self.resume else None
+
+    def reload(self, family: str) -> FamilyFit:
+        """A family this run saved with save_family (fit_model spills large finished families to disk)."""
+        fam = self._family(family)
+        if fam is None:
+            raise CheckpointError(f"{self.dir / (family + '.safetensors')} went missing or changed while the fit ran; "
+                                  f"rerun with --resume")
+        return fam
+
+    def _family(self, family: str) -> FamilyFit | None:
+        found = _read(self.dir / f"{family}.safetensors", self.fingerprint, family)
         if found is None:
             return None
         tensors, meta = found

@@ -67,7 +67,10 @@ def test_plan_of_a_sparse_qwen_checkpoint_reads_headers_only(tmp_path, no_data_r
     assert gate.params["dense"] == 1440 * 1408 * 2048
     assert set(gate.memory) >= {"normalize", "warm_start", "am", "varpro", "finalize", "peak"}
     assert gate.seconds["total"] > 0 and gate.seconds["am"] > gate.seconds["normalize"]
-    assert up.held_bytes > 0 and plan.peak_bytes == max(f.memory["peak"] + f.held_bytes for f in plan.families)
+    # the finished gate family (6.7 GiB of fp32 results) waits on disk while up fits, and both are read back at
+    # the end: the run's peak is one family's fit, not a family's fit plus the other's results
+    assert up.held_bytes == 0 and plan.peak_bytes == max(gate.memory["peak"], up.memory["peak"])
+    assert plan.peak_bytes < 16 * 2**30
     assert json.loads(json.dumps(plan.to_dict()))["families"][0]["m"] == 256
     assert "gate: N=1440 p=1408 d=2048 -> m=256 r=704" in plan.table()
 
