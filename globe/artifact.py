@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from globe.fit.config import PHIS, FitConfig
 from globe.io.arch import FAMILIES
 from globe.io.model import ModelShape, checkpoint_shape
 from globe.io.reader import open_checkpoint
+from globe.core import outputs
 from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
@@ -93,13 +93,7 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -
 
     dtype: storage dtype of banks, adapters and code values (default: the source checkpoint's, storage_dtype)."""
     dtype = dtype or storage_dtype(result)
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArtifactError(f"cannot create output directory {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise ArtifactError(f"output directory {out} is not writable: choose another -o")
+    out = outputs.writable_dir(out)
     tensors: dict[str, torch.Tensor] = {}
     for fam in result.families.values():
         tensors.update(family_tensors(fam, dtype))

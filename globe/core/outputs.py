@@ -94,15 +94,22 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "-o") -> Non
     if out.exists() and not overwrite:
         raise OutputError(f"output file {out} already exists: pass --overwrite to replace it, or choose another "
                           f"{flag}")
-    parent = out.parent
-    if parent.exists() and not parent.is_dir():
-        raise OutputError(f"{parent} is not a directory: choose another {flag}")
+    writable_dir(out.parent, flag)
+
+
+def writable_dir(path: str | Path, flag: str = "-o") -> Path:
+    """Create directory `path` (and its parents) if needed; OutputError naming it when that fails or when it is
+    a file or not writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is not a directory: choose another {flag}")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create {parent} ({exc.strerror}): choose another {flag}") from None
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"{parent} is not writable: choose another {flag}")
+        raise OutputError(f"cannot create {path} ({exc.strerror}): choose another {flag}") from None
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"{path} is not writable: choose another {flag}")
+    return path
 
 
 def _user_entries(out: Path) -> list[Path]:

@@ -19,6 +19,7 @@ factors keep the dtype they were stored in.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +138,8 @@ def check_finite_factors(model: nn.Module) -> None:
     show as NaN logits."""
     seen: set[int] = set()
     where = getattr(model.config, "_name_or_path", "") or "the checkpoint"
+    shards = sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
+    where = str(shards[0]) if len(shards) == 1 else where              # the file to repair, when it is one
     for layer, module in globe_modules(model).items():
         for name, tensor in module.named_parameters():
             if id(tensor) in seen or not tensor.is_floating_point():
