@@ -19,7 +19,7 @@ from globe.fit.distributed import LOCAL, Comm
 from globe.fit.linalg import ridge_cholesky
 from globe.fit.sparse_coding import code_chunk
 from globe.fit.normalize import Normalizer
-from globe.progress import progress
+from globe.progress import counter, progress
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +198,16 @@ def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15)
 def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig,
                    batches: int = 8) -> torch.Tensor:
     """Residual greedy: add normalised residuals of the worst-fit experts in batches, recoding between."""
+    bar = counter("greedy atoms", total=m)
+    bar.update(min(atoms.shape[0], m))
     while atoms.shape[0] < m:
         res = x - encode(x, atoms, cfg)[0] @ atoms if atoms.shape[0] else x
         k = min(max((m - atoms.shape[0] + batches - 1) // batches, 1), m - atoms.shape[0], x.shape[0])
         worst = res.norm(dim=1).topk(k).indices
         new = res[worst] / res[worst].norm(dim=1, keepdim=True).clamp_min(1e-30)
         atoms = torch.cat([atoms, new])
+        bar.update(new.shape[0])
+    bar.close()
     return atoms[:m]
 
 
@@ -261,6 +265,6 @@ def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generat
         atoms = residual(x, svd_atoms(x, (m + 1) // 2, gen), m, gen, cfg)
     codes, temp = encode(x, atoms, cfg)
     if init in ("greedy", "hybrid"):
-        for _ in range(KSVD_SWEEPS):
+        for _ in progress(range(KSVD_SWEEPS), "K-SVD sweeps"):
             atoms, codes = sweep(x, atoms, codes)
     return atoms.reshape(m, r, d).contiguous(), codes, temp

@@ -16,6 +16,7 @@ import torch
 
 from globe.device import acc_dtype
 from globe.fit.config import FitConfig
+from globe.progress import counter
 
 ROWS = 64             # experts (rows of x) upcast to fp32 at once
 COLUMNS = 2**16       # columns of x upcast at once by ts_pca_atoms
@@ -32,6 +33,8 @@ def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Gene
     """globe.fit.warm_start.residual_atoms without the [N, r d] residual (encode: warm_start.encode)."""
     n = x.shape[0]
     atoms = atoms.float()
+    bar = counter("greedy atoms", total=m)
+    bar.update(min(atoms.shape[0], m))
     while atoms.shape[0] < m:
         codes = encode(x, atoms, cfg)[0] if atoms.shape[0] else None
         norms = torch.cat([_residual(x, atoms, codes, slice(lo, lo + ROWS)).norm(dim=1) for lo in range(0, n, ROWS)])
@@ -39,6 +42,8 @@ def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Gene
         worst = norms.topk(k).indices
         res = _residual(x, atoms, codes, worst)
         atoms = torch.cat([atoms, res / res.norm(dim=1, keepdim=True).clamp_min(1e-30)])
+        bar.update(res.shape[0])
+    bar.close()
     return atoms[:m]
 
 
