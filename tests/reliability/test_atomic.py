@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import globe
-import globe.artifact as artifact
 from globe.artifact import atomic_write
 from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR, ResumeStore as CheckpointStore
 from globe.fit.config import FitConfig
@@ -56,10 +55,10 @@ def test_artifact_save_interrupted_between_files_leaves_a_loadable_previous_arti
         if len(renames) == 2:
             raise Crash
         real(src, dst)
-    monkeypatch.setattr(artifact.os, "replace", crash_on_second_rename)
+    monkeypatch.setattr(os, "replace", crash_on_second_rename)          # what atomic_write_all renames with
     with pytest.raises(Crash):
         globe.save(result, tmp_path / "art")
-    monkeypatch.setattr(artifact.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     loaded = globe.load(tmp_path / "art")
     assert torch.equal(loaded.families["gate"].bank, result.families["gate"].bank)
     assert not list((tmp_path / "art").glob(".*.tmp"))
