@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from globe.artifact import atomic_write_text
+from globe.core.files import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 log = logging.getLogger("benchmarks.design_shape")

@@ -1,209 +1,44 @@
-"""FitResult <-> directory: banks.safetensors (tensors, metadata in the header) + globe_config.json.
+"""Artifacts as the library sees them: `save` / `load` of a FitResult, and the checks that an artifact fits a model.
 
-Codes are stored sparse (CSR: indptr, indices, values). Banks, adapters and code values are stored in the source
-checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
-fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
-temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
-`check_compatible` is the one check that an artifact fits a model (a checkpoint directory or a loaded model).
+The on-disk format itself (banks.safetensors + globe_config.json, its version, reader and writer) is
+globe.formats.artifact; here the document's fit config becomes a FitConfig again. `check_compatible` is the one
+check that an artifact fits a model (a checkpoint directory or a loaded model).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
-
-from globe.core.files import (atomic_write, atomic_write_all, atomic_write_text,  # noqa: F401  (re-exported)
-                              save_safetensors, sort_metadata)
-from globe.core.result import FamilyFit, FitResult
+from globe.core.result import FitResult
 from globe.errors import ArtifactError, ConfigError
-from globe.fit.config import PHIS, FitConfig
+from globe.fit.config import FitConfig
+from globe.formats.artifact import CONFIG_FILE, read_banks, read_document, read_families, save
 from globe.io.arch import FAMILIES
 from globe.io.model import ModelShape, checkpoint_shape
 from globe.io.reader import open_checkpoint
-from globe.core import outputs
-from globe.core.outputs import json_text
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
-BANKS_FILE = "banks.safetensors"
-CONFIG_FILE = "globe_config.json"
+
+__all__ = ["save", "load", "fit_config", "check_same_weights", "check_compatible"]
 
 
-def codes_to_csr(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Dense codes [N, m] -> indptr [N+1] int64, indices [nnz] int32, values [nnz] in `dtype`."""
-    mask = codes != 0
-    indptr = torch.zeros(codes.shape[0] + 1, dtype=torch.int64)
-    indptr[1:] = mask.sum(1).cumsum(0)
-    rows, cols = mask.nonzero(as_tuple=True)
-    return {"indptr": indptr, "indices": cols.to(torch.int32), "values": codes[rows, cols].to(dtype).contiguous()}
-
-
-def csr_to_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, m: int) -> torch.Tensor:
-    n = indptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n), indptr[1:] - indptr[:-1])
-    codes = torch.zeros(n, m, dtype=torch.float32)
-    codes[rows, indices.long()] = values.float()
-    return codes
-
-
-def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    f = fam.family
-    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.adapters": fam.adapters.to(dtype),
-           f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
-    out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu(), dtype).items()})
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-def config_document(result: FitResult) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "source": result.source, "config": result.config.to_dict(),
-            "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
-            "params": result.params, "metrics": result.metrics, "timings": result.timings,
-            "history": {n: f.history for n, f in result.families.items()}}
-
-
-def storage_dtype(result: FitResult) -> torch.dtype:
-    """The dtype an artifact is stored in: the source checkpoint's floating dtype (fp32 when unknown)."""
-    name = str((result.source.get("inventory") or {}).get("dtype") or "float32")
-    dtype = getattr(torch, name.removeprefix("torch."), None)
-    return dtype if dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) else torch.float32
-
-
-def artifact_id(tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> str:
-    """Id shared by banks.safetensors and globe_config.json: a hash of the tensors and of the deterministic part
-    of the document (format, source, config, shapes), not of timings or memory, so the same fit gives the same
-    bytes on every run while two different fits never share an id."""
-    digest = hashlib.sha256(json_text({k: doc[k] for k in ("format_version", "source", "config", "families")},
-                                      sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        digest.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the artifact directory (banks.safetensors + globe_config.json); returns its path. Both files are
-    replaced together (see atomic_write_all): a failure leaves the previous artifact whole.
-
-    dtype: storage dtype of banks, adapters and code values (default: the source checkpoint's, storage_dtype)."""
-    dtype = dtype or storage_dtype(result)
-    out = outputs.writable_dir(out)
-    tensors: dict[str, torch.Tensor] = {}
-    for fam in result.families.values():
-        tensors.update(family_tensors(fam, dtype))
-    doc = config_document(result)
-    # Both files carry the same id, so a crash between the two renames, which leaves a new banks file beside an
-    # old config, is detected by load() instead of mixing two fits.
-    doc["artifact_id"] = artifact_id(tensors, doc)
-    meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
-            "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
-    text = json_text(doc, indent=1)
-
-    def write_banks(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata=meta)
-        sort_metadata(tmp)                              # the same fit gives the same bytes
-    atomic_write_all({out / BANKS_FILE: write_banks,
-                      out / CONFIG_FILE: lambda tmp: tmp.write_text(text)})
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ArtifactError(f"{path} not found: not a GloBE artifact directory (run `globe fit` first)")
+def fit_config(doc: dict, where: Path) -> FitConfig:
+    """The FitConfig of a checked globe_config.json document (ArtifactError naming `where` for a bad one)."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path} is not UTF-8 text (byte offset {exc.start}): re-run `globe fit`") from None
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"{path} must hold a JSON object, not {type(doc).__name__}: re-run `globe fit`")
-    version = doc.get("format_version", -1)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise ArtifactError(f"{path}: format_version must be an integer (got {version!r})")
-    if version > FORMAT_VERSION or version < 1:
-        raise ArtifactError(f"{path} has format_version {version}; this globe reads versions 1..{FORMAT_VERSION}"
-                            + (": upgrade globe" if version > FORMAT_VERSION else ""))
-    _check_document(path, doc)
-    return doc
-
-
-def _check_document(path: Path, doc: dict[str, Any]) -> None:
-    """ArtifactError naming the key of globe_config.json whose type or value cannot be right."""
-    def fail(key: str, want: str, value: Any) -> None:
-        raise ArtifactError(f"{path}: {key} must be {want} (got {value!r}); re-run `globe fit` or restore the file")
-    families = doc.get("families")
-    if not isinstance(families, dict) or not families:
-        fail("families", "an object of fitted families", families)
-    for name, info in families.items():
-        if name not in ("gate", "up", "down"):
-            fail("families", "keyed by gate / up / down", name)
-        if not isinstance(info, dict):
-            fail(f"families.{name}", "an object", info)
-        for key in ("N", "p", "d", "m", "r"):
-            value = info.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(f"families.{name}.{key}", "a positive integer", value)
-        if info.get("phi") not in PHIS:
-            fail(f"families.{name}.phi", f"one of {', '.join(PHIS)}", info.get("phi"))
-    for key in ("source", "metrics", "history", "timings"):
-        if key in doc and not isinstance(doc[key], dict):
-            fail(key, "an object", doc[key])
-    for key in ("metrics", "history"):
-        for name, value in doc.get(key, {}).items():
-            if not isinstance(value, dict):
-                fail(f"{key}.{name}", "an object", value)
-    for name, phases in doc.get("history", {}).items():
-        for phase, records in phases.items():
-            if not isinstance(records, list) or not all(isinstance(r, (dict, int, float)) for r in records):
-                fail(f"history.{name}.{phase}", "a list of records", records)
-    model_dir = doc.get("source", {}).get("model_dir")
-    if model_dir is not None and not isinstance(model_dir, str):
-        fail("source.model_dir", "a path string", model_dir)
-    if not isinstance(doc.get("config"), dict):
-        fail("config", "the fit config object", doc.get("config"))
-
-
-def check_pair(out: Path, doc: dict[str, Any]) -> None:
-    """ArtifactError if banks.safetensors and globe_config.json were written by different saves (artifacts
-    written before ids existed have none and pass)."""
-    with safe_open(str(out / BANKS_FILE), "pt") as fh:
-        banks_id = (fh.metadata() or {}).get("artifact_id")
-    if banks_id is not None and doc.get("artifact_id") is not None and banks_id != doc["artifact_id"]:
-        raise ArtifactError(f"{out / BANKS_FILE} and {out / CONFIG_FILE} come from different fits (a write was "
-                            "interrupted?): re-run `globe fit --resume` (or `--overwrite`) into this directory")
+        return FitConfig.from_dict(doc["config"])
+    except ConfigError as exc:
+        raise ArtifactError(f"{where}: config: {exc}") from None
 
 
 def load(out: str | Path) -> FitResult:
     """Read an artifact directory back into a FitResult, validating versions, types, shapes, dtypes, index
     ranges and finiteness (ArtifactError naming the file and key)."""
     out = Path(out)
-    doc = _read_json(out / CONFIG_FILE)
-    try:
-        tensors = load_file(str(out / BANKS_FILE))
-        check_pair(out, doc)
-    except FileNotFoundError:
-        raise ArtifactError(f"{out / BANKS_FILE} not found: the artifact is incomplete") from None
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{out / BANKS_FILE} is corrupt or truncated ({exc}): re-run `globe fit`") from None
-    try:
-        config = FitConfig.from_dict(doc["config"])
-    except ConfigError as exc:
-        raise ArtifactError(f"{out / CONFIG_FILE}: config: {exc}") from None
-    families = {}
-    for name, info in doc["families"].items():
-        families[name] = _family_from_tensors(name, info, tensors, doc.get("metrics", {}).get(name, {}), out,
-                                              doc.get("history", {}).get(name))
-    return FitResult(families=families, config=config, source=doc.get("source", {}),
+    doc = read_document(out / CONFIG_FILE)
+    tensors = read_banks(out, doc)
+    config = fit_config(doc, out / CONFIG_FILE)
+    return FitResult(families=read_families(out, doc, tensors), config=config, source=doc.get("source", {}),
                      timings=doc.get("timings", {}))
-
-
 def check_same_weights(result: FitResult, model_dir: str | Path, force: bool = False) -> None:
     """ArtifactError unless model_dir holds the weights the artifact was fitted on (the content hash of its
     routed experts recorded at fit time, see globe.io.identity; artifacts without one pass). With force=True
@@ -254,58 +89,3 @@ def check_compatible(result: FitResult, model: ModelShape | str | Path) -> None:
                                 f"{shape.moe_layers} x {shape.num_experts}; {hint}")
 
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
-_DTYPES = {"bank": FLOAT_DTYPES, "adapters": FLOAT_DTYPES, "scales": FLOAT_DTYPES, "codes.values": FLOAT_DTYPES,
-           "ids": INDEX_DTYPES, "codes.indptr": INDEX_DTYPES, "codes.indices": INDEX_DTYPES}
-
-
-def check_family_tensors(name: str, t: dict[str, torch.Tensor], m: int, where: Path) -> None:
-    """ArtifactError naming `where` and the tensor when one of a family's stored tensors has a wrong dtype,
-    non-finite values or indices out of range (codes in [0, m), CSR row pointers from 0 up to nnz, ids >= 0)."""
-    def fail(key: str, what: str) -> None:
-        raise ArtifactError(f"{where}: tensor {name}.{key} {what}; the artifact is damaged, re-run `globe fit`")
-    for key, dtypes in _DTYPES.items():
-        if t[key].dtype not in dtypes:
-            fail(key, f"is {str(t[key].dtype).removeprefix('torch.')}, expected one of "
-                      f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)}")
-    for key in ("bank", "adapters", "scales", "codes.values"):
-        finite = torch.isfinite(t[key])
-        if not bool(finite.all()):
-            fail(key, f"holds {int((~finite).sum())} NaN/Inf value(s)")
-    indices, indptr = t["codes.indices"], t["codes.indptr"]
-    if indices.dim() != 1 or t["codes.values"].shape != indices.shape:
-        fail("codes.indices", f"has shape {list(indices.shape)} but codes.values {list(t['codes.values'].shape)}")
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= m):
-        fail("codes.indices", f"holds atom indices in [{int(indices.min())}, {int(indices.max())}], outside [0, {m})")
-    if int(indptr[0]) != 0 or bool((indptr[1:] < indptr[:-1]).any()) or int(indptr[-1]) != indices.numel():
-        fail("codes.indptr", f"is not a row pointer from 0 up to the {indices.numel()} stored codes")
-    if bool((t["ids"] < 0).any()):
-        fail("ids", "holds negative (layer, expert) ids")
-
-
-def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
-                         history: dict | None = None) -> FamilyFit:
-    keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
-    missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
-    if missing:
-        raise ArtifactError(f"{out / BANKS_FILE} lacks tensor(s) {', '.join(missing)}")
-    t = {k: tensors[f"{name}.{k}"] for k in keys}
-    n, p, d, m, r = info["N"], info["p"], info["d"], info["m"], info["r"]
-    expect = {"bank": (m, r, d), "adapters": (n, p, r), "scales": (n,), "ids": (n, 2), "codes.indptr": (n + 1,)}
-    for k, shape in expect.items():
-        if tuple(t[k].shape) != shape:
-            raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
-                                f"expected {shape} from {CONFIG_FILE}")
-    check_family_tensors(name, t, m, out / BANKS_FILE)
-    return build_family(name, t, info["phi"], metrics, history)
-
-
-def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,
-                 history: dict | None = None) -> FamilyFit:
-    """FamilyFit from its stored tensors (keys without the family prefix, codes in CSR form); floating tensors come
-    back in fp32 (exactly the stored values, whatever the storage dtype)."""
-    codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], t["bank"].shape[0])
-    return FamilyFit(family=name, bank=t["bank"].float(), codes=codes, adapters=t["adapters"].float(),
-                     scales=t["scales"].float(),
-                     ids=t["ids"].long(), phi=phi, metrics=metrics, history=history or {})

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import globe
-from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, csr_to_codes, codes_to_csr
+from globe.artifact import check_compatible
+from globe.formats.artifact import BANKS_FILE, CONFIG_FILE, csr_to_codes, codes_to_csr
 from globe.errors import ArtifactError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.io import model_shape

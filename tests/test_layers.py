@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "globe"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("globe.core", "globe.errors", "globe.device", "globe.progress", "globe.tracking", "globe.assets")),
     ("io", ("globe.io",)),
+    ("formats", ("globe.formats",)),
     ("calibration", ("globe.calibration",)),
     ("fit", ("globe.fit",)),
     ("artifact", ("globe.artifact",)),

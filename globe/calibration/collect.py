@@ -17,7 +17,8 @@ from torch import nn
 
 from globe.calibration.stats import ActivationStats
 from globe.errors import ArtifactError, ConfigError
-from globe.io.model import experts_modules
+from globe.io.layout import ExpertsLayout
+from globe.io.model import experts_modules, model_arch
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class _LayerSums:
         self.up_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
         self.tokens = 0
 
-    def add(self, module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> None:
+    def add(self, module: nn.Module, layout: ExpertsLayout, hidden: torch.Tensor, index: torch.Tensor,
+            weights: torch.Tensor) -> None:
         x = hidden.detach().reshape(-1, hidden.shape[-1]).double().cpu()           # [T, d]
         self.hidden += x.T @ x
         self.tokens += x.shape[0]
@@ -50,16 +52,17 @@ class _LayerSums:
         if self.hidden_expert is None:
             return
         p = self.inter_expert.shape[-1]
+        w_gate, w_up, w_down = (layout.weight(module, f) for f in ("gate", "up", "down"))   # [E, out, in] each
         for e in flat.unique().tolist():
             xe = x[token[flat == e]]                                                # [n_e, d]
             self.hidden_expert[e] += xe.T @ xe
-            gate_up = module.gate_up_proj[e].detach().float().cpu()                # [2p, d]
+            gate_up = torch.cat([w_gate[e], w_up[e]]).detach().float().cpu()        # [2p, d]
             pre = xe.float() @ gate_up.T                                            # [n_e, 2p]
             gate, up = pre[:, :p], pre[:, p:]
-            act, slope = _act_and_slope(module.act_fn, gate)                        # [n_e, p] each
+            act, slope = _act_and_slope(layout.activation(module), gate)            # [n_e, p] each
             h = (act * up).double()                                                 # [n_e, p]
             self.inter_expert[e] += h.T @ h
-            out_sq = module.down_proj[e].detach().float().cpu().square().sum(0).double()   # [p] ||D_:,j||^2
+            out_sq = w_down[e].detach().float().cpu().square().sum(0).double()      # [p] ||D_:,j||^2
             self.gate_channels[e] += (slope * up).double().square().sum(0) * out_sq
             self.up_channels[e] += act.double().square().sum(0) * out_sq
 
@@ -87,22 +90,22 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
                   info: dict | None = None) -> ActivationStats:
     """Run input_ids ([n] or [b, n]) through `model` in windows of `window` tokens; the layers' ActivationStats."""
     modules = experts_modules(model)
+    layout = model_arch(model)[0].layout
     if not modules:
         raise ConfigError("the model has no MoE layer: nothing to calibrate")
     for layer, module in modules.items():
-        if not hasattr(module, "gate_up_proj"):
+        if not layout.is_original(module):
             raise ArtifactError(f"layer {layer}'s experts ({type(module).__name__}) are not the original fused module; "
                                 f"calibrate the original model, not a GloBE-patched one")
     ids = input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids
     if ids.shape[1] < 2:
         raise ConfigError(f"calibration needs at least 2 tokens, got {ids.shape[1]}")
-    first = next(iter(modules.values()))
-    num_experts, two_p, d = first.gate_up_proj.shape
-    sums = {layer: _LayerSums(num_experts, d, two_p // 2, per_expert) for layer in modules}
+    num_experts, p, d = layout.dims(next(iter(modules.values())))
+    sums = {layer: _LayerSums(num_experts, d, p, per_expert) for layer in modules}
 
     def hook(layer: int):
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            sums[layer].add(module, *_inputs(args, kwargs))
+            sums[layer].add(module, layout, *_inputs(args, kwargs))
         return pre
 
     handles = [m.register_forward_pre_hook(hook(layer), with_kwargs=True) for layer, m in modules.items()]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from globe import assets
 from globe.errors import ModelDirError
-from globe.export.compressed import describe_compressed, is_compressed
+from globe.export.compressed import describe_compressed
+from globe.formats.checkpoint import is_compressed
 from globe.io import Inventory, open_checkpoint
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from globe.io.model import experts_modules
+from globe.io.model import experts_modules, model_arch
 from globe.runtime.experts import GlobeExperts
 from globe.runtime.memory import dense_model_bytes, model_bytes
 
@@ -44,6 +44,7 @@ def _count(tensors: list) -> tuple[int, int]:
 def routed_footprint(model: nn.Module) -> dict[str, int | float]:
     """Routed-expert params/bytes: dense (before), stored now (after), runtime extras, and model totals."""
     modules = list(experts_modules(model).values())
+    layout = model_arch(model)[0].layout
     stored, stored_bytes = _count(_tensors(modules, persistent=True))
     _, runtime_bytes = _count(_tensors(modules, persistent=False))
     dense, dense_bytes = 0, 0
@@ -52,7 +53,7 @@ def routed_footprint(model: nn.Module) -> dict[str, int | float]:
             n = 3 * module.num_experts * module.hidden_dim * module.intermediate_dim
             dense, dense_bytes = dense + n, dense_bytes + n * module.source_dtype.itemsize
         else:
-            tensors = [module.gate_up_proj, module.down_proj]
+            tensors = layout.tensors(module)
             dense += sum(t.numel() for t in tensors)
             dense_bytes += sum(t.numel() * t.element_size() for t in tensors)
     total, total_bytes = _count(_tensors([model], persistent=True))

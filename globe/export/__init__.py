@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-from globe.export.compressed import (MARKER_FILE, WEIGHTS_FILE, is_compressed, load_artifact, load_compressed,
-                                     runtime_state_dict, save_compressed)
+from globe.export.compressed import load_artifact, load_compressed, runtime_state_dict, save_compressed
 from globe.export.dense import dense_state_dict, export_dense
 from globe.export.files import load_model
 from globe.export.hf_hook import install as _install_hf_quantizer
+from globe.formats.checkpoint import MARKER_FILE, WEIGHTS_FILE, is_compressed
 
 _install_hf_quantizer()                     # quant_method "globe" for from_pretrained, without importing transformers
 

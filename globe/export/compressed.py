@@ -27,36 +27,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from globe.artifact import BANKS_FILE, CONFIG_FILE, check_compatible, config_document, load
+from globe.artifact import check_compatible, fit_config, load
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
 from globe.errors import ArtifactError
 from globe.export.files import (check_finite_weights, copy_side_files, load_model, move_tree_files, source_dir,
                                 staging_dir, unique_tensors)
+from globe.formats.artifact import BANKS_FILE, CONFIG_FILE, config_document, read_document
+from globe.formats.checkpoint import (MARKER_FILE, QUANT_METHOD, WEIGHTS_FILE, dense_key, family_from_layers,
+                                      is_compressed, is_globe_state, open_weights, read_marker)
 from globe.io.model import experts_modules, model_arch, model_shape
-from globe.runtime.apply import apply_globe, dense_parts, set_collect_stats, set_mode
-from globe.runtime.experts import GLOBE_STATE, GlobeExperts
+from globe.runtime.apply import apply_globe, set_collect_stats, set_mode
+from globe.runtime.build import dense_parts
+from globe.runtime.experts import GlobeExperts
 
 log = logging.getLogger(__name__)
-
-COMPRESSED_FORMAT_VERSION = 1              # of the format-1 marker file, read only
-MARKER_FILE = "globe_compressed.json"       # format 1
-WEIGHTS_FILE = "globe_model.safetensors"    # format 1
-
-
-def is_compressed(path: str | Path) -> bool:
-    """Whether `path` is a GloBE compressed checkpoint (config.json with quant_method "globe", or format 1)."""
-    path = Path(path)
-    if (path / MARKER_FILE).is_file():
-        return True
-    try:
-        quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    if not isinstance(quant, dict):
-        raise ArtifactError(f"{path / 'config.json'}: quantization_config must be an object (got {quant!r}); "
-                            f"re-export the checkpoint or remove the key")
-    return quant.get("quant_method") == "globe"
 
 
 def runtime_state_dict(model: nn.Module, families: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -67,13 +52,13 @@ def runtime_state_dict(model: nn.Module, families: set[str] | None = None) -> di
     for layer, module in experts_modules(model).items():
         prefix = spec.experts_path(layer) + "."
         if isinstance(module, GlobeExperts):
-            for key in [k for k in state if k.startswith(prefix) and k[len(prefix):].startswith(GLOBE_STATE)]:
+            for key in [k for k in state if k.startswith(prefix) and is_globe_state(k[len(prefix):])]:
                 del state[key]
             continue
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
-        for family, weight in dense_parts(module, families or set()).items():
-            state[f"{prefix}{family}_proj"] = weight
+        for family, weight in dense_parts(module, spec.layout, families or set()).items():
+            state[prefix + dense_key(family)] = weight
     return state
 
 
@@ -126,33 +111,6 @@ def _set_quant_mode(quant, mode: str) -> None:
         quant.mode = mode
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _read_marker(path: Path) -> dict:
-    if not (path / MARKER_FILE).is_file():
-        raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (no {MARKER_FILE}); "
-                            f"write one with `globe export OUT --model MODEL_DIR -o {path}`")
-    try:
-        marker = json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path / MARKER_FILE} is not valid JSON ({type(exc).__name__})") from None
-    if not isinstance(marker, dict):
-        raise ArtifactError(f"{path / MARKER_FILE} must hold a JSON object: re-export the checkpoint")
-    if marker.get("format_version") not in range(1, COMPRESSED_FORMAT_VERSION + 1):
-        raise ArtifactError(f"{path / MARKER_FILE} has format_version {marker.get('format_version')!r}; this globe "
-                            f"reads 1..{COMPRESSED_FORMAT_VERSION}: upgrade globe")
-    for key in ("dtype", "globe_dtype"):
-        if (key == "dtype" or key in marker) and not isinstance(getattr(torch, str(marker[key]), None), torch.dtype):
-            raise ArtifactError(f"{path / MARKER_FILE}: {key} {marker[key]!r} is not a torch dtype; re-export "
-                                f"the checkpoint")
-    if not isinstance(marker.get("weights"), str) or Path(marker["weights"]).name != marker["weights"]:
-        raise ArtifactError(f"{path / MARKER_FILE}: weights must name a file of {path} (got "
-                            f"{marker.get('weights')!r}); re-export the checkpoint")
-    return marker
-
-
 def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     """The model built from config.json with weights allocated but not initialised (they are loaded next)."""
     import transformers
@@ -192,7 +150,7 @@ def load_compressed(path: str | Path, mode: str | None = None, cache_size: int |
     config = transformers.AutoConfig.from_pretrained(path)
     quant = getattr(config, "quantization_config", None)
     quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
-    if quant.get("quant_method") != "globe":
+    if quant.get("quant_method") != QUANT_METHOD:
         raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (config.json has no quantization_config "
                             f"with quant_method 'globe'); write one with `globe export ART --model MODEL_DIR -o {path}`")
     quant.update({k: v for k, v in {"mode": mode, "cache_bytes": cache_bytes,
@@ -218,7 +176,7 @@ def load_compressed(path: str | Path, mode: str | None = None, cache_size: int |
 def _load_format_1(path: Path, mode: str, cache_size: int | None, collect_stats: bool, max_gathered_pairs: int,
                    dtype: torch.dtype | str | None) -> nn.Module:
     """A format-1 checkpoint (globe_compressed.json + globe_model.safetensors + banks.safetensors)."""
-    marker = _read_marker(path)
+    marker = read_marker(path)
     model_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = _skeleton(path, model_dtype or getattr(torch, marker["dtype"]))
     factor_dtype = model_dtype or getattr(torch, marker.get("globe_dtype", marker["dtype"]))
@@ -246,66 +204,22 @@ def load_artifact(path: str | Path) -> FitResult:
     path = Path(path)
     if not is_compressed(path) or (path / MARKER_FILE).is_file():
         return load(path)
-    from globe.artifact import _read_json
-    from globe.fit.config import FitConfig
     from globe.io.arch import get_arch
     config = json.loads((path / "config.json").read_text())
-    doc = _read_json(path / CONFIG_FILE)
+    doc = read_document(path / CONFIG_FILE)
     spec, families = get_arch(config), {}
-    with _open_weights(path) as tensors:
+    with open_weights(path) as tensors:
         for name in config["quantization_config"]["families"]:
-            families[name] = _family_from_layers(name, spec, config, tensors, doc)
-    return FitResult(families=families, config=FitConfig.from_dict(doc["config"]), source=doc.get("source", {}),
+            families[name] = family_from_layers(name, spec, config, tensors, doc)
+    return FitResult(families=families, config=fit_config(doc, path / CONFIG_FILE), source=doc.get("source", {}),
                      timings=doc.get("timings", {}))
-
-
-class _open_weights:
-    """{key: tensor} reader over every *.safetensors file of a directory (lazy, one file handle each)."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-        self.files = [safe_open(str(f), "pt") for f in sorted(path.glob("*.safetensors"))]
-        if not self.files:
-            raise ArtifactError(f"no model.safetensors in {path}: the checkpoint is incomplete; re-export it")
-        self.where = {k: fh for fh in self.files for k in fh.keys()}
-
-    def __enter__(self) -> "_open_weights":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.files.clear()
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self.where:
-            raise ArtifactError(f"compressed checkpoint lacks tensor {key}; re-export it")
-        return self.where[key].get_tensor(key)
-
-
-def _family_from_layers(name: str, spec, config: dict, tensors: _open_weights, doc: dict):
-    """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint."""
-    from globe.core.result import FamilyFit
-    layers = spec.moe_layers(config)
-    adapters, codes, ids = [], [], []
-    bank = tensors[f"{spec.experts_path(min(layers))}.bank.{name}"].float()
-    for layer in layers:
-        prefix = spec.experts_path(layer)
-        index, values = tensors[f"{prefix}.code_indices.{name}"], tensors[f"{prefix}.code_values.{name}"].float()
-        dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]
-        adapters.append(tensors[f"{prefix}.adapters.{name}"].float())
-        codes.append(dense)
-        ids.append(torch.tensor([[layer, e] for e in range(index.shape[0])]))
-    n = sum(a.shape[0] for a in adapters)
-    return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
-                     scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
-                     metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}))
 
 
 def describe_compressed(path: str | Path) -> dict:
     """What a compressed checkpoint is, from its JSON files only: source, families, mode, params and bytes."""
-    from globe.artifact import _read_json
     path = Path(path)
     quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    doc = _read_json(path / CONFIG_FILE)
+    doc = read_document(path / CONFIG_FILE)
     inv = doc.get("source", {}).get("inventory") or {}
     params, total = doc.get("params", {}), inv.get("total_params")
     saved = sum(params[f"dense_{f}"] - params[f] for f in quant.get("families", {}) if f in params)

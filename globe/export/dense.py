@@ -4,7 +4,8 @@
     AutoModelForCausalLM.from_pretrained("dense_hf/")        # stock transformers: no missing/unexpected keys
 
 The reconstructed gate/up (and down, when fitted) weights replace the routed experts in the model's in-memory
-state dict, in the experts' dtype. They are computed exactly as the runtime's `dense` mode computes them (factors
+state dict, in the experts' dtype and in the architecture's ExpertsLayout (globe.io.layout). They are computed
+exactly as the runtime's `dense` mode computes them (factors
 rounded to the storage dtype, product in fp32), so the export and the patched model agree. transformers' own
 `save_pretrained` then writes the hub layout (per-expert keys) into a staging directory whose files are moved into
 place with atomic_write. Tokenizer files and the generation config of the source directory are copied along.
@@ -22,9 +23,11 @@ from torch import nn
 from globe.artifact import check_compatible, load
 from globe.core.result import FitResult
 from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir
+from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.progress import progress
-from globe.runtime.apply import dense_parts, layer_rows
+from globe.runtime.apply import layer_rows
+from globe.runtime.build import dense_parts
 from globe.runtime.experts import PROJECTIONS, GlobeExperts
 from globe.runtime.reconstruct import reconstruct_rows
 
@@ -38,9 +41,9 @@ def _resolve(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | P
     return model, result
 
 
-def experts_dtype(module: nn.Module) -> torch.dtype:
+def experts_dtype(module: nn.Module, layout: ExpertsLayout) -> torch.dtype:
     """Dtype of a layer's routed experts in the source model (original module or GlobeExperts)."""
-    return module.source_dtype if isinstance(module, GlobeExperts) else module.gate_up_proj.dtype
+    return module.source_dtype if isinstance(module, GlobeExperts) else layout.dtype(module)
 
 
 def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Tensor]:
@@ -54,19 +57,18 @@ def dense_state_dict(model: nn.Module, result: FitResult) -> dict[str, torch.Ten
     rows = {name: layer_rows(fam, shape.moe_layers, shape.num_experts) for name, fam in result.families.items()}
     for layer, module in progress(modules.items(), "reconstruct", len(modules)):
         prefix = spec.experts_path(layer) + "."
-        dtype, device = experts_dtype(module), next(module.parameters()).device
+        dtype, device = experts_dtype(module, spec.layout), next(module.parameters()).device
         if patched:                     # from the factors as the runtime stores them (== its `dense` mode)
             parts = {f: module.reconstruct(f) if f in module.factored else module.dense_weight(f)
                      for f in PROJECTIONS}
         else:                           # factors rounded to the dtype apply_globe would store them in
-            dense = dense_parts(module, set(result.families))
+            dense = dense_parts(module, spec.layout, set(result.families))
             parts = {f: reconstruct_rows(result.families[f], rows[f][layer], factor_dtype=dtype).to(device)
                      if f in result.families else dense[f] for f in PROJECTIONS}
         parts = {f: w.detach().to(dtype) for f, w in parts.items()}
         for key in [k for k in state if k.startswith(prefix)]:
             del state[key]
-        state[prefix + "gate_up_proj"] = torch.cat([parts["gate"], parts["up"]], dim=1).contiguous()
-        state[prefix + "down_proj"] = parts["down"].contiguous()
+        state.update({prefix + name: w for name, w in spec.layout.state(parts).items()})
     return state
 
 
@@ -80,7 +82,7 @@ def hub_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[Non
     from transformers.core_model_loading import revert_weight_conversion
     spec, _ = model_arch(model)
     layer = next(iter(experts_modules(model)))
-    keys = [spec.experts_path(layer) + ".gate_up_proj", spec.experts_path(layer) + ".down_proj"]
+    keys = [k for k in state if k.startswith(spec.experts_path(layer) + ".")]
     fused = set(keys) & set(revert_weight_conversion(model, {k: state[k] for k in keys}))
     saved = model.__dict__.get("_weight_conversions", _ABSENT)
     if fused:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from globe.artifact import sort_metadata
+from globe.core.files import sort_metadata
 from globe.core.files import atomic_write
 from globe.errors import ModelDirError
 

@@ -4,9 +4,9 @@
     model = AutoModelForCausalLM.from_pretrained("compressed/", dtype=torch.bfloat16, device_map="cuda")
     model.save_pretrained("again/")                                # the same compressed format
 
-A compressed checkpoint is what `save_pretrained` writes for a model patched by apply_globe: config.json with a
-`quantization_config` (GlobeConfig: format version, per-family m / r / code width k / phi, runtime mode, cache
-budget) and model.safetensors with the patched state dict: the family banks once (under the first MoE layer's
+A compressed checkpoint (its format: globe.formats.checkpoint) is what `save_pretrained` writes for a model patched
+by apply_globe: config.json with a `quantization_config` (GlobeConfig: format version, per-family m / r / code
+width k / phi, runtime mode, cache budget) and model.safetensors with the patched state dict: the family banks once (under the first MoE layer's
 experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
 everything outside the routed experts as transformers stores it.
 
@@ -28,14 +28,15 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from globe.errors import ArtifactError, NumericalError
-from globe.runtime.apply import (HF_FORMAT_VERSION, experts_modules, globe_modules, model_arch, set_mode,
-                                 share_banks)
-from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
+from globe.errors import NumericalError
+from globe.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document, state_key
+from globe.io.layout import ExpertsLayout
+from globe.io.model import experts_modules, model_arch
+from globe.runtime.apply import globe_modules, set_mode, share_banks
+from globe.runtime.build import build_experts
+from globe.runtime.experts import GlobeExperts
 
 log = logging.getLogger(__name__)
-
-QUANT_METHOD = "globe"
 
 
 class GlobeConfig(QuantizationConfigMixin):
@@ -43,7 +44,7 @@ class GlobeConfig(QuantizationConfigMixin):
 
     def __init__(self, families: dict[str, dict[str, Any]] | None = None, mode: str = "cached",
                  cache_bytes: int | None = None, max_gathered_pairs: int = 16, factor_dtype: str | None = None,
-                 model_dtype: str | None = None, format_version: int = HF_FORMAT_VERSION, **kwargs: Any) -> None:
+                 model_dtype: str | None = None, format_version: int = FORMAT_VERSION, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = int(format_version)
         self.families = {f: dict(v) for f, v in (families or {}).items()}
@@ -55,22 +56,11 @@ class GlobeConfig(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self) -> None:
-        if self.format_version > HF_FORMAT_VERSION or self.format_version < 2:
-            raise ArtifactError(f"GloBE checkpoint has format_version {self.format_version}; this globe reads "
-                                f"2..{HF_FORMAT_VERSION}: upgrade globe")
-        if self.mode not in MODES:
-            raise ArtifactError(f"quantization_config.mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        unknown = sorted(set(self.families) - set(PROJECTIONS))
-        missing = [f"{f}.{k}" for f, v in self.families.items() for k in ("m", "r", "k") if k not in v]
-        if unknown or missing or not self.families:
-            raise ArtifactError(f"quantization_config.families {self.families} must map a subset of {PROJECTIONS} "
-                                f"to m, r, k (missing {missing}): re-export the checkpoint")
+        check_quant(self.format_version, self.mode, self.families)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"quant_method": QUANT_METHOD, "format_version": self.format_version, "families": self.families,
-               "mode": self.mode, "cache_bytes": self.cache_bytes, "max_gathered_pairs": self.max_gathered_pairs,
-               "factor_dtype": self.factor_dtype, "model_dtype": self.model_dtype}
-        return {**self.extra, **out}
+        return quant_document(self.families, self.mode, self.cache_bytes, self.max_gathered_pairs, self.factor_dtype,
+                              self.model_dtype, self.extra, self.format_version)
 
 
 def _factor_dtype(config: GlobeConfig, model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -81,41 +71,39 @@ def _factor_dtype(config: GlobeConfig, model: nn.Module, dtype: torch.dtype | No
     return stored if isinstance(stored, torch.dtype) and model_dtype == stored_model else model_dtype
 
 
-def _skeleton_layer(module: nn.Module, layer: int, config: GlobeConfig, banks: dict[str, nn.Parameter],
-                    dtype: torch.dtype) -> GlobeExperts:
+def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config: GlobeConfig,
+                    banks: dict[str, nn.Parameter], dtype: torch.dtype) -> GlobeExperts:
     """A GlobeExperts with uninitialised tensors of the checkpoint's shapes, on the module's device (meta)."""
-    from globe.runtime.apply import dense_parts
-    num_experts, two_p, d = module.gate_up_proj.shape
-    p, device = two_p // 2, module.gate_up_proj.device
+    num_experts, p, d = layout.dims(module)
+    device = layout.device(module)
     codes, adapters = {}, {}
     for family, info in config.families.items():
-        out_dim = d if family == "down" else p
-        codes[family] = (torch.zeros(num_experts, info["k"], dtype=torch.long, device=device),
-                         torch.empty(num_experts, info["k"], dtype=dtype, device=device))
-        adapters[family] = torch.empty(num_experts, out_dim, info["r"], dtype=dtype, device=device)
-    return GlobeExperts(layer, num_experts, d, p, module.act_fn, banks,
-                        {f: v.get("phi", "identity") for f, v in config.families.items()}, codes, adapters,
-                        dense_parts(module, set(config.families)), config.max_gathered_pairs,
-                        module.gate_up_proj.dtype)
+        shapes = family_shapes(family, info, num_experts, p, d)
+        codes[family] = (torch.zeros(shapes["code_indices"], dtype=torch.long, device=device),
+                         torch.empty(shapes["code_values"], dtype=dtype, device=device))
+        adapters[family] = torch.empty(shapes["adapters"], dtype=dtype, device=device)
+    return build_experts(module, layer, layout, banks, {f: v.get("phi", "identity") for f, v in config.families.items()},
+                         codes, adapters, config.max_gathered_pairs)
 
 
 def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | None = None) -> None:
     """Swap the routed experts of a (meta) model skeleton for GlobeExperts; banks shared and declared tied."""
     spec, _ = model_arch(model)
     modules = experts_modules(model)
-    first = next(iter(modules.values()))
+    first, layout = next(iter(modules.values())), spec.layout
     factor_dtype = _factor_dtype(config, model, dtype)
-    _, two_p, d = first.gate_up_proj.shape
-    banks = {f: nn.Parameter(torch.empty(v["m"], v["r"], two_p // 2 if f == "down" else d, dtype=factor_dtype,
-                                         device=first.gate_up_proj.device), requires_grad=False)
+    num_experts, p, d = layout.dims(first)
+    banks = {f: nn.Parameter(torch.empty(family_shapes(f, v, num_experts, p, d)["bank"], dtype=factor_dtype,
+                                         device=layout.device(first)), requires_grad=False)
              for f, v in config.families.items()}
     for layer, module in modules.items():
-        model.set_submodule(spec.experts_path(layer), _skeleton_layer(module, layer, config, banks, factor_dtype))
+        model.set_submodule(spec.experts_path(layer),
+                            _skeleton_layer(module, layer, layout, config, banks, factor_dtype))
     share_banks(model)
     owner = spec.experts_path(min(modules))
     tied = getattr(model, "all_tied_weights_keys", None)
     if tied is not None:
-        tied.update({f"{spec.experts_path(layer)}.bank.{f}": f"{owner}.bank.{f}"
+        tied.update({state_key("bank", f, spec.experts_path(layer)): state_key("bank", f, owner)
                      for layer in modules if layer != min(modules) for f in config.families})
 
 

@@ -6,12 +6,11 @@ stored cursor instead of the warm start. The cursor is (restart, cycle, stage) w
 next (STAGES). Everything the remaining computation depends on is here: the AM state (bank, codes, temperature,
 the best state seen in the current cycle), the histories, the best finished restart, and the random generator.
 
-Serialisation is tensors + one JSON string (safetensors metadata), no pickle, tagged with RESUME_FORMAT: a
+Serialisation (tensors + one JSON string, no pickle, tagged with its format version) is globe.formats.resume: a
 checkpoint of another format raises ValueError (the store reports it and refits the family).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,8 +19,8 @@ import torch
 
 from globe.fit.am import AMState
 from globe.core.result import FamilyFit
+from globe.formats.resume import decode_progress, encode_progress
 
-RESUME_FORMAT = 2
 STAGES = ("warm_start", "cycle_start", "am", "varpro", "done")   # warm_start: take this restart's warm start;
 # cycle_start: reset the per-cycle best (or end the restart after the last cycle); am: (continue) AM; varpro:
 # settle on the best AM state, then variable projection; done: every restart has finished.
@@ -75,45 +74,24 @@ class FitProgress:
         return self.cursor.stage
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """(tensors, string metadata) describing this progress exactly."""
-        tensors: dict[str, torch.Tensor] = {}
-        c = self.cursor
-        meta = {"format": RESUME_FORMAT, "cursor": [c.restart, c.cycle, c.stage], "varpro": self.varpro,
-                "err": self.err}
-        if self.state is not None:
-            s = self.state
-            tensors.update({"state.bank": s.bank, "state.codes": s.codes})
-            if s.best_bank is not None:
-                tensors.update({"state.best_bank": s.best_bank, "state.best_codes": s.best_codes})
-            meta["state"] = {"temperature": s.temperature, "iteration": s.iteration, "best_err": s.best_err,
-                             "history": s.history}
-        if self.best is not None:
-            tensors.update({"best.bank": self.best.bank, "best.codes": self.best.codes})
-            meta["best"] = {"err": self.best.err, "temperature": self.best.temperature, "history": self.best.history}
-        if self.gen_state is not None:
-            tensors["gen_state"] = self.gen_state
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return tensors, {"progress": json.dumps(meta)}
+        """(tensors, string metadata) describing this progress exactly (globe.formats.resume)."""
+        c, s, b = self.cursor, self.state, self.best
+        state = None if s is None else {"bank": s.bank, "codes": s.codes, "best_bank": s.best_bank,
+                                        "best_codes": s.best_codes, "temperature": s.temperature,
+                                        "iteration": s.iteration, "best_err": s.best_err, "history": s.history}
+        best = None if b is None else {"bank": b.bank, "codes": b.codes, "err": b.err, "temperature": b.temperature,
+                                       "history": b.history}
+        return encode_progress({"cursor": [c.restart, c.cycle, c.stage], "varpro": self.varpro, "err": self.err,
+                                "state": state, "best": best, "gen_state": self.gen_state})
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FitProgress:
         """Inverse of to_tensors; ValueError for a checkpoint of another format or an unknown stage."""
-        info = json.loads(meta["progress"])
-        if info.get("format") != RESUME_FORMAT:
-            raise ValueError(f"resume format {info.get('format')!r}, this version reads {RESUME_FORMAT}")
-        state = None
-        if "state" in info:
-            s = info["state"]
-            state = AMState(bank=tensors["state.bank"], codes=tensors["state.codes"], temperature=s["temperature"],
-                            iteration=s["iteration"], best_err=s["best_err"], best_bank=tensors.get("state.best_bank"),
-                            best_codes=tensors.get("state.best_codes"), history=s["history"])
-        best = None
-        if "best" in info:
-            b = info["best"]
-            best = Attempt(err=b["err"], bank=tensors["best.bank"], codes=tensors["best.codes"],
-                           temperature=b["temperature"], history=b["history"])
-        return cls(cursor=Cursor(*info["cursor"]), state=state, varpro=info["varpro"], err=info["err"], best=best,
-                   gen_state=tensors.get("gen_state"))
+        record = decode_progress(tensors, meta)
+        state = None if record["state"] is None else AMState(**record["state"])
+        best = None if record["best"] is None else Attempt(**record["best"])
+        return cls(cursor=Cursor(*record["cursor"]), state=state, varpro=record["varpro"], err=record["err"],
+                   best=best, gen_state=record["gen_state"])
 
     def to(self, device: torch.device) -> FitProgress:
         """The same progress with its tensors on `device` (the generator state stays on the CPU)."""

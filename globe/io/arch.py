@@ -5,8 +5,9 @@ An `ArchSpec` says where the routed experts live in a checkpoint, in both layout
   fused       (transformers 5.x in memory):                 ...experts.gate_up_proj  [E, 2p, d] (rows :p = gate)
                                                             ...experts.down_proj     [E, d, p]
 which config keys give E / top-k / p / d / layers, which layers are dense, and how to name every other tensor
-(shared experts, routers, dense MLPs, ...), which GloBE leaves untouched. Nothing outside this module hard-codes
-a key name. Facts verified against transformers 5.24 (in-memory state_dict and `save_pretrained` output).
+(shared experts, routers, dense MLPs, ...), which GloBE leaves untouched, and which registered ExpertsLayout
+(globe.io.layout) the loaded experts module has. Nothing outside this module and globe.io.layout hard-codes a
+key or attribute name. Facts verified against transformers 5.24 (in-memory state_dict and `save_pretrained` output).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from globe.errors import ConfigError, UnsupportedArchitectureError
+from globe.io.layout import FAMILIES, ExpertsLayout, get_layout
 
-FAMILIES: tuple[str, ...] = ("gate", "up", "down")
 LAYOUTS: tuple[str, ...] = ("per_expert", "fused")
 # Untouched tensor groups, in the order they are reported; "other" = attention, embeddings, norms, lm_head.
 GROUPS: tuple[str, ...] = ("shared_experts", "shared_expert_gate", "routers", "dense_mlps", "expert_extras",
@@ -65,6 +66,12 @@ class ArchSpec:
     # and the router beside it (forward -> (logits, top_k_weights, top_k_index)).
     experts_module: str = "model.layers.{layer}.mlp.experts"
     router_module: str = "model.layers.{layer}.mlp.gate"
+    experts_layout: str = "fused_gate_up"      # name of the loaded experts module's ExpertsLayout (globe.io.layout)
+
+    @property
+    def layout(self) -> ExpertsLayout:
+        """How the loaded routed-experts module stores its gate / up / down weights and activation."""
+        return get_layout(self.experts_layout)
 
     def expert_key(self, family: str, layer: int, expert: int) -> str:
         """Hub (per-expert) key of one routed expert's weight, e.g. model.layers.3.mlp.experts.7.gate_proj.weight."""

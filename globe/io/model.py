@@ -5,9 +5,10 @@ they have, for calibration, runtime and export alike (no layer above io re-deriv
     modules = experts_modules(model)           # {layer: routed-experts module} of every MoE layer
     shape = model_shape(model)                 # ModelShape: model_type, MoE layers, E, p, d (what an artifact must fit)
 
-A routed-experts module is either transformers' fused one (gate_up_proj [E, 2p, d], down_proj [E, d, p]) or one
-that states its dimensions and factored families (num_experts, intermediate_dim, hidden_dim, factored), as the
-runtime's GlobeExperts does.
+A routed-experts module is either the architecture's original one, read through its ExpertsLayout
+(globe.io.layout: transformers' fused gate_up_proj [E, 2p, d] / down_proj [E, d, p], ...), or one that states its
+dimensions and factored families (num_experts, intermediate_dim, hidden_dim, factored), as the runtime's
+GlobeExperts does.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from globe.errors import ArtifactError
 from globe.io.arch import ArchSpec, get_arch
+from globe.io.layout import ExpertsLayout
 from globe.io.reader import open_checkpoint
 
 
@@ -59,22 +61,19 @@ def experts_modules(model: nn.Module) -> dict[int, nn.Module]:
     return out
 
 
-def experts_dims(module: nn.Module, path: str) -> tuple[int, int, int]:
+def experts_dims(module: nn.Module, path: str, layout: ExpertsLayout) -> tuple[int, int, int]:
     """(E, p, d) of one routed-experts module (see the module docstring); ArtifactError for anything else."""
     if hasattr(module, "factored"):
         return module.num_experts, module.intermediate_dim, module.hidden_dim
-    if not (hasattr(module, "gate_up_proj") and hasattr(module, "down_proj")):
-        raise ArtifactError(f"{path} ({type(module).__name__}) is not a fused experts module with "
-                            f"gate_up_proj/down_proj; unsupported transformers version?")
-    num_experts, two_p, d = module.gate_up_proj.shape
-    return num_experts, two_p // 2, d
+    layout.check(module, path)
+    return layout.dims(module)
 
 
 def model_shape(model: nn.Module) -> ModelShape:
     """ModelShape of a loaded (original or patched) model, from its config and its first MoE layer's module."""
     spec, _ = model_arch(model)
     modules = experts_modules(model)
-    dims = {layer: experts_dims(m, spec.experts_path(layer)) for layer, m in modules.items()}
+    dims = {layer: experts_dims(m, spec.experts_path(layer), spec.layout) for layer, m in modules.items()}
     num_experts, p, d = next(iter(dims.values()))
     factored = {tuple(m.factored) for m in modules.values() if hasattr(m, "factored")}
     return ModelShape("the model", spec.model_type, list(modules), num_experts, p, d,

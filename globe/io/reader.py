@@ -24,7 +24,7 @@ import torch
 
 from globe.errors import CheckpointError, ConfigError, ShapeError, UnsupportedArchitectureError
 from globe.io.arch import FAMILIES, GROUPS, ArchSpec, check_family, config_value, get_arch, validate_config
-from globe.io.checks import check_finite  # noqa: F401  (re-exported)
+from globe.io.checks import check_finite
 from globe.io.lazy import Block, LazyExperts, data_offsets
 from globe.io.shards import ShardSet, read_config
 from globe.progress import progress

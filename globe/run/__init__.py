@@ -7,6 +7,6 @@
     globe.run.calibrate  CalibrateRun -> run_calibrate: activation statistics file
     globe.run.tokenizer  load_tokenizer, read_text: the inputs beside the model
     globe.run.config     run-level dataclass configs (model, cache, export, wandb, RunConfig)
-    globe.run.resume_store, globe.run.output_dir: OUT/.globe_checkpoint resume files; OUT checks
+    globe.run.resume_store  OUT/.globe_checkpoint resume files (format: globe.formats.resume)
 Front ends turn their arguments into these configs and print what the runs return.
 """

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from globe import tracking
-from globe.artifact import BANKS_FILE
+from globe.formats.artifact import BANKS_FILE
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core import outputs
 from globe.core.files import atomic_write_text

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from globe import tracking
-from globe.artifact import BANKS_FILE, load, save
+from globe.artifact import load, save
+from globe.formats.artifact import BANKS_FILE
 from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device

@@ -3,7 +3,7 @@
 Wording: a *checkpoint* is a model directory (config.json + safetensors); what a fit leaves to resume from are
 *resume files*. OUT/.globe_checkpoint/<family>.safetensors holds a finished family (tensors; metrics and the fit
 fingerprint in the header); OUT/.globe_checkpoint/<family>.progress.safetensors holds a family in progress (see
-globe.fit.resume). Every file is written atomically, so a crash at any moment leaves the previous or the new
+globe.fit.resume); their format is globe.formats.resume. Every file is written atomically, so a crash at any moment leaves the previous or the new
 complete resume file. A resumed run reuses only resume files whose fingerprint (fit config + model directory +
 content hash of its routed experts) equals the current one; anything else is reported and ignored, never
 silently mixed in.
@@ -15,19 +15,16 @@ import logging
 import shutil
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
-from globe.artifact import build_family, family_tensors
-from globe.core.files import atomic_write
-from globe.core.outputs import json_text
 from globe.core.result import FamilyFit
 from globe.errors import CheckpointError, GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.resume import FitProgress
+from globe.formats.resume import (RESUME_DIR, decode_family, encode_family, family_path, progress_path, read_file,
+                                  read_fingerprint, write_file)
 
 log = logging.getLogger(__name__)
-RESUME_DIR = ".globe_checkpoint"          # name kept: interrupted fits of earlier versions resume
 
 
 def _fingerprint(cfg: FitConfig, model_dir: str) -> str:
@@ -48,9 +45,7 @@ def _read(path: Path, fingerprint: str, what: str):
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        tensors, meta = read_file(path)
     except (SafetensorError, OSError) as exc:
         log.warning("ignoring unreadable resume file %s (%s): %s will be refitted", path, exc, what)
         return None
@@ -82,9 +77,8 @@ class ResumeStore:
             return False
         for path in self.dir.glob("*.safetensors"):
             try:
-                with safe_open(str(path), "pt") as fh:
-                    if (fh.metadata() or {}).get("fingerprint") == self.fingerprint:
-                        return True
+                if read_fingerprint(path) == self.fingerprint:
+                    return True
             except (SafetensorError, OSError):
                 continue
         return False
@@ -96,20 +90,23 @@ class ResumeStore:
         """A family this run saved with save_family (fit_model spills large finished families to disk)."""
         fam = self._family(family)
         if fam is None:
-            raise CheckpointError(f"{self.dir / (family + '.safetensors')} went missing or changed while the fit ran; "
+            raise CheckpointError(f"{family_path(self.dir, family)} went missing or changed while the fit ran; "
                                   f"rerun with --resume")
         return fam
 
     def _family(self, family: str) -> FamilyFit | None:
-        found = _read(self.dir / f"{family}.safetensors", self.fingerprint, family)
+        path = family_path(self.dir, family)
+        found = _read(path, self.fingerprint, family)
         if found is None:
             return None
-        tensors, meta = found
-        t = {k.split(".", 1)[1]: v for k, v in tensors.items()}
-        return build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]))
+        try:
+            return decode_family(family, *found)
+        except ValueError as exc:
+            log.warning("ignoring resume file %s (%s): %s will be refitted", path, exc, family)
+            return None
 
     def progress(self, family: str) -> FitProgress | None:
-        path = self.dir / f"{family}.progress.safetensors"
+        path = progress_path(self.dir, family)
         found = _read(path, self.fingerprint, family) if self.resume else None
         if found is None:
             return None
@@ -122,15 +119,11 @@ class ResumeStore:
     def save_progress(self, family: str, progress: FitProgress) -> None:
         tensors, meta = progress.to_tensors()
         meta["fingerprint"] = self.fingerprint
-        atomic_write(self.dir / f"{family}.progress.safetensors",
-                     lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        write_file(progress_path(self.dir, family), tensors, meta)
 
     def save_family(self, fam: FamilyFit) -> None:
-        meta = {"fingerprint": self.fingerprint, "phi": fam.phi,
-                "metrics": json_text(fam.metrics), "history": json_text(fam.history)}
-        tensors = family_tensors(fam)
-        atomic_write(self.dir / f"{fam.family}.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-        (self.dir / f"{fam.family}.progress.safetensors").unlink(missing_ok=True)
+        write_file(family_path(self.dir, fam.family), *encode_family(fam, self.fingerprint))
+        progress_path(self.dir, fam.family).unlink(missing_ok=True)
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

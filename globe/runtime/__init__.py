@@ -12,7 +12,8 @@ from globe.runtime.apply import (apply_globe, cache_stats, globe_modules, reset_
                                  set_mode, validate, warm_up)
 from globe.runtime.cache import MixedCache
 from globe.runtime.reconstruct import reconstruct_rows
-from globe.runtime.experts import GLOBE_STATE, MODES, PROJECTIONS, GlobeExperts
+from globe.formats.checkpoint import GLOBE_STATE
+from globe.runtime.experts import MODES, PROJECTIONS, GlobeExperts
 from globe.runtime.routing import collect_routing_counts
 
 __all__ = ["apply_globe", "cache_stats", "collect_routing_counts", "experts_modules", "globe_modules", "moe_layers",

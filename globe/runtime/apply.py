@@ -20,11 +20,12 @@ from globe.artifact import check_compatible, load
 from globe.core.mixing import SparseCodes, sparse_codes
 from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError, ConfigError
-from globe.io.model import experts_modules, model_arch, model_shape, moe_layers  # noqa: F401  (re-exported)
+from globe.formats.checkpoint import family_entry, quant_document, state_key
+from globe.io.layout import ExpertsLayout
+from globe.io.model import experts_modules, model_arch, model_shape
+from globe.runtime.build import build_experts
 from globe.runtime.experts import MODES, GlobeExperts
 from globe.runtime.memory import cache_capacity, default_cache_bytes, dense_model_bytes, model_bytes
-
-HF_FORMAT_VERSION = 2          # version of the `quantization_config` / compressed checkpoint layout
 
 log = logging.getLogger(__name__)
 
@@ -49,38 +50,24 @@ def validate(model: nn.Module, result: FitResult) -> dict[str, dict[int, torch.T
     return {name: layer_rows(fam, shape.moe_layers, shape.num_experts) for name, fam in result.families.items()}
 
 
-def dense_parts(module: nn.Module, factored: set[str]) -> dict[str, nn.Parameter]:
-    """The untouched projections of an original experts module: {family: [E, out, in]} (down keeps its object)."""
-    p = module.gate_up_proj.shape[1] // 2
-    dense: dict[str, nn.Parameter] = {}
-    for family, rows in (("gate", slice(0, p)), ("up", slice(p, 2 * p))):
-        if family not in factored:
-            dense[family] = nn.Parameter(module.gate_up_proj.data[:, rows].clone(), requires_grad=False)
-    if "down" not in factored:
-        dense["down"] = module.down_proj
-    return dense
-
-
 def family_codes(result: FitResult) -> dict[str, SparseCodes]:
     """{family: SparseCodes [N, k]} of every row, one width k per family (so every layer's codes have the same
     shape, as a compressed checkpoint stores them; padding adds exact zeros)."""
     return {name: sparse_codes(fam.codes.float()) for name, fam in result.families.items()}
 
 
-def _build_layer(module: nn.Module, layer: int, result: FitResult, rows: dict[str, dict[int, torch.Tensor]],
-                 banks: dict[str, nn.Parameter], dtype: torch.dtype, max_gathered_pairs: int,
-                 all_codes: dict[str, SparseCodes]) -> GlobeExperts:
-    device = module.down_proj.device
+def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: FitResult,
+                 rows: dict[str, dict[int, torch.Tensor]], banks: dict[str, nn.Parameter], dtype: torch.dtype,
+                 max_gathered_pairs: int, all_codes: dict[str, SparseCodes]) -> GlobeExperts:
+    device = layout.device(module)
     codes, adapters = {}, {}
     for name, fam in result.families.items():
         r = rows[name][layer]
         idx, values = all_codes[name]
         codes[name] = (idx[r].to(device), values[r].to(device=device, dtype=dtype))
         adapters[name] = fam.adapters[r].to(device=device, dtype=dtype)
-    num_experts, two_p, d = module.gate_up_proj.shape
-    return GlobeExperts(layer, num_experts, d, two_p // 2, module.act_fn, banks,
-                        {n: f.phi for n, f in result.families.items()}, codes, adapters,
-                        dense_parts(module, set(result.families)), max_gathered_pairs, module.gate_up_proj.dtype)
+    return build_experts(module, layer, layout, banks, {n: f.phi for n, f in result.families.items()}, codes,
+                         adapters, max_gathered_pairs)
 
 
 def share_banks(model: nn.Module) -> None:
@@ -89,18 +76,15 @@ def share_banks(model: nn.Module) -> None:
     modules = globe_modules(model)
     for layer, module in modules.items():
         module._tied_weights_keys = ({} if layer == min(modules) else
-                                     {f"bank.{f}": f"bank.{f}" for f in module.factored})
+                                     {state_key("bank", f): state_key("bank", f) for f in module.factored})
 
 
 def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = None) -> dict:
-    """The `quantization_config` entry of config.json that describes a patched model (see globe.export.hf_quantizer)."""
+    """The `quantization_config` entry of config.json that describes a patched model (globe.formats.checkpoint)."""
     first = globe_modules(model)[min(globe_modules(model))]
-    families = {f: {"m": int(first.bank[f].shape[0]), "r": int(first.bank[f].shape[1]),
-                    "k": int(first.code_indices[f].shape[1]), "phi": first.phis[f]} for f in first.factored}
-    return {"quant_method": "globe", "format_version": HF_FORMAT_VERSION, "families": families, "mode": mode,
-            "cache_bytes": cache_bytes, "max_gathered_pairs": first.max_gathered_pairs,
-            "factor_dtype": str(first.bank[first.factored[0]].dtype).removeprefix("torch."),
-            "model_dtype": str(first.source_dtype).removeprefix("torch.")}
+    families = {f: family_entry(first.bank[f], first.code_indices[f], first.phis[f]) for f in first.factored}
+    return quant_document(families, mode, cache_bytes, first.max_gathered_pairs, first.bank[first.factored[0]].dtype,
+                          first.source_dtype)
 
 
 def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = "cached",
@@ -122,16 +106,17 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     rows = validate(model, result)
     spec, _ = model_arch(model)
     modules = experts_modules(model)
-    first = next(iter(modules.values()))
-    dtype = dtype or first.gate_up_proj.dtype
-    device = first.gate_up_proj.device
+    first, layout = next(iter(modules.values())), spec.layout
+    dtype = dtype or layout.dtype(first)
+    device = layout.device(first)
     banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype), requires_grad=False)
              for n, f in result.families.items()}
     original_bytes = model_bytes(model)
     all_codes = family_codes(result)
     for layer, module in modules.items():
         model.set_submodule(spec.experts_path(layer),
-                            _build_layer(module, layer, result, rows, banks, dtype, max_gathered_pairs, all_codes))
+                            _build_layer(module, layer, layout, result, rows, banks, dtype, max_gathered_pairs,
+                                         all_codes))
     share_banks(model)
     set_mode(model, mode, cache_size, cache_bytes, original_bytes)
     set_collect_stats(model, collect_stats)

@@ -27,11 +27,11 @@ from torch import nn
 
 from globe.core.mixing import SparseCodes, compose
 from globe.errors import ConfigError
+from globe.formats.checkpoint import MODES, dense_key
+from globe.io.layout import FAMILIES
 from globe.runtime.cache import MixedCache
 
-MODES: tuple[str, ...] = ("cached", "factored", "dense")
-PROJECTIONS: tuple[str, ...] = ("gate", "up", "down")
-GLOBE_STATE: tuple[str, ...] = ("bank.", "adapters.", "code_values.", "code_indices.")  # GloBE-owned state keys
+PROJECTIONS: tuple[str, ...] = FAMILIES          # gate, up, down; state keys: globe.formats.checkpoint
 
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -166,7 +166,7 @@ class GlobeExperts(nn.Module):
         self.code_values = nn.ParameterDict({f: _frozen(v) for f, (_, v) in codes.items()})  # [E, k]
         self.code_indices = _Buffers({f: i for f, (i, _) in codes.items()})           # [E, k] int64
         for family, weight in dense.items():                                          # [E, out, in]
-            self.register_parameter(f"{family}_proj", weight)
+            self.register_parameter(dense_key(family), weight)
         self.max_gathered_pairs = max_gathered_pairs
         self.source_dtype = source_dtype or next(iter({**banks, **dense}.values())).dtype
         self.mode = "factored"
@@ -187,7 +187,7 @@ class GlobeExperts(nn.Module):
             if size < 0:
                 raise ConfigError(f"cache_size must be >= 0, not {size}")
             shapes = {f: tuple(self.bank[f].shape[1:]) for f in self.factored}
-            ref = self.bank[self.factored[0]] if self.factored else self.down_proj
+            ref = self.bank[self.factored[0]] if self.factored else self.dense_weight("down")
             self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
         elif mode == "dense":
             for family in self.factored:
@@ -212,7 +212,7 @@ class GlobeExperts(nn.Module):
 
     def dense_weight(self, family: str) -> torch.Tensor:
         """The dense [E, out, in] weight a projection runs with in `dense` mode (or an untouched projection)."""
-        return getattr(self, f"dense_{family}" if family in self.factored else f"{family}_proj")
+        return getattr(self, f"dense_{family}" if family in self.factored else dense_key(family))
 
     def warm_up(self, counts: torch.Tensor) -> list[int]:
         """Preload the cache with the experts most routed in `counts` [E] (cached mode only; else a no-op)."""

@@ -11,18 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch
 
 
-def _num_experts(module: nn.Module) -> int:
-    return int(getattr(module, "num_experts", 0) or module.down_proj.shape[0])
+def _num_experts(module: nn.Module, layout: ExpertsLayout) -> int:
+    return int(getattr(module, "num_experts", 0) or layout.dims(module)[0])
 
 
 @torch.no_grad()
 def collect_routing_counts(model: nn.Module, input_ids: torch.Tensor, window: int = 256) -> dict[int, torch.Tensor]:
     """Route `input_ids` ([n] or [b, n]) through the model in windows of `window` tokens; {layer: counts [E]}."""
     spec, _ = model_arch(model)
-    sizes = {layer: _num_experts(m) for layer, m in experts_modules(model).items()}
+    sizes = {layer: _num_experts(m, spec.layout) for layer, m in experts_modules(model).items()}
     counts = {layer: torch.zeros(e, dtype=torch.long) for layer, e in sizes.items()}
 
     def hook(layer: int):

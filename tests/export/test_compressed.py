@@ -162,7 +162,8 @@ def test_artifact_is_stored_in_the_runtime_dtype(tmp_path, tiny_checkpoint):
 
 def test_format_1_checkpoints_still_load(tmp_path, tiny_checkpoint):
     """A checkpoint written by the previous layout (marker + globe_model.safetensors + banks.safetensors)."""
-    from globe.export.compressed import MARKER_FILE, WEIGHTS_FILE, runtime_state_dict
+    from globe.export.compressed import runtime_state_dict
+    from globe.formats.checkpoint import MARKER_FILE, WEIGHTS_FILE
     from globe.export.files import unique_tensors
     path = tiny_checkpoint("qwen2_moe")
     result = quick_fit(path)

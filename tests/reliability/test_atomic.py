@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import globe
-from globe.artifact import atomic_write
+from globe.core.files import atomic_write
 from globe.run.resume_store import RESUME_DIR as CHECKPOINT_DIR, ResumeStore as CheckpointStore
 from globe.fit.config import FitConfig
 from tests.helpers.fits import quick_fit
@@ -68,7 +68,7 @@ def test_checkpoint_store_write_crash_keeps_the_previous_checkpoint(tiny_checkpo
     fam = quick_fit(tiny_checkpoint("qwen2_moe")).families["gate"]
     store = CheckpointStore(tmp_path, FitConfig(), "model")
     store.save_family(fam)
-    import globe.run.resume_store as checkpoint
+    import globe.formats.resume as checkpoint
     monkeypatch.setattr(checkpoint, "save_file", lambda tensors, path, metadata: (open(path, "wb").write(b"torn"),
                                                                                   (_ for _ in ()).throw(Crash())))
     with pytest.raises(Crash):

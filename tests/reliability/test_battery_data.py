@@ -172,7 +172,7 @@ def test_a_lock_of_a_reused_pid_is_stale(env, tmp_path, capsys):
 
 
 def test_disk_full_while_replacing_an_artifact_keeps_the_previous_one(env, monkeypatch, capsys):
-    import globe.artifact as artifact
+    import globe.formats.artifact as artifact
     before = snapshot(env.art)
     real = artifact.save_file
     calls = []
