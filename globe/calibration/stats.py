@@ -11,24 +11,19 @@ Per MoE layer l (stacked along the first axis, in `layers` order), sums over the
   routed.weight_sums     [L, E]        sum of the routing weights of those tokens
   layers                 [L]           MoE layer indices
 The header metadata holds `format_version`, `kind` and `info` (JSON: tokens, model, text, window, ...).
-Sums are accumulated in fp64 and stored in fp32.
+Sums are accumulated in fp64 and stored in fp32. The file format (version, reader, writer, checks) is
+globe.formats.stats; here is its in-memory form and the check that it fits a model.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from globe.core.files import atomic_write
 from globe.errors import ArtifactError
-
-STATS_FORMAT_VERSION = 1
-STATS_KIND = "globe-activation-stats"
+from globe.formats.stats import read_stats_file, write_stats_file
 
 
 @dataclass
@@ -67,78 +62,20 @@ class ActivationStats:
 
 
 def save_stats(stats: ActivationStats, path: str | Path) -> Path:
-    """Write `stats` to one safetensors file atomically; returns its path."""
-    path = Path(path)
-    meta = {"format_version": str(STATS_FORMAT_VERSION), "kind": STATS_KIND,
-            "info": json.dumps({**stats.info, "tokens": stats.tokens}, default=str)}
-    tensors = stats.tensors()
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
+    """Write `stats` to one safetensors file atomically (globe.formats.stats); returns its path."""
+    return write_stats_file(path, stats.tensors(), {**stats.info, "tokens": stats.tokens})
 
 
 def load_stats(path: str | Path) -> ActivationStats:
     """Read a statistics file written by save_stats; ArtifactError naming the file and key if it is missing,
-    corrupt, not stats, or holds values of the wrong dtype, shape or sign, or NaN/Inf."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"activation statistics {path} not found: run `globe calibrate MODEL_DIR -o {path}` first")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path} is corrupt or not a safetensors file ({exc}): re-run `globe calibrate`") from None
-    if meta.get("kind") != STATS_KIND:
-        raise ArtifactError(f"{path} is not a GloBE activation statistics file (written by `globe calibrate`)")
-    version = meta.get("format_version", "")
-    if not version.isdigit() or not 1 <= int(version) <= STATS_FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format_version {version!r}; this globe reads 1..{STATS_FORMAT_VERSION}")
-    missing = [k for k in ("layers", "hidden.sum", "routed.counts", "routed.weight_sums") if k not in tensors]
-    if missing:
-        raise ArtifactError(f"{path} lacks tensor(s) {', '.join(missing)}: re-run `globe calibrate`")
-    try:
-        info = json.loads(meta.get("info", "{}"))
-    except json.JSONDecodeError:
-        info = None
-    if not isinstance(info, dict) or not isinstance(info.get("tokens", 0), int):
-        raise ArtifactError(f"{path}: header metadata 'info' is not a JSON object with integer tokens: "
-                            f"re-run `globe calibrate`")
-    check_stats_tensors(tensors, path)
+    corrupt, not stats, or holds values of the wrong dtype, shape or sign, or NaN/Inf (globe.formats.stats)."""
+    tensors, info = read_stats_file(path)
     return ActivationStats(layers=tensors["layers"].tolist(), hidden=tensors["hidden.sum"],
                            tokens=int(info.get("tokens", 0)), counts=tensors["routed.counts"],
                            weight_sums=tensors["routed.weight_sums"], hidden_expert=tensors.get("hidden.expert_sum"),
                            intermediate_expert=tensors.get("intermediate.expert_sum"),
                            gate_channels=tensors.get("gate.channel_sums"), up_channels=tensors.get("up.channel_sums"),
                            info=info)
-
-
-def check_stats_tensors(t: dict[str, torch.Tensor], path: Path) -> None:
-    """Dtypes, shapes (consistent with each other), signs and finiteness of the stored statistics."""
-    def fail(key: str, what: str) -> None:
-        raise ArtifactError(f"{path}: tensor {key} {what}; re-run `globe calibrate`")
-    for key, value in t.items():
-        if key in ("layers", "routed.counts"):
-            if value.dtype not in (torch.int32, torch.int64):
-                fail(key, f"is {str(value.dtype).removeprefix('torch.')}, expected an integer dtype")
-        elif not value.dtype.is_floating_point:
-            fail(key, f"is {str(value.dtype).removeprefix('torch.')}, expected a float dtype")
-        elif not bool(torch.isfinite(value).all()):
-            fail(key, "holds NaN/Inf values")
-        if key != "layers" and bool((value < 0).any()) and key not in ("hidden.sum", "hidden.expert_sum",
-                                                                         "intermediate.expert_sum"):
-            fail(key, "holds negative values")
-    layers, hidden, counts = t["layers"], t["hidden.sum"], t["routed.counts"]
-    if layers.dim() != 1 or bool((layers < 0).any()) or len(set(layers.tolist())) != layers.numel():
-        fail("layers", f"must list distinct MoE layer indices (got {layers.tolist()})")
-    n, e = layers.numel(), counts.shape[-1] if counts.dim() == 2 else -1
-    d = hidden.shape[-1] if hidden.dim() == 3 else -1
-    p = t["intermediate.expert_sum"].shape[-1] if "intermediate.expert_sum" in t else None
-    expect = {"hidden.sum": (n, d, d), "routed.counts": (n, e), "routed.weight_sums": (n, e),
-              "hidden.expert_sum": (n, e, d, d), "intermediate.expert_sum": (n, e, p, p),
-              "gate.channel_sums": (n, e, p), "up.channel_sums": (n, e, p)}
-    for key, shape in expect.items():
-        if key in t and (tuple(t[key].shape) != shape or -1 in shape):
-            fail(key, f"has shape {list(t[key].shape)}, expected {list(shape)} (layers x experts x sizes)")
 
 
 def check_stats_fit(stats: ActivationStats, inventory, path: str | Path) -> None:

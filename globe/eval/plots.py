@@ -22,7 +22,7 @@ from globe.artifact import load
 from globe.core.files import atomic_write
 from globe.core.result import FitResult
 from globe.errors import ArtifactError, GlobeError
-from globe.eval.sweep import read_sweep
+from globe.formats.sweep import read_sweep
 from globe.io import open_checkpoint
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@
     doc = run_sweep("model/", SweepSettings(budgets=(0.5, 0.35, 0.25)))     # the document, nothing written
     make_sweep("model/", "sweep.json", SweepSettings())                     # the same, written as JSON
 
-The document: {"format_version", "model": {"model_dir", "name", "content_hash"}, "settings", "families"}, with per
-family one row per budget: {"budget", "dense_params", "svd": {"rank", "params", "rel_err"}, "globe": [one row per
+The document (its format, version, reader and writer: globe.formats.sweep): {"format_version", "model": {"model_dir",
+"name", "content_hash"}, "settings", "families"}, with per family one row per budget: {"budget", "dense_params", "svd": {"rank", "params", "rel_err"}, "globe": [one row per
 warm start: "init", "m", "r", "params", "rel_err", "median_support", "seconds"], "best_globe", "ratio_vs_svd"}.
 benchmarks/quality.py adds "mobe" (the MoBE peer, which lives outside the package) through `extra`. "model" names
 the checkpoint by the content hash of globe.io.identity, the one an artifact records in its source, so that the
@@ -14,7 +14,6 @@ plots draw a sweep only under an artifact fitted on the same weights.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -25,15 +24,13 @@ from pathlib import Path
 import torch
 
 from globe.core import outputs
-from globe.core.files import atomic_write_text
-from globe.errors import ArtifactError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
+from globe.formats.sweep import new_document, write_sweep
 from globe.io import open_checkpoint
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
 SVD_CHUNK = 64                                   # experts per batched SVD
 
 
@@ -111,10 +108,7 @@ def run_sweep(model_dir: str | Path, settings: SweepSettings | None = None, extr
     for budget in settings.budgets:
         settings.fit_config(budget, settings.inits[0])              # bad budgets / inits fail before any work
     with open_checkpoint(model_dir) as reader:
-        doc = {"format_version": FORMAT_VERSION,
-               "model": {"model_dir": str(Path(model_dir).resolve()), "name": Path(model_dir).resolve().name,
-                         "content_hash": reader.content_hash()},
-               "settings": dataclasses.asdict(settings), "families": {}}
+        doc = new_document(model_dir, reader.content_hash(), dataclasses.asdict(settings))
         for family in settings.families:
             stack = reader.read_family(family)
             doc["families"][family] = sweep_family(stack.weights, stack.ids, family, settings, extra)
@@ -127,19 +121,6 @@ def make_sweep(model_dir: str | Path, out: str | Path, settings: SweepSettings |
     fit); the document."""
     with outputs.claim_output_file(out, "sweep", overwrite, inputs=[model_dir]) as path:
         doc = run_sweep(model_dir, settings, extra)
-        atomic_write_text(path, outputs.json_text(doc, indent=1))
+        write_sweep(path, doc)
     log.info("wrote %s", out)
-    return doc
-
-
-def read_sweep(path: str | Path) -> dict:
-    """A sweep JSON (from `globe sweep` or benchmarks/quality.py); ArtifactError naming the file if it is not one."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"sweep {path} does not exist: make one with `globe sweep MODEL_DIR -o {path}`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"sweep {path} is not JSON ({exc}): make it again with `globe sweep`") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("families"), dict):
-        raise ArtifactError(f"sweep {path} has no \"families\": it is not a budget sweep (see `globe sweep --help`)")
     return doc

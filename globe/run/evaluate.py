@@ -24,7 +24,7 @@ from globe.errors import ArtifactError, GlobeError
 from globe.eval import encode_text, evaluate
 from globe.eval.harness import prepare_tasks, run_tasks
 from globe.eval.plots import check_sweep_model, sweep_model, write_plots
-from globe.eval.sweep import read_sweep
+from globe.formats.sweep import read_sweep
 from globe.export import is_compressed, load_artifact
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval

@@ -10,7 +10,8 @@ from benchmarks.baselines import rel_err
 from benchmarks.baselines.svd import per_expert_svd
 from globe.errors import ArtifactError, OutputError
 from globe.eval.plots import check_sweep_model, figures
-from globe.eval.sweep import SweepSettings, make_sweep, read_sweep, svd_row
+from globe.eval.sweep import SweepSettings, make_sweep, svd_row
+from globe.formats.sweep import read_sweep
 from tests.helpers.fits import quick_fit
 
 FAST = SweepSettings(budgets=(0.5, 0.3), families=("gate",), target_support=2, am_iters=2, varpro_steps=0)
