@@ -232,7 +232,7 @@ def test_unwritable_output_directory(tmp_path, mutable_checkpoint, capsys):
 
 def test_disk_errors_while_writing_are_one_line(tmp_path, mutable_checkpoint, monkeypatch, capsys):
     """An OSError (e.g. disk full) while the artifact is written: one line, and no half-written file."""
-    import globe.artifact as artifact
+    import globe.formats.artifact as artifact
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / "banks.safetensors"))
