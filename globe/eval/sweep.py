@@ -4,9 +4,10 @@
     doc = run_sweep("model/", SweepSettings(budgets=(0.5, 0.35, 0.25)))     # the document, nothing written
     make_sweep("model/", "sweep.json", SweepSettings())                     # the same, written as JSON
 
-The document (its format, version, reader and writer: globe.formats.sweep): {"format_version", "model": {"model_dir",
-"name", "content_hash"}, "settings", "families"}, with per family one row per budget: {"budget", "dense_params", "svd": {"rank", "params", "rel_err"}, "globe": [one row per
-warm start: "init", "m", "r", "params", "rel_err", "median_support", "seconds"], "best_globe", "ratio_vs_svd"}.
+The document (its version, reader and writer: globe.formats.sweep): {"format_version", "model": {"model_dir",
+"name", "content_hash"}, "settings", "families"}, with per family one row per budget: {"budget", "dense_params",
+"svd": {"rank", "params", "rel_err"}, "globe": [one row per warm start: "init", "m", "r", "params", "rel_err",
+"median_support", "seconds"], "best_globe", "ratio_vs_svd"}.
 benchmarks/quality.py adds "mobe" (the MoBE peer, which lives outside the package) through `extra`. "model" names
 the checkpoint by the content hash of globe.io.identity, the one an artifact records in its source, so that the
 plots draw a sweep only under an artifact fitted on the same weights.

@@ -6,8 +6,8 @@
 
 A compressed checkpoint (its format: globe.formats.checkpoint) is what `save_pretrained` writes for a model patched
 by apply_globe: config.json with a `quantization_config` (GlobeConfig: format version, per-family m / r / code
-width k / phi, runtime mode, cache budget) and model.safetensors with the patched state dict: the family banks once (under the first MoE layer's
-experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
+width k / phi, runtime mode, cache budget) and model.safetensors with the patched state dict: the family banks
+once (under the first MoE layer's experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
 everything outside the routed experts as transformers stores it.
 
 GlobeHfQuantizer, like the torchao / compressed-tensors quantizers, swaps every routed-experts module of the model
@@ -29,7 +29,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from globe.errors import NumericalError
-from globe.formats.checkpoint import FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document, state_key
+from globe.formats.checkpoint import (FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document,
+                                      state_key)
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch
 from globe.runtime.apply import globe_modules, set_mode, share_banks
@@ -82,8 +83,8 @@ def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config
         codes[family] = (torch.zeros(shapes["code_indices"], dtype=torch.long, device=device),
                          torch.empty(shapes["code_values"], dtype=dtype, device=device))
         adapters[family] = torch.empty(shapes["adapters"], dtype=dtype, device=device)
-    return build_experts(module, layer, layout, banks, {f: v.get("phi", "identity") for f, v in config.families.items()},
-                         codes, adapters, config.max_gathered_pairs)
+    phis = {f: v.get("phi", "identity") for f, v in config.families.items()}
+    return build_experts(module, layer, layout, banks, phis, codes, adapters, config.max_gathered_pairs)
 
 
 def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | None = None) -> None:
