@@ -7,13 +7,13 @@ projections are compressed; each result's weights are swapped into the original 
   bits     8 * (every stored byte of gate + up: packed codes, fp16 scales and zeros, bf16 factors, sparse codes
            with their indices) / (dense gate + up weight count)
 Methods, all in one run:
-  rtn / hqq / gptq       at 4, 3, 2 bits, groups 32 / 64 / 128 (gptq: per-expert Hessians of the routed tokens of
+  rtn / hqq / gptq       at 4, 3, 2 bits, groups 32 / 64 / 128 (hqq: 64; gptq: per-expert Hessians of the routed tokens of
                          the calibration text, blended with the layer's as the activation-aware fit blends them)
   globe                  activation-aware GloBE fits (globe.fit_model, FitConfig.activation) at --budgets, bf16
   globe+after            (a) bank + adapters quantized (RTN) after the fit, 8 and 4 bits
   globe+refit            (b) bank quantized (GPTQ), adapters refitted to it and quantized with GPTQ, 8 / 4 / 3 bits
   globe+resid            (c) a GloBE part (8- or 4-bit refit; bf16 at budgets <= 0.1) + the residual W - W_hat
-                         quantized with GPTQ (2 bits group 128 / 64, 3 bits group 128)
+                         quantized with GPTQ (2 bits group 128 / 64, 3 bits group 128), up to ~5.25 bits
   svd-llm+resid          (c) without sharing: per-expert whitened SVD at the budgets <= 0.1 + the same residuals
 Calibration: MODEL/calib.txt (statistics collected once per model into --stats-dir and reused); the embedded
 model has no calibration split, so the first half of its heldout.txt calibrates and the KL is measured on the
@@ -45,6 +45,7 @@ from globe.quant import QuantConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.bytes")
 RESIDUALS = ((2, 128), (2, 64), (3, 128))     # (bits, group) of the residual quantizer in (c)
+MAX_RESIDUAL_BITS = 5.25                      # (c) only where base + the smallest residual fits under this
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
 
@@ -55,8 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: three)")
     a("--bits", type=int, nargs="+", default=[4, 3, 2], help="quantizer bits (default 4 3 2)")
     a("--groups", type=int, nargs="+", default=[32, 64, 128], help="quantizer group sizes (default 32 64 128)")
-    a("--budgets", type=float, nargs="+", default=[0.06, 0.35, 0.6],
-      help="GloBE per-family parameter budgets (default 0.06 0.35 0.6)")
+    a("--hqq-groups", type=int, nargs="+", default=[64], help="HQQ group sizes (default 64, HQQ's own default)")
+    a("--budgets", type=float, nargs="+", default=[0.06, 0.35, 0.6, 0.8],
+      help="GloBE per-family parameter budgets (default 0.06 0.35 0.6 0.8)")
     a("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     a("--kl-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     a("--window", type=int, default=256, help="window of calibration and scoring (default 256)")
@@ -148,7 +150,7 @@ def quantizer_rows(ctx: dict, args) -> list[dict]:
     rows = []
     for method in ("rtn", "hqq", "gptq"):
         for bits in args.bits:
-            for group in args.groups:
+            for group in args.hqq_groups if method == "hqq" else args.groups:
                 cfg = QuantConfig(method=method, bits=bits, group=group)
                 t0 = time.perf_counter()
                 fits = {f: quantized(ctx["weights"][f], cfg, ctx["hessians"] if method == "gptq" else None)
@@ -187,7 +189,10 @@ def globe_rows(ctx: dict, budget: float, args) -> list[dict]:
     bases = {"refit8": refits[8], "refit4": refits[4]}
     if budget <= 0.1:
         bases["bf16"] = {f: globe_bf16(fams[f]) for f in FAMILIES}
+    dense = sum(w[f].numel() for f in FAMILIES)
     for base_name, base in bases.items():
+        if 8 * sum(base[f].total_bytes for f in FAMILIES) / dense + 2.25 > MAX_RESIDUAL_BITS:
+            continue                                        # beyond the sizes where quantizers are compared
         for bits, group in RESIDUALS:
             cfg = QuantConfig(method="gptq", bits=bits, group=group)
             fits = {f: residual(w[f], base[f], cfg, hes) for f in FAMILIES}
@@ -231,6 +236,26 @@ def best_quantizer_at(front: list[tuple[float, float]], bits: float) -> float | 
     return front[-1][1]
 
 
+def comparison(rows: list[dict]) -> list[dict]:
+    """At each size of the quantizers' envelope: the best quantizer and the best GloBE-based row of at most that
+    size (KL ratio < 1: GloBE is closer to the original at equal or fewer bytes)."""
+    others = [r for r in rows if r["method"] not in ("rtn", "hqq", "gptq")]
+    out = []
+    for bits, kl in frontier(rows):
+        quant = min((r for r in rows if r["method"] in ("rtn", "hqq", "gptq") and r["bits_per_weight"] <= bits),
+                    key=lambda r: r["kl"])
+        fit = [r for r in others if r["bits_per_weight"] <= bits]
+        best = min(fit, key=lambda r: r["kl"]) if fit else None
+        out.append({"bits": bits, "quantizer": label(quant), "quantizer_kl": kl,
+                    "globe": label(best) if best else None, "globe_bits": best and best["bits_per_weight"],
+                    "globe_kl": best and best["kl"], "ratio": best and best["kl"] / kl})
+    return out
+
+
+def label(row: dict) -> str:
+    return " ".join([row["method"]] + [f"{k}={row[k]}" for k in ("budget", "base", "bits", "group") if k in row])
+
+
 def main(argv: list[str] | None = None) -> dict:
     from globe.core.files import atomic_write_text
     args = parse_args(argv)
@@ -259,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             atomic_write_text(out, json.dumps(report, indent=1, default=float))
         entry["quantizer_frontier"] = front
+        entry["comparison"] = comparison(entry["rows"])
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         atomic_write_text(out, json.dumps(report, indent=1, default=float))
     print_table(report)
@@ -271,8 +297,12 @@ def print_table(report: dict) -> None:
         for r in sorted(entry["rows"], key=lambda r: r["bits_per_weight"]):
             tag = " ".join(f"{k}={r[k]}" for k in ("budget", "base", "bits", "group") if k in r)
             ratio = r.get("kl_over_best_quantizer")
-            print(f"  {r['method']:12} {tag:34} bits {r['bits_per_weight']:6.3f} KL {r['kl']:.6f} "
+            print(f"  {r['method']:13} {tag:34} bits {r['bits_per_weight']:6.3f} KL {r['kl']:.6f} "
                   f"top1 {r['top1']:.4f}" + (f"  x best quantizer {ratio:.2f}" if ratio else ""))
+        for c in entry.get("comparison", []):
+            print(f"  at <= {c['bits']:.3f} bits: {c['quantizer']} KL {c['quantizer_kl']:.6f}; best GloBE-based "
+                  + (f"{c['globe']} ({c['globe_bits']:.3f} bits) KL {c['globe_kl']:.6f} = {c['ratio']:.2f}x"
+                     if c["globe"] else "none"))
 
 
 if __name__ == "__main__":
