@@ -19,7 +19,7 @@ Calibration: MODEL/calib.txt (statistics collected once per model into --stats-d
 model has no calibration split, so the first half of its heldout.txt calibrates and the KL is measured on the
 second half. One JSON: --out (written after every model).
 
-    python benchmarks/bytes.py                              # three models, ~30 CPU-minutes on one thread
+    python benchmarks/bytes.py                              # three models, 28 min on one (shared) thread
     python benchmarks/bytes.py benchmarks/models/upcycled-qwen2moe --budgets 0.35
 """
 from __future__ import annotations
@@ -239,7 +239,7 @@ def best_quantizer_at(front: list[tuple[float, float]], bits: float) -> float | 
 def comparison(rows: list[dict]) -> list[dict]:
     """At each size of the quantizers' envelope: the best quantizer and the best GloBE-based row of at most that
     size (KL ratio < 1: GloBE is closer to the original at equal or fewer bytes)."""
-    others = [r for r in rows if r["method"] not in ("rtn", "hqq", "gptq")]
+    others = [r for r in rows if r["method"].startswith("globe")]
     out = []
     for bits, kl in frontier(rows):
         quant = min((r for r in rows if r["method"] in ("rtn", "hqq", "gptq") and r["bits_per_weight"] <= bits),

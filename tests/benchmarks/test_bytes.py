@@ -16,7 +16,8 @@ ROWS = [{"method": "rtn", "bits": 2, "bits_per_weight": 2.5, "kl": 0.01},
         {"method": "gptq", "bits": 3, "bits_per_weight": 3.5, "kl": 0.001},
         {"method": "rtn", "bits": 4, "bits_per_weight": 4.5, "kl": 0.002},
         {"method": "globe+refit", "budget": 0.35, "bits": 8, "bits_per_weight": 3.0, "kl": 0.0015},
-        {"method": "globe", "budget": 0.35, "bits_per_weight": 5.6, "kl": 0.003}]
+        {"method": "globe", "budget": 0.35, "bits_per_weight": 5.6, "kl": 0.003},
+        {"method": "svd-llm+resid", "budget": 0.06, "bits": 2, "bits_per_weight": 2.5, "kl": 0.0001}]
 
 
 def test_frontier_keeps_only_improvements():
@@ -33,7 +34,7 @@ def test_best_quantizer_interpolates_log_linearly():
 def test_comparison_at_equal_or_fewer_bytes():
     rows = bytes_bench.comparison(ROWS)
     assert [r["bits"] for r in rows] == [2.5, 3.5]
-    assert rows[0]["globe"] is None
+    assert rows[0]["globe"] is None                  # svd-llm+resid rows are not GloBE
     assert rows[1]["globe"] == "globe+refit budget=0.35 bits=8" and rows[1]["ratio"] == pytest.approx(1.5)
 
 
