@@ -2,11 +2,12 @@
 
     globe.quant.config    QuantConfig (method, bits 2/3/4/8, group along the last axis, format_version)
     globe.quant.packing   pack_bits / unpack_bits: n codes of b bits in exactly ceil(n b / 8) uint8 bytes
-    globe.quant.tensor    QuantizedTensor (packed codes, fp16 scales and zeros, shape, bits, group): dequantize(), nbytes
+    globe.quant.tensor    QuantizedTensor (packed codes, fp16 scales and zeros, shape, bits, group):
+                          dequantize(), nbytes
     globe.quant.registry  QUANTIZERS by name and quantize(weights, config, hessian=None)
     globe.quant.rtn / gptq / hqq   the quantizers, each registering itself
 
-    qt = quantize(w, QuantConfig(method="gptq", bits=3, group=64), hessian=H)   # w [..., rows, cols], H [..., cols, cols]
+    qt = quantize(w, QuantConfig(method="gptq", bits=3, group=64), hessian=H)   # w [..., r, c], H [..., c, c]
     w_hat, size = qt.dequantize(), qt.nbytes
 """
 from globe.quant import gptq, hqq, rtn  # noqa: F401  (registration)
