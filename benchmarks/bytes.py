@@ -8,7 +8,8 @@ projections are compressed; each result's weights are swapped into the original 
            with their indices) / (dense gate + up weight count)
 Methods, all in one run:
   rtn / hqq / gptq       at 4, 3, 2 bits, groups 32 / 64 / 128 (hqq: 64; gptq: per-expert Hessians of the
-                         routed tokens of the calibration text, blended with the layer's as the activation-aware fit blends them)
+                         routed tokens of the calibration text, blended with the layer's as the activation-aware
+                         fit blends them)
   globe                  activation-aware GloBE fits (globe.fit_model, FitConfig.activation) at --budgets, bf16
   globe+after            (a) bank + adapters quantized (RTN) after the fit, 8 and 4 bits
   globe+refit            (b) bank quantized (GPTQ), adapters refitted to it and quantized with GPTQ, 8 / 4 / 3 bits
