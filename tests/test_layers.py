@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1] / "globe"
 
 # Bottom to top; a module may import modules of its own layer or of lower ones. The first matching prefix wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("globe.core", "globe.errors", "globe.device", "globe.progress", "globe.tracking", "globe.assets")),
+    ("base", ("globe.core", "globe.errors", "globe.device", "globe.progress", "globe.tracking", "globe.assets",
+              "globe.quant")),
     ("io", ("globe.io",)),
     ("formats", ("globe.formats",)),
     ("calibration", ("globe.calibration",)),
