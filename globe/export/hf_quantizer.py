@@ -95,7 +95,7 @@ def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | N
     factor_dtype = _factor_dtype(config, model, dtype)
     num_experts, p, d = layout.dims(first)
     banks = {f: nn.Parameter(torch.empty(family_shapes(f, v, num_experts, p, d)["bank"], dtype=factor_dtype,
-                                         device=layout.device(first)), requires_grad=False)
+                                         device=layout.device(first)))
              for f, v in config.families.items()}
     for layer, module in modules.items():
         model.set_submodule(spec.experts_path(layer),
@@ -117,7 +117,7 @@ def place_banks(model: nn.Module) -> None:
             bank = module.bank[family]
             if bank.device != device:
                 key = (family, device)
-                copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=False))
+                copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=bank.requires_grad))
                 module.bank[family] = copies[key]
 
 
@@ -173,7 +173,13 @@ class GlobeHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """The factors are ordinary parameters: fine-tuning (plain loops, Trainer, peft) trains them directly."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Trainer may fine-tune the compressed model itself, without adapters on top."""
+        return True
 
 
 def register() -> None:
