@@ -106,3 +106,21 @@ def test_hf_trainer_runs_on_a_compressed_model(compressed, tmp_path):
                                           logging_strategy="no", disable_tqdm=True)
     transformers.Trainer(model=model, args=args, train_dataset=Rows()).train()
     assert not torch.equal(globe_modules(model)[0].bank["gate"].detach(), bank)
+
+
+def test_peft_target_parameters_on_a_factored_projection_is_refused_in_one_line(compressed):
+    peft = pytest.importorskip("peft")
+    from globe.errors import ConfigError
+    model = _load(compressed, "from_pretrained")
+    with pytest.raises(ConfigError, match=r"'gate_up_proj' names a GloBE-factored projection") as info:
+        peft.get_peft_model(model, peft.LoraConfig(r=2, target_parameters=["gate_up_proj", "down_proj"]))
+    assert "\n" not in str(info.value)
+
+
+def test_peft_lora_on_untouched_experts_and_attention_trains(compressed):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_load(compressed, "dense"),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["down_proj"]))
+    model(input_ids=_ids(), labels=_ids(), use_cache=False).loss.backward()
+    lora = {n for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+    assert any("experts" in n for n in lora) and any("q_proj" in n for n in lora)
