@@ -7,7 +7,7 @@ then the compress -> export -> load -> forward path on a loadable model with the
         --out benchmarks/results/design_shape_cuda.json
     python benchmarks/design_shape.py --checkpoint /tmp/qwen15 --layers 0 1 --device cpu ...   # reduced N
 
-Sections of the JSON: "plan" (globe.fit.plan on this device: GiB and seconds per phase), "fit" (measured: seconds
+Sections of the JSON: "plan" (globe.fit.planning.plan on this device: GiB and seconds per phase), "fit" (measured: seconds
 (wall, and this process's CPU time: compare that with the prediction on a shared CPU) and peak memory per
 phase; CUDA: torch.cuda.max_memory_allocated reset at each phase, CPU: peak RSS so far),
 "compare" (measured / predicted per phase), "extrapolated" (every family of the checkpoint at the default
@@ -34,8 +34,8 @@ from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 log = logging.getLogger("benchmarks.design_shape")
 PROBES = [("globe.fit.engine", "shape_stage", "shape"), ("globe.fit.engine", "warm_start_stage", "warm_start"),
-          ("globe.fit.alternate", "run_am", "am"), ("globe.fit.alternate", "settle", "am"),
-          ("globe.fit.alternate", "varpro_refine", "varpro"), ("globe.fit.engine", "refine_stage", "refine"),
+          ("globe.fit.engine.runner", "run_am", "am"), ("globe.fit.engine.runner", "settle", "am"),
+          ("globe.fit.engine.runner", "varpro_refine", "varpro"), ("globe.fit.engine", "refine_stage", "refine"),
           ("globe.fit.engine", "finalise_stage", "finalize"), ("globe.fit.engine", "gather_stage", "finalize")]
 
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--varpro-steps", type=int, default=2, help="L-BFGS iterations (evaluations: about one more)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", action="store_true",
-                   help="CPU: also trace torch's allocations per phase (globe.fit.estimate.traced_peak)")
+                   help="CPU: also trace torch's allocations per phase (globe.fit.planning.estimate.traced_peak)")
     p.add_argument("--export-model-layers", type=int, default=0,
                    help="layers of the loadable model of the export section (0: skip it)")
     return p.parse_args(argv)
@@ -138,7 +138,7 @@ def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
         with phase_probes(device, record, baseline):
             run = (fit_family, stack.weights, stack.ids, cfg, args.family, torch.Generator().manual_seed(0))
             if args.trace:
-                from globe.fit.estimate import traced_peak
+                from globe.fit.planning.estimate import traced_peak
                 fam, traced, ranges = traced_peak(*run)
                 for name, row in record.items():
                     row["traced_bytes"] = ranges.get(name, 0)
@@ -249,8 +249,8 @@ def load_any(path: Path, device: str):
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from globe.fit.plan import plan_fit
-    from globe.fit.timing import KernelRates
+    from globe.fit.planning.plan import plan_fit
+    from globe.fit.planning.timing import KernelRates
     from globe.io import open_checkpoint
     with open_checkpoint(args.checkpoint) as reader:
         inv = reader.inventory()
@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     result["plan_seconds"] = round(time.perf_counter() - t, 1)
     n_full = len(inv.moe_layers) * inv.num_experts
     if args.layers:                                                      # plan the reduced family that is fitted
-        from globe.fit.estimate import FitShape, phase_bytes
-        from globe.fit.timing import phase_seconds
+        from globe.fit.planning.estimate import FitShape, phase_bytes
+        from globe.fit.planning.timing import phase_seconds
         n = len(args.layers) * inv.num_experts
         shape = FitShape.from_config(cfg, n, inv.p, inv.d, args.m, r, inv.dtype, args.device)
-        from globe.fit.plan import artifact_bytes, family_params
+        from globe.fit.planning.plan import artifact_bytes, family_params
         fam = plan.families[0]
         fam.n, fam.memory = n, phase_bytes(shape)
         fam.params = family_params(n, inv.p, inv.d, args.m, r, cfg.sparsity.target_support)

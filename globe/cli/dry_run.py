@@ -17,7 +17,7 @@ def add_argument(p: argparse.ArgumentParser) -> None:
 
 def print_plan(args: argparse.Namespace, cfg: FitConfig) -> int:
     """Print the plan of fitting args.model_dir with cfg; exit status 0 (warnings are printed, not fatal)."""
-    from globe.fit.plan import plan_fit
+    from globe.fit.planning.plan import plan_fit
     plan = plan_fit(args.model_dir, cfg, out=getattr(args, "out", None))
     print(json.dumps(plan.to_dict(), indent=2) if getattr(args, "json", False) else plan.table())
     return 0
