@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import resource
@@ -33,12 +32,6 @@ from globe.artifact import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 log = logging.getLogger("benchmarks.design_shape")
-PROBES = [("globe.fit.engine", "shape_stage", "shape"), ("globe.fit.engine", "warm_start_stage", "warm_start"),
-          ("globe.fit.engine.runner", "run_am", "am"), ("globe.fit.engine.runner", "settle", "am"),
-          ("globe.fit.engine.runner", "varpro_refine", "varpro"), ("globe.fit.engine", "refine_stage", "refine"),
-          ("globe.fit.engine", "finalise_stage", "finalize"), ("globe.fit.engine", "gather_stage", "finalize")]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (benchmarks/make_upcycled.py)")
@@ -83,46 +76,30 @@ def rss_now() -> int:
 
 @contextlib.contextmanager
 def phase_probes(device: torch.device, record: dict, baseline: int = 0):
-    """Wrap the engine's phase functions: seconds and peak memory per phase in `record` (CUDA peaks are reset at
-    each phase start, so each phase reports its own peak; on the CPU the peak RSS so far is recorded)."""
-    import importlib
-    saved = {(mod, name): (getattr(importlib.import_module(mod), name), label) for mod, name, label in PROBES
-             if hasattr(importlib.import_module(mod), name)}
-    depth = [0]                                   # only the outermost probe measures (finalize runs inside am)
+    """Listen to the engine's phases (globe.fit.engine.phases.listen, by the names the dry run predicts): seconds,
+    this process's CPU seconds and peak memory per phase in `record` (CUDA peaks are reset at each phase start, so
+    each phase reports its own peak; on the CPU the peak RSS so far is recorded)."""
+    from globe.fit.engine.phases import listen
+    started: dict[str, tuple[float, float]] = {}
 
-    def wrap(fn, label):
-        @functools.wraps(fn)
-        def probe(*a, **k):
-            if depth[0]:
-                return fn(*a, **k)
-            depth[0] += 1
-            scope = torch.profiler.record_function(label)
-            scope.__enter__()
+    def on_phase(event: str, family: str, name: str, info: dict | None) -> None:
+        if event == "start":
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                scope.__exit__(None, None, None)
-                depth[0] -= 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row = record.setdefault(label, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "calls": 0})
-                row["seconds"] += time.perf_counter() - t0
-                row["cpu_seconds"] += time.process_time() - c0                 # this process's CPU time
-                row["peak_bytes"] = max(row["peak_bytes"], peak_now(device) - baseline)
-                row["calls"] += 1
-        return probe
+            started[name] = (time.perf_counter(), time.process_time())
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0, c0 = started.pop(name)
+        row = record.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "calls": 0})
+        row["seconds"] += time.perf_counter() - t0
+        row["cpu_seconds"] += time.process_time() - c0                     # this process's CPU time
+        row["peak_bytes"] = max(row["peak_bytes"], peak_now(device) - baseline)
+        row["calls"] += 1
 
-    for (mod, name), (fn, label) in saved.items():
-        setattr(importlib.import_module(mod), name, wrap(fn, label))
-    try:
+    with listen(on_phase):
         yield record
-    finally:
-        for (mod, name), (fn, _) in saved.items():
-            setattr(importlib.import_module(mod), name, fn)
 
 
 def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
@@ -145,9 +122,6 @@ def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
             else:
                 fam, traced = run[0](*run[1:]), None
     total = time.perf_counter() - t0
-    timings = fam.metrics["timings"]
-    record["normalize"] = {"seconds": timings["normalize"]["seconds"], "calls": 1,
-                           "peak_bytes": int(timings["normalize"]["peak_mem_mb"] * 2**20) - baseline}
     am = fam.history.get("am", [])
     return {"n": int(stack.weights.shape[0]), "seconds_total": round(total, 1), "phases": record,
             "am_seconds_per_iteration": [round(s["seconds"], 2) for s in am],

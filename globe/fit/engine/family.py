@@ -103,14 +103,14 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     del shape
     if progress is not None and progress.gen_state is not None:
         problem.gen.set_state(progress.gen_state)                          # the draws of the uninterrupted fit
-    with problem.phase("am_varpro"):
-        best = run_restarts(problem, starts, progress)
+    best = run_restarts(problem, starts, progress)                         # phases am and varpro
     del starts
     problem.spaces = dataclasses.replace(problem.spaces, work=problem.spaces.target)   # the AM copy is done
     solution = Solution(best.bank, best.codes, problem.norm, best.temperature, dict(best.history))
     with problem.phase(problem.objective.stage_name) if problem.objective.stage_name else nullcontext():
         solution = problem.objective.after_alternation(problem, solution)
-    fitted = finalise_stage(problem, solution)
+    with problem.phase("finalize"):
+        fitted = finalise_stage(problem, solution)
     if nonlinear_applies(cfg, comm.world, problem.objective):
         with problem.phase("nonlinear"):
             fitted = nonlinear_refine_stage(problem, fitted)

@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit.objectives.base import Objective
 from globe.fit.objectives.weights import WEIGHTS
@@ -70,6 +71,46 @@ def groups_applies(cfg: FitConfig, world: int = 1, objective: Objective = WEIGHT
     return cfg.nonlinear.start == "groups" and nonlinear_applies(cfg, world, objective)
 
 
+def groups_shape(cfg: FitConfig, ids: torch.Tensor, p: int, d: int) -> tuple[int, int, int]:
+    """(m, r, groups per layer) of the block SVD start for experts ids [N, 2] (layer, expert) of shape [p, d]: the
+    rank is cfg.bank.r or the largest that meets cfg.bank.budget."""
+    nl, n = cfg.nonlinear, ids.shape[0]
+    n_layers = int(ids[:, 0].unique().numel())
+    groups = nl.groups or max(1, n // n_layers // 4)
+    m = groups * n_layers
+    per = groups if nl.scope == "layer" else m
+    r = cfg.bank.r or min(p, d, group_rank(n, p, d, m, cfg.bank.budget, per))
+    if r < 1:
+        raise ConfigError(f"budget {cfg.bank.budget} leaves no rank for {m} atoms of N={n}, p={p}, d={d}: "
+                          f"raise --budget or lower nonlinear.groups")
+    return m, r, groups
+
+
+def nonlinear_memory(s, start: str) -> int:
+    """Peak bytes of the nonlinear phase (s: globe.fit.planning.estimate.FitShape): the full batch of normalised
+    weights [N, p, d] fp32, the state (bank, logits, gains, adapters, mask), Adam's gradient and two moments and
+    the best-state copy of the trained tensors, one chunk's autograd graph; start=am also holds the linear fit it
+    refines and the refitted adapters of the result."""
+    F4 = 4
+    n, m, c = s.n, s.m, s.c
+    w, bank, codes, adapters = n * s.p * s.d * F4, s.bank, n * m * F4, s.adapters
+    state = bank + 2 * codes + n * F4 + adapters + n * m                  # + the allowed mask (bool)
+    trained = bank + codes + n * F4
+    adam = 3 * trained + trained + adapters                                # grad, exp_avg, exp_avg_sq; best copy
+    graph = 3 * codes + F4 * c * (4 * s.p * s.d + 3 * s.r * s.d + 2 * s.p * s.r)
+    linear = (bank + adapters + codes + n * 8) if start == "am" else 0
+    return w + state + adam + graph + linear + adapters
+
+
+def nonlinear_seconds(s, q, steps: int) -> float:
+    """Seconds of the nonlinear phase: per Adam step, every expert's mixed atoms (codes @ bank), the exact adapter
+    refit and the backward products, then one finishing refit."""
+    n, p, d, r, m = s.n, s.p, s.d, s.r, s.m
+    per_expert = 3 * 2 * m * r * d / q.bank + 6 * p * d * r / q.wd32 + 4 * r * r * d / q.wd32 + q.chol \
+        + 10 * p * d * 4 / q.stream
+    return (steps + 1) * n * per_expert
+
+
 def groups_fit(weights: torch.Tensor, ids: torch.Tensor, norm: Normalizer, cfg: FitConfig,
                family: str = "gate", device: torch.device | str = "cpu") -> tuple[tuple, list[float], str]:
     """Block SVD start (groups per layer, one global bank) + nonlinear refinement; (fitted, history, phi).
@@ -79,15 +120,7 @@ def groups_fit(weights: torch.Tensor, ids: torch.Tensor, norm: Normalizer, cfg: 
     from globe.fit.solvers.nonlinear import group_svd_init
     nl, (n, p, d) = cfg.nonlinear, weights.shape
     layers = ids[:, 0]
-    n_layers = int(layers.unique().numel())
-    groups = nl.groups or max(1, n // n_layers // 4)
-    m = groups * n_layers
-    per = groups if nl.scope == "layer" else m
-    r = cfg.bank.r or min(p, d, group_rank(n, p, d, m, cfg.bank.budget, per))
-    if r < 1:
-        from globe.errors import ConfigError
-        raise ConfigError(f"budget {cfg.bank.budget} leaves no rank for {m} atoms of N={n}, p={p}, d={d}: "
-                          f"raise --budget or lower nonlinear.groups")
+    m, r, groups = groups_shape(cfg, ids, p, d)
     log.info("fitting %s: N=%d p=%d d=%d with m=%d (%d per layer) r=%d, %s, %d steps", family, n, p, d, m, groups,
              r, nl.phi, nl.steps)
     w = norm.chunk(weights, 0, n, device)                                       # [N, p, d] fp32, full batch

@@ -14,7 +14,7 @@ import torch
 from globe.device import resolve_device
 from globe.fit.config import FitConfig
 from globe.fit.parallel.comm import LOCAL, Comm
-from globe.fit.solvers.metrics import phase
+from globe.fit.engine.phases import phase
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.objectives.base import Objective, Spaces
 from globe.fit.objectives.weights import WEIGHTS
@@ -59,8 +59,8 @@ class FamilyProblem:
         return self.shard.comm
 
     def phase(self, name: str):
-        """Context manager recording the wall time and peak memory of stage `name` into timings."""
-        return phase(self.timings, name, self.device)
+        """Context manager timing phase `name` (globe.fit.engine.phases) into timings."""
+        return phase(self.timings, name, self.device, self.family)
 
     def checkpoint(self, progress: FitProgress) -> None:
         """Hand the progress (with the generator's state) to the store, if there is one."""

@@ -114,7 +114,11 @@ def run_restarts(problem, starts: list[WarmStart | None], progress: FitProgress 
     progress = progress or FitProgress()
     while progress.cursor.stage != "done":
         before = progress.cursor
-        progress = STAGES[before.stage](problem, progress, starts)
+        if before.stage in ("am", "varpro"):                       # timed phases (globe.fit.engine.phases)
+            with problem.phase(before.stage):
+                progress = STAGES[before.stage](problem, progress, starts)
+        else:
+            progress = STAGES[before.stage](problem, progress, starts)
         if before.stage in ("am", "varpro") or progress.cursor.restart != before.restart:
             problem.checkpoint(progress)
     return progress.best

@@ -103,3 +103,34 @@ def warm_start_stage(problem, shape: Shape) -> list[WarmStart]:
               for _ in range(cfg.train.restarts)]
     del targets                                                             # [N, r, d]: freed before AM
     return starts
+
+
+@dataclass
+class ShapeChoice:
+    """The bank shape a family's fit will use, and how it was chosen (for the dry run)."""
+
+    m: int
+    r: int
+    how: str
+    probe_ranks: tuple[int, ...] = ()     # ranks the budget solver probed (empty: it did not run)
+    groups: bool = False                  # the nonlinear block start replaces shape, warm start and AM
+
+
+def family_shape(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str, objective) -> ShapeChoice:
+    """The (m, r) that fit_family will use on these weights, by the fit's own code: the nonlinear block start's
+    rule, the configured shape, or (m or r not given) the budget solver run on the data as the fit runs it
+    (problem, normalise, shape_stage: one read and one SVD per expert)."""
+    from globe.fit.engine.nonlinear import groups_applies, groups_shape
+    from globe.fit.engine.problem import FamilyProblem
+    from globe.fit.solvers.normalize import Normalizer
+    (n, p, d), b = weights.shape, cfg.bank
+    if groups_applies(cfg, 1, objective):
+        m, r, groups = groups_shape(cfg, ids, p, d)
+        return ShapeChoice(m, r, f"nonlinear block start: {groups} atoms per layer", groups=True)
+    if b.m is not None and b.r is not None:
+        return ShapeChoice(b.m, b.r, "config")
+    problem = FamilyProblem.build(weights, ids, cfg, family, objective=objective)
+    problem.norm = Normalizer.fit(problem.spaces.work, cfg.train.chunk_size, problem.names)
+    shape = shape_stage(problem)
+    return ShapeChoice(shape.m, shape.r, "chosen on the data by the fit's budget solver (the dry run read the "
+                       "experts and ran the fit's normalise + shape stages)", tuple(probe_ranks(n, p, d, cfg)))

@@ -125,13 +125,11 @@ class Objective:
         return {}
 
     # ---- costs, for the dry run ----
-    @classmethod
-    def memory(cls, shape) -> dict[str, int]:
+    def memory(self, shape) -> dict[str, int]:
         """Peak bytes of the objective's stage {stage_name: bytes} and, under "held", the bytes it keeps through
         the whole fit (its spaces, its factors); shape: a globe.fit.planning.cost.FitShape."""
         return {}
 
-    @classmethod
-    def seconds(cls, shape, rates) -> dict[str, float]:
+    def seconds(self, shape, rates) -> dict[str, float]:
         """Seconds of the objective's stage {stage_name: seconds}."""
         return {}

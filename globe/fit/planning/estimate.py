@@ -48,6 +48,8 @@ class FitShape:
     probe_ranks: tuple[int, ...] = ()   # ranks the shape solver probes (empty: m and r were given)
     restarts: int = 1
     cycles: int = 1
+    lean: bool = True               # the objective lets large banks use the lean variable projection
+    layers: int = 1                 # MoE layers the n experts come from
 
     @classmethod
     def from_config(cls, cfg: FitConfig, n: int, p: int, d: int, m: int, r: int, stored: str | torch.dtype,
@@ -204,7 +206,7 @@ def phase_varpro(s: FitShape) -> int:
     vec, bank = s.lbfgs_vector(), s.bank
     held = bank * (2 if s.am_iters else 1)
     cpd, crd, cpr = s.c * s.p * s.d, s.c * s.r * s.d, s.c * s.p * s.r
-    if uses_lean_varpro(s.m * s.r * s.d, s.n * s.m):
+    if s.lean and uses_lean_varpro(s.m * s.r * s.d, s.n * s.m):
         pairs = min(PAIRS, max(s.varpro_steps - 1, 0))
         state = 3 * vec + pairs * vec + vec // 2
         chunk = F4 * cpd + F4 * crd + max(refit_work(s), 3 * F4 * crd + F4 * cpr)   # w, M; A^T W, A^T A M

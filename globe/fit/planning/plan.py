@@ -1,14 +1,17 @@
-"""Header-only fit planner (`globe fit --dry-run`): what a fit of a checkpoint will store, and how much memory and
-time each phase will take on this device, before any tensor data is read.
+"""Fit planner (`globe fit --dry-run`): what a fit of a checkpoint will store, and how much memory and time each
+phase will take on this device, at the shape the fit will choose.
 
-    plan = plan_fit("path/to/model", FitConfig())       # reads config.json and the safetensors headers only
-    print(plan.table()); plan.to_dict()                  # per family: params, bytes, GiB and seconds per phase
+    plan = plan_fit("path/to/model", FitConfig())       # per family: params, bytes, GiB and seconds per phase
+    print(plan.table()); plan.to_dict()
 
-Shape: with bank.m and bank.r given, the plan is for that shape. Otherwise the budget solver chooses (m, r) from
-the experts' spectra, which a dry run cannot see: the plan then covers every (m, r) the budget admits (and the
-given one of m / r) and reports the candidate with the largest predicted peak memory, an upper bound, with the
-range of r. The shape solver's own cost is exact (it depends only on the probed ranks). Times come from a
-micro-benchmark of the dominant kernels at the planned shape on the fit's device (globe.fit.planning.timing).
+Shape: the fit's own choice (globe.fit.engine.shape.family_shape): the configured (m, r), the nonlinear block
+start's rule, or, when m or r is left to the budget, the fit's budget solver run on the data, which means the dry
+run READS the experts and runs the fit's normalise and shape stages (one SVD per expert; the plan says so in
+shape_from). Phases: those fit_family runs for this config (fit_phases, from the engine's own predicates), by
+the names the engine times (globe.fit.engine.phases); their costs are declared where they live: the solver
+phases in globe.fit.planning.estimate / timing, each warm start in its module, the objective's stage and held
+buffers by the objective (activation-aware fits included), the nonlinear stage in globe.fit.engine.nonlinear.
+Times come from a micro-benchmark of the dominant kernels at the planned shape on the fit's device.
 Stored code non-zeros are data-dependent: planned as N x target_support (the controller's target median).
 """
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Any
 import torch
 
 from globe.device import resolve_device
-from globe.errors import ConfigError
 from globe.core.params import dense_params, stored_params
-from globe.fit.solvers.budget import candidate_shapes
 from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
+from globe.fit.engine.nonlinear import nonlinear_applies, nonlinear_memory, nonlinear_seconds
+from globe.fit.engine.shape import family_shape
+from globe.fit.objectives.base import objective_class
 from globe.fit.planning.estimate import FitShape, gib, held_results, phase_bytes
 from globe.fit.planning.timing import KernelRates, measure_rates, phase_seconds, varpro_evaluations
 
@@ -120,18 +124,6 @@ def free_disk(out: str | os.PathLike[str] | None) -> int | None:
     return int(shutil.disk_usage(path).free)
 
 
-def probe_ranks(n: int, p: int, d: int, cfg: FitConfig) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
-    """(budget candidates the fit may choose, ranks the shape solver probes: globe.fit.engine.shape.probe_ranks)."""
-    from globe.fit.engine.shape import probe_ranks as solver_ranks
-    b = cfg.bank
-    cands = candidate_shapes(n, p, d, b.budget, cfg.sparsity.target_support)
-    if b.r is not None:
-        cands = [(m, r) for m, r in cands if r == b.r] or cands
-    if b.m is not None:
-        cands = [(b.m, r) for _, r in cands]
-    return cands, tuple(solver_ranks(n, p, d, cfg))
-
-
 def family_params(n: int, p: int, d: int, m: int, r: int, support: int) -> dict[str, int]:
     """FamilyFit.param_count with codes_nnz planned as n * support."""
     nnz = n * min(support, m)
@@ -147,36 +139,43 @@ def artifact_bytes(params: dict[str, int], n: int) -> int:
 
 def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.PathLike[str] | None = None,
              rates: KernelRates | None = None, calibrate: bool = True) -> Plan:
-    """Plan a fit of every configured family of model_dir from its headers (see the module docstring).
+    """Plan a fit of every configured family of model_dir (see the module docstring).
     rates: reuse measured KernelRates; calibrate=False with no rates skips the times (all 0)."""
     from globe.io import open_checkpoint
     cfg = cfg.validate()
     device = resolve_device(cfg.train.device)
+    kind = objective_class(cfg)
+    chosen = {}
     with open_checkpoint(model_dir) as reader:
         inv = reader.inventory()
-    n, p, d = len(inv.moe_layers) * inv.num_experts, inv.p, inv.d
-    cfg.check_dims(n, p, d)
-    shape, origin = _plan_shape(n, p, d, inv.dtype, cfg, device)
-    if rates is None and calibrate:
-        rates = measure_rates(shape, device)
-    seconds = phase_seconds(shape, rates) if rates is not None else {"total": 0.0}
-    memory = phase_bytes(shape)
-    params = family_params(n, p, d, shape.m, shape.r, cfg.sparsity.target_support)
+        n, p, d = len(inv.moe_layers) * inv.num_experts, inv.p, inv.d
+        cfg.check_dims(n, p, d)
+        data = kind.load(cfg, inv)                          # e.g. the calibration statistics, as fit_model
+        for family in cfg.bank.families:
+            stack = reader.read_family(family, lazy=True)
+            objective = kind.for_family(data, family, stack, cfg)
+            chosen[family] = (family_shape(stack.weights, stack.ids, cfg, family, objective), objective)
+            del stack
     families = []
-    spilled = held_results(shape) >= SPILL_FAMILY_BYTES and len(cfg.bank.families) > 1   # see fit_model
-    for k, family in enumerate(cfg.bank.families):
+    for family, (choice, objective) in chosen.items():
         pd_ = (d, p) if family == "down" else (p, d)
-        fam_shape = shape if family != "down" else shape.with_(p=pd_[0], d=pd_[1])
-        fam_params = params if family != "down" else family_params(n, *pd_, shape.m, shape.r, shape.support)
+        shape = FitShape.from_config(cfg, n, *pd_, choice.m, choice.r, inv.dtype, device, choice.probe_ranks).with_(
+            lean=objective.plain_weights, layers=len(inv.moe_layers))
+        if rates is None and calibrate:
+            rates = measure_rates(shape, device)
+        memory, seconds = family_costs(shape, cfg, objective, choice.groups, rates)
+        params = family_params(n, *pd_, choice.m, choice.r, cfg.sparsity.target_support)
         families.append(FamilyPlan(
-            family=family, n=n, p=pd_[0], d=pd_[1], m=shape.m, r=shape.r, shape_from=origin, params=fam_params,
-            artifact_bytes=artifact_bytes(fam_params, n),
-            memory=memory if family != "down" else phase_bytes(fam_shape),
-            seconds=seconds if family != "down" or rates is None else phase_seconds(fam_shape, rates),
-            held_bytes=0 if spilled else k * held_results(shape), varpro_evaluations=varpro_evaluations(shape)))
+            family=family, n=n, p=pd_[0], d=pd_[1], m=choice.m, r=choice.r, shape_from=choice.how, params=params,
+            artifact_bytes=artifact_bytes(params, n), memory=memory, seconds=seconds,
+            varpro_evaluations=0 if choice.groups else varpro_evaluations(shape)))
+    held = [held_results(_shape_of(f, cfg, inv.dtype, device)) for f in families]
+    spilled = max(held) >= SPILL_FAMILY_BYTES and len(families) > 1           # see fit_model
+    for k, f in enumerate(families):
+        f.held_bytes = 0 if spilled else sum(held[:k])
     peak = max(f.memory["peak"] + f.held_bytes for f in families)
     if spilled:                                          # every family read back from disk once all are fitted
-        peak = max(peak, len(families) * held_results(shape))
+        peak = max(peak, sum(held))
     plan = Plan(model_dir=str(model_dir), device=str(device), stored_dtype=inv.dtype, families=families,
                 peak_bytes=peak, seconds=round(sum(f.seconds["total"] for f in families), 1),
                 free_memory_bytes=free_memory(device), free_disk_bytes=free_disk(out),
@@ -185,20 +184,44 @@ def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.Pa
     return plan
 
 
-def _plan_shape(n: int, p: int, d: int, dtype: str, cfg: FitConfig, device) -> tuple[FitShape, str]:
-    """The FitShape to plan: the configured (m, r), or the budget candidate with the largest predicted peak."""
-    b = cfg.bank
-    if b.m is not None and b.r is not None:
-        return FitShape.from_config(cfg, n, p, d, b.m, b.r, dtype, device), "config"
-    cands, probe = probe_ranks(n, p, d, cfg)
-    if not cands:
-        raise ConfigError(f"budget {b.budget:.3f} is too small for N={n}, p={p}, d={d} with support "
-                          f"{cfg.sparsity.target_support}: raise --budget or lower --target-support")
-    shapes = [FitShape.from_config(cfg, n, p, d, m, r, dtype, device, probe) for m, r in cands]
-    worst = max(shapes, key=lambda s: phase_bytes(s)["peak"])
-    rs = sorted({r for _, r in cands})
-    return worst, (f"chosen on the data at fit time; planned: the largest peak of {len(cands)} budget "
-                   f"candidates, r {rs[0]}..{rs[-1]}; pass --m and --r for an exact plan")
+def _shape_of(f: FamilyPlan, cfg: FitConfig, dtype: str, device) -> FitShape:
+    return FitShape.from_config(cfg, f.n, f.p, f.d, f.m, f.r, dtype, device)
+
+
+def fit_phases(cfg: FitConfig, objective, groups: bool) -> list[str]:
+    """The phases (globe.fit.engine.phases) fit_family runs for this config and objective, decided by the
+    engine's own predicates."""
+    if groups:
+        return ["normalize", "nonlinear"]
+    names = ["normalize", "shape", "warm_start", "am", "varpro"]
+    names += [objective.stage_name] if objective.stage_name else []
+    names += ["finalize"]
+    names += ["nonlinear"] if nonlinear_applies(cfg, 1, objective) else []
+    names += ["refine"] if cfg.train.refine_steps > 0 else []
+    return names
+
+
+def family_costs(s: FitShape, cfg: FitConfig, objective, groups: bool,
+                 rates: KernelRates | None) -> tuple[dict[str, int], dict[str, float]]:
+    """(peak bytes per phase + "peak", seconds per phase + "total") of the phases the fit runs: the solver phases
+    of globe.fit.planning.estimate / timing, the objective's own stage and held buffers (Objective.memory /
+    seconds), the warm start's (WarmStartInit.memory / seconds, inside warm_start) and the nonlinear stage's
+    (globe.fit.engine.nonlinear)."""
+    runs = fit_phases(cfg, objective, groups)
+    nl = cfg.nonlinear
+    memory = dict(phase_bytes(s))
+    own = dict(objective.memory(s))
+    held = own.pop("held", 0)
+    memory.update(own)
+    memory["nonlinear"] = nonlinear_memory(s, "groups" if groups else nl.start)
+    memory = {name: int(memory.get(name, 0)) + held for name in runs}
+    seconds: dict[str, float] = {}
+    if rates is not None:
+        seconds = dict(phase_seconds(s, rates))
+        seconds.update(objective.seconds(s, rates))
+        seconds["nonlinear"] = nonlinear_seconds(s, rates, nl.steps)
+        seconds = {name: round(seconds.get(name, 0.0), 2) for name in runs}
+    return memory | {"peak": max(memory.values())}, seconds | {"total": round(sum(seconds.values()), 2)}
 
 
 def plan_warnings(plan: Plan) -> list[str]:

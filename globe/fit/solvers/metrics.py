@@ -1,22 +1,8 @@
 """Fit metrics: errors (overall / per layer / per expert), energy, bank effective rank and coherence, code
-support, entropy and atom popularity, plus time and peak memory helpers."""
+support, entropy and atom popularity."""
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
-
 import torch
-
-from globe.device import peak_memory_mb
-
-
-@contextmanager
-def phase(timings: dict, name: str, device: str | torch.device = "cpu"):
-    """Record wall time and peak memory of a phase into timings[name]."""
-    t0 = time.perf_counter()
-    yield
-    timings[name] = {"seconds": round(time.perf_counter() - t0, 4), "peak_mem_mb": round(peak_memory_mb(device), 1)}
-
 
 GRAM_METRICS_BYTES = 2**28     # fp64 banks above this get their metrics from the m x m Gram (no fp64 copy)
 
