@@ -97,7 +97,7 @@ def nonlinear_memory(s, start: str) -> int:
     state = bank + 2 * codes + n * F4 + adapters + n * m                  # + the allowed mask (bool)
     trained = bank + codes + n * F4
     adam = 3 * trained + trained + adapters                                # grad, exp_avg, exp_avg_sq; best copy
-    graph = 3 * codes + F4 * c * (4 * s.p * s.d + 3 * s.r * s.d + 2 * s.p * s.r)
+    graph = 3 * codes + F4 * c * (2 * s.p * s.d + 3 * s.r * s.d + 2 * s.p * s.r)      # residual and its square
     linear = (bank + adapters + codes + n * 8) if start == "am" else 0
     return w + state + adam + graph + linear + adapters
 

@@ -75,12 +75,16 @@ def test_plan_of_a_sparse_qwen_checkpoint_reads_headers_only(tmp_path, no_data_r
     assert "gate: N=1440 p=1408 d=2048 -> m=256 r=704" in plan.table()
 
 
-def test_plan_without_a_shape_covers_the_budget_candidates(tmp_path, no_data_reads):
-    model = sparse_checkpoint(tmp_path / "small", layers=2, experts=8, p=64, d=128)
-    plan = plan_fit(model, FitConfig(bank=BankConfig(budget=0.3, families=("gate",))), calibrate=False)
-    fam = plan.families[0]
-    assert fam.memory["shape"] > 0 and "budget candidates" in fam.shape_from
+def test_plan_without_a_shape_plans_the_shape_the_fit_chooses(tmp_path):
+    model = tmp_path / "small"
+    load_benchmark("make_upcycled").main(["--out", str(model), "--layers", "2", "--experts", "8", "--hidden", "128",
+                                          "--intermediate", "64", "--rank", "8"])
+    cfg = FitConfig(bank=BankConfig(budget=0.3, families=("gate",)), train=TrainConfig(am_iters=1, varpro_steps=1))
+    fam = plan_fit(model, cfg, calibrate=False).families[0]
+    assert fam.memory["shape"] > 0 and "read the experts" in fam.shape_from
     assert fam.params["stored"] <= 0.3 * fam.params["dense"]
+    fitted = fit_model(model, cfg).families["gate"]
+    assert (fam.m, fam.r) == (fitted.shape["m"], fitted.shape["r"])
 
 
 def test_plan_warns_when_the_peak_exceeds_free_memory(tmp_path, no_data_reads, monkeypatch):
