@@ -1,4 +1,4 @@
-"""`--dry-run` of `globe fit` (and `globe compress`): plan the fit from the checkpoint's headers, print the plan
+"""`--dry-run` of `globe fit` (and `globe compress`): plan the fit at the shape it will choose, print the plan
 (a table, or JSON with --json) and write nothing."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from globe.fit.config import FitConfig
 
 def add_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true",
-                   help="read only the safetensors headers and print, for the given or planned (m, r), the stored "
-                        "params and bytes and the predicted peak memory and time of every phase on this device "
-                        "(times from a few-second kernel benchmark); writes nothing")
+                   help="print, for the (m, r) the fit will use (given, or chosen by the fit's budget solver: the "
+                        "experts are then read and their spectra computed), the stored params and bytes and the "
+                        "predicted peak memory and time of every phase on this device (times from a few-second "
+                        "kernel benchmark); writes nothing")
 
 
 def print_plan(args: argparse.Namespace, cfg: FitConfig) -> int:

@@ -249,21 +249,19 @@ class ActivationObjective(Objective):
         history = {**solution.history, "activation": losses}
         return Solution(bank=bank, codes=codes, norm=norm, temperature=solution.temperature, history=history)
 
-    def memory(self, shape) -> dict[str, int]:
+    def memory(self, shape, solvers) -> dict[str, int]:
         """held: the fp32 work copy W L_g (global_init) and the row-weighted target (channel weights) (the
         whitener's factors are an input of the family fit, like its weights); the stage: variable projection (torch L-BFGS: the lean
         form needs plain weights) with every weighted target chunk cached in fp32 ([N, p, d])."""
-        from globe.fit.planning.estimate import phase_varpro
         config = self.config
         s, npd = shape, shape.n * shape.p * shape.d * 4
         held = (npd if config.global_init else 0) + (npd if config.channel_weights else 0)
-        stage = phase_varpro(s.with_(varpro_steps=config.steps, lean=False)) + npd if config.steps else 0
+        stage = solvers.varpro_bytes(s.with_(varpro_steps=config.steps, lean=False)) + npd if config.steps else 0
         return {"held": held, self.stage_name: stage}
 
-    def seconds(self, shape, rates) -> dict[str, float]:
+    def seconds(self, shape, rates, solvers) -> dict[str, float]:
         """The stage's variable projection: config.steps + 1 evaluations, each whitening every mixed atom set
         (x L_i: 2 r d^2 flops per expert) besides the weight-space evaluation; the targets whitened once."""
-        from globe.fit.planning.timing import time_varpro_evaluation
         config = self.config
         s, q = shape, rates
         if not config.steps:
@@ -271,7 +269,7 @@ class ActivationObjective(Objective):
         whiten = s.n * 2 * 2 * s.r * s.d * s.d / q.wd32
         once = s.n * 2 * s.p * s.d * s.d / q.wd32
         lean = s.with_(varpro_steps=config.steps, lean=False)
-        return {self.stage_name: once + (config.steps + 1) * (time_varpro_evaluation(lean, q) + whiten)}
+        return {self.stage_name: once + (config.steps + 1) * (solvers.varpro_evaluation_seconds(lean, q) + whiten)}
 
     def metrics(self, problem, fam, sq_err: torch.Tensor) -> dict:
         return activation_metrics(fam, problem.spaces.original, problem.spaces.target, sq_err, self.whiten,

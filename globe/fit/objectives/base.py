@@ -125,11 +125,12 @@ class Objective:
         return {}
 
     # ---- costs, for the dry run ----
-    def memory(self, shape) -> dict[str, int]:
+    def memory(self, shape, solvers) -> dict[str, int]:
         """Peak bytes of the objective's stage {stage_name: bytes} and, under "held", the bytes it keeps through
-        the whole fit (its spaces, its factors); shape: a globe.fit.planning.cost.FitShape."""
+        the whole fit (its spaces); shape: a globe.fit.planning.estimate.FitShape, solvers: the solvers' costs
+        (globe.fit.planning.plan.SOLVER_COSTS: varpro_bytes(shape), varpro_evaluation_seconds(shape, rates))."""
         return {}
 
-    def seconds(self, shape, rates) -> dict[str, float]:
+    def seconds(self, shape, rates, solvers) -> dict[str, float]:
         """Seconds of the objective's stage {stage_name: seconds}."""
         return {}

@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,11 +34,13 @@ from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.engine.nonlinear import nonlinear_applies, nonlinear_memory, nonlinear_seconds
 from globe.fit.engine.shape import family_shape
 from globe.fit.objectives.base import objective_class
-from globe.fit.planning.estimate import FitShape, gib, held_results, phase_bytes
-from globe.fit.planning.timing import KernelRates, measure_rates, phase_seconds, varpro_evaluations
+from globe.fit.planning.estimate import FitShape, gib, held_results, phase_bytes, phase_varpro
+from globe.fit.planning.timing import (KernelRates, measure_rates, phase_seconds, time_varpro_evaluation,
+                                      varpro_evaluations)
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT_VERSION = 1
+SOLVER_COSTS = SimpleNamespace(varpro_bytes=phase_varpro, varpro_evaluation_seconds=time_varpro_evaluation)
 
 
 @dataclass
@@ -210,7 +213,7 @@ def family_costs(s: FitShape, cfg: FitConfig, objective, groups: bool,
     runs = fit_phases(cfg, objective, groups)
     nl = cfg.nonlinear
     memory = dict(phase_bytes(s))
-    own = dict(objective.memory(s))
+    own = dict(objective.memory(s, SOLVER_COSTS))
     held = own.pop("held", 0)
     memory.update(own)
     memory["nonlinear"] = nonlinear_memory(s, "groups" if groups else nl.start)
@@ -218,7 +221,7 @@ def family_costs(s: FitShape, cfg: FitConfig, objective, groups: bool,
     seconds: dict[str, float] = {}
     if rates is not None:
         seconds = dict(phase_seconds(s, rates))
-        seconds.update(objective.seconds(s, rates))
+        seconds.update(objective.seconds(s, rates, SOLVER_COSTS))
         seconds["nonlinear"] = nonlinear_seconds(s, rates, nl.steps)
         seconds = {name: round(seconds.get(name, 0.0), 2) for name in runs}
     return memory | {"peak": max(memory.values())}, seconds | {"total": round(sum(seconds.values()), 2)}

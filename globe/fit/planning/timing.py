@@ -108,8 +108,11 @@ def measure_rates(s: FitShape, device: str | torch.device = "cpu", experts: int 
         torch.cholesky_solve(rhs_p, f)
         torch.cholesky_solve(rhs_d, f)
     chol = _best(chol_solves, dev) / c
-    one = w[:1]
-    svd = _once(lambda: torch.linalg.svd(one, full_matrices=False), dev)
+    if p * d < LARGE_MATRIX:                 # small experts: a first call's set-up would dwarf the SVD itself
+        svd = _best(lambda: torch.linalg.svd(w, full_matrices=False), dev) / c
+    else:
+        one = w[:1]
+        svd = _once(lambda: torch.linalg.svd(one, full_matrices=False), dev)
     align = _best(lambda: torch.linalg.svd(spd), dev) / c
     stored = w.to(torch.bfloat16)
     stream = c * p * d * (2 + 4 + 4 + 4) / _best(lambda: stored.to(torch.float32) / 3.0, dev)
