@@ -29,6 +29,7 @@ class CalibrateRun:
     tokenizer: str | None = None              # default: the model directory
     device: str = "cpu"
     overwrite: bool = False                   # replace an existing output file
+    text_flag: str = "--text"                 # the option the user gave the text with (errors name it)
 
 
 def run_calibrate(run: CalibrateRun) -> ActivationStats:
@@ -37,15 +38,15 @@ def run_calibrate(run: CalibrateRun) -> ActivationStats:
     if run.window < 1 or (run.max_tokens or 0) < 0:
         raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {run.window}, "
                           f"--max-tokens {run.max_tokens})")
-    text_path = check_text_file(run.text, "--text")
+    text_path = check_text_file(run.text, run.text_flag)
     inputs = [run.model_dir, text_path, run.tokenizer]
     with outputs.claim_output_file(run.out, "calibrate", run.overwrite, inputs=inputs):
-        text = read_text(text_path, "--text", 64 * run.max_tokens or None)   # ~4 characters per token: plenty
+        text = read_text(text_path, run.text_flag, 64 * run.max_tokens or None)   # ~4 characters per token: plenty
         model = load_model(run.model_dir, device=str(resolve_device(run.device)))   # validates the directory
         tokenizer = load_tokenizer(run.tokenizer or run.model_dir)
         ids = encode_text(tokenizer, text)[:run.max_tokens] if run.max_tokens else encode_text(tokenizer, text)
         if ids.numel() < 2:
-            raise ConfigError(f"--text file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
+            raise ConfigError(f"{run.text_flag} file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
                               f"pass a longer text")
         stats = collect_stats(model, ids, window=run.window, per_expert=not run.layer_only,
                               info={"model_dir": str(Path(run.model_dir).resolve()), "text": str(text_path.resolve())})

@@ -56,7 +56,8 @@ def _fit(run: CompressRun, work: Path) -> FitResult:
         apply_total_cut(cfg, run.model_dir, run.total_cut)
     if run.calibration_text:
         stats = work / "calibration.safetensors"
-        run_calibrate(CalibrateRun(run.model_dir, run.calibration_text, str(stats), device=run.device))
+        run_calibrate(CalibrateRun(run.model_dir, run.calibration_text, str(stats), device=run.device,
+                                   text_flag="--calibration-text"))
         cfg.activation.stats = str(stats)
     return run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
                           metrics=run.metrics or str(Path(run.out) / "metrics.jsonl")))
