@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from globe.errors import NumericalError
 from globe.formats.checkpoint import (FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document,
                                       state_key)
+from globe.export.provenance import keep_provenance
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch
 from globe.runtime.apply import globe_modules, set_mode, share_banks
@@ -163,6 +164,9 @@ class GlobeHfQuantizer(HfQuantizer):
         place_banks(model)
         share_banks(model)
         check_finite_factors(model)
+        where = Path(getattr(model.config, "_name_or_path", "") or "")
+        if str(where) and where.is_dir():
+            keep_provenance(model, where)          # save_pretrained writes globe_config.json and the tokenizer too
         set_mode(model, self.quantization_config.mode, cache_bytes=self.quantization_config.cache_bytes)
         log.info("loaded GloBE checkpoint: %d MoE layers, families %s, %s mode", len(globe_modules(model)),
                  ", ".join(self.quantization_config.families), self.quantization_config.mode)
