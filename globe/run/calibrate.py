@@ -53,7 +53,9 @@ def check_calibrate_run(run: CalibrateRun) -> Path | None:
             raise ConfigError(f"self-generated calibration needs a token count >= 2 (got {run.max_tokens})")
         SelfText(tokens=run.max_tokens, length=run.window, seed=run.seed).check()
         return None
-    return check_text_file(run.text, run.flag)
+    path = check_text_file(run.text, run.flag)
+    read_text(path, run.flag, 64 * run.max_tokens or None)            # UTF-8 and not empty, or one line now
+    return path
 
 
 def _text_ids(run: CalibrateRun, text_path: Path):
