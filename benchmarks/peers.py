@@ -191,7 +191,8 @@ def score(ctx: dict, checkpoint: Path) -> dict:
     model = load_causal_lm(checkpoint)
     recon = read_families(model)
     div = divergence(ctx["original"], model, ctx["ppl_ids"], ctx["window"])
-    return {"kl": div["kl"], "top1": div["top1"], "rel_err": {f: rel_err(ctx["weights"][f], recon[f]) for f in FAMILIES},
+    return {"kl": div["kl"], "top1": div["top1"],
+            "rel_err": {f: rel_err(ctx["weights"][f], recon[f]) for f in FAMILIES},
             "output_rel_err": output_error(ctx["weights"], recon, ctx["act"], ctx["captured"]),
             "perplexity": div["perplexity"]}
 

@@ -35,7 +35,8 @@ def model_table(model: dict) -> list[str]:
                          f"{_num(r.get('kl'), '.5f')} | {_num(r.get('top1'), '.4f')} | "
                          f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
                          f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} |")
-    lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | perplexity increase |",
+    lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | "
+              "perplexity increase |",
               "|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         for key, ratio in cut["ratios"].items():

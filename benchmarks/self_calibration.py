@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("benchmarks.self_calibration")
-MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe", "benchmarks/models/scratch-qwen2moe-e48")
+MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe",
+          "benchmarks/models/scratch-qwen2moe-e48")
 METHODS = ("weight-space", "self-generated", "real-text")
 
 

@@ -59,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `globe fit` namespace these options stand for (the rest at fit's defaults)."""
-    fit = argparse.Namespace(config=None, checkpoint_every=None, calibration=None, activation_steps=args.activation_steps,
-                             per_layer=False, routing_weights=False, device=args.device)
+    fit = argparse.Namespace(config=None, checkpoint_every=None, calibration=None,
+                             activation_steps=args.activation_steps, per_layer=False, routing_weights=False,
+                             device=args.device)
     for name in FIT_OPTIONS:
         setattr(fit, name, getattr(args, name))
     return fit

@@ -7,7 +7,8 @@ patched with the artifact OUT, or a compressed checkpoint from `globe export` (i
 default model is the embedded one and the default text its held-out split. Cached layers are warmed up from
 routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it),
 and the hit rate is counted while decoding the last --hit-tokens tokens one by one. The original a compressed
-model is compared with is MODEL_DIR under --globe, the source a compressed checkpoint records, or --original. The runs themselves are
+model is compared with is MODEL_DIR under --globe, the source a compressed checkpoint records, or --original.
+The runs themselves are
 globe.run.evaluate's; the options shared with `globe bench` are in globe.cli.eval_options.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "cache hit rate of a (compressed) model",
                        description="Evaluate a model, optionally patched with a GloBE artifact: sliding-window "
                                    "perplexity, KL(original || compressed) per token and top-1 agreement on the same "
-                                   "windows (where the original is known), prefill and greedy-decode tokens/s, memory, cache hit rate and the "
+                                   "windows (where the original is known), prefill and "
+                                   "greedy-decode tokens/s, memory, cache hit rate and the "
                                    "routed-expert parameter counts before/after. --plots DIR also writes PNG plots "
                                    "of the artifact (error vs budget, per-layer error, supports, atoms, AM history).")
     a = p.add_argument
@@ -94,7 +96,8 @@ def format_report(report: dict) -> str:
     div = report.get("divergence")
     if div:
         lines.append(f"vs original  KL {div['kl']:.5f} nats/token, top-1 agreement {div['top1']:.4f} over "
-                     f"{div['tokens']:,} tokens (original perplexity {div['reference_perplexity']:.4f}; {div['original']})")
+                     f"{div['tokens']:,} tokens (original perplexity {div['reference_perplexity']:.4f}; "
+                     f"{div['original']})")
     if "speed" in report:
         s = report["speed"]
         lines += [f"prefill      {s['prefill_tok_s']:,.1f} tok/s ({s['prefill_tokens']} tokens)",

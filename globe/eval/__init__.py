@@ -14,5 +14,6 @@ from globe.eval.hits import decode_hit_rate
 from globe.eval.perplexity import encode_text, perplexity
 from globe.eval.speed import decode_speed, memory_stats, prefill_speed
 
-__all__ = ["divergence", "describe", "evaluate", "warm_up_caches", "routed_footprint", "decode_hit_rate", "encode_text", "perplexity",
+__all__ = ["divergence",
+           "describe", "evaluate", "warm_up_caches", "routed_footprint", "decode_hit_rate", "encode_text", "perplexity",
            "decode_speed", "memory_stats", "prefill_speed"]
