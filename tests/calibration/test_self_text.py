@@ -52,3 +52,19 @@ def test_random_prefix_and_counts(tiny_model):
     for bad in (SelfText(tokens=1), SelfText(length=1), SelfText(temperature=0.0), SelfText(batch=0)):
         with pytest.raises(ConfigError, match="self-generated calibration"):
             self_generated_ids(model, bad)
+
+
+def test_sampling_runs_on_one_cpu_thread_and_restores_the_count(tiny_model):
+    model = tiny_model("qwen2_moe")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        handle = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        try:
+            self_generated_ids(model, SelfText(tokens=8, length=4, batch=2))
+        finally:
+            handle.remove()
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
