@@ -96,15 +96,15 @@ def configure_progress(level: str, forced: bool) -> None:
     from globe.progress import show_progress
     show_progress(forced)
     quiet = getattr(logging, level) > logging.INFO or not (forced or sys.stderr.isatty())
-    if not quiet:
+    if not quiet and not forced:
         return
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"            # read when huggingface_hub is imported
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1" if quiet else "0"      # read when huggingface_hub is imported
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
     elif "huggingface_hub" in sys.modules:
-        from huggingface_hub.utils import disable_progress_bars
-        disable_progress_bars()
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        disable_progress_bars() if quiet else enable_progress_bars()
 
 
 def pick_device(args: argparse.Namespace) -> None:
