@@ -13,6 +13,7 @@ W_i ~= s_i * A_i @ phi(sum_j alpha_ij B_j) with one shared bank B per family.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from globe.errors import GlobeError
 from globe.export.hf_hook import install as _install_hooks
@@ -38,6 +39,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_WHERE[name]), name)
         globals()[name] = value
         return value
+    if importlib.util.find_spec(f"globe.{name}") is not None:       # a subpackage: globe.eval, globe.runtime, ...
+        return importlib.import_module(f"globe.{name}")
     raise AttributeError(f"module 'globe' has no attribute {name!r}")
 
 
