@@ -21,7 +21,8 @@ settings). reap and hc-smoe remove or merge whole experts (gate, up AND down), s
 whose TOTAL parameters do not exceed what the compressing methods store at the cut; their `params` per family is
 that equal-total allowance in gate/up terms (their stored expert and router params minus the dense down and
 router the others keep, halved), `total_params` is every row's whole model, and their weight and output errors
-are measured with a dropped expert as zero (REAP) under the original routing. Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
+are measured with a dropped expert as zero (REAP) under the original routing.
+Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
 corpus/train.txt as benchmarks/activation_aware.py uses (rebuild with scripts/build_corpus.py). Calibration
 statistics come from `globe.calibration.collect_stats` (what `globe calibrate` writes) on the first
 --calib-tokens tokens; the output error uses the next --output-tokens tokens. One JSON: --out.
@@ -153,7 +154,8 @@ def prepare(model_dir: Path, args) -> dict:
     return {"dir": model_dir, "inv": inv, "window": args.window, "globe_am_iters": args.globe_am_iters,
             "globe_varpro_steps": args.globe_varpro_steps, "weights": read_families(model), "stats_path": str(stats_path),
             "grams": stats.hidden_expert, "freq": stats.counts.double(), "fisher": fisher, "captured": captured,
-            "calib_routed": calib_routed, "act": act, "ppl_ids": ppl_ids, "original_ppl": original_ppl, "original": model,
+            "calib_routed": calib_routed,                   # reap / hc-smoe: the calibration tokens' routing
+            "act": act, "ppl_ids": ppl_ids, "original_ppl": original_ppl, "original": model,
             "info": {"dir": str(model_dir), "model_type": inv.model_type, "total_params": inv.total_params,
                      "layers": len(inv.moe_layers), "experts": inv.num_experts, "p": inv.p, "d": inv.d,
                      "heldout": str(heldout), "heldout_tokens": int(ppl_ids.numel()), "calib": str(calib),
@@ -396,7 +398,8 @@ def print_table(report: dict) -> None:
                 print(f"    {r['method']:13} KL {r['kl']:.5f} top-1 {r['top1']:.4f} "
                       f"gate {r['rel_err']['gate']:.4f} up {r['rel_err']['up']:.4f} "
                       f"out {r['output_rel_err']['rel_err']:.4f} ppl {r['perplexity']:8.3f} "
-                      f"params {r['params_ratio']['gate']:.3f} fit {r['fit_seconds']:6.1f} s")
+                      f"params {r['params_ratio']['gate']:.3f} total {r['total_params']:,} "
+                      f"fit {r['fit_seconds']:6.1f} s")
 
 
 if __name__ == "__main__":
