@@ -9,9 +9,8 @@ import torch
 
 from globe.core.mixing import compose
 from globe.fit.solvers.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
-from globe.fit.solvers.normalize import Normalizer
-from globe.fit.objectives.base import Objective
-from globe.fit.objectives.weights import WEIGHTS
+from globe.fit.config import FitConfig
+from globe.fit.solvers.problem import Factors, SolverProblem
 
 
 @dataclass
@@ -55,13 +54,28 @@ class Adapted(NamedTuple):
     sq_err: torch.Tensor          # [N] fp64 on the CPU, original space (of the objective)
 
 
-def finalize(weights: torch.Tensor, norm: Normalizer, codes: torch.Tensor, bank: torch.Tensor, phi: str,
-             chunk: int, ridge: float, objective: Objective = WEIGHTS, keep_adapters: bool = True) -> Adapted:
-    """Exact adapters for phi(codes @ bank) under the objective, chunk by chunk, in the normalised space.
+@dataclass(frozen=True)
+class FinalizeOptions:
+    """What the exact adapter refit reads of the FitConfig."""
+
+    phi: str                      # bank.phi ("identity" for the AM's own error)
+    chunk_size: int               # experts per chunk
+    ridge: float                  # train.ridge
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig, phi: str | None = None) -> FinalizeOptions:
+        return cls(phi=cfg.bank.phi if phi is None else phi, chunk_size=cfg.train.chunk_size, ridge=cfg.train.ridge)
+
+
+def finalize(problem: SolverProblem, state: Factors, options: FinalizeOptions, keep_adapters: bool = True) -> Adapted:
+    """Exact adapters for phi(codes @ bank) of state under problem.objective, chunk by chunk, in the normalised
+    space.
 
     With identity phi the codes are put on the simplex and their row sums moved into the adapters. The error is
     the objective's ||(W_i - A_i M_i) R_i||^2 in the original space. keep_adapters=False: only the errors are
     wanted (adapters is None; no [N, p, r] buffer)."""
+    weights, norm, objective = problem.weights, problem.norm, problem.objective
+    bank, codes, phi, chunk, ridge = state.bank, state.codes, options.phi, options.chunk_size, options.ridge
     n, dev = weights.shape[0], bank.device
     if phi == "identity":
         codes = codes / codes.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -30,7 +30,7 @@ from globe.fit.constants import support_cap
 from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.linalg import low_precision, matmul, ridge_cholesky, solve_left
 from globe.fit.solvers.mod import ModAccumulator, normalize_atoms, weighted_mod
-from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import SolverProblem
 from globe.fit.solvers.sparse_coding import (code_chunk, finish_codes, select_support, support_sizes, weighted_nnls,
                                      weighted_support_gram)
 from globe.progress import progress
@@ -50,6 +50,26 @@ class AMState:
     best_bank: torch.Tensor | None = None
     best_codes: torch.Tensor | None = None
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AMOptions:
+    """What alternating minimisation reads of the FitConfig."""
+
+    iters: int                    # train.am_iters
+    tol: float                    # train.tol (relative improvement that counts as converged)
+    ridge: float                  # train.ridge
+    chunk_size: int               # experts per chunk
+    precision: str                # train.precision
+    mod: str                      # train.mod: the dictionary update
+    collect_stats: bool           # train.collect_stats (condition numbers in the statistics)
+    sparsity: SparsityConfig      # support target, method, eps
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> AMOptions:
+        t = cfg.train
+        return cls(iters=t.am_iters, tol=t.tol, ridge=t.ridge, chunk_size=t.chunk_size, precision=t.precision,
+                   mod=t.mod, collect_stats=t.collect_stats, sparsity=cfg.sparsity)
 
 
 @dataclass
@@ -101,15 +121,16 @@ class _Sweep:
     conds: list = field(default_factory=list)     # per-chunk max adapter condition estimates
 
 
-def _sweep(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, low, comm: Comm) -> _Sweep:
+def _sweep(problem: SolverProblem, state: AMState, options: AMOptions, low) -> _Sweep:
     """Per chunk: refit adapters, code against the bank, accumulate the MOD right-hand side."""
-    ridge, dev, chunk = cfg.train.ridge, state.bank.device, cfg.train.chunk_size
+    weights, norm, comm = problem.weights, problem.norm, problem.comm
+    ridge, dev, chunk = options.ridge, state.bank.device, options.chunk_size
     m, r, d = state.bank.shape
     n = weights.shape[0]
-    coder = Coder.of(state.bank, low, cfg.sparsity, ridge)
+    coder = Coder.of(state.bank, low, options.sparsity, ridge)
     out = _Sweep(codes=torch.zeros_like(state.codes), sq_err=torch.zeros(n, dtype=acc_dtype(dev), device=dev),
                  temperature=state.temperature)
-    if cfg.train.mod == "normal":
+    if options.mod == "normal":
         out.normal = ModAccumulator(m, r, d, device=dev)
     else:
         out.grams, out.rhs = torch.empty(n, r, r, device=dev), torch.zeros(m, r * d, device=dev)
@@ -127,7 +148,7 @@ def _sweep(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
             out.rhs.addmm_(codes.T, atw.flatten(1))
             out.grams[lo:hi] = ata
         out.codes[lo:hi], out.sq_err[lo:hi] = codes, fit.sq_err.to(out.sq_err.dtype)
-        if cfg.train.collect_stats and hi > lo:
+        if options.collect_stats and hi > lo:
             out.conds.append(fit.cond.max())
     return out
 
@@ -142,14 +163,16 @@ def _new_bank(sweep: _Sweep, previous: torch.Tensor, ridge: float, comm: Comm) -
                         overwrite_rhs=True)                                 # rhs becomes the CG residual
 
 
-def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, comm: Comm = LOCAL) -> dict:
+def am_pass(problem: SolverProblem, state: AMState, options: AMOptions) -> dict:
     """One AM iteration in place on `state`; returns the iteration's stats (error is of the incoming state).
 
-    Distributed, weights/norm/state.codes hold this rank's experts; sums over experts are all-reduced."""
+    Distributed, problem.weights/norm and state.codes hold this rank's experts; sums over experts are all-reduced.
+    The objective is not read: AM runs on the work weights (phi = identity)."""
+    weights, norm, comm = problem.weights, problem.norm, problem.comm
     t0, m = time.perf_counter(), state.bank.shape[0]
-    low = low_precision(cfg.train.precision, weights.dtype, *weights.shape[1:], state.bank.device)   # bf16 or None
-    sweep = _sweep(weights, norm, state, cfg, low, comm)
-    bank, cg_iters, mod_cond = _new_bank(sweep, state.bank, cfg.train.ridge, comm)
+    low = low_precision(options.precision, weights.dtype, *weights.shape[1:], state.bank.device)   # bf16 or None
+    sweep = _sweep(problem, state, options, low)
+    bank, cg_iters, mod_cond = _new_bank(sweep, state.bank, options.ridge, comm)
     bank, new_codes = normalize_atoms(bank, sweep.codes)
     err = comm.all_reduce((sweep.sq_err.cpu().double() * norm.scales.double() ** 2).sum())
     rel = float((err / comm.all_reduce(norm.sq_norms.sum())).sqrt())
@@ -162,7 +185,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     median, mean, most = comm.support_stats(support_sizes(new_codes), m)
     stats = {"iteration": state.iteration, "rel_err": rel, "temperature": sweep.temperature, "median_support": median,
              "mean_support": mean, "max_support": most, "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
-    if cfg.train.collect_stats:
+    if options.collect_stats:
         cond = comm.all_reduce(torch.stack(sweep.conds).max() if sweep.conds else torch.zeros(()), "max")
         stats.update(adapter_cond_max=float(cond), mod_cond=mod_cond)
     state.bank, state.codes, state.temperature = bank, new_codes, sweep.temperature
@@ -171,22 +194,22 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     return stats
 
 
-def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "",
-           on_iteration: Callable[[AMState], None] | None = None, comm: Comm = LOCAL) -> AMState:
+def run_am(problem: SolverProblem, state: AMState, options: AMOptions, family: str = "",
+           on_iteration: Callable[[AMState], None] | None = None) -> AMState:
     """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
 
     Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
-    bar = progress(range(state.iteration, cfg.train.am_iters), f"AM {family}", total=cfg.train.am_iters,
-                   initial=min(state.iteration, cfg.train.am_iters))
+    bar = progress(range(state.iteration, options.iters), f"AM {family}", total=options.iters,
+                   initial=min(state.iteration, options.iters))
     done = state.history[len(state.history) - state.iteration:] if state.iteration else []
     prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:
-        stats = am_pass(weights, norm, state, cfg, comm)
+        stats = am_pass(problem, state, options)
         bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
         log.debug("AM %s iter %d: %s", family, stats["iteration"], stats)
         tracking.emit("am_iter", family=family, **stats)
-        if prev - stats["rel_err"] < cfg.train.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
-            if abs(stats["median_support"] - cfg.sparsity.target_support) <= 1:
+        if prev - stats["rel_err"] < options.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
+            if abs(stats["median_support"] - options.sparsity.target_support) <= 1:
                 log.info("AM %s converged at iteration %d (rel_err %.5f)", family, stats["iteration"], stats["rel_err"])
                 break
         prev = min(prev, stats["rel_err"])
