@@ -12,6 +12,7 @@ import torch
 
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
+from globe.fit.costs import declare_cost
 from globe.fit.objectives.base import Objective
 from globe.fit.objectives.weights import WEIGHTS
 from globe.fit.solvers.nonlinear import NonlinearOptions, finish, fit_nonlinear, from_linear
@@ -108,6 +109,10 @@ def nonlinear_seconds(s, q, steps: int) -> float:
     per_expert = 3 * 2 * m * r * d / q.bank + 6 * p * d * r / q.wd32 + 4 * r * r * d / q.wd32 + q.chol \
         + 10 * p * d * 4 / q.stream
     return (steps + 1) * n * per_expert
+
+
+declare_cost("nonlinear", lambda s: nonlinear_memory(s, s.nonlinear_start),
+             lambda s, q: nonlinear_seconds(s, q, s.nonlinear_steps))
 
 
 def groups_fit(weights: torch.Tensor, ids: torch.Tensor, norm: Normalizer, cfg: FitConfig,

@@ -13,6 +13,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from globe.core.mixing import compose
+from globe.fit.costs import F4, declare_cost
+from globe.fit.solvers.adapters import finalize_seconds
 from globe.fit.config import FitConfig
 from globe.fit.constants import DIVERGED_FACTOR, MAX_ROLLBACKS, SNAPSHOT_EVERY, SNAPSHOT_SLACK
 from globe.fit.solvers.codes import CodeParams
@@ -108,8 +110,8 @@ def _minibatch_loss(problem: SolverProblem, bank, adapters, params: CodeParams, 
 
 
 def adam_refine(problem: SolverProblem, state: Factors, options: AdamOptions, gen: torch.Generator):
-    """Adam on (bank, logits, adapters) from state (bank, codes, temperature, adapters) with minibatches of experts; adapters in the normalised space, residuals
-    weighted by the objective.
+    """Adam on (bank, logits, adapters) from state (bank, codes, temperature, adapters) with minibatches of
+    experts; adapters in the normalised space, residuals weighted by problem.objective.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
     Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
@@ -146,3 +148,26 @@ def adam_refine(problem: SolverProblem, state: Factors, options: AdamOptions, ge
     with torch.no_grad():
         out_codes = params()
     return bank.detach(), out_codes, adapters.detach(), history
+
+
+def refine_memory(s) -> int:
+    """Adam refinement: fitted adapters kept, a clone as parameter, its gradient and two moments; a minibatch."""
+    if s.refine_steps == 0:
+        return 0
+    b = min(s.refine_batch, s.n)
+    params = 5 * (s.adapters + s.bank)                                       # fitted, param, grad, exp_avg, _sq
+    batch = F4 * b * (4 * s.p * s.d + 2 * s.r * s.d + s.p * s.r)
+    return params + batch + s.adapters + s.bank                               # + the refined fit's adapters
+
+
+def refine_seconds(s, q) -> float:
+    """train.refine_steps minibatch steps, then the exact adapters of the result."""
+    if not s.refine_steps:
+        return 0.0
+    b, p, d, r, m = min(s.refine_batch, s.n), s.p, s.d, s.r, s.m
+    step = b * (6 * p * d * r / q.wd32 + 6 * m * r * d / q.bank + 12 * p * d * 4 / q.stream
+                + p * d * s.stored_bytes / q.read_bps) + 16 * (s.adapters + s.bank) / q.stream
+    return s.refine_steps * step + finalize_seconds(s, q)
+
+
+declare_cost("refine", refine_memory, refine_seconds)

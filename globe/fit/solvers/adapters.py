@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from globe.core.mixing import compose
+from globe.fit.costs import F4, F8, compose_seconds, declare_cost, read_seconds, refit_seconds, refit_work
 from globe.fit.solvers.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
 from globe.fit.config import FitConfig
 from globe.fit.solvers.problem import Factors, SolverProblem
@@ -90,3 +91,22 @@ def finalize(problem: SolverProblem, state: Factors, options: FinalizeOptions, k
             adapters[lo:hi] = fit.adapters
         sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
     return Adapted(adapters, codes, sq_err)
+
+
+def finalize_memory(s) -> int:
+    """finalize (exact adapters, chunk by chunk), folded in place, and the bank metrics: the bank in fp64 with its
+    SVD copy / unit rows, or for large banks the m x m Gram accumulated over column blocks."""
+    from globe.fit.solvers.metrics import GRAM_METRICS_BYTES
+    chunk = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)
+    big = s.m * s.r * s.d * F8 > GRAM_METRICS_BYTES
+    metrics = 2 * s.m * 2**16 * F8 + 3 * s.m * s.m * F8 if big else 2 * 2 * s.bank + 2 * s.m * s.m * F8
+    return s.bank + s.adapters + max(chunk, metrics)
+
+
+def finalize_seconds(s, q) -> float:
+    """One pass: mixed atoms, exact adapters, and the bank metrics."""
+    metrics = 4 * s.m * s.m * s.r * s.d / (q.wd32 / 2)
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q) + metrics
+
+
+declare_cost("finalize", finalize_memory, finalize_seconds)

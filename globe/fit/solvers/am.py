@@ -27,9 +27,11 @@ from globe.core.mixing import compose
 from globe.fit.solvers.adapters import refit_adapters
 from globe.fit.config import FitConfig, SparsityConfig
 from globe.fit.constants import support_cap
+from globe.fit.costs import (F4, F8, chunk_read, compose_seconds, declare_cost, read_seconds, refit_seconds,
+                             refit_work)
 from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.linalg import low_precision, matmul, ridge_cholesky, solve_left
-from globe.fit.solvers.mod import ModAccumulator, normalize_atoms, weighted_mod
+from globe.fit.solvers.mod import ModAccumulator, apply_chunk, normalize_atoms, weighted_mod
 from globe.fit.solvers.problem import SolverProblem
 from globe.fit.solvers.sparse_coding import (code_chunk, finish_codes, select_support, support_sizes, weighted_nnls,
                                      weighted_support_gram)
@@ -216,3 +218,66 @@ def run_am(problem: SolverProblem, state: AMState, options: AMOptions, family: s
         if on_iteration is not None:
             on_iteration(state)
     return state
+
+
+CG_APPLIES = 13                   # weighted MOD: 12 CG iterations + the initial residual
+
+
+def _am_chunk(s) -> int:
+    """One chunk of am_pass beyond the persistent buffers: w, mixed, the refit, A^T W, pinv targets, support Grams."""
+    c = s.c
+    cpd, crd, cpr = c * s.p * s.d, c * s.r * s.d, c * s.p * s.r
+    group = min(c, max(1, 256 * 2**20 // (2 * s.slots * s.r * s.d * (2 if s.low else F4))))
+    g_elems = group * s.slots * s.r * s.d
+    support = g_elems * (12 if s.low else 8) + group * s.slots * s.r * s.r * (2 if s.low else F4)  # + G_i expanded
+    refit = F4 * cpd + F4 * crd + refit_work(s)
+    atw = F4 * cpd + F4 * cpr + (2 * cpr + 2 * cpd + 2 * crd if s.low else 0) + F4 * crd
+    code = F4 * cpd + F4 * cpr + 3 * F4 * crd + support
+    return max(chunk_read(s) + F4 * crd, refit, atw, code)
+
+
+def am_memory(s) -> int:
+    """am_pass (the loop's largest moment) and the weighted MOD's conjugate gradients after it (the bf16 bank
+    copy freed, the residual in the rhs), plus the settling error pass (chunk by chunk)."""
+    if s.am_iters == 0:
+        return 0
+    bank, low = s.bank, s.bank // 2 if s.low else 0
+    keep = bank * (2 if s.am_iters > 1 else 1) + s.n * s.m * F4 * 3           # state (+ best) bank, codes
+    if s.mod == "weighted":
+        persist = s.n * s.r * s.r * F4 + bank                                   # A_i^T A_i of every expert, rhs
+        cc = min(apply_chunk(s.r, s.d), s.n)
+        mod = persist + 4 * bank + bank + 2 * cc * s.r * s.d * F4               # x, z, dir, hd (res in rhs) + apply
+    else:
+        persist = bank + s.m * s.m * F8
+        mod = persist + 2 * bank
+    loop = low + persist + _am_chunk(s)
+    settle = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)              # errors only, no adapters kept
+    return keep + max(loop, mod, settle)
+
+
+def am_iteration_seconds(s, q) -> float:
+    """One am_pass and its weighted MOD (conjugate gradients)."""
+    n, p, d, r, m, k = s.n, s.p, s.d, s.r, s.m, s.slots
+    per_expert = (2 * p * d * r / q.wd + 2 * r * r * d / q.wd32 + 4 * r * d * m / q.bank + 2 * m * r * d / q.bank
+                  + 2 * k * r * r * d / q.rr + 2 * k * k * r * d / q.wd32 + q.chol + 8 * r * d * 4 / q.stream)
+    loop = read_seconds(s, q) + refit_seconds(s, q) + compose_seconds(s, q) + n * per_expert
+    if s.mod == "weighted":
+        mod = CG_APPLIES * n * (4 * m * r * d / q.bank + 2 * r * r * d / q.rr) + 12 * 12 * s.bank / q.stream
+    else:
+        mod = 2 * m * m * r * d / q.bank
+    return loop + mod
+
+
+def best_state_seconds(s, q) -> float:
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q)
+
+
+def am_seconds(s, q) -> float:
+    """All train.am_iters iterations of every cycle and restart (an upper bound when the tolerance stops it
+    earlier), each followed by the settling error pass."""
+    if not s.am_iters:
+        return 0.0
+    return s.cycles * s.restarts * (s.am_iters * am_iteration_seconds(s, q) + best_state_seconds(s, q))
+
+
+declare_cost("am", am_memory, am_seconds)

@@ -23,7 +23,6 @@ from globe.core.mixing import PHI
 from globe.fit.solvers.adapters import refit_adapters
 from globe.fit.constants import LBFGS_TOLERANCE_CHANGE, LBFGS_TOLERANCE_GRAD
 from globe.fit.solvers.linalg import low_precision
-from globe.fit.solvers.normalize import Normalizer
 from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.codes import code_values
 from globe.fit.solvers.sparse_coding import codes_to_logits, prune_codes

@@ -19,6 +19,7 @@ import torch
 
 from globe.errors import NumericalError
 from globe.core.mixing import compose
+from globe.fit.costs import F4, compose_seconds, declare_cost, read_seconds, refit_seconds, refit_work
 from globe.fit.solvers.adapters import refit_adapters
 from globe.fit.constants import (LBFGS_HISTORY_BYTES, LBFGS_MAX_HISTORY, LBFGS_TOLERANCE_CHANGE,
                                  LBFGS_TOLERANCE_GRAD)
@@ -93,7 +94,8 @@ def varpro_refine(problem: SolverProblem, state: Factors,
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
     loss and gradients are summed over ranks, so the optimiser state stays identical everywhere. An objective
     with cache_targets keeps its weighted targets in fp32 for the run (N p d floats; single process only).
-    Large banks in weight space (uses_lean_varpro) go to globe.fit.solvers.lean_varpro, which keeps a few flat vectors."""
+    Large banks in weight space (uses_lean_varpro) go to globe.fit.solvers.lean_varpro, which keeps a few flat
+    vectors."""
     weights, norm, objective, comm = problem.weights, problem.norm, problem.objective, problem.comm
     bank, codes, label, n = state.bank, state.codes, options.label, weights.shape[0]
     start = (bank, codes)
@@ -138,3 +140,46 @@ def varpro_refine(problem: SolverProblem, state: Factors,
         out_codes = prune_codes(params(offset, offset + n), options.eps)
     log.info("%s: %d evaluations, rel_err %.5f -> %.5f", label, len(history), history[0], history[-1])
     return bank.detach(), out_codes.detach(), history
+
+
+def varpro_memory(s) -> int:
+    """Variable projection. torch.optim.LBFGS (small banks): parameters and gradients, 2 h fp32 history vectors,
+    flat gradient, its previous copy, direction, line-search copies, plus one chunk of the closure with autograd
+    (w, residual, its square, their gradients). Large banks (globe.fit.solvers.lean_varpro): x, g, d, bf16 pairs and the
+    old gradient, plus a chunk without any [c, p, d] residual. Both: the AM state's bank and best bank."""
+    from globe.fit.solvers.lean_varpro import PAIRS
+    if s.varpro_steps == 0:
+        return 0
+    vec, bank = s.lbfgs_vector(), s.bank
+    held = bank * (2 if s.am_iters else 1)
+    cpd, crd, cpr = s.c * s.p * s.d, s.c * s.r * s.d, s.c * s.p * s.r
+    if s.lean and uses_lean_varpro(s.m * s.r * s.d, s.n * s.m):
+        pairs = min(PAIRS, max(s.varpro_steps - 1, 0))
+        state = 3 * vec + pairs * vec + vec // 2
+        chunk = F4 * cpd + F4 * crd + max(refit_work(s), 3 * F4 * crd + F4 * cpr)   # w, M; A^T W, A^T A M
+        return held + state + max(chunk, 3 * vec // 2)
+    pairs = min(s.lbfgs_history(), max(s.varpro_steps - 1, 0))              # history fills one pair per iteration
+    state = (2 * pairs + 5) * vec + 2 * bank
+    closure = 2 * F4 * cpd + 2 * F4 * crd + F4 * cpr + max(refit_work(s), 2 * F4 * cpd + bank)   # w, residual
+    return held - bank + bank + state + closure
+
+
+def varpro_evaluations(s) -> int:
+    """Evaluations of the variable projection predicted for train.varpro_steps L-BFGS iterations (about one
+    line-search evaluation per iteration plus the first; L-BFGS allows up to 1.25 per iteration)."""
+    return s.varpro_steps + 1 if s.varpro_steps else 0
+
+
+def varpro_evaluation_seconds(s, q) -> float:
+    n, p, d, r = s.n, s.p, s.d, s.r
+    autograd = n * (2 * 2 * p * d * r / q.wd32 + 4 * s.m * r * d / q.bank + 8 * p * d * 4 / q.stream)
+    lbfgs = (4 * min(s.lbfgs_history(), max(s.varpro_steps - 1, 0)) + 20) * s.lbfgs_vector() / q.stream
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q) + autograd + lbfgs
+
+
+def varpro_seconds(s, q) -> float:
+    """varpro_evaluations(s) evaluations in every cycle and restart."""
+    return s.cycles * s.restarts * varpro_evaluations(s) * varpro_evaluation_seconds(s, q)
+
+
+declare_cost("varpro", varpro_memory, varpro_seconds)
