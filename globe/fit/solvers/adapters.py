@@ -48,7 +48,7 @@ def coding_targets(weights: torch.Tensor, adapters: torch.Tensor, ridge: float) 
 
 
 class Adapted(NamedTuple):
-    """Exact adapters for fixed (codes, bank) and their error."""
+    """Exact adapters for fixed (bank, codes) and their error."""
 
     adapters: torch.Tensor        # [N, p, r] in the normalised space
     codes: torch.Tensor           # [N, m] (on the simplex for identity phi)

@@ -5,7 +5,7 @@ expert's support with entmax on its targets Y_i = pinv(A_i) W_i at temperature T
 median support); fit the code values by NNLS under the true objective ||W_i - A_i alpha_i B||^2 (A fixed, so
 the Gram is weighted by A_i^T A_i); accumulate the MOD right-hand side. After the pass, the MOD update solves the
 same weighted objective for the bank (preconditioned CG), and atoms are normalised with codes rescaled.
-Adapters are never stored between iterations: they are a function of (codes, bank, W).
+Adapters are never stored between iterations: they are a function of (bank, codes, W).
 
 `Coder` holds what the coding step needs from the bank (its Gram, Cholesky factor, bf16 copy) and the sparsity
 settings; `am_pass` = `_sweep` (the chunk loop) + `_new_bank` (the MOD update) + checks and statistics.
