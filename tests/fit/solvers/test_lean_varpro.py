@@ -70,9 +70,10 @@ def test_large_banks_are_routed_to_the_lean_path(monkeypatch):
 
 def test_lean_path_holds_a_fraction_of_the_memory():
     weights, norm, bank, codes, cfg = problem(n=16, p=8, d=256, r=32, m=64, seed=3)   # bank-dominated
-    _, lean, _ = traced_peak(lean_varpro, weights, norm, bank, codes, cfg, 8, 0.5)
-    _, full, _ = traced_peak(refine.varpro_refine, SolverProblem(weights, norm), Factors(bank, codes, 0.5),
-                               VarProOptions.from_config(cfg, 8))
+    problem_, start = SolverProblem(weights, norm), Factors(bank, codes, 0.5)
+    options = VarProOptions.from_config(cfg, 8)
+    _, lean, _ = traced_peak(lean_varpro, problem_, start, options)
+    _, full, _ = traced_peak(refine.varpro_refine, problem_, start, options)
     assert lean < 0.5 * full
 
 
