@@ -15,7 +15,8 @@ import globe  # noqa: F401  (registers the quantizer)
 from globe.artifact import load, save
 from globe.core.shape import BankShape
 from globe.export import export_dense, load_model, save_compressed
-from globe.export.compressed import load_compressed
+from globe.cli.info import format_compressed
+from globe.export.compressed import describe_compressed, load_compressed
 from globe.runtime import apply_globe, globe_modules, set_mode
 from tests.helpers.fits import quick_fit
 from tests.helpers.tiny_models import TINY
@@ -93,6 +94,7 @@ def test_every_mode_and_the_checkpoint_equal_the_dense_reconstruction(tmp_path, 
 
     save_compressed(path, result, tmp_path / "c")
     quant = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert "ranks per layer 0:4, 1:1, 2:3" in format_compressed(describe_compressed(tmp_path / "c"))   # globe info
     assert quant["format_version"] == 2 and quant["families"]["gate"]["ranks"] == {"0": 4, "1": 1, "2": 3}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     set_mode(loaded, mode, cache_size=2)
