@@ -15,7 +15,7 @@ from globe.cli import dry_run
 from globe.core.outputs import json_text
 from globe.device import DEVICES
 from globe.errors import ConfigError
-from globe.fit.config import CODERS, INITS, PHIS, FitConfig
+from globe.fit.config import CODERS, INITS, PHIS, RANK_ALLOCATIONS, FitConfig
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # the options `globe fit` and `globe compress` share: same flags, defaults and help (build_config reads them)
 SHARED_FIT_OPTIONS = ("m", "r", "target_support", "init", "phi", "method", "am_iters", "varpro_steps", "cycles",
-                      "refine_steps", "families", "seed", "precision")
+                      "refine_steps", "families", "seed", "precision", "rank_allocation")
 
 
 def add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -91,6 +91,9 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
                         "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
+    p.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS,
+                   help="rank per layer: uniform (default) or sensitivity (fit at 1.5x the rank, then give each "
+                        "layer the rank its measured error drop per parameter earns, within the same parameters)")
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
@@ -105,7 +108,7 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
                              (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed),
                              (t, "checkpoint_every", args.checkpoint_every),
-                             (t, "precision", args.precision)]:
+                             (t, "precision", args.precision), (cfg.ranks, "allocation", args.rank_allocation)]:
         if value is not None:
             setattr(obj, attr, value)
     a = cfg.activation

@@ -59,7 +59,8 @@ def format_compressed(info: dict) -> str:
         lines.append(f"params       {info['total_params_before']:,} -> {info['total_params_after']:,} "
                      f"(total cut {100 * info['total_cut']:.2f} %), {info['bytes_on_disk']:,} bytes on disk")
     for name, fam in info["families"].items():
-        lines.append(f"family {name:5} m={fam['m']} r={fam['r']} code width {fam['k']}, phi {fam.get('phi')}, "
+        ranks = f" (ranks per layer {', '.join(f'{l}:{r}' for l, r in fam['ranks'].items())})" if fam.get("ranks") else ""
+        lines.append(f"family {name:5} m={fam['m']} r={fam['r']}{ranks} code width {fam['k']}, phi {fam.get('phi')}, "
                      f"{fam['params']:,} / {fam['dense_params']:,} params, rel_err {fam['rel_err']:.4f}")
     return "\n".join(lines)
 

@@ -27,7 +27,8 @@ def _metrics_table(result: FitResult) -> list[str]:
     for name, fam in result.families.items():
         m, params = fam.metrics, fam.param_count()
         act = f" {m['act_rel_err']:.4f} |" if "act_rel_err" in m else (" - |" if aware else "")
-        rows.append(f"| {name} | {fam.shape['m']} | {fam.shape['r']} | {params['stored']:,} / {params['dense']:,} "
+        r = fam.shape["r"] if fam.ranks is None else f"{fam.shape['r']} (per layer {'/'.join(map(str, fam.ranks))})"
+        rows.append(f"| {name} | {fam.shape['m']} | {r} | {params['stored']:,} / {params['dense']:,} "
                     f"({params['stored'] / params['dense']:.3f}) | {m.get('rel_err', float('nan')):.4f} |{act} "
                     f"{m.get('median_support', float('nan')):.1f} |")
     return rows

@@ -6,7 +6,7 @@
 
 A compressed checkpoint (its format: globe.formats.checkpoint) is what `save_pretrained` writes for a model patched
 by apply_globe: config.json with a `quantization_config` (GlobeConfig: format version, per-family m / r / code
-width k / phi, runtime mode, cache budget) and model.safetensors with the patched state dict: the family banks
+width k / phi / per-layer ranks, runtime mode, cache budget) and model.safetensors with the patched state dict: the family banks
 once (under the first MoE layer's experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
 everything outside the routed experts as transformers stores it.
 
@@ -80,7 +80,7 @@ def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config
     device = layout.device(module)
     codes, adapters = {}, {}
     for family, info in config.families.items():
-        shapes = family_shapes(family, info, num_experts, p, d)
+        shapes = family_shapes(family, info, num_experts, p, d, layer)
         codes[family] = (torch.zeros(shapes["code_indices"], dtype=torch.long, device=device),
                          torch.empty(shapes["code_values"], dtype=dtype, device=device))
         adapters[family] = torch.empty(shapes["adapters"], dtype=dtype, device=device)

@@ -18,6 +18,7 @@ CONFIG_FORMAT_VERSION = 1
 PHIS = ("identity", "silu", "tanh")
 INITS = ("svd", "ts_pca", "kmeans", "greedy", "hybrid")
 CODERS = ("entmax15", "sparsemax")
+RANK_ALLOCATIONS = ("uniform", "sensitivity")   # globe.fit.engine.ranks.ALLOCATIONS implements each
 MAX_SEED = 2 ** 63 - 1 - 8        # family k is seeded with seed + k; torch.Generator takes 64-bit seeds
 
 
@@ -113,6 +114,17 @@ class NonlinearConfig:
 
 
 @dataclass
+class RankConfig:
+    """How a family's rank is spread over its layers (globe.fit.engine.ranks). uniform: every layer at r (the
+    budget solver's). sensitivity: fit at r_max = headroom * r, order the atoms' rows by energy, then give each
+    layer the rank whose measured error drop per parameter is largest, spending the uniform fit's parameters."""
+
+    allocation: str = "uniform"    # uniform | sensitivity (globe.fit.engine.ranks.ALLOCATIONS)
+    headroom: float = 1.5          # r_max / r of the fit that the layers' ranks are cut from
+    step: int = 0                  # rank grid of the allocation (0: r_max / 8)
+
+
+@dataclass
 class FitConfig:
     """Everything a fit needs; serialised into globe_config.json."""
 
@@ -121,10 +133,17 @@ class FitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
+    ranks: RankConfig = field(default_factory=RankConfig)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
         b, s, t, a, nl = self.bank, self.sparsity, self.train, self.activation, self.nonlinear
+        if self.ranks.allocation not in RANK_ALLOCATIONS:
+            raise ConfigError(f"ranks.allocation must be one of {', '.join(RANK_ALLOCATIONS)}, not "
+                              f"{self.ranks.allocation!r} (--rank-allocation)")
+        if not self.ranks.headroom >= 1 or self.ranks.step < 0:
+            raise ConfigError(f"ranks.headroom must be >= 1 and ranks.step >= 0 (got {self.ranks.headroom}, "
+                              f"{self.ranks.step})")
         if b.m is not None and b.m > 0 and s.target_support == SparsityConfig.target_support and s.target_support > b.m:
             s.target_support = max(1, b.m // 2)                         # the default adapts to an explicit m
             log.warning("bank.m=%d is below the default target support %d: target support set to %d (pass "
@@ -185,7 +204,11 @@ class FitConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section; `ranks` only when it is not the default (so uniform fits document what they did before)."""
+        out = dataclasses.asdict(self)
+        if self.ranks == RankConfig():
+            del out["ranks"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
@@ -236,7 +259,7 @@ class FitConfig:
 
 
 SECTIONS: dict[str, type] = {"bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-                             "activation": ActivationConfig, "nonlinear": NonlinearConfig}
+                             "activation": ActivationConfig, "nonlinear": NonlinearConfig, "ranks": RankConfig}
 
 
 def _is_int(value: Any) -> bool:

@@ -1,6 +1,11 @@
 """The artifact format: FitResult <-> directory of banks.safetensors (tensors, metadata in the header) +
 globe_config.json (format_version FORMAT_VERSION; read back from version 1 up).
 
+Version 2 adds a rank per layer: a family whose layers have different ranks (FamilyFit.ranks) lists them under
+`families.<f>.ranks` (per MoE layer, in layer order; `r` is their maximum, the bank stays [m, r, d]) and stores
+its adapters per layer, `<f>.adapters.<layer>` [E_l, p, r_l], only the real columns. An artifact is written at the
+lowest version that holds it (1 when every family has one rank), so such artifacts are byte-identical to before.
+
     save(result, "out/")                                   # writer
     doc = read_document(Path("out/") / CONFIG_FILE)         # reader: the JSON document, checked
     families = read_families("out/", doc)                   # reader: {family: FamilyFit}, checked
@@ -30,7 +35,7 @@ from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError
 
 PHIS: tuple[str, ...] = tuple(PHI)      # the nonlinearities an artifact may name (those core.mixing composes with)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: a rank per layer (written only when ranks differ)
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
 
@@ -52,16 +57,30 @@ def csr_to_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tens
     return codes
 
 
+def layer_adapters(fam: FamilyFit) -> dict[int, torch.Tensor]:
+    """layer -> the real adapters of its experts, [E_l, p, r_l] (rows in the order of fam.ids)."""
+    ranks, layer_of = fam.layer_rank(), fam.ids[:, 0]
+    return {layer: fam.adapters[layer_of == layer, :, :r] for layer, r in ranks.items()}
+
+
+def document_version(result: FitResult) -> int:
+    """The lowest format version that holds `result`: 2 when some family has a rank per layer, else 1."""
+    return 2 if any("ranks" in f.shape for f in result.families.values()) else 1
+
+
 def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     f = fam.family
-    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.adapters": fam.adapters.to(dtype),
-           f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    if "ranks" in fam.shape:                                  # per layer [E_l, p, r_l]: no padding stored
+        out.update({f"{f}.adapters.{layer}": a.to(dtype) for layer, a in layer_adapters(fam).items()})
+    else:
+        out[f"{f}.adapters"] = fam.adapters.to(dtype)
     out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu(), dtype).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def config_document(result: FitResult) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "source": result.source, "config": result.config.to_dict(),
+    return {"format_version": document_version(result), "source": result.source, "config": result.config.to_dict(),
             "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
             "params": result.params, "metrics": result.metrics, "timings": result.timings,
             "history": {n: f.history for n, f in result.families.items()}}
@@ -101,7 +120,7 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -
     # Both files carry the same id, so a crash between the two renames, which leaves a new banks file beside an
     # old config, is detected by read_families() instead of mixing two fits.
     doc["artifact_id"] = artifact_id(tensors, doc)
-    meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
+    meta = {"format_version": str(doc["format_version"]), "families": ",".join(result.families),
             "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
     text = json_text(doc, indent=1)
 
@@ -150,6 +169,10 @@ def _check_document(path: Path, doc: dict[str, Any]) -> None:
             value = info.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(f"families.{name}.{key}", "a positive integer", value)
+        ranks = info.get("ranks")
+        if ranks is not None and (not isinstance(ranks, list) or not ranks or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= info["r"] for r in ranks)):
+            fail(f"families.{name}.ranks", f"a list of ranks in 1..{info['r']} per layer", ranks)
         if info.get("phi") not in PHIS:
             fail(f"families.{name}.phi", f"one of {', '.join(PHIS)}", info.get("phi"))
     for key in ("source", "metrics", "history", "timings"):
@@ -236,26 +259,52 @@ def check_family_tensors(name: str, t: dict[str, torch.Tensor], m: int, where: P
 
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
                          history: dict | None = None) -> FamilyFit:
-    keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
+    keys = ["bank", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
+    keys += [] if "ranks" in info else ["adapters"]
     missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
     if missing:
         raise ArtifactError(f"{out / BANKS_FILE} lacks tensor(s) {', '.join(missing)}")
     t = {k: tensors[f"{name}.{k}"] for k in keys}
     n, p, d, m, r = info["N"], info["p"], info["d"], info["m"], info["r"]
+    if "ranks" in info:
+        if tuple(t["ids"].shape) != (n, 2):
+            raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.ids has shape {tuple(t['ids'].shape)}, "
+                                f"expected {(n, 2)} from {CONFIG_FILE}")
+        t["adapters"] = _padded_adapters(name, info, tensors, t["ids"], out)
     expect = {"bank": (m, r, d), "adapters": (n, p, r), "scales": (n,), "ids": (n, 2), "codes.indptr": (n + 1,)}
     for k, shape in expect.items():
         if tuple(t[k].shape) != shape:
             raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
                                 f"expected {shape} from {CONFIG_FILE}")
     check_family_tensors(name, t, m, out / BANKS_FILE)
-    return build_family(name, t, info["phi"], metrics, history)
+    return build_family(name, t, info["phi"], metrics, history, info.get("ranks"))
+
+
+def _padded_adapters(name: str, info: dict, tensors: dict, ids: torch.Tensor, out: Path) -> torch.Tensor:
+    """[N, p, r_max] from the per-layer adapters [E_l, p, r_l] of a version-2 family (zeros past r_l)."""
+    layers = sorted({int(l) for l in ids[:, 0].tolist()})
+    if len(layers) != len(info["ranks"]):
+        raise ArtifactError(f"{out / CONFIG_FILE}: families.{name}.ranks lists {len(info['ranks'])} layers but "
+                            f"{name}.ids holds {len(layers)}")
+    first = tensors.get(f"{name}.adapters.{layers[0]}")
+    padded = torch.zeros(info["N"], info["p"], info["r"], dtype=first.dtype if first is not None else torch.float32)
+    for layer, r in zip(layers, info["ranks"]):
+        key, rows = f"{name}.adapters.{layer}", ids[:, 0] == layer
+        if key not in tensors:
+            raise ArtifactError(f"{out / BANKS_FILE} lacks tensor {key}")
+        if tuple(tensors[key].shape) != (int(rows.sum()), info["p"], r):
+            raise ArtifactError(f"{out / BANKS_FILE}: tensor {key} has shape {tuple(tensors[key].shape)}, expected "
+                                f"{(int(rows.sum()), info['p'], r)} from {CONFIG_FILE}")
+        padded[rows, :, :r] = tensors[key].to(padded.dtype)
+    return padded
 
 
 def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,
-                 history: dict | None = None) -> FamilyFit:
+                 history: dict | None = None, ranks: list[int] | None = None) -> FamilyFit:
     """FamilyFit from its stored tensors (keys without the family prefix, codes in CSR form); floating tensors come
     back in fp32 (exactly the stored values, whatever the storage dtype)."""
     codes = csr_to_codes(t["codes.indptr"], t["codes.indices"], t["codes.values"], t["bank"].shape[0])
     return FamilyFit(family=name, bank=t["bank"].float(), codes=codes, adapters=t["adapters"].float(),
                      scales=t["scales"].float(),
-                     ids=t["ids"].long(), phi=phi, metrics=metrics, history=history or {})
+                     ids=t["ids"].long(), phi=phi, metrics=metrics, history=history or {},
+                     ranks=tuple(ranks) if ranks else None)

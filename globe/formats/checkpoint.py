@@ -2,7 +2,10 @@
 
     config.json        the model's config plus `quantization_config` (quant_document: quant_method "globe",
                        format_version FORMAT_VERSION, per family m / r / code width k / phi, runtime mode, cache
-                       budget, dtypes); read with read_quant / check_quant
+                       budget, dtypes; optional `ranks` {layer: r_l} for a family whose layers' ranks differ, r
+                       their maximum: that layer's adapters are [E, out, r_l] and it uses bank[:, :r_l]; an entry
+                       without `ranks` is every layer at r, so older checkpoints read unchanged); read with
+                       read_quant / check_quant
     model.safetensors  per MoE layer, under the routed-experts module's path: state_key(kind, family) for the GloBE
                        tensors (bank once, under the first MoE layer, the other layers tie to it; adapters, padded
                        code values / indices per layer) and dense_key(family) for untouched projections
@@ -53,9 +56,19 @@ def is_globe_state(key: str) -> bool:
     return key.startswith(GLOBE_STATE)
 
 
-def family_entry(bank: torch.Tensor, code_indices: torch.Tensor, phi: str) -> dict[str, Any]:
-    """One family's `quantization_config.families` entry, read from its tensors: bank [m, r, in], codes [E, k]."""
-    return {"m": int(bank.shape[0]), "r": int(bank.shape[1]), "k": int(code_indices.shape[1]), "phi": phi}
+def family_entry(bank: torch.Tensor, code_indices: torch.Tensor, phi: str,
+                 ranks: dict[int, int] | None = None) -> dict[str, Any]:
+    """One family's `quantization_config.families` entry, read from its tensors: bank [m, r, in], codes [E, k];
+    `ranks` {layer: r_l} is recorded only when the layers' ranks differ from r."""
+    out = {"m": int(bank.shape[0]), "r": int(bank.shape[1]), "k": int(code_indices.shape[1]), "phi": phi}
+    if ranks and any(r != out["r"] for r in ranks.values()):
+        out["ranks"] = {str(layer): int(r) for layer, r in sorted(ranks.items())}
+    return out
+
+
+def layer_rank(info: dict[str, Any], layer: int) -> int:
+    """The rank of MoE layer `layer` in a family's quantization_config entry (its r unless `ranks` says so)."""
+    return int((info.get("ranks") or {}).get(str(layer), info["r"]))
 
 
 def quant_document(families: dict[str, dict[str, Any]], mode: str, cache_bytes: int | None,
@@ -83,14 +96,23 @@ def check_quant(version: int, mode: str, families: dict[str, dict[str, Any]]) ->
     if unknown or missing or not families:
         raise ArtifactError(f"quantization_config.families {families} must map a subset of {FAMILIES} "
                             f"to m, r, k (missing {missing}): re-export the checkpoint")
+    for f, v in families.items():
+        ranks = v.get("ranks")
+        if ranks is not None and (not isinstance(ranks, dict) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= v["r"] for r in ranks.values())):
+            raise ArtifactError(f"quantization_config.families.{f}.ranks must map layers to ranks in 1..{v['r']}, "
+                                f"got {ranks!r}: re-export the checkpoint")
 
 
-def family_shapes(family: str, info: dict[str, Any], num_experts: int, p: int, d: int) -> dict[str, tuple]:
-    """Shapes of one family's GloBE tensors in one layer, from its quantization_config entry (m, r, k):
-    bank [m, r, in], adapters [E, out, r], code values / indices [E, k]; (in, out) = (d, p), or (p, d) for down."""
+def family_shapes(family: str, info: dict[str, Any], num_experts: int, p: int, d: int,
+                  layer: int | None = None) -> dict[str, tuple]:
+    """Shapes of one family's GloBE tensors in MoE layer `layer`, from its quantization_config entry (m, r, k,
+    ranks): bank [m, r, in], adapters [E, out, r_l], code values / indices [E, k]; (in, out) = (d, p), or (p, d)
+    for down."""
     out_dim, in_dim = (d, p) if family == "down" else (p, d)
     m, r, k = info["m"], info["r"], info["k"]
-    return {"bank": (m, r, in_dim), "adapters": (num_experts, out_dim, r), "code_values": (num_experts, k),
+    r_l = r if layer is None else layer_rank(info, layer)
+    return {"bank": (m, r, in_dim), "adapters": (num_experts, out_dim, r_l), "code_values": (num_experts, k),
             "code_indices": (num_experts, k)}
 
 
@@ -167,17 +189,20 @@ def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_we
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint (fp32,
     exactly the stored values; the z-score scales are folded into the adapters, so they read 1)."""
     layers = spec.moe_layers(config)
-    adapters, codes, ids = [], [], []
+    adapters, codes, ids, ranks = [], [], [], []
     bank = tensors[state_key("bank", name, spec.experts_path(min(layers)))].float()
     for layer in layers:
         prefix = spec.experts_path(layer)
         index = tensors[state_key("code_indices", name, prefix)]
         values = tensors[state_key("code_values", name, prefix)].float()
         dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]
-        adapters.append(tensors[state_key("adapters", name, prefix)].float())
+        layer_adapters = tensors[state_key("adapters", name, prefix)].float()          # [E, out, r_l]
+        ranks.append(int(layer_adapters.shape[-1]))
+        adapters.append(torch.nn.functional.pad(layer_adapters, (0, bank.shape[1] - ranks[-1])))   # to r_max
         codes.append(dense)
         ids.append(torch.tensor([[layer, e] for e in range(index.shape[0])]))
     n = sum(a.shape[0] for a in adapters)
     return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
                      scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
-                     metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}))
+                     metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}),
+                     ranks=tuple(ranks) if len(set(ranks)) > 1 or ranks[0] != bank.shape[1] else None)

@@ -11,6 +11,7 @@ reports it and refits the family); finished-family files written before they car
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ def encode_family(fam: FamilyFit, fingerprint: str) -> tuple[dict[str, torch.Ten
     """(tensors, metadata) of a finished family's file."""
     meta = {"fingerprint": fingerprint, "format_version": str(FAMILY_VERSION), "phi": fam.phi,
             "metrics": json_text(fam.metrics), "history": json_text(fam.history)}
-    return family_tensors(fam), meta
+    if fam.ranks is not None:                  # adapters kept padded [N, p, r_max]; the ranks ride in the metadata
+        meta["ranks"] = json_text(list(fam.ranks))
+    return family_tensors(replace(fam, ranks=None)), meta
 
 
 def decode_family(family: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> FamilyFit:
@@ -67,7 +70,8 @@ def decode_family(family: str, tensors: dict[str, torch.Tensor], meta: dict[str,
     if not version.isdigit() or not 1 <= int(version) <= FAMILY_VERSION:
         raise ValueError(f"finished-family format {version!r}, this version reads 1..{FAMILY_VERSION}")
     t = {k.split(".", 1)[1]: v for k, v in tensors.items()}
-    return build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]))
+    return build_family(family, t, meta["phi"], json.loads(meta["metrics"]), json.loads(meta["history"]),
+                        json.loads(meta["ranks"]) if "ranks" in meta else None)
 
 
 def encode_progress(record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -173,6 +173,7 @@ def fit_summary(result: FitResult) -> dict[str, dict]:
             | {"m": fam.shape["m"], "r": fam.shape["r"],
                "params_ratio": fam.metrics["params"]["stored"] / fam.metrics["params"]["dense"]}
             | {k: fam.metrics[k] for k in ("act_rel_err",) if k in fam.metrics}
+            | ({"ranks": list(fam.ranks)} if fam.ranks is not None else {})
             for name, fam in result.families.items()}
 
 
@@ -184,5 +185,7 @@ def format_fit_summary(summary: dict[str, dict], out: str | Path) -> str:
                      f"{row['energy_captured']:8.4f} {row['median_support']:8.1f} {row['seconds']:7.1f}")
         if "act_rel_err" in row:
             lines.append(f"{'':8} activation-weighted rel_err {row['act_rel_err']:.4f}")
+        if "ranks" in row:
+            lines.append(f"{'':8} rank per MoE layer {row['ranks']} (r is their maximum)")
     lines.append(f"artifact written to {out}")
     return "\n".join(lines)

@@ -65,7 +65,8 @@ def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: F
         r = rows[name][layer]
         idx, values = all_codes[name]
         codes[name] = (idx[r].to(device), values[r].to(device=device, dtype=dtype))
-        adapters[name] = fam.adapters[r].to(device=device, dtype=dtype)
+        rank = fam.layer_rank()[layer]                                   # this layer uses bank[:, :rank]
+        adapters[name] = fam.adapters[r, :, :rank].to(device=device, dtype=dtype).contiguous()   # [E, out, r_l]
     return build_experts(module, layer, layout, banks, {n: f.phi for n, f in result.families.items()}, codes,
                          adapters, max_gathered_pairs)
 
@@ -81,8 +82,10 @@ def share_banks(model: nn.Module) -> None:
 
 def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = None) -> dict:
     """The `quantization_config` entry of config.json that describes a patched model (globe.formats.checkpoint)."""
-    first = globe_modules(model)[min(globe_modules(model))]
-    families = {f: family_entry(first.bank[f], first.code_indices[f], first.phis[f]) for f in first.factored}
+    modules = globe_modules(model)
+    first = modules[min(modules)]
+    families = {f: family_entry(first.bank[f], first.code_indices[f], first.phis[f],
+                                {layer: m.rank(f) for layer, m in modules.items()}) for f in first.factored}
     return quant_document(families, mode, cache_bytes, first.max_gathered_pairs, first.bank[first.factored[0]].dtype,
                           first.source_dtype)
 

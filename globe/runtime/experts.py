@@ -105,7 +105,7 @@ class _Projected:
 
     def rows(self, x: torch.Tensor, row_of_pair: torch.Tensor | None, route: _Route) -> torch.Tensor:
         """Input rows x [n, in] (per token, or per pair when row_of_pair is None) -> [S, out], pairs by expert."""
-        m, r, d = self.bank.shape
+        m, r, d = self.bank.shape                                                             # r = r_l
         z = F.linear(x.to(self.bank.dtype), self.bank.reshape(m * r, d)).view(-1, m, r)       # [n, m, r]
         rows = torch.arange(route.experts.numel(), device=x.device) if row_of_pair is None else row_of_pair
         atoms = z[rows.unsqueeze(1), self.indices.index_select(0, route.experts)]             # [S, k, r]
@@ -170,8 +170,12 @@ class GlobeExperts(nn.Module):
         self.act_fn = act_fn
         self.factored = tuple(f for f in PROJECTIONS if f in banks)
         self.phis = dict(phis)
-        self.bank = nn.ParameterDict(banks)                                          # shared: [m, r, in]
-        self.adapters = nn.ParameterDict({f: _trainable(a) for f, a in adapters.items()})   # [E, out, r]
+        self.bank = nn.ParameterDict(banks)                                          # shared: [m, r_max, in]
+        self.adapters = nn.ParameterDict({f: _trainable(a) for f, a in adapters.items()})   # [E, out, r_l]
+        for f, a in adapters.items():
+            if a.shape[-1] > banks[f].shape[1]:
+                raise ConfigError(f"layer {layer}: {f} adapters have rank {a.shape[-1]} but the bank only "
+                                  f"{banks[f].shape[1]} rows per atom")
         self.code_values = nn.ParameterDict({f: _trainable(v) for f, (_, v) in codes.items()})  # [E, k]
         self.code_indices = _Buffers({f: i for f, (i, _) in codes.items()})           # [E, k] int64
         for family, weight in dense.items():                                          # [E, out, in]
@@ -181,6 +185,16 @@ class GlobeExperts(nn.Module):
         self.mode = "factored"
         self.cache: MixedCache | None = None
         self._stamp: tuple | None = None          # inputs of the cache / dense reconstruction it was built from
+
+    # ---- shapes ----
+    def rank(self, family: str) -> int:
+        """This layer's rank r_l of a factored family (its adapters' width)."""
+        return int(self.adapters[family].shape[-1])
+
+    def layer_bank(self, family: str) -> torch.Tensor:
+        """The rows of the shared bank this layer uses: [m, r_l, in] (a view, bank[:, :r_l])."""
+        bank = self.bank[family]
+        return bank if self.rank(family) == bank.shape[1] else bank[:, :self.rank(family)]
 
     # ---- modes ----
     def set_mode(self, mode: str, cache_size: int | None = None) -> None:
@@ -196,7 +210,7 @@ class GlobeExperts(nn.Module):
             size = self.num_experts // 2 if cache_size is None else int(cache_size)
             if size < 0:
                 raise ConfigError(f"cache_size must be >= 0, not {size}")
-            shapes = {f: tuple(self.bank[f].shape[1:]) for f in self.factored}
+            shapes = {f: tuple(self.layer_bank(f).shape[1:]) for f in self.factored}
             ref = self.bank[self.factored[0]] if self.factored else self.dense_weight("down")
             self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
         elif mode == "dense":
@@ -238,13 +252,13 @@ class GlobeExperts(nn.Module):
         for f in self.factored if families is None else families:
             idx = experts.to(self.code_indices[f].device)
             codes = SparseCodes(self.code_indices[f][idx], self.code_values[f][idx])
-            out[f] = compose(codes, self.bank[f], self.phis[f])
+            out[f] = compose(codes, self.layer_bank(f), self.phis[f])
         return out
 
     def reconstruct(self, family: str) -> torch.Tensor:
         """W_e = A_e tilde_B_e of every expert of this layer, computed in fp32: [E, out, in]."""
         idx, values = self.code_indices[family], self.code_values[family].float()
-        mixed = compose(SparseCodes(idx, values), self.bank[family].float(), self.phis[family])
+        mixed = compose(SparseCodes(idx, values), self.layer_bank(family).float(), self.phis[family])
         return self.adapters[family].float() @ mixed
 
     def dense_weight(self, family: str) -> torch.Tensor:
@@ -317,7 +331,7 @@ class GlobeExperts(nn.Module):
                                        else self.dense_weight(f)) for f in PROJECTIONS}
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
         out: dict[str, _Projection | _Projected] = {
-            f: _Projected(self.bank[f], self.code_indices[f], self.code_values[f], self.adapters[f])
+            f: _Projected(self.layer_bank(f), self.code_indices[f], self.code_values[f], self.adapters[f])
             for f in projected}
         mixing = tuple(f for f in self.factored if f not in projected)
         cache = self.cache

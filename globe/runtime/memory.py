@@ -60,7 +60,7 @@ def default_cache_bytes(original_bytes: int) -> int:
 
 def slot_bytes(module: nn.Module) -> int:
     """Bytes one cached expert takes in a GlobeExperts layer: its mixed atoms [r, in] of every factored family."""
-    return sum(module.bank[f][0].numel() * module.bank[f].element_size() for f in module.factored)
+    return sum(module.layer_bank(f)[0].numel() * module.bank[f].element_size() for f in module.factored)
 
 
 def cache_capacity(module: nn.Module, budget: int) -> int:

@@ -16,6 +16,8 @@ A family fit, read top to bottom (fit_family):
                `after_alternation` runs it, or as one more stage function of this list.
 7. finalise    exact adapters for the final (bank, codes) under the objective (globe.fit.solvers.adapters.finalize).
 8. refine      optional Adam on (bank, codes, adapters) with the real phi, rolled back if it made things worse.
+8b. ranks      optional (cfg.ranks.allocation, registered in globe.fit.engine.ranks.ALLOCATIONS): the fit ran at
+               r_max; the atoms' rows are nested by energy and each layer gets the rank its measured error earns.
 9. gather      adapters folded back to the original scale, every rank's experts gathered onto rank 0, metrics.
 
 Each stage takes the problem and the previous stage's result (a dataclass) and returns a new one; fit_family
@@ -38,6 +40,7 @@ from globe.device import peak_memory_mb
 from globe.fit.config import FitConfig
 from globe.fit.engine.nonlinear import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.engine.problem import FamilyProblem
+from globe.fit.engine.ranks import ALLOCATIONS, headroom_rank
 from globe.fit.engine.runner import run_restarts
 from globe.fit.engine.shape import shape_stage, warm_start_stage
 from globe.fit.objectives.base import Objective, Solution
@@ -69,6 +72,7 @@ class Fitted:
     temperature: float
     history: dict
     phi: str                      # the phi of the mixing these adapters were fitted for
+    ranks: tuple[int, ...] | None = None   # rank per MoE layer (rank stage); None: r everywhere
 
 
 def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
@@ -93,6 +97,10 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         return gather_stage(problem, fitted)
     with problem.phase("shape"):
         shape = shape_stage(problem)
+    allocate, budget_rank = ALLOCATIONS[cfg.ranks.allocation], shape.r
+    if allocate is not None:                          # fit at r_max, cut per layer in the rank stage
+        shape = dataclasses.replace(shape, r=headroom_rank(shape.r, *problem.spaces.target.shape[1:],
+                                                           cfg.ranks.headroom))
     log.info("fitting %s: N=%d p=%d d=%d with m=%d r=%d (%s init)%s", family, problem.shard.n,
              *problem.spaces.target.shape[1:], shape.m, shape.r, cfg.bank.init,
              f" on {comm.world} processes" if problem.shard.distributed else "")
@@ -118,6 +126,9 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     if cfg.train.refine_steps > 0:
         with problem.phase("refine"):
             fitted = refine_stage(problem, fitted)
+    if allocate is not None:
+        with problem.phase("ranks"):
+            fitted = allocate(problem, fitted, budget_rank)
     return gather_stage(problem, fitted)
 
 
@@ -180,7 +191,8 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
-                    scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history)  # on the CPU
+                    scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history,
+                    ranks=fitted.ranks)                                                      # on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, problem.timings)
     fam.metrics.update(problem.objective.metrics(problem, fam, sq_err))
     tracking.emit("family_done", family=fam.family,

@@ -127,10 +127,16 @@ def family_shape(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, famil
     if groups_applies(cfg, 1, objective):
         m, r, groups = groups_shape(cfg, ids, p, d)
         return ShapeChoice(m, r, f"nonlinear block start: {groups} atoms per layer", groups=True)
-    if b.m is not None and b.r is not None:
+    if b.m is not None and b.r is not None and cfg.ranks.allocation == "uniform":
         return ShapeChoice(b.m, b.r, "config")
     problem = FamilyProblem.build(weights, ids, cfg, family, objective=objective)
     problem.norm = Normalizer.fit(problem.spaces.work, cfg.train.chunk_size, problem.names)
     shape = shape_stage(problem)
-    return ShapeChoice(shape.m, shape.r, "chosen on the data by the fit's budget solver (the dry run read the "
-                       "experts and ran the fit's normalise + shape stages)", tuple(probe_ranks(n, p, d, cfg)))
+    how = ("chosen on the data by the fit's budget solver (the dry run read the experts and ran the fit's "
+           "normalise + shape stages)")
+    r = shape.r
+    if cfg.ranks.allocation != "uniform":                 # the fit runs at r_max, the rank stage cuts per layer
+        from globe.fit.engine.ranks import headroom_rank
+        r = headroom_rank(shape.r, p, d, cfg.ranks.headroom)
+        how += f"; fitted at r_max={r} = {cfg.ranks.headroom} x {shape.r}, ranks per layer chosen after the fit"
+    return ShapeChoice(shape.m, r, how, tuple(probe_ranks(n, p, d, cfg)))
