@@ -9,6 +9,7 @@ import torch
 
 from globe.core.mixing import compose
 from globe.core.params import dense_params, stored_params
+from globe.quant.tensor import QuantizedTensor
 
 if TYPE_CHECKING:                     # annotation only: the fit config is the fit layer's
     from globe.fit.config import FitConfig
@@ -27,6 +28,8 @@ class FamilyFit:
     phi: str = "identity"
     metrics: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list] = field(default_factory=dict)   # per phase: am / varpro / refine
+    quant: dict[str, QuantizedTensor] = field(default_factory=dict)   # stored parts ("bank", "adapters") when the
+                                     # factors are quantized; bank / adapters then hold their dequantized values
 
     @property
     def shape(self) -> dict[str, int]:

@@ -112,6 +112,23 @@ class NonlinearConfig:
     learn_gain: bool = True        # learn each expert's code sum (the scale entering phi)
 
 
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_METHODS = ("gptq", "rtn", "hqq")
+
+
+@dataclass
+class QuantSection:
+    """Quantized storage of the fitted factors (the fit's last stage, globe.fit.engine.quantize): the bank is
+    quantized (GPTQ under the experts' mean input second moment, or I without calibration statistics), the adapters
+    are refitted exactly against the quantized bank (activation-weighted with statistics, least squares otherwise)
+    and quantized with GPTQ error feedback under H_i = M_i C_i M_i^T. Off while bits is None (the default), so a
+    plain fit is unchanged; `globe compress` turns it on. Codes and expert scales stay floating point."""
+
+    bits: int | None = None        # 2, 3, 4 or 8 bits per bank / adapter entry; None: factors stored unquantized
+    group: int = 64                # entries per fp16 scale / zero pair, along each factor's input axis
+    method: str = "gptq"           # gptq | rtn | hqq (rtn / hqq: no error feedback, no calibration needed)
+
+
 @dataclass
 class FitConfig:
     """Everything a fit needs; serialised into globe_config.json."""
@@ -121,6 +138,7 @@ class FitConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
+    quant: QuantSection = field(default_factory=QuantSection)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
@@ -164,6 +182,11 @@ class FitConfig:
             (nl.start in ("groups", "am"), f"nonlinear.start must be groups|am (got {nl.start!r})"),
             (nl.scope in ("layer", "global"), f"nonlinear.scope must be layer|global (got {nl.scope!r})"),
             (nl.groups >= 0, f"nonlinear.groups must be >= 0 (got {nl.groups})"),
+            (self.quant.bits is None or self.quant.bits in QUANT_BITS,
+             f"quant.bits must be one of {QUANT_BITS} or null (got {self.quant.bits})"),
+            (self.quant.group >= 1, f"quant.group must be >= 1 (got {self.quant.group})"),
+            (self.quant.method in QUANT_METHODS, f"quant.method must be one of {QUANT_METHODS} "
+             f"(got {self.quant.method!r})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -185,7 +208,12 @@ class FitConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as a dict; the quant section only when quantization is on (so the config of an
+        unquantized fit, and the artifact id hashed from it, are what they were before the section existed)."""
+        out = dataclasses.asdict(self)
+        if self.quant.bits is None and self.quant == QuantSection():
+            del out["quant"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
@@ -236,7 +264,7 @@ class FitConfig:
 
 
 SECTIONS: dict[str, type] = {"bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-                             "activation": ActivationConfig, "nonlinear": NonlinearConfig}
+                             "activation": ActivationConfig, "nonlinear": NonlinearConfig, "quant": QuantSection}
 
 
 def _is_int(value: Any) -> bool:

@@ -17,6 +17,8 @@ A family fit, read top to bottom (fit_family):
 7. finalise    exact adapters for the final (bank, codes) under the objective (globe.fit.solvers.adapters.finalize).
 8. refine      optional Adam on (bank, codes, adapters) with the real phi, rolled back if it made things worse.
 9. gather      adapters folded back to the original scale, every rank's experts gathered onto rank 0, metrics.
+10. quantize   with cfg.quant.bits: bank quantized, adapters refitted to it and quantized with GPTQ error feedback
+               (globe.fit.engine.quantize).
 
 Each stage takes the problem and the previous stage's result (a dataclass) and returns a new one; fit_family
 returns the FamilyFit (tensors on the CPU, metrics, history) and writes nothing. Distributed fits run the same
@@ -38,6 +40,7 @@ from globe.device import peak_memory_mb
 from globe.fit.config import FitConfig
 from globe.fit.engine.nonlinear import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.engine.problem import FamilyProblem
+from globe.fit.engine.quantize import quantize_applies, quantize_family
 from globe.fit.engine.runner import run_restarts
 from globe.fit.engine.shape import shape_stage, warm_start_stage
 from globe.fit.objectives.base import Objective, Solution
@@ -117,7 +120,12 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     if cfg.train.refine_steps > 0:
         with problem.phase("refine"):
             fitted = refine_stage(problem, fitted)
-    return gather_stage(problem, fitted)
+    fam = gather_stage(problem, fitted)
+    if fam is not None and quantize_applies(cfg):
+        with problem.phase("quantize"):
+            fam = quantize_family(problem.spaces.original, fam, cfg, problem.objective, comm.world)
+        fam.metrics["timings"] = problem.timings
+    return fam
 
 
 def _resumed(problem: FamilyProblem, resume: FitProgress | None) -> FitProgress | None:
