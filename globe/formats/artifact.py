@@ -5,7 +5,10 @@ globe_config.json (format_version FORMAT_VERSION; read back from version 1 up).
     doc = read_document(Path("out/") / CONFIG_FILE)         # reader: the JSON document, checked
     families = read_families("out/", doc)                   # reader: {family: FamilyFit}, checked
 
-Codes are stored sparse (CSR: indptr, indices, values). Banks, adapters and code values are stored in the source
+Codes are stored sparse (CSR: indptr, indices, values). A quantized bank or adapter tensor (FamilyFit.quant; format
+version 2) is stored as its packed parts {family}.{part}.codes (uint8) / .scales / .zeros (fp16), with its shape,
+bits and group in globe_config.json families.{family}.quant.{part}; it is read back dequantized into the FamilyFit
+(fp32) beside the packed parts. A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in the source
 checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
 fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
 temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
@@ -27,10 +30,12 @@ from globe.core.files import atomic_write_all, sort_metadata
 from globe.core.mixing import PHI
 from globe.core.outputs import json_text
 from globe.core.result import FamilyFit, FitResult
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, ShapeError
+from globe.quant.tensor import QuantizedTensor
 
 PHIS: tuple[str, ...] = tuple(PHI)      # the nonlinearities an artifact may name (those core.mixing composes with)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2              # 2: a family's bank / adapters may be stored quantized (packed codes + scales + zeros)
+QUANT_PARTS = ("bank", "adapters")
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
 
@@ -53,16 +58,33 @@ def csr_to_codes(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tens
 
 
 def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A family's stored tensors; a quantized part (fam.quant) as {f}.{part}.codes / .scales / .zeros."""
     f = fam.family
-    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.adapters": fam.adapters.to(dtype),
-           f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    out = {f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    for part in QUANT_PARTS:
+        if part in fam.quant:
+            out.update(fam.quant[part].tensors(f"{f}.{part}"))
+        else:
+            out[f"{f}.{part}"] = getattr(fam, part).to(dtype)
     out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu(), dtype).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def written_version(result: FitResult) -> int:
+    """The format version a save writes: 2 when a part is quantized, else 1 (readable by older globe versions)."""
+    return 2 if any(f.quant for f in result.families.values()) else 1
+
+
+def family_info(fam: FamilyFit) -> dict[str, Any]:
+    info: dict[str, Any] = {"phi": fam.phi, **fam.shape}
+    if fam.quant:
+        info["quant"] = {part: qt.meta() for part, qt in fam.quant.items()}
+    return info
+
+
 def config_document(result: FitResult) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "source": result.source, "config": result.config.to_dict(),
-            "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
+    return {"format_version": written_version(result), "source": result.source, "config": result.config.to_dict(),
+            "families": {n: family_info(f) for n, f in result.families.items()},
             "params": result.params, "metrics": result.metrics, "timings": result.timings,
             "history": {n: f.history for n, f in result.families.items()}}
 
@@ -101,7 +123,7 @@ def save(result: FitResult, out: str | Path, dtype: torch.dtype | None = None) -
     # Both files carry the same id, so a crash between the two renames, which leaves a new banks file beside an
     # old config, is detected by read_families() instead of mixing two fits.
     doc["artifact_id"] = artifact_id(tensors, doc)
-    meta = {"format_version": str(FORMAT_VERSION), "families": ",".join(result.families),
+    meta = {"format_version": str(doc["format_version"]), "families": ",".join(result.families),
             "artifact_id": doc["artifact_id"], **{f"phi.{n}": f.phi for n, f in result.families.items()}}
     text = json_text(doc, indent=1)
 
@@ -234,13 +256,34 @@ def check_family_tensors(name: str, t: dict[str, torch.Tensor], m: int, where: P
         fail("ids", "holds negative (layer, expert) ids")
 
 
+def quantized_parts(name: str, info: dict, tensors: dict, where: Path) -> dict[str, QuantizedTensor]:
+    """The quantized parts of family `name` ({part: QuantizedTensor}) that its `info` (globe_config.json
+    families.NAME) lists, checked against their metadata (ArtifactError naming the tensor)."""
+    quant = info.get("quant") or {}
+    if not isinstance(quant, dict) or not set(quant) <= set(QUANT_PARTS):
+        raise ArtifactError(f"{where}: families.{name}.quant must map {' / '.join(QUANT_PARTS)} to their "
+                            f"quantization metadata (got {quant!r})")
+    parts = {}
+    for part, meta in quant.items():
+        prefix = f"{name}.{part}"
+        missing = [f"{prefix}.{k}" for k in ("codes", "scales", "zeros") if f"{prefix}.{k}" not in tensors]
+        if missing:
+            raise ArtifactError(f"{where} lacks tensor(s) {', '.join(missing)}")
+        try:
+            parts[part] = QuantizedTensor.from_tensors(tensors, prefix, meta)
+        except (ShapeError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: quantized tensor {prefix} does not fit its metadata ({exc})") from None
+    return parts
+
+
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
                          history: dict | None = None) -> FamilyFit:
+    quant = quantized_parts(name, info, tensors, out / BANKS_FILE)
     keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
-    missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
+    missing = [f"{name}.{k}" for k in keys if k not in quant and f"{name}.{k}" not in tensors]
     if missing:
         raise ArtifactError(f"{out / BANKS_FILE} lacks tensor(s) {', '.join(missing)}")
-    t = {k: tensors[f"{name}.{k}"] for k in keys}
+    t = {k: quant[k].dequantize() if k in quant else tensors[f"{name}.{k}"] for k in keys}
     n, p, d, m, r = info["N"], info["p"], info["d"], info["m"], info["r"]
     expect = {"bank": (m, r, d), "adapters": (n, p, r), "scales": (n,), "ids": (n, 2), "codes.indptr": (n + 1,)}
     for k, shape in expect.items():
@@ -248,7 +291,9 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
             raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
                                 f"expected {shape} from {CONFIG_FILE}")
     check_family_tensors(name, t, m, out / BANKS_FILE)
-    return build_family(name, t, info["phi"], metrics, history)
+    fam = build_family(name, t, info["phi"], metrics, history)
+    fam.quant = quant
+    return fam
 
 
 def build_family(name: str, t: dict[str, torch.Tensor], phi: str, metrics: dict,
