@@ -15,7 +15,7 @@ from globe.cli import dry_run
 from globe.core.outputs import json_text
 from globe.device import DEVICES
 from globe.errors import ConfigError
-from globe.fit.config import CODERS, INITS, PHIS, FitConfig
+from globe.fit.config import CODERS, INITS, PHIS, QUANT_BITS, QUANT_METHODS, FitConfig
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # the options `globe fit` and `globe compress` share: same flags, defaults and help (build_config reads them)
 SHARED_FIT_OPTIONS = ("m", "r", "target_support", "init", "phi", "method", "am_iters", "varpro_steps", "cycles",
-                      "refine_steps", "families", "seed", "precision")
+                      "refine_steps", "families", "seed", "precision", "bits", "quant_group", "quant_method")
 
 
 def add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,12 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"],
                    help="products that tolerate rounding (W M^T, A^T W, support Grams) in bf16; normal equations and "
                         "codes stay fp32 (default auto: bf16 for large bf16 checkpoints on bf16-capable hardware)")
+    p.add_argument("--bits", type=int, choices=QUANT_BITS,
+                   help="store bank and adapters quantized at this many bits (weight-only, group scales); the "
+                        "adapters are refitted to the quantized bank (default: not quantized)")
+    p.add_argument("--quant-group", type=int, help="entries per quantization scale with --bits (default 64)")
+    p.add_argument("--quant-method", choices=QUANT_METHODS,
+                   help="quantizer with --bits: gptq (error feedback, default), rtn or hqq")
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
@@ -100,7 +106,9 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
                              (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed),
                              (t, "checkpoint_every", args.checkpoint_every),
-                             (t, "precision", args.precision)]:
+                             (t, "precision", args.precision), (cfg.quant, "bits", getattr(args, "bits", None)),
+                             (cfg.quant, "group", getattr(args, "quant_group", None)),
+                             (cfg.quant, "method", getattr(args, "quant_method", None))]:
         if value is not None:
             setattr(obj, attr, value)
     a = cfg.activation

@@ -68,3 +68,12 @@ def test_exact_adapters_forms_agree_and_are_optimal():
     assert torch.allclose(a1, a2, atol=1e-8) and torch.allclose(g1, g2, atol=1e-8)
     loss = lambda a: float(((w - a @ mixed) @ lower).square().sum())   # noqa: E731
     assert loss(a1) <= loss(a1 + 1e-3 * torch.randn(a1.shape, generator=g, dtype=torch.float64))
+
+
+def test_fit_and_compress_flags_set_the_quant_section():
+    from globe.cli.main import build_parser
+    from globe.cli.fit import build_config
+    args = build_parser().parse_args(["fit", "M", "-o", "O", "--bits", "3", "--quant-group", "32",
+                                      "--quant-method", "rtn"])
+    assert build_config(args).quant == QuantSection(bits=3, group=32, method="rtn")
+    assert build_config(build_parser().parse_args(["fit", "M", "-o", "O"])).quant.bits is None
