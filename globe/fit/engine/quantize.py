@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 
@@ -59,19 +60,18 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
     hessian = None if objective is None else objective.bank_hessian()
     out = quantize_factors(weights, codes, fam.bank.float(), fam.phi, qcfg, right, hessian, cfg.train.chunk_size,
                            label=f"quantize {fam.family}")
-    sq_norms = weights.double().square().sum((1, 2))
     metrics = dict(fam.metrics)
     if "rel_err" in metrics:
         metrics["rel_err_unquantized"] = metrics["rel_err"]
-    metrics.update(error_metrics(out.sq_err, sq_norms, fam.ids))
+    metrics.update(error_metrics(out.sq_err, out.sq_norms, fam.ids))
     if right is not None:
         metrics["act_rel_err_unquantized"] = metrics.get("act_rel_err")
         metrics["act_rel_err"] = float((out.weighted_sq_err.sum() / out.weighted_sq_norms.sum()).sqrt())
     result = dataclasses.replace(fam, codes=codes, bank=out.bank.dequantize(), adapters=out.adapters.dequantize(),
                                  quant={"bank": out.bank, "adapters": out.adapters}, metrics=metrics)
-    value_bytes = weights.element_size() if weights.dtype.is_floating_point else 4
-    parts = stored_bytes(result, min(value_bytes, 4))
-    dense = weights.numel()
+    value_bytes = min(torch.finfo(weights.dtype).bits // 8, 4) if weights.dtype.is_floating_point else 4
+    parts = stored_bytes(result, value_bytes)
+    dense = math.prod(weights.shape)
     metrics["quant"] = {**qcfg.to_dict(), "bytes": parts, "bytes_total": sum(parts.values()),
                         "bits_per_weight": round(8 * sum(parts.values()) / dense, 4)}
     log.info("%s quantized to %d bits (group %d, %s): rel_err %.4f -> %.4f, %.3f bits per routed weight",

@@ -32,6 +32,7 @@ class QuantizedFactors:
     bank: QuantizedTensor         # [m, r, d], groups along d
     adapters: QuantizedTensor     # [N, p, r], groups along r
     sq_err: torch.Tensor          # [N] fp64 ||W_i - A_i M_i||^2 (weight space)
+    sq_norms: torch.Tensor        # [N] fp64 ||W_i||^2
     weighted_sq_err: torch.Tensor  # [N] fp64 ||(W_i - A_i M_i) R_i||^2 (= sq_err in weight space)
     weighted_sq_norms: torch.Tensor  # [N] fp64 ||W_i R_i||^2
 
@@ -73,7 +74,7 @@ def quantize_bank(bank: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | 
 def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Tensor, phi: str, cfg: QuantConfig,
                      right: Right | None = None, bank_hessian: torch.Tensor | None = None, chunk: int = 64,
                      label: str = "quantize") -> QuantizedFactors:
-    """weights [N, p, d] (any float dtype), codes [N, m], bank [m, r, d] -> QuantizedFactors.
+    """weights [N, p, d] (any float dtype; a tensor or a lazy reader sliced by chunks), codes [N, m], bank [m, r, d] -> QuantizedFactors.
 
     right(x, experts): x [c, rows, d] of the experts [c] times R_i (None: weight space, R_i = I)."""
     n, p, d = weights.shape
@@ -84,7 +85,7 @@ def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Ten
     groups = -(-r // cfg.group)
     scales = torch.empty(n, p, groups, dtype=torch.float16)
     zeros = torch.empty_like(scales)
-    sq_err, wsq_err, wsq_norm = (torch.empty(n, dtype=torch.float64) for _ in range(3))
+    sq_err, sq_norm, wsq_err, wsq_norm = (torch.empty(n, dtype=torch.float64) for _ in range(4))
     needs_h = cfg.method in NEEDS_HESSIAN
     for lo in progress(range(0, n, chunk), desc=label):
         hi = min(lo + chunk, n)
@@ -99,7 +100,8 @@ def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Ten
         scales[lo:hi], zeros[lo:hi] = qa.scales, qa.zeros
         a_hat = qa.dequantize().double()                                               # [c, p, r]
         sq_err[lo:hi] = (w - a_hat @ mixed).square().sum((1, 2))
+        sq_norm[lo:hi] = w.square().sum((1, 2))
         wsq_err[lo:hi] = (wr - a_hat @ mr).square().sum((1, 2))
         wsq_norm[lo:hi] = wr.square().sum((1, 2))
     qadapters = QuantizedTensor(pack_bits(ints, cfg.bits), scales, zeros, (n, p, r), cfg.bits, cfg.group)
-    return QuantizedFactors(qbank, qadapters, sq_err, wsq_err, wsq_norm)
+    return QuantizedFactors(qbank, qadapters, sq_err, sq_norm, wsq_err, wsq_norm)
