@@ -38,3 +38,20 @@ def test_quantized_artifact_runs_and_exports_like_its_dequantized_factors(quanti
     compressed = load_compressed(save_compressed(path, result, tmp_path / "c"))
     torch.testing.assert_close(_logits(compressed), _logits(patched), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(_logits(patched), _logits(load_model(path)))
+
+
+def test_model_card_states_bytes_per_family_as_stored(quantized, tmp_path):
+    from safetensors.torch import load_file
+    from globe.export.card import family_bytes, model_card
+    path, art = quantized
+    result = globe.load(art)
+    out = save_compressed(path, result, tmp_path / "c")
+    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    rows = family_bytes(result, out)
+    for fam in ("gate", "up"):
+        hand = sum(v.numel() * v.element_size() for k, v in tensors.items()
+                   if k.rsplit(".", 2)[-2:][1] == fam and k.rsplit(".", 2)[-2] in ("bank", "adapters", "code_values",
+                                                                                  "code_indices"))
+        assert rows[fam][1] == hand > 0
+    card = model_card(result, out)
+    assert "bytes of gate (routed experts)" in card and "4-bit group 8" in card
