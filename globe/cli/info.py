@@ -61,6 +61,10 @@ def format_compressed(info: dict) -> str:
     for name, fam in info["families"].items():
         lines.append(f"family {name:5} m={fam['m']} r={fam['r']} code width {fam['k']}, phi {fam.get('phi')}, "
                      f"{fam['params']:,} / {fam['dense_params']:,} params, rel_err {fam['rel_err']:.4f}")
+        if fam.get("fit_quant"):
+            lines.append("             fitted quantized: " + ", ".join(
+                f"{part} {q['bits']}-bit group {q['group']}" for part, q in fam["fit_quant"].items())
+                + " (stored here dequantized)")
     return "\n".join(lines)
 
 

@@ -55,3 +55,13 @@ def test_model_card_states_bytes_per_family_as_stored(quantized, tmp_path):
         assert rows[fam][1] == hand > 0
     card = model_card(result, out)
     assert "bytes of gate (routed experts)" in card and "4-bit group 8" in card
+
+
+def test_info_of_a_compressed_export_names_the_fit_quantization(quantized, tmp_path):
+    from globe.cli.info import format_compressed
+    from globe.export.compressed import describe_compressed
+    path, art = quantized
+    out = save_compressed(path, globe.load(art), tmp_path / "c")
+    info = describe_compressed(out)
+    assert info["families"]["gate"]["fit_quant"]["adapters"]["bits"] == 4
+    assert "adapters 4-bit group 8" in format_compressed(info)
