@@ -81,7 +81,9 @@ def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Ten
     qbank = quantize_bank(bank, cfg, bank_hessian)
     deq = qbank.dequantize().double()                                                  # [m, r, d]
     r = deq.shape[1]
-    ints = torch.empty(n, p, r, dtype=torch.int64)
+    per_chunk = (p * r * cfg.bits) % 8 == 0            # each expert's codes end on a byte: pack chunk by chunk
+    packed: list[torch.Tensor] = []
+    ints = None if per_chunk else torch.empty(n, p, r, dtype=torch.uint8)
     groups = -(-r // cfg.group)
     scales = torch.empty(n, p, groups, dtype=torch.float16)
     zeros = torch.empty_like(scales)
@@ -96,12 +98,17 @@ def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Ten
         mr = mixed if right is None else right(mixed, experts).double()
         adapters, gram = exact_adapters(wr, mr)
         qa = quantize(adapters.float(), cfg, gram if needs_h else None)
-        ints[lo:hi] = qa.integer_codes()
+        if per_chunk:
+            packed.append(qa.codes)
+        else:
+            ints[lo:hi] = qa.integer_codes().to(torch.uint8)
         scales[lo:hi], zeros[lo:hi] = qa.scales, qa.zeros
         a_hat = qa.dequantize().double()                                               # [c, p, r]
         sq_err[lo:hi] = (w - a_hat @ mixed).square().sum((1, 2))
         sq_norm[lo:hi] = w.square().sum((1, 2))
         wsq_err[lo:hi] = (wr - a_hat @ mr).square().sum((1, 2))
         wsq_norm[lo:hi] = wr.square().sum((1, 2))
-    qadapters = QuantizedTensor(pack_bits(ints, cfg.bits), scales, zeros, (n, p, r), cfg.bits, cfg.group)
+    codes_out = torch.cat(packed) if per_chunk else pack_bits(ints, cfg.bits)
+    qadapters = QuantizedTensor(codes_out, scales, zeros, (n, p, r), cfg.bits, cfg.group)
+    qadapters.check("quantized adapters")
     return QuantizedFactors(qbank, qadapters, sq_err, sq_norm, wsq_err, wsq_norm)

@@ -97,3 +97,14 @@ def test_activation_weighted_refit_lowers_the_weighted_error():
     assert weighted(act) < 0.9 * weighted(plain)
     assert act.metrics["act_rel_err"] == pytest.approx(weighted(act) / float((planted.weights @ factor).norm()),
                                                        rel=1e-3)
+
+
+@pytest.mark.parametrize("p,r", [(24, 16), (5, 3)])
+def test_packed_adapters_do_not_depend_on_the_chunk_size(p, r):
+    g = torch.Generator().manual_seed(0)
+    w, codes = torch.randn(10, p, 20, generator=g), torch.rand(10, 4, generator=g)
+    bank = torch.randn(4, r, 20, generator=g)
+    for bits in (2, 3, 4):
+        a = quantize_factors(w, codes, bank, "identity", QuantConfig(bits=bits, group=8), chunk=3)
+        b = quantize_factors(w, codes, bank, "identity", QuantConfig(bits=bits, group=8), chunk=10)
+        assert torch.equal(a.adapters.codes, b.adapters.codes) and torch.equal(a.adapters.scales, b.adapters.scales)
