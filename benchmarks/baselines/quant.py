@@ -22,6 +22,7 @@ import torch
 from benchmarks.baselines.common import by_layer
 from globe.core.mixing import SparseCodes, compose, sparse_codes
 from globe.core.result import FamilyFit
+from globe.fit.solvers.quantized import exact_adapters_moments, quantize_bank
 from globe.quant import QuantConfig, QuantizedTensor, quantize
 
 BF16 = 2
@@ -96,15 +97,10 @@ def globe_refit(fam: FamilyFit, weights: torch.Tensor, moments: torch.Tensor, cf
     A_i = W_i C_i M_i^T (M_i C_i M_i^T)^-1; then GPTQ of the adapters with H_i = M_i C_i M_i^T (their input is
     M_i x), so each adapter column's rounding error is fed back into the columns not yet quantized."""
     c = expert_moments(fam, moments)                                                   # [N, d, d]
-    m, r, d = fam.bank.shape
-    bank_h = c.mean(0).float().expand(m, d, d).contiguous()
-    bank = quantize(fam.bank.float(), replace(cfg, method="gptq"), bank_h)
+    bank = quantize_bank(fam.bank.float(), replace(cfg, method="gptq"), c.mean(0))
     mixed = mixed_atoms(fam, bank.dequantize()).double()                               # [N, r, d]
     w = flat(weights).double()[torch.argsort(expert_order(fam))]                       # [N, p, d] family order
-    cm = c @ mixed.transpose(1, 2)                                                     # [N, d, r]
-    gram = mixed @ cm                                                                  # [N, r, r] = M C M^T
-    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(r, dtype=gram.dtype)
-    adapters = torch.linalg.solve(gram + ridge, (w @ cm).transpose(1, 2)).transpose(1, 2)   # [N, p, r]
+    adapters, gram = exact_adapters_moments(w, mixed, c)                               # [N, p, r], M C M^T
     qa = quantize(adapters.float(), replace(cfg, method="gptq"), gram.float())
     out = by_layer(qa.dequantize() @ mixed.float(), fam.ids)
     return Compressed(out, {"bank": bank.nbytes, "adapters": qa.nbytes, **code_bytes(fam)}, dict(fam.shape))

@@ -15,7 +15,7 @@ from globe.cli import dry_run
 from globe.core.outputs import json_text
 from globe.device import DEVICES
 from globe.errors import ConfigError
-from globe.fit.config import CODERS, INITS, PHIS, RANK_ALLOCATIONS, FitConfig
+from globe.fit.config import CODERS, INITS, PHIS, QUANT_BITS, QUANT_METHODS, RANK_ALLOCATIONS, FitConfig
 from globe.run.config import WandbConfig
 from globe.run.fit import FitRun, apply_total_cut, fit_summary, format_fit_summary, run_fit
 from globe.tracking import WANDB_MODES
@@ -68,7 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # the options `globe fit` and `globe compress` share: same flags, defaults and help (build_config reads them)
 SHARED_FIT_OPTIONS = ("m", "r", "target_support", "init", "phi", "method", "am_iters", "varpro_steps", "cycles",
-                      "refine_steps", "families", "seed", "precision", "rank_allocation")
+                      "refine_steps", "families", "seed", "precision", "rank_allocation",
+                      "bits", "quant_group", "quant_method")
 
 
 def add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -94,6 +95,12 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-allocation", choices=RANK_ALLOCATIONS,
                    help="rank per layer: uniform (default) or sensitivity (fit at 1.5x the rank, then give each "
                         "layer the rank its measured error drop per parameter earns, within the same parameters)")
+    p.add_argument("--bits", type=int, choices=QUANT_BITS,
+                   help="store bank and adapters quantized at this many bits (weight-only, group scales); the "
+                        "adapters are refitted to the quantized bank (default: not quantized)")
+    p.add_argument("--quant-group", type=int, help="entries per quantization scale with --bits (default 64)")
+    p.add_argument("--quant-method", choices=QUANT_METHODS,
+                   help="quantizer with --bits: gptq (error feedback, default), rtn or hqq")
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
@@ -108,7 +115,10 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (t, "am_iters", args.am_iters), (t, "varpro_steps", args.varpro_steps), (t, "cycles", args.cycles),
                              (t, "refine_steps", args.refine_steps), (t, "device", args.device), (t, "seed", args.seed),
                              (t, "checkpoint_every", args.checkpoint_every),
-                             (t, "precision", args.precision), (cfg.ranks, "allocation", args.rank_allocation)]:
+                             (t, "precision", args.precision), (cfg.ranks, "allocation", args.rank_allocation),
+                             (cfg.quant, "bits", getattr(args, "bits", None)),
+                             (cfg.quant, "group", getattr(args, "quant_group", None)),
+                             (cfg.quant, "method", getattr(args, "quant_method", None))]:
         if value is not None:
             setattr(obj, attr, value)
     a = cfg.activation

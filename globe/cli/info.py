@@ -62,6 +62,10 @@ def format_compressed(info: dict) -> str:
         ranks = f" (ranks per layer {', '.join(f'{l}:{r}' for l, r in fam['ranks'].items())})" if fam.get("ranks") else ""
         lines.append(f"family {name:5} m={fam['m']} r={fam['r']}{ranks} code width {fam['k']}, phi {fam.get('phi')}, "
                      f"{fam['params']:,} / {fam['dense_params']:,} params, rel_err {fam['rel_err']:.4f}")
+        if fam.get("fit_quant"):
+            lines.append("             fitted quantized: " + ", ".join(
+                f"{part} {q['bits']}-bit group {q['group']}" for part, q in fam["fit_quant"].items())
+                + " (stored here dequantized)")
     return "\n".join(lines)
 
 

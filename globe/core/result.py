@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from globe.core.mixing import compose
-from globe.core.params import dense_params
+from globe.core.params import dense_params, stored_params
 from globe.core.shape import BankShape, rank_mask
+from globe.quant.tensor import QuantizedTensor
 
 if TYPE_CHECKING:                     # annotation only: the fit config is the fit layer's
     from globe.fit.config import FitConfig
@@ -29,6 +30,8 @@ class FamilyFit:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: dict[str, list] = field(default_factory=dict)   # per phase: am / varpro / refine
     ranks: tuple[int, ...] | None = None   # rank per MoE layer (layer order of ids); None: r_max everywhere
+    quant: dict[str, QuantizedTensor] = field(default_factory=dict)   # stored parts ("bank", "adapters") when the
+                                     # factors are quantized; bank / adapters then hold their dequantized values
 
     @property
     def shape(self) -> dict[str, int]:

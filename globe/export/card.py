@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
+from globe.formats.checkpoint import STATE_KINDS
 
 
 def _disk_bytes(path: Path) -> int:
@@ -58,6 +61,32 @@ def _calibration(result: FitResult) -> list[str]:
             f"inputs) calibrated on {what}; {options}."]
 
 
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """{key: stored bytes} of every tensor of a directory's *.safetensors files, from their headers."""
+    sizes: dict[str, int] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with open(file, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        sizes.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                      if k != "__metadata__"})
+    return sizes
+
+
+def family_bytes(result: FitResult, out: Path) -> dict[str, tuple[int | None, int]]:
+    """{family: (dense bytes in the source checkpoint or None, bytes of its GloBE tensors in `out`)}."""
+    inv = result.source.get("inventory") or {}
+    dtype = getattr(torch, str(inv.get("dtype") or "").removeprefix("torch."), None)
+    width = torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    sizes = tensor_bytes(out)
+    rows = {}
+    for fam in result.families:
+        stored = sum(n for k, n in sizes.items() if any(k.endswith(f".{kind}.{fam}") or k == f"{kind}.{fam}"
+                                                       for kind in STATE_KINDS))
+        dense = result.params[f"dense_{fam}"] * width if width else None
+        rows[fam] = (dense, stored)
+    return rows
+
+
 def _size_table(result: FitResult, out: Path) -> list[str]:
     inv = result.source.get("inventory") or {}
     total = inv.get("total_params")
@@ -69,6 +98,15 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
     if src and Path(src).is_dir():
         before, after = _disk_bytes(Path(src)), _disk_bytes(out)
         rows.append(f"| bytes on disk (safetensors) | {before:,} | {after:,} | {after / before:.3f} |")
+    for name, (dense, stored) in family_bytes(result, out).items():
+        if dense:
+            rows.append(f"| bytes of {name} (routed experts) | {dense:,} | {stored:,} | {stored / dense:.3f} |")
+    quant = {n: f.quant for n, f in result.families.items() if f.quant}
+    if quant:
+        rows += ["", "The fit quantized " + ", ".join(
+            f"{n} ({', '.join(f'{part} {qt.bits}-bit group {qt.group}' for part, qt in q.items())})"
+            for n, q in quant.items()) + "; this checkpoint stores the dequantized factors (the artifact stores "
+            "them packed)."]
     return rows
 
 

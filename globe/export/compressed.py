@@ -227,7 +227,8 @@ def describe_compressed(path: str | Path) -> dict:
             "model_type": doc.get("source", {}).get("model_type"), "quant_method": quant.get("quant_method"),
             "format_version": quant.get("format_version"), "mode": quant.get("mode"),
             "families": {f: {**v, "params": params.get(f), "dense_params": params.get(f"dense_{f}"),
-                             "rel_err": doc.get("metrics", {}).get(f, {}).get("rel_err")}
+                             "rel_err": doc.get("metrics", {}).get(f, {}).get("rel_err"),
+                             "fit_quant": doc.get("families", {}).get(f, {}).get("quant")}
                          for f, v in quant.get("families", {}).items()},
             "total_params_before": total, "total_params_after": total - saved if total else None,
             "total_cut": saved / total if total else None,

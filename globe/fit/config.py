@@ -113,6 +113,23 @@ class NonlinearConfig:
     learn_gain: bool = True        # learn each expert's code sum (the scale entering phi)
 
 
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_METHODS = ("gptq", "rtn", "hqq")
+
+
+@dataclass
+class QuantSection:
+    """Quantized storage of the fitted factors (the fit's last stage, globe.fit.engine.quantize): the bank is
+    quantized (GPTQ under the experts' mean input second moment, or I without calibration statistics), the adapters
+    are refitted exactly against the quantized bank (activation-weighted with statistics, least squares otherwise)
+    and quantized with GPTQ error feedback under H_i = M_i C_i M_i^T. Off while bits is None (the default), so a
+    plain fit is unchanged; `globe compress` turns it on. Codes and expert scales stay floating point."""
+
+    bits: int | None = None        # 2, 3, 4 or 8 bits per bank / adapter entry; None: factors stored unquantized
+    group: int = 64                # entries per fp16 scale / zero pair, along each factor's input axis
+    method: str = "gptq"           # gptq | rtn | hqq (rtn / hqq: no error feedback, no calibration needed)
+
+
 @dataclass
 class RankConfig:
     """How a family's rank is spread over its layers (globe.fit.engine.ranks). uniform: every layer at r (the
@@ -134,6 +151,7 @@ class FitConfig:
     activation: ActivationConfig = field(default_factory=ActivationConfig)
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     ranks: RankConfig = field(default_factory=RankConfig)
+    quant: QuantSection = field(default_factory=QuantSection)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
@@ -183,6 +201,14 @@ class FitConfig:
             (nl.start in ("groups", "am"), f"nonlinear.start must be groups|am (got {nl.start!r})"),
             (nl.scope in ("layer", "global"), f"nonlinear.scope must be layer|global (got {nl.scope!r})"),
             (nl.groups >= 0, f"nonlinear.groups must be >= 0 (got {nl.groups})"),
+            (self.quant.bits is None or self.quant.bits in QUANT_BITS,
+             f"quant.bits must be one of {QUANT_BITS} or null (got {self.quant.bits})"),
+            (self.quant.group >= 1, f"quant.group must be >= 1 (got {self.quant.group})"),
+            (self.quant.method in QUANT_METHODS, f"quant.method must be one of {QUANT_METHODS} "
+             f"(got {self.quant.method!r})"),
+            (self.quant.bits is None or self.ranks.allocation == "uniform",
+             "--bits (quant.bits) with --rank-allocation sensitivity is not supported yet: quantized adapters are "
+             "stored with one rank per family; drop one of the two"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -204,10 +230,13 @@ class FitConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Every section; `ranks` only when it is not the default (so uniform fits document what they did before)."""
+        """Every section; `ranks` and `quant` only when not at their defaults (so the config of a uniform,
+        unquantized fit, and the artifact id hashed from it, are what they were before those sections existed)."""
         out = dataclasses.asdict(self)
         if self.ranks == RankConfig():
             del out["ranks"]
+        if self.quant.bits is None and self.quant == QuantSection():
+            del out["quant"]
         return out
 
     @classmethod
@@ -259,7 +288,8 @@ class FitConfig:
 
 
 SECTIONS: dict[str, type] = {"bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
-                             "activation": ActivationConfig, "nonlinear": NonlinearConfig, "ranks": RankConfig}
+                             "activation": ActivationConfig, "nonlinear": NonlinearConfig, "ranks": RankConfig,
+                             "quant": QuantSection}
 
 
 def _is_int(value: Any) -> bool:

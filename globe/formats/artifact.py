@@ -10,7 +10,10 @@ lowest version that holds it (1 when every family has one rank), so such artifac
     doc = read_document(Path("out/") / CONFIG_FILE)         # reader: the JSON document, checked
     families = read_families("out/", doc)                   # reader: {family: FamilyFit}, checked
 
-Codes are stored sparse (CSR: indptr, indices, values). Banks, adapters and code values are stored in the source
+Codes are stored sparse (CSR: indptr, indices, values). A quantized bank or adapter tensor (FamilyFit.quant; format
+version 2) is stored as its packed parts {family}.{part}.codes (uint8) / .scales / .zeros (fp16), with its shape,
+bits and group in globe_config.json families.{family}.quant.{part}; it is read back dequantized into the FamilyFit
+(fp32) beside the packed parts. A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in the source
 checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
 fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
 temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
@@ -32,10 +35,12 @@ from globe.core.files import atomic_write_all, sort_metadata
 from globe.core.mixing import PHI
 from globe.core.outputs import json_text
 from globe.core.result import FamilyFit, FitResult
-from globe.errors import ArtifactError
+from globe.errors import ArtifactError, ShapeError
+from globe.quant.tensor import QuantizedTensor
 
 PHIS: tuple[str, ...] = tuple(PHI)      # the nonlinearities an artifact may name (those core.mixing composes with)
-FORMAT_VERSION = 2                  # 2: a rank per layer (written only when ranks differ)
+FORMAT_VERSION = 2                  # 2: a rank per layer, and/or quantized parts (each written only when used)
+QUANT_PARTS = ("bank", "adapters")
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
 
@@ -64,14 +69,22 @@ def layer_adapters(fam: FamilyFit) -> dict[int, torch.Tensor]:
 
 
 def document_version(result: FitResult) -> int:
-    """The lowest format version that holds `result`: 2 when some family has a rank per layer, else 1."""
-    return 2 if any("ranks" in f.shape for f in result.families.values()) else 1
+    """The lowest format version that holds `result`: 2 when some family has a rank per layer or a quantized part,
+    else 1 (readable by older globe versions)."""
+    return 2 if any("ranks" in f.shape or f.quant for f in result.families.values()) else 1
 
 
 def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A family's stored tensors; a quantized part (fam.quant) as {f}.{part}.codes / .scales / .zeros."""
     f = fam.family
-    out = {f"{f}.bank": fam.bank.to(dtype), f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
-    if "ranks" in fam.shape:                                  # per layer [E_l, p, r_l]: no padding stored
+    out = {f"{f}.scales": fam.scales.float(), f"{f}.ids": fam.ids.to(torch.int32)}
+    if "bank" in fam.quant:
+        out.update(fam.quant["bank"].tensors(f"{f}.bank"))
+    else:
+        out[f"{f}.bank"] = fam.bank.to(dtype)
+    if "adapters" in fam.quant:
+        out.update(fam.quant["adapters"].tensors(f"{f}.adapters"))
+    elif "ranks" in fam.shape:                                # per layer [E_l, p, r_l]: no padding stored
         out.update({f"{f}.adapters.{layer}": a.to(dtype) for layer, a in layer_adapters(fam).items()})
     else:
         out[f"{f}.adapters"] = fam.adapters.to(dtype)
@@ -79,9 +92,16 @@ def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[s
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def family_info(fam: FamilyFit) -> dict[str, Any]:
+    info: dict[str, Any] = {"phi": fam.phi, **fam.shape}
+    if fam.quant:
+        info["quant"] = {part: qt.meta() for part, qt in fam.quant.items()}
+    return info
+
+
 def config_document(result: FitResult) -> dict[str, Any]:
     return {"format_version": document_version(result), "source": result.source, "config": result.config.to_dict(),
-            "families": {n: {"phi": f.phi, **f.shape} for n, f in result.families.items()},
+            "families": {n: family_info(f) for n, f in result.families.items()},
             "params": result.params, "metrics": result.metrics, "timings": result.timings,
             "history": {n: f.history for n, f in result.families.items()}}
 
@@ -257,14 +277,38 @@ def check_family_tensors(name: str, t: dict[str, torch.Tensor], m: int, where: P
         fail("ids", "holds negative (layer, expert) ids")
 
 
+def quantized_parts(name: str, info: dict, tensors: dict, where: Path) -> dict[str, QuantizedTensor]:
+    """The quantized parts of family `name` ({part: QuantizedTensor}) that its `info` (globe_config.json
+    families.NAME) lists, checked against their metadata (ArtifactError naming the tensor)."""
+    quant = info.get("quant") or {}
+    if not isinstance(quant, dict) or not set(quant) <= set(QUANT_PARTS):
+        raise ArtifactError(f"{where}: families.{name}.quant must map {' / '.join(QUANT_PARTS)} to their "
+                            f"quantization metadata (got {quant!r})")
+    parts = {}
+    for part, meta in quant.items():
+        prefix = f"{name}.{part}"
+        missing = [f"{prefix}.{k}" for k in ("codes", "scales", "zeros") if f"{prefix}.{k}" not in tensors]
+        if missing:
+            raise ArtifactError(f"{where} lacks tensor(s) {', '.join(missing)}")
+        try:
+            parts[part] = QuantizedTensor.from_tensors(tensors, prefix, meta)
+        except (ShapeError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where}: quantized tensor {prefix} does not fit its metadata ({exc})") from None
+    return parts
+
+
 def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, out: Path,
                          history: dict | None = None) -> FamilyFit:
-    keys = ["bank", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
-    keys += [] if "ranks" in info else ["adapters"]
-    missing = [f"{name}.{k}" for k in keys if f"{name}.{k}" not in tensors]
+    quant = quantized_parts(name, info, tensors, out / BANKS_FILE)
+    if "ranks" in info and "adapters" in quant:
+        raise ArtifactError(f"{out / CONFIG_FILE}: family {name} has both ranks per layer and quantized adapters, "
+                            f"which this globe does not write: re-fit the artifact")
+    keys = ["bank", "adapters", "scales", "ids", "codes.indptr", "codes.indices", "codes.values"]
+    keys = [k for k in keys if not (k == "adapters" and "ranks" in info)]
+    missing = [f"{name}.{k}" for k in keys if k not in quant and f"{name}.{k}" not in tensors]
     if missing:
         raise ArtifactError(f"{out / BANKS_FILE} lacks tensor(s) {', '.join(missing)}")
-    t = {k: tensors[f"{name}.{k}"] for k in keys}
+    t = {k: quant[k].dequantize() if k in quant else tensors[f"{name}.{k}"] for k in keys}
     n, p, d, m, r = info["N"], info["p"], info["d"], info["m"], info["r"]
     if "ranks" in info:
         if tuple(t["ids"].shape) != (n, 2):
@@ -277,7 +321,9 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
             raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
                                 f"expected {shape} from {CONFIG_FILE}")
     check_family_tensors(name, t, m, out / BANKS_FILE)
-    return build_family(name, t, info["phi"], metrics, history, info.get("ranks"))
+    fam = build_family(name, t, info["phi"], metrics, history, info.get("ranks"))
+    fam.quant = quant
+    return fam
 
 
 def _padded_adapters(name: str, info: dict, tensors: dict, ids: torch.Tensor, out: Path) -> torch.Tensor:

@@ -19,6 +19,8 @@ A family fit, read top to bottom (fit_family):
 8b. ranks      optional (cfg.ranks.allocation, registered in globe.fit.engine.ranks.ALLOCATIONS): the fit ran at
                r_max; the atoms' rows are nested by energy and each layer gets the rank its measured error earns.
 9. gather      adapters folded back to the original scale, every rank's experts gathered onto rank 0, metrics.
+10. quantize   with cfg.quant.bits: bank quantized, adapters refitted to it and quantized with GPTQ error feedback
+               (globe.fit.engine.quantize).
 
 Each stage takes the problem and the previous stage's result (a dataclass) and returns a new one; fit_family
 returns the FamilyFit (tensors on the CPU, metrics, history) and writes nothing. Distributed fits run the same
@@ -41,6 +43,7 @@ from globe.fit.config import FitConfig
 from globe.fit.engine.nonlinear import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.engine.problem import FamilyProblem
 from globe.fit.engine.ranks import ALLOCATIONS, headroom_rank
+from globe.fit.engine.quantize import quantize_applies, quantize_family
 from globe.fit.engine.runner import run_restarts
 from globe.fit.engine.shape import shape_stage, warm_start_stage
 from globe.fit.objectives.base import Objective, Solution
@@ -129,7 +132,12 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     if allocate is not None:
         with problem.phase("ranks"):
             fitted = allocate(problem, fitted, budget_rank)
-    return gather_stage(problem, fitted)
+    fam = gather_stage(problem, fitted)
+    if fam is not None and quantize_applies(cfg):
+        with problem.phase("quantize"):
+            fam = quantize_family(problem.spaces.original, fam, cfg, problem.objective, comm.world)
+        fam.metrics["timings"] = problem.timings
+    return fam
 
 
 def _resumed(problem: FamilyProblem, resume: FitProgress | None) -> FitProgress | None:

@@ -234,6 +234,11 @@ class ActivationObjective(Objective):
     def unscale(self, adapters: torch.Tensor) -> torch.Tensor:
         return self.whiten.unscale_rows(adapters)
 
+    def bank_hessian(self) -> torch.Tensor:
+        """L_g L_g^T: the experts' mean (routing-weighted) normalised C."""
+        factor = self.whiten.global_factor().double()
+        return factor @ factor.T
+
     def after_alternation(self, problem, solution: Solution) -> Solution:
         """From the AM's (bank, codes) in the work space: fold L_g^-1 back into the bank, then variable projection
         of (bank, codes) under this objective on the target weights (loss history: weighted relative error)."""

@@ -108,6 +108,10 @@ class Objective:
         """sum_i ||W_i R_i / s_i||^2 (the loss normaliser)."""
         return sum(float(targets(lo, hi).square().sum()) for lo, hi in bounds)
 
+    def bank_hessian(self) -> torch.Tensor | None:
+        """The [d, d] second moment the quantized bank's error is weighted by (the experts' mean C); None: I."""
+        return None
+
     def unscale(self, adapters: torch.Tensor) -> torch.Tensor:
         """Adapters fitted in the target space -> adapters of the original weights."""
         return adapters
