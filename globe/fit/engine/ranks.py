@@ -28,7 +28,8 @@ from globe.core.mixing import compose
 from globe.core.shape import BankShape
 from globe.errors import ConfigError
 from globe.fit.config import RANK_ALLOCATIONS
-from globe.fit.solvers.adapters import finalize
+from globe.fit.solvers.adapters import FinalizeOptions, finalize
+from globe.fit.solvers.problem import Factors, SolverProblem
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,11 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
     position = torch.searchsorted(torch.tensor(layers), ids[:, 0].long().contiguous())
     experts = torch.bincount(position, minlength=len(layers)).tolist()
     grid = rank_grid(r_max, cfg.ranks.step)
+    solver = SolverProblem(target, norm, problem.objective)
+    options = FinalizeOptions(phi=fitted.phi, chunk_size=t.chunk_size, ridge=t.ridge)
     errors: dict[int, list[float]] = {l: [] for l in range(len(layers))}
     for k in grid:
-        sq = finalize(target, norm, fitted.codes, bank[:, :k], fitted.phi, t.chunk_size, t.ridge,
-                      problem.objective, keep_adapters=False).sq_err
+        sq = finalize(solver, Factors(bank[:, :k], fitted.codes), options, keep_adapters=False).sq_err
         per_layer = torch.zeros(len(layers), dtype=torch.float64).index_add_(0, position, sq)
         for l in range(len(layers)):
             errors[l].append(float(per_layer[l]))
@@ -113,8 +115,7 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
     sq_err = torch.empty_like(fitted.sq_err)
     codes = fitted.codes
     for k in sorted(set(ranks)):
-        adapted = finalize(target, norm, fitted.codes, bank[:, :k], fitted.phi, t.chunk_size, t.ridge,
-                           problem.objective)
+        adapted = finalize(solver, Factors(bank[:, :k], fitted.codes), options)
         rows = torch.tensor([ranks[int(pos)] == k for pos in position])
         adapters[rows, :, :k] = adapted.adapters[rows]
         sq_err[rows] = adapted.sq_err[rows]
