@@ -166,11 +166,12 @@ class open_weights:
 def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_weights, doc: dict) -> FamilyFit:
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint (fp32,
     exactly the stored values; the z-score scales are folded into the adapters, so they read 1)."""
+    from globe.formats.validate import stored_prefix
     layers = spec.moe_layers(config)
     adapters, codes, ids = [], [], []
-    bank = tensors[state_key("bank", name, spec.experts_path(min(layers)))].float()
+    bank = tensors[state_key("bank", name, stored_prefix(spec, min(layers), tensors.where, name))].float()
     for layer in layers:
-        prefix = spec.experts_path(layer)
+        prefix = stored_prefix(spec, layer, tensors.where, name)
         index = tensors[state_key("code_indices", name, prefix)]
         values = tensors[state_key("code_values", name, prefix)].float()
         dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]

@@ -13,8 +13,11 @@ from globe.errors import ModelDirError
 def load_tokenizer(source: str | Path):
     """transformers.AutoTokenizer of a directory; ModelDirError (one line, what to pass) when there is none."""
     import transformers
+    from globe.formats.validate import refuse_remote_code
+    if Path(source).is_dir():
+        refuse_remote_code(source)                  # custom tokenizer code is never run
     try:
-        return transformers.AutoTokenizer.from_pretrained(source)
+        return transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
 
