@@ -34,7 +34,7 @@ from globe.calibration import collect_stats, load_stats, save_stats
 from globe.core.files import atomic_write_text
 from globe.eval import encode_text, perplexity
 from globe.export import load_model
-from globe.fit.budget import total_cut_budget
+from globe.fit.solvers.budget import total_cut_budget
 from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_model
 from globe.io import open_checkpoint
@@ -128,7 +128,7 @@ def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for name in ("globe.fit.engine", "globe.fit.am", "globe.fit.refine", "globe.fit.budget", "globe.io.reader",
+    for name in ("globe.fit.engine", "globe.fit.solvers.am", "globe.fit.solvers.varpro", "globe.fit.solvers.budget", "globe.io.reader",
                  "globe.calibration.collect"):
         logging.getLogger(name).setLevel(logging.WARNING)
     import transformers

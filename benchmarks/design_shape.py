@@ -7,7 +7,7 @@ then the compress -> export -> load -> forward path on a loadable model with the
         --out benchmarks/results/design_shape_cuda.json
     python benchmarks/design_shape.py --checkpoint /tmp/qwen15 --layers 0 1 --device cpu ...   # reduced N
 
-Sections of the JSON: "plan" (globe.fit.plan on this device: GiB and seconds per phase), "fit" (measured: seconds
+Sections of the JSON: "plan" (globe.fit.planning.plan on this device: GiB and seconds per phase), "fit" (measured: seconds
 (wall, and this process's CPU time: compare that with the prediction on a shared CPU) and peak memory per
 phase; CUDA: torch.cuda.max_memory_allocated reset at each phase, CPU: peak RSS so far),
 "compare" (measured / predicted per phase), "extrapolated" (every family of the checkpoint at the default
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import resource
@@ -33,12 +32,6 @@ from globe.core.files import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 
 log = logging.getLogger("benchmarks.design_shape")
-PROBES = [("globe.fit.engine", "shape_stage", "shape"), ("globe.fit.engine", "warm_start_stage", "warm_start"),
-          ("globe.fit.alternate", "run_am", "am"), ("globe.fit.alternate", "settle", "am"),
-          ("globe.fit.alternate", "varpro_refine", "varpro"), ("globe.fit.engine", "refine_stage", "refine"),
-          ("globe.fit.engine", "finalise_stage", "finalize"), ("globe.fit.engine", "gather_stage", "finalize")]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (benchmarks/make_upcycled.py)")
@@ -52,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--varpro-steps", type=int, default=2, help="L-BFGS iterations (evaluations: about one more)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", action="store_true",
-                   help="CPU: also trace torch's allocations per phase (globe.fit.estimate.traced_peak)")
+                   help="CPU: also trace torch's allocations per phase (globe.fit.planning.estimate.traced_peak)")
     p.add_argument("--export-model-layers", type=int, default=0,
                    help="layers of the loadable model of the export section (0: skip it)")
     return p.parse_args(argv)
@@ -83,46 +76,30 @@ def rss_now() -> int:
 
 @contextlib.contextmanager
 def phase_probes(device: torch.device, record: dict, baseline: int = 0):
-    """Wrap the engine's phase functions: seconds and peak memory per phase in `record` (CUDA peaks are reset at
-    each phase start, so each phase reports its own peak; on the CPU the peak RSS so far is recorded)."""
-    import importlib
-    saved = {(mod, name): (getattr(importlib.import_module(mod), name), label) for mod, name, label in PROBES
-             if hasattr(importlib.import_module(mod), name)}
-    depth = [0]                                   # only the outermost probe measures (finalize runs inside am)
+    """Listen to the engine's phases (globe.fit.engine.phases.listen, by the names the dry run predicts): seconds,
+    this process's CPU seconds and peak memory per phase in `record` (CUDA peaks are reset at each phase start, so
+    each phase reports its own peak; on the CPU the peak RSS so far is recorded)."""
+    from globe.fit.engine.phases import listen
+    started: dict[str, tuple[float, float]] = {}
 
-    def wrap(fn, label):
-        @functools.wraps(fn)
-        def probe(*a, **k):
-            if depth[0]:
-                return fn(*a, **k)
-            depth[0] += 1
-            scope = torch.profiler.record_function(label)
-            scope.__enter__()
+    def on_phase(event: str, family: str, name: str, info: dict | None) -> None:
+        if event == "start":
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            try:
-                return fn(*a, **k)
-            finally:
-                scope.__exit__(None, None, None)
-                depth[0] -= 1
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                row = record.setdefault(label, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "calls": 0})
-                row["seconds"] += time.perf_counter() - t0
-                row["cpu_seconds"] += time.process_time() - c0                 # this process's CPU time
-                row["peak_bytes"] = max(row["peak_bytes"], peak_now(device) - baseline)
-                row["calls"] += 1
-        return probe
+            started[name] = (time.perf_counter(), time.process_time())
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0, c0 = started.pop(name)
+        row = record.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_bytes": 0, "calls": 0})
+        row["seconds"] += time.perf_counter() - t0
+        row["cpu_seconds"] += time.process_time() - c0                     # this process's CPU time
+        row["peak_bytes"] = max(row["peak_bytes"], peak_now(device) - baseline)
+        row["calls"] += 1
 
-    for (mod, name), (fn, label) in saved.items():
-        setattr(importlib.import_module(mod), name, wrap(fn, label))
-    try:
+    with listen(on_phase):
         yield record
-    finally:
-        for (mod, name), (fn, _) in saved.items():
-            setattr(importlib.import_module(mod), name, fn)
 
 
 def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
@@ -138,16 +115,13 @@ def run_fit(args: argparse.Namespace, cfg: FitConfig) -> dict:
         with phase_probes(device, record, baseline):
             run = (fit_family, stack.weights, stack.ids, cfg, args.family, torch.Generator().manual_seed(0))
             if args.trace:
-                from globe.fit.estimate import traced_peak
+                from globe.fit.planning.estimate import traced_peak
                 fam, traced, ranges = traced_peak(*run)
                 for name, row in record.items():
                     row["traced_bytes"] = ranges.get(name, 0)
             else:
                 fam, traced = run[0](*run[1:]), None
     total = time.perf_counter() - t0
-    timings = fam.metrics["timings"]
-    record["normalize"] = {"seconds": timings["normalize"]["seconds"], "calls": 1,
-                           "peak_bytes": int(timings["normalize"]["peak_mem_mb"] * 2**20) - baseline}
     am = fam.history.get("am", [])
     return {"n": int(stack.weights.shape[0]), "seconds_total": round(total, 1), "phases": record,
             "am_seconds_per_iteration": [round(s["seconds"], 2) for s in am],
@@ -249,8 +223,8 @@ def load_any(path: Path, device: str):
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    from globe.fit.plan import plan_fit
-    from globe.fit.timing import KernelRates
+    from globe.fit.planning.plan import plan_fit
+    from globe.fit.planning.timing import KernelRates
     from globe.io import open_checkpoint
     with open_checkpoint(args.checkpoint) as reader:
         inv = reader.inventory()
@@ -263,11 +237,11 @@ def main(argv: list[str] | None = None) -> None:
     result["plan_seconds"] = round(time.perf_counter() - t, 1)
     n_full = len(inv.moe_layers) * inv.num_experts
     if args.layers:                                                      # plan the reduced family that is fitted
-        from globe.fit.estimate import FitShape, phase_bytes
-        from globe.fit.timing import phase_seconds
+        from globe.fit.planning.estimate import FitShape, phase_bytes
+        from globe.fit.planning.timing import phase_seconds
         n = len(args.layers) * inv.num_experts
         shape = FitShape.from_config(cfg, n, inv.p, inv.d, args.m, r, inv.dtype, args.device)
-        from globe.fit.plan import artifact_bytes, family_params
+        from globe.fit.planning.plan import artifact_bytes, family_params
         fam = plan.families[0]
         fam.n, fam.memory = n, phase_bytes(shape)
         fam.params = family_params(n, inv.p, inv.d, args.m, r, cfg.sparsity.target_support)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from globe.core.files import atomic_write_text
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
-from globe.fit.distributed import Comm, run_local
+from globe.fit.parallel.comm import Comm, run_local
 
 log = logging.getLogger("benchmarks.distributed")
 

@@ -121,7 +121,7 @@ def export_for(cut: float, args, work: Path) -> tuple[Path, dict]:
     """Fit at a total cut, save the artifact (checkpoint dtype) and the compressed export; (export dir, info)."""
     from globe.artifact import save
     from globe.export import save_compressed
-    from globe.fit.budget import total_cut_budget
+    from globe.fit.solvers.budget import total_cut_budget
     from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
     from globe.fit.engine import fit_model
     from globe.io import open_checkpoint

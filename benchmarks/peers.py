@@ -12,7 +12,7 @@ written as a dense Hugging Face checkpoint, reloaded with stock `AutoModelForCau
 Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2moe-llm, d2moe-sharev (whitened
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
 config gets the full evaluation), globe (weight-space default fit), globe-nonlinear (weight space, the block SVD
-start + full-batch tanh refinement of globe.fit.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
+start + full-batch tanh refinement of globe.fit.solvers.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
 settings). Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
 corpus/train.txt as benchmarks/activation_aware.py uses (rebuild with scripts/build_corpus.py). Calibration
 statistics come from `globe.calibration.collect_stats` (what `globe calibrate` writes) on the first
@@ -237,7 +237,7 @@ def mobe_fits(ctx: dict, budget: float, configs: list[MobeConfig]) -> list[dict]
 def run_cut(ctx: dict, cut: float, args) -> dict:
     """Every selected method at one total cut. MoBE: the sweep's configs are fitted once; `mobe` is the default
     config, `mobe-best` the config with the lowest summed squared weight error (MoBE's own objective)."""
-    from globe.fit.budget import total_cut_budget
+    from globe.fit.solvers.budget import total_cut_budget
     budget, support = total_cut_budget(cut, ctx["inv"], FAMILIES)
     ctx["cut"] = cut
     out = {"cut": cut, "budget_per_family": budget, "globe_target_support": support, "rows": []}

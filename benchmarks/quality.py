@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmar
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
 from globe.eval.sweep import SweepSettings, run_sweep
-from globe.fit.am import AMState, am_pass
+from globe.fit.solvers.am import AMState, am_pass
 from benchmarks.baselines import rel_err
 from benchmarks.baselines.common import by_layer
 from benchmarks.baselines.mobe import MobeConfig, fit_mobe
 from globe.fit.config import INITS, BankConfig, FitConfig, SparsityConfig, TrainConfig
-from globe.fit.normalize import Normalizer
+from globe.fit.solvers.normalize import Normalizer
 from globe.io import open_checkpoint
 
 log = logging.getLogger("benchmarks.quality")

@@ -27,7 +27,7 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
 from globe.eval import decode_hit_rate, decode_speed, encode_text, perplexity, prefill_speed, routed_footprint
 from globe.export import load_model
-from globe.fit.budget import total_cut_budget
+from globe.fit.solvers.budget import total_cut_budget
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_model
 from globe.io import open_checkpoint

@@ -46,14 +46,15 @@ def test_fit_accumulates_in_float32_where_float64_is_missing(monkeypatch):
     """MPS has no float64: with the accumulation dtype forced to float32 (as on MPS) a fit still runs, and every
     accumulator that would have been float64 is float32 (checked on the shared MOD normal equations)."""
     import globe.device as device_mod
-    import globe.fit.am as am
+    import globe.fit.solvers.am as am
     import globe.fit.engine as engine
-    import globe.fit.mod as mod
-    import globe.fit.shape as shape
-    import globe.fit.warm_start as warm_start
+    import globe.fit.solvers.mod as mod
+    import globe.fit.engine.shape as shape
+    import globe.fit.warm_starts.targets as targets
+    import globe.fit.warm_starts.ts_pca as ts_pca
     from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
     from tests.helpers.planted import make_planted
-    for module in (device_mod, am, shape, mod, warm_start):
+    for module in (device_mod, am, shape, mod, targets, ts_pca):
         monkeypatch.setattr(module, "acc_dtype", lambda device: torch.float32)
     seen = []
     real = mod.ridge_cholesky

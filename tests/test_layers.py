@@ -128,5 +128,5 @@ def test_the_checks_can_fail():
     assert layer_of("globe.runtime.apply") > layer_of("globe.fit.engine") > layer_of("globe.io.reader")
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import globe.fit\n")
     assert _is_type_checking(tree.body[1])
-    assert _targets(ast.parse("from globe import tracking").body[0], "globe.fit.am") == ["globe.tracking"]
+    assert _targets(ast.parse("from globe import tracking").body[0], "globe.fit.solvers.am") == ["globe.tracking"]
     assert _targets(ast.parse("from globe import fit_model").body[0], "globe.run.fit") == ["globe"]

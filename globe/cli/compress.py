@@ -55,7 +55,7 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dry_run:                                       # headers only: nothing read, nothing written
+    if args.dry_run:                                       # nothing written
         cfg = build_config(_fit_args(args))
         if args.total_cut is not None:
             apply_total_cut(cfg, args.model_dir, args.total_cut)

@@ -128,7 +128,7 @@ def fit_run(args: argparse.Namespace) -> FitRun:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dry_run:                                       # headers only: nothing read, nothing written
+    if args.dry_run:                                       # nothing written
         return dry_run.print_plan(args, build_config(args))
     run_ = fit_run(args)
     result = run_fit(run_)

@@ -73,7 +73,7 @@ class TrainConfig:
 
 @dataclass
 class ActivationConfig:
-    """Activation-aware fitting (globe.fit.activation) from `globe calibrate` statistics; off while stats is None.
+    """Activation-aware fitting (globe.fit.objectives.activation) from `globe calibrate` statistics; off while stats is None.
 
     The warm start and alternating minimisation run on W_i L_g (one global whitening, folded back into the bank,
     which stays shared); then variable projection refines bank and codes under sum_i g_i^2 ||(W_i - W_hat_i) L_i||^2
@@ -92,7 +92,7 @@ class ActivationConfig:
 
 @dataclass
 class NonlinearConfig:
-    """End-to-end nonlinear bank fit (globe.fit.nonlinear): Adam on the bank and the codes of
+    """End-to-end nonlinear bank fit (globe.fit.solvers.nonlinear): Adam on the bank and the codes of
     W_i = A_i phi(sum_j alpha_ij B_j), full batch, adapters solved exactly at every step, best state kept; from a
     block SVD start (start=groups, replacing warm start + AM + VarPro; the rank comes from bank.budget or bank.r,
     the atoms are `groups` per layer) or from the AM / VarPro solution (start=am). One process, weight space only.

@@ -24,7 +24,7 @@ from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, GlobeError, OutputError
 from globe.fit.config import FitConfig
-from globe.fit.distributed import LOCAL, env_world_size, init_comm
+from globe.fit.parallel.comm import LOCAL, env_world_size, init_comm
 from globe.fit.engine import fit_model
 from globe.run.config import WandbConfig
 from globe.run.resume_store import ResumeStore
@@ -51,7 +51,7 @@ class FitRun:
 def apply_total_cut(cfg: FitConfig, model_dir: str | Path, cut: float) -> FitConfig:
     """cfg (changed in place) with the per-family budget that cuts `cut` of ALL the checkpoint's parameters,
     every fitted family shrinking by the same fraction (the target support is lowered when no shape fits)."""
-    from globe.fit.budget import total_cut_budget
+    from globe.fit.solvers.budget import total_cut_budget
     from globe.io import open_checkpoint
     if not 0 < cut < 1:
         raise ConfigError(f"--total-cut must be in (0, 1), not {cut}")

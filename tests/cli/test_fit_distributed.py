@@ -8,7 +8,7 @@ import sys
 
 import globe
 from globe.cli.main import main
-from globe.fit.distributed import free_port
+from globe.fit.parallel.comm import free_port
 
 # --atoms/--adapter-rank: torchrun's parser would take --m/--r for abbreviations of its own options
 ARGS = ["--atoms", "4", "--adapter-rank", "4", "--target-support", "2", "--am-iters", "3", "--varpro-steps", "5"]

@@ -6,7 +6,7 @@ import torch
 
 from globe.fit.engine import fit_family
 from globe.fit.resume import FitProgress
-from tests.fit.test_engine import planted_config
+from tests.fit.engine.test_family import planted_config
 from tests.helpers.planted import make_planted
 
 

@@ -11,9 +11,9 @@ import torch
 from globe.errors import NumericalError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
-from globe.fit.linalg import condition_number, ridge_cholesky, solve_left
-from globe.fit.refine import DivergenceGuard, adam_refine
-from globe.fit.normalize import Normalizer
+from globe.fit.solvers.linalg import condition_number, ridge_cholesky, solve_left
+from globe.fit.solvers.adam import DivergenceGuard, adam_refine
+from globe.fit.solvers.normalize import Normalizer
 from tests.helpers.planted import make_planted
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import globe.fit.engine as engine
+import globe.fit.engine.model as engine
 from globe.errors import CheckpointError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.run.resume_store import ResumeStore

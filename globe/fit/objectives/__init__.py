@@ -1,0 +1,1 @@
+"""What a fit minimises: one module per objective, each a registered subclass of objectives.base.Objective."""

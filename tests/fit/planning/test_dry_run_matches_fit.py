@@ -1,0 +1,62 @@
+"""The dry run against the fit it plans, for a weight-space, an activation-aware and a nonlinear fit: the same shape
+(the plan runs the fit's own shape choice), the same phases by name, and every phase's predicted peak within 15 %
+of the peak the profiler measures in that phase (globe.fit.planning.estimate.traced_peak over the engine's phase
+ranges, globe.fit.engine.phases)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from globe.fit.config import ActivationConfig, BankConfig, FitConfig, NonlinearConfig, SparsityConfig, TrainConfig
+from globe.fit.engine import fit_family
+from globe.fit.engine.phases import PHASES
+from globe.fit.objectives.base import objective_class
+from globe.fit.planning.estimate import traced_peak
+from globe.fit.planning.plan import plan_fit
+from globe.io import open_checkpoint
+from tests.helpers.scripts import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-layer, 16-expert upcycled Qwen2-MoE (p=128, d=256) and its calibration statistics on random tokens."""
+    import transformers
+    from globe.calibration.collect import collect_stats
+    from globe.calibration.stats import save_stats
+    root = tmp_path_factory.mktemp("dry_run")
+    ckpt = root / "ckpt"
+    load_benchmark("make_upcycled").main(["--out", str(ckpt), "--layers", "2", "--experts", "16", "--hidden", "256",
+                                          "--intermediate", "128", "--rank", "16"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    stats = save_stats(collect_stats(model, tokens), root / "stats.safetensors")
+    return ckpt, Path(stats)
+
+
+def configs(stats: Path) -> dict[str, FitConfig]:
+    base = dict(bank=BankConfig(families=("gate",)), sparsity=SparsityConfig(target_support=4),
+                train=TrainConfig(am_iters=3, varpro_steps=5))          # m and r left to the budget solver
+    return {"weights": FitConfig(**base),
+            "activation": FitConfig(**base, activation=ActivationConfig(stats=str(stats), steps=5)),
+            "nonlinear": FitConfig(**base, nonlinear=NonlinearConfig(enabled=True, steps=10, eval_every=5))}
+
+
+@pytest.mark.parametrize("kind", ["weights", "activation", "nonlinear"])
+def test_dry_run_predicts_the_shape_and_each_phase_peak_of_the_fit(checkpoint, kind):
+    ckpt, stats = checkpoint
+    cfg = configs(stats)[kind]
+    planned = plan_fit(ckpt, cfg, calibrate=False).families[0]
+    objective = objective_class(cfg)
+    with open_checkpoint(ckpt) as reader:
+        stack = reader.read_family("gate", lazy=True)
+        obj = objective.for_family(objective.load(cfg, reader.inventory()), "gate", stack, cfg)
+        fam, _, measured = traced_peak(fit_family, stack.weights, stack.ids, cfg, "gate",
+                                       torch.Generator().manual_seed(0), objective=obj)
+    assert (planned.m, planned.r) == (fam.shape["m"], fam.shape["r"])
+    phases = {name for name in measured if name in PHASES}
+    assert phases == set(planned.memory) - {"peak"} == set(fam.metrics["timings"])
+    assert ("activation" in phases) == (kind == "activation") and ("nonlinear" in phases) == (kind == "nonlinear")
+    for name in phases:
+        assert planned.memory[name] == pytest.approx(measured[name], rel=0.15), name
