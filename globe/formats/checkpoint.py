@@ -163,10 +163,19 @@ class open_weights:
         return self.where[key].get_tensor(key)
 
 
+def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
+    """Where one layer's GloBE tensors are stored: under the loaded module's path (model.layers.3.mlp.experts) or,
+    where transformers writes hub names, under the hub experts prefix (model.layers.3.block_sparse_moe.experts)."""
+    candidates = [spec.experts_path(layer)]
+    if spec.per_expert_keys:
+        template = next(iter(spec.per_expert_keys.values()))
+        candidates.append(template.split(".{expert}")[0].format(layer=layer))
+    return next((c for c in candidates if state_key("adapters", family, c) in keys), candidates[0])
+
+
 def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_weights, doc: dict) -> FamilyFit:
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint (fp32,
     exactly the stored values; the z-score scales are folded into the adapters, so they read 1)."""
-    from globe.formats.validate import stored_prefix
     layers = spec.moe_layers(config)
     adapters, codes, ids = [], [], []
     bank = tensors[state_key("bank", name, stored_prefix(spec, min(layers), tensors.where, name))].float()

@@ -285,7 +285,7 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
     """Check a compressed checkpoint (format 2) before any tensor of it is used; returns its config.json.
     Errors: RemoteCodeError (auto_map), ConfigError (config.json values), CheckpointError (files, headers),
     ArtifactError (tensors against the config, content hash), all naming the file and key or tensor."""
-    from globe.formats.checkpoint import family_shapes, state_key
+    from globe.formats.checkpoint import family_shapes, state_key, stored_prefix
     from globe.io.arch import FAMILIES, config_value, get_arch, validate_config
     from globe.io.shards import read_config
     path = Path(path)
@@ -373,21 +373,10 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
     return config
 
 
-def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
-    """Where one layer's GloBE tensors are stored: under the loaded module's path (model.layers.3.mlp.experts) or,
-    where transformers writes hub names, under the hub experts prefix (model.layers.3.block_sparse_moe.experts)."""
-    from globe.formats.checkpoint import state_key
-    candidates = [spec.experts_path(layer)]
-    if spec.per_expert_keys:
-        template = next(iter(spec.per_expert_keys.values()))
-        candidates.append(template.split(".{expert}")[0].format(layer=layer))
-    return next((c for c in candidates if state_key("adapters", family, c) in keys), candidates[0])
-
-
 def _check_indices(path: Path, headers: dict, spec: Any, layers: list[int], families: dict) -> None:
     """Every code index of every layer in [0, m) (the small [E, k] index tensors are read)."""
     from safetensors import safe_open
-    from globe.formats.checkpoint import state_key
+    from globe.formats.checkpoint import state_key, stored_prefix
     handles: dict[Path, Any] = {}
     for layer in layers:
         for family, info in families.items():
