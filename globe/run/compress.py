@@ -116,7 +116,7 @@ def _compress(run: CompressRun, out: Path, dense_dir: Path | None) -> dict:
         if (work / "metrics.jsonl").is_file():
             shutil.copyfile(work / "metrics.jsonl", staging / "metrics.jsonl")
         done["card"] = write_model_card(staging, result, run.command, done["evaluation"],
-                                        str(dense_dir) if dense_dir else None)
+                                        str(dense_dir) if dense_dir else None, shown=out)
 
     try:
         result = _fit(run, work)
