@@ -307,6 +307,16 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
     headers = read_headers(path)
     num_layers = spec.num_layers(config)
 
+    present = {spec.layer_of(name) for name in headers}
+    absent = [layer for layer in range(num_layers) if layer not in present]
+    if absent:
+        raise ArtifactError(f"{path}: no tensor of layer {absent[0]}, but config.json has "
+                            f"{spec.num_layers_keys[0]} = {num_layers}; re-export the checkpoint")
+    beyond = sorted({layer for name in headers if (layer := spec.layer_of(name)) is not None and layer >= num_layers})
+    if beyond:
+        raise ArtifactError(f"{path}: the tensors hold layer {beyond[0]}, but config.json has "
+                            f"{spec.num_layers_keys[0]} = {num_layers}; re-export the checkpoint")
+
     def tensor(name: str, shape: tuple[int, ...], dtypes: tuple[str, ...]) -> None:
         if name not in headers:
             raise ArtifactError(f"{path}: tensor {name} is missing (expected shape {list(shape)} from "
@@ -364,11 +374,6 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         if re.search(r"\.(bank|adapters|code_values|code_indices)\.(gate|up|down)$", name):
             raise ArtifactError(f"{headers[name][0]}: unknown GloBE tensor {name} (not in a MoE layer of "
                                 f"config.json); re-export the checkpoint")
-    present = {spec.layer_of(name) for name in headers}
-    absent = [layer for layer in range(num_layers) if layer not in present]
-    if absent:
-        raise ArtifactError(f"{path}: no tensor of layer {absent[0]}, but config.json has "
-                            f"{spec.num_layers_keys[0]} = {num_layers}; re-export the checkpoint")
     _check_indices(path, headers, spec, layers, families)
     return config
 
