@@ -227,6 +227,7 @@ def load_artifact(path: str | Path, force: bool = False) -> FitResult:
         return load(path)
     from globe.io.arch import get_arch
     config = validate_checkpoint(path, force=force)
+    verify_content(path, force)
     doc = read_document(path / CONFIG_FILE)
     spec, families = get_arch(config), {}
     with open_weights(path) as tensors:
@@ -236,10 +237,11 @@ def load_artifact(path: str | Path, force: bool = False) -> FitResult:
                      timings=doc.get("timings", {}))
 
 
-def describe_compressed(path: str | Path) -> dict:
+def describe_compressed(path: str | Path, force: bool = False) -> dict:
     """What a compressed checkpoint is, from its JSON files only: source, families, mode, params and bytes."""
     path = Path(path)
-    quant = validate_checkpoint(path)["quantization_config"]
+    quant = validate_checkpoint(path, force)["quantization_config"]
+    verify_content(path, force)                          # what it describes is what the files hold
     doc = read_document(path / CONFIG_FILE)
     inv = doc.get("source", {}).get("inventory") or {}
     params, total = doc.get("params", {}), inv.get("total_params")
