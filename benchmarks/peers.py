@@ -4,10 +4,12 @@ For each model directory (default: the embedded model) and each cut of the model
 35, 40 %; the per-family gate/up budget comes from globe's `total_cut_budget`), every selected method compresses
 the routed experts' gate and up projections to the same stored-parameter budget per family, and each result is
 written as a dense Hugging Face checkpoint, reloaded with stock `AutoModelForCausalLM.from_pretrained` and scored:
+  KL                KL(original || compressed) per held-out token, nats (globe.eval.divergence): the headline
+  top-1             how often the compressed model's most likely next token is the original's
   weight error      relative Frobenius error per family (of the reloaded, dtype-rounded weights)
   output error      relative error of the routed experts' summed, routing-weighted output on calibration tokens
                     that no method fitted on (benchmarks/baselines/routed.py)
-  perplexity        non-overlapping windows over the held-out text
+  perplexity        non-overlapping windows over the held-out text (the windows KL and top-1 are measured on)
   fit time          seconds of the method's own fit (shared statistics, Fisher information: reported once)
 Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2moe-llm, d2moe-sharev (whitened
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
@@ -141,7 +143,7 @@ def prepare(model_dir: Path, args) -> dict:
     return {"dir": model_dir, "inv": inv, "window": args.window, "globe_am_iters": args.globe_am_iters,
             "globe_varpro_steps": args.globe_varpro_steps, "weights": read_families(model), "stats_path": str(stats_path),
             "grams": stats.hidden_expert, "freq": stats.counts.double(), "fisher": fisher, "captured": captured,
-            "act": act, "ppl_ids": ppl_ids, "original_ppl": original_ppl,
+            "act": act, "ppl_ids": ppl_ids, "original_ppl": original_ppl, "original": model,
             "info": {"dir": str(model_dir), "model_type": inv.model_type, "total_params": inv.total_params,
                      "layers": len(inv.moe_layers), "experts": inv.num_experts, "p": inv.p, "d": inv.d,
                      "heldout": str(heldout), "heldout_tokens": int(ppl_ids.numel()), "calib": str(calib),
@@ -183,13 +185,16 @@ def globe_fit(method: str, ctx: dict, budget: float, support: int):
 
 
 def score(ctx: dict, checkpoint: Path) -> dict:
-    """Weight error, output error and perplexity of a dense checkpoint, reloaded with stock transformers."""
-    from globe.eval import perplexity
+    """KL and top-1 agreement to the original, weight error, output error and perplexity of a dense checkpoint,
+    reloaded with stock transformers."""
+    from globe.eval import divergence
     model = load_causal_lm(checkpoint)
     recon = read_families(model)
-    return {"rel_err": {f: rel_err(ctx["weights"][f], recon[f]) for f in FAMILIES},
+    div = divergence(ctx["original"], model, ctx["ppl_ids"], ctx["window"])
+    return {"kl": div["kl"], "top1": div["top1"],
+            "rel_err": {f: rel_err(ctx["weights"][f], recon[f]) for f in FAMILIES},
             "output_rel_err": output_error(ctx["weights"], recon, ctx["act"], ctx["captured"]),
-            "perplexity": perplexity(model, ctx["ppl_ids"], ctx["window"])["perplexity"]}
+            "perplexity": div["perplexity"]}
 
 
 def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict | None = None,
@@ -216,9 +221,9 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
         row = {"method": method, "fit_seconds": round(seconds, 1), "params": params,
                "params_ratio": {f: params[f] / dense for f in FAMILIES}, "shape": info, **score(ctx, Path(tmp))}
     row["delta_ppl"] = row["perplexity"] - ctx["original_ppl"]
-    log.info("-%.0f%% %s: rel_err %s, output %.4f, ppl %.3f, fit %.0f s", 100 * ctx["cut"], method,
-             " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES), row["output_rel_err"]["rel_err"],
-             row["perplexity"], seconds)
+    log.info("-%.0f%% %s: KL %.5f, top-1 %.4f, rel_err %s, output %.4f, ppl %.3f, fit %.0f s", 100 * ctx["cut"],
+             method, row["kl"], row["top1"], " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES),
+             row["output_rel_err"]["rel_err"], row["perplexity"], seconds)
     return row
 
 
@@ -266,14 +271,15 @@ def run_cut(ctx: dict, cut: float, args) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """GloBE / MoBE (defaults and best of the sweep) ratios of each error, where both were run."""
+    """GloBE / MoBE (defaults and best of the sweep) ratios of KL and of each error, where both were run."""
     by = {r["method"]: r for r in rows}
     out = {}
     for g in ("globe", "globe-nonlinear", "globe-aware"):
         for m in ("mobe", "mobe-best"):
             if g in by and m in by:
                 a, b = by[g], by[m]
-                out[f"{g}/{m}"] = {**{f: a["rel_err"][f] / b["rel_err"][f] for f in FAMILIES},
+                out[f"{g}/{m}"] = {"kl": a["kl"] / b["kl"] if b["kl"] else None,
+                                   **{f: a["rel_err"][f] / b["rel_err"][f] for f in FAMILIES},
                                    "output": a["output_rel_err"]["rel_err"] / b["output_rel_err"]["rel_err"],
                                    "delta_ppl": a["delta_ppl"] / b["delta_ppl"] if b["delta_ppl"] else None}
     return out
@@ -341,7 +347,8 @@ def print_table(report: dict) -> None:
         for cut in entry["cuts"]:
             print(f"  -{100 * cut['cut']:.0f}% total (budget {cut['budget_per_family']:.3f} per family)")
             for r in cut["rows"]:
-                print(f"    {r['method']:13} gate {r['rel_err']['gate']:.4f} up {r['rel_err']['up']:.4f} "
+                print(f"    {r['method']:13} KL {r['kl']:.5f} top-1 {r['top1']:.4f} "
+                      f"gate {r['rel_err']['gate']:.4f} up {r['rel_err']['up']:.4f} "
                       f"out {r['output_rel_err']['rel_err']:.4f} ppl {r['perplexity']:8.3f} "
                       f"params {r['params_ratio']['gate']:.3f} fit {r['fit_seconds']:6.1f} s")
 

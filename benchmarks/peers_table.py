@@ -1,5 +1,6 @@
-"""Markdown tables of a benchmarks/peers.py JSON: one table per model, one row per (cut, method), the GloBE / MoBE
-ratios below it. The README's results section is pasted from this output.
+"""Markdown tables of a benchmarks/peers.py JSON: one table per model, one row per (cut, method), KL to the original
+first (the headline) with top-1 agreement beside it, the GloBE / MoBE ratios below it. The README's results section
+is pasted from this output. Files written before KL was measured show "-" in its columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
 """
@@ -13,29 +14,36 @@ ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-b
          "globe-aware")
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def model_table(model: dict) -> list[str]:
-    """Rows: cut, method, gate / up weight error, routed output error, perplexity (+ increase), fit seconds."""
+    """Rows: cut, method, KL, top-1, gate / up weight error, routed output error, perplexity (+ increase), fit s."""
     info = model["model"]
     lines = [f"**{Path(info['dir']).name}** ({info['layers']} layers x {info['experts']} experts, p={info['p']}, "
              f"d={info['d']}; original perplexity {info['original_perplexity']:.3f} on {info['heldout_tokens']:,} "
              "held-out tokens)", "",
-             "| cut (budget/family) | method | weight error gate / up | output error | perplexity (increase) | fit s |",
-             "|---|---|---|---|---|---|"]
+             "| cut (budget/family) | method | KL (nats/token) | top-1 agreement | weight error gate / up | "
+             "output error | perplexity (increase) | fit s |",
+             "|---|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         rows = {r["method"]: r for r in cut["rows"]}
         for name in [m for m in ORDER if m in rows]:
             r = rows[name]
             lines.append(f"| -{100 * cut['cut']:.0f} % ({cut['budget_per_family']:.3f}) | {name} | "
+                         f"{_num(r.get('kl'), '.5f')} | {_num(r.get('top1'), '.4f')} | "
                          f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
                          f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} |")
-    lines += ["", "| cut | ratio to MoBE (defaults) | weight gate | weight up | output error | perplexity increase |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | "
+              "perplexity increase |",
+              "|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         for key, ratio in cut["ratios"].items():
             if key.endswith("/mobe"):
                 dppl = "n/a" if ratio["delta_ppl"] is None else f"{ratio['delta_ppl']:.2f}"
-                lines.append(f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {ratio['gate']:.3f} | "
-                             f"{ratio['up']:.3f} | {ratio['output']:.2f} | {dppl} |")
+                lines.append(f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {_num(ratio.get('kl'), '.2f')} | "
+                             f"{ratio['gate']:.3f} | {ratio['up']:.3f} | {ratio['output']:.2f} | {dppl} |")
     return lines
 
 

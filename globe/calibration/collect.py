@@ -87,8 +87,9 @@ def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, per_expert: bool = True,
-                  info: dict | None = None) -> ActivationStats:
-    """Run input_ids ([n] or [b, n]) through `model` in windows of `window` tokens; the layers' ActivationStats."""
+                  info: dict | None = None, batch_tokens: int = 4096) -> ActivationStats:
+    """Run input_ids ([n] or [b, n]: b independent sequences) through `model` in windows of `window` tokens, as
+    many rows per forward as fit in batch_tokens; the layers' ActivationStats."""
     modules = experts_modules(model)
     layout = model_arch(model)[0].layout
     if not modules:
@@ -113,9 +114,10 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
     model.eval()
     try:
         device = next(model.parameters()).device
-        starts = range(0, ids.shape[1], window)
-        for start in progress(starts, "calibrate"):
-            model(input_ids=ids[:, start:start + window].to(device), use_cache=False)
+        rows = max(1, batch_tokens // window)                                       # rows of ids per pass
+        passes = [(r, s) for r in range(0, ids.shape[0], rows) for s in range(0, ids.shape[1], window)]
+        for row, start in progress(passes, "calibrate"):
+            model(input_ids=ids[row:row + rows, start:start + window].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,7 +1,8 @@
 """`globe compress MODEL_DIR -o OUT [--total-cut C | --budget F] [--calibration-text FILE] [--dense] [--text FILE]`:
-the users' main job in one step: fit the banks, write the compressed checkpoint (loadable with transformers'
-from_pretrained after `import globe`) with a model card, optionally the dense checkpoint and an evaluation.
-The run is globe.run.compress.run_compress; the fit options are those of `globe fit`.
+the users' main job in one step: calibrate (on the given text, else on text the model samples itself), fit the
+banks activation-aware, write the compressed checkpoint (loadable with transformers' from_pretrained after
+`import globe`) with a model card, optionally the dense checkpoint and an evaluation (perplexity, KL and top-1
+agreement to the original). The run is globe.run.compress.run_compress; the fit options are those of `globe fit`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli import dry_run
 from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
-from globe.run.compress import CompressRun, run_compress
+from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 
 FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
@@ -30,12 +31,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     cut.add_argument("--total-cut", type=float, metavar="C",
                      help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25 (default: --budget 0.5)")
     cut.add_argument("--budget", type=float, metavar="F", help="stored / dense params per family (default 0.5)")
-    p.add_argument("--calibration-text", metavar="FILE",
-                   help="text to collect activation statistics on: the fit then minimises the activation-weighted error")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--calibration-text", metavar="FILE",
+                     help="text to collect activation statistics on (default: text the model samples itself, seeded "
+                          "with --seed); the fit minimises the activation-weighted error")
+    cal.add_argument("--no-calibration", action="store_true",
+                     help="fit in weight space: no calibration, the plain Frobenius error of the weights")
+    p.add_argument("--activation-steps", type=int,
+                   help="L-BFGS evaluations of the activation-aware refinement of a calibrated fit (default 100)")
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
+                   help=f"tokens to calibrate on: the first N of --calibration-text, or N sampled from the model "
+                        f"(default {DEFAULT_CALIBRATION_TOKENS})")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
-    p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens of --text scored (default 4096; 0: all)")
+    p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
+                                                  "perplexity, and KL and top-1 agreement of the compressed one")
+    p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
+                   help="score only the first N tokens of --text (default 0: all of it)")
     add_fit_options(p)
     p.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing its files")
@@ -47,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
     """The `globe fit` namespace these options stand for (the rest at fit's defaults)."""
-    fit = argparse.Namespace(config=None, checkpoint_every=None, calibration=None, activation_steps=None,
-                             per_layer=False, routing_weights=False, device=args.device)
+    fit = argparse.Namespace(config=None, checkpoint_every=None, calibration=None,
+                             activation_steps=args.activation_steps, per_layer=False, routing_weights=False,
+                             device=args.device)
     for name in FIT_OPTIONS:
         setattr(fit, name, getattr(args, name))
     return fit
@@ -63,20 +76,37 @@ def run(args: argparse.Namespace) -> int:
     command = "globe " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=build_config(_fit_args(args)),
                                    total_cut=args.total_cut, calibration_text=args.calibration_text,
+                                   calibration_tokens=args.calibration_tokens, calibrate=not args.no_calibration,
                                    dense=args.dense, dense_out=args.dense_out, text=args.text,
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
                                    device=args.device, command=command, metrics=args.metrics))
     result, cut = out["result"], total_cut_of(out["result"])
+    print(calibration_line(result.source.get("calibration") or {}))
     for name, row in fit_summary(result).items():
+        minimised = f" (activation-weighted, minimised: {row['act_rel_err']:.4f})" if "act_rel_err" in row else ""
         print(f"{name:6} m={row['m']} r={row['r']} params {row['params_ratio']:.3f} of dense, "
-              f"rel_err {row['rel_err']:.4f}, median support {row['median_support']:.1f}")
+              f"rel_err {row['rel_err']:.4f} (weights){minimised}, median support {row['median_support']:.1f}")
     if cut is not None:
         print(f"total parameters cut by {100 * cut:.2f} %")
-    if out["evaluation"]:
-        for name, rep in out["evaluation"].items():
-            print(f"{name:10} perplexity {rep['perplexity']['perplexity']:.4f} over {rep['perplexity']['tokens']:,} "
-                  f"tokens, {rep['footprint']['model_bytes']:,} bytes held")
+    for name, rep in (out["evaluation"] or {}).items():
+        div = rep.get("divergence")
+        behaviour = f", KL {div['kl']:.5f} nats/token, top-1 agreement {div['top1']:.4f}" if div else ""
+        print(f"{name:10} perplexity {rep['perplexity']['perplexity']:.4f}{behaviour} over "
+              f"{rep['perplexity']['tokens']:,} tokens, {rep['footprint']['model_bytes']:,} bytes held")
     print(f"compressed checkpoint written to {out['out']} (model card {out['card'].name}; load it with "
           f"AutoModelForCausalLM.from_pretrained after `import globe`)" +
           (f"; dense checkpoint in {out['dense']}" if out["dense"] else ""))
     return 0
+
+
+def calibration_line(info: dict) -> str:
+    """Where the calibration of a compress run came from, in one line."""
+    kind = info.get("source", "none")
+    if kind == "self-generated":
+        return (f"calibrated on {info['tokens']:,} tokens the model generated itself (seed {info['seed']}, "
+                f"temperature {info['temperature']:g})")
+    if kind == "text":
+        return f"calibrated on the first {info['tokens']:,} tokens of {info['text']}"
+    if kind == "statistics file":
+        return f"calibrated with the statistics in {info['stats']}"
+    return "not calibrated: weight-space fit"

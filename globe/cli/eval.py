@@ -1,11 +1,14 @@
-"""`globe eval [MODEL_DIR_OR_HF_DIR] [--globe OUT] [--mode M] [--text FILE] [--json]`: perplexity, speed, memory;
+"""`globe eval [MODEL_DIR_OR_HF_DIR] [--globe OUT] [--mode M] [--text FILE] [--original DIR] [--json]`: perplexity,
+KL(original || compressed) per token and top-1 agreement to the original where it is known, speed, memory;
 with `--tasks t1,t2 [--task-dir DIR]`: zero-shot tasks through lm-evaluation-harness instead (globe.eval.harness).
 
 MODEL_DIR_OR_HF_DIR is an ordinary Hugging Face checkpoint (original or a `globe export --dense` one), optionally
 patched with the artifact OUT, or a compressed checkpoint from `globe export` (its artifact is inside). The
 default model is the embedded one and the default text its held-out split. Cached layers are warmed up from
 routing counts on --calib (default: the first --warmup-tokens tokens of the text; outputs do not depend on it),
-and the hit rate is counted while decoding the last --hit-tokens tokens one by one. The runs themselves are
+and the hit rate is counted while decoding the last --hit-tokens tokens one by one. The original a compressed
+model is compared with is MODEL_DIR under --globe, the source a compressed checkpoint records, or --original.
+The runs themselves are
 globe.run.evaluate's; the options shared with `globe bench` are in globe.cli.eval_options.
 """
 from __future__ import annotations
@@ -25,9 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity, tokens/s, memory and cache hit rate of a (compressed) model",
+    p = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to the original, tokens/s, memory and "
+                                    "cache hit rate of a (compressed) model",
                        description="Evaluate a model, optionally patched with a GloBE artifact: sliding-window "
-                                   "perplexity, prefill and greedy-decode tokens/s, memory, cache hit rate and the "
+                                   "perplexity, KL(original || compressed) per token and top-1 agreement on the same "
+                                   "windows (where the original is known), prefill and "
+                                   "greedy-decode tokens/s, memory, cache hit rate and the "
                                    "routed-expert parameter counts before/after. --plots DIR also writes PNG plots "
                                    "of the artifact (error vs budget, per-layer error, supports, atoms, AM history).")
     a = p.add_argument
@@ -37,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--mode", default=CacheConfig.mode, choices=MODES,
       help=f"GloBE runtime mode (default {CacheConfig.mode})")
     add_eval_options(p)
+    a("--original", metavar="DIR",
+      help="the uncompressed model to measure KL and top-1 agreement against (default: MODEL_DIR under --globe, "
+           "or the source a compressed checkpoint records, when it is here)")
+    a("--no-kl", action="store_true", help="skip KL and top-1 agreement to the original (it is not loaded)")
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
     a("--sweep", metavar="JSON", help="budget sweep of this checkpoint for error_vs_budget.png (from `globe sweep`)")
     a("--json", action="store_true", help="print the full report as JSON")
@@ -56,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
         return print_tasks(args)
-    report = run_eval(model_load(args), eval_text(args), metrics=args.metrics, plots=args.plots, sweep=args.sweep)
+    report = run_eval(model_load(args), eval_text(args), metrics=args.metrics, plots=args.plots, sweep=args.sweep,
+                      original=args.original, compare=not args.no_kl)
     print(json_text(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -82,6 +93,11 @@ def format_report(report: dict) -> str:
              f"GloBE mode {m['globe_mode'] or 'none'})",
              f"perplexity   {ppl['perplexity']:.4f} over {ppl['tokens']:,} tokens "
              f"(window {ppl['max_length']}, stride {ppl['stride']})"]
+    div = report.get("divergence")
+    if div:
+        lines.append(f"vs original  KL {div['kl']:.5f} nats/token, top-1 agreement {div['top1']:.4f} over "
+                     f"{div['tokens']:,} tokens (original perplexity {div['reference_perplexity']:.4f}; "
+                     f"{div['original']})")
     if "speed" in report:
         s = report["speed"]
         lines += [f"prefill      {s['prefill_tok_s']:,.1f} tok/s ({s['prefill_tokens']} tokens)",

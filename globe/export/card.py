@@ -1,4 +1,5 @@
-"""Model card (README.md) of an export: source, method, config, per-family metrics, params and bytes, command.
+"""Model card (README.md) of an export: source, method, calibration, config, per-family metrics, params and bytes,
+evaluation (perplexity, KL and top-1 agreement to the original), command.
 
     write_model_card("compressed/", result, command="globe compress ...", evaluation=report)
 
@@ -19,14 +20,41 @@ def _disk_bytes(path: Path) -> int:
 
 
 def _metrics_table(result: FitResult) -> list[str]:
-    rows = ["| family | m | r | stored / dense params | rel_err (weights) | median support |",
-            "|---|---|---|---|---|---|"]
+    aware = any("act_rel_err" in fam.metrics for fam in result.families.values())
+    rows = ["| family | m | r | stored / dense params | rel_err (weights) |"
+            + (" rel_err (activation-weighted, minimised) |" if aware else "") + " median support |",
+            "|---|---|---|---|---|---|" + ("---|" if aware else "")]
     for name, fam in result.families.items():
         m, params = fam.metrics, fam.param_count()
+        act = f" {m['act_rel_err']:.4f} |" if "act_rel_err" in m else (" - |" if aware else "")
         rows.append(f"| {name} | {fam.shape['m']} | {fam.shape['r']} | {params['stored']:,} / {params['dense']:,} "
-                    f"({params['stored'] / params['dense']:.3f}) | {m.get('rel_err', float('nan')):.4f} | "
+                    f"({params['stored'] / params['dense']:.3f}) | {m.get('rel_err', float('nan')):.4f} |{act} "
                     f"{m.get('median_support', float('nan')):.1f} |")
     return rows
+
+
+def _calibration(result: FitResult) -> list[str]:
+    """Where the activation statistics of the fit came from, and the options of the activation-aware fit."""
+    info = result.source.get("calibration")
+    if not info:
+        return []
+    kind, act = info.get("source"), result.config.activation
+    if kind == "self-generated":
+        what = (f"{info['tokens']:,} tokens the model generated itself (data-free): {info.get('length', '?')}-token "
+                f"sequences sampled at temperature {info['temperature']:g} from {info.get('start', 'its BOS token')}, "
+                f"seed {info['seed']}")
+    elif kind == "text":
+        what = f"the first {info['tokens']:,} tokens of `{info['text']}`"
+    elif kind == "statistics file":
+        what = f"the statistics file `{info['stats']}`"
+    else:
+        return ["", "## Calibration", "", "None: the fit minimised the weights' own (Frobenius) error."]
+    options = (f"per-expert second moments blended with the layer's ({act.prior_tokens:g} tokens prior), damping "
+               f"{act.damp:g}, {act.steps} activation-aware refinement steps, routing weights "
+               f"{'on' if act.routing_weights else 'off'}, channel weights {'on' if act.channel_weights else 'off'}"
+               if act.per_expert else f"per-layer second moments, damping {act.damp:g}, {act.steps} refinement steps")
+    return ["", "## Calibration", "", f"Activation-aware fit (minimising the error of the experts' outputs on their "
+            f"inputs) calibrated on {what}; {options}."]
 
 
 def _size_table(result: FitResult, out: Path) -> list[str]:
@@ -46,11 +74,17 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
 def _evaluation(evaluation: dict | None) -> list[str]:
     if not evaluation:
         return []
-    lines = ["", "## Evaluation", "", "| model | perplexity | tokens | decode tok/s | bytes held |", "|---|---|---|---|---|"]
+    lines = ["", "## Evaluation", "",
+             "KL(original || compressed) in nats per token and top-1 agreement (how often both models' most likely "
+             "next token is the same), on the same windows as the perplexity.", "",
+             "| model | KL to the original | top-1 agreement | perplexity | tokens | decode tok/s | bytes held |",
+             "|---|---|---|---|---|---|---|"]
     for name, rep in evaluation.items():
-        ppl, speed, fp = rep["perplexity"], rep.get("speed", {}), rep["footprint"]
+        ppl, speed, fp, div = rep["perplexity"], rep.get("speed", {}), rep["footprint"], rep.get("divergence")
         decode = f"{speed['decode_tok_s']:.1f}" if "decode_tok_s" in speed else "-"
-        lines.append(f"| {name} | {ppl['perplexity']:.4f} | {ppl['tokens']:,} | {decode} | {fp['model_bytes']:,} |")
+        kl, top1 = (f"{div['kl']:.5f}", f"{div['top1']:.4f}") if div else ("-", "-")
+        lines.append(f"| {name} | {kl} | {top1} | {ppl['perplexity']:.4f} | {ppl['tokens']:,} | {decode} | "
+                     f"{fp['model_bytes']:,} |")
     return lines
 
 
@@ -91,13 +125,23 @@ def _unusual(result: FitResult) -> list[str]:
     return lines
 
 
+def _config(result: FitResult) -> dict:
+    """The fit config as recorded, the calibration statistics named by where they came from (the file of a
+    compress run is deleted once the fit is done)."""
+    cfg = result.config.to_dict()
+    info = result.source.get("calibration") or {}
+    if cfg.get("activation", {}).get("stats") and info.get("source") in ("self-generated", "text"):
+        cfg["activation"]["stats"] = f"(statistics of the run's calibration: {info['source']}, see Calibration)"
+    return cfg
+
+
 def model_card(result: FitResult, out: Path, command: str | None = None, evaluation: dict | None = None,
                dense_dir: str | None = None, shown: Path | None = None) -> str:
     """The README.md text of a compressed export in `out` (named `shown` in the text: where it will live when
     `out` is the staging directory of the export)."""
     files, out = out, shown or out
     src = result.source.get("model_dir", "?")
-    cfg = result.config.to_dict()
+    cfg = _config(result)
     lines = ["---", "library_name: transformers", "tags: [globe, moe, compression]", "---", "",
              f"# GloBE-compressed {Path(str(src)).name}", "",
              f"Source: `{src}` ({result.source.get('model_type', '?')}).", "",
@@ -106,8 +150,8 @@ def model_card(result: FitResult, out: Path, command: str | None = None, evaluat
              "alpha and a per-expert adapter A_i. Shared experts, routers, attention and dense layers are untouched.",
              "", "## Load", "", "```python", "import globe, torch", "from transformers import AutoModelForCausalLM",
              f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.bfloat16)   # after `import globe`",
-             "```", "", "## Families", "", *_metrics_table(result), *_unusual(result), "", "## Size", "",
-             *_size_table(result, files)]
+             "```", "", "## Families", "", *_metrics_table(result), *_unusual(result), *_calibration(result), "",
+             "## Size", "", *_size_table(result, files)]
     lines += _evaluation(evaluation)
     if dense_dir:
         lines += ["", f"A dense-reconstructed checkpoint (stock transformers, no globe needed) is in `{dense_dir}`."]

@@ -1,13 +1,20 @@
 """Calibration runs: activation statistics of a model's routed experts on calibration text, written to one file.
 
     stats = run_calibrate(CalibrateRun(model_dir, "calib.txt", "stats.safetensors"))
+    stats = run_calibrate(CalibrateRun(model_dir, None, "stats.safetensors", seed=0))   # text the model writes
+
+Without a text file the calibration text is sampled from the model itself (globe.calibration.self_text: seeded,
+data-free). stats.info["calibration"] says where the tokens came from: {"source": "text", "text", "tokens",
+"text_tokens"} or {"source": "self-generated", "tokens", "seed", "temperature", "length", ...}.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from globe.calibration import ActivationStats, collect_stats, save_stats
+from globe.calibration.self_text import SelfText, self_generated_ids, start_tokens
 from globe.core import outputs
 from globe.device import resolve_device
 from globe.errors import ConfigError
@@ -15,39 +22,75 @@ from globe.eval import encode_text
 from globe.export import load_model
 from globe.run.tokenizer import check_text_file, load_tokenizer, read_text
 
+log = logging.getLogger(__name__)
+DEFAULT_TOKENS = 32768
+
 
 @dataclass
 class CalibrateRun:
-    """Model, calibration text, output file, and how much of the text to run through in which windows."""
+    """Model, calibration text (None: sampled from the model), output file, and how much text in which windows."""
 
     model_dir: str
-    text: str
+    text: str | None
     out: str
-    max_tokens: int = 32768                   # 0 / None: the whole text
+    max_tokens: int = DEFAULT_TOKENS          # 0 / None: the whole text (a text file only)
     window: int = 256
     layer_only: bool = False                  # per-layer statistics only (no per-expert C)
     tokenizer: str | None = None              # default: the model directory
     device: str = "cpu"
     overwrite: bool = False                   # replace an existing output file
+    seed: int = 0                             # self-generated text: the sampling seed
+    flag: str = "--text"                      # the option the text came from, for messages
+
+
+def check_calibrate_run(run: CalibrateRun) -> Path | None:
+    """ConfigError / ModelDirError naming the option before any work; the text file's path (None: self-generated)."""
+    if run.window < 1 or (run.max_tokens or 0) < 0:
+        raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {run.window}, "
+                          f"--max-tokens {run.max_tokens})")
+    if run.text is None:
+        if not run.max_tokens or run.max_tokens < 2:
+            raise ConfigError(f"self-generated calibration needs a token count >= 2 (got {run.max_tokens})")
+        SelfText(tokens=run.max_tokens, length=run.window, seed=run.seed).check()
+        return None
+    path = check_text_file(run.text, run.flag)
+    read_text(path, run.flag, 64 * run.max_tokens or None)            # UTF-8 and not empty, or one line now
+    return path
+
+
+def _text_ids(run: CalibrateRun, text_path: Path):
+    """(ids [1, n], provenance) of the first max_tokens tokens of the text file."""
+    text = read_text(text_path, run.flag, 64 * run.max_tokens or None)       # ~4 characters per token: plenty
+    tokenizer = load_tokenizer(run.tokenizer or run.model_dir)
+    all_ids = encode_text(tokenizer, text)
+    ids = all_ids[:run.max_tokens] if run.max_tokens else all_ids
+    if ids.numel() < 2:
+        raise ConfigError(f"{run.flag} file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
+                          f"pass a longer text")
+    if run.max_tokens and ids.numel() < run.max_tokens:
+        log.warning("%s file %s has %d tokens, fewer than the %d asked for: calibrating on all of them", run.flag,
+                    text_path, ids.numel(), run.max_tokens)
+    info = {"source": "text", "text": str(text_path.resolve()), "tokens": int(ids.numel()),
+            "read_tokens": int(all_ids.numel()), "window": run.window}
+    return ids.reshape(1, -1), info
 
 
 def run_calibrate(run: CalibrateRun) -> ActivationStats:
     """Collect the statistics and write them to run.out; returns them. The output file is never an input,
     is replaced only with overwrite, and is locked while the run lasts (globe.core.outputs.claim_output_file)."""
-    if run.window < 1 or (run.max_tokens or 0) < 0:
-        raise ConfigError(f"--window must be >= 1 and --max-tokens >= 0 (got --window {run.window}, "
-                          f"--max-tokens {run.max_tokens})")
-    text_path = check_text_file(run.text, "--text")
+    text_path = check_calibrate_run(run)
     inputs = [run.model_dir, text_path, run.tokenizer]
     with outputs.claim_output_file(run.out, "calibrate", run.overwrite, inputs=inputs):
-        text = read_text(text_path, "--text", 64 * run.max_tokens or None)   # ~4 characters per token: plenty
         model = load_model(run.model_dir, device=str(resolve_device(run.device)))   # validates the directory
-        tokenizer = load_tokenizer(run.tokenizer or run.model_dir)
-        ids = encode_text(tokenizer, text)[:run.max_tokens] if run.max_tokens else encode_text(tokenizer, text)
-        if ids.numel() < 2:
-            raise ConfigError(f"--text file {text_path} gives {ids.numel()} token(s); calibration needs at least 2, "
-                              f"pass a longer text")
+        if text_path is not None:
+            ids, info = _text_ids(run, text_path)
+        else:
+            spec = SelfText(tokens=run.max_tokens, length=run.window, seed=run.seed)
+            ids = self_generated_ids(model, spec)
+            info = {**spec.describe(), "tokens": int(ids.numel()), "length": int(ids.shape[1]),
+                    "start": start_tokens(model, spec), "window": run.window}
         stats = collect_stats(model, ids, window=run.window, per_expert=not run.layer_only,
-                              info={"model_dir": str(Path(run.model_dir).resolve()), "text": str(text_path.resolve())})
+                              info={"model_dir": str(Path(run.model_dir).resolve()), "text": info.get("text"),
+                                    "calibration": info})
         save_stats(stats, run.out)
     return stats

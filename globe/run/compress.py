@@ -1,6 +1,13 @@
-"""Compress runs: fit, compressed export, optional dense export and evaluation, model card, in one step.
+"""Compress runs: calibration, fit, compressed export, optional dense export and evaluation, model card, in one step.
 
     out = run_compress(CompressRun("path/to/model", "compressed/", total_cut=0.25, text="heldout.txt"))
+
+The fit is activation-aware by default: calibrated on calibration_text when given, else on text the model samples
+itself (globe.calibration.self_text, seeded with the fit's seed; no data, no network), calibration_tokens tokens
+either way; calibrate=False fits in weight space. Where the calibration came from is recorded in the artifact's
+source (result.source["calibration"], so globe_config.json) and in the model card. With `text` the original and
+the compressed model are scored on all of it (or its first eval_tokens tokens), the compressed one also by KL and
+top-1 agreement to the original.
 
 OUT becomes the compressed checkpoint (AutoModelForCausalLM.from_pretrained(OUT) after `import globe`) with
 README.md (model card), globe_config.json and metrics.jsonl of the fit (elsewhere with metrics=FILE); --dense adds the dense-reconstructed
@@ -21,13 +28,15 @@ from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
-from globe.run.calibrate import CalibrateRun, run_calibrate
+from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate
 from globe.run.evaluate import EvalText, evaluate_isolated
 from globe.run.fit import FitRun, apply_total_cut, run_fit
 from globe.run.load import ModelLoad
+from globe.run.tokenizer import read_text
 
 log = logging.getLogger(__name__)
 WORK_DIR = outputs.WORK_DIR               # removed by the next run on OUT if a run is killed
+DEFAULT_CALIBRATION_TOKENS = 8192         # what the embedded model's main job affords in its time limit
 
 
 @dataclass
@@ -38,33 +47,53 @@ class CompressRun:
     out: str
     config: FitConfig = field(default_factory=FitConfig)
     total_cut: float | None = None
-    calibration_text: str | None = None       # activation-aware fit on statistics of this text
+    calibration_text: str | None = None       # activation-aware fit on statistics of this text (None: self-generated)
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS   # tokens calibrated on (of the text, or sampled)
+    calibrate: bool = True                    # False: weight-space fit, no calibration
     dense: bool = False
     dense_out: str | None = None              # default: OUT-dense
     text: str | None = None                   # evaluate original and compressed on this text
-    eval_tokens: int | None = 4096            # tokens of --text scored (None: all)
+    eval_tokens: int | None = None            # tokens of --text scored (None: all)
     overwrite: bool = False
     device: str = "cpu"
     command: str | None = None                # the command line, for the model card
     metrics: str | None = None                # JSONL of the fit's metrics (default OUT/metrics.jsonl)
 
 
-def _fit(run: CompressRun, work: Path) -> FitResult:
+def _calibration(run: CompressRun) -> CalibrateRun | None:
+    """The calibration this run does (None: none, weight space or statistics already given); checked now."""
+    if not run.calibrate or run.config.activation.stats:
+        return None
+    cal = CalibrateRun(run.model_dir, run.calibration_text, "", max_tokens=run.calibration_tokens,
+                       device=run.device, seed=run.config.train.seed, flag="--calibration-text")
+    check_calibrate_run(cal)
+    return cal
+
+
+def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitResult:
     cfg = run.config
     if run.total_cut is not None:
         apply_total_cut(cfg, run.model_dir, run.total_cut)
-    if run.calibration_text:
-        stats = work / "calibration.safetensors"
-        run_calibrate(CalibrateRun(run.model_dir, run.calibration_text, str(stats), device=run.device))
-        cfg.activation.stats = str(stats)
-    return run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
-                          metrics=run.metrics or str(work / "metrics.jsonl")))   # OUT/metrics.jsonl at the swap
+    info = None
+    if calibration is not None:
+        calibration.out = str(work / "calibration.safetensors")
+        stats = run_calibrate(calibration)
+        cfg.activation.stats = calibration.out
+        info = stats.info.get("calibration")
+    elif cfg.activation.stats:
+        info = {"source": "statistics file", "stats": str(Path(cfg.activation.stats).resolve())}
+    result = run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
+                            metrics=run.metrics or str(work / "metrics.jsonl")))   # OUT/metrics.jsonl at the swap
+    result.source["calibration"] = info or {"source": "none (weight-space fit)"}
+    return result
 
 
-def _evaluate(run: CompressRun, out: Path) -> dict:
+def _evaluate(run: CompressRun, out: Path, original: str) -> dict:
+    """The original and the compressed model on run.text, each in its own process; the compressed one also by KL
+    and top-1 agreement to the original."""
     text = EvalText(text=run.text, max_tokens=run.eval_tokens, repeats=1, decode_tokens=16, prefill_tokens=64)
-    return {"original": evaluate_isolated(ModelLoad(run.model_dir, device=run.device), text),
-            "compressed": evaluate_isolated(ModelLoad(str(out), device=run.device), text)}
+    return {"original": evaluate_isolated(ModelLoad(run.model_dir, device=run.device), text, compare=False),
+            "compressed": evaluate_isolated(ModelLoad(str(out), device=run.device), text, original=original)}
 
 
 def run_compress(run: CompressRun) -> dict:
@@ -76,6 +105,11 @@ def run_compress(run: CompressRun) -> dict:
     check_inputs(run)
     out = Path(run.out)
     dense_dir = Path(run.dense_out or f"{str(out).rstrip('/')}-dense") if run.dense else None
+    if run.eval_tokens is not None and run.eval_tokens < 2:
+        raise ConfigError(f"--eval-tokens must be >= 2 (got {run.eval_tokens}); leave it out to score all of --text")
+    calibration = _calibration(run)                    # a bad --calibration-text or count fails before any work
+    if run.text:
+        read_text(run.text, "--text")                  # and so does a missing, empty or non-UTF-8 --text
     inputs = [run.model_dir, run.calibration_text, run.text, run.config.activation.stats]
     if run.metrics:
         outputs.check_not_an_input(Path(run.metrics), inputs, flag="--metrics")
@@ -86,30 +120,24 @@ def run_compress(run: CompressRun) -> dict:
             outputs.check_not_an_input(dense_dir, [out])
             claims.enter_context(outputs.claim_output_dir(dense_dir, "compress", run.overwrite,
                                                           what="dense checkpoint", inputs=inputs, keep=()))
-        return _compress(run, out, dense_dir)
+        return _compress(run, out, dense_dir, calibration)
 
 
 def check_inputs(run: CompressRun) -> None:
     """Every input file and option, before any fitting, loading or writing; messages name the flag."""
     from globe.export.files import check_source_model
-    from globe.io.text import read_text
     check_source_model(run.model_dir, "MODEL_DIR")
-    if run.text:
-        read_text(run.text, "--text")
-    if run.calibration_text:
-        read_text(run.calibration_text, "--calibration-text")
-    if run.eval_tokens is not None and run.eval_tokens < 0:
-        raise ConfigError(f"--eval-tokens must be >= 0 (got {run.eval_tokens})")
     if run.total_cut is not None and not 0 < run.total_cut < 1:
         raise ConfigError(f"--total-cut must be in (0, 1) (got {run.total_cut})")
 
 
-def _compress(run: CompressRun, out: Path, dense_dir: Path | None) -> dict:
+def _compress(run: CompressRun, out: Path, dense_dir: Path | None, calibration: CalibrateRun | None) -> dict:
     work = out / WORK_DIR
     done: dict = {}
 
     def finish(staging: Path) -> None:               # inside the export's staging directory: one atomic step
-        done["evaluation"] = _evaluate(run, staging) if run.text else None
+        done["evaluation"] = _evaluate(run, staging, result.source.get("model_dir", run.model_dir)) \
+            if run.text else None
         for rep in (done["evaluation"] or {}).values():
             rep.get("model", {})["path"] = str(out) if rep.get("model", {}).get("path") == str(staging) \
                 else rep.get("model", {}).get("path")
@@ -119,7 +147,7 @@ def _compress(run: CompressRun, out: Path, dense_dir: Path | None) -> dict:
                                         str(dense_dir) if dense_dir else None, shown=out)
 
     try:
-        result = _fit(run, work)
+        result = _fit(run, work, calibration)
         save_compressed(run.model_dir, result, out, finish=finish)   # staged beside OUT, swapped in whole
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -2,6 +2,10 @@
 (`globe bench`), each on a model from globe.run.load.
 
     report = evaluate_model(ModelLoad(model_dir, artifact="out/"), EvalText(text="heldout.txt"))
+    report["divergence"]     # KL(original || compressed) per token, top-1 agreement (globe.eval.divergence)
+
+A compressed model is compared with its original (original_for: the model under --globe, the source a compressed
+checkpoint records, or --original) on the same windows, after its own perplexity, speed and memory are measured.
     doc = run_bench(model_dir, "out/", ["cached", "dense"], EvalText(), ModelLoad(model_dir))
 """
 from __future__ import annotations
@@ -15,18 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from globe import tracking
-from globe.formats.artifact import BANKS_FILE
+from globe.formats.artifact import BANKS_FILE, CONFIG_FILE
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core import outputs
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
-from globe.errors import ArtifactError, GlobeError
-from globe.eval import encode_text, evaluate
+from globe.device import compute_dtype, resolve_device
+from globe.errors import ArtifactError, GlobeError, ModelDirError
+from globe.eval import divergence, encode_text, evaluate
 from globe.eval.harness import prepare_tasks, run_tasks
 from globe.eval.plots import check_sweep_model, sweep_model, write_plots
 from globe.formats.sweep import read_sweep
 from globe.artifact import check_same_weights
-from globe.export import is_compressed, load_artifact
+from globe.export import is_compressed, load_artifact, load_model
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval
 from globe.run.tokenizer import read_text
@@ -60,30 +65,82 @@ def _source_of(spec: ModelLoad) -> Path:
     return Path(spec.model_dir).resolve()
 
 
-def evaluate_model(spec: ModelLoad, text: EvalText) -> dict:
-    """evaluate() of the model described by spec, as a JSON-serialisable report."""
+def original_for(spec: ModelLoad, original: str | None = None) -> tuple[str | None, str]:
+    """(the original model directory to compare `spec` with, or None; why). `original`: an explicit one
+    (--original); else the checkpoint under --globe, or the source a compressed checkpoint records (when it is
+    here and holds the weights the fit saw). A plain checkpoint without an artifact has none: it is the original."""
+    if original:
+        if not (Path(original) / "config.json").is_file():
+            raise ModelDirError(f"--original {original} is not a checkpoint directory (no config.json)")
+        return str(original), "given"
+    if spec.artifact is not None:
+        return str(spec.model_dir), "the checkpoint the artifact is applied to"
+    if not is_compressed(spec.model_dir):
+        return None, "no artifact: this is the original"
+    try:
+        source = json.loads((Path(spec.model_dir) / CONFIG_FILE).read_text()).get("source") or {}
+    except (OSError, ValueError):
+        source = {}
+    src = source.get("model_dir")
+    if not src or not (Path(src) / "config.json").is_file():
+        return None, (f"its source model {src or '(not recorded)'} is not here (pass --original DIR for KL and top-1 "
+                      f"agreement)")
+    fitted = source.get("content_hash")
+    if fitted:
+        from globe.io import open_checkpoint
+        with open_checkpoint(src) as reader:
+            if reader.content_hash() != fitted:
+                return None, f"its source model {src} now holds other weights than those it was fitted on"
+    return str(src), "the recorded source"
+
+
+def add_divergence(report: dict, model, ids, spec: ModelLoad, text: EvalText, original: str) -> dict:
+    """report["divergence"]: KL(original || model) and top-1 agreement on the windows the perplexity scored.
+    The original is loaded only now, after the model's own memory and speed were measured."""
+    device = resolve_device(spec.device)
+    reference = load_model(original, dtype=compute_dtype(original, device, spec.dtype), device=str(device))
+    div = divergence(reference, model, ids, max_length=text.max_length, stride=text.stride, max_tokens=text.max_tokens)
+    report["divergence"] = {**div, "original": str(original)}
+    log.info("KL to the original %.5f nats/token, top-1 agreement %.4f over %d tokens", div["kl"], div["top1"],
+             div["tokens"])
+    del reference
+    return report
+
+
+def evaluate_model(spec: ModelLoad, text: EvalText, original: str | None = None, compare: bool = True) -> dict:
+    """evaluate() of the model described by spec, as a JSON-serialisable report; with compare, also KL and top-1
+    agreement to its original (original_for(spec, original)), or report["divergence"] = None and one log line
+    saying why there is none."""
     body = read_text(text.text, "--text")                              # before the (slow) model load
     calib_text = read_text(text.calib, "--calib") if text.calib else None
+    reference, why = original_for(spec, original) if compare else (None, "not asked")
     model, tokenizer = load_for_eval(spec)
     if Path(text.text).resolve() == DEFAULT_TEXT.resolve() and _source_of(spec) != DEFAULT_MODEL_DIR.resolve():
         log.warning("scoring %s, the embedded model's held-out text, on %s: pass --text FILE for this model's own",
                     text.text, spec.model_dir)
-    calib = calib_text if text.calib else encode_text(tokenizer, body)[:text.warmup_tokens]
-    report = evaluate(model, tokenizer, body, max_length=text.max_length, stride=text.stride,
+    ids = encode_text(tokenizer, body)
+    calib = calib_text if text.calib else ids[:text.warmup_tokens]
+    report = evaluate(model, tokenizer, ids, max_length=text.max_length, stride=text.stride,
                       max_tokens=text.max_tokens, prefill_tokens=text.prefill_tokens,
                       decode_tokens=text.decode_tokens, repeats=text.repeats, calibration_text=calib,
                       hit_tokens=text.hit_tokens, skip_speed=text.no_speed)
     report["model"]["path"] = str(spec.model_dir)
-    report["model"]["artifact"] = spec.artifact
+    report["model"]["artifact"] = spec.artifact if not isinstance(spec.artifact, FitResult) else "(in memory)"
     ppl = report["perplexity"]["perplexity"]
     if not math.isfinite(ppl):
         log.warning("perplexity of %s is %s: the model produces non-finite logits on this text", spec.model_dir, ppl)
+    report["divergence"] = None
+    if reference is not None:
+        add_divergence(report, model, ids, spec, text, reference)
+    elif compare and (spec.artifact is not None or is_compressed(spec.model_dir)):
+        log.warning("no KL or top-1 agreement for %s: %s; perplexity only", spec.model_dir, why)
     return report
 
 
 def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots: str | None = None,
-             sweep: str | None = None) -> dict:
-    """evaluate_model with the report appended to `metrics` (JSONL), and PNG plots of the artifact into `plots`."""
+             sweep: str | None = None, original: str | None = None, compare: bool = True) -> dict:
+    """evaluate_model (KL and top-1 agreement to `original` or the one original_for finds, unless not compare)
+    with the report appended to `metrics` (JSONL), and PNG plots of the artifact into `plots`."""
     if sweep and not plots:
         log.warning("--sweep %s is drawn only with --plots DIR: ignoring it", sweep)
     if plots:                                   # a sweep of another model is refused before the evaluation
@@ -94,7 +151,7 @@ def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots:
         if sweep_doc is not None and artifact is not None and sweep_model(sweep_doc) is not None:
             check_sweep_model(sweep_doc, artifact.source, sweep)
     with tracking.session(jsonl=metrics):
-        report = evaluate_model(spec, text)
+        report = evaluate_model(spec, text, original=original, compare=compare)
         tracking.emit("eval", **report)
     if plots:
         report["plots"] = [str(p) for p in write_plots(plots, artifact=artifact, sweep=sweep)]
@@ -122,12 +179,15 @@ def run_eval_tasks(spec: ModelLoad, tasks: list[str], task_dir: str | None = Non
 
 
 def bench_summary(reports: dict[str, dict]) -> dict[str, dict]:
-    """Per variant: perplexity (and ratio to the original), tokens/s, routed ratio, peak memory."""
+    """Per variant: perplexity (and ratio to the original), KL and top-1 agreement to the original (None for the
+    original itself, or where it is not here), tokens/s, routed ratio, peak memory."""
     base = reports.get("original", {}).get("perplexity", {}).get("perplexity")
     out = {}
     for name, rep in reports.items():
         ppl = rep["perplexity"]["perplexity"]
+        div = rep.get("divergence") or {}
         out[name] = {"perplexity": ppl, "perplexity_ratio": ppl / base if base else None,
+                     "kl": div.get("kl"), "top1": div.get("top1"),
                      "prefill_tok_s": rep.get("speed", {}).get("prefill_tok_s"),
                      "decode_tok_s": rep.get("speed", {}).get("decode_tok_s"),
                      "cache_hit_rate": (rep.get("cache") or {}).get("hit_rate"),
@@ -162,14 +222,14 @@ def bench_variants(spec: ModelLoad, modes: list[str], original: bool = True) -> 
     return variants
 
 
-def evaluate_isolated(spec: ModelLoad, text: EvalText) -> dict:
+def evaluate_isolated(spec: ModelLoad, text: EvalText, original: str | None = None, compare: bool = True) -> dict:
     """evaluate_model in a fresh Python process (a FitResult artifact, which cannot travel, runs in this one)."""
     import subprocess
     import sys
     if spec.artifact is not None and not isinstance(spec.artifact, (str, Path)):
-        return evaluate_model(spec, text)
+        return evaluate_model(spec, text, original, compare)
     job = json.dumps({"spec": {**dataclasses.asdict(spec), "artifact": str(spec.artifact) if spec.artifact else None},
-                      "text": dataclasses.asdict(text)})
+                      "text": dataclasses.asdict(text), "original": original, "compare": compare})
     proc = subprocess.run([sys.executable, "-m", "globe.run.evaluate"], input=job, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
@@ -182,7 +242,8 @@ def _worker() -> None:
     """`python -m globe.run.evaluate`: one evaluate_model job from stdin, its report as the last stdout line."""
     import sys
     job = json.loads(sys.stdin.read())
-    report = evaluate_model(ModelLoad(**job["spec"]), EvalText(**job["text"]))
+    report = evaluate_model(ModelLoad(**job["spec"]), EvalText(**job["text"]), job.get("original"),
+                            job.get("compare", True))
     sys.stdout.write(json.dumps(report, default=float) + "\n")
 
 

@@ -10,6 +10,7 @@ import pytest
 from tests.helpers.scripts import load_benchmark
 
 peers = load_benchmark("peers")
+peers_table = load_benchmark("peers_table")
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,7 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path):
             assert row["params_ratio"][f] <= cut["budget_per_family"] + 1e-3, (row["method"], row["params_ratio"])
             assert 0 < row["rel_err"][f] < 1.5
         assert math.isfinite(row["perplexity"]) and 0 < row["output_rel_err"]["rel_err"]
+        assert 0 < row["kl"] < 5 and 0 < row["top1"] <= 1, (row["method"], row["kl"], row["top1"])
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
@@ -56,3 +58,19 @@ def test_sweep_configs_resolve_fractions_of_the_experts():
     cfgs = peers.sweep_configs(["m=E/8", "m=E/2,act=tanh", "lr=0.02,epochs=9", "m=3"], 16, 50)
     assert [(c.m, c.act, c.lr, c.epochs) for c in cfgs] == [(None, "silu", 0.07, 50), (2, "silu", 0.07, 50),
                                                             (8, "tanh", 0.07, 50), (None, "silu", 0.02, 9)]
+
+
+def test_table_puts_kl_first_with_top1_beside_it():
+    row = {"method": "globe", "kl": 0.01234, "top1": 0.9321, "rel_err": {"gate": 0.3, "up": 0.31},
+           "output_rel_err": {"rel_err": 0.05}, "perplexity": 50.0, "delta_ppl": 1.0, "fit_seconds": 12}
+    old = {**row, "method": "svd"}
+    del old["kl"], old["top1"]                                          # a file written before KL was measured
+    model = {"model": {"dir": "m", "layers": 4, "experts": 8, "p": 16, "d": 32, "original_perplexity": 49.0,
+                       "heldout_tokens": 1000},
+             "cuts": [{"cut": 0.35, "budget_per_family": 0.4, "rows": [old, row],
+                       "ratios": {"globe/mobe": {"kl": 0.5, "gate": 1.0, "up": 1.0, "output": 1.0, "delta_ppl": 0.9}}}]}
+    lines = peers_table.model_table(model)
+    header = next(line for line in lines if line.startswith("| cut (budget"))
+    assert header.split("|")[3].strip().startswith("KL") and "top-1" in header.split("|")[4]
+    assert "| globe | 0.01234 | 0.9321 |" in "\n".join(lines) and "| svd | - | - |" in "\n".join(lines)
+    assert any(line.startswith("| -35 % | globe | 0.50 |") for line in lines)

@@ -25,7 +25,7 @@ def test_compress_fit_options_reach_the_fit_and_metrics_go_where_asked(tmp_path)
     out, metrics = tmp_path / "small", tmp_path / "logs" / "fit.jsonl"
     assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
                      "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--init", "svd",
-                     "--metrics", str(metrics)]) == 0
+                     "--calibration-tokens", "256", "--activation-steps", "1", "--metrics", str(metrics)]) == 0
     doc = json.loads((out / "globe_config.json").read_text())
     assert doc["config"]["bank"]["families"] == ["gate"] and doc["config"]["bank"]["init"] == "svd"
     assert (doc["config"]["bank"]["m"], doc["config"]["bank"]["r"]) == (6, 16)

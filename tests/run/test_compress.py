@@ -18,6 +18,9 @@ from globe.run.fit import FitRun, apply_total_cut, run_fit, total_cut_of
 from globe.runtime import globe_modules
 
 QUICK = ["--am-iters", "2", "--varpro-steps", "3"]
+QUICK_CALIBRATION = ["--calibration-tokens", "256", "--activation-steps", "2"]
+SMALL = ["--families", "gate", "--m", "6", "--r", "16", "--target-support", "3", "--am-iters", "1",
+         "--varpro-steps", "1", "--init", "svd"]
 
 
 @pytest.mark.slow
@@ -25,7 +28,7 @@ def test_compress_end_to_end_on_the_embedded_model(tmp_path, capsys):
     out = tmp_path / "small"
     text = DEFAULT_MODEL_DIR / "heldout.txt"
     assert cli.main(["compress", "-o", str(out), "--total-cut", "0.25", "--dense", "--text", str(text),
-                     "--eval-tokens", "256", *QUICK]) == 0
+                     "--eval-tokens", "256", *QUICK, *QUICK_CALIBRATION]) == 0
     printed = capsys.readouterr().out
     assert "total parameters cut by" in printed and "compressed checkpoint written" in printed
     doc = json.loads((out / "globe_config.json").read_text())
@@ -66,3 +69,62 @@ def test_total_cut_refuses_what_it_cannot_honour(tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
     with pytest.raises(SystemExit):                                          # argparse: mutually exclusive
         cli.main(["compress", "-o", str(tmp_path / "y"), "--total-cut", "0.25", "--budget", "0.5"])
+
+
+def _scored_tokens(n: int, window: int = 256) -> int:
+    """Targets disjoint windows of `window` tokens score over n tokens: all but each window's first."""
+    return sum(min(window, n - start) - 1 for start in range(0, n, window))
+
+
+def test_compress_without_text_calibrates_on_self_generated_text_and_scores_all_of_text(tmp_path, capsys):
+    from globe.eval import encode_text
+    from globe.run.tokenizer import load_tokenizer
+    text = tmp_path / "heldout.txt"
+    text.write_text((DEFAULT_MODEL_DIR / "heldout.txt").read_text(encoding="utf-8")[:9000], encoding="utf-8")
+    n = encode_text(load_tokenizer(DEFAULT_MODEL_DIR), text.read_text(encoding="utf-8")).numel()
+    assert n > 4096 // 2 and n % 256 not in (0, 1)
+    out = tmp_path / "small"
+    assert cli.main(["compress", "-o", str(out), *SMALL, *QUICK_CALIBRATION, "--seed", "3", "--text", str(text)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "globe_config.json").read_text())
+    cal = doc["source"]["calibration"]
+    assert (cal["source"], cal["tokens"], cal["seed"], cal["temperature"]) == ("self-generated", 256, 3, 1.0)
+    assert doc["config"]["activation"]["stats"]                              # the fit was activation-aware
+    assert "act_rel_err" in doc["metrics"]["gate"]
+    assert f"(activation-weighted, minimised: {doc['metrics']['gate']['act_rel_err']:.4f})" in printed
+    assert "calibrated on 256 tokens the model generated itself (seed 3" in printed
+    expected = _scored_tokens(n)
+    assert f"over {expected:,} tokens" in printed and "KL" in printed and "top-1 agreement" in printed
+    card = (out / "README.md").read_text()
+    assert "## Calibration" in card and "256 tokens the model generated itself" in card and "seed 3" in card
+    assert "| compressed | " in card and "KL to the original" in card
+
+
+def test_compress_calibrates_on_the_given_text_or_not_at_all(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text((DEFAULT_MODEL_DIR / "heldout.txt").read_text(encoding="utf-8")[-3000:], encoding="utf-8")
+    out = tmp_path / "text"
+    assert cli.main(["compress", "-o", str(out), *SMALL, *QUICK_CALIBRATION, "--calibration-text", str(calib)]) == 0
+    cal = json.loads((out / "globe_config.json").read_text())["source"]["calibration"]
+    assert (cal["source"], cal["text"], cal["tokens"]) == ("text", str(calib.resolve()), 256)
+    assert f"calibrated on the first 256 tokens of {calib.resolve()}" in capsys.readouterr().out
+    assert f"the first 256 tokens of `{calib.resolve()}`" in (out / "README.md").read_text()
+    plain = tmp_path / "plain"
+    assert cli.main(["compress", "-o", str(plain), *SMALL, "--no-calibration"]) == 0
+    doc = json.loads((plain / "globe_config.json").read_text())
+    assert doc["source"]["calibration"]["source"].startswith("none") and doc["config"]["activation"]["stats"] is None
+    assert "act_rel_err" not in doc["metrics"]["gate"] and "not calibrated" in capsys.readouterr().out
+
+
+def test_bad_calibration_inputs_fail_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1") * 20)
+    for extra, words in ((["--calibration-text", str(bad)], ["--calibration-text", "UTF-8"]),
+                         (["--calibration-tokens", "1"], ["token count"]),
+                         (["--text", str(bad)], ["--text", "UTF-8"]),
+                         (["--eval-tokens", "1"], ["--eval-tokens"])):
+        out = tmp_path / "never"
+        assert cli.main(["compress", "-o", str(out), *SMALL, *extra]) != 0
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), (extra, err)
+        assert not out.exists()
