@@ -1,4 +1,4 @@
-"""Peer comparison at equal stored parameters: GloBE against MoBE, D2-MoE, per-expert SVD and SVD-LLM.
+"""Peer comparison at equal stored parameters: GloBE against MoBE, D2-MoE, per-expert SVD, SVD-LLM, REAP, HC-SMoE.
 
 For each model directory (default: the embedded model) and each cut of the model's TOTAL parameters (default 25,
 35, 40 %; the per-family gate/up budget comes from globe's `total_cut_budget`), every selected method compresses
@@ -13,9 +13,16 @@ written as a dense Hugging Face checkpoint, reloaded with stock `AutoModelForCau
   fit time          seconds of the method's own fit (shared statistics, Fisher information: reported once)
 Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2moe-llm, d2moe-sharev (whitened
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
-config gets the full evaluation), globe (weight-space default fit), globe-nonlinear (weight space, the block SVD
+config gets the full evaluation), reap (REAP expert pruning: the least salient experts and their router rows
+removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
+frequency; router kept), globe (weight-space default fit), globe-nonlinear (weight space, the block SVD
 start + full-batch tanh refinement of globe.fit.solvers.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
-settings). Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
+settings). reap and hc-smoe remove or merge whole experts (gate, up AND down), so they keep the largest expert count
+whose TOTAL parameters do not exceed what the compressing methods store at the cut; their `params` per family is
+that equal-total allowance in gate/up terms (their stored expert and router params minus the dense down and
+router the others keep, halved), `total_params` is every row's whole model, and their weight and output errors
+are measured with a dropped expert as zero (REAP) under the original routing.
+Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
 corpus/train.txt as benchmarks/activation_aware.py uses (rebuild with scripts/build_corpus.py). Calibration
 statistics come from `globe.calibration.collect_stats` (what `globe calibrate` writes) on the first
 --calib-tokens tokens; the output error uses the next --output-tokens tokens. One JSON: --out.
@@ -43,13 +50,15 @@ from benchmarks.baselines import rel_err                                 # noqa:
 from benchmarks.baselines.checkpoint import FAMILIES, load_causal_lm, read_families, write_dense  # noqa: E402
 from benchmarks.baselines.d2moe import d2moe                             # noqa: E402
 from benchmarks.baselines.fisher import expert_fisher                    # noqa: E402
+from benchmarks.baselines.hcsmoe import clusters_for_budget, hc_smoe, merged_params  # noqa: E402
 from benchmarks.baselines.mobe import MobeConfig, fit_mobe               # noqa: E402
+from benchmarks.baselines.reap import kept_for_budget, pruned_params, reap_keep, write_pruned  # noqa: E402
 from benchmarks.baselines.routed import capture_routed, output_error     # noqa: E402
 from benchmarks.baselines.svd import per_expert_svd, whitened_svd        # noqa: E402
 
 log = logging.getLogger("benchmarks.peers")
-METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "globe", "globe-aware",
-           "globe-nonlinear")
+METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "reap", "hc-smoe", "globe",
+           "globe-aware", "globe-nonlinear")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,12 +146,15 @@ def prepare(model_dir: Path, args) -> dict:
                            args.fisher_batches) if {"d2moe", "d2moe-llm", "d2moe-sharev"} & set(args.methods) else None
     fisher_s = time.perf_counter() - t0
     captured, act = capture_routed(model, calib_ids[args.calib_tokens:], args.window)
+    calib_routed = capture_routed(model, calib_ids[:args.calib_tokens], args.window)[0] \
+        if {"reap", "hc-smoe"} & set(args.methods) else None
     original_ppl = perplexity(model, ppl_ids, args.window)["perplexity"]
     log.info("%s: original perplexity %.4f; statistics %.0f s, Fisher %.0f s", model_dir, original_ppl, calib_s,
              fisher_s)
     return {"dir": model_dir, "inv": inv, "window": args.window, "globe_am_iters": args.globe_am_iters,
             "globe_varpro_steps": args.globe_varpro_steps, "weights": read_families(model), "stats_path": str(stats_path),
             "grams": stats.hidden_expert, "freq": stats.counts.double(), "fisher": fisher, "captured": captured,
+            "calib_routed": calib_routed,                   # reap / hc-smoe: the calibration tokens' routing
             "act": act, "ppl_ids": ppl_ids, "original_ppl": original_ppl, "original": model,
             "info": {"dir": str(model_dir), "model_type": inv.model_type, "total_params": inv.total_params,
                      "layers": len(inv.moe_layers), "experts": inv.num_experts, "p": inv.p, "d": inv.d,
@@ -170,6 +182,34 @@ def baseline(method: str, ctx: dict, budget: float, mobe_cfg: MobeConfig | None 
     return fits
 
 
+def expert_fit(method: str, ctx: dict, budget: float, out_dir: str) -> dict:
+    """REAP or HC-SMoE at the equal-total allowance of `budget`: writes its checkpoint to out_dir; returns
+    {"params" (gate/up-equivalent per family), "total", "info", "recon" (families for the weight/output errors)}."""
+    w, inv = ctx["weights"], ctx["inv"]
+    layers, e, p, d = w["gate"].shape
+    routed = ctx["calib_routed"]
+    if method == "reap":
+        k = kept_for_budget(e, p, d, budget, router_row=d)
+        keep, sal = reap_keep(w, ctx["act"], routed, k)
+        write_pruned(ctx["dir"], keep, out_dir)
+        stored = pruned_params(layers, k, p, d, router_row=d)
+        mask = torch.zeros(layers, e, dtype=torch.bool).scatter_(1, keep, True)
+        recon = {f: t * mask.view(layers, e, 1, 1) for f, t in w.items()}
+        info = {"experts_kept": k, "kept": keep.tolist(), "saliency": sal.tolist(), "router": "rows removed"}
+    else:
+        k = clusters_for_budget(e, p, d, budget)
+        freq = torch.stack([torch.bincount(r.index.reshape(-1), minlength=e) for r in routed]).double()
+        recon, labels = hc_smoe(w, ctx["act"], [r.hidden for r in routed], freq, k)
+        write_dense(ctx["dir"], recon, out_dir)
+        stored = merged_params(layers, k, e, p, d)
+        info = {"clusters": k, "labels": labels.tolist(), "router": "kept, members share the merged expert"}
+    keeps = layers * e * (p * d + d)                          # dense down + router, as the compressing methods keep
+    family = (stored - keeps) // 2
+    total = inv.total_params - layers * e * (3 * p * d + d) + stored
+    return {"params": {"gate": family, "up": family}, "total": total, "info": {"gate": info, "up": info},
+            "recon": recon if method == "reap" else None}             # HC-SMoE: read back from its checkpoint
+
+
 def globe_fit(method: str, ctx: dict, budget: float, support: int):
     """GloBE's default fit (weight space, or activation-aware from the calibration statistics) at `budget`."""
     import globe
@@ -184,12 +224,12 @@ def globe_fit(method: str, ctx: dict, budget: float, support: int):
     return globe.fit_model(ctx["dir"], cfg)
 
 
-def score(ctx: dict, checkpoint: Path) -> dict:
-    """KL and top-1 agreement to the original, weight error, output error and perplexity of a dense checkpoint,
-    reloaded with stock transformers."""
+def score(ctx: dict, checkpoint: Path, recon: dict | None = None) -> dict:
+    """KL and top-1 agreement to the original, weight error, output error and perplexity of a checkpoint,
+    reloaded with stock transformers (weight and output errors of `recon` where given, else of its experts)."""
     from globe.eval import divergence
     model = load_causal_lm(checkpoint)
-    recon = read_families(model)
+    recon = read_families(model) if recon is None else recon
     div = divergence(ctx["original"], model, ctx["ppl_ids"], ctx["window"])
     return {"kl": div["kl"], "top1": div["top1"],
             "rel_err": {f: rel_err(ctx["weights"][f], recon[f]) for f in FAMILIES},
@@ -203,6 +243,7 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
     import globe
     dense = ctx["weights"]["gate"].numel()
     t0 = time.perf_counter()
+    recon = total = None
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         if method.startswith("globe"):
             result = globe_fit(method, ctx, budget, support)
@@ -211,6 +252,10 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
             params = {f: int(result.params[f]) for f in FAMILIES}
             info = {f: {"m": fam.shape["m"], "r": fam.shape["r"], "median_support": fam.metrics.get("median_support")}
                     for f, fam in result.families.items()}
+        elif method in ("reap", "hc-smoe"):
+            fit = expert_fit(method, ctx, budget, tmp)
+            seconds = time.perf_counter() - t0
+            params, info, recon, total = fit["params"], fit["info"], fit["recon"], fit["total"]
         else:
             if fits is None:
                 fits = baseline(method, ctx, budget)
@@ -218,8 +263,11 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
             write_dense(ctx["dir"], {f: fit.weights for f, fit in fits.items()}, tmp)
             params = {f: fit.params for f, fit in fits.items()}
             info = {f: fit.info for f, fit in fits.items()}
+        if total is None:
+            total = ctx["inv"].total_params - 2 * dense + sum(params[f] for f in FAMILIES)
         row = {"method": method, "fit_seconds": round(seconds, 1), "params": params,
-               "params_ratio": {f: params[f] / dense for f in FAMILIES}, "shape": info, **score(ctx, Path(tmp))}
+               "params_ratio": {f: params[f] / dense for f in FAMILIES}, "total_params": int(total), "shape": info,
+               **score(ctx, Path(tmp), recon)}
     row["delta_ppl"] = row["perplexity"] - ctx["original_ppl"]
     log.info("-%.0f%% %s: KL %.5f, top-1 %.4f, rel_err %s, output %.4f, ppl %.3f, fit %.0f s", 100 * ctx["cut"],
              method, row["kl"], row["top1"], " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES),
@@ -350,7 +398,8 @@ def print_table(report: dict) -> None:
                 print(f"    {r['method']:13} KL {r['kl']:.5f} top-1 {r['top1']:.4f} "
                       f"gate {r['rel_err']['gate']:.4f} up {r['rel_err']['up']:.4f} "
                       f"out {r['output_rel_err']['rel_err']:.4f} ppl {r['perplexity']:8.3f} "
-                      f"params {r['params_ratio']['gate']:.3f} fit {r['fit_seconds']:6.1f} s")
+                      f"params {r['params_ratio']['gate']:.3f} total {r['total_params']:,} "
+                      f"fit {r['fit_seconds']:6.1f} s")
 
 
 if __name__ == "__main__":

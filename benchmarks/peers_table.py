@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "globe", "globe-nonlinear",
-         "globe-aware")
+ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
+         "globe-nonlinear", "globe-aware")
 
 
 def _num(value, fmt: str) -> str:
@@ -19,14 +19,15 @@ def _num(value, fmt: str) -> str:
 
 
 def model_table(model: dict) -> list[str]:
-    """Rows: cut, method, KL, top-1, gate / up weight error, routed output error, perplexity (+ increase), fit s."""
+    """Rows: cut, method, KL, top-1, gate / up weight error, routed output error, perplexity (+ increase), fit s,
+    total params of the whole model (where the file has them)."""
     info = model["model"]
     lines = [f"**{Path(info['dir']).name}** ({info['layers']} layers x {info['experts']} experts, p={info['p']}, "
              f"d={info['d']}; original perplexity {info['original_perplexity']:.3f} on {info['heldout_tokens']:,} "
              "held-out tokens)", "",
              "| cut (budget/family) | method | KL (nats/token) | top-1 agreement | weight error gate / up | "
-             "output error | perplexity (increase) | fit s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "output error | perplexity (increase) | fit s | total params |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         rows = {r["method"]: r for r in cut["rows"]}
         for name in [m for m in ORDER if m in rows]:
@@ -34,7 +35,8 @@ def model_table(model: dict) -> list[str]:
             lines.append(f"| -{100 * cut['cut']:.0f} % ({cut['budget_per_family']:.3f}) | {name} | "
                          f"{_num(r.get('kl'), '.5f')} | {_num(r.get('top1'), '.4f')} | "
                          f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
-                         f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} |")
+                         f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} | "
+                         f"{_num(r.get('total_params'), ',')} |")
     lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | "
               "perplexity increase |",
               "|---|---|---|---|---|---|---|"]

@@ -10,6 +10,12 @@ not part of the library.
     d2moe.d2moe               D2-MoE (lliai/D2MoE): Fisher-merged base + per-expert (or share_V) SVD deltas
     mobe.fit_mobe             MoBE (inclusionAI/MoBE): A_e act(sum_i softmax(w_e)_i B_i), Adam from an SVD start
     fisher.expert_fisher      the squared-gradient Fisher information of the routed experts, for D2-MoE
+    reap.reap_keep            REAP (CerebrasResearch/reap): drop the experts of lowest router-weighted output norm;
+                              reap.write_pruned writes the smaller checkpoint (experts and router rows removed)
+    hcsmoe.hc_smoe            HC-SMoE (wazenmai/HC-SMoE): average-linkage clusters of expert outputs, each merged by
+                              routing frequency; the router is kept and a cluster's experts share the merged one
+REAP and HC-SMoE act on whole experts (gate, up and down) and are not PeerFits; benchmarks/peers.py gives them
+the expert count whose total parameters match the compressing methods' at the same cut.
 """
 from __future__ import annotations
 

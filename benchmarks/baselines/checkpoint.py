@@ -34,7 +34,8 @@ def read_families(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def set_families(model: nn.Module, families: dict[str, torch.Tensor]) -> None:
-    """Overwrite the model's gate/up experts with [L, E, p, d] tensors (cast to the experts' dtype)."""
+    """Overwrite the model's gate/up experts with [L, E, p, d] tensors, and its down projections with a "down"
+    [L, E, d, p] tensor where given (cast to the experts' dtype)."""
     experts = fused_experts(model)
     for i, module in enumerate(experts.values()):
         w = module.gate_up_proj
@@ -42,10 +43,12 @@ def set_families(model: nn.Module, families: dict[str, torch.Tensor]) -> None:
         for j, family in enumerate(FAMILIES):
             if family in families:
                 w[:, j * p:(j + 1) * p].copy_(families[family][i].to(w.dtype))
+        if "down" in families:
+            module.down_proj.copy_(families["down"][i].to(module.down_proj.dtype))
 
 
 def write_dense(model_dir: str | Path, families: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
-    """Dense HF checkpoint of model_dir with its gate/up experts replaced; returns out_dir."""
+    """Dense HF checkpoint of model_dir with its gate/up (and "down", if given) experts replaced; returns out_dir."""
     model = load_causal_lm(model_dir)
     set_families(model, families)
     model.save_pretrained(str(out_dir))

@@ -64,12 +64,14 @@ def routed_output(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act,
 
 def output_error(original: dict[str, torch.Tensor], recon: dict[str, torch.Tensor], act,
                  captured: list[Routed]) -> dict:
-    """{"rel_err": overall, "per_layer": [...]} of the routed output with recon's gate/up (original's down)."""
+    """{"rel_err": overall, "per_layer": [...]} of the routed output with recon's gate/up (and recon's down where
+    it has one, else the original's), under the original routing."""
     num = den = 0.0
     per_layer = []
     for layer, tokens in enumerate(captured):
         y = routed_output(original["gate"][layer], original["up"][layer], original["down"][layer], act, tokens)
-        y_hat = routed_output(recon["gate"][layer], recon["up"][layer], original["down"][layer], act, tokens)
+        y_hat = routed_output(recon["gate"][layer], recon["up"][layer], recon.get("down", original["down"])[layer], act,
+                              tokens)
         n, dn = float((y - y_hat).double().square().sum()), float(y.double().square().sum())
         num, den = num + n, den + dn
         per_layer.append(math.sqrt(n / dn))

@@ -74,3 +74,26 @@ def test_table_puts_kl_first_with_top1_beside_it():
     assert header.split("|")[3].strip().startswith("KL") and "top-1" in header.split("|")[4]
     assert "| globe | 0.01234 | 0.9321 |" in "\n".join(lines) and "| svd | - | - |" in "\n".join(lines)
     assert any(line.startswith("| -35 % | globe | 0.50 |") for line in lines)
+
+
+def test_reap_and_hc_smoe_rows_spend_no_more_total_params_than_svd(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(("def f(x):\n    return x + 1  # a tiny calibration text\n" * 400), encoding="utf-8")
+    report = peers.main(["--cuts", "0.35", "--methods", "svd", "reap", "hc-smoe", "--calib", str(calib),
+                         "--calib-tokens", "1024", "--output-tokens", "256", "--ppl-tokens", "512",
+                         "--stats-dir", str(tmp_path), "--out", str(tmp_path / "peers.json")])
+    model = report["models"][0]
+    cut = model["cuts"][0]
+    rows = {r["method"]: r for r in cut["rows"]}
+    layers, e, p, d = model["model"]["layers"], model["model"]["experts"], model["model"]["p"], model["model"]["d"]
+    k = rows["reap"]["shape"]["gate"]["experts_kept"]
+    assert rows["reap"]["total_params"] == model["model"]["total_params"] - layers * (e - k) * (3 * p * d + d)
+    c = rows["hc-smoe"]["shape"]["gate"]["clusters"]
+    assert rows["hc-smoe"]["total_params"] == model["model"]["total_params"] - layers * (e - c) * 3 * p * d
+    one_expert = layers * (3 * p * d + d)                                 # the granularity of dropping experts
+    for m in ("reap", "hc-smoe"):
+        assert rows["svd"]["total_params"] - one_expert < rows[m]["total_params"] <= rows["svd"]["total_params"] \
+            + 2 * layers * e * (p + d)                                    # svd rounds its rank down too
+        assert rows[m]["params_ratio"]["gate"] <= cut["budget_per_family"] + 1e-9
+        assert 0 < rows[m]["kl"] < 5 and 0 < rows[m]["top1"] <= 1
+    assert len(rows["reap"]["shape"]["gate"]["kept"][0]) == k < e
