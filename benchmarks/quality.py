@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmar
 from globe.assets import DEFAULT_MODEL_DIR
 from globe.core.files import atomic_write_text
 from globe.eval.sweep import SweepSettings, run_sweep
-from globe.fit.solvers.am import AMState, am_pass
+from globe.fit.solvers.am import AMOptions, AMState, am_pass
 from benchmarks.baselines import rel_err
 from benchmarks.baselines.common import by_layer
 from benchmarks.baselines.mobe import MobeConfig, fit_mobe
 from globe.fit.config import INITS, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import SolverProblem
 from globe.io import open_checkpoint
 
 log = logging.getLogger("benchmarks.quality")
@@ -102,10 +103,10 @@ def throughput(n: int, p: int, d: int, m: int, r: int, k: int, iters: int = 3) -
     bank = torch.randn(m, r, d, generator=gen)
     codes = torch.rand(n, m, generator=gen) * (torch.rand(n, m, generator=gen) < k / m)
     state = AMState(bank=bank / bank.flatten(1).norm(dim=1)[:, None, None], codes=codes + 1e-3, temperature=0.5)
-    am_pass(weights, norm, state, cfg)                                          # warm-up
+    am_pass(SolverProblem(weights, norm), state, AMOptions.from_config(cfg))              # warm-up
     t0, flops = time.perf_counter(), 0.0
     for _ in range(iters):
-        stats = am_pass(weights, norm, state, cfg)
+        stats = am_pass(SolverProblem(weights, norm), state, AMOptions.from_config(cfg))
         flops += am_flops(n, p, d, m, r, k, stats["mod_cg_iters"])
     secs = (time.perf_counter() - t0) / iters
     return {"shape": {"N": n, "p": p, "d": d, "m": m, "r": r, "k": k}, "seconds_per_iter": round(secs, 4),

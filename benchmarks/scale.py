@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from globe.core.files import atomic_write_text
-from globe.fit.solvers.am import AMState, am_pass
+from globe.fit.solvers.am import AMOptions, AMState, am_pass
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
 from globe.fit.planning.estimate import FitShape, gib, phase_bytes
 from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.warm_starts.base import warm_start
 from globe.fit.warm_starts.targets import aligned_targets
 
@@ -163,11 +164,12 @@ def run_profile(shape: list[int], rounds: int = 2) -> dict:
     bank, codes, temp = warm_start(aligned_targets(weights, norm, r, 16), m, cfgs["fp32"],
                                    torch.Generator().manual_seed(0))
     start = AMState(bank=bank, codes=codes, temperature=temp)
-    am_pass(weights, norm, start, cfgs["fp32"])                            # codes from the weighted coder
+    am_pass(SolverProblem(weights, norm), start, AMOptions.from_config(cfgs["fp32"]))   # codes from the weighted coder
 
     def one_pass(prec: str) -> dict:
-        return am_pass(weights, norm, AMState(bank=start.bank, codes=start.codes, temperature=start.temperature),
-                       cfgs[prec])
+        return am_pass(SolverProblem(weights, norm),
+                       AMState(bank=start.bank, codes=start.codes, temperature=start.temperature),
+                       AMOptions.from_config(cfgs[prec]))
 
     best = {prec: float("inf") for prec in cfgs}
     for _ in range(rounds):
@@ -179,8 +181,9 @@ def run_profile(shape: list[int], rounds: int = 2) -> dict:
         stats, am = profiled(lambda: one_pass(prec))
         am.update(rel_err=stats["rel_err"], median_support=stats["median_support"],
                   matmul_gflops_at_best_time=round(am["matmul_gflop"] / best[prec], 1))
-        (_, _, losses), varpro = profiled(lambda: varpro_refine(weights, norm, start.bank, start.codes, cfg, 2,
-                                                                start.temperature))
+        (_, _, losses), varpro = profiled(lambda: varpro_refine(
+            SolverProblem(weights, norm), Factors(start.bank, start.codes, start.temperature),
+            VarProOptions.from_config(cfg, 2)))
         varpro.update(evaluations=len(losses), seconds_per_evaluation=round(varpro["seconds"] / len(losses), 2),
                       rel_err=losses[-1])
         out[prec] = {"am_pass": am, "varpro": varpro}

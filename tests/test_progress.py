@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from globe.progress import counter, progress
+from globe.progress import counter, progress, show_progress
 
 
 @pytest.fixture
@@ -14,7 +14,9 @@ def verbose():
     logger = logging.getLogger("globe")
     level = logger.level
     logger.setLevel(logging.INFO)
+    show_progress(True)                          # pytest's stderr is no terminal: bars on as with --progress
     yield
+    show_progress(False)
     logger.setLevel(level)
 
 
@@ -40,4 +42,17 @@ def test_bars_are_silent_above_info():
     try:
         assert progress(range(3), "x").disable and counter("y").disable
     finally:
+        logger.setLevel(level)
+
+
+def test_bars_follow_the_terminal_unless_forced():
+    logger = logging.getLogger("globe")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert progress(range(3), "x").disable                   # pytest's stderr is not a terminal
+        show_progress(True)
+        assert not progress(range(3), "x").disable and not counter("y").disable
+    finally:
+        show_progress(False)
         logger.setLevel(level)

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--layer-only", action="store_true",
       help="only the per-layer statistics (smaller; no per-expert C, no activation-aware down projections)")
     a("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model directory)")
-    a("--device", default="cpu", choices=DEVICES, help="device (default cpu)")
+    a("--device", default="auto", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default auto)")
     p.set_defaults(func=run)
 
 

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
                    help="score only the first N tokens of --text (default 0: all of it)")
     add_fit_options(p)
-    p.add_argument("--device", default="cpu", choices=DEVICES, help="compute device (default cpu)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="compute device; auto = cuda, else mps, else cpu (default auto)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing its files")
     p.add_argument("--metrics", metavar="FILE", help="JSONL file receiving every metric of the fit "
                                                     "(default OUT/metrics.jsonl, next to the model files)")

@@ -32,7 +32,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     a("--repeats", type=int, default=3, help="timed repetitions, the median is reported (default 3)")
     a("--hit-tokens", type=int, default=256, help="last tokens of the text decoded one by one to count cache hits (default 256)")
     a("--no-speed", action="store_true", help="skip the prefill/decode timings")
-    a("--device", default="cpu", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default cpu)")
+    a("--device", default="auto", choices=DEVICES, help="device; auto = cuda, else mps, else cpu (default auto)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="compute dtype (default auto: the checkpoint's dtype, float32 where the device lacks it)")
     a("--metrics", metavar="FILE", help="append the results to this JSONL metrics file")

@@ -39,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(same shapes; a warning is logged)")
     p.add_argument("--max-shard-size", default=ExportConfig.max_shard_size,
                    help=f"largest shard of a --dense export (default {ExportConfig.max_shard_size})")
-    p.add_argument("--device", default="cpu", choices=DEVICES,
-                   help="device the model is loaded on and the experts reconstructed on (default cpu)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="device the model is loaded on and the experts reconstructed on; auto = cuda, else mps, "
+                        "else cpu (default auto)")
     p.set_defaults(func=run)
 
 

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --calibration: weight each expert's error by its routing frequency")
     p.add_argument("--activation-steps", type=int,
                    help="L-BFGS evaluations of the activation-aware refinement (default 100)")
-    p.add_argument("--device", choices=DEVICES, help="compute device (default cpu)")
+    p.add_argument("--device", choices=DEVICES,
+                   help="compute device; auto = cuda, else mps, else cpu (default: --config's, else auto)")
     p.add_argument("--distributed", action="store_true",
                    help="shard the experts across the processes started by torchrun (gloo on CPU, NCCL on CUDA: "
                         "one GPU per process); implied when WORLD_SIZE > 1. Rank 0 writes the artifact")
@@ -94,6 +95,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> FitConfig:
     cfg = FitConfig.from_file(args.config) if args.config else FitConfig()
+    if args.device is None and not args.config:                   # the command line's default: auto
+        from globe.device import resolve_device
+        args.device = resolve_device("auto").type
+        logging.getLogger("globe").info("device: %s (--device auto: cuda, then mps, then cpu)", args.device)
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),

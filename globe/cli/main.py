@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from safetensors import SafetensorError
@@ -38,13 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
                "downloaded where a network exists).",
     )
     parser.add_argument("--log-level", default="INFO", choices=LEVELS,
-                        help="logging verbosity (default: INFO)")
+                        help="logging verbosity (default: INFO; WARNING and above also hide every progress bar)")
+    parser.add_argument("--progress", action="store_true",
+                        help="progress bars even when stderr is not a terminal (default: only on a terminal)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
         importlib.import_module(f"globe.cli.{name}").register(sub)
     for sp in {id(sp): sp for sp in sub.choices.values()}.values():  # --log-level after the subcommand too
         sp.add_argument("--log-level", default=argparse.SUPPRESS, choices=LEVELS,
                         help="logging verbosity (default: INFO)")
+        sp.add_argument("--progress", action="store_true", default=argparse.SUPPRESS,
+                        help="progress bars even when stderr is not a terminal")
     return parser
 
 
@@ -54,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)          # the command line, for model cards
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    configure_progress(args.log_level, args.progress)
     try:
         resolve_model_args(args)
+        pick_device(args)
         return int(args.func(args) or 0)
     except GlobeError as exc:
         print(f"globe {args.command}: error: {exc}", file=sys.stderr)
@@ -81,6 +88,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300]
+
+
+def configure_progress(level: str, forced: bool) -> None:
+    """Bars: globe's and transformers' / huggingface_hub's (loading, writing, downloading) off above INFO, and off
+    when stderr is not a terminal unless --progress."""
+    from globe.progress import show_progress
+    show_progress(forced)
+    quiet = getattr(logging, level) > logging.INFO or not (forced or sys.stderr.isatty())
+    if not quiet and not forced:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1" if quiet else "0"      # read when huggingface_hub is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar() if quiet else hf_logging.enable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+        disable_progress_bars() if quiet else enable_progress_bars()
+
+
+def pick_device(args: argparse.Namespace) -> None:
+    """--device auto (the default of every command that computes) becomes the device it picks, and the log says
+    which: cuda, then mps, then cpu."""
+    if getattr(args, "device", None) != "auto":
+        return
+    from globe.device import resolve_device
+    args.device = resolve_device("auto").type
+    log.info("device: %s (--device auto: cuda, then mps, then cpu)", args.device)
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:

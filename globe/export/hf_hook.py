@@ -1,10 +1,11 @@
-"""Register the "globe" quantizer with transformers on `import globe` without importing transformers.
+"""Register GloBE with transformers (and guard peft) on `import globe`, without importing either.
 
-    install()     # transformers already imported: register now; else register right after it is imported
+    install()     # a package already imported: act now; else right after it is imported
 
 Reading checkpoints (globe.io) must not pull in transformers, yet `import globe; import transformers` must leave
-from_pretrained able to load compressed checkpoints, in either import order. A one-shot import hook
-(sys.meta_path) runs the registration as soon as the `transformers` package has been executed.
+from_pretrained able to load compressed checkpoints, in either import order. One-shot import hooks
+(sys.meta_path) run the registration as soon as the package has been executed: `transformers` gets the "globe"
+quantizer (globe.export.hf_quantizer), `peft` the check of target_parameters (globe.export.peft_guard).
 """
 from __future__ import annotations
 
@@ -12,35 +13,53 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 
 
-def _register() -> None:
+def _register_quantizer() -> None:
     from globe.export import hf_quantizer
     hf_quantizer.register()
 
 
-class _AfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself; wraps the loader of `transformers` so that registering follows its execution."""
+def _guard_peft() -> None:
+    from globe.export import peft_guard
+    peft_guard.install()
+
+
+AFTER_IMPORT: dict[str, Callable[[], None]] = {"transformers": _register_quantizer, "peft": _guard_peft}
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself; wraps the loader of one package so that `action` follows its execution."""
+
+    def __init__(self, name: str, action: Callable[[], None]) -> None:
+        self.name, self.action, self.searching = name, action, False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        if name != self.name or self.searching:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.searching = True                     # the spec of the other finders (a probe such as
+        try:                                      # importlib.util.find_spec("peft") may not import it)
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.searching = False
         if spec is None or spec.loader is None:
             return spec
-        execute = spec.loader.exec_module
+        execute, hook = spec.loader.exec_module, self
 
         def exec_module(module) -> None:
             execute(module)
-            _register()
+            if hook in sys.meta_path:
+                sys.meta_path.remove(hook)
+                hook.action()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
 def install() -> None:
-    if "transformers" in sys.modules:
-        _register()
-    elif not any(isinstance(f, _AfterTransformers) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTransformers())
+    for name, action in AFTER_IMPORT.items():
+        if name in sys.modules:
+            action()
+        elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(name, action))

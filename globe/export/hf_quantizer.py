@@ -32,6 +32,7 @@ from globe.errors import NumericalError
 from globe.formats.checkpoint import (FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document,
                                       state_key)
 from globe.formats.validate import validate_checkpoint, verify_content
+from globe.export.provenance import keep_provenance
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch
 from globe.runtime.apply import globe_modules, set_mode, share_banks
@@ -96,7 +97,7 @@ def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | N
     factor_dtype = _factor_dtype(config, model, dtype)
     num_experts, p, d = layout.dims(first)
     banks = {f: nn.Parameter(torch.empty(family_shapes(f, v, num_experts, p, d)["bank"], dtype=factor_dtype,
-                                         device=layout.device(first)), requires_grad=False)
+                                         device=layout.device(first)))
              for f, v in config.families.items()}
     for layer, module in modules.items():
         model.set_submodule(spec.experts_path(layer),
@@ -118,7 +119,7 @@ def place_banks(model: nn.Module) -> None:
             bank = module.bank[family]
             if bank.device != device:
                 key = (family, device)
-                copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=False))
+                copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=bank.requires_grad))
                 module.bank[family] = copies[key]
 
 
@@ -170,6 +171,9 @@ class GlobeHfQuantizer(HfQuantizer):
         check_finite_factors(model)
         if getattr(self, "_checkpoint_dir", None) is not None:   # the recorded content hash, before any use
             verify_content(self._checkpoint_dir, caller=False)
+        where = Path(getattr(model.config, "_name_or_path", "") or "")
+        if str(where) and where.is_dir():
+            keep_provenance(model, where)          # save_pretrained writes globe_config.json and the tokenizer too
         set_mode(model, self.quantization_config.mode, cache_bytes=self.quantization_config.cache_bytes)
         log.info("loaded GloBE checkpoint: %d MoE layers, families %s, %s mode", len(globe_modules(model)),
                  ", ".join(self.quantization_config.families), self.quantization_config.mode)
@@ -180,7 +184,13 @@ class GlobeHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """The factors are ordinary parameters: fine-tuning (plain loops, Trainer, peft) trains them directly."""
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """Trainer may fine-tune the compressed model itself, without adapters on top."""
+        return True
 
 
 def register() -> None:

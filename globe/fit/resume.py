@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from globe.fit.am import AMState
+from globe.fit.solvers.am import AMState
 from globe.core.result import FamilyFit
 from globe.formats.resume import decode_progress, encode_progress
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from globe.artifact import check_compatible, check_same_weights, load
+from globe.artifact import check_compatible, check_same_weights
 from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, ModelDirError, OutputError
-from globe.export import export_dense, load_model, save_compressed
+from globe.export import export_dense, load_artifact, load_model, save_compressed
 from globe.run.config import ExportConfig
 
 
@@ -61,7 +61,7 @@ def run_export(run: ExportRun) -> Path:
     the model's shapes and weights, the size option, and OUT (globe.core.outputs.claim_output_dir: never an input,
     --overwrite, one run at a time, crash debris removed, a created OUT removed again on failure)."""
     max_shard_size = shard_size(run.max_shard_size)
-    result = load(run.artifact)
+    result = load_artifact(run.artifact)              # an artifact directory or a compressed checkpoint
     model_dir = model_dir_of(run.model, result)
     check_compatible(result, model_dir)
     check_same_weights(result, model_dir, force=run.force)

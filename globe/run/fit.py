@@ -145,15 +145,28 @@ def check_resume_target(out: Path, store: ResumeStore) -> None:
 
 
 def warn_support(result: FitResult) -> list[str]:
-    """Warn for every family whose median support stayed below the target (the temperature cannot spread the
-    codes further on this model); returns those families."""
-    target = result.config.sparsity.target_support
+    """Warn for every family whose median support stayed below the target, with what really happened: the
+    temperature the codes were last selected at (of its maximum) and the support they had there; returns those
+    families."""
+    sparsity = result.config.sparsity
+    target = sparsity.target_support
     short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5]
     for name in short:
-        log.warning("%s: median support %.1f stayed below the target %d (the codes would not spread further at "
-                    "the maximum temperature); the fit is valid, pass --target-support %d to ask for what it reaches",
-                    name, result.families[name].metrics["median_support"], target,
-                    int(result.families[name].metrics["median_support"]))
+        fam = result.families[name]
+        median = fam.metrics["median_support"]
+        last = (fam.history.get("am") or [{}])[-1]
+        temperature = last.get("temperature", fam.metrics.get("final_temperature"))
+        if temperature is None:
+            why = "no code selection was recorded"
+        elif temperature >= sparsity.t_max * (1 - 1e-6):
+            why = (f"at temperature {temperature:.3g} of max {sparsity.t_max:.3g}: the codes would not spread "
+                   f"further")
+        else:
+            why = (f"at temperature {temperature:.3g} of max {sparsity.t_max:.3g}, where the last code selection had "
+                   f"median support {last.get('median_support', float('nan')):.1f}: the fit stopped before reaching "
+                   f"the target, or later steps dropped atoms (non-negative codes, pruning)")
+        log.warning("%s: median support %.1f < target %d %s; the fit is valid, pass --target-support %d to ask "
+                    "for what it reaches", name, median, target, why, int(median))
     return short
 
 

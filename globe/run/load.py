@@ -12,11 +12,11 @@ from pathlib import Path
 
 from torch import nn
 
-from globe.artifact import check_compatible, check_same_weights, load
+from globe.artifact import check_compatible, check_same_weights
 from globe.core.result import FitResult
 from globe.device import compute_dtype, resolve_device
 from globe.errors import ArtifactError
-from globe.export import is_compressed, load_compressed, load_model
+from globe.export import is_compressed, load_artifact, load_compressed, load_model
 from globe.run.config import CacheConfig
 from globe.run.tokenizer import load_tokenizer
 from globe.runtime import apply_globe
@@ -50,7 +50,8 @@ def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
     else:
         loaded = None
         if spec.artifact:
-            loaded = load(spec.artifact) if isinstance(spec.artifact, (str, Path)) else spec.artifact
+            # --globe OUT: an artifact directory or a compressed checkpoint (`globe compress` / save_pretrained)
+            loaded = load_artifact(spec.artifact) if isinstance(spec.artifact, (str, Path)) else spec.artifact
             check_compatible(loaded, spec.model_dir)                     # before the (slow) model load
             check_same_weights(loaded, spec.model_dir, force=spec.force)
         model = load_model(spec.model_dir, dtype=compute_dtype(spec.model_dir, device, spec.dtype), device=str(device))

@@ -109,7 +109,7 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     first, layout = next(iter(modules.values())), spec.layout
     dtype = dtype or layout.dtype(first)
     device = layout.device(first)
-    banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype), requires_grad=False)
+    banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype))
              for n, f in result.families.items()}
     original_bytes = model_bytes(model)
     all_codes = family_codes(result)

@@ -25,7 +25,7 @@ def dense_parts(module: nn.Module, layout: ExpertsLayout, factored: set[str]) ->
             continue
         weight = layout.weight(module, family)
         dense[family] = weight if id(weight) in own and isinstance(weight, nn.Parameter) else \
-            nn.Parameter(weight.data.clone(), requires_grad=False)
+            nn.Parameter(weight.data.clone(), requires_grad=weight.requires_grad)
     return dense
 
 

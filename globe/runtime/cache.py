@@ -99,7 +99,7 @@ class MixedCache(nn.Module):
         row_index = None if every_row else torch.tensor(list(final.values()), device=device)
         for f in self.families:
             rows = composed[f] if every_row else composed[f].index_select(0, row_index)
-            self.slots(f).index_copy_(0, slot_index, rows.to(self.slots(f).dtype))
+            self.slots(f).index_copy_(0, slot_index, rows.detach().to(self.slots(f).dtype))
 
     def count(self, experts: list[int]) -> None:
         """Count one access of distinct `experts` (hits: resident ones) without touching the LRU order: a batch

@@ -11,6 +11,12 @@ Modes:
   cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts; a batch whose
             cache misses cost more atoms to mix than projecting its tokens is projected (counted, not inserted)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
+Training: the factors (bank, code values, adapters) and the untouched projections are ordinary trainable
+parameters. Both caches (cached mode's LRU, dense mode's reconstruction) are stamped with the identity and the
+`_version` counter of every tensor they were computed from (an optimizer step or any in-place change bumps it) and
+recomputed when the stamp changes; with gradients enabled and a factor requiring them, neither cache is used: the
+factors are mixed (or W_e reconstructed) in the autograd graph, so every backward reaches them (the LRU still
+records the access, so its order and counts do not depend on the grad mode).
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
 own grouped_mm experts) with one group per expert, or a loop over the routed experts where that is unavailable.
@@ -36,8 +42,11 @@ PROJECTIONS: tuple[str, ...] = FAMILIES          # gate, up, down; state keys: g
 
 def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """grouped_mm exists in this torch, runs on this device (CPU, or CUDA from compute capability 8.0) and accepts
-    these operands (row-major, rows and base pointers aligned to 16 bytes)."""
+    these operands (row-major, rows and base pointers aligned to 16 bytes). Not while recording gradients: its
+    backward needs the transposed operands aligned too, which batch sizes do not guarantee."""
     if not hasattr(F, "grouped_mm") or x.stride(-1) != 1 or weight.stride(-1) != 1:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
     if weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) < (8, 0):
         return False
@@ -162,8 +171,8 @@ class GlobeExperts(nn.Module):
         self.factored = tuple(f for f in PROJECTIONS if f in banks)
         self.phis = dict(phis)
         self.bank = nn.ParameterDict(banks)                                          # shared: [m, r, in]
-        self.adapters = nn.ParameterDict({f: _frozen(a) for f, a in adapters.items()})   # [E, out, r]
-        self.code_values = nn.ParameterDict({f: _frozen(v) for f, (_, v) in codes.items()})  # [E, k]
+        self.adapters = nn.ParameterDict({f: _trainable(a) for f, a in adapters.items()})   # [E, out, r]
+        self.code_values = nn.ParameterDict({f: _trainable(v) for f, (_, v) in codes.items()})  # [E, k]
         self.code_indices = _Buffers({f: i for f, (i, _) in codes.items()})           # [E, k] int64
         for family, weight in dense.items():                                          # [E, out, in]
             self.register_parameter(dense_key(family), weight)
@@ -171,6 +180,7 @@ class GlobeExperts(nn.Module):
         self.source_dtype = source_dtype or next(iter({**banks, **dense}.values())).dtype
         self.mode = "factored"
         self.cache: MixedCache | None = None
+        self._stamp: tuple | None = None          # inputs of the cache / dense reconstruction it was built from
 
     # ---- modes ----
     def set_mode(self, mode: str, cache_size: int | None = None) -> None:
@@ -190,10 +200,37 @@ class GlobeExperts(nn.Module):
             ref = self.bank[self.factored[0]] if self.factored else self.dense_weight("down")
             self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
         elif mode == "dense":
+            self._rebuild_dense()
+        self._stamp = self._inputs_stamp()
+        self.mode = mode
+
+    def _inputs_stamp(self) -> tuple:
+        """Identity and in-place version of every tensor the caches are computed from."""
+        tensors = [t for f in self.factored for t in (self.bank[f], self.code_values[f], self.code_indices[f],
+                                                       self.adapters[f])]
+        return tuple((id(t), t._version, t.device) for t in tensors)
+
+    def _rebuild_dense(self) -> None:
+        with torch.no_grad():
             for family in self.factored:
                 self.register_buffer(f"dense_{family}", self.reconstruct(family).to(self.adapters[family]),
                                      persistent=False)
-        self.mode = mode
+
+    def _refresh(self) -> None:
+        """Drop what the caches hold when a factor changed since they were filled (optimizer step, load, edit)."""
+        stamp = self._inputs_stamp()
+        if stamp == self._stamp:
+            return
+        if self.cache is not None:
+            self.cache.order.clear()
+        if self.mode == "dense":
+            self._rebuild_dense()
+        self._stamp = stamp
+
+    def _differentiable(self) -> bool:
+        """Gradients are being recorded for some factor: caches are bypassed (they hold no graph)."""
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for f in self.factored for t in (self.bank[f], self.code_values[f], self.adapters[f]))
 
     def mixed_atoms(self, experts: torch.Tensor, families: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the storage dtype."""
@@ -216,7 +253,11 @@ class GlobeExperts(nn.Module):
 
     def warm_up(self, counts: torch.Tensor) -> list[int]:
         """Preload the cache with the experts most routed in `counts` [E] (cached mode only; else a no-op)."""
-        return self.cache.warm_up(counts, self.mixed_atoms) if self.cache is not None else []
+        if self.cache is None:
+            return []
+        self._refresh()
+        with torch.no_grad():
+            return self.cache.warm_up(counts, self.mixed_atoms)
 
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -234,8 +275,11 @@ class GlobeExperts(nn.Module):
             flat, weights = flat[pair_ids], weights[pair_ids]
         if not expert_list:
             return out
+        differentiable = self._differentiable()
+        if not (differentiable and self.mode == "dense"):     # dense under grad reconstructs in the graph anyway
+            self._refresh()
         projected = self._projected_families(hidden_states.shape[0], flat.numel(), expert_list)
-        projections = self._projections(experts, expert_list, projected)
+        projections = self._projections(experts, expert_list, projected, differentiable)
         order = torch.argsort(flat, stable=True)                                    # pairs sorted by expert
         tokens = (order if pair_ids is None else pair_ids[order]) // top_k
         route = _Route(flat.index_select(0, order), counts, self.num_experts, len(expert_list) == flat.numel())
@@ -257,26 +301,37 @@ class GlobeExperts(nn.Module):
         a projected batch is counted as a lookup but inserts nothing."""
         if self.mode == "dense" or any(self.phis[f] != "identity" for f in self.factored):
             return set()
+        cache = self.cache
         rows = {f: (num_pairs if f == "down" else num_tokens) * self.bank[f].shape[0] for f in self.factored}
         width = {f: self.code_indices[f].shape[1] for f in self.factored}
-        if self.cache is None:
+        if cache is None:
             return {f for f in self.factored if rows[f] < len(expert_list) * width[f]}
-        misses = sum(e not in self.cache.order for e in expert_list)
+        misses = sum(e not in cache.order for e in expert_list)
         return set(self.factored) if sum(rows.values()) < misses * sum(width.values()) else set()
 
     def _projections(self, experts: torch.Tensor, expert_list: list[int],
-                     projected: set[str] = frozenset()) -> dict[str, _Projection | _Projected]:
+                     projected: set[str], differentiable: bool) -> dict[str, _Projection | _Projected]:
         if self.mode == "dense":
+            if differentiable:                                   # W_e = A_e tilde_B_e inside the graph
+                return {f: _Projection(self.reconstruct(f).to(self.adapters[f].dtype) if f in self.factored
+                                       else self.dense_weight(f)) for f in PROJECTIONS}
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
         out: dict[str, _Projection | _Projected] = {
             f: _Projected(self.bank[f], self.code_indices[f], self.code_values[f], self.adapters[f])
             for f in projected}
         mixing = tuple(f for f in self.factored if f not in projected)
-        if not mixing and self.cache is not None:
-            self.cache.count(expert_list)                      # projected: looked up, not inserted
-        if mixing:
-            mixed = (self.cache.fetch(expert_list, self.mixed_atoms) if self.cache is not None
+        cache = self.cache
+        if not mixing and cache is not None:
+            cache.count(expert_list)                           # projected: looked up, not inserted
+        if mixing and differentiable:                          # the cache holds no graph: mix in it
+            if cache is not None:
+                with torch.no_grad():                          # same LRU order and counts as without grad
+                    cache.fetch(expert_list, self.mixed_atoms)
+            mixed = self.mixed_atoms(experts, mixing)
+        elif mixing:
+            mixed = (cache.fetch(expert_list, self.mixed_atoms) if cache is not None
                      else self.mixed_atoms(experts, mixing))
+        if mixing:
             out.update({f: _Projection(mixed[f], self.adapters[f]) for f in mixing})
         out.update({f: _Projection(self.dense_weight(f)) for f in PROJECTIONS if f not in self.factored})
         return out
@@ -286,5 +341,7 @@ class GlobeExperts(nn.Module):
                 f"mode={self.mode!r}")
 
 
-def _frozen(tensor: torch.Tensor) -> nn.Parameter:
-    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+def _trainable(tensor: torch.Tensor) -> nn.Parameter:
+    """A factor as a parameter: trainable like any model parameter (floating point)."""
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor,
+                                                                        requires_grad=tensor.is_floating_point())

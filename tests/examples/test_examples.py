@@ -44,3 +44,13 @@ def test_examples_run_in_sequence(tmp_path):
     assert len(gaps) == 2 and max(gaps) < 0.05, out                     # both exports match the patched model
     assert (tmp_path / "deploy" / "dense" / "config.json").is_file()
     assert is_compressed(tmp_path / "deploy" / "compressed")
+
+
+@pytest.mark.slow
+def test_finetune_compressed_brings_the_kl_to_the_original_down(tmp_path):
+    out = run_example("finetune_compressed.py", "--steps", "12", "--out", "tuned", cwd=tmp_path)
+    before, after = (float(x) for x in re.search(r"KL to the original: before ([0-9.]+) after ([0-9.]+)", out).groups())
+    assert after < before
+    assert is_compressed(tmp_path / "tuned")
+    tuned = globe.load_compressed(tmp_path / "tuned")
+    assert tuned is not None

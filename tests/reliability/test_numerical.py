@@ -12,7 +12,8 @@ from globe.errors import NumericalError
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
 from globe.fit.solvers.linalg import condition_number, ridge_cholesky, solve_left
-from globe.fit.solvers.adam import DivergenceGuard, adam_refine
+from globe.fit.solvers.adam import AdamOptions, DivergenceGuard, adam_refine
+from globe.fit.solvers.problem import Factors, SolverProblem
 from globe.fit.solvers.normalize import Normalizer
 from tests.helpers.planted import make_planted
 
@@ -75,8 +76,10 @@ def test_diverging_adam_is_rolled_back_not_nan(caplog):
     adapters = planted.adapters * planted.codes.sum(-1)[:, None, None] / norm.scales[:, None, None]
     start = (planted.bank.clone(), codes.clone(), adapters.clone())
     with caplog.at_level(logging.WARNING):
-        bank, new_codes, new_adapters, history = adam_refine(planted.weights, norm, planted.bank, codes, adapters,
-                                                             cfg, 1.0, torch.Generator().manual_seed(0))
+        bank, new_codes, new_adapters, history = adam_refine(SolverProblem(planted.weights, norm),
+                                                             Factors(planted.bank, codes, 1.0, adapters),
+                                                             AdamOptions.from_config(cfg),
+                                                             torch.Generator().manual_seed(0))
     assert "refinement diverged" in caplog.text
     assert all(torch.isfinite(t).all() for t in (bank, new_codes, new_adapters))
     assert all(math.isfinite(h) for h in history)

@@ -49,6 +49,7 @@ from globe.fit.solvers.adapters import finalize
 from globe.fit.solvers.metrics import bank_metrics, code_metrics, error_metrics
 from globe.fit.solvers.mod import normalize_atoms
 from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import Factors, FittedFactors, SolverProblem
 from globe.fit.solvers.sparse_coding import prune_codes
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,8 @@ def _resumed(problem: FamilyProblem, resume: FitProgress | None) -> FitProgress 
 
 def finalise_stage(problem: FamilyProblem, solution: Solution) -> Fitted:
     """Exact adapters under the objective for the solution's (bank, codes)."""
-    t = problem.cfg.train
-    adapted = finalize(problem.spaces.target, solution.norm, solution.codes, solution.bank, problem.cfg.bank.phi,
-                       t.chunk_size, t.ridge, problem.objective)
+    adapted = finalize(SolverProblem(problem.spaces.target, solution.norm, problem.objective),
+                       Factors(solution.bank, solution.codes), problem.options.finalize)
     return Fitted(solution.bank, adapted.adapters, adapted.codes, adapted.sq_err, solution.norm,
                   solution.temperature, solution.history, problem.cfg.bank.phi)
 
@@ -140,25 +140,27 @@ def finalise_stage(problem: FamilyProblem, solution: Solution) -> Fitted:
 def groups_stage(problem: FamilyProblem) -> Fitted:
     """nonlinear.start == "groups": block SVD start + full-batch nonlinear refinement (globe.fit.engine.nonlinear),
     in place of shape, warm start and [AM, VarPro]."""
-    (bank, adapters, codes, sq_err), steps, phi = groups_fit(problem.spaces.target, problem.ids, problem.norm,
-                                                             problem.cfg, problem.family, problem.device)
-    return Fitted(bank, adapters, codes, sq_err, problem.norm, 0.0, {"nonlinear": steps}, phi)
+    f, steps, phi = groups_fit(problem.spaces.target, problem.ids, problem.norm, problem.cfg, problem.family,
+                               problem.device)
+    return Fitted(f.bank, f.adapters, f.codes, f.sq_err, problem.norm, 0.0, {"nonlinear": steps}, phi)
 
 
 def nonlinear_refine_stage(problem: FamilyProblem, fitted: Fitted) -> Fitted:
     """nonlinear.start == "am": the finalised linear solution refined with phi = nonlinear.phi (kept if worse)."""
-    (bank, adapters, codes, sq_err), steps, phi = nonlinear_stage(
-        problem.spaces.target, fitted.norm, (fitted.bank, fitted.adapters, fitted.codes, fitted.sq_err), problem.cfg,
-        problem.family)
-    return dataclasses.replace(fitted, bank=bank, adapters=adapters, codes=codes, sq_err=sq_err, phi=phi,
+    f, steps, phi = nonlinear_stage(
+        SolverProblem(problem.spaces.target, fitted.norm),
+        FittedFactors(fitted.bank, fitted.codes, fitted.adapters, fitted.sq_err), problem.options.nonlinear,
+        problem.cfg.bank.phi, problem.family)
+    return dataclasses.replace(fitted, bank=f.bank, adapters=f.adapters, codes=f.codes, sq_err=f.sq_err, phi=phi,
                                history={**fitted.history, "nonlinear": steps})
 
 
 def refine_stage(problem: FamilyProblem, fitted: Fitted) -> Fitted:
     """Adam refinement of the fitted solution; rolled back with a warning if it raised the error."""
     cfg, target, norm = problem.cfg, problem.spaces.target, fitted.norm
-    bank, codes, _, losses = adam_refine(target, norm, fitted.bank, fitted.codes, fitted.adapters, cfg,
-                                         fitted.temperature, problem.gen, problem.comm, problem.objective)
+    bank, codes, _, losses = adam_refine(SolverProblem(target, norm, problem.objective, problem.comm),
+                                         Factors(fitted.bank, fitted.codes, fitted.temperature, fitted.adapters),
+                                         problem.options.adam, problem.gen)
     bank, codes = normalize_atoms(bank, prune_codes(codes, cfg.sparsity.eps))
     history = {**fitted.history, "refine": losses}
     refined = finalise_stage(problem, Solution(bank, codes, norm, fitted.temperature, history))

@@ -12,10 +12,12 @@ import torch
 
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
+from globe.fit.costs import declare_cost
 from globe.fit.objectives.base import Objective
 from globe.fit.objectives.weights import WEIGHTS
-from globe.fit.solvers.nonlinear import finish, fit_nonlinear, from_linear
+from globe.fit.solvers.nonlinear import NonlinearOptions, finish, fit_nonlinear, from_linear
 from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import FittedFactors, SolverProblem
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +37,28 @@ def nonlinear_applies(cfg: FitConfig, world: int = 1, objective: Objective = WEI
     return True
 
 
-def nonlinear_stage(weights: torch.Tensor, norm: Normalizer, fitted: tuple, cfg: FitConfig,
-                    family: str = "gate") -> tuple[tuple, list[float], str]:
-    """(fitted tuple, loss history, phi of the result). weights [N, p, d] as stored (any dtype, lazy ok)."""
-    bank, adapters, codes, sq_err = fitted
-    nl, dev = cfg.nonlinear, bank.device
-    w = norm.chunk(weights, 0, weights.shape[0], dev)                        # [N, p, d] fp32, full batch
-    state = from_linear(bank, codes, adapters, nl.off_logit)
+def nonlinear_stage(problem: SolverProblem, fitted: FittedFactors, options: NonlinearOptions, linear_phi: str,
+                    family: str = "gate") -> tuple[FittedFactors, list[float], str]:
+    """(fitted, loss history, phi of the result): the linear fit (phi = linear_phi) refined with options.phi, kept
+    if the refinement raised the error. problem.weights [N, p, d] as stored (any dtype, lazy ok)."""
+    norm, nl = problem.norm, options
+    w = norm.chunk(problem.weights, 0, problem.weights.shape[0], fitted.bank.device)   # [N, p, d] fp32, full batch
+    state = from_linear(fitted.bank, fitted.codes, fitted.adapters, nl.off_logit)
     if nl.signed_codes:
         state.make_signed()
-    state = fit_nonlinear(w, state, nl.phi, nl.steps, nl.lr, eval_every=nl.eval_every, ridge=cfg.train.ridge,
-                          chunk=cfg.train.chunk_size, learn_gain=nl.learn_gain)
-    new_bank, new_codes, new_adapters, new_sq = finish(w, state, nl.phi, cfg.sparsity.eps, cfg.train.ridge,
-                                                       cfg.train.chunk_size)
+    state = fit_nonlinear(w, state, options)
+    new = finish(w, state, options)
     del w
-    new_sq = new_sq * norm.scales.double() ** 2
-    before, after = float(sq_err.sum()), float(new_sq.sum())
+    new.sq_err = new.sq_err * norm.scales.double() ** 2
+    before, after = float(fitted.sq_err.sum()), float(new.sq_err.sum())
     if after > before:
         log.warning("%s: nonlinear refinement raised the error (%.5f -> %.5f): kept the linear fit", family,
                     (before / float(norm.sq_norms.sum())) ** 0.5, (after / float(norm.sq_norms.sum())) ** 0.5)
-        return fitted, state.history, cfg.bank.phi
+        return fitted, state.history, linear_phi
     log.info("%s: nonlinear (%s) refinement: rel_err %.5f -> %.5f in %d steps", family, nl.phi,
              (before / float(norm.sq_norms.sum())) ** 0.5, (after / float(norm.sq_norms.sum())) ** 0.5,
              len(state.history))
-    return (new_bank, new_adapters, new_codes, new_sq), state.history, nl.phi
+    return new, state.history, nl.phi
 
 
 def group_rank(n: int, p: int, d: int, m: int, budget: float, codes_per_expert: int) -> int:
@@ -111,8 +111,12 @@ def nonlinear_seconds(s, q, steps: int) -> float:
     return (steps + 1) * n * per_expert
 
 
+declare_cost("nonlinear", lambda s: nonlinear_memory(s, s.nonlinear_start),
+             lambda s, q: nonlinear_seconds(s, q, s.nonlinear_steps))
+
+
 def groups_fit(weights: torch.Tensor, ids: torch.Tensor, norm: Normalizer, cfg: FitConfig,
-               family: str = "gate", device: torch.device | str = "cpu") -> tuple[tuple, list[float], str]:
+               family: str = "gate", device: torch.device | str = "cpu") -> tuple[FittedFactors, list[float], str]:
     """Block SVD start (groups per layer, one global bank) + nonlinear refinement; (fitted, history, phi).
 
     weights [N, p, d] as stored, ids [N, 2] (layer, expert), experts of a layer contiguous. The rank is
@@ -127,7 +131,8 @@ def groups_fit(weights: torch.Tensor, ids: torch.Tensor, norm: Normalizer, cfg: 
     state = group_svd_init(w, layers.to(w.device), groups, r, nl.scope)
     if nl.signed_codes:
         state.make_signed()
-    state = fit_nonlinear(w, state, nl.phi, nl.steps, nl.lr, eval_every=nl.eval_every, ridge=cfg.train.ridge,
-                          chunk=cfg.train.chunk_size, learn_gain=nl.learn_gain)
-    bank, codes, adapters, sq = finish(w, state, nl.phi, cfg.sparsity.eps, cfg.train.ridge, cfg.train.chunk_size)
-    return (bank, adapters, codes, sq * norm.scales.double() ** 2), state.history, nl.phi
+    options = NonlinearOptions.from_config(cfg)
+    state = fit_nonlinear(w, state, options)
+    fitted = finish(w, state, options)
+    fitted.sq_err = fitted.sq_err * norm.scales.double() ** 2
+    return fitted, state.history, nl.phi

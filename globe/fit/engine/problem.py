@@ -20,6 +20,28 @@ from globe.fit.objectives.base import Objective, Spaces
 from globe.fit.objectives.weights import WEIGHTS
 from globe.fit.resume import FitProgress
 from globe.fit.parallel.shard import ExpertShard
+from globe.fit.solvers.adam import AdamOptions
+from globe.fit.solvers.adapters import FinalizeOptions
+from globe.fit.solvers.am import AMOptions
+from globe.fit.solvers.nonlinear import NonlinearOptions
+from globe.fit.solvers.problem import SolverProblem, VarProOptions
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Every solver's options, built once from the FitConfig (the stages pass these, never the config)."""
+
+    am: AMOptions
+    varpro: VarProOptions
+    finalize: FinalizeOptions
+    adam: AdamOptions
+    nonlinear: NonlinearOptions
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> SolverOptions:
+        return cls(am=AMOptions.from_config(cfg), varpro=VarProOptions.from_config(cfg),
+                   finalize=FinalizeOptions.from_config(cfg), adam=AdamOptions.from_config(cfg),
+                   nonlinear=NonlinearOptions.from_config(cfg))
 
 
 @dataclass
@@ -38,6 +60,11 @@ class FamilyProblem:
     norm: Normalizer | None = None    # of spaces.work (set by the normalise stage)
     on_progress: Callable[[FitProgress], None] | None = None
     timings: dict = field(default_factory=dict)
+    options: SolverOptions | None = None   # built from cfg when not given
+
+    def __post_init__(self) -> None:
+        if self.options is None:
+            self.options = SolverOptions.from_config(self.cfg)
 
     @classmethod
     def build(cls, weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family: str = "gate",
@@ -57,6 +84,11 @@ class FamilyProblem:
     @property
     def comm(self) -> Comm:
         return self.shard.comm
+
+    @property
+    def work(self) -> SolverProblem:
+        """The AM / VarPro problem: the work weights in weight space (phi = identity inside the loop)."""
+        return SolverProblem(self.spaces.work, self.norm, WEIGHTS, self.comm)
 
     def phase(self, name: str):
         """Context manager timing phase `name` (globe.fit.engine.phases) into timings."""

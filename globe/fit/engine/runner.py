@@ -23,6 +23,7 @@ from globe import tracking
 from globe.fit.solvers.am import AMState, run_am
 from globe.fit.solvers.adapters import finalize
 from globe.fit.solvers.mod import normalize_atoms
+from globe.fit.solvers.problem import Factors
 from globe.fit.solvers.varpro import varpro_refine
 from globe.fit.resume import Attempt, Cursor, FitProgress
 from globe.fit.engine.shape import WarmStart
@@ -59,15 +60,15 @@ def am_stage(problem, progress: FitProgress, starts) -> FitProgress:
         if every > 0 and state.iteration % every == 0:
             problem.checkpoint(progress)
 
-    run_am(problem.spaces.work, problem.norm, progress.state, problem.cfg, problem.family, on_iteration, problem.comm)
+    run_am(problem.work, progress.state, problem.options.am, problem.family, on_iteration)
     return _moved(progress, stage="varpro")
 
 
 def settle(problem, state: AMState) -> tuple:
     """(bank, codes, error) of the final AM state, or of the best one seen if the last iterations made the
     error worse."""
-    _, _, sq_err = finalize(problem.spaces.work, problem.norm, state.codes, state.bank, "identity",
-                            problem.cfg.train.chunk_size, problem.cfg.train.ridge, keep_adapters=False)
+    identity = dataclasses.replace(problem.options.finalize, phi="identity")
+    _, _, sq_err = finalize(problem.work, state, identity, keep_adapters=False)
     final = problem.shard.rel_err(sq_err, problem.norm)
     if state.best_bank is None or final <= state.best_err:
         return state.bank, state.codes, final
@@ -81,8 +82,8 @@ def varpro_stage(problem, progress: FitProgress, starts) -> FitProgress:
     varpro = list(progress.varpro)
     if cfg.train.varpro_steps > 0:
         label = f"VarPro {problem.family} ({problem.objective.work_error(problem.spaces)})"
-        bank, codes, losses = varpro_refine(problem.spaces.work, problem.norm, bank, codes, cfg,
-                                            cfg.train.varpro_steps, state.temperature, problem.comm, label=label)
+        options = dataclasses.replace(problem.options.varpro, label=label)
+        bank, codes, losses = varpro_refine(problem.work, Factors(bank, codes, state.temperature), options)
         bank, codes = normalize_atoms(bank, codes)
         varpro += losses
         err = losses[-1] if losses else err

@@ -24,6 +24,7 @@ from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.mod import normalize_atoms
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.objectives.base import Objective, Solution, Spaces, register
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.varpro import varpro_refine
 
 
@@ -242,9 +243,10 @@ class ActivationObjective(Objective):
         norm = Normalizer.fit(spaces.target, cfg.train.chunk_size, problem.names)
         losses: list[float] = []
         if self.config.steps > 0:
-            bank, codes, losses = varpro_refine(spaces.target, norm, bank, codes, cfg, self.config.steps,
-                                                solution.temperature, objective=self,
+            options = VarProOptions.from_config(cfg, self.config.steps,
                                                 label=f"VarPro {problem.family} (activation-weighted error)")
+            bank, codes, losses = varpro_refine(SolverProblem(spaces.target, norm, self),
+                                                Factors(bank, codes, solution.temperature), options)
             bank, codes = normalize_atoms(bank, codes)
         history = {**solution.history, "activation": losses}
         return Solution(bank=bank, codes=codes, norm=norm, temperature=solution.temperature, history=history)

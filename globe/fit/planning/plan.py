@@ -31,16 +31,17 @@ from globe.device import resolve_device
 from globe.core.params import dense_params, stored_params
 from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
-from globe.fit.engine.nonlinear import nonlinear_applies, nonlinear_memory, nonlinear_seconds
+from globe.fit.costs import PHASE_COSTS
+from globe.fit.engine.nonlinear import nonlinear_applies
 from globe.fit.engine.shape import family_shape
 from globe.fit.objectives.base import objective_class
-from globe.fit.planning.estimate import FitShape, gib, held_results, phase_bytes, phase_varpro
-from globe.fit.planning.timing import (KernelRates, measure_rates, phase_seconds, time_varpro_evaluation,
-                                      varpro_evaluations)
+from globe.fit.planning.estimate import FitShape, gib, held_results
+from globe.fit.planning.timing import KernelRates, measure_rates
+from globe.fit.solvers.varpro import varpro_evaluation_seconds, varpro_evaluations, varpro_memory
 
 log = logging.getLogger(__name__)
 PLAN_FORMAT_VERSION = 1
-SOLVER_COSTS = SimpleNamespace(varpro_bytes=phase_varpro, varpro_evaluation_seconds=time_varpro_evaluation)
+SOLVER_COSTS = SimpleNamespace(varpro_bytes=varpro_memory, varpro_evaluation_seconds=varpro_evaluation_seconds)
 
 
 @dataclass
@@ -206,23 +207,20 @@ def fit_phases(cfg: FitConfig, objective, groups: bool) -> list[str]:
 
 def family_costs(s: FitShape, cfg: FitConfig, objective, groups: bool,
                  rates: KernelRates | None) -> tuple[dict[str, int], dict[str, float]]:
-    """(peak bytes per phase + "peak", seconds per phase + "total") of the phases the fit runs: the solver phases
-    of globe.fit.planning.estimate / timing, the objective's own stage and held buffers (Objective.memory /
-    seconds), the warm start's (WarmStartInit.memory / seconds, inside warm_start) and the nonlinear stage's
-    (globe.fit.engine.nonlinear)."""
+    """(peak bytes per phase + "peak", seconds per phase + "total") of the phases the fit runs, each as the phase
+    declares it: globe.fit.costs.PHASE_COSTS (the solver and stage modules, the warm start's own part inside
+    warm_start), the objective's own stage and held buffers (Objective.memory / seconds)."""
     runs = fit_phases(cfg, objective, groups)
-    nl = cfg.nonlinear
-    memory = dict(phase_bytes(s))
+    s = s.with_(nonlinear_start="groups" if groups else cfg.nonlinear.start)
+    declared = {name: PHASE_COSTS[name] for name in runs if name in PHASE_COSTS}
     own = dict(objective.memory(s, SOLVER_COSTS))
     held = own.pop("held", 0)
-    memory.update(own)
-    memory["nonlinear"] = nonlinear_memory(s, "groups" if groups else nl.start)
+    memory = {name: int(cost.memory(s)) for name, cost in declared.items()} | own
     memory = {name: int(memory.get(name, 0)) + held for name in runs}
     seconds: dict[str, float] = {}
     if rates is not None:
-        seconds = dict(phase_seconds(s, rates))
+        seconds = {name: round(cost.seconds(s, rates), 2) for name, cost in declared.items()}
         seconds.update(objective.seconds(s, rates, SOLVER_COSTS))
-        seconds["nonlinear"] = nonlinear_seconds(s, rates, nl.steps)
         seconds = {name: round(seconds.get(name, 0.0), 2) for name in runs}
     return memory | {"peak": max(memory.values())}, seconds | {"total": round(sum(seconds.values()), 2)}
 

@@ -20,12 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from globe.fit.planning.estimate import FitShape
-from globe.fit.warm_starts.base import WARM_STARTS
+from globe.fit.costs import PHASE_COSTS
+from globe.fit.planning.estimate import SOLVER_PHASES, FitShape
 from globe.fit.warm_starts.targets import LARGE_MATRIX
 
 READ_BPS = 1.0e9                  # assumed checkpoint read rate (bytes/s)
-CG_APPLIES = 13                   # weighted MOD: 12 CG iterations + the initial residual
 
 
 @dataclass
@@ -123,100 +122,21 @@ def measure_rates(s: FitShape, device: str | torch.device = "cpu", experts: int 
                        benchmark_seconds=round(time.perf_counter() - t0, 3))
 
 
-def _read(s: FitShape, q: KernelRates) -> float:
-    """One pass over the family: read from disk, upcast to fp32 and divide by the scales."""
-    npd = s.n * s.p * s.d
-    return npd * s.stored_bytes / q.read_bps + npd * (s.stored_bytes + 12) / q.stream
 
 
-def _refit(s: FitShape, q: KernelRates) -> float:
-    """refit_adapters for every expert: M M^T, W M^T, the Cholesky solves, A^T A, the error terms."""
-    n, p, d, r = s.n, s.p, s.d, s.r
-    return n * (2 * r * r * d / q.wd32 + 2 * p * d * r / q.wd + 2 * p * r * r / q.wd32 + q.chol
-                + 8 * p * d / q.stream)
 
 
-def _compose(s: FitShape, q: KernelRates) -> float:
-    return s.n * 2 * s.m * s.r * s.d / q.bank
 
 
-def time_normalize(s: FitShape, q: KernelRates) -> float:
-    npd = s.n * s.p * s.d
-    return npd * s.stored_bytes / q.read_bps + npd * (s.stored_bytes + 24) / q.stream64
 
 
-def time_shape(s: FitShape, q: KernelRates) -> float:
-    if not s.probe_ranks:
-        return 0.0
-    n, p, d = s.n, s.p, s.d
-    probes = sum(n * (q.align + 2 * r * r * d / q.wd32) + 2 * n * n * r * d / (q.wd32 / 2) for r in s.probe_ranks)
-    return _read(s, q) + n * (q.svd + 2 * p * d * d / q.wd32) + probes
 
 
-def time_warm_start(s: FitShape, q: KernelRates) -> float:
-    n, p, d, r, m = s.n, s.p, s.d, s.r, s.m
-    align = n * (q.align + 2 * r * r * d / q.wd32)
-    if s.probe_ranks and r <= max(s.probe_ranks):
-        targets = align
-    else:
-        exact = p * d < LARGE_MATRIX or 4 * r > min(p, d)
-        top = q.svd if exact else 2 * 6 * p * d * (r + 16) / q.wd32
-        targets = _read(s, q) + n * (top + 2 * p * d * d / q.wd32) + align
-    init = WARM_STARTS.get(s.init)().seconds(s, q)                       # the warm start's own cost
-    return targets + init * s.restarts
-
-
-def time_am_iteration(s: FitShape, q: KernelRates) -> float:
-    """One am_pass and its weighted MOD (conjugate gradients)."""
-    n, p, d, r, m, k = s.n, s.p, s.d, s.r, s.m, s.slots
-    per_expert = (2 * p * d * r / q.wd + 2 * r * r * d / q.wd32 + 4 * r * d * m / q.bank + 2 * m * r * d / q.bank
-                  + 2 * k * r * r * d / q.rr + 2 * k * k * r * d / q.wd32 + q.chol + 8 * r * d * 4 / q.stream)
-    loop = _read(s, q) + _refit(s, q) + _compose(s, q) + n * per_expert
-    if s.mod == "weighted":
-        mod = CG_APPLIES * n * (4 * m * r * d / q.bank + 2 * r * r * d / q.rr) + 12 * 12 * s.bank / q.stream
-    else:
-        mod = 2 * m * m * r * d / q.bank
-    return loop + mod
-
-
-def time_best_state(s: FitShape, q: KernelRates) -> float:
-    return _read(s, q) + _compose(s, q) + _refit(s, q)
-
-
-def varpro_evaluations(s: FitShape) -> int:
-    """Evaluations of the variable projection predicted for train.varpro_steps L-BFGS iterations (about one
-    line-search evaluation per iteration plus the first; L-BFGS allows up to 1.25 per iteration)."""
-    return s.varpro_steps + 1 if s.varpro_steps else 0
-
-
-def time_varpro_evaluation(s: FitShape, q: KernelRates) -> float:
-    n, p, d, r = s.n, s.p, s.d, s.r
-    autograd = n * (2 * 2 * p * d * r / q.wd32 + 4 * s.m * r * d / q.bank + 8 * p * d * 4 / q.stream)
-    lbfgs = (4 * min(s.lbfgs_history(), max(s.varpro_steps - 1, 0)) + 20) * s.lbfgs_vector() / q.stream
-    return _read(s, q) + _compose(s, q) + _refit(s, q) + autograd + lbfgs
-
-
-def time_finalize(s: FitShape, q: KernelRates) -> float:
-    metrics = 4 * s.m * s.m * s.r * s.d / (q.wd32 / 2)
-    return _read(s, q) + _compose(s, q) + _refit(s, q) + metrics
-
-
-def time_refine(s: FitShape, q: KernelRates) -> float:
-    if not s.refine_steps:
-        return 0.0
-    b, p, d, r, m = min(s.refine_batch, s.n), s.p, s.d, s.r, s.m
-    step = b * (6 * p * d * r / q.wd32 + 6 * m * r * d / q.bank + 12 * p * d * 4 / q.stream
-                + p * d * s.stored_bytes / q.read_bps) + 16 * (s.adapters + s.bank) / q.stream
-    return s.refine_steps * step + time_finalize(s, q)
 
 
 def phase_seconds(s: FitShape, q: KernelRates) -> dict[str, float]:
-    """Predicted seconds of each phase (AM: all train.am_iters iterations, an upper bound when the tolerance
-    stops it earlier; variable projection: varpro_evaluations(s) evaluations) and their total."""
-    cycles = s.cycles * s.restarts
-    out = {"normalize": time_normalize(s, q), "shape": time_shape(s, q), "warm_start": time_warm_start(s, q),
-           "am": cycles * (s.am_iters * time_am_iteration(s, q) + time_best_state(s, q)) if s.am_iters else 0.0,
-           "varpro": cycles * varpro_evaluations(s) * time_varpro_evaluation(s, q),
-           "refine": time_refine(s, q), "finalize": time_finalize(s, q)}
-    out = {k: round(v, 2) for k, v in out.items()}
+    """Predicted seconds of each phase as each declares it (globe.fit.costs; AM: all train.am_iters iterations, an
+    upper bound when the tolerance stops it earlier; variable projection: varpro_evaluations(s) evaluations) and
+    their total."""
+    out = {name: round(PHASE_COSTS[name].seconds(s, q), 2) for name in SOLVER_PHASES}
     return out | {"total": round(sum(out.values()), 2)}

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from globe.core.mixing import compose
+from globe.fit.costs import F4, declare_cost
+from globe.fit.solvers.adapters import finalize_seconds
 from globe.fit.config import FitConfig
 from globe.fit.constants import DIVERGED_FACTOR, MAX_ROLLBACKS, SNAPSHOT_EVERY, SNAPSHOT_SLACK
-from globe.fit.objectives.base import Objective
-from globe.fit.objectives.weights import WEIGHTS
-from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.codes import CodeParams
-from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import Factors, SolverProblem
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,30 @@ class DivergenceGuard:
                 x.copy_(snap)
 
 
-def _minibatch_loss(weights, norm: Normalizer, bank, adapters, params: CodeParams, idx: torch.Tensor, batch: int,
-                    cfg: FitConfig, objective: Objective) -> torch.Tensor:
+@dataclass(frozen=True)
+class AdamOptions:
+    """What the minibatch Adam refinement reads of the FitConfig."""
+
+    steps: int                    # train.refine_steps
+    lr: float                     # train.refine_lr
+    batch: int                    # train.refine_batch (experts per minibatch, over all ranks)
+    amp: str                      # train.amp: "none", "bf16" or "fp16"
+    grad_checkpoint: bool         # train.grad_checkpoint
+    phi: str                      # bank.phi
+    method: str                   # sparsity.method (code parametrisation)
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> AdamOptions:
+        t = cfg.train
+        return cls(steps=t.refine_steps, lr=t.refine_lr, batch=t.refine_batch, amp=t.amp,
+                   grad_checkpoint=t.grad_checkpoint, phi=cfg.bank.phi, method=cfg.sparsity.method)
+
+
+def _minibatch_loss(problem: SolverProblem, bank, adapters, params: CodeParams, idx: torch.Tensor, batch: int,
+                    options: AdamOptions) -> torch.Tensor:
     """Mean squared (weighted) residual of this rank's experts `idx` of a minibatch of `batch` experts."""
-    t, phi, dev = cfg.train, cfg.bank.phi, bank.device
+    weights, norm, objective = problem.weights, problem.norm, problem.objective
+    t, phi, dev = options, options.phi, bank.device
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.amp)
     w = weights[idx.cpu()].to(dev, torch.float32) / norm.scales[idx.cpu()].to(dev)[:, None, None]
     with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -89,32 +109,30 @@ def _minibatch_loss(weights, norm: Normalizer, bank, adapters, params: CodeParam
     return resid.square().sum() / (batch * weights.shape[1] * weights.shape[2])
 
 
-def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                adapters: torch.Tensor, cfg: FitConfig, temperature: float, gen: torch.Generator,
-                comm: Comm = LOCAL, objective: Objective = WEIGHTS):
-    """Adam on (bank, logits, adapters) with minibatches of experts; adapters in the normalised space, residuals
-    weighted by the objective.
+def adam_refine(problem: SolverProblem, state: Factors, options: AdamOptions, gen: torch.Generator):
+    """Adam on (bank, logits, adapters) from state (bank, codes, temperature, adapters) with minibatches of
+    experts; adapters in the normalised space, residuals weighted by problem.objective.
 
     Returns (bank, codes, adapters, loss history). AMP: bf16 autocast, or fp16 autocast with a GradScaler.
     Distributed: this rank's experts; the minibatch is drawn over all experts (gen identical on every rank), each
     rank computes its part of it and the bank's gradient is all-reduced (fp16 is refused by the caller: the
     GradScaler's skip decisions would differ between ranks).
     """
-    t, n, dev = cfg.train, weights.shape[0], bank.device
+    t, comm, n, dev = options, problem.comm, problem.weights.shape[0], state.bank.device
     n_all = comm.total(n)
     offset = comm.shard(n_all)[0]
-    bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
-    adapters = torch.nn.Parameter(adapters.clone(memory_format=torch.contiguous_format))
-    params = CodeParams(codes, temperature, cfg.sparsity.method, learn_gain=cfg.bank.phi != "identity")
-    opt = torch.optim.Adam([bank, adapters, *params.parameters()], lr=t.refine_lr)
+    bank = torch.nn.Parameter(state.bank.clone(memory_format=torch.contiguous_format))
+    adapters = torch.nn.Parameter(state.adapters.clone(memory_format=torch.contiguous_format))
+    params = CodeParams(state.codes, state.temperature, t.method, learn_gain=t.phi != "identity")
+    opt = torch.optim.Adam([bank, adapters, *params.parameters()], lr=t.lr)
     scaler = torch.amp.GradScaler(dev.type, enabled=t.amp == "fp16")
     history: list[float] = []
     guard = DivergenceGuard([bank, adapters, *params.parameters()], opt)
-    for step in progress(range(t.refine_steps), "refine"):
-        idx = torch.randperm(n_all, generator=gen)[: t.refine_batch].sort().values
+    for step in progress(range(t.steps), "refine"):
+        idx = torch.randperm(n_all, generator=gen)[: t.batch].sort().values
         batch = idx.numel()
         idx = comm.rows_of_shard(idx, offset, n).to(dev)                     # this rank's part of the batch
-        loss = _minibatch_loss(weights, norm, bank, adapters, params, idx, batch, cfg, objective)
+        loss = _minibatch_loss(problem, bank, adapters, params, idx, batch, options)
         total = comm.all_reduce_float(float(loss.detach()))                 # the same on every rank
         if not guard.check(total, step):
             if guard.exhausted:
@@ -130,3 +148,26 @@ def adam_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, cod
     with torch.no_grad():
         out_codes = params()
     return bank.detach(), out_codes, adapters.detach(), history
+
+
+def refine_memory(s) -> int:
+    """Adam refinement: fitted adapters kept, a clone as parameter, its gradient and two moments; a minibatch."""
+    if s.refine_steps == 0:
+        return 0
+    b = min(s.refine_batch, s.n)
+    params = 5 * (s.adapters + s.bank)                                       # fitted, param, grad, exp_avg, _sq
+    batch = F4 * b * (4 * s.p * s.d + 2 * s.r * s.d + s.p * s.r)
+    return params + batch + s.adapters + s.bank                               # + the refined fit's adapters
+
+
+def refine_seconds(s, q) -> float:
+    """train.refine_steps minibatch steps, then the exact adapters of the result."""
+    if not s.refine_steps:
+        return 0.0
+    b, p, d, r, m = min(s.refine_batch, s.n), s.p, s.d, s.r, s.m
+    step = b * (6 * p * d * r / q.wd32 + 6 * m * r * d / q.bank + 12 * p * d * 4 / q.stream
+                + p * d * s.stored_bytes / q.read_bps) + 16 * (s.adapters + s.bank) / q.stream
+    return s.refine_steps * step + finalize_seconds(s, q)
+
+
+declare_cost("refine", refine_memory, refine_seconds)

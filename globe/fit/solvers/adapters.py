@@ -8,10 +8,10 @@ from typing import NamedTuple
 import torch
 
 from globe.core.mixing import compose
+from globe.fit.costs import F4, F8, compose_seconds, declare_cost, read_seconds, refit_seconds, refit_work
 from globe.fit.solvers.linalg import cond_from_cholesky, matmul, ridge_cholesky, solve_left, solve_right
-from globe.fit.solvers.normalize import Normalizer
-from globe.fit.objectives.base import Objective
-from globe.fit.objectives.weights import WEIGHTS
+from globe.fit.config import FitConfig
+from globe.fit.solvers.problem import Factors, SolverProblem
 
 
 @dataclass
@@ -48,20 +48,35 @@ def coding_targets(weights: torch.Tensor, adapters: torch.Tensor, ridge: float) 
 
 
 class Adapted(NamedTuple):
-    """Exact adapters for fixed (codes, bank) and their error."""
+    """Exact adapters for fixed (bank, codes) and their error."""
 
     adapters: torch.Tensor        # [N, p, r] in the normalised space
     codes: torch.Tensor           # [N, m] (on the simplex for identity phi)
     sq_err: torch.Tensor          # [N] fp64 on the CPU, original space (of the objective)
 
 
-def finalize(weights: torch.Tensor, norm: Normalizer, codes: torch.Tensor, bank: torch.Tensor, phi: str,
-             chunk: int, ridge: float, objective: Objective = WEIGHTS, keep_adapters: bool = True) -> Adapted:
-    """Exact adapters for phi(codes @ bank) under the objective, chunk by chunk, in the normalised space.
+@dataclass(frozen=True)
+class FinalizeOptions:
+    """What the exact adapter refit reads of the FitConfig."""
+
+    phi: str                      # bank.phi ("identity" for the AM's own error)
+    chunk_size: int               # experts per chunk
+    ridge: float                  # train.ridge
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig, phi: str | None = None) -> FinalizeOptions:
+        return cls(phi=cfg.bank.phi if phi is None else phi, chunk_size=cfg.train.chunk_size, ridge=cfg.train.ridge)
+
+
+def finalize(problem: SolverProblem, state: Factors, options: FinalizeOptions, keep_adapters: bool = True) -> Adapted:
+    """Exact adapters for phi(codes @ bank) of state under problem.objective, chunk by chunk, in the normalised
+    space.
 
     With identity phi the codes are put on the simplex and their row sums moved into the adapters. The error is
     the objective's ||(W_i - A_i M_i) R_i||^2 in the original space. keep_adapters=False: only the errors are
     wanted (adapters is None; no [N, p, r] buffer)."""
+    weights, norm, objective = problem.weights, problem.norm, problem.objective
+    bank, codes, phi, chunk, ridge = state.bank, state.codes, options.phi, options.chunk_size, options.ridge
     n, dev = weights.shape[0], bank.device
     if phi == "identity":
         codes = codes / codes.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -76,3 +91,22 @@ def finalize(weights: torch.Tensor, norm: Normalizer, codes: torch.Tensor, bank:
             adapters[lo:hi] = fit.adapters
         sq_err[lo:hi] = fit.sq_err.double().cpu() * norm.scales[lo:hi].double() ** 2
     return Adapted(adapters, codes, sq_err)
+
+
+def finalize_memory(s) -> int:
+    """finalize (exact adapters, chunk by chunk), folded in place, and the bank metrics: the bank in fp64 with its
+    SVD copy / unit rows, or for large banks the m x m Gram accumulated over column blocks."""
+    from globe.fit.solvers.metrics import GRAM_METRICS_BYTES
+    chunk = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)
+    big = s.m * s.r * s.d * F8 > GRAM_METRICS_BYTES
+    metrics = 2 * s.m * 2**16 * F8 + 3 * s.m * s.m * F8 if big else 2 * 2 * s.bank + 2 * s.m * s.m * F8
+    return s.bank + s.adapters + max(chunk, metrics)
+
+
+def finalize_seconds(s, q) -> float:
+    """One pass: mixed atoms, exact adapters, and the bank metrics."""
+    metrics = 4 * s.m * s.m * s.r * s.d / (q.wd32 / 2)
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q) + metrics
+
+
+declare_cost("finalize", finalize_memory, finalize_seconds)

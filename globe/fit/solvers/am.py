@@ -5,7 +5,7 @@ expert's support with entmax on its targets Y_i = pinv(A_i) W_i at temperature T
 median support); fit the code values by NNLS under the true objective ||W_i - A_i alpha_i B||^2 (A fixed, so
 the Gram is weighted by A_i^T A_i); accumulate the MOD right-hand side. After the pass, the MOD update solves the
 same weighted objective for the bank (preconditioned CG), and atoms are normalised with codes rescaled.
-Adapters are never stored between iterations: they are a function of (codes, bank, W).
+Adapters are never stored between iterations: they are a function of (bank, codes, W).
 
 `Coder` holds what the coding step needs from the bank (its Gram, Cholesky factor, bf16 copy) and the sparsity
 settings; `am_pass` = `_sweep` (the chunk loop) + `_new_bank` (the MOD update) + checks and statistics.
@@ -27,10 +27,12 @@ from globe.core.mixing import compose
 from globe.fit.solvers.adapters import refit_adapters
 from globe.fit.config import FitConfig, SparsityConfig
 from globe.fit.constants import support_cap
+from globe.fit.costs import (F4, F8, chunk_read, compose_seconds, declare_cost, read_seconds, refit_seconds,
+                             refit_work)
 from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.linalg import low_precision, matmul, ridge_cholesky, solve_left
-from globe.fit.solvers.mod import ModAccumulator, normalize_atoms, weighted_mod
-from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.mod import ModAccumulator, apply_chunk, normalize_atoms, weighted_mod
+from globe.fit.solvers.problem import SolverProblem
 from globe.fit.solvers.sparse_coding import (code_chunk, finish_codes, select_support, support_sizes, weighted_nnls,
                                      weighted_support_gram)
 from globe.progress import progress
@@ -50,6 +52,26 @@ class AMState:
     best_bank: torch.Tensor | None = None
     best_codes: torch.Tensor | None = None
     history: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AMOptions:
+    """What alternating minimisation reads of the FitConfig."""
+
+    iters: int                    # train.am_iters
+    tol: float                    # train.tol (relative improvement that counts as converged)
+    ridge: float                  # train.ridge
+    chunk_size: int               # experts per chunk
+    precision: str                # train.precision
+    mod: str                      # train.mod: the dictionary update
+    collect_stats: bool           # train.collect_stats (condition numbers in the statistics)
+    sparsity: SparsityConfig      # support target, method, eps
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> AMOptions:
+        t = cfg.train
+        return cls(iters=t.am_iters, tol=t.tol, ridge=t.ridge, chunk_size=t.chunk_size, precision=t.precision,
+                   mod=t.mod, collect_stats=t.collect_stats, sparsity=cfg.sparsity)
 
 
 @dataclass
@@ -101,15 +123,16 @@ class _Sweep:
     conds: list = field(default_factory=list)     # per-chunk max adapter condition estimates
 
 
-def _sweep(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, low, comm: Comm) -> _Sweep:
+def _sweep(problem: SolverProblem, state: AMState, options: AMOptions, low) -> _Sweep:
     """Per chunk: refit adapters, code against the bank, accumulate the MOD right-hand side."""
-    ridge, dev, chunk = cfg.train.ridge, state.bank.device, cfg.train.chunk_size
+    weights, norm, comm = problem.weights, problem.norm, problem.comm
+    ridge, dev, chunk = options.ridge, state.bank.device, options.chunk_size
     m, r, d = state.bank.shape
     n = weights.shape[0]
-    coder = Coder.of(state.bank, low, cfg.sparsity, ridge)
+    coder = Coder.of(state.bank, low, options.sparsity, ridge)
     out = _Sweep(codes=torch.zeros_like(state.codes), sq_err=torch.zeros(n, dtype=acc_dtype(dev), device=dev),
                  temperature=state.temperature)
-    if cfg.train.mod == "normal":
+    if options.mod == "normal":
         out.normal = ModAccumulator(m, r, d, device=dev)
     else:
         out.grams, out.rhs = torch.empty(n, r, r, device=dev), torch.zeros(m, r * d, device=dev)
@@ -127,7 +150,7 @@ def _sweep(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConf
             out.rhs.addmm_(codes.T, atw.flatten(1))
             out.grams[lo:hi] = ata
         out.codes[lo:hi], out.sq_err[lo:hi] = codes, fit.sq_err.to(out.sq_err.dtype)
-        if cfg.train.collect_stats and hi > lo:
+        if options.collect_stats and hi > lo:
             out.conds.append(fit.cond.max())
     return out
 
@@ -142,14 +165,16 @@ def _new_bank(sweep: _Sweep, previous: torch.Tensor, ridge: float, comm: Comm) -
                         overwrite_rhs=True)                                 # rhs becomes the CG residual
 
 
-def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, comm: Comm = LOCAL) -> dict:
+def am_pass(problem: SolverProblem, state: AMState, options: AMOptions) -> dict:
     """One AM iteration in place on `state`; returns the iteration's stats (error is of the incoming state).
 
-    Distributed, weights/norm/state.codes hold this rank's experts; sums over experts are all-reduced."""
+    Distributed, problem.weights/norm and state.codes hold this rank's experts; sums over experts are all-reduced.
+    The objective is not read: AM runs on the work weights (phi = identity)."""
+    weights, norm, comm = problem.weights, problem.norm, problem.comm
     t0, m = time.perf_counter(), state.bank.shape[0]
-    low = low_precision(cfg.train.precision, weights.dtype, *weights.shape[1:], state.bank.device)   # bf16 or None
-    sweep = _sweep(weights, norm, state, cfg, low, comm)
-    bank, cg_iters, mod_cond = _new_bank(sweep, state.bank, cfg.train.ridge, comm)
+    low = low_precision(options.precision, weights.dtype, *weights.shape[1:], state.bank.device)   # bf16 or None
+    sweep = _sweep(problem, state, options, low)
+    bank, cg_iters, mod_cond = _new_bank(sweep, state.bank, options.ridge, comm)
     bank, new_codes = normalize_atoms(bank, sweep.codes)
     err = comm.all_reduce((sweep.sq_err.cpu().double() * norm.scales.double() ** 2).sum())
     rel = float((err / comm.all_reduce(norm.sq_norms.sum())).sqrt())
@@ -162,7 +187,7 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     median, mean, most = comm.support_stats(support_sizes(new_codes), m)
     stats = {"iteration": state.iteration, "rel_err": rel, "temperature": sweep.temperature, "median_support": median,
              "mean_support": mean, "max_support": most, "mod_cg_iters": cg_iters, "seconds": time.perf_counter() - t0}
-    if cfg.train.collect_stats:
+    if options.collect_stats:
         cond = comm.all_reduce(torch.stack(sweep.conds).max() if sweep.conds else torch.zeros(()), "max")
         stats.update(adapter_cond_max=float(cond), mod_cond=mod_cond)
     state.bank, state.codes, state.temperature = bank, new_codes, sweep.temperature
@@ -171,25 +196,88 @@ def am_pass(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitCon
     return stats
 
 
-def run_am(weights: torch.Tensor, norm: Normalizer, state: AMState, cfg: FitConfig, family: str = "",
-           on_iteration: Callable[[AMState], None] | None = None, comm: Comm = LOCAL) -> AMState:
+def run_am(problem: SolverProblem, state: AMState, options: AMOptions, family: str = "",
+           on_iteration: Callable[[AMState], None] | None = None) -> AMState:
     """Iterate am_pass until the iteration budget or the tolerance is reached; the best state is kept.
 
     Continues from state.iteration (a resumed state); on_iteration(state) is called after every iteration."""
-    bar = progress(range(state.iteration, cfg.train.am_iters), f"AM {family}", total=cfg.train.am_iters,
-                   initial=min(state.iteration, cfg.train.am_iters))
+    bar = progress(range(state.iteration, options.iters), f"AM {family}", total=options.iters,
+                   initial=min(state.iteration, options.iters))
     done = state.history[len(state.history) - state.iteration:] if state.iteration else []
     prev = min((h["rel_err"] for h in done), default=math.inf)           # as if never interrupted
     for _ in bar:
-        stats = am_pass(weights, norm, state, cfg, comm)
+        stats = am_pass(problem, state, options)
         bar.set_postfix(err=f"{stats['rel_err']:.4f}", supp=stats["median_support"], T=f"{stats['temperature']:.3g}")
         log.debug("AM %s iter %d: %s", family, stats["iteration"], stats)
         tracking.emit("am_iter", family=family, **stats)
-        if prev - stats["rel_err"] < cfg.train.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
-            if abs(stats["median_support"] - cfg.sparsity.target_support) <= 1:
+        if prev - stats["rel_err"] < options.tol * max(prev, 1e-12) and stats["iteration"] >= 2:
+            if abs(stats["median_support"] - options.sparsity.target_support) <= 1:
                 log.info("AM %s converged at iteration %d (rel_err %.5f)", family, stats["iteration"], stats["rel_err"])
                 break
         prev = min(prev, stats["rel_err"])
         if on_iteration is not None:
             on_iteration(state)
     return state
+
+
+CG_APPLIES = 13                   # weighted MOD: 12 CG iterations + the initial residual
+
+
+def _am_chunk(s) -> int:
+    """One chunk of am_pass beyond the persistent buffers: w, mixed, the refit, A^T W, pinv targets, support Grams."""
+    c = s.c
+    cpd, crd, cpr = c * s.p * s.d, c * s.r * s.d, c * s.p * s.r
+    group = min(c, max(1, 256 * 2**20 // (2 * s.slots * s.r * s.d * (2 if s.low else F4))))
+    g_elems = group * s.slots * s.r * s.d
+    support = g_elems * (12 if s.low else 8) + group * s.slots * s.r * s.r * (2 if s.low else F4)  # + G_i expanded
+    refit = F4 * cpd + F4 * crd + refit_work(s)
+    atw = F4 * cpd + F4 * cpr + (2 * cpr + 2 * cpd + 2 * crd if s.low else 0) + F4 * crd
+    code = F4 * cpd + F4 * cpr + 3 * F4 * crd + support
+    return max(chunk_read(s) + F4 * crd, refit, atw, code)
+
+
+def am_memory(s) -> int:
+    """am_pass (the loop's largest moment) and the weighted MOD's conjugate gradients after it (the bf16 bank
+    copy freed, the residual in the rhs), plus the settling error pass (chunk by chunk)."""
+    if s.am_iters == 0:
+        return 0
+    bank, low = s.bank, s.bank // 2 if s.low else 0
+    keep = bank * (2 if s.am_iters > 1 else 1) + s.n * s.m * F4 * 3           # state (+ best) bank, codes
+    if s.mod == "weighted":
+        persist = s.n * s.r * s.r * F4 + bank                                   # A_i^T A_i of every expert, rhs
+        cc = min(apply_chunk(s.r, s.d), s.n)
+        mod = persist + 4 * bank + bank + 2 * cc * s.r * s.d * F4               # x, z, dir, hd (res in rhs) + apply
+    else:
+        persist = bank + s.m * s.m * F8
+        mod = persist + 2 * bank
+    loop = low + persist + _am_chunk(s)
+    settle = F4 * s.c * (s.p * s.d + s.r * s.d) + refit_work(s)              # errors only, no adapters kept
+    return keep + max(loop, mod, settle)
+
+
+def am_iteration_seconds(s, q) -> float:
+    """One am_pass and its weighted MOD (conjugate gradients)."""
+    n, p, d, r, m, k = s.n, s.p, s.d, s.r, s.m, s.slots
+    per_expert = (2 * p * d * r / q.wd + 2 * r * r * d / q.wd32 + 4 * r * d * m / q.bank + 2 * m * r * d / q.bank
+                  + 2 * k * r * r * d / q.rr + 2 * k * k * r * d / q.wd32 + q.chol + 8 * r * d * 4 / q.stream)
+    loop = read_seconds(s, q) + refit_seconds(s, q) + compose_seconds(s, q) + n * per_expert
+    if s.mod == "weighted":
+        mod = CG_APPLIES * n * (4 * m * r * d / q.bank + 2 * r * r * d / q.rr) + 12 * 12 * s.bank / q.stream
+    else:
+        mod = 2 * m * m * r * d / q.bank
+    return loop + mod
+
+
+def best_state_seconds(s, q) -> float:
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q)
+
+
+def am_seconds(s, q) -> float:
+    """All train.am_iters iterations of every cycle and restart (an upper bound when the tolerance stops it
+    earlier), each followed by the settling error pass."""
+    if not s.am_iters:
+        return 0.0
+    return s.cycles * s.restarts * (s.am_iters * am_iteration_seconds(s, q) + best_state_seconds(s, q))
+
+
+declare_cost("am", am_memory, am_seconds)

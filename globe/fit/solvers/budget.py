@@ -64,7 +64,13 @@ def total_cut_budget(reduction: float, inv, families: tuple[str, ...] = ("gate",
     dense = inv.params["gate"]
     budget = 1.0 - reduction * inv.total_params / (len(families) * dense)
     if not 0 < budget < 1:
-        raise ConfigError(f"a {reduction:.0%} total cut needs budget {budget:.3f} per family, outside (0, 1)")
+        share = dense / inv.total_params                       # one family's part of all parameters
+        largest = len(families) * share
+        more = (f"; --families gate,up,down allows up to {min(3 * share, 1):.1%}"
+                if set(families) != {"gate", "up", "down"} and reduction > 0 else "")
+        raise ConfigError(f"--total-cut {reduction:g}: impossible, it needs budget {budget:.3f} per family, outside "
+                          f"(0, 1); shrinking {','.join(families)} can cut less than {largest:.1%} of all "
+                          f"{inv.total_params:,} parameters (ask for less{more})")
     n = len(inv.moe_layers) * inv.num_experts
     for k in sorted({support, 8, 4, 2, 1}, reverse=True):
         if k <= support and candidate_shapes(n, inv.p, inv.d, budget, k):

@@ -21,11 +21,9 @@ import torch
 from globe.errors import NumericalError
 from globe.core.mixing import PHI
 from globe.fit.solvers.adapters import refit_adapters
-from globe.fit.config import FitConfig
 from globe.fit.constants import LBFGS_TOLERANCE_CHANGE, LBFGS_TOLERANCE_GRAD
-from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.linalg import low_precision
-from globe.fit.solvers.normalize import Normalizer
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.codes import code_values
 from globe.fit.solvers.sparse_coding import codes_to_logits, prune_codes
 from globe.progress import counter
@@ -81,14 +79,15 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 class ReducedLoss:
     """Loss and gradient of the reduced objective at the current x, streamed over expert chunks into g."""
 
-    def __init__(self, weights, norm: Normalizer, params: FlatParams, cfg: FitConfig, offset: int, n_all: int,
-                 comm: Comm) -> None:
-        self.weights, self.norm, self.params, self.comm = weights, norm, params, comm
-        self.phi, self.ridge, self.offset = cfg.bank.phi, cfg.train.ridge, offset
-        n = weights.shape[0]
+    def __init__(self, problem: SolverProblem, params: FlatParams, options: VarProOptions, offset: int,
+                 n_all: int) -> None:
+        weights, norm = problem.weights, problem.norm
+        self.weights, self.norm, self.params, self.comm = weights, norm, params, problem.comm
+        self.phi, self.ridge, self.offset = options.phi, options.ridge, offset
+        n, chunk = weights.shape[0], options.chunk_size
         dev = params.x.device
-        self.low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], dev)
-        self.bounds = [(lo, min(lo + cfg.train.chunk_size, n)) for lo in range(0, n, cfg.train.chunk_size)]
+        self.low = low_precision(options.precision, weights.dtype, weights.shape[1], weights.shape[2], dev)
+        self.bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
         self.total = float(n_all * weights.shape[1] * weights.shape[2])      # ||W||^2 in unit-RMS space
         self.wsq = (norm.sq_norms.double() / norm.scales.double().square()).tolist()   # ||W_i / s_i||^2
         self.history: list[float] = []
@@ -191,16 +190,16 @@ def minimise(objective: ReducedLoss, params: FlatParams, steps: int, tol_grad: f
             break
 
 
-def lean_varpro(weights, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor, cfg: FitConfig, steps: int,
-                temperature: float, comm: Comm = LOCAL,
-                label: str = "varpro") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def lean_varpro(problem: SolverProblem, state: Factors,
+                options: VarProOptions) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """varpro_refine's contract: (bank, codes, loss history); rolls back to the start on NaN/Inf."""
-    n = weights.shape[0]
+    comm, bank, codes, steps, label = problem.comm, state.bank, state.codes, options.steps, options.label
+    n = problem.weights.shape[0]
     n_all = comm.total(n)
     offset = comm.shard(n_all)[0]
-    params = FlatParams(bank, comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
-                        learn_gain=cfg.bank.phi != "identity")
-    objective = ReducedLoss(weights, norm, params, cfg, offset, n_all, comm)
+    params = FlatParams(bank, comm.all_gather_rows(codes, n_all), state.temperature, options.method,
+                        learn_gain=options.phi != "identity")
+    objective = ReducedLoss(problem, params, options, offset, n_all)
     objective.bar = counter(label, total=max(steps * 5 // 4, 2))      # minimise's evaluation budget
     try:
         minimise(objective, params, steps)
@@ -210,7 +209,7 @@ def lean_varpro(weights, norm: Normalizer, bank: torch.Tensor, codes: torch.Tens
     finally:
         objective.bar.close()
     with torch.no_grad():
-        out = prune_codes(params.codes(offset, offset + n), cfg.sparsity.eps)
+        out = prune_codes(params.codes(offset, offset + n), options.eps)
     history = objective.history
     log.info("%s (lean): %d evaluations, rel_err %.5f -> %.5f", label, len(history), history[0], history[-1])
     return params.bank.detach(), out.detach(), history

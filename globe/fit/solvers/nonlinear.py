@@ -25,7 +25,9 @@ import torch
 from globe.errors import NumericalError
 from globe.core.mixing import compose
 from globe.fit.solvers.adapters import refit_adapters
+from globe.fit.config import FitConfig
 from globe.fit.solvers.codes import code_values
+from globe.fit.solvers.problem import FittedFactors
 from globe.progress import progress
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,32 @@ def codes_of(logits: torch.Tensor, log_gain: torch.Tensor, allowed: torch.Tensor
     return code_values(torch.where(allowed, logits, torch.full_like(logits, -math.inf)), log_gain, 1.0, "softmax")
 
 
+@dataclass(frozen=True)
+class NonlinearOptions:
+    """What the full-batch nonlinear fit reads of the FitConfig (nonlinear.*, train.ridge / chunk_size,
+    sparsity.eps)."""
+
+    phi: str = "tanh"
+    steps: int = 1000
+    lr: float = 0.01              # constant, or cosine-annealed to lr_end
+    project: bool = True          # adapters solved exactly at every step (False: trained by Adam too)
+    eval_every: int = 25          # steps between checks of the best state
+    ridge: float = 1e-6
+    chunk: int = 256              # experts per chunk
+    learn_gain: bool = True
+    lr_end: float | None = None
+    eps: float = 1e-3             # codes pruned below eps * max by finish
+    off_logit: float = -10.0      # from_linear: the logit of a code that is zero in the linear fit
+    signed_codes: bool = False    # codes of either sign (NonlinearState.make_signed)
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> NonlinearOptions:
+        nl = cfg.nonlinear
+        return cls(phi=nl.phi, steps=nl.steps, lr=nl.lr, eval_every=nl.eval_every, ridge=cfg.train.ridge,
+                   chunk=cfg.train.chunk_size, learn_gain=nl.learn_gain, eps=cfg.sparsity.eps,
+                   off_logit=nl.off_logit, signed_codes=nl.signed_codes)
+
+
 def _loss(weights, state: NonlinearState, phi: str, project: bool, ridge: float, chunk: int,
           total: float) -> float:
     """Accumulates the gradient of sum_i ||W_i - A_i phi(alpha_i B)||^2 / total over expert chunks; returns it."""
@@ -138,14 +166,15 @@ def _loss(weights, state: NonlinearState, phi: str, project: bool, ridge: float,
     return loss
 
 
-def fit_nonlinear(weights: torch.Tensor, state: NonlinearState, phi: str = "tanh", steps: int = 1000,
-                  lr: float = 0.01, project: bool = True, eval_every: int = 25, ridge: float = 1e-6,
-                  chunk: int = 256, learn_gain: bool = True, lr_end: float | None = None) -> NonlinearState:
+def fit_nonlinear(weights: torch.Tensor, state: NonlinearState, options: NonlinearOptions) -> NonlinearState:
     """Full-batch Adam on the nonlinear bank objective from `state` (modified and returned: the best state seen).
 
-    weights [N, p, d] fp32 (normalised); lr constant, or cosine-annealed to lr_end. project=True: adapters solved
-    exactly at every step (not Adam parameters); False: adapters trained by Adam too (MoBE's recipe). The relative
-    error of every step is in history; the best state is checked every `eval_every` steps."""
+    weights [N, p, d] fp32 (normalised); options.lr constant, or cosine-annealed to options.lr_end. options.project:
+    adapters solved exactly at every step (not Adam parameters); False: adapters trained by Adam too (MoBE's recipe).
+    The relative error of every step is in history; the best state is checked every `eval_every` steps."""
+    o = options
+    phi, steps, lr, project, eval_every, ridge, chunk, learn_gain, lr_end = (
+        o.phi, o.steps, o.lr, o.project, o.eval_every, o.ridge, o.chunk, o.learn_gain, o.lr_end)
     total = float(weights.square().sum())
     params = [state.bank, state.logits] + ([state.log_gain] if learn_gain else [])
     params += [] if project else [state.adapters]
@@ -175,9 +204,10 @@ def fit_nonlinear(weights: torch.Tensor, state: NonlinearState, phi: str = "tanh
     return state
 
 
-def finish(weights: torch.Tensor, state: NonlinearState, phi: str, eps: float = 1e-3, ridge: float = 1e-6,
-           chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(bank [m, r, d], codes [N, m] pruned below eps * max, adapters [N, p, r] refitted exactly, sq_err [N])."""
+def finish(weights: torch.Tensor, state: NonlinearState, options: NonlinearOptions) -> FittedFactors:
+    """bank [m, r, d], codes [N, m] pruned below eps * max, adapters [N, p, r] refitted exactly, sq_err [N] (of the
+    normalised weights)."""
+    phi, eps, ridge, chunk = options.phi, options.eps, options.ridge, options.chunk
     with torch.no_grad():
         codes = state.codes()
         codes = torch.where(codes.abs() >= eps * codes.abs().amax(-1, keepdim=True), codes, torch.zeros_like(codes))
@@ -187,4 +217,4 @@ def finish(weights: torch.Tensor, state: NonlinearState, phi: str, eps: float = 
             hi = min(lo + chunk, weights.shape[0])
             fit = refit_adapters(weights[lo:hi], compose(codes[lo:hi], state.bank, phi), ridge)
             adapters[lo:hi], sq_err[lo:hi] = fit.adapters, fit.sq_err.double().cpu()
-    return state.bank.detach().clone(), codes, adapters, sq_err
+    return FittedFactors(bank=state.bank.detach().clone(), codes=codes, adapters=adapters, sq_err=sq_err)

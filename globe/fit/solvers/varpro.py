@@ -8,7 +8,7 @@ streamed over expert chunks. This converges where plain alternation stalls.
 It takes the objective as one object (its `targets`, `right`, `select`, `total` hooks) and a Comm for the sums
 over ranks (a no-op in one process); neither branches on the objective or on the number of processes.
 A new refinement (e.g. a nonlinear-phi objective) is a new Objective whose `after_alternation` calls these, or a
-function of the same shape: (weights, norm, bank, codes, ..., objective) -> (bank, codes, losses).
+function of the same shape: (problem, state, options) -> (bank, codes, losses).
 """
 from __future__ import annotations
 
@@ -19,22 +19,23 @@ import torch
 
 from globe.errors import NumericalError
 from globe.core.mixing import compose
+from globe.fit.costs import F4, compose_seconds, declare_cost, read_seconds, refit_seconds, refit_work
 from globe.fit.solvers.adapters import refit_adapters
-from globe.fit.config import FitConfig
 from globe.fit.constants import (LBFGS_HISTORY_BYTES, LBFGS_MAX_HISTORY, LBFGS_TOLERANCE_CHANGE,
                                  LBFGS_TOLERANCE_GRAD)
-from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.solvers.linalg import low_precision
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.objectives.base import Objective
 from globe.fit.objectives.weights import WEIGHTS
 from globe.fit.solvers.codes import CodeParams
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.sparse_coding import prune_codes
 from globe.progress import counter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["lbfgs_history", "uses_lean_varpro", "varpro_refine"]
+__all__ = ["VarProOptions", "lbfgs_history", "uses_lean_varpro", "varpro_refine"]
+
 
 
 class _Targets:
@@ -63,16 +64,16 @@ def uses_lean_varpro(bank_numel: int, logits_numel: int, objective: Objective = 
     return objective.plain_weights and lbfgs_history(bank_numel + logits_numel) < LBFGS_MAX_HISTORY
 
 
-def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: int, total: float, ridge: float,
-                  phi: str, low, objective: Objective, comm: Comm) -> float:
+def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: int, total: float,
+                  options: VarProOptions, low, problem: SolverProblem) -> float:
     """sum_i ||(W_i - A_i* M_i) R_i||^2 / total over this rank's chunks, gradients accumulated (A* held fixed:
     the envelope theorem makes its gradient zero), loss and gradients summed over ranks."""
-    loss = 0.0
+    loss, phi, objective, comm = 0.0, options.phi, problem.objective, problem.comm
     for lo, hi in bounds:
         w = targets(lo, hi)                                                    # [c, p, d] (weighted)
         mixed = objective.right(compose(params(offset + lo, offset + hi), bank, phi), lo, hi)   # [c, r, d]
         with torch.no_grad():
-            adapters = refit_adapters(w, mixed, ridge, low).adapters
+            adapters = refit_adapters(w, mixed, options.ridge, low).adapters
         part = (w - adapters @ mixed).square().sum() / total
         part.backward()
         loss += float(part.detach())
@@ -81,35 +82,37 @@ def _reduced_loss(targets: _Targets, bounds, bank, params: CodeParams, offset: i
     return loss
 
 
-def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, codes: torch.Tensor,
-                  cfg: FitConfig, steps: int, temperature: float, comm: Comm = LOCAL,
-                  objective: Objective = WEIGHTS,
-                  label: str = "varpro") -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """L-BFGS on (bank, logits) with adapters projected out; returns (bank, codes, loss history).
+def varpro_refine(problem: SolverProblem, state: Factors,
+                  options: VarProOptions) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """L-BFGS on (bank, logits) from state (bank, codes, temperature) with adapters projected out under
+    problem.objective; returns (bank, codes, loss history).
 
-    label names the run in its progress bar (one step per loss evaluation) and in its closing log line, e.g.
+    options.label names the run in its progress bar (one step per loss evaluation) and in its closing log line, e.g.
     "VarPro gate (activation-weighted error)": a fit can run it on more than one objective.
 
     Distributed: weights/norm/codes are this rank's experts. Every rank runs the same L-BFGS on the bank and on
     the logits of all experts (gathered: [N, m] is small); each rank evaluates its experts' loss terms, and the
     loss and gradients are summed over ranks, so the optimiser state stays identical everywhere. An objective
     with cache_targets keeps its weighted targets in fp32 for the run (N p d floats; single process only).
-    Large banks in weight space (uses_lean_varpro) go to globe.fit.solvers.lean_varpro, which keeps a few flat vectors."""
-    phi, ridge, n = cfg.bank.phi, cfg.train.ridge, weights.shape[0]
+    Large banks in weight space (uses_lean_varpro) go to globe.fit.solvers.lean_varpro, which keeps a few flat
+    vectors."""
+    weights, norm, objective, comm = problem.weights, problem.norm, problem.objective, problem.comm
+    bank, codes, label, n = state.bank, state.codes, options.label, weights.shape[0]
     start = (bank, codes)
     n_all = comm.total(n)
     if uses_lean_varpro(bank.numel(), n_all * bank.shape[0], objective):
         from globe.fit.solvers.lean_varpro import lean_varpro
-        return lean_varpro(weights, norm, bank, codes, cfg, steps, temperature, comm, label)
+        return lean_varpro(problem, state, options)
     offset = comm.shard(n_all)[0]
-    low = low_precision(cfg.train.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
+    low = low_precision(options.precision, weights.dtype, weights.shape[1], weights.shape[2], bank.device)
     bank = torch.nn.Parameter(bank.clone(memory_format=torch.contiguous_format))
-    params = CodeParams(comm.all_gather_rows(codes, n_all), temperature, cfg.sparsity.method,
-                        learn_gain=phi != "identity")
+    params = CodeParams(comm.all_gather_rows(codes, n_all), state.temperature, options.method,
+                        learn_gain=options.phi != "identity")
     targets = _Targets(weights, norm, bank.device, objective)
-    bounds = [(lo, min(lo + cfg.train.chunk_size, n)) for lo in range(0, n, cfg.train.chunk_size)]
+    chunk = options.chunk_size
+    bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
     total = objective.total(targets, bounds, n_all, weights.shape[1], weights.shape[2])
-    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=steps,
+    opt = torch.optim.LBFGS([bank, *params.parameters()], lr=1.0, max_iter=options.steps,
                             history_size=lbfgs_history(bank.numel() + params.logits.numel()),
                             tolerance_grad=LBFGS_TOLERANCE_GRAD, tolerance_change=LBFGS_TOLERANCE_CHANGE,
                             line_search_fn="strong_wolfe")
@@ -118,7 +121,7 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = _reduced_loss(targets, bounds, bank, params, offset, total, ridge, phi, low, objective, comm)
+        loss = _reduced_loss(targets, bounds, bank, params, offset, total, options, low, problem)
         if not math.isfinite(loss):
             raise NumericalError("NaN/Inf in variable-projection refinement (try a larger train.ridge)")
         history.append(loss ** 0.5)
@@ -134,6 +137,49 @@ def varpro_refine(weights: torch.Tensor, norm: Normalizer, bank: torch.Tensor, c
     finally:
         bar.close()
     with torch.no_grad():
-        out_codes = prune_codes(params(offset, offset + n), cfg.sparsity.eps)
+        out_codes = prune_codes(params(offset, offset + n), options.eps)
     log.info("%s: %d evaluations, rel_err %.5f -> %.5f", label, len(history), history[0], history[-1])
     return bank.detach(), out_codes.detach(), history
+
+
+def varpro_memory(s) -> int:
+    """Variable projection. torch.optim.LBFGS (small banks): parameters and gradients, 2 h fp32 history vectors,
+    flat gradient, its previous copy, direction, line-search copies, plus one chunk of the closure with autograd
+    (w, residual, its square, their gradients). Large banks (globe.fit.solvers.lean_varpro): x, g, d, bf16 pairs and the
+    old gradient, plus a chunk without any [c, p, d] residual. Both: the AM state's bank and best bank."""
+    from globe.fit.solvers.lean_varpro import PAIRS
+    if s.varpro_steps == 0:
+        return 0
+    vec, bank = s.lbfgs_vector(), s.bank
+    held = bank * (2 if s.am_iters else 1)
+    cpd, crd, cpr = s.c * s.p * s.d, s.c * s.r * s.d, s.c * s.p * s.r
+    if s.lean and uses_lean_varpro(s.m * s.r * s.d, s.n * s.m):
+        pairs = min(PAIRS, max(s.varpro_steps - 1, 0))
+        state = 3 * vec + pairs * vec + vec // 2
+        chunk = F4 * cpd + F4 * crd + max(refit_work(s), 3 * F4 * crd + F4 * cpr)   # w, M; A^T W, A^T A M
+        return held + state + max(chunk, 3 * vec // 2)
+    pairs = min(s.lbfgs_history(), max(s.varpro_steps - 1, 0))              # history fills one pair per iteration
+    state = (2 * pairs + 5) * vec + 2 * bank
+    closure = 2 * F4 * cpd + 2 * F4 * crd + F4 * cpr + max(refit_work(s), 2 * F4 * cpd + bank)   # w, residual
+    return held - bank + bank + state + closure
+
+
+def varpro_evaluations(s) -> int:
+    """Evaluations of the variable projection predicted for train.varpro_steps L-BFGS iterations (about one
+    line-search evaluation per iteration plus the first; L-BFGS allows up to 1.25 per iteration)."""
+    return s.varpro_steps + 1 if s.varpro_steps else 0
+
+
+def varpro_evaluation_seconds(s, q) -> float:
+    n, p, d, r = s.n, s.p, s.d, s.r
+    autograd = n * (2 * 2 * p * d * r / q.wd32 + 4 * s.m * r * d / q.bank + 8 * p * d * 4 / q.stream)
+    lbfgs = (4 * min(s.lbfgs_history(), max(s.varpro_steps - 1, 0)) + 20) * s.lbfgs_vector() / q.stream
+    return read_seconds(s, q) + compose_seconds(s, q) + refit_seconds(s, q) + autograd + lbfgs
+
+
+def varpro_seconds(s, q) -> float:
+    """varpro_evaluations(s) evaluations in every cycle and restart."""
+    return s.cycles * s.restarts * varpro_evaluations(s) * varpro_evaluation_seconds(s, q)
+
+
+declare_cost("varpro", varpro_memory, varpro_seconds)

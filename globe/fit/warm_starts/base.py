@@ -9,10 +9,11 @@ cost for the dry run (`memory`, `seconds`). Add its name to globe.fit.config.INI
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from globe.fit.config import FitConfig
+from globe.fit.config import FitConfig, SparsityConfig
 from globe.fit.registry import Registry
 from globe.fit.solvers.linalg import ridge_cholesky
 from globe.fit.solvers.sparse_coding import code_chunk
@@ -23,6 +24,21 @@ F4, F8 = 4, 8                 # bytes of fp32 / fp64
 ROWS = 64                     # experts (rows of x) upcast to fp32 at once by the streamed variants
 COLUMNS = 2**16               # columns of x upcast at once by the streamed TS-PCA
 
+
+@dataclass(frozen=True)
+class WarmStartOptions:
+    """What a warm start reads of the FitConfig (built once by warm_start)."""
+
+    init: str                     # bank.init: the registered WarmStartInit
+    ridge: float                  # train.ridge
+    chunk_size: int               # rows per coding chunk
+    sparsity: SparsityConfig      # support target, T_init, method
+
+    @classmethod
+    def from_config(cls, cfg: FitConfig) -> WarmStartOptions:
+        return cls(init=cfg.bank.init, ridge=cfg.train.ridge, chunk_size=cfg.train.chunk_size, sparsity=cfg.sparsity)
+
+
 WARM_STARTS: Registry = Registry("globe.fit.warm_starts", "warm start (bank.init)")
 register = WARM_STARTS.register
 
@@ -32,7 +48,8 @@ class WarmStartInit:
 
     name = ""
 
-    def atoms(self, x: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig, streamed: bool) -> torch.Tensor:
+    def atoms(self, x: torch.Tensor, m: int, gen: torch.Generator, options: WarmStartOptions,
+              streamed: bool) -> torch.Tensor:
         """m unit atoms [m, D] fp32."""
         raise NotImplementedError
 
@@ -95,15 +112,15 @@ def _pad(atoms: torch.Tensor, m: int, x: torch.Tensor, gen: torch.Generator) -> 
     return torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True)])
 
 
-def encode(x: torch.Tensor, atoms: torch.Tensor, cfg: FitConfig, temperature: float | None = None):
+def encode(x: torch.Tensor, atoms: torch.Tensor, options: WarmStartOptions, temperature: float | None = None):
     """Sparse codes [N, m] of targets x [N, D] against unit atoms, with temperature control; returns (codes, T)."""
     gram = atoms @ atoms.T
-    chol = ridge_cholesky(gram, cfg.train.ridge)
-    temp = cfg.sparsity.t_init if temperature is None else temperature
-    out = []
-    for lo in range(0, x.shape[0], cfg.train.chunk_size):
-        codes, _, temp = code_chunk(x[lo:lo + cfg.train.chunk_size].float() @ atoms.T, gram, chol, temp,
-                                    cfg.sparsity, cfg.train.ridge)
+    chol = ridge_cholesky(gram, options.ridge)
+    temp = options.sparsity.t_init if temperature is None else temperature
+    out, chunk = [], options.chunk_size
+    for lo in range(0, x.shape[0], chunk):
+        codes, _, temp = code_chunk(x[lo:lo + chunk].float() @ atoms.T, gram, chol, temp,
+                                    options.sparsity, options.ridge)
         out.append(codes)
     return torch.cat(out), temp
 
@@ -119,10 +136,11 @@ def warm_start(targets: torch.Tensor, m: int, cfg: FitConfig, gen: torch.Generat
     [N, r, d] (fp32, or bf16 for large families: every init then streams them)."""
     n, r, d = targets.shape
     x = targets.reshape(n, r * d)
-    init = WARM_STARTS.get(cfg.bank.init)()
+    options = WarmStartOptions.from_config(cfg)
+    init = WARM_STARTS.get(options.init)()
     streamed = x.dtype != torch.float32                  # large family (bf16 targets): no fp32 copies of x
-    atoms = init.atoms(x, m, gen, cfg, streamed)
-    codes, temp = encode(x, atoms, cfg)
+    atoms = init.atoms(x, m, gen, options, streamed)
+    codes, temp = encode(x, atoms, options)
     for sweep in progress(init.sweeps(streamed), init.sweep_label) if init.sweep_label else ():
         atoms, codes = sweep(x, atoms, codes)
     return atoms.reshape(m, r, d).contiguous(), codes, temp

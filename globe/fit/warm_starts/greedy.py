@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from globe.fit.config import FitConfig
 from globe.fit.constants import KSVD_SWEEPS
-from globe.fit.warm_starts.base import F4, ROWS, WarmStartInit, encode, encode_seconds, register
+from globe.fit.warm_starts.base import F4, ROWS, WarmStartInit, WarmStartOptions, encode, encode_seconds, register
 from globe.fit.warm_starts.svd import svd_memory
 from globe.progress import counter
 
 
-def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig,
+def residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, options: WarmStartOptions,
                    batches: int = 8) -> torch.Tensor:
     """Residual greedy: add normalised residuals of the worst-fit experts in batches, recoding between."""
     bar = counter("greedy atoms", total=m)
     bar.update(min(atoms.shape[0], m))
     while atoms.shape[0] < m:
-        res = x - encode(x, atoms, cfg)[0] @ atoms if atoms.shape[0] else x
+        res = x - encode(x, atoms, options)[0] @ atoms if atoms.shape[0] else x
         k = min(max((m - atoms.shape[0] + batches - 1) // batches, 1), m - atoms.shape[0], x.shape[0])
         worst = res.norm(dim=1).topk(k).indices
         new = res[worst] / res[worst].norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -52,15 +51,15 @@ def _residual(x: torch.Tensor, atoms: torch.Tensor, codes: torch.Tensor | None, 
     return part if codes is None else part - codes[rows] @ atoms
 
 
-def streamed_residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator, cfg: FitConfig,
-                            batches: int = 8, *, encode=encode) -> torch.Tensor:
+def streamed_residual_atoms(x: torch.Tensor, atoms: torch.Tensor, m: int, gen: torch.Generator,
+                            options: WarmStartOptions, batches: int = 8, *, encode=encode) -> torch.Tensor:
     """residual_atoms without the [N, r d] residual."""
     n = x.shape[0]
     atoms = atoms.float()
     bar = counter("greedy atoms", total=m)
     bar.update(min(atoms.shape[0], m))
     while atoms.shape[0] < m:
-        codes = encode(x, atoms, cfg)[0] if atoms.shape[0] else None
+        codes = encode(x, atoms, options)[0] if atoms.shape[0] else None
         norms = torch.cat([_residual(x, atoms, codes, slice(lo, lo + ROWS)).norm(dim=1) for lo in range(0, n, ROWS)])
         k = min(max((m - atoms.shape[0] + batches - 1) // batches, 1), m - atoms.shape[0], n)
         worst = norms.topk(k).indices
@@ -114,9 +113,9 @@ class GreedyInit(WarmStartInit):
         """The atoms the residual rounds start from (greedy: none)."""
         return x.new_zeros(0, x.shape[1], dtype=torch.float32)
 
-    def atoms(self, x, m, gen, cfg: FitConfig, streamed: bool) -> torch.Tensor:
+    def atoms(self, x, m, gen, options: WarmStartOptions, streamed: bool) -> torch.Tensor:
         residual = streamed_residual_atoms if streamed else residual_atoms
-        return residual(x, self.first_atoms(x, m, gen, streamed), m, gen, cfg)
+        return residual(x, self.first_atoms(x, m, gen, streamed), m, gen, options)
 
     sweep_label = "K-SVD sweeps"
 

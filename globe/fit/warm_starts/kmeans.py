@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from globe.fit.config import FitConfig
-from globe.fit.warm_starts.base import ROWS, WarmStartInit, _pad, encode_seconds, register
+from globe.fit.warm_starts.base import ROWS, WarmStartInit, WarmStartOptions, _pad, encode_seconds, register
 
 
 def kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: int = 15) -> torch.Tensor:
@@ -62,7 +61,7 @@ def streamed_kmeans_atoms(x: torch.Tensor, m: int, gen: torch.Generator, iters: 
 class KMeansInit(WarmStartInit):
     name = "kmeans"
 
-    def atoms(self, x, m, gen, cfg: FitConfig, streamed: bool) -> torch.Tensor:
+    def atoms(self, x, m, gen, options: WarmStartOptions, streamed: bool) -> torch.Tensor:
         return (streamed_kmeans_atoms if streamed else kmeans_atoms)(x, m, gen)
 
     def memory(self, s, streamed: bool) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from globe.fit.config import FitConfig
-from globe.fit.warm_starts.base import F4, WarmStartInit, _pad, _signed, encode_seconds, register, rows_mm, rows_tmm
+from globe.fit.warm_starts.base import (F4, WarmStartInit, WarmStartOptions, _pad, _signed, encode_seconds, register,
+                                        rows_mm, rows_tmm)
 
 
 def svd_atoms(x: torch.Tensor, m: int, gen: torch.Generator, oversample: int = 8, power: int = 3) -> torch.Tensor:
@@ -36,7 +36,7 @@ def svd_seconds(s, q) -> float:
 class SVDInit(WarmStartInit):
     name = "svd"
 
-    def atoms(self, x, m, gen, cfg: FitConfig, streamed: bool) -> torch.Tensor:
+    def atoms(self, x, m, gen, options: WarmStartOptions, streamed: bool) -> torch.Tensor:
         return _pad(svd_atoms(x, m, gen), m, x, gen)
 
     def memory(self, s, streamed: bool) -> int:

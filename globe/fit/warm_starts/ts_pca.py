@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from globe.device import acc_dtype
-from globe.fit.config import FitConfig
-from globe.fit.warm_starts.base import COLUMNS, F4, F8, ROWS, WarmStartInit, _pad, _signed, encode_seconds, register
+from globe.fit.warm_starts.base import (COLUMNS, F4, F8, ROWS, WarmStartInit, WarmStartOptions, _pad, _signed,
+                                        encode_seconds, register)
 from globe.fit.warm_starts.svd import svd_seconds
 
 
@@ -45,7 +45,7 @@ def streamed_ts_pca_atoms(x: torch.Tensor, m: int, gen: torch.Generator, *, sign
 class TSPCAInit(WarmStartInit):
     name = "ts_pca"
 
-    def atoms(self, x, m, gen, cfg: FitConfig, streamed: bool) -> torch.Tensor:
+    def atoms(self, x, m, gen, options: WarmStartOptions, streamed: bool) -> torch.Tensor:
         return _pad((streamed_ts_pca_atoms if streamed else ts_pca_atoms)(x, m, gen), m, x, gen)
 
     def memory(self, s, streamed: bool) -> int:

@@ -13,9 +13,10 @@ from globe.fit.objectives.activation import ActivationObjective, Whitener, build
 from globe.fit.solvers.adapters import refit_adapters
 from globe.fit.config import ActivationConfig, BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
-from globe.fit.solvers.adapters import finalize
+from globe.fit.solvers.adapters import FinalizeOptions, finalize
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.solvers.varpro import varpro_refine
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from tests.helpers.planted import make_planted
 
 
@@ -68,8 +69,9 @@ def test_finalize_with_a_whitener_reports_the_weighted_error():
     chol = torch.linalg.cholesky(random_spd(16, gen)).float()
     whiten = Whitener(factors=chol[None], index=torch.zeros(16, dtype=torch.long), gains=torch.ones(16))
     cfg = FitConfig()
-    adapters, codes, sq_err = finalize(noisy, norm, planted.codes, planted.bank, "identity", cfg.train.chunk_size,
-                                     cfg.train.ridge, ActivationObjective(whiten))
+    adapters, codes, sq_err = finalize(SolverProblem(noisy, norm, ActivationObjective(whiten)),
+                                       Factors(planted.bank, planted.codes),
+                                       FinalizeOptions.from_config(cfg, "identity"))
     recon = norm.fold(adapters) @ (codes @ planted.bank.flatten(1)).view(16, 4, 16)
     direct = ((noisy - recon) @ chol).square().sum((1, 2)).double()
     assert torch.allclose(sq_err, direct, rtol=1e-3)
@@ -87,8 +89,10 @@ def test_identity_covariance_reduces_to_the_weight_space_varpro():
     stats.hidden = 1000 * torch.eye(16, dtype=torch.float64).expand(3, 16, 16).clone() * 7.0   # C = 7 I
     whiten = build_whitener(stats, "gate", planted.ids, 16, damp=0.05)
     codes = planted.codes + 0.1
-    plain = varpro_refine(weights, norm, planted.bank, codes, cfg, 15, 0.5)
-    aware = varpro_refine(weights, norm, planted.bank, codes, cfg, 15, 0.5, objective=ActivationObjective(whiten))
+    options = VarProOptions.from_config(cfg, 15)
+    plain = varpro_refine(SolverProblem(weights, norm), Factors(planted.bank, codes, 0.5), options)
+    aware = varpro_refine(SolverProblem(weights, norm, ActivationObjective(whiten)), Factors(planted.bank, codes, 0.5),
+                          options)
     assert torch.allclose(plain[0], aware[0], atol=1e-4) and torch.allclose(plain[1], aware[1], atol=1e-4)
     assert plain[2] == pytest.approx(aware[2], rel=1e-4)
 

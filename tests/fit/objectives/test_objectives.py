@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from globe.fit.objectives.activation import ActivationObjective, Whitener
-from globe.fit.solvers.adapters import finalize
+from globe.fit.solvers.adapters import FinalizeOptions, finalize
+from globe.fit.solvers.problem import Factors, SolverProblem
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.objectives.weights import WEIGHTS
 from tests.helpers.planted import make_planted
@@ -23,8 +24,10 @@ def test_activation_objective_with_identity_factors_gives_the_weight_space_adapt
     norm = Normalizer.fit(planted.weights)
     eye = Whitener(factors=torch.eye(8)[None], index=torch.zeros(12, dtype=torch.long), gains=torch.ones(12))
     codes = planted.codes + 0.05
-    plain = finalize(planted.weights, norm, codes, planted.bank, "identity", 5, 1e-6)
-    aware = finalize(planted.weights, norm, codes, planted.bank, "identity", 5, 1e-6, ActivationObjective(eye))
+    options = FinalizeOptions(phi="identity", chunk_size=5, ridge=1e-6)
+    plain = finalize(SolverProblem(planted.weights, norm), Factors(planted.bank, codes), options)
+    aware = finalize(SolverProblem(planted.weights, norm, ActivationObjective(eye)), Factors(planted.bank, codes),
+                     options)
     assert torch.allclose(plain.adapters, aware.adapters, atol=1e-5)
     assert torch.allclose(plain.sq_err, aware.sq_err, rtol=1e-4)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from globe.fit.solvers.am import AMState, am_pass
+from globe.fit.solvers.am import AMOptions, AMState, am_pass
+from globe.fit.solvers.problem import SolverProblem
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.solvers.normalize import Normalizer
 from tests.helpers.planted import make_planted
@@ -18,7 +19,7 @@ def test_am_runs_with_both_dictionary_updates_and_records_conditioning(mod, devi
     bank = torch.randn(8, 8, 48, generator=torch.Generator().manual_seed(1))
     state = AMState(bank=(bank / bank.flatten(1).norm(dim=1)[:, None, None]).to(device),
                     codes=torch.rand(32, 8, generator=torch.Generator().manual_seed(2)).to(device), temperature=0.5)
-    stats = [am_pass(planted.weights, norm, state, cfg) for _ in range(6)]
+    stats = [am_pass(SolverProblem(planted.weights, norm), state, AMOptions.from_config(cfg)) for _ in range(6)]
     assert stats[-1]["rel_err"] < stats[0]["rel_err"] and all(s["mod_cond"] >= 1 for s in stats)
     assert (stats[-1]["mod_cg_iters"] > 0) == (mod == "weighted")
 
@@ -32,7 +33,8 @@ def test_am_error_is_monotone_when_support_is_full(device):
     bank = torch.randn(4, 8, 48, generator=gen)
     state = AMState(bank=(bank / bank.flatten(1).norm(dim=1)[:, None, None]).to(device),
                     codes=torch.rand(32, 4, generator=gen).to(device), temperature=50.0)
-    errs = [am_pass(planted.weights, norm, state, cfg)["rel_err"] for _ in range(8)]
+    problem, options = SolverProblem(planted.weights, norm), AMOptions.from_config(cfg)
+    errs = [am_pass(problem, state, options)["rel_err"] for _ in range(8)]
     assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < errs[0]
 
@@ -48,7 +50,8 @@ def test_a_resumed_am_bar_counts_from_the_iterations_done(monkeypatch):
     state = AMState(bank=bank / bank.flatten(1).norm(dim=1)[:, None, None], codes=torch.rand(16, 4, generator=gen),
                     temperature=0.5)
     for _ in range(2):
-        am_pass(planted.weights, norm, state, cfg)                       # as if fitted before an interruption
+        am_pass(SolverProblem(planted.weights, norm), state, AMOptions.from_config(cfg))   # as if fitted before
+        # an interruption
     seen = {}
     real = am.progress
 
@@ -57,6 +60,6 @@ def test_a_resumed_am_bar_counts_from_the_iterations_done(monkeypatch):
         return real(iterable, desc, **kw)
 
     monkeypatch.setattr(am, "progress", recording)
-    am.run_am(planted.weights, norm, state, cfg, family="gate")
+    am.run_am(SolverProblem(planted.weights, norm), state, am.AMOptions.from_config(cfg), family="gate")
     assert (seen["desc"], seen["initial"], seen["total"]) == ("AM gate", 2, 4)
     assert state.iteration == 4

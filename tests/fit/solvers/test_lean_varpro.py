@@ -13,7 +13,7 @@ from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.planning.estimate import traced_peak
 from globe.fit.solvers.lean_varpro import FlatParams, ReducedLoss, lean_varpro
 from globe.fit.solvers.normalize import Normalizer
-from globe.fit.parallel.comm import LOCAL
+from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 
 
 def problem(n=24, p=16, d=32, r=6, m=8, seed=0):
@@ -31,7 +31,7 @@ def problem(n=24, p=16, d=32, r=6, m=8, seed=0):
 def test_gradient_equals_autograd_of_the_residual_with_adapters_held():
     weights, norm, bank, codes, cfg = problem()
     params = FlatParams(bank, codes, 0.5, "entmax15", learn_gain=False)
-    objective = ReducedLoss(weights, norm, params, cfg, 0, weights.shape[0], LOCAL)
+    objective = ReducedLoss(SolverProblem(weights, norm), params, VarProOptions.from_config(cfg), 0, weights.shape[0])
     loss = objective()
     ref = FlatParams(bank, codes, 0.5, "entmax15", learn_gain=False)
     total, ref_loss = float(weights[0].numel() * weights.shape[0]), 0.0
@@ -49,8 +49,10 @@ def test_gradient_equals_autograd_of_the_residual_with_adapters_held():
 
 def test_lean_path_optimises_as_well_as_torch_lbfgs():
     weights, norm, bank, codes, cfg = problem(seed=1)
-    _, _, lean = lean_varpro(weights, norm, bank, codes, cfg, 40, 0.5)
-    _, _, torch_path = refine.varpro_refine(weights, norm, bank, codes, cfg, 40, 0.5)
+    _, _, lean = lean_varpro(SolverProblem(weights, norm), Factors(bank, codes, 0.5),
+                             VarProOptions.from_config(cfg, 40))
+    _, _, torch_path = refine.varpro_refine(SolverProblem(weights, norm), Factors(bank, codes, 0.5),
+                                          VarProOptions.from_config(cfg, 40))
     assert lean[-1] < lean[0] and abs(lean[0] - torch_path[0]) <= 1e-5 * torch_path[0]
     assert lean[-1] <= torch_path[-1] * 1.01
 
@@ -59,17 +61,19 @@ def test_large_banks_are_routed_to_the_lean_path(monkeypatch):
     weights, norm, bank, codes, cfg = problem(seed=2)
     calls = []
     monkeypatch.setattr("globe.fit.solvers.lean_varpro.lean_varpro", lambda *a, **k: calls.append(1) or (bank, codes, [0.0]))
-    refine.varpro_refine(weights, norm, bank, codes, cfg, 3, 0.5)
+    refine.varpro_refine(SolverProblem(weights, norm), Factors(bank, codes, 0.5), VarProOptions.from_config(cfg, 3))
     assert not calls                                                        # small bank: torch.optim.LBFGS
     monkeypatch.setattr(refine, "LBFGS_HISTORY_BYTES", 1024)
-    refine.varpro_refine(weights, norm, bank, codes, cfg, 3, 0.5)
+    refine.varpro_refine(SolverProblem(weights, norm), Factors(bank, codes, 0.5), VarProOptions.from_config(cfg, 3))
     assert calls == [1]
 
 
 def test_lean_path_holds_a_fraction_of_the_memory():
     weights, norm, bank, codes, cfg = problem(n=16, p=8, d=256, r=32, m=64, seed=3)   # bank-dominated
-    _, lean, _ = traced_peak(lean_varpro, weights, norm, bank, codes, cfg, 8, 0.5)
-    _, full, _ = traced_peak(refine.varpro_refine, weights, norm, bank, codes, cfg, 8, 0.5)
+    problem_, start = SolverProblem(weights, norm), Factors(bank, codes, 0.5)
+    options = VarProOptions.from_config(cfg, 8)
+    _, lean, _ = traced_peak(lean_varpro, problem_, start, options)
+    _, full, _ = traced_peak(refine.varpro_refine, problem_, start, options)
     assert lean < 0.5 * full
 
 
@@ -101,7 +105,8 @@ def test_varpro_shows_one_bar_step_per_evaluation_and_logs_its_label(monkeypatch
     monkeypatch.setattr(lean_mod, "counter", _Bar)
     monkeypatch.setattr(refine, "uses_lean_varpro", lambda *a: lean)
     with caplog.at_level(logging.INFO, logger="globe"):
-        _, _, history = refine.varpro_refine(weights, norm, bank, codes, cfg, 6, 0.5, label="VarPro gate (test)")
+        _, _, history = refine.varpro_refine(SolverProblem(weights, norm), Factors(bank, codes, 0.5),
+                                             VarProOptions.from_config(cfg, 6, label="VarPro gate (test)"))
     (bar,) = _Bar.made
     assert bar.desc == "VarPro gate (test)" and bar.n == len(history) and bar.closed
     assert bar.n <= bar.total

@@ -7,7 +7,8 @@ import torch
 
 from globe.fit.solvers.adapters import refit_adapters
 from globe.core.mixing import compose
-from globe.fit.solvers.nonlinear import NonlinearState, codes_of, finish, fit_nonlinear, from_linear, group_svd_init
+from globe.fit.solvers.nonlinear import (NonlinearOptions, NonlinearState, codes_of, finish, fit_nonlinear, from_linear,
+                                         group_svd_init)
 
 
 def _rel(w: torch.Tensor, sq: torch.Tensor) -> float:
@@ -30,10 +31,11 @@ def test_planted_tanh_mix_is_recovered_from_a_nearby_start():
                            logits=alpha.log() + 0.3 * torch.randn(alpha.shape, generator=g),
                            log_gain=torch.zeros(w.shape[0]), adapters=adapters.clone(),
                            allowed=torch.ones_like(alpha, dtype=torch.bool))
-    state = fit_nonlinear(w, start, "tanh", steps=200, lr=0.01, eval_every=5)
+    state = fit_nonlinear(w, start, NonlinearOptions("tanh", steps=200, lr=0.01, eval_every=5))
     assert state.history[0] > 0.1                                  # the perturbed start is clearly off
     assert state.best_err < 0.02                                   # the planted mixture is recovered
-    _, codes, _, sq = finish(w, state, "tanh")
+    done = finish(w, state, NonlinearOptions("tanh"))
+    codes, sq = done.codes, done.sq_err
     assert abs(_rel(w, sq) - state.best_err) < 1e-3                # best state kept, adapters refitted exactly
     assert bool((codes >= 0).all())
 
@@ -44,7 +46,7 @@ def test_tanh_fit_of_a_tanh_mixture_beats_the_linear_fit_from_the_same_start():
     errs = {}
     for phi in ("identity", "tanh"):
         state = group_svd_init(w, layers, groups=3, r=3, scope="layer")
-        state = fit_nonlinear(w, state, phi, steps=150, lr=0.05, eval_every=5)
+        state = fit_nonlinear(w, state, NonlinearOptions(phi, steps=150, lr=0.05, eval_every=5))
         assert state.best_err < state.history[0]                   # the refinement lowers the objective
         errs[phi] = state.best_err
     assert errs["tanh"] < 0.9 * errs["identity"]
@@ -63,8 +65,9 @@ def test_global_bank_recovers_planted_per_layer_banks():
     layers = torch.arange(n_layers).repeat_interleave(e)
     state = group_svd_init(w, layers, groups=per, r=r, scope="global")
     assert state.bank.shape == (n_layers * per, r, d)
-    state = fit_nonlinear(w, state, "identity", steps=600, lr=0.03, eval_every=5)
-    _, codes, _, sq = finish(w, state, "identity")
+    state = fit_nonlinear(w, state, NonlinearOptions("identity", steps=600, lr=0.03, eval_every=5))
+    done = finish(w, state, NonlinearOptions("identity"))
+    codes, sq = done.codes, done.sq_err
     assert _rel(w, sq) < 0.05
     block = torch.zeros_like(codes, dtype=torch.bool)
     for k in range(n_layers):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from globe.fit.solvers.adapters import refit_adapters
-from globe.fit.solvers.am import AMState, am_pass
+from globe.fit.solvers.am import AMOptions, AMState, am_pass
+from globe.fit.solvers.problem import SolverProblem
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.engine import fit_family
 from globe.fit.solvers.linalg import LARGE_EXPERT, low_precision, matmul
@@ -73,7 +74,7 @@ def test_bf16_am_pass_tracks_the_fp32_pass():
                         train=TrainConfig(precision=precision, chunk_size=16))
         bank, codes, temp = warm_start(aligned_targets(weights, norm, 8, 16), 8, cfg, torch.Generator().manual_seed(0))
         state = AMState(bank=bank, codes=codes, temperature=temp)
-        errs[precision] = [am_pass(weights, norm, state, cfg) for _ in range(4)]
+        errs[precision] = [am_pass(SolverProblem(weights, norm), state, AMOptions.from_config(cfg)) for _ in range(4)]
     for a, b in zip(errs["fp32"], errs["bf16"]):
         assert abs(a["rel_err"] - b["rel_err"]) <= 0.02 * a["rel_err"]
         assert abs(a["median_support"] - b["median_support"]) <= 1          # the support metric is kept

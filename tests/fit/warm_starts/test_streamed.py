@@ -29,10 +29,10 @@ def config(init: str) -> FitConfig:
 def test_streamed_atoms_equal_the_in_memory_ones():
     x = targets()
     up = x.float()
-    cfg = config("greedy")
+    options = ws.WarmStartOptions.from_config(config("greedy"))
     start = svd_atoms(x, 8, torch.Generator().manual_seed(1))
-    streamed = streamed_residual_atoms(x, start, 16, torch.Generator(), cfg)
-    assert torch.allclose(streamed, residual_atoms(up, start, 16, torch.Generator(), cfg), atol=1e-5)
+    streamed = streamed_residual_atoms(x, start, 16, torch.Generator(), options)
+    assert torch.allclose(streamed, residual_atoms(up, start, 16, torch.Generator(), options), atol=1e-5)
     km = streamed_kmeans_atoms(x, 16, torch.Generator().manual_seed(2))
     assert torch.allclose(km, kmeans_atoms(up, 16, torch.Generator().manual_seed(2)), atol=1e-5)
     pca = streamed_ts_pca_atoms(x, 16, torch.Generator())
@@ -43,7 +43,7 @@ def test_streamed_ksvd_sweep_matches_up_to_the_bf16_residual():
     x = targets(seed=3)
     cfg = config("hybrid")
     atoms = svd_atoms(x, 16, torch.Generator().manual_seed(0))
-    codes, _ = ws.encode(x, atoms, cfg)
+    codes, _ = ws.encode(x, atoms, ws.WarmStartOptions.from_config(cfg))
     a1, c1 = streamed_ksvd_sweep(x, atoms, codes)
     a2, c2 = ksvd_sweep(x.float(), atoms, codes)
     assert float((a1 - a2).norm() / a2.norm()) < 1e-2 and float((c1 - c2).norm() / c2.norm()) < 1e-2

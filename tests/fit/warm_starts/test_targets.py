@@ -7,7 +7,7 @@ import torch
 import globe.fit.warm_starts.targets as ws
 from globe.fit.config import BankConfig, FitConfig, SparsityConfig, TrainConfig
 from globe.fit.solvers.normalize import Normalizer
-from globe.fit.warm_starts.base import encode, rows_mm, rows_tmm, warm_start
+from globe.fit.warm_starts.base import WarmStartOptions, encode, rows_mm, rows_tmm, warm_start
 from globe.fit.warm_starts.targets import aligned_targets, top_r
 from tests.helpers.planted import make_planted
 
@@ -98,7 +98,7 @@ def test_warm_start_from_bf16_targets_is_as_good(init):
     def err(bank):
         atoms = bank.reshape(bank.shape[0], -1)
         atoms = atoms / atoms.norm(dim=1, keepdim=True)
-        codes, _ = encode(x, atoms, cfg)
+        codes, _ = encode(x, atoms, WarmStartOptions.from_config(cfg))
         return float((x - codes @ atoms).norm() / x.norm())
 
     full = warm_start(targets, 8, cfg, torch.Generator().manual_seed(0))[0]

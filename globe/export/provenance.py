@@ -1,0 +1,59 @@
+"""A loaded compressed model saves the same format it was loaded from: `save_pretrained` of a model that
+`from_pretrained` / `load_compressed` loaded from a compressed checkpoint also writes the checkpoint's
+globe_config.json (the fit's provenance: source, config, metrics) and the tokenizer files (from that checkpoint,
+else from the source model it records), so that `globe info / eval / bench / export` read the new directory exactly
+as a `globe compress` output.
+
+    keep_provenance(model, Path("compressed/"))     # done by the "globe" quantizer after loading
+    model.save_pretrained("again/")                  # config.json, model.safetensors, globe_config.json, tokenizer
+"""
+from __future__ import annotations
+
+import json
+import logging
+import types
+from pathlib import Path
+
+from torch import nn
+
+from globe.core.files import atomic_write_text
+from globe.export.files import copy_side_files
+from globe.formats.artifact import CONFIG_FILE
+
+log = logging.getLogger(__name__)
+
+
+def keep_provenance(model: nn.Module, load_dir: Path) -> None:
+    """Remember load_dir's globe_config.json and where tokenizer files are; save_pretrained writes them too."""
+    document = (load_dir / CONFIG_FILE).read_text(encoding="utf-8") if (load_dir / CONFIG_FILE).is_file() else None
+    sources = [load_dir]
+    try:
+        source = json.loads(document).get("source", {}).get("model_dir") if document else None
+    except (json.JSONDecodeError, AttributeError):
+        source = None
+    if isinstance(source, str) and Path(source).is_dir():
+        sources.append(Path(source))
+    model._globe_provenance = (document, [str(s) for s in sources])
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+
+
+def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    document, sources = getattr(self, "_globe_provenance", (None, []))
+    path = Path(save_directory)
+    if not path.is_dir():
+        return out
+    if document is not None and not (path / CONFIG_FILE).is_file():
+        import json
+        from globe.formats.validate import HASH_KEY, tensors_hash
+        doc = json.loads(document)
+        if isinstance(doc, dict) and HASH_KEY in doc:      # the content hash of what was saved, not of the load
+            doc[HASH_KEY] = {"algorithm": "sha256", "tensors": tensors_hash(path)}
+            document = json.dumps(doc, indent=1)
+        atomic_write_text(path / CONFIG_FILE, document)
+    for source in sources:
+        present = tuple(p.name for p in path.iterdir())
+        copied = copy_side_files(Path(source), path, skip=present)
+        if copied:
+            log.debug("save_pretrained: copied %s from %s", ", ".join(copied), source)
+    return out
