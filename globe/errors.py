@@ -36,3 +36,7 @@ class ArtifactError(GlobeError):
 
 class OutputError(ArtifactError):
     """An output (-o) cannot be written safely: it holds the user's data, is an input, or another run uses it."""
+
+
+class RemoteCodeError(ConfigError):
+    """A checkpoint asks for custom code (config.json `auto_map`), which globe never runs."""

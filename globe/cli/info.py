@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", default=None,
                         help="checkpoint directory (default: the embedded model, globe.assets.DEFAULT_MODEL_DIR)")
     parser.add_argument("--json", action="store_true", help="print the inventory as JSON instead of text")
+    parser.add_argument("--force", action="store_true",
+                        help="describe a compressed checkpoint even if its tensors do not match its recorded content "
+                             "hash (warns)")
     parser.set_defaults(func=run)
 
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise ModelDirError(f"the embedded default model ({model_dir}) is not available in this install; "
                             f"pass MODEL_DIR")
     if is_compressed(model_dir):                          # a GloBE export: what it was made from, cut, families
-        info = describe_compressed(model_dir)
+        info = describe_compressed(model_dir, force=args.force)
         print(json.dumps(info, indent=2) if args.json else format_compressed(info))
         return 0
     log.debug("reading inventory of %s", model_dir)

@@ -143,6 +143,46 @@ def remove_debris(out: str | Path) -> list[str]:
     return [p.name for p in candidates]
 
 
+# ---- whole-directory swaps (an export is one atomic step) ----
+SWAP_STAGING = ".globe-staging-"          # .OUT.globe-staging-XXXX beside OUT: the new output being written
+SWAP_OLD = ".globe-old-"                  # .OUT.globe-old-XXXX beside OUT: the previous output, set aside
+
+
+def swap_siblings(out: str | Path, tag: str) -> list[Path]:
+    """The staging (tag SWAP_STAGING) or set-aside (SWAP_OLD) directories of output `out`, oldest first."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    found = [p for p in out.parent.glob(f".{glob.escape(out.name)}{tag}*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def recover_swap(out: str | Path) -> bool:
+    """Undo a swap killed between its two renames: OUT missing and its previous version set aside -> renamed back.
+    Returns whether it did. Safe without the lock (a rename is atomic; losing a race leaves OUT as the winner made it)."""
+    out = Path(out)
+    olds = swap_siblings(out, SWAP_OLD)
+    if out.exists() or not olds:
+        return False
+    try:
+        os.rename(olds[-1], out)
+    except OSError:
+        return False
+    log.warning("restored %s from %s, set aside by an interrupted export", out, olds[-1].name)
+    return True
+
+
+def remove_swap_debris(out: str | Path) -> list[str]:
+    """Remove staging and set-aside directories a killed swap of `out` left beside it (call while holding the
+    lock of `out`, after recover_swap)."""
+    gone = []
+    for path in [*swap_siblings(out, SWAP_STAGING), *swap_siblings(out, SWAP_OLD)]:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s left by an interrupted export", path)
+        gone.append(path.name)
+    return gone
+
+
 # ---- the lock ----
 def lock_path(out: str | Path) -> Path:
     """OUT/.globe.lock for a directory output, .NAME.globe.lock beside a file output."""
@@ -257,6 +297,7 @@ def claim_output_dir(out: str | Path, command: str, overwrite: bool, resume: boo
     unless it holds one of `keep` (a fit's checkpoints, for --resume)."""
     out = Path(out)
     check_not_an_input(out, inputs)
+    recover_swap(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory: choose another -o")
     created = not out.exists()
@@ -266,6 +307,7 @@ def claim_output_dir(out: str | Path, command: str, overwrite: bool, resume: boo
         raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
     with output_lock(out, command):
         remove_debris(out)
+        remove_swap_debris(out)
         try:
             check_output_dir(out, overwrite, resume, what)
             yield out

@@ -127,6 +127,43 @@ def _evaluation(evaluation: dict | None) -> list[str]:
     return lines
 
 
+def unusual_experts(result: FitResult) -> dict[str, dict[str, list[str]]]:
+    """Per family, the experts stored trivially: "dead" (all-zero in the source: zero adapters, exact) and
+    "duplicate" (the same codes and adapters as an earlier expert: the source held copies)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for name, fam in result.families.items():
+        label = [f"L{int(layer)}E{int(e)}" for layer, e in fam.ids.tolist()]
+        dead = [label[i] for i in range(fam.adapters.shape[0]) if not bool(fam.adapters[i].any())]
+        seen: dict[bytes, str] = {}
+        dup = []
+        for i in range(fam.adapters.shape[0]):
+            if label[i] in dead:
+                continue
+            key = fam.adapters[i].float().numpy().tobytes() + fam.codes[i].float().numpy().tobytes()
+            if key in seen:
+                dup.append(f"{label[i]} (= {seen[key]})")
+            else:
+                seen[key] = label[i]
+        if dead or dup:
+            out[name] = {"dead": dead, "duplicate": dup}
+    return out
+
+
+def _unusual(result: FitResult) -> list[str]:
+    found = unusual_experts(result)
+    if not found:
+        return []
+    lines = ["", "## Unusual experts", "",
+             "Experts of the source stored trivially (L = layer, E = expert): all-zero (dead) experts get zero "
+             "adapters and reconstruct exactly to zero; duplicated experts get the same codes and adapters as the "
+             "expert they copy.", ""]
+    for name, kinds in found.items():
+        for kind, where in kinds.items():
+            if where:
+                lines.append(f"- {name}, {kind}: {', '.join(where[:20])}{' ...' if len(where) > 20 else ''}")
+    return lines
+
+
 def _config(result: FitResult) -> dict:
     """The fit config as recorded, the calibration statistics named by where they came from (the file of a
     compress run is deleted once the fit is done)."""
@@ -138,8 +175,10 @@ def _config(result: FitResult) -> dict:
 
 
 def model_card(result: FitResult, out: Path, command: str | None = None, evaluation: dict | None = None,
-               dense_dir: str | None = None) -> str:
-    """The README.md text of a compressed export in `out`."""
+               dense_dir: str | None = None, shown: Path | None = None) -> str:
+    """The README.md text of a compressed export in `out` (named `shown` in the text: where it will live when
+    `out` is the staging directory of the export)."""
+    files, out = out, shown or out
     src = result.source.get("model_dir", "?")
     cfg = _config(result)
     lines = ["---", "library_name: transformers", "tags: [globe, moe, compression]", "---", "",
@@ -150,8 +189,8 @@ def model_card(result: FitResult, out: Path, command: str | None = None, evaluat
              "alpha and a per-expert adapter A_i. Shared experts, routers, attention and dense layers are untouched.",
              "", "## Load", "", "```python", "import globe, torch", "from transformers import AutoModelForCausalLM",
              f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.bfloat16)   # after `import globe`",
-             "```", "", "## Families", "", *_metrics_table(result), *_calibration(result), "", "## Size", "",
-             *_size_table(result, out)]
+             "```", "", "## Families", "", *_metrics_table(result), *_unusual(result), *_calibration(result), "",
+             "## Size", "", *_size_table(result, files)]
     lines += _evaluation(evaluation)
     if dense_dir:
         lines += ["", f"A dense-reconstructed checkpoint (stock transformers, no globe needed) is in `{dense_dir}`."]
@@ -162,7 +201,8 @@ def model_card(result: FitResult, out: Path, command: str | None = None, evaluat
 
 
 def write_model_card(out: str | Path, result: FitResult, command: str | None = None,
-                     evaluation: dict | None = None, dense_dir: str | None = None) -> Path:
+                     evaluation: dict | None = None, dense_dir: str | None = None, shown: Path | None = None
+                     ) -> Path:
     path = Path(out) / "README.md"
-    atomic_write_text(path, model_card(result, Path(out), command, evaluation, dense_dir))
+    atomic_write_text(path, model_card(result, Path(out), command, evaluation, dense_dir, shown))
     return path

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,9 +33,10 @@ from globe.artifact import check_compatible, fit_config, load
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
 from globe.errors import ArtifactError
-from globe.export.files import (check_finite_weights, copy_side_files, load_model, move_tree_files, source_dir,
-                                staging_dir, unique_tensors)
+from globe.export.files import (check_finite_weights, copy_side_files, load_model, source_dir, staged_output,
+                                swap_in, unique_tensors)
 from globe.formats.artifact import BANKS_FILE, CONFIG_FILE, config_document, read_document
+from globe.formats.validate import HASH_KEY, deferred, tensors_hash, validate_checkpoint, verify_content
 from globe.formats.checkpoint import (MARKER_FILE, QUANT_METHOD, WEIGHTS_FILE, dense_key, family_from_layers,
                                       is_compressed, is_globe_state, open_weights, read_marker)
 from globe.io.model import experts_modules, model_arch, model_shape
@@ -74,12 +77,17 @@ def _patched(model_or_dir: nn.Module | str | Path, result: FitResult) -> nn.Modu
 
 
 def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | str | Path,
-                    out_dir: str | Path, max_shard_size: str | int = "5GB", mode: str | None = None) -> Path:
+                    out_dir: str | Path, max_shard_size: str | int = "5GB", mode: str | None = None,
+                    finish: Callable[[Path], None] | None = None) -> Path:
     """Write the compressed checkpoint of a model (directory or in-memory, original or patched) to out_dir.
 
     It is `save_pretrained` of the patched model (factors in the dtype it was patched with: for a directory, the
-    checkpoint's dtype) plus the fit's globe_config.json and the source's tokenizer files. mode: the runtime mode
-    the checkpoint loads in (default: a patched model's own, else `cached`)."""
+    checkpoint's dtype) plus the fit's globe_config.json (with the content hash of the checkpoint's tensors) and
+    the source's tokenizer files. Everything is written into a staging directory beside out_dir (then `finish`
+    (staging) adds what the caller writes: a model card, metrics), which replaces out_dir whole
+    (globe.export.files.swap_in): a crash leaves the old checkpoint or the new one, never a mix. The user's other
+    files in out_dir are kept. mode: the runtime mode the checkpoint loads in (default: a patched model's own,
+    else `cached`)."""
     result = artifact if isinstance(artifact, FitResult) else load(artifact)
     patched = any(isinstance(m, GlobeExperts) for m in experts_modules(model_or_dir).values()) \
         if isinstance(model_or_dir, nn.Module) else False
@@ -88,19 +96,24 @@ def save_compressed(model_or_dir: nn.Module | str | Path, artifact: FitResult | 
     quant = model.config.quantization_config
     saved_mode = quant["mode"] if isinstance(quant, dict) else quant.mode
     new_mode = mode or (saved_mode if patched else "cached")
-    _set_quant_mode(quant, new_mode)
+    staging = staged_output(out)
     try:
-        with staging_dir(out) as staging:
+        _set_quant_mode(quant, new_mode)
+        try:
             model.save_pretrained(staging, max_shard_size=max_shard_size)
-            written = move_tree_files(Path(staging), out)
-    finally:
-        _set_quant_mode(quant, saved_mode)
-    for stale in (MARKER_FILE, WEIGHTS_FILE, BANKS_FILE):          # a format-1 checkpoint written here before
-        (out / stale).unlink(missing_ok=True)
-    atomic_write_text(out / CONFIG_FILE, json.dumps(config_document(result), indent=1, default=float))
-    src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
-    copied = copy_side_files(src, out, skip=tuple(written))
-    log.debug("compressed export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
+        finally:
+            _set_quant_mode(quant, saved_mode)
+        doc = {**config_document(result), HASH_KEY: {"algorithm": "sha256", "tensors": tensors_hash(staging)}}
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(doc, indent=1, default=float))
+        src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
+        copied = copy_side_files(src, staging, skip=tuple(p.name for p in staging.iterdir()))
+        if finish is not None:
+            finish(staging)
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.debug("compressed export in %s; copied %s", out, ", ".join(copied) or "none")
     return out
 
 
@@ -120,7 +133,7 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
     raw = read_config(path)
     validate_config(raw, get_arch(raw), path / "config.json")
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:            # whatever transformers rejects in the user's config.json
         raise ArtifactError(f"{path / 'config.json'} cannot be read by transformers ({type(exc).__name__}: "
                             f"{' '.join(str(exc).split())[:200]}); re-export the checkpoint") from None
@@ -135,10 +148,11 @@ def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
 def load_compressed(path: str | Path, mode: str | None = None, cache_size: int | None = None,
                     device: str | torch.device | None = None, collect_stats: bool = False,
                     max_gathered_pairs: int | None = None, dtype: torch.dtype | str | None = None,
-                    cache_bytes: int | None = None) -> nn.Module:
+                    cache_bytes: int | None = None, force: bool = False) -> nn.Module:
     """A patched model from a compressed checkpoint directory (see save_compressed): from_pretrained with the
     runtime mode (default: the checkpoint's), cache size or budget, dtype (default: as stored) and device asked for.
-    Logits equal the original model patched with the same artifact, in the same dtype and mode."""
+    Logits equal the original model patched with the same artifact, in the same dtype and mode. The checkpoint
+    is validated first (globe.formats.validate); force: a content-hash mismatch only warns."""
     path = Path(path)
     if (path / MARKER_FILE).is_file():
         model = _load_format_1(path, mode or "cached", cache_size, collect_stats, max_gathered_pairs or 16, dtype)
@@ -147,7 +161,11 @@ def load_compressed(path: str | Path, mode: str | None = None, cache_size: int |
     if not (path / "config.json").is_file():
         raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (no config.json); write one with "
                             f"`globe export ART --model MODEL_DIR -o {path}`")
-    config = transformers.AutoConfig.from_pretrained(path)
+    if not is_compressed(path):
+        raise ArtifactError(f"{path} is not a GloBE compressed checkpoint (config.json has no quantization_config "
+                            f"with quant_method 'globe'); write one with `globe export ART --model MODEL_DIR -o {path}`")
+    validate_checkpoint(path, force=force)                # before any tensor is used (untrusted input)
+    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     quant = getattr(config, "quantization_config", None)
     quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
     if quant.get("quant_method") != QUANT_METHOD:
@@ -159,14 +177,17 @@ def load_compressed(path: str | Path, mode: str | None = None, cache_size: int |
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise ArtifactError(f"no model.safetensors in {path}: the checkpoint is incomplete; re-export it")
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto",
-                                                                    device_map=device, output_loading_info=True)
+    with deferred(path):                                 # its content hash: verified below
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto",
+                                                                        device_map=device, output_loading_info=True,
+                                                                        trust_remote_code=False)
     missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
     if missing or unexpected or info.get("mismatched_keys"):
         raise ArtifactError(f"{weights[0]} does not fit config.json: missing {missing[:3]}, unexpected "
                             f"{unexpected[:3]}, mismatched {sorted(info.get('mismatched_keys') or [])[:3]}; "
                             "re-export the checkpoint")
     check_finite_weights(model, weights[0])              # banks, adapters, codes and the rest: no NaN/Inf
+    verify_content(path, force)                          # the recorded content hash, before any tensor is used
     if cache_size is not None:
         set_mode(model, quant.get("mode", "cached"), cache_size)
     set_collect_stats(model, collect_stats)
@@ -196,7 +217,7 @@ def _load_format_1(path: Path, mode: str, cache_size: int | None, collect_stats:
     return model.eval()
 
 
-def load_artifact(path: str | Path) -> FitResult:
+def load_artifact(path: str | Path, force: bool = False) -> FitResult:
     """The FitResult an artifact directory or a compressed checkpoint holds (for plots, `globe export`, info).
 
     From a compressed checkpoint the factors come from model.safetensors (fp32, exactly the stored values) and the
@@ -205,7 +226,8 @@ def load_artifact(path: str | Path) -> FitResult:
     if not is_compressed(path) or (path / MARKER_FILE).is_file():
         return load(path)
     from globe.io.arch import get_arch
-    config = json.loads((path / "config.json").read_text())
+    config = validate_checkpoint(path, force=force)
+    verify_content(path, force)
     doc = read_document(path / CONFIG_FILE)
     spec, families = get_arch(config), {}
     with open_weights(path) as tensors:
@@ -215,10 +237,11 @@ def load_artifact(path: str | Path) -> FitResult:
                      timings=doc.get("timings", {}))
 
 
-def describe_compressed(path: str | Path) -> dict:
+def describe_compressed(path: str | Path, force: bool = False) -> dict:
     """What a compressed checkpoint is, from its JSON files only: source, families, mode, params and bytes."""
     path = Path(path)
-    quant = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    quant = validate_checkpoint(path, force)["quantization_config"]
+    verify_content(path, force)                          # what it describes is what the files hold
     doc = read_document(path / CONFIG_FILE)
     inv = doc.get("source", {}).get("inventory") or {}
     params, total = doc.get("params", {}), inv.get("total_params")

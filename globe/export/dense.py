@@ -7,12 +7,14 @@ The reconstructed gate/up (and down, when fitted) weights replace the routed exp
 state dict, in the experts' dtype and in the architecture's ExpertsLayout (globe.io.layout). They are computed
 exactly as the runtime's `dense` mode computes them (factors
 rounded to the storage dtype, product in fp32), so the export and the patched model agree. transformers' own
-`save_pretrained` then writes the hub layout (per-expert keys) into a staging directory whose files are moved into
-place with atomic_write. Tokenizer files and the generation config of the source directory are copied along.
+`save_pretrained` then writes the hub layout (per-expert keys) into a staging directory beside the output, which
+replaces it whole (globe.export.files.swap_in). Tokenizer files and the generation config of the source directory
+are copied along.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +24,7 @@ from torch import nn
 
 from globe.artifact import check_compatible, load
 from globe.core.result import FitResult
-from globe.export.files import copy_side_files, load_model, move_tree_files, source_dir, staging_dir
+from globe.export.files import copy_side_files, load_model, source_dir, staged_output, swap_in
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.progress import progress
@@ -118,11 +120,15 @@ def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str
     model, result = _resolve(model_or_dir, artifact)
     out = Path(out_dir)
     state = dense_state_dict(model, result)
-    with staging_dir(out) as staging:
+    staging = staged_output(out)                 # written whole beside OUT, then swapped in (one step)
+    try:
         with hub_layout(model, state), unquantized(model):
             model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
-        written = move_tree_files(Path(staging), out)
-    src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
-    copied = copy_side_files(src, out, skip=tuple(written))
-    log.debug("dense export in %s: wrote %s; copied %s", out, ", ".join(written), ", ".join(copied) or "none")
+        src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
+        copied = copy_side_files(src, staging, skip=tuple(p.name for p in staging.iterdir()))
+        swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.debug("dense export in %s; copied %s", out, ", ".join(copied) or "none")
     return out

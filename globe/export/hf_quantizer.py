@@ -31,6 +31,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from globe.errors import NumericalError
 from globe.formats.checkpoint import (FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document,
                                       state_key)
+from globe.formats.validate import validate_checkpoint, verify_content
 from globe.export.provenance import keep_provenance
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch
@@ -158,12 +159,18 @@ class GlobeHfQuantizer(HfQuantizer):
         return dtype
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        files = kwargs.get("checkpoint_files") or []
+        self._checkpoint_dir = Path(files[0]).parent if files else None
+        if self._checkpoint_dir is not None:        # the whole checkpoint, before any tensor is used
+            validate_checkpoint(self._checkpoint_dir)
         patch_skeleton(model, self.quantization_config, kwargs.get("dtype") or self._dtype)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         place_banks(model)
         share_banks(model)
         check_finite_factors(model)
+        if getattr(self, "_checkpoint_dir", None) is not None:   # the recorded content hash, before any use
+            verify_content(self._checkpoint_dir, caller=False)
         where = Path(getattr(model.config, "_name_or_path", "") or "")
         if str(where) and where.is_dir():
             keep_provenance(model, where)          # save_pretrained writes globe_config.json and the tokenizer too

@@ -44,6 +44,12 @@ def _save_pretrained(self: nn.Module, save_directory, *args, **kwargs):
     if not path.is_dir():
         return out
     if document is not None and not (path / CONFIG_FILE).is_file():
+        import json
+        from globe.formats.validate import HASH_KEY, tensors_hash
+        doc = json.loads(document)
+        if isinstance(doc, dict) and HASH_KEY in doc:      # the content hash of what was saved, not of the load
+            doc[HASH_KEY] = {"algorithm": "sha256", "tensors": tensors_hash(path)}
+            document = json.dumps(doc, indent=1)
         atomic_write_text(path / CONFIG_FILE, document)
     for source in sources:
         present = tuple(p.name for p in path.iterdir())

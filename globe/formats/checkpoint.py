@@ -185,14 +185,24 @@ class open_weights:
         return self.where[key].get_tensor(key)
 
 
+def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
+    """Where one layer's GloBE tensors are stored: under the loaded module's path (model.layers.3.mlp.experts) or,
+    where transformers writes hub names, under the hub experts prefix (model.layers.3.block_sparse_moe.experts)."""
+    candidates = [spec.experts_path(layer)]
+    if spec.per_expert_keys:
+        template = next(iter(spec.per_expert_keys.values()))
+        candidates.append(template.split(".{expert}")[0].format(layer=layer))
+    return next((c for c in candidates if state_key("adapters", family, c) in keys), candidates[0])
+
+
 def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_weights, doc: dict) -> FamilyFit:
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint (fp32,
     exactly the stored values; the z-score scales are folded into the adapters, so they read 1)."""
     layers = spec.moe_layers(config)
     adapters, codes, ids, ranks = [], [], [], []
-    bank = tensors[state_key("bank", name, spec.experts_path(min(layers)))].float()
+    bank = tensors[state_key("bank", name, stored_prefix(spec, min(layers), tensors.where, name))].float()
     for layer in layers:
-        prefix = spec.experts_path(layer)
+        prefix = stored_prefix(spec, layer, tensors.where, name)
         index = tensors[state_key("code_indices", name, prefix)]
         values = tensors[state_key("code_values", name, prefix)].float()
         dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]

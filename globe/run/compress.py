@@ -26,7 +26,6 @@ from globe.core import outputs
 from globe.core.result import FitResult
 from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
-from globe.export.files import move_tree_files, staging_dir
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
 from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate
@@ -84,7 +83,7 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
     elif cfg.activation.stats:
         info = {"source": "statistics file", "stats": str(Path(cfg.activation.stats).resolve())}
     result = run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
-                            metrics=run.metrics or str(Path(run.out) / "metrics.jsonl")))
+                            metrics=run.metrics or str(work / "metrics.jsonl")))   # OUT/metrics.jsonl at the swap
     result.source["calibration"] = info or {"source": "none (weight-space fit)"}
     return result
 
@@ -103,6 +102,7 @@ def run_compress(run: CompressRun) -> dict:
     directory of a killed run removed by the next one, a directory this run created removed again on failure."""
     if run.total_cut is not None and run.config.bank.budget != FitConfig().bank.budget:
         raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
+    check_inputs(run)
     out = Path(run.out)
     dense_dir = Path(run.dense_out or f"{str(out).rstrip('/')}-dense") if run.dense else None
     if run.eval_tokens is not None and run.eval_tokens < 2:
@@ -123,18 +123,36 @@ def run_compress(run: CompressRun) -> dict:
         return _compress(run, out, dense_dir, calibration)
 
 
+def check_inputs(run: CompressRun) -> None:
+    """Every input file and option, before any fitting, loading or writing; messages name the flag."""
+    from globe.export.files import check_source_model
+    check_source_model(run.model_dir, "MODEL_DIR")
+    if run.total_cut is not None and not 0 < run.total_cut < 1:
+        raise ConfigError(f"--total-cut must be in (0, 1) (got {run.total_cut})")
+
+
 def _compress(run: CompressRun, out: Path, dense_dir: Path | None, calibration: CalibrateRun | None) -> dict:
     work = out / WORK_DIR
+    done: dict = {}
+
+    def finish(staging: Path) -> None:               # inside the export's staging directory: one atomic step
+        done["evaluation"] = _evaluate(run, staging, result.source.get("model_dir", run.model_dir)) \
+            if run.text else None
+        for rep in (done["evaluation"] or {}).values():
+            rep.get("model", {})["path"] = str(out) if rep.get("model", {}).get("path") == str(staging) \
+                else rep.get("model", {}).get("path")
+        if (work / "metrics.jsonl").is_file():
+            shutil.copyfile(work / "metrics.jsonl", staging / "metrics.jsonl")
+        done["card"] = write_model_card(staging, result, run.command, done["evaluation"],
+                                        str(dense_dir) if dense_dir else None, shown=out)
+
     try:
         result = _fit(run, work, calibration)
-        with staging_dir(out) as staging:              # every file written first: a failure keeps the old ones
-            save_compressed(run.model_dir, result, staging)
-            move_tree_files(Path(staging), out)
-        if dense_dir is not None:
-            export_dense(run.model_dir, result, dense_dir)
-        evaluation = _evaluate(run, out, result.source.get("model_dir", run.model_dir)) if run.text else None
+        save_compressed(run.model_dir, result, out, finish=finish)   # staged beside OUT, swapped in whole
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    card = write_model_card(out, result, run.command, evaluation, str(dense_dir) if dense_dir else None)
+    if dense_dir is not None:
+        export_dense(run.model_dir, result, dense_dir)
+    evaluation, card = done["evaluation"], out / done["card"].name
     log.info("compressed %s into %s%s", run.model_dir, out, f" (dense: {dense_dir})" if dense_dir else "")
     return {"out": out, "dense": dense_dir, "result": result, "evaluation": evaluation, "card": card}

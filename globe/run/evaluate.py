@@ -30,6 +30,7 @@ from globe.eval import divergence, encode_text, evaluate
 from globe.eval.harness import prepare_tasks, run_tasks
 from globe.eval.plots import check_sweep_model, sweep_model, write_plots
 from globe.formats.sweep import read_sweep
+from globe.artifact import check_same_weights
 from globe.export import is_compressed, load_artifact, load_model
 from globe.run.config import CacheConfig
 from globe.run.load import ModelLoad, load_for_eval
@@ -201,8 +202,10 @@ def bench_variants(spec: ModelLoad, modes: list[str], original: bool = True) -> 
     """{variant name: ModelLoad}: "original" and one per runtime mode."""
     variants: dict[str, ModelLoad] = {}
     if is_compressed(spec.model_dir):
-        source = load_artifact(spec.model_dir).source.get("model_dir")
+        result = load_artifact(spec.model_dir, force=spec.force)
+        source = result.source.get("model_dir")
         if original and source and Path(source).is_dir():
+            check_same_weights(result, source, force=spec.force)     # the source the checkpoint was made from
             variants["original"] = dataclasses.replace(spec, model_dir=source, artifact=None, tokenizer=spec.tokenizer
                                                        or spec.model_dir)
         elif original:
@@ -252,7 +255,11 @@ def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool 
     only with overwrite). spec.model_dir may be a compressed checkpoint: its modes are measured, against the
     source model it records when that exists. Each variant runs in its own process (isolate), so that memory and
     speed do not carry over between them."""
-    claim = outputs.claim_output_file(out, "bench", overwrite) if out else contextlib.nullcontext()
+    inputs = [spec.model_dir, spec.artifact if isinstance(spec.artifact, (str, Path)) else None, text.text,
+              text.calib, spec.tokenizer]
+    if metrics:
+        outputs.check_not_an_input(metrics, inputs, flag="--metrics")
+    claim = outputs.claim_output_file(out, "bench", overwrite, inputs=inputs) if out else contextlib.nullcontext()
     with claim:
         return _bench(spec, modes, text, original, metrics, out, isolate)
 

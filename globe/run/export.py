@@ -19,7 +19,6 @@ from globe.core.result import FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError, ModelDirError, OutputError
 from globe.export import export_dense, load_artifact, load_model, save_compressed
-from globe.export.files import move_tree_files, staging_dir
 from globe.run.config import ExportConfig
 
 
@@ -73,10 +72,7 @@ def run_export(run: ExportRun) -> Path:
             model = load_model(model_dir, device=None if device.type == "cpu" else str(device))   # its dtype
             if run.dense:
                 return export_dense(model, result, out, max_shard_size=max_shard_size)
-            with staging_dir(out) as staging:          # every file written first: a failure keeps the old ones
-                save_compressed(model, result, staging)
-                move_tree_files(Path(staging), out)
-            return out
+            return save_compressed(model, result, out, max_shard_size=max_shard_size)   # staged, swapped in whole
         except SafetensorError as exc:                 # transformers' writer: disk full, ...
             raise OutputError(f"cannot write the export into {out}: {exc}") from None
 

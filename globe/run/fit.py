@@ -96,6 +96,9 @@ def run_fit(run: FitRun) -> FitResult | None:
     metrics = Path(run.metrics) if run.metrics else Path(run.out) / "metrics.jsonl"
     inputs = [run.model_dir, run.config.activation.stats, run.config_file]
     outputs.check_not_an_input(run.out, inputs)                       # OUT first: the message names -o
+    if Path(run.model_dir).is_dir():
+        from globe.export.files import check_source_model
+        check_source_model(run.model_dir, "MODEL_DIR")                # a compressed checkpoint is no source
     outputs.check_not_an_input(metrics, inputs, "--metrics")
     if metrics.is_dir():
         raise OutputError(f"--metrics {metrics} is a directory: pass a file name (default OUT/metrics.jsonl)")

@@ -45,7 +45,8 @@ def load_for_eval(spec: ModelLoad) -> tuple[nn.Module, object]:
             raise ArtifactError(f"{spec.model_dir} is a compressed checkpoint and holds its artifact; drop --globe")
         dtype = compute_dtype(spec.model_dir, device, spec.dtype)          # as asked, not silently the stored one
         model = load_compressed(spec.model_dir, mode=spec.mode, cache_size=spec.cache_size, device=device,
-                                dtype=None if dtype == "auto" else dtype, cache_bytes=spec.cache_bytes)
+                                dtype=None if dtype == "auto" else dtype, cache_bytes=spec.cache_bytes,
+                                force=spec.force)
     else:
         loaded = None
         if spec.artifact:

@@ -40,9 +40,12 @@ def load_tokenizer(source: str | Path):
     """transformers.AutoTokenizer of a directory (or of the source model a GloBE output records, see
     tokenizer_dir); ModelDirError (one line, what to pass) when there is none."""
     import transformers
+    from globe.formats.validate import refuse_remote_code
     source = tokenizer_dir(source)
+    if Path(source).is_dir():
+        refuse_remote_code(source)                  # custom tokenizer code is never run
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except Exception as exc:              # any failure of a user's tokenizer files ends in the same advice
         raise ModelDirError(f"no usable tokenizer in {source} ({type(exc).__name__}); pass --tokenizer DIR") from None
     if len(tokenizer) < 2:

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 
 from globe.errors import NumericalError
 from globe.fit.costs import F8, declare_cost
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,11 +38,13 @@ class Normalizer:
         numel = weights.shape[1] * weights.shape[2]
         rms = (sq / numel).sqrt()
         stds = (rms.square() - means.square()).clamp_min(0).sqrt()
-        if bool((rms == 0).any()):
-            i = int((rms == 0).nonzero()[0])
-            where = names[i] if names else f"expert {i}"
-            raise NumericalError(f"all-zero weights in {where}: cannot normalise an empty expert")
-        return cls(means=means.float(), stds=stds.float(), scales=rms.float(), sq_norms=sq)
+        dead = rms == 0
+        if bool(dead.any()):            # a dead (all-zero) expert: fitted as it is, its adapters fold back to 0
+            where = [names[i] if names else f"expert {i}" for i in dead.nonzero().flatten().tolist()]
+            log.warning("%d all-zero (dead) expert(s): %s%s; they are stored with trivial (zero) factors",
+                        len(where), ", ".join(where[:3]), " ..." if len(where) > 3 else "")
+        scales = torch.where(dead, torch.ones_like(rms), rms)          # dead: fitted unscaled (stays 0)
+        return cls(means=means.float(), stds=stds.float(), scales=scales.float(), sq_norms=sq)
 
     def chunk(self, weights: torch.Tensor, lo: int, hi: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Normalised fp32 copy of experts lo:hi: [c, p, d]."""
