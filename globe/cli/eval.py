@@ -118,5 +118,9 @@ def format_report(report: dict) -> str:
     cuda = f", CUDA peak {mem['cuda_peak_mb']:.0f} MiB" if mem.get("cuda_peak_mb") is not None else ""
     cuda += f", MPS {mem['mps_mb']:.0f} MiB" if mem.get("mps_mb") is not None else ""
     lines.append(f"memory       RSS {mem['rss_mb']:.0f} MiB (peak {mem['peak_rss_mb']:.0f} MiB){cuda}")
+    if mem.get("breakdown"):
+        b = mem["breakdown"]
+        lines.append(f"             weights {b['weights_mb']:.1f} MiB + caches {b['caches_mb']:.1f} MiB + framework "
+                     f"{b['framework_mb']:.0f} MiB (Python, torch, transformers, tokenizer)")
     lines += [f"plot         {path}" for path in report.get("plots", [])]
     return "\n".join(lines)

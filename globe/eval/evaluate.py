@@ -20,6 +20,7 @@ from globe.eval.perplexity import encode_text, perplexity
 from globe.eval.speed import decode_speed, memory_stats, prefill_speed
 from globe.io.model import model_arch
 from globe.runtime.apply import globe_modules, warm_up
+from globe.runtime.memory import held_breakdown
 from globe.runtime.routing import collect_routing_counts
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,18 @@ def warm_up_caches(model: nn.Module, tokenizer, calibration: str | torch.Tensor,
     counts = collect_routing_counts(model, _ids(tokenizer, calibration), window=window)
     loaded = warm_up(model, counts)
     return {str(layer): experts for layer, experts in loaded.items()}
+
+
+def memory_breakdown(model: nn.Module, rss_mb: float) -> dict[str, float]:
+    """Where the process's memory goes, in MiB: the model's weights (stored tensors), its caches (tensors the
+    runtime rebuilds from them) and the framework (the rest of the resident set: Python, torch, transformers, the
+    tokenizer, allocator slack). On an accelerator the weights and caches live in device memory, so the whole RSS
+    is framework."""
+    held = held_breakdown(model)
+    weights, caches = held["weights"] / 2**20, held["caches"] / 2**20
+    on_host = next(model.parameters()).device.type == "cpu"
+    return {"weights_mb": weights, "caches_mb": caches,
+            "framework_mb": max(rss_mb - weights - caches, 0.0) if on_host else rss_mb}
 
 
 @torch.no_grad()
@@ -74,6 +87,7 @@ def evaluate(model: nn.Module, tokenizer, text: str | torch.Tensor, *, max_lengt
         report["speed"] = {**prefill_speed(model, ids[:prefill_tokens], repeats),
                            **decode_speed(model, ids[:prompt_tokens], decode_tokens, repeats)}
     report["memory"] = memory_stats(device)
+    report["memory"]["breakdown"] = memory_breakdown(model, report["memory"]["rss_mb"])
     log.info("perplexity %.3f over %d tokens%s", report["perplexity"]["perplexity"], report["perplexity"]["tokens"],
              "" if report["cache"] is None else f", decode cache hit rate {report['cache']['hit_rate']:.3f}")
     return report

@@ -101,6 +101,7 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
     for name, (dense, stored) in family_bytes(result, out).items():
         if dense:
             rows.append(f"| bytes of {name} (routed experts) | {dense:,} | {stored:,} | {stored / dense:.3f} |")
+    rows += _memory_rows(out)
     quant = {n: f.quant for n, f in result.families.items() if f.quant}
     if quant:
         rows += ["", "The fit quantized " + ", ".join(
@@ -108,6 +109,21 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
             for n, q in quant.items()) + "; this checkpoint stores the dequantized factors (the artifact stores "
             "them packed)."]
     return rows
+
+
+def _memory_rows(out: Path) -> list[str]:
+    """Memory when loaded: the stored tensors (weights) and, in the default cached mode, the cache budget that
+    quantization_config allows; framework overhead (Python, torch, transformers) comes on top, see globe eval."""
+    from globe.formats.checkpoint import read_quant
+    weights = sum(tensor_bytes(out).values())
+    quant = read_quant(out) or {}
+    cache = quant.get("cache_bytes")
+    if not weights:
+        return []
+    row = f"| memory when loaded: weights | | {weights:,} | |"
+    if quant.get("mode") == "cached" and isinstance(cache, int):
+        row += f"\n| memory when loaded: cache (at most, `{quant['mode']}` mode) | | {cache:,} | |"
+    return [row, "| memory when loaded: framework (Python, torch, transformers) | | see `globe eval` | |"]
 
 
 def _evaluation(evaluation: dict | None) -> list[str]:

@@ -2,6 +2,7 @@
 
     model_bytes(model)                   # unique parameters + buffers (persistent or not), each storage once
     dense_model_bytes(patched)           # what the unpatched model would hold (GloBE factors -> dense experts)
+    held_breakdown(model)                # {"weights", "caches"}: stored tensors vs what the runtime rebuilds
     cache_capacity(module, budget)       # experts one GlobeExperts layer can cache within `budget` bytes
 
 The default cache budget is DEFAULT_CACHE_FRACTION of the original model's bytes, split evenly over the MoE layers:
@@ -67,3 +68,25 @@ def cache_capacity(module: nn.Module, budget: int) -> int:
     """Experts of `module` whose mixed atoms fit in `budget` bytes (at most all of its experts)."""
     per_expert = slot_bytes(module)
     return min(module.num_experts, int(budget) // per_expert) if per_expert else 0
+
+
+def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Tensors the runtime derives from the stored factors: the cached mode's LRU slots and the dense mode's
+    reconstructed weights (`dense_<family>` buffers) of every GlobeExperts layer."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, GlobeExperts):
+            out += [getattr(module, f"dense_{f}") for f in module.factored if hasattr(module, f"dense_{f}")]
+            if module.cache is not None:
+                out += [module.cache.slots(f) for f in module.cache.families]
+    return out
+
+
+def held_breakdown(model: nn.Module) -> dict[str, int]:
+    """Bytes the model holds, split into `weights` (parameters and buffers that are stored or loaded) and `caches`
+    (tensors the runtime rebuilds from them: LRU slots, dense reconstructions); each storage counted once."""
+    caches = _unique(cache_tensors(model))
+    cached = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) for t in caches}
+    weights = [t for t in _unique(list(model.parameters()) + list(model.buffers()))
+               if (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) not in cached]
+    return {"weights": tensor_bytes(weights), "caches": tensor_bytes(caches)}

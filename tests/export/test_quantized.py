@@ -65,3 +65,18 @@ def test_info_of_a_compressed_export_names_the_fit_quantization(quantized, tmp_p
     info = describe_compressed(out)
     assert info["families"]["gate"]["fit_quant"]["adapters"]["bits"] == 4
     assert "adapters 4-bit group 8" in format_compressed(info)
+
+
+def test_model_card_breaks_loaded_memory_into_weights_and_cache(quantized, tmp_path):
+    from safetensors.torch import load_file
+    from globe.export.card import model_card
+    from globe.formats.checkpoint import read_quant
+    path, art = quantized
+    out = save_compressed(path, globe.load(art), tmp_path / "c")
+    stored = sum(v.numel() * v.element_size() for f in out.glob("*.safetensors") for v in load_file(str(f)).values())
+    card = model_card(globe.load(art), out)
+    assert f"| memory when loaded: weights | | {stored:,} | |" in card
+    cache = read_quant(out)["cache_bytes"]
+    if isinstance(cache, int):
+        assert f"{cache:,}" in card.split("memory when loaded: cache")[1].splitlines()[0]
+    assert "memory when loaded: framework" in card
