@@ -108,7 +108,8 @@ def build_config(args: argparse.Namespace) -> FitConfig:
     if args.device is None and not args.config:                   # the command line's default: auto
         from globe.device import resolve_device
         args.device = resolve_device("auto").type
-        logging.getLogger("globe").info("device: %s (--device auto: cuda, then mps, then cpu)", args.device)
+        logging.getLogger("globe").info("device: %s (--device auto: cuda, then mps, then cpu)", args.device,
+                                        extra={"hold": True})               # shown once work begins (cli.main)
     b, s, t = cfg.bank, cfg.sparsity, cfg.train
     for obj, attr, value in [(b, "budget", args.budget), (b, "m", args.m), (b, "r", args.r), (b, "init", args.init),
                              (b, "phi", args.phi), (s, "method", args.method), (s, "target_support", args.target_support),

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     configure_progress(args.log_level, args.progress)
+    hold = HoldUntilWork()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(hold)
     try:
         resolve_model_args(args)
         pick_device(args)
@@ -114,7 +117,27 @@ def pick_device(args: argparse.Namespace) -> None:
         return
     from globe.device import resolve_device
     args.device = resolve_device("auto").type
-    log.info("device: %s (--device auto: cuda, then mps, then cpu)", args.device)
+    log.info("device: %s (--device auto: cuda, then mps, then cpu)", args.device, extra={"hold": True})
+
+
+class HoldUntilWork(logging.Filter):
+    """Holds log records marked `hold` (the device --device auto picked) until the command logs anything else,
+    i.e. until work begins: a command refused on its inputs prints its one error line and nothing before it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "hold", False):
+            record.hold = False
+            self.held.append(record)
+            return False
+        held, self.held = self.held, []
+        for earlier in held:                                 # emitted first, through the same handlers
+            for handler in logging.getLogger().handlers:
+                handler.handle(earlier)
+        return True
 
 
 def resolve_model_args(args: argparse.Namespace) -> None:
