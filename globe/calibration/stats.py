@@ -1,18 +1,6 @@
-"""Activation statistics of a model's routed experts, as `globe calibrate` writes them: one safetensors file.
-
-Per MoE layer l (stacked along the first axis, in `layers` order), sums over the calibration tokens:
-  hidden.sum             [L, d, d]     sum_t x_t x_t^T of every token entering the routed experts (their input)
-  hidden.expert_sum      [L, E, d, d]  the same over the tokens routed to expert e        (optional: per_expert)
-  intermediate.expert_sum [L, E, p, p] sum h h^T of the down projection's input h = act(W_g x) * (W_u x)
-                                        over the tokens routed to expert e                  (optional: per_expert)
-  gate.channel_sums      [L, E, p]     ||D_:,j||^2 sum_t (act'(g_j) u_j)^2: first-order output weight of gate row j
-  up.channel_sums        [L, E, p]     ||D_:,j||^2 sum_t act(g_j)^2: the same for up row j    (optional: per_expert)
-  routed.counts          [L, E]        tokens routed to each expert
-  routed.weight_sums     [L, E]        sum of the routing weights of those tokens
-  layers                 [L]           MoE layer indices
-The header metadata holds `format_version`, `kind` and `info` (JSON: tokens, model, text, window, ...).
-Sums are accumulated in fp64 and stored in fp32. The file format (version, reader, writer, checks) is
-globe.formats.stats; here is its in-memory form and the check that it fits a model.
+"""Activation statistics of a model's routed experts in memory (`ActivationStats`), as `globe calibrate` writes
+them, and the check that they fit a model. The file (its tensors, shapes, version, reader and writer) is
+globe.formats.stats, whose docstring lists every tensor.
 """
 from __future__ import annotations
 
