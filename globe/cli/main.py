@@ -20,6 +20,7 @@ import sys
 
 from safetensors import SafetensorError
 
+from globe.cli.inputs import check_inputs, typed_flag
 from globe.errors import GlobeError
 from globe.io.hub import resolve_model_dir
 
@@ -30,8 +31,21 @@ SUBCOMMANDS = ("info", "calibrate", "fit", "compress", "export", "eval", "bench"
 LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusals (unknown option, invalid int, bad choice) as one line naming the option as typed."""
+
+    argv: list[str] = []
+
+    def error(self, message: str):
+        for action in self._actions:                      # "argument --m/--atoms: ..." -> the alias typed
+            long = "/".join(action.option_strings)
+            if action.option_strings and f"argument {long}:" in message:
+                message = message.replace(f"argument {long}:", f"argument {typed_flag(action, self.argv)}:")
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="globe",
         description="GloBE: compress the routed experts of MoE LLMs with global sparse basis banks. "
                     "`globe COMMAND --help` explains every option of a command.",
@@ -55,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    OneLineParser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)          # the command line, for model cards
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -64,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(hold)
     try:
+        check_inputs(subparser(parser, args.command), args, args.argv)      # inputs before any work
         resolve_model_args(args)
         pick_device(args)
         return int(args.func(args) or 0)
@@ -87,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"globe {args.command}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with --log-level DEBUG "
               "for the traceback and please report it)", file=sys.stderr)
         return 3
+
+
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
 
 
 def one_line(exc: BaseException) -> str:
