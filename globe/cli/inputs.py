@@ -33,31 +33,38 @@ def kind(name: str) -> Callable[[Check], Check]:
     return register
 
 
+def _named(flag: str, key: str) -> str:
+    return f"{flag} ({key})" if key else flag
+
+
 @dataclass(frozen=True)
 class Count:
-    """An integer option within [low, high]."""
+    """An integer option within [low, high]; `key`: the config entry it sets, named next to the flag."""
 
     low: int
     high: int | None = None
+    key: str = ""
 
     def __call__(self, value: int, flag: str) -> None:
         if value < self.low or (self.high is not None and value > self.high):
+            bound = "> 0" if self.low == 1 else f">= {self.low}"
             top = f" and <= {self.high}" if self.high is not None else ""
-            raise ConfigError(f"{flag} must be an integer >= {self.low}{top} (got {value})")
+            raise ConfigError(f"{_named(flag, self.key)} must be an integer {bound}{top} (got {value})")
 
 
 @dataclass(frozen=True)
 class Fraction:
-    """A float option strictly between low and high (finite)."""
+    """A float option strictly between low and high (finite); a list option: each value."""
 
     low: float = 0.0
     high: float = 1.0
+    key: str = ""
 
-    def __call__(self, value: float, flag: str) -> None:
-        values = value if isinstance(value, list) else [value]
-        for v in values:
+    def __call__(self, value: float | list[float], flag: str) -> None:
+        for v in value if isinstance(value, list) else [value]:
             if not (math.isfinite(v) and self.low < v < self.high):
-                raise ConfigError(f"{flag} must be strictly between {self.low:g} and {self.high:g} (got {v:g})")
+                raise ConfigError(f"{_named(flag, self.key)} must be in ({self.low:g}, {self.high:g}), both ends "
+                                  f"excluded (got {v:g})")
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class Positive:
 # ---- paths ----
 def _missing(path: Path, flag: str, what: str) -> None:
     if not path.exists():
-        raise ModelDirError(f"{flag} {path}: not found; pass an existing {what}")
+        raise ModelDirError(f"{flag} {path} does not exist; pass an existing {what}")
 
 
 @kind("text")
@@ -80,24 +87,24 @@ def text_file(value: str, flag: str) -> None:
     """An existing, non-empty UTF-8 text file."""
     from globe.io.text import read_text
     path = Path(value)
-    _missing(path, flag, "UTF-8 text file")
     if path.is_dir():
-        raise ModelDirError(f"{flag} {path}: is a directory; pass a UTF-8 text file")
-    read_text(path, flag)
+        raise ModelDirError(f"{flag} {path} is a directory; pass a UTF-8 text file")
+    read_text(path, flag)                                 # missing, not UTF-8, empty: one line naming flag and file
 
 
 def _model_dir(value: str, flag: str, compressed_ok: bool) -> None:
     from globe.formats.checkpoint import is_compressed
     from globe.io.hub import looks_like_hub_id
-    from globe.io.shards import find_weight_files, missing_config_message
+    from globe.io.shards import missing_config_message
     path = Path(value)
     if not path.exists():
         if looks_like_hub_id(value):                      # a hub id: resolved (downloaded) next, or one line why not
             return
-        raise ModelDirError(f"{flag} {path}: not found; pass a Hugging Face checkpoint directory "
+        usage = f"{flag} MODEL_DIR, " if flag.startswith("-") else ""
+        raise ModelDirError(f"{flag} {path} does not exist; pass {usage}a Hugging Face checkpoint directory "
                             "(config.json + *.safetensors)")
     if not path.is_dir():
-        raise ModelDirError(f"{flag} {path}: is a file; pass a Hugging Face checkpoint directory "
+        raise ModelDirError(f"{flag} {path} is a file; pass a Hugging Face checkpoint directory "
                             "(config.json + *.safetensors)")
     if not (path / "config.json").is_file():
         raise ModelDirError(f"{flag}: {missing_config_message(path)}")
@@ -107,12 +114,8 @@ def _model_dir(value: str, flag: str, compressed_ok: bool) -> None:
         raise ConfigError(f"{flag} {path}: config.json is not valid JSON ({type(exc).__name__}); fix or "
                           "re-download it") from None
     if not compressed_ok and is_compressed(path):
-        raise ModelDirError(f"{flag} {path}: is a GloBE compressed checkpoint; pass the model it was made from "
-                            "(`globe info` on it names the source)")
-    try:
-        find_weight_files(path)
-    except ModelDirError as exc:
-        raise ModelDirError(f"{flag}: {exc}") from None
+        raise ModelDirError(f"{flag} {path} is a GloBE compressed checkpoint, not a source model; pass the model "
+                            "it was made from (`globe info` on it names the source)")
 
 
 @kind("source model")
@@ -140,7 +143,7 @@ def artifact(value: str, flag: str) -> None:
         return
     what = "a file" if path.is_file() else ("an uncompressed model" if (path / "config.json").is_file()
                                             else "not a GloBE directory")
-    raise ModelDirError(f"{flag} {path}: is {what}; pass a GloBE artifact (`globe fit -o OUT`: banks.safetensors "
+    raise ModelDirError(f"{flag} {path} is {what}; pass a GloBE artifact (`globe fit -o OUT`: banks.safetensors "
                         "+ globe_config.json) or a compressed checkpoint (`globe compress -o OUT`)")
 
 
@@ -153,7 +156,7 @@ def tokenizer_dir(value: str, flag: str) -> None:
     path = Path(value)
     _missing(path, flag, "tokenizer directory")
     if not path.is_dir() or not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelDirError(f"{flag} {path}: holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); pass the "
+        raise ModelDirError(f"{flag} {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...); pass the "
                             "directory of a saved tokenizer, e.g. the source model's")
 
 
@@ -163,7 +166,9 @@ def stats_file(value: str, flag: str) -> None:
     from safetensors import SafetensorError, safe_open
     from globe.formats.stats import STATS_KIND
     path = Path(value)
-    _missing(path, flag, "statistics file from `globe calibrate`")
+    if not path.exists():
+        raise ModelDirError(f"{flag} {path} does not exist: run `globe calibrate MODEL_DIR --text FILE -o {path}` "
+                            "first")
     try:
         if path.is_dir():
             raise OSError("a directory")
@@ -184,7 +189,7 @@ def fit_config(value: str, flag: str) -> None:
     path = Path(value)
     _missing(path, flag, "fit config file (JSON or YAML)")
     if path.is_dir():
-        raise ModelDirError(f"{flag} {path}: is a directory; pass a fit config file (JSON or YAML)")
+        raise ModelDirError(f"{flag} {path} is a directory; pass a fit config file (JSON or YAML)")
     text_file(value, flag)                                # UTF-8, not empty
     try:
         FitConfig.from_file(path)
@@ -210,11 +215,11 @@ def directory(value: str, flag: str) -> None:
     path = Path(value)
     _missing(path, flag, "directory")
     if not path.is_dir():
-        raise ModelDirError(f"{flag} {path}: is a file; pass a directory")
+        raise ModelDirError(f"{flag} {path} is a file; pass a directory")
 
 
 # ---- which option is of which kind (argparse dest -> kind name or number checker) ----
-SEED = Count(0, 2 ** 63 - 1)
+SEED = Count(0, 2 ** 63 - 1, key="train.seed")
 OPTIONS: dict[str, str | Check] = {
     # paths
     "model_dir": "source model", "model": "source model", "original": "source model",
@@ -222,10 +227,13 @@ OPTIONS: dict[str, str | Check] = {
     "tokenizer": "tokenizer", "calibration": "stats", "config": "fit config", "sweep": "json",
     "task_dir": "directory", "globe": "artifact", "artifact": "artifact",
     # numbers
-    "budget": Fraction(), "total_cut": Fraction(), "budgets": Fraction(), "size": Positive(),
-    "m": Count(1), "r": Count(1), "target_support": Count(1), "am_iters": Count(0), "varpro_steps": Count(0),
-    "cycles": Count(1), "refine_steps": Count(0), "seed": SEED, "bits": Count(1), "quant_group": Count(1),
-    "activation_steps": Count(0), "checkpoint_every": Count(0), "calibration_tokens": Count(2),
+    "budget": Fraction(key="bank.budget"), "total_cut": Fraction(), "budgets": Fraction(), "size": Positive(),
+    "m": Count(1, key="bank.m"), "r": Count(1, key="bank.r"), "target_support": Count(1, key="sparsity.target_support"),
+    "am_iters": Count(0, key="train.am_iters"), "varpro_steps": Count(0, key="train.varpro_steps"),
+    "cycles": Count(1, key="train.cycles"), "refine_steps": Count(0, key="train.refine_steps"), "seed": SEED,
+    "bits": Count(1, key="quant.bits"), "quant_group": Count(1, key="quant.group"),
+    "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
+    "calibration_tokens": Count(2),
     "eval_tokens": Count(0), "max_tokens": Count(0), "window": Count(2), "cache_size": Count(1),
     "cache_bytes": Count(0), "warmup_tokens": Count(0), "max_length": Count(2), "stride": Count(1),
     "prefill_tokens": Count(1), "decode_tokens": Count(1), "repeats": Count(1), "hit_tokens": Count(0),

@@ -25,6 +25,7 @@ from torch import nn
 from globe.artifact import check_compatible, load
 from globe.core.result import FitResult
 from globe.export.files import copy_side_files, load_model, source_dir, staged_output, swap_in
+from globe.formats.load_guard import unmarked
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.progress import progress
@@ -122,7 +123,7 @@ def export_dense(model_or_dir: nn.Module | str | Path, artifact: FitResult | str
     state = dense_state_dict(model, result)
     staging = staged_output(out)                 # written whole beside OUT, then swapped in (one step)
     try:
-        with hub_layout(model, state), unquantized(model):
+        with hub_layout(model, state), unquantized(model), unmarked(getattr(model, "config", None)):
             model.save_pretrained(staging, state_dict=state, max_shard_size=max_shard_size)
         src = Path(model_or_dir) if not isinstance(model_or_dir, nn.Module) else source_dir(model)
         copied = copy_side_files(src, staging, skip=tuple(p.name for p in staging.iterdir()))

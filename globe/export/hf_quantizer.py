@@ -28,9 +28,10 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from globe.errors import NumericalError
+from globe.errors import ArtifactError, NumericalError
 from globe.formats.checkpoint import (FORMAT_VERSION, QUANT_METHOD, check_quant, family_shapes, quant_document,
                                       state_key)
+from globe.formats.load_guard import GUARD, mark
 from globe.formats.validate import validate_checkpoint, verify_content
 from globe.export.provenance import keep_provenance
 from globe.io.layout import ExpertsLayout
@@ -175,6 +176,7 @@ class GlobeHfQuantizer(HfQuantizer):
         if str(where) and where.is_dir():
             keep_provenance(model, where)          # save_pretrained writes globe_config.json and the tokenizer too
         set_mode(model, self.quantization_config.mode, cache_bytes=self.quantization_config.cache_bytes)
+        mark(model.config)                         # save_pretrained writes the load guard again
         log.info("loaded GloBE checkpoint: %d MoE layers, families %s, %s mode", len(globe_modules(model)),
                  ", ".join(self.quantization_config.families), self.quantization_config.mode)
         return model
@@ -193,8 +195,20 @@ class GlobeHfQuantizer(HfQuantizer):
         return True
 
 
+def unreplaced_experts(module: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The experts implementation GUARD names: reached only by a routed-experts module that the "globe" quantizer
+    did not replace (its weights were never loaded), so it refuses instead of computing with them."""
+    raise ArtifactError(f"{type(module).__name__} of a GloBE-compressed model was not replaced by GlobeExperts: load "
+                        "the checkpoint with AutoModelForCausalLM.from_pretrained after `import globe`, or with "
+                        "globe.load_compressed")
+
+
 def register() -> None:
-    """Register GlobeConfig and GlobeHfQuantizer with transformers (idempotent; done on `import globe`)."""
+    """Register GlobeConfig, GlobeHfQuantizer and the load guard's experts implementation (globe.formats.load_guard)
+    with transformers (idempotent; done on `import globe`)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    if GUARD not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(GUARD, unreplaced_experts)
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(GlobeConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -21,6 +21,7 @@ from globe.core.mixing import SparseCodes, sparse_codes
 from globe.core.result import FamilyFit, FitResult
 from globe.errors import ArtifactError, ConfigError
 from globe.formats.checkpoint import family_entry, quant_document, state_key
+from globe.formats.load_guard import mark
 from globe.io.layout import ExpertsLayout
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.runtime.build import build_experts
@@ -125,6 +126,7 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     set_collect_stats(model, collect_stats)
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = quantization_config(model, mode, cache_bytes)
+        mark(model.config)                                  # stock transformers without globe refuses it in one line
     log.info("applied GloBE (%s mode) to %d MoE layers: families %s", mode, len(modules), ", ".join(result.families))
     return model
 

@@ -1,11 +1,15 @@
 """Stock transformers (and lm-eval's HFLM) load a compressed checkpoint in a process that never ran `import globe`:
 globe-autoload.pth, which both the wheel and the editable install put into site-packages, registers the quantizer
-when transformers is imported."""
+when transformers is imported. Where globe is not installed (only on PYTHONPATH: no .pth), stock from_pretrained
+stops with one line saying to `pip install` or `import globe` (the load guard, globe.formats.load_guard), never
+loading the routed experts randomly initialised; `import globe` first loads it."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 
 import pytest
@@ -84,3 +88,58 @@ def test_both_install_kinds_ship_the_pth_file(tmp_path, kind):
     wheel = tmp_path / "dist" / proc.stdout.strip().splitlines()[-1]
     with zipfile.ZipFile(wheel) as z:
         assert z.read("globe-autoload.pth") == (REPO / "globe-autoload.pth").read_bytes()
+
+
+# Not installed: the interpreter's site-packages on sys.path without its .pth files (python -S), globe importable
+# from PYTHONPATH only, as for a user who cloned the repository and never ran pip install.
+UNINSTALLED = """
+import sys
+sys.path.append({site!r})                       # no site.addsitedir: globe-autoload.pth is not processed
+{import_globe}
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
+kinds = {{type(m).__name__ for n, m in model.named_modules() if n.endswith('mlp.experts')}}
+ids = torch.randint(3, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+print(kinds, round(model(input_ids=ids, labels=ids).loss.item(), 5))
+"""
+
+
+def _uninstalled(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=300)
+
+
+def test_without_globe_installed_stock_from_pretrained_stops_with_the_fix(compressed):
+    site = sysconfig.get_paths()["purelib"]
+    proc = _uninstalled(UNINSTALLED.format(site=site, path=str(compressed), import_globe=""))
+    assert proc.returncode != 0 and not proc.stdout.strip(), proc.stdout      # no model, random or not
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "pip install globe-moe" in last and "import globe" in last, last
+    loaded = _uninstalled(UNINSTALLED.format(site=site, path=str(compressed), import_globe="import globe"))
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["{'GlobeExperts'}", str(_reference_loss(compressed))]
+
+
+def test_lm_eval_hflm_without_globe_installed_refuses_loudly(compressed):
+    pytest.importorskip("lm_eval")
+    code = (f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+            "from lm_eval.models.huggingface import HFLM\n"
+            f"lm = HFLM(pretrained={str(compressed)!r}, tokenizer={str(REPO / 'globe/assets/globe-tiny-moe')!r}, "
+            "device='cpu', batch_size=1)\nprint('LOADED')")
+    proc = _uninstalled(code)
+    assert proc.returncode != 0 and "LOADED" not in proc.stdout
+    assert "globe" in proc.stderr.strip().splitlines()[-1]          # lm-eval's own check names the quant method
+
+
+def test_the_guard_survives_save_pretrained_and_leaves_dense_exports(compressed, tmp_path):
+    import torch
+    from globe.export import load_compressed
+    from globe.formats.load_guard import GUARD, GUARD_KEY
+    assert json.loads((compressed / "config.json").read_text())[GUARD_KEY] == GUARD
+    model = load_compressed(compressed, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())[GUARD_KEY] == GUARD
+    from globe.run.export import ExportRun, run_export
+    run_export(ExportRun(artifact=str(compressed), out=str(tmp_path / "dense"), dense=True, device="cpu"))
+    assert GUARD_KEY not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert json.loads((compressed / "config.json").read_text())[GUARD_KEY] == GUARD      # the source untouched
