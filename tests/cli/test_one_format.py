@@ -64,3 +64,19 @@ def test_eval_plots_from_a_compress_output(dirs, capsys, tmp_path):
     report = _eval(capsys, str(model_dir), "--globe", str(compressed), "--plots", str(tmp_path / "plots"),
                    "--text", str(tmp / "text.txt"))
     assert report["plots"] and all((tmp_path / "plots").joinpath(p.split("/")[-1]).is_file() for p in report["plots"])
+
+
+def test_bench_reads_a_save_pretrained_directory_as_a_compress_output(dirs, capsys, tmp_path):
+    """globe bench DIR: the same variants and numbers from the save_pretrained copy as from the compress output
+    (the original found through the source both record)."""
+    model_dir, compressed, again, tmp = dirs
+    rows = {}
+    for name, path in (("compressed", compressed), ("again", again)):
+        out = tmp_path / f"{name}.json"
+        assert cli.main(["bench", str(path), "--text", str(tmp / "text.txt"), "--modes", "cached", "--no-speed",
+                         "--max-length", "32", "--hit-tokens", "8", "-o", str(out)]) == 0, capsys.readouterr().err
+        rows[name] = json.loads(out.read_text())["summary"]
+    assert set(rows["again"]) == set(rows["compressed"]) == {"original", "cached"}
+    for variant in ("original", "cached"):
+        assert rows["again"][variant]["perplexity"] == pytest.approx(rows["compressed"][variant]["perplexity"],
+                                                                     rel=1e-6)

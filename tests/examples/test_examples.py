@@ -45,12 +45,4 @@ def test_examples_run_in_sequence(tmp_path):
     assert (tmp_path / "deploy" / "dense" / "config.json").is_file()
     assert is_compressed(tmp_path / "deploy" / "compressed")
 
-
-@pytest.mark.slow
-def test_finetune_compressed_brings_the_kl_to_the_original_down(tmp_path):
-    out = run_example("finetune_compressed.py", "--steps", "12", "--out", "tuned", cwd=tmp_path)
-    before, after = (float(x) for x in re.search(r"KL to the original: before ([0-9.]+) after ([0-9.]+)", out).groups())
-    assert after < before
-    assert is_compressed(tmp_path / "tuned")
-    tuned = globe.load_compressed(tmp_path / "tuned")
-    assert tuned is not None
+# the recovery recipe (examples/finetune_compressed.py) runs as the README shows it: tests/docs/test_readme_recipe.py
