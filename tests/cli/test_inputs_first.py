@@ -106,6 +106,9 @@ FILE_CASES = [  # (command, option, world key of the bad value, the flag named);
     ("eval", "--task-dir", "good", "--task-dir"), ("eval", "--task-dir", "missing", "--task-dir"),
     ("compress", "--calibration-te", "empty", "--calibration-te"),                   # an abbreviation, as typed
 ]
+DRY_RUNS = [(["fit", "--dry-run", "--m", "0"], "--m"), (["compress", "--dry-run", "--total-cut", "1.5"], "--total-cut"),
+            (["compress", "--dry-run", "--calibration-text", "{latin1}"], "--calibration-text"),
+            (["fit", "--dry-run", "--calibration", "{good}"], "--calibration")]
 
 
 @pytest.mark.parametrize("command, option, bad, flag", FILE_CASES,
@@ -119,6 +122,12 @@ def test_a_bad_input_file_or_directory_is_refused_first(world, capsys, tripwire,
     if command == "fit" and option == "--calibration":
         argv.append("--dry-run")                                  # any fit: the stats are read before it
     refused(world, capsys, argv, flag)
+
+
+@pytest.mark.parametrize("extra, flag", DRY_RUNS, ids=[f"{e[0]}{e[2]}" for e, _ in DRY_RUNS])
+def test_a_dry_run_checks_its_inputs_first(world, capsys, tripwire, extra, flag):
+    argv = base(extra[0], world)
+    refused(world, capsys, [*argv, *[e.format(**world) for e in extra[1:]]], flag)
 
 
 def _numbers() -> list[tuple[str, str, list[str]]]:
