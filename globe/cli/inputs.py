@@ -44,12 +44,17 @@ class Count:
     low: int
     high: int | None = None
     key: str = ""
+    what: str = "an integer"
+    zero: str = ""                      # what 0 means where 0 is allowed below `low` (e.g. "all of the text")
 
     def __call__(self, value: int, flag: str) -> None:
+        if self.zero and value == 0:
+            return
         if value < self.low or (self.high is not None and value > self.high):
             bound = "> 0" if self.low == 1 else f">= {self.low}"
             top = f" and <= {self.high}" if self.high is not None else ""
-            raise ConfigError(f"{_named(flag, self.key)} must be an integer {bound}{top} (got {value})")
+            zero = f", or 0 for {self.zero}" if self.zero else ""
+            raise ConfigError(f"{_named(flag, self.key)} must be {self.what} {bound}{top}{zero} (got {value})")
 
 
 @dataclass(frozen=True)
@@ -233,8 +238,9 @@ OPTIONS: dict[str, str | Check] = {
     "cycles": Count(1, key="train.cycles"), "refine_steps": Count(0, key="train.refine_steps"), "seed": SEED,
     "bits": Count(1, key="quant.bits"), "quant_group": Count(1, key="quant.group"),
     "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
-    "calibration_tokens": Count(2),
-    "eval_tokens": Count(0), "max_tokens": Count(0), "window": Count(2), "cache_size": Count(1),
+    "calibration_tokens": Count(2, what="a token count"),
+    "eval_tokens": Count(2, what="a token count", zero="all of the text"), "max_tokens": Count(0),
+    "window": Count(2), "cache_size": Count(1),
     "cache_bytes": Count(0), "warmup_tokens": Count(0), "max_length": Count(2), "stride": Count(1),
     "prefill_tokens": Count(1), "decode_tokens": Count(1), "repeats": Count(1), "hit_tokens": Count(0),
     "limit": Count(1), "num_fewshot": Count(0), "batch_size": Count(1), "bootstrap_iters": Count(0),

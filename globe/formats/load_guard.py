@@ -4,7 +4,8 @@ instead of loading the routed experts randomly initialised (transformers only wa
 `quant_method` and then skips it).
 
     config.json    "experts_implementation": GUARD
-    without globe  ValueError: Specified `experts_implementation="globe: ... pip install globe-moe ..."` is not supported
+    without globe  ValueError: Specified `experts_implementation="globe: ... pip install globe-moe ..."` is not
+                   supported
     with globe     `import globe` (or the installed globe-autoload.pth) registers GUARD next to the "globe" quantizer,
                    which swaps every routed-experts module for a GlobeExperts before the weights load
 
