@@ -258,8 +258,9 @@ def checker(command: str, dest: str) -> Check | None:
     return KINDS[spec] if isinstance(spec, str) else spec
 
 
-def typed_flag(action: argparse.Action, argv: list[str]) -> str:
-    """The option as the user typed it (an alias or an abbreviation), else its long name; a positional's METAVAR."""
+def typed_flag(action: argparse.Action, argv: list[str], options: frozenset[str] = frozenset()) -> str:
+    """The option as the user typed it (an alias or an abbreviation), else its long name; a positional's METAVAR.
+    options: every option string of the command (a word that is one is never an abbreviation of another)."""
     if not action.option_strings:
         return str(action.metavar or action.dest.upper())
     names = [tok.split("=", 1)[0] for tok in argv if tok.startswith("-")]
@@ -267,17 +268,18 @@ def typed_flag(action: argparse.Action, argv: list[str]) -> str:
         if name in action.option_strings:
             return name
     for name in reversed(names):                          # argparse's unambiguous abbreviations
-        if name.startswith("--") and any(s.startswith(name) for s in action.option_strings):
+        if name.startswith("--") and name not in options and any(s.startswith(name) for s in action.option_strings):
             return name
     return max(action.option_strings, key=len)
 
 
 def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
     """Check every input option of the parsed command (defaults included) before any work; GlobeError naming the
-    option as typed. Numbers first (cheap), then paths in the order the command line gives them."""
+    option as typed. Numbers first (cheap), then paths, each group in the parser's order."""
     command = getattr(args, "command", "")
+    options = frozenset(s for a in parser._actions for s in a.option_strings)
     actions = [a for a in parser._actions if a.dest not in OUTPUTS and a.dest in vars(args)]
     checks = [(a, checker(command, a.dest)) for a in actions]
     checks = [(a, c) for a, c in checks if c is not None and getattr(args, a.dest) is not None]
     for action, check in sorted(checks, key=lambda ac: not isinstance(ac[1], (Count, Fraction, Positive))):
-        check(getattr(args, action.dest), typed_flag(action, argv))
+        check(getattr(args, action.dest), typed_flag(action, argv, options))

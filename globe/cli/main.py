@@ -37,10 +37,11 @@ class OneLineParser(argparse.ArgumentParser):
     argv: list[str] = []
 
     def error(self, message: str):
+        options = frozenset(s for a in self._actions for s in a.option_strings)
         for action in self._actions:                      # "argument --m/--atoms: ..." -> the alias typed
             long = "/".join(action.option_strings)
             if action.option_strings and f"argument {long}:" in message:
-                message = message.replace(f"argument {long}:", f"argument {typed_flag(action, self.argv)}:")
+                message = message.replace(f"argument {long}:", f"argument {typed_flag(action, self.argv, options)}:")
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
 
 

@@ -199,3 +199,13 @@ def test_compress_with_an_empty_text_stops_at_once_in_a_real_process(world, tmp_
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "--text" in lines[0] and "is empty" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_flag_named_is_the_one_typed():
+    parser = cli.build_parser()
+    ev = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["eval"]
+    options = frozenset(s for a in ev._actions for s in a.option_strings)
+    action = next(a for a in ev._actions if a.dest == "max_tokens")
+    assert inputs.typed_flag(action, ["--max-t=0"], options) == "--max-t"           # an abbreviation
+    assert inputs.typed_flag(action, ["--mode", "dense"], options) == "--max-tokens"  # another option, not it
+    assert inputs.typed_flag(next(a for a in ev._actions if a.dest == "model_dir"), [], options) == "MODEL_DIR"
