@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import globe
 from globe.core import outputs
 from tests.helpers.fits import quick_fit
@@ -105,6 +107,7 @@ def test_dense_export_killed_at_every_rename(tmp_path, round3_base):
     assert _state(out) == new and _debris(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_compress_dense_killed_at_every_rename_of_the_dense_export(tmp_path, round3_base):
     env = Round3.build(tmp_path, round3_base)
     out = tmp_path / "densecopy"
