@@ -179,6 +179,13 @@ def export_out_user_directory(env):
     return env.export(env.tmp / "hf", "--dense"), ["hf", "--overwrite"]
 
 
+def compress_out_kept_when_the_text_is_bad(env):
+    """The issue's example: a bad --text was noticed after the fit and export, which then replaced OUT."""
+    _user_dir(env, "comp")
+    (env.tmp / "bad.txt").write_bytes(b"\xff\xfe not UTF-8")
+    return _compress(env, "--text", str(env.tmp / "bad.txt"), "--overwrite"), ["--text", "bad.txt"]
+
+
 # ---- two outputs of one command never share a path ----
 def bench_out_and_metrics_the_same(env):
     same = str(env.tmp / "bench.json")

@@ -82,7 +82,7 @@ def test_an_expert_no_calibration_token_reaches_is_fitted_in_weight_space(tmp_pa
     stats = _unreached_stats(tmp_path, model, expert=2)
     loaded = load_stats(stats)
     whitener = build_whitener(loaded, "gate", torch.tensor([[0, 1], [0, 2]]), loaded.hidden.shape[-1],
-                              per_expert=True, damp=0.01, routing_weights=True)
+                              per_expert=True, damp=0.01, routing_weights=True, unreached_weight_space=True)
     x = torch.randn(2, 3, whitener.factors.shape[-1])
     plain = whitener.select(x, torch.tensor([0, 1]))
     assert torch.allclose(plain[1], x[1] * math.sqrt(1.01))                # R = I (damped): the weight-space objective

@@ -109,8 +109,11 @@ def second_moments(stats: ActivationStats, family: str, per_expert: bool, prior_
 
 def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: int, per_expert: bool = False,
                    prior_tokens: float = 64.0, damp: float = 0.01, routing_weights: bool = False,
-                   routing_floor: float = 0.1, channel_weights: bool = False) -> Whitener:
-    """Whitener for the experts `ids` [N, 2] (layer, expert) of one family whose input dimension is k."""
+                   routing_floor: float = 0.1, channel_weights: bool = False,
+                   unreached_weight_space: bool = False) -> Whitener:
+    """Whitener for the experts `ids` [N, 2] (layer, expert) of one family whose input dimension is k. An expert
+    no calibration token reaches gets its layer's C (per_expert: the prior alone), or with unreached_weight_space
+    (what a fit does: family_whitener) the weight-space objective (weight_space_for_unreached)."""
     moments = second_moments(stats, family, per_expert, prior_tokens)               # [L, E or 1, k', k']
     if moments.shape[-1] != k:
         raise ConfigError(f"activation statistics have {family} input dimension {moments.shape[-1]}, the weights "
@@ -133,8 +136,10 @@ def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: in
         weight = (1 - routing_floor) * freq[layer_pos, expert] + routing_floor
         gains = weight.sqrt().float()
     rows = channel_rows(stats, family, layer_pos, expert, prior_tokens) if channel_weights else None
-    factors, index, gains, unreached = weight_space_for_unreached(stats, family, ids, layer_pos, factors, index,
-                                                                  gains, damp)
+    unreached = None
+    if unreached_weight_space:
+        factors, index, gains, unreached = weight_space_for_unreached(stats, family, ids, layer_pos, factors, index,
+                                                                      gains, damp)
     return Whitener(factors=factors, index=index, gains=gains, rows=rows, unreached=unreached)
 
 
@@ -185,7 +190,8 @@ def family_whitener(stats: ActivationStats, family: str, stack, cfg: ActivationC
     """Whitener of an ExpertStack (weights [N, rows, k], ids [N, 2]) from `cfg`."""
     return build_whitener(stats, family, stack.ids, stack.weights.shape[2], per_expert=cfg.per_expert,
                           prior_tokens=cfg.prior_tokens, damp=cfg.damp, routing_weights=cfg.routing_weights,
-                          routing_floor=cfg.routing_floor, channel_weights=cfg.channel_weights)
+                          routing_floor=cfg.routing_floor, channel_weights=cfg.channel_weights,
+                          unreached_weight_space=True)
 
 
 def whiten_globally(weights: torch.Tensor, factor: torch.Tensor, chunk: int) -> torch.Tensor:
