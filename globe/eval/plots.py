@@ -247,7 +247,7 @@ def write_plots(out_dir: str | Path, artifact=None, sweep: str | Path | dict | N
     for fig in figs.values():
         fig.tight_layout()
     atomic_write_all({out / name: (lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
-                      for name, fig in figs.items()})             # all replaced together, or none
+                      for name, fig in figs.items()})     # each in one rename; a failed write replaces none
     paths = [out / name for name in figs]
     log.info("plots written to %s: %s", out, ", ".join(p.name for p in paths))
     return paths

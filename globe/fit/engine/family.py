@@ -200,7 +200,8 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     if not problem.shard.distributed:                 # copies of one expert: the factors of its first occurrence
-        tie_duplicates(duplicate_experts(problem.spaces.original, norm, problem.names), adapters, codes, sq_err)
+        tie_duplicates(duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size),
+                       adapters, codes, sq_err)
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
                     scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history,
                     ranks=fitted.ranks)                                                      # on the CPU
