@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,22 +50,41 @@ def _plain(value: Any) -> Any:
 
 
 class JsonlSink:
-    """Appends one JSON object per record to `path`; the file is opened on the first record."""
+    """One JSON object per record, written to a temporary file beside `path` (.NAME.XXXXXXXX.tmp, opened on the
+    first record; with append it starts as a copy of `path`) that replaces `path` in one rename on close: `path`
+    holds its previous records or all of this run's, never a torn line (a killed run leaves only the temporary
+    file, which the next run on that output removes)."""
 
     def __init__(self, path: str | Path, append: bool = True) -> None:
-        self.path, self.mode, self.fh = Path(path), "a" if append else "w", None
+        self.path, self.append, self.fh, self.tmp = Path(path), append, None, None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.path, self.mode, encoding="utf-8")
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            self.tmp, self.fh = Path(tmp), os.fdopen(fd, "w", encoding="utf-8")
+            if self.append and self.path.is_file():
+                old = self.path.read_text(encoding="utf-8")
+                self.fh.write(old if not old or old.endswith("\n") else old + "\n")
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
 
     def close(self) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+        if self.fh is None:
+            return
+        fh, self.fh = self.fh, None
+        os.fsync(fh.fileno())
+        fh.close()
+        if not self.tmp.exists():              # a failed run removed the directory it was in
+            return
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
 
 
 def wandb_dir() -> Path:
@@ -133,15 +153,21 @@ def session(jsonl: str | Path | None = None, wandb_mode: str = "disabled", wandb
     if wandb_mode != "disabled":
         sinks.append(WandbSink(wandb_mode, wandb_project, config, run_name))
     _SINKS.extend(sinks)
+    failed = True
     try:
         yield sinks
+        failed = False
     finally:
+        errors = []
         for sink in sinks:
             _SINKS.remove(sink)
             try:
                 sink.close()
             except Exception as exc:  # a sink failing to close must not hide the run's own outcome
                 log.warning("closing %s failed: %s", type(sink).__name__, exc)
+                errors.append(exc)
+        if errors and not failed and isinstance(errors[0], OSError):
+            raise errors[0]           # the run succeeded but its metrics file could not be written: say so
 
 
 def read_jsonl(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:

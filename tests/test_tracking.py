@@ -123,3 +123,42 @@ def test_wandb_missing_is_a_clear_error(tiny_checkpoint, tmp_path, monkeypatch, 
     assert main(["fit", str(tiny_checkpoint("qwen2_moe")), "-o", str(tmp_path / "o"), *FIT,
                  "--wandb", "online"]) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_jsonl_sink_replaces_its_file_in_one_rename(tmp_path):
+    """Records go to a temporary file beside the log, renamed over it on close: until then (a killed run) the old
+    log is untouched; append starts from its records; a rename that fails leaves no temporary file."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"time": 0, "event": "old"}')                 # no final newline
+    sink = tracking.JsonlSink(path, append=True)
+    sink.write({"time": 1, "event": "new"})
+    assert path.read_text() == '{"time": 0, "event": "old"}'       # a kill now leaves the old log whole
+    sink.close()
+    assert [r["event"] for r in tracking.read_jsonl(path)] == ["old", "new"]
+    sink = tracking.JsonlSink(path, append=False)
+    sink.write({"time": 2, "event": "only"})
+    sink.close()
+    assert [r["event"] for r in tracking.read_jsonl(path)] == ["only"]
+    sink = tracking.JsonlSink(tmp_path / "ro" / "m.jsonl", append=False)
+    sink.write({"time": 3, "event": "x"})
+    os.chmod(tmp_path / "ro", 0o500)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):                     # root ignores the mode
+            pytest.skip("directory permissions are not enforced for this user")
+        with pytest.raises(OSError):
+            sink.close()
+    finally:
+        os.chmod(tmp_path / "ro", 0o700)
+
+
+def test_a_session_whose_log_cannot_be_written_fails(tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+    with pytest.raises(OSError, match="No space"):
+        with tracking.session(jsonl=path):
+            tracking.emit("step", loss=1.0)
+            monkeypatch.setattr(os, "replace", no_space)
+    monkeypatch.undo()
+    assert not path.exists() and list(tmp_path.iterdir()) == []      # no temporary file left

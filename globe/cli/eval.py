@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a("--plots", metavar="DIR", help="write PNG plots of the artifact (and of --sweep) into DIR")
     a("--sweep", metavar="JSON", help="budget sweep of this checkpoint for error_vs_budget.png (from `globe sweep`)")
     a("--json", action="store_true", help="print the full report as JSON")
+    a("--overwrite", action="store_true", help="replace plots already in --plots DIR")
     h = p.add_argument_group("zero-shot tasks (lm-evaluation-harness; pip install 'globe-moe[eval]')")
     h.add_argument("--tasks", metavar="T1,T2", help="run these lm-eval tasks instead of perplexity and speed")
     h.add_argument("--task-dir", metavar="DIR", help="directory of local lm-eval task YAMLs (only it is indexed)")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tasks:                                   # zero-shot tasks through lm-evaluation-harness
         return print_tasks(args)
     report = run_eval(model_load(args), eval_text(args), metrics=args.metrics, plots=args.plots, sweep=args.sweep,
-                      original=args.original, compare=not args.no_kl)
+                      original=args.original, compare=not args.no_kl, overwrite=args.overwrite)
     print(json_text(report, indent=2) if args.json else format_report(report))
     return 0
 

@@ -56,7 +56,8 @@ def check_eval_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"{flag} must be >= {low} (got {value})")
     if args.stride is not None and args.stride > args.max_length:
         raise ConfigError(f"--stride ({args.stride}) must be <= --max-length ({args.max_length})")
-    inputs = [args.model_dir, getattr(args, "globe", None), args.text, args.calib, args.tokenizer]
+    inputs = [args.model_dir, getattr(args, "globe", None), args.text, args.calib, args.tokenizer,
+              *(getattr(args, name, None) for name in ("sweep", "original", "task_dir"))]
     for flag, attr in (("--metrics", "metrics"), ("--plots", "plots"), ("-o", "out")):
         if getattr(args, attr, None):
             outputs.check_not_an_input(getattr(args, attr), inputs, flag=flag)

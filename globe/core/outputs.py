@@ -63,12 +63,13 @@ def check_not_an_input(out: str | Path, inputs: Iterable[str | Path | None], fla
                               f"the input {kind} {item}: writing there could destroy it; choose a {flag} outside it")
 
 
-def check_output_dir(out: str | Path, overwrite: bool, resume: bool = False, what: str = "artifact") -> None:
+def check_output_dir(out: str | Path, overwrite: bool, resume: bool = False, what: str = "artifact",
+                     flag: str = "-o") -> None:
     """Fail before any work if OUT cannot take the output: not a directory, not writable, or not empty
     (unless --overwrite replaces it or --resume continues an interrupted fit there)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory: choose another -o")
+        raise OutputError(f"output {out} exists and is not a directory: choose another {flag}")
     if out.is_dir() and _user_entries(out) and not (overwrite or resume):
         if (out / CHECKPOINT_DIR).is_dir():
             state, hint = "holds an interrupted fit", "--resume to continue it or --overwrite to start again"
@@ -76,13 +77,13 @@ def check_output_dir(out: str | Path, overwrite: bool, resume: bool = False, wha
             state, hint = "already holds an artifact", "--overwrite to replace it"
         else:
             state, hint = "is not empty", f"--overwrite to write the {what} among its files"
-        raise OutputError(f"output directory {out} {state}: pass {hint}, or choose another -o")
+        raise OutputError(f"output directory {out} {state}: pass {hint}, or choose another {flag}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
-        raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
+        raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another {flag}") from None
 
 
 def check_output_file(out: str | Path, overwrite: bool, flag: str = "-o") -> None:
@@ -95,6 +96,62 @@ def check_output_file(out: str | Path, overwrite: bool, flag: str = "-o") -> Non
         raise OutputError(f"output file {out} already exists: pass --overwrite to replace it, or choose another "
                           f"{flag}")
     writable_dir(out.parent, flag)
+
+
+def check_apart(named: dict[str, str | Path | None], nested: bool = True) -> None:
+    """OutputError when two outputs of one command (by flag) are the same path or (nested) one lies inside the
+    other: one would overwrite, or be swapped away with, the other."""
+    given = [(flag, Path(path)) for flag, path in named.items() if path is not None]
+    for i, (flag, path) in enumerate(given):
+        for other, where in given[i + 1:]:
+            same = path.resolve() == where.resolve()
+            if same or (nested and (is_within(path, where) or is_within(where, path))):
+                raise OutputError(f"{flag} {path} and {other} {where} are the same place or one lies inside the "
+                                  f"other: give each output its own path")
+
+
+def is_metrics_log(path: Path) -> bool:
+    """Whether file `path` is a metrics log globe appends to: JSON lines, each a record with an "event"."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return all(isinstance(doc := json.loads(line), dict) and "event" in doc for line in lines if line.strip())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+
+
+def check_log_file(path: str | Path, flag: str = "--metrics", overwrite: bool = False, append: bool = False) -> Path:
+    """A JSONL metrics output, before any work: not a directory; an existing file is replaced only with
+    --overwrite, or appended to (append) only when it is a metrics log (is_metrics_log): a user's other file is
+    never changed. The writer (globe.tracking.JsonlSink) replaces it in one rename."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a directory: pass a file name")
+    if path.exists() and not overwrite:
+        if not append:
+            raise OutputError(f"{flag} file {path} already exists: pass --overwrite to replace it, or choose another "
+                              f"{flag}")
+        if not is_metrics_log(path):
+            raise OutputError(f"{flag} file {path} exists and is not a globe metrics log (JSON lines with an "
+                              f"\"event\"): results are only appended to one; choose another {flag}")
+    parent = path.parent.resolve()
+    while not parent.exists():                 # created when the first record is written, not now
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputError(f"{flag} {path}: {parent} is not a writable directory; choose another {flag}")
+    return path
+
+
+def check_output_files(out_dir: str | Path, names: Iterable[str], overwrite: bool, flag: str) -> Path:
+    """Output directory `out_dir` that will receive files `names` (plots): refused when it is a file, or when one
+    of those files exists and overwrite is not given; other files in it are never touched."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{flag} {out_dir} is a file, not a directory: choose another {flag}")
+    clash = sorted(name for name in names if (out_dir / name).exists())
+    if clash and not overwrite:
+        raise OutputError(f"{flag} {out_dir} already holds {', '.join(clash)}: pass --overwrite to replace "
+                          f"{'them' if len(clash) > 1 else 'it'}, or choose another {flag}")
+    return out_dir
 
 
 def writable_dir(path: str | Path, flag: str = "-o") -> Path:
@@ -289,27 +346,27 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
 # ---- what a command calls: check, lock, clean, and undo a directory it created if it fails ----
 @contextmanager
 def claim_output_dir(out: str | Path, command: str, overwrite: bool, resume: bool = False, what: str = "artifact",
-                     inputs: Iterable[str | Path | None] = (), keep: Iterable[str] = (CHECKPOINT_DIR,)
-                     ) -> Iterator[Path]:
+                     inputs: Iterable[str | Path | None] = (), keep: Iterable[str] = (CHECKPOINT_DIR,),
+                     flag: str = "-o") -> Iterator[Path]:
     """Hold output directory `out` for one run of `command`: refused if it is an input or holds the user's
     files (without --overwrite / --resume) or another run holds it; debris of a killed run is removed first
     (also when the run is then refused); a directory this run created is removed again if the run fails,
     unless it holds one of `keep` (a fit's checkpoints, for --resume)."""
     out = Path(out)
-    check_not_an_input(out, inputs)
+    check_not_an_input(out, inputs, flag)
     recover_swap(out)
     if out.exists() and not out.is_dir():
-        raise OutputError(f"output {out} exists and is not a directory: choose another -o")
+        raise OutputError(f"output {out} exists and is not a directory: choose another {flag}")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another -o") from None
+        raise OutputError(f"output directory {out} is not writable ({exc.strerror}): choose another {flag}") from None
     with output_lock(out, command):
         remove_debris(out)
         remove_swap_debris(out)
         try:
-            check_output_dir(out, overwrite, resume, what)
+            check_output_dir(out, overwrite, resume, what, flag)
             yield out
         except BaseException:
             if created and not any((out / name).exists() for name in keep):

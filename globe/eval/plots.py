@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from globe.artifact import load
-from globe.core.files import atomic_write
+from globe.core.files import atomic_write, atomic_write_all
 from globe.core.result import FitResult
 from globe.errors import ArtifactError, GlobeError
 from globe.formats.sweep import read_sweep
@@ -222,6 +222,11 @@ def figures(result: FitResult | None, sweep: dict | None = None, sweep_name: str
     return figs
 
 
+# Every file write_plots may write (an existing one is replaced only with --overwrite: globe.run.evaluate.run_eval).
+PLOT_FILES = ("error_vs_budget.png", "per_layer_error.png", "support_hist.png", "atom_popularity.png",
+              "am_history.png")
+
+
 def save_figure(fig, path: Path) -> Path:
     """Write a figure as PNG atomically (temp file, fsync, rename)."""
     fig.tight_layout()
@@ -239,6 +244,10 @@ def write_plots(out_dir: str | Path, artifact=None, sweep: str | Path | dict | N
     figs = figures(result, read_sweep(sweep) if isinstance(sweep, (str, Path)) else sweep, where)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [save_figure(fig, out / name) for name, fig in figs.items()]
+    for fig in figs.values():
+        fig.tight_layout()
+    atomic_write_all({out / name: (lambda tmp, f=fig: f.savefig(tmp, format="png", dpi=110))
+                      for name, fig in figs.items()})     # each in one rename; a failed write replaces none
+    paths = [out / name for name in figs]
     log.info("plots written to %s: %s", out, ", ".join(p.name for p in paths))
     return paths

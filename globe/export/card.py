@@ -144,8 +144,9 @@ def _evaluation(evaluation: dict | None) -> list[str]:
 
 
 def unusual_experts(result: FitResult) -> dict[str, dict[str, list[str]]]:
-    """Per family, the experts stored trivially: "dead" (all-zero in the source: zero adapters, exact) and
-    "duplicate" (the same codes and adapters as an earlier expert: the source held copies)."""
+    """Per family, the experts stored trivially: "dead" (all-zero in the source: zero adapters, exact),
+    "duplicate" (the same codes and adapters as an earlier expert: the source held copies) and "unreached" (no
+    calibration token reached them: fitted in weight space, recorded by the fit in metrics["unreached"])."""
     out: dict[str, dict[str, list[str]]] = {}
     for name, fam in result.families.items():
         label = [f"L{int(layer)}E{int(e)}" for layer, e in fam.ids.tolist()]
@@ -160,8 +161,9 @@ def unusual_experts(result: FitResult) -> dict[str, dict[str, list[str]]]:
                 dup.append(f"{label[i]} (= {seen[key]})")
             else:
                 seen[key] = label[i]
-        if dead or dup:
-            out[name] = {"dead": dead, "duplicate": dup}
+        unreached = [e for e in fam.metrics.get("unreached") or [] if isinstance(e, str)]
+        if dead or dup or unreached:
+            out[name] = {"dead": dead, "duplicate": dup, "unreached": unreached}
     return out
 
 
@@ -172,7 +174,8 @@ def _unusual(result: FitResult) -> list[str]:
     lines = ["", "## Unusual experts", "",
              "Experts of the source stored trivially (L = layer, E = expert): all-zero (dead) experts get zero "
              "adapters and reconstruct exactly to zero; duplicated experts get the same codes and adapters as the "
-             "expert they copy.", ""]
+             "expert they copy; experts no calibration token reaches (unreached) are fitted in weight space "
+             "instead of the activation-weighted objective.", ""]
     for name, kinds in found.items():
         for kind, where in kinds.items():
             if where:

@@ -113,13 +113,15 @@ def run_compress(run: CompressRun) -> dict:
     inputs = [run.model_dir, run.calibration_text, run.text, run.config.activation.stats]
     if run.metrics:
         outputs.check_not_an_input(Path(run.metrics), inputs, flag="--metrics")
+        outputs.check_log_file(run.metrics, "--metrics", overwrite=run.overwrite)
+    outputs.check_apart({"-o": out, "--dense-out": dense_dir, "--metrics": run.metrics})
     with contextlib.ExitStack() as claims:
         claims.enter_context(outputs.claim_output_dir(out, "compress", run.overwrite, what="compressed checkpoint",
                                                       inputs=inputs, keep=()))
         if dense_dir is not None:
-            outputs.check_not_an_input(dense_dir, [out])
             claims.enter_context(outputs.claim_output_dir(dense_dir, "compress", run.overwrite,
-                                                          what="dense checkpoint", inputs=inputs, keep=()))
+                                                          what="dense checkpoint", inputs=inputs, keep=(),
+                                                          flag="--dense-out"))
         return _compress(run, out, dense_dir, calibration)
 
 

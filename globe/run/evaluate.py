@@ -28,7 +28,7 @@ from globe.device import compute_dtype, resolve_device
 from globe.errors import ArtifactError, GlobeError, ModelDirError
 from globe.eval import divergence, encode_text, evaluate
 from globe.eval.harness import prepare_tasks, run_tasks
-from globe.eval.plots import check_sweep_model, sweep_model, write_plots
+from globe.eval.plots import PLOT_FILES, check_sweep_model, sweep_model, write_plots
 from globe.formats.sweep import read_sweep
 from globe.artifact import check_same_weights
 from globe.export import is_compressed, load_artifact, load_model
@@ -138,9 +138,16 @@ def evaluate_model(spec: ModelLoad, text: EvalText, original: str | None = None,
 
 
 def run_eval(spec: ModelLoad, text: EvalText, metrics: str | None = None, plots: str | None = None,
-             sweep: str | None = None, original: str | None = None, compare: bool = True) -> dict:
+             sweep: str | None = None, original: str | None = None, compare: bool = True,
+             overwrite: bool = False) -> dict:
     """evaluate_model (KL and top-1 agreement to `original` or the one original_for finds, unless not compare)
-    with the report appended to `metrics` (JSONL), and PNG plots of the artifact into `plots`."""
+    with the report appended to `metrics` (JSONL; only to a metrics log), and PNG plots of the artifact into
+    `plots` (replacing plots already there only with overwrite); both outputs checked before any work."""
+    if metrics:
+        outputs.check_log_file(metrics, "--metrics", append=True)
+    if plots:
+        outputs.check_output_files(plots, PLOT_FILES, overwrite, "--plots")
+    outputs.check_apart({"--plots": plots, "--metrics": metrics}, nested=False)   # a log among the plots: fine
     if sweep and not plots:
         log.warning("--sweep %s is drawn only with --plots DIR: ignoring it", sweep)
     if plots:                                   # a sweep of another model is refused before the evaluation
@@ -259,6 +266,8 @@ def run_bench(spec: ModelLoad, modes: list[str], text: EvalText, original: bool 
               text.calib, spec.tokenizer]
     if metrics:
         outputs.check_not_an_input(metrics, inputs, flag="--metrics")
+        outputs.check_log_file(metrics, "--metrics", append=True)
+    outputs.check_apart({"-o": out, "--metrics": metrics})
     claim = outputs.claim_output_file(out, "bench", overwrite, inputs=inputs) if out else contextlib.nullcontext()
     with claim:
         return _bench(spec, modes, text, original, metrics, out, isolate)

@@ -100,6 +100,8 @@ def run_fit(run: FitRun) -> FitResult | None:
         from globe.export.files import check_source_model
         check_source_model(run.model_dir, "MODEL_DIR")                # a compressed checkpoint is no source
     outputs.check_not_an_input(metrics, inputs, "--metrics")
+    if run.metrics:                                        # a user's file: replaced only with --overwrite
+        outputs.check_log_file(metrics, "--metrics", overwrite=run.overwrite, append=run.resume)
     if metrics.is_dir():
         raise OutputError(f"--metrics {metrics} is a directory: pass a file name (default OUT/metrics.jsonl)")
     resolve_device(run.config.train.device)                # an unavailable device fails before any work

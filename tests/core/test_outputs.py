@@ -122,3 +122,41 @@ def test_a_lock_file_naming_a_live_process_is_respected(tmp_path):
         with output_lock(tmp_path, "fit"):
             pass
     assert (tmp_path / LOCK_NAME).exists()                     # not ours to remove
+
+
+def test_outputs_of_one_command_apart(tmp_path):
+    from globe.core.outputs import check_apart
+    check_apart({"-o": tmp_path / "a", "--metrics": tmp_path / "b.jsonl", "--dense-out": None})
+    with pytest.raises(OutputError, match="-o .* --metrics"):
+        check_apart({"-o": tmp_path / "a", "--metrics": tmp_path / "a" / "m.jsonl"})
+    check_apart({"--plots": tmp_path / "a", "--metrics": tmp_path / "a" / "m.jsonl"}, nested=False)
+    with pytest.raises(OutputError, match="--plots .* --metrics"):
+        check_apart({"--plots": tmp_path / "a", "--metrics": tmp_path / "a"}, nested=False)
+
+
+def test_a_metrics_log_is_replaced_only_with_overwrite_and_appended_to_only_when_it_is_one(tmp_path):
+    from globe.core.outputs import check_log_file, is_metrics_log
+    log, notes = tmp_path / "m.jsonl", tmp_path / "notes.txt"
+    log.write_text('{"time": 1, "event": "eval"}\n\n')
+    notes.write_text("mine\n")
+    assert is_metrics_log(log) and not is_metrics_log(notes) and not is_metrics_log(tmp_path / "none")
+    check_log_file(tmp_path / "new" / "m.jsonl")                # a new file: fine, and nothing created yet
+    assert not (tmp_path / "new").exists()
+    check_log_file(log, append=True)
+    check_log_file(notes, overwrite=True)
+    for path, append, match in ((log, False, "--overwrite"), (notes, True, "not a globe metrics log"),
+                                (tmp_path, True, "directory")):
+        with pytest.raises(OutputError, match=match):
+            check_log_file(path, append=append)
+
+
+def test_files_an_output_directory_receives_need_overwrite(tmp_path):
+    from globe.core.outputs import check_output_files
+    (tmp_path / "b.png").write_bytes(b"old")
+    (tmp_path / "mine.txt").write_text("mine")
+    check_output_files(tmp_path, ["a.png"], overwrite=False, flag="--plots")
+    check_output_files(tmp_path, ["a.png", "b.png"], overwrite=True, flag="--plots")
+    with pytest.raises(OutputError, match="--plots .* b.png: pass --overwrite"):
+        check_output_files(tmp_path, ["a.png", "b.png"], overwrite=False, flag="--plots")
+    with pytest.raises(OutputError, match="not a directory"):
+        check_output_files(tmp_path / "mine.txt", ["a.png"], overwrite=True, flag="--plots")

@@ -40,6 +40,7 @@ from globe import tracking
 from globe.core.result import FamilyFit
 from globe.device import peak_memory_mb
 from globe.fit.config import FitConfig
+from globe.fit.engine.duplicates import duplicate_experts, tie_duplicates
 from globe.fit.engine.nonlinear import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
 from globe.fit.engine.problem import FamilyProblem
 from globe.fit.engine.ranks import ALLOCATIONS, headroom_rank
@@ -198,6 +199,9 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
     if gathered is None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
+    if not problem.shard.distributed:                 # copies of one expert: the factors of its first occurrence
+        tie_duplicates(duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size),
+                       adapters, codes, sq_err)
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
                     scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history,
                     ranks=fitted.ranks)                                                      # on the CPU

@@ -13,6 +13,7 @@ the weighted fit is the weight-space fit), damped by `damp` * I, then factorised
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,8 @@ from globe.fit.objectives.base import Objective, Solution, Spaces, register
 from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.varpro import varpro_refine
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Whitener:
@@ -36,6 +39,7 @@ class Whitener:
     index: torch.Tensor     # [N] row of `factors` for each expert (long)
     gains: torch.Tensor     # [N] sqrt of each expert's weight (1 without routing weights)
     rows: torch.Tensor | None = None   # [N, p] output-row weights Lambda_i (channel weights), or None
+    unreached: torch.Tensor | None = None   # [N] bool: experts no calibration token reaches (fitted in weight space)
 
     def scale_rows(self, weights: torch.Tensor, chunk: int) -> torch.Tensor:
         """Lambda_i W_i for every expert: [N, p, k] fp32 (the objective ||Lambda (W - A M) L||: fit Lambda W, then
@@ -105,8 +109,11 @@ def second_moments(stats: ActivationStats, family: str, per_expert: bool, prior_
 
 def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: int, per_expert: bool = False,
                    prior_tokens: float = 64.0, damp: float = 0.01, routing_weights: bool = False,
-                   routing_floor: float = 0.1, channel_weights: bool = False) -> Whitener:
-    """Whitener for the experts `ids` [N, 2] (layer, expert) of one family whose input dimension is k."""
+                   routing_floor: float = 0.1, channel_weights: bool = False,
+                   unreached_weight_space: bool = False) -> Whitener:
+    """Whitener for the experts `ids` [N, 2] (layer, expert) of one family whose input dimension is k. An expert
+    no calibration token reaches gets its layer's C (per_expert: the prior alone), or with unreached_weight_space
+    (what a fit does: family_whitener) the weight-space objective (weight_space_for_unreached)."""
     moments = second_moments(stats, family, per_expert, prior_tokens)               # [L, E or 1, k', k']
     if moments.shape[-1] != k:
         raise ConfigError(f"activation statistics have {family} input dimension {moments.shape[-1]}, the weights "
@@ -129,7 +136,29 @@ def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: in
         weight = (1 - routing_floor) * freq[layer_pos, expert] + routing_floor
         gains = weight.sqrt().float()
     rows = channel_rows(stats, family, layer_pos, expert, prior_tokens) if channel_weights else None
-    return Whitener(factors=factors, index=index, gains=gains, rows=rows)
+    unreached = None
+    if unreached_weight_space:
+        factors, index, gains, unreached = weight_space_for_unreached(stats, family, ids, layer_pos, factors, index,
+                                                                      gains, damp)
+    return Whitener(factors=factors, index=index, gains=gains, rows=rows, unreached=unreached)
+
+
+def weight_space_for_unreached(stats: ActivationStats, family: str, ids: torch.Tensor, layer_pos: torch.Tensor,
+                               factors: torch.Tensor, index: torch.Tensor, gains: torch.Tensor, damp: float):
+    """Experts that no calibration token reaches (routed count 0) have no activation statistics of their own: they
+    fall back to the weight-space objective (R_i = I, gain 1: one identity factor appended), with one INFO line.
+    Returns (factors, index, gains, unreached [N] bool or None)."""
+    unreached = stats.counts[layer_pos, ids[:, 1].long()] == 0                        # [N]
+    if not bool(unreached.any()):
+        return factors, index, gains, None
+    eye = torch.eye(factors.shape[-1], dtype=torch.float64)
+    factors = torch.cat([factors, _normalized_cholesky(eye, damp, "weight space")[None]])
+    index = torch.where(unreached, factors.shape[0] - 1, index)
+    gains = torch.where(unreached, torch.ones_like(gains), gains)
+    where = [f"L{int(l)}E{int(e)}" for l, e in ids[unreached].tolist()]
+    log.info("%s: %d expert(s) that no calibration token reaches (%s%s) are fitted in weight space", family,
+             len(where), ", ".join(where[:5]), " ..." if len(where) > 5 else "")
+    return factors, index, gains, unreached
 
 
 def channel_rows(stats: ActivationStats, family: str, layer_pos: torch.Tensor, expert: torch.Tensor,
@@ -161,7 +190,8 @@ def family_whitener(stats: ActivationStats, family: str, stack, cfg: ActivationC
     """Whitener of an ExpertStack (weights [N, rows, k], ids [N, 2]) from `cfg`."""
     return build_whitener(stats, family, stack.ids, stack.weights.shape[2], per_expert=cfg.per_expert,
                           prior_tokens=cfg.prior_tokens, damp=cfg.damp, routing_weights=cfg.routing_weights,
-                          routing_floor=cfg.routing_floor, channel_weights=cfg.channel_weights)
+                          routing_floor=cfg.routing_floor, channel_weights=cfg.channel_weights,
+                          unreached_weight_space=True)
 
 
 def whiten_globally(weights: torch.Tensor, factor: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -279,8 +309,11 @@ class ActivationObjective(Objective):
         return {self.stage_name: once + (config.steps + 1) * (solvers.varpro_evaluation_seconds(lean, q) + whiten)}
 
     def metrics(self, problem, fam, sq_err: torch.Tensor) -> dict:
-        return activation_metrics(fam, problem.spaces.original, problem.spaces.target, sq_err, self.whiten,
-                                  problem.cfg.train.chunk_size)
+        out = activation_metrics(fam, problem.spaces.original, problem.spaces.target, sq_err, self.whiten,
+                                 problem.cfg.train.chunk_size)
+        if self.whiten.unreached is not None:           # for the model card: fitted in weight space
+            out["unreached"] = [f"L{int(l)}E{int(e)}" for l, e in fam.ids[self.whiten.unreached].tolist()]
+        return out
 
 
 def activation_metrics(fam, weights: torch.Tensor, fitted: torch.Tensor, weighted_sq_err: torch.Tensor,
