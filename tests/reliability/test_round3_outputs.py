@@ -12,9 +12,12 @@ import json
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from globe.cli.main import main
 from globe.eval.plots import PLOT_FILES
+from globe.formats.stats import STATS_KIND
 from tests.reliability.battery import CALIB, EVAL, QUICK, Env, snapshot
 from tests.reliability.round3 import Round3, assert_refused
 
@@ -55,7 +58,8 @@ def fit_metrics_is_the_config_file(env):
 
 
 def fit_out_is_the_calibration_stats(env):
-    stats = _user_file(env, "stats.safetensors")
+    stats = str(env.tmp / "stats.safetensors")              # a readable safetensors file: the input checks pass it
+    save_file({"user": torch.ones(2)}, stats, metadata={"kind": STATS_KIND})
     return env.fit(env.tmp / "stats.safetensors", "--calibration", stats, "--overwrite"), ["-o", "input"]
 
 
@@ -86,7 +90,8 @@ def eval_metrics_is_the_model_config(env):
 
 
 def eval_metrics_is_the_sweep(env):
-    sweep = _user_file(env, "sweep.json")
+    sweep = str(env.tmp / "sweep.json")                     # valid JSON: the input checks pass it
+    (env.tmp / "sweep.json").write_text('{"user": 1}')
     return env.eval("--plots", str(env.tmp / "plots"), "--sweep", sweep, "--metrics", sweep), ["--metrics", "input"]
 
 
