@@ -38,12 +38,13 @@ def quant_config(cfg: FitConfig) -> QuantConfig:
 
 
 def stored_bytes(fam: FamilyFit, value_bytes: int) -> dict[str, int]:
-    """Bytes of a family's stored parts: packed bank and adapters (or value_bytes per entry when unquantized), code
-    values + indices + row pointers, expert scales (fp32) and ids (2 x int32)."""
+    """Bytes of a family's stored parts as the artifact stores them: packed bank and adapters (or value_bytes per
+    entry when unquantized; a rank per layer: only the real columns), code values + indices + row pointers, expert
+    scales (fp32) and ids (2 x int32). The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
     n = fam.codes.shape[0]
     nnz = int((fam.codes != 0).sum())
-    part = {k: (fam.quant[k].nbytes if k in fam.quant else getattr(fam, k).numel() * value_bytes)
-            for k in ("bank", "adapters")}
+    params = fam.param_count()                             # adapters: each layer's real columns only
+    part = {k: (fam.quant[k].nbytes if k in fam.quant else params[k] * value_bytes) for k in ("bank", "adapters")}
     return {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
 
 
