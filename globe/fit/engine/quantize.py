@@ -99,7 +99,8 @@ def gptq_seconds(rows: int, cols: int, group: int, q, calls: int = 1) -> float:
     """GPTQ (globe.quant.gptq) of [rows, cols] in `calls` batches: the column loop over blocks of 128 columns."""
     block = -(-max(128, group) // group) * group
     inner = min(block, cols) / 2
-    return rows * cols * (GPTQ_ROWCOL_BYTES + GPTQ_ENTRY_BYTES * inner) / q.stream64 + calls * cols * GPTQ_COLUMN_SECONDS
+    per_entry = (GPTQ_ROWCOL_BYTES + GPTQ_ENTRY_BYTES * inner) / q.stream64
+    return rows * cols * per_entry + calls * cols * GPTQ_COLUMN_SECONDS
 
 
 def quantize_memory(s) -> int:

@@ -27,7 +27,7 @@ import torch
 
 from globe.core.params import dense_params
 from globe.errors import ConfigError
-from globe.fit.config import QUANT_BITS, FitConfig
+from globe.fit.config import FitConfig
 from globe.fit.solvers.budget import candidate_shapes
 from globe.quant import packed_bytes
 

@@ -91,7 +91,8 @@ class Plan:
             lines += [f"{f.family}: N={f.n} p={f.p} d={f.d} -> m={f.m} r={f.r} ({f.shape_from})",
                       f"  stored params {f.params['stored']:,} ({total:.3f} of dense {f.params['dense']:,}): "
                       f"bank {f.params['bank']:,}, adapters {f.params['adapters']:,}, codes ~{f.params['codes_nnz']:,}"
-                      f", scales {f.params['scales']:,}; artifact {f.artifact_bytes:,} bytes ({f.artifact_bytes / 2**30:.2f} GiB)",
+                      f", scales {f.params['scales']:,}; artifact {f.artifact_bytes:,} bytes "
+                      f"({f.artifact_bytes / 2**30:.2f} GiB)",
                       f"  {'phase':11} {'peak GiB':>9} {'time s':>10}"]
             for name, b in f.memory.items():
                 if name != "peak" and (b or f.seconds.get(name)):

@@ -6,11 +6,11 @@ dominant kernels at the real shapes (`measure_rates`).
     phase_seconds(shape, rates)                  # {"normalize": s, ..., "total": s}
 
 Kernel classes: `wd` the W M^T / A^T W products [p, d] x [d, r] in the product dtype (bf16 with train.precision),
-`wd32` the same in fp32 (autograd path of variable projection, A^T A, M M^T), `wd64` in fp64 (the quantize stage), `bank` the thin codes @ bank
-products [c, m] x [m, r d], `rr` the support Grams G_i B_a [r, r] x [r, d] (product dtype), `chol` one r x r
-Cholesky with its p + d right-hand sides, `svd` one full SVD of a [p, d] expert, `align` one r x r SVD,
-`stream` elementwise bandwidth. Reading the checkpoint is charged at `read_bps` (assumed: the dry run reads no
-data, so it cannot measure the disk).
+`wd32` the same in fp32 (autograd path of variable projection, A^T A, M M^T), `wd64` in fp64 (the quantize stage),
+`bank` the thin codes @ bank products [c, m] x [m, r d], `rr` the support Grams G_i B_a [r, r] x [r, d] (product
+dtype), `chol` one r x r Cholesky with its p + d right-hand sides, `svd` one full SVD of a [p, d] expert, `align`
+one r x r SVD, `stream` elementwise bandwidth. Reading the checkpoint is charged at `read_bps` (assumed: the dry run
+reads no data, so it cannot measure the disk).
 """
 from __future__ import annotations
 
