@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from globe.core.params import dense_params
-from globe.errors import ConfigError
+from globe.errors import ConfigError, GlobeError
 from globe.fit.config import FitConfig
 from globe.fit.solvers.budget import candidate_shapes
 from globe.quant import packed_bytes
@@ -205,7 +205,7 @@ def result_bytes(result) -> dict | None:
             from globe.io import open_checkpoint
             with open_checkpoint(src) as reader:
                 other, _ = source_bytes(reader, tuple(result.families))
-        except Exception as exc:                        # noqa: BLE001  (a moved source: fall back to the inventory)
+        except (GlobeError, OSError) as exc:            # a moved or remote source: fall back to the inventory
             log.debug("source %s not readable for the byte count (%s)", src, exc)
     if other is None:
         if not inv.get("total_params"):
