@@ -1,6 +1,7 @@
-"""`globe compress MODEL_DIR -o OUT [--total-cut C | --budget F] [--calibration-text FILE] [--dense] [--text FILE]`:
-the users' main job in one step: calibrate (on the given text, else on text the model samples itself), fit the
-banks activation-aware, write the compressed checkpoint (loadable with transformers' from_pretrained after
+"""`globe compress MODEL_DIR -o OUT [--total-cut C | --budget F | --size GiB] [--calibration-text FILE] [--dense]
+[--text FILE]`: the users' main job in one step: calibrate (on the given text, else on text the model samples
+itself), fit the banks activation-aware with 4-bit factors (QUANT_DEFAULTS; --no-quant: unquantized), write the
+compressed checkpoint (loadable with transformers' from_pretrained after
 `import globe`) with a model card, optionally the dense checkpoint and an evaluation (perplexity, KL and top-1
 agreement to the original). The run is globe.run.compress.run_compress; the fit options are those of `globe fit`.
 """
@@ -14,10 +15,14 @@ from globe.assets import DEFAULT_MODEL_DIR
 from globe.cli import dry_run
 from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
+from globe.errors import ConfigError
 from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 
 FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
+# compress's defaults: 4-bit group-64 GPTQ factors at budget 0.6 (about 2.7 bits per routed weight, below 4-bit
+# quantization of the experts; benchmarks/results/bytes.json, README "Bytes"); `globe fit` stays unquantized
+QUANT_DEFAULTS = {"bits": 4, "budget": 0.6}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +34,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory: the compressed checkpoint")
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--total-cut", type=float, metavar="C",
-                     help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25 (default: --budget 0.5)")
-    cut.add_argument("--budget", type=float, metavar="F", help="stored / dense params per family (default 0.5)")
+                     help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25 (default: --budget "
+                          f"{QUANT_DEFAULTS['budget']})")
+    cut.add_argument("--budget", type=float, metavar="F",
+                     help=f"stored / dense params per family (default {QUANT_DEFAULTS['budget']} with quantized "
+                          f"factors, 0.5 with --no-quant)")
+    cut.add_argument("--size", type=float, metavar="GiB",
+                     help="bytes of the whole checkpoint's tensors, in GiB (2**30 bytes): the budget (and, without "
+                          "--bits / --no-quant, the bits) are chosen so that the checkpoint fits; refused where plain "
+                          "quantization of the experts would be better")
+    p.add_argument("--no-quant", action="store_true",
+                   help=f"store the factors unquantized, in the model's dtype (default: --bits "
+                        f"{QUANT_DEFAULTS['bits']}, except with --rank-allocation sensitivity)")
     cal = p.add_mutually_exclusive_group()
     cal.add_argument("--calibration-text", metavar="FILE",
                      help="text to collect activation statistics on (default: text the model samples itself, seeded "
@@ -65,22 +80,41 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
                              device=args.device)
     for name in FIT_OPTIONS:
         setattr(fit, name, getattr(args, name))
+    if args.no_quant and args.bits is not None:
+        raise ConfigError("give --bits or --no-quant, not both")
+    if not args.no_quant and args.bits is None and args.size is None and args.rank_allocation != "sensitivity":
+        fit.bits = QUANT_DEFAULTS["bits"]              # (a rank per layer is not quantized yet: FitConfig.validate)
+        if args.budget is None and args.total_cut is None and args.m is None and args.r is None:
+            fit.budget = QUANT_DEFAULTS["budget"]
     return fit
 
 
+def _config(args: argparse.Namespace):
+    """The fit config of these options, with --size applied (returns (config, SizePlan or None))."""
+    cfg = build_config(_fit_args(args))
+    plan = None
+    if args.size is not None:
+        from globe.fit.planning.bytes import apply_size
+        plan = apply_size(cfg, args.model_dir, args.size, bits_given=args.bits is not None or args.no_quant)
+    return cfg.validate(), plan
+
+
 def run(args: argparse.Namespace) -> int:
+    cfg, plan = _config(args)
+    if plan is not None:
+        print(size_line(plan))
     if args.dry_run:                                       # nothing written
-        cfg = build_config(_fit_args(args))
         if args.total_cut is not None:
             apply_total_cut(cfg, args.model_dir, args.total_cut)
         return dry_run.print_plan(args, cfg)
     command = "globe " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
-    out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=build_config(_fit_args(args)),
+    out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=cfg,
                                    total_cut=args.total_cut, calibration_text=args.calibration_text,
                                    calibration_tokens=args.calibration_tokens, calibrate=not args.no_calibration,
                                    dense=args.dense, dense_out=args.dense_out, text=args.text,
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
-                                   device=args.device, command=command, metrics=args.metrics))
+                                   device=args.device, command=command, metrics=args.metrics,
+                                   size=plan.to_dict() if plan is not None else None))
     result, cut = out["result"], total_cut_of(out["result"])
     print(calibration_line(result.source.get("calibration") or {}))
     for name, row in fit_summary(result).items():
@@ -89,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
               f"rel_err {row['rel_err']:.4f} (weights){minimised}, median support {row['median_support']:.1f}")
     if cut is not None:
         print(f"total parameters cut by {100 * cut:.2f} %")
+    print(bytes_line(result))
     for name, rep in (out["evaluation"] or {}).items():
         div = rep.get("divergence")
         behaviour = f", KL {div['kl']:.5f} nats/token, top-1 agreement {div['top1']:.4f}" if div else ""
@@ -98,6 +133,26 @@ def run(args: argparse.Namespace) -> int:
           f"AutoModelForCausalLM.from_pretrained after `import globe`)" +
           (f"; dense checkpoint in {out['dense']}" if out["dense"] else ""))
     return 0
+
+
+def size_line(plan) -> str:
+    bits = f"{plan.bits}-bit factors" if plan.bits else "unquantized factors"
+    return (f"--size {plan.target_bytes / 2**30:.6g} GiB ({plan.target_bytes:,} bytes): {bits}, budget "
+            f"{plan.budget:.4f} per family, target support {plan.support}; at most {plan.predicted_bytes:,} bytes "
+            f"({plan.bits_per_weight:.2f} bits per routed weight)")
+
+
+def bytes_line(result) -> str:
+    """The checkpoint's tensor bytes by the byte model (globe.fit.planning.bytes), against the source's."""
+    from globe.fit.planning.bytes import result_bytes
+    b = result_bytes(result)
+    if b is None:
+        return "bytes: unknown (the source checkpoint is not readable here)"
+    routed = sum(f["dense"] for f in b["families"].values())
+    stored = sum(f["stored"] for f in b["families"].values())
+    return (f"bytes: {b['after']:,} of tensors ({b['after'] / 2**30:.4g} GiB), {b['after'] / b['before']:.3f} of the "
+            f"original {b['before']:,}; compressed families {stored:,} of {routed:,} "
+            f"({8 * stored / (routed / b['value_bytes']):.2f} bits per routed weight)")
 
 
 def calibration_line(info: dict) -> str:

@@ -98,9 +98,7 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
     if src and Path(src).is_dir():
         before, after = _disk_bytes(Path(src)), _disk_bytes(out)
         rows.append(f"| bytes on disk (safetensors) | {before:,} | {after:,} | {after / before:.3f} |")
-    for name, (dense, stored) in family_bytes(result, out).items():
-        if dense:
-            rows.append(f"| bytes of {name} (routed experts) | {dense:,} | {stored:,} | {stored / dense:.3f} |")
+    rows += _byte_model_rows(result)
     rows += _memory_rows(out)
     quant = {n: f.quant for n, f in result.families.items() if f.quant}
     if quant:
@@ -108,6 +106,32 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
             f"{n} ({', '.join(f'{part} {qt.bits}-bit group {qt.group}' for part, qt in q.items())})"
             for n, q in quant.items()) + "; this checkpoint stores the dequantized factors (the artifact stores "
             "them packed)."]
+    return rows
+
+
+def _byte_model_rows(result: FitResult) -> list[str]:
+    """Bytes before (routed experts in the source dtype) and after (as GloBE stores them: packed bank and adapters
+    with their group scales, sparse codes, expert scales and ids), per family and for all tensors, by the byte
+    model (globe.fit.planning.bytes.result_bytes)."""
+    from globe.fit.planning.bytes import result_bytes
+    b = result_bytes(result)
+    if b is None:
+        return []
+    rows = []
+    for name, fam in b["families"].items():
+        bits = 8 * fam["stored"] / (fam["dense"] / b["value_bytes"])
+        rows.append(f"| bytes of {name} (routed experts) | {fam['dense']:,} | {fam['stored']:,} | "
+                    f"{fam['stored'] / fam['dense']:.3f} ({bits:.2f} bits per weight) |")
+        rows.append(f"| bytes of {name}: {' / '.join(fam['parts'])} | | "
+                    f"{' / '.join(f'{v:,}' for v in fam['parts'].values())} | |")
+    dense = sum(f["dense"] for f in b["families"].values())
+    stored = sum(f["stored"] for f in b["families"].values())
+    rows.append(f"| bytes of the compressed families | {dense:,} | {stored:,} | {stored / dense:.3f} |")
+    rows.append(f"| bytes of all tensors (byte model) | {b['before']:,} | {b['after']:,} | "
+                f"{b['after'] / b['before']:.3f} |")
+    size = result.source.get("size")
+    if size:
+        rows.append(f"| size target (`--size`) | | {size['target_bytes']:,} | |")
     return rows
 
 

@@ -6,7 +6,8 @@ KernelRates). The dry run (globe.fit.planning) only sums what the phases the fit
     declare_cost("am", memory=am_memory, seconds=am_seconds)      # in globe.fit.solvers.am
 
 Declared by: normalize (solvers.normalize), shape and warm_start (warm_starts.costs), am (solvers.am), varpro
-(solvers.varpro), finalize (solvers.adapters), refine (solvers.adam), nonlinear (engine.nonlinear); an objective's
+(solvers.varpro), finalize (solvers.adapters), refine (solvers.adam), nonlinear (engine.nonlinear), ranks
+(engine.ranks), quantize (engine.quantize, with GPTQ's calibrated column-loop constants); an objective's
 own stage by the objective (objectives.base.Objective.memory / seconds). Also the terms several phases share:
 reading a chunk, the exact adapter refit, an SVD.
 """

@@ -49,7 +49,7 @@ class QuantizedTensor:
         """[*shape] weights (q - zero) * scale, computed in fp32."""
         q = grouped(self.integer_codes().float(), self.group)                  # [..., rows, groups, group]
         w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
-        return ungrouped(w, self.shape[-1]).to(dtype)
+        return ungrouped(w, self.shape[-1]).to(dtype).contiguous()     # (a short last group is sliced off)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """{prefix.codes, prefix.scales, prefix.zeros} for a safetensors file (shape/bits/group go in metadata)."""

@@ -58,6 +58,7 @@ class CompressRun:
     device: str = "cpu"
     command: str | None = None                # the command line, for the model card
     metrics: str | None = None                # JSONL of the fit's metrics (default OUT/metrics.jsonl)
+    size: dict | None = None                  # the --size plan the config was set by (SizePlan.to_dict()), recorded
 
 
 def _calibration(run: CompressRun) -> CalibrateRun | None:
@@ -85,6 +86,8 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
     result = run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
                             metrics=run.metrics or str(work / "metrics.jsonl")))   # OUT/metrics.jsonl at the swap
     result.source["calibration"] = info or {"source": "none (weight-space fit)"}
+    if run.size is not None:
+        result.source["size"] = run.size
     return result
 
 

@@ -32,3 +32,38 @@ def test_compress_fit_options_reach_the_fit_and_metrics_go_where_asked(tmp_path)
     assert not (out / "metrics.jsonl").exists()
     events = {json.loads(line)["event"] for line in metrics.read_text().splitlines()}
     assert {"am_iter", "family_done"} <= events
+
+
+def _compress_config(*argv: str):
+    from globe.cli.compress import _config
+    return _config(cli.build_parser().parse_args(["compress", "-o", "OUT", *argv]))
+
+
+def test_compress_defaults_to_4_bit_factors_and_fit_stays_unquantized():
+    from globe.cli.compress import QUANT_DEFAULTS
+    from globe.cli.fit import build_config
+    cfg, plan = _compress_config()
+    assert (cfg.quant.bits, cfg.quant.group, cfg.quant.method, cfg.bank.budget) == (4, 64, "gptq", 0.6) and plan is None
+    assert QUANT_DEFAULTS == {"bits": 4, "budget": 0.6}
+    cfg, _ = _compress_config("--no-quant")
+    assert cfg.quant.bits is None and cfg.bank.budget == 0.5
+    cfg, _ = _compress_config("--budget", "0.4", "--bits", "3")
+    assert (cfg.quant.bits, cfg.bank.budget) == (3, 0.4)
+    cfg, _ = _compress_config("--rank-allocation", "sensitivity")       # a rank per layer is stored unquantized
+    assert cfg.quant.bits is None and cfg.ranks.allocation == "sensitivity"
+    assert build_config(cli.build_parser().parse_args(["fit", "-o", "OUT"])).quant.bits is None
+
+
+def test_compress_size_sets_bits_and_budget_and_refuses_in_one_line(tmp_path, capsys):
+    cfg, plan = _compress_config("--size", "0.016")
+    assert plan.bits == cfg.quant.bits == 4 and cfg.bank.budget == plan.budget < 0.6
+    assert plan.predicted_bytes <= plan.target_bytes == int(0.016 * 2**30)
+    cfg, plan = _compress_config("--size", "0.016", "--no-quant")
+    assert plan.bits is None and cfg.quant.bits is None
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.001"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "smallest reachable checkpoint is 0.0145" in err[0]
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.02"]) == 2
+    assert "plain 4-bit group quantization" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--bits", "4", "--no-quant"]) == 2

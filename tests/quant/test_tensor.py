@@ -80,3 +80,12 @@ def test_config_round_trip_and_errors():
         quantize(weights(2, 4), QuantConfig(method="gptq"))
     with pytest.raises(ShapeError, match="hessian"):
         quantize(weights(2, 4), QuantConfig(method="gptq"), torch.eye(3))
+
+
+def test_dequantize_is_contiguous_with_a_short_last_group():
+    """A row shorter than a group (adapters of rank 4 in groups of 64) dequantizes to a contiguous tensor: views of
+    it (a layer's adapters) must be savable by transformers' save_pretrained."""
+    from globe.quant import QuantConfig, quantize
+    w = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0))
+    out = quantize(w, QuantConfig(method="rtn", bits=4, group=64)).dequantize()
+    assert out.shape == w.shape and out.is_contiguous()

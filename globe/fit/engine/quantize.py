@@ -19,6 +19,7 @@ import torch
 from globe.core.result import FamilyFit
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
+from globe.fit.costs import declare_cost
 from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.quantized import quantize_factors
 from globe.quant import QuantConfig
@@ -38,12 +39,13 @@ def quant_config(cfg: FitConfig) -> QuantConfig:
 
 
 def stored_bytes(fam: FamilyFit, value_bytes: int) -> dict[str, int]:
-    """Bytes of a family's stored parts: packed bank and adapters (or value_bytes per entry when unquantized), code
-    values + indices + row pointers, expert scales (fp32) and ids (2 x int32)."""
+    """Bytes of a family's stored parts as the artifact stores them: packed bank and adapters (or value_bytes per
+    entry when unquantized; a rank per layer: only the real columns), code values + indices + row pointers, expert
+    scales (fp32) and ids (2 x int32). The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
     n = fam.codes.shape[0]
     nnz = int((fam.codes != 0).sum())
-    part = {k: (fam.quant[k].nbytes if k in fam.quant else getattr(fam, k).numel() * value_bytes)
-            for k in ("bank", "adapters")}
+    params = fam.param_count()                             # adapters: each layer's real columns only
+    part = {k: (fam.quant[k].nbytes if k in fam.quant else params[k] * value_bytes) for k in ("bank", "adapters")}
     return {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
 
 
@@ -78,3 +80,63 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
              fam.family, qcfg.bits, qcfg.group, qcfg.method, metrics.get("rel_err_unquantized", float("nan")),
              metrics["rel_err"], metrics["quant"]["bits_per_weight"])
     return result
+
+
+# ---- the declared cost of the quantize phase (globe.fit.costs; s: globe.fit.planning.estimate.FitShape) ----
+# GPTQ's column loop (globe.quant.gptq) is many small strided fp64 operations: per row and column it costs about
+# GPTQ_ROWCOL_BYTES plus GPTQ_ENTRY_BYTES per entry of the rest of its block at the fp64 elementwise rate
+# (KernelRates.stream64), and GPTQ_COLUMN_SECONDS per column and batch (dispatch). Calibrated on the embedded model's
+# shapes (N=96, p=128, d=256; r 32..120) on one CPU thread: 0.28-1.07 us per row and column.
+GPTQ_ROWCOL_BYTES = 6800
+GPTQ_ENTRY_BYTES = 190
+GPTQ_COLUMN_SECONDS = 2e-5
+QUANT_STREAM_BYTES = 160          # fp64 copies, differences and squares: bytes moved per weight entry
+QUANT_PACK_BYTES = 64             # packing and dequantizing: bytes moved per adapter entry
+OUT_OF_CACHE = 10                 # whole chunks in fp64 run ~10x below the cache-hot rates that measure_rates sees
+
+
+def gptq_seconds(rows: int, cols: int, group: int, q, calls: int = 1) -> float:
+    """GPTQ (globe.quant.gptq) of [rows, cols] in `calls` batches: the column loop over blocks of 128 columns."""
+    block = -(-max(128, group) // group) * group
+    inner = min(block, cols) / 2
+    per_entry = (GPTQ_ROWCOL_BYTES + GPTQ_ENTRY_BYTES * inner) / q.stream64
+    return rows * cols * per_entry + calls * cols * GPTQ_COLUMN_SECONDS
+
+
+def quantize_memory(s) -> int:
+    """Peak bytes of the quantize phase: the gathered FamilyFit it starts from (fp32 bank, adapters, codes) and its
+    fp32 code copy, the dequantized bank in fp64, then the larger of one chunk's work (weights, mixed atoms, their
+    product and difference in fp64; the exact adapters, GPTQ's copies and the dequantized adapters) and the final
+    dequantization of the packed adapters (int64 unpacking, fp32 grouped values)."""
+    if s.quant_bits is None:
+        return 0
+    c, n, p, d, r, m = s.c, s.n, s.p, s.d, s.r, s.m
+    held = s.bank + s.adapters + 2 * n * m * 4 + 8 * m * r * d
+    groups = -(-r // s.quant_group)
+    stored = n * p * r + 2 * 2 * n * p * groups                            # uint8 codes, fp16 scales + zeros
+    inputs = 8 * c * (p * d + r * d) * (1 if s.lean else 2)               # W, M (and W R_i, M_i R_i) in fp64
+    gptq = 8 * c * p * r * 6 + 8 * c * r * r * 4                          # refit, GPTQ's copies, U, H
+    errors = 8 * c * p * d * 2 + 8 * c * p * r * 2                        # W - A M and its square; A
+    bank = 8 * m * r * d * 4 + 8 * d * d * 4                              # the bank's GPTQ (before the chunks)
+    final = (8 + 8 + 4 + 4) * n * p * r + s.adapters
+    return held + stored + max(inputs + max(gptq, errors), bank, final)
+
+
+def quantize_seconds(s, q) -> float:
+    """The bank's GPTQ (m r rows, d columns), then per expert in fp64: the mixed atoms, the exact adapter refit
+    (W M^T, M M^T), the adapters' GPTQ (p rows, r columns, one batch per chunk), the error terms (A M twice, the
+    squares); then packing and dequantizing the adapters."""
+    if s.quant_bits is None:
+        return 0.0
+    n, p, d, r, m = s.n, s.p, s.d, s.r, s.m
+    rowcol = (GPTQ_ROWCOL_BYTES + GPTQ_ENTRY_BYTES) / q.stream64
+    bank = gptq_seconds(m * r, d, s.quant_group, q) if s.quant_method == "gptq" else m * r * d * rowcol
+    adapters = gptq_seconds(n * p, r, s.quant_group, q, -(-n // s.c)) if s.quant_method == "gptq" \
+        else n * p * r * rowcol
+    f64, s64 = (q.wd64 or q.wd32 / 2) / OUT_OF_CACHE, q.stream64 / OUT_OF_CACHE
+    products = n * (6 * p * d * r + 2 * r * r * d) / f64 + n * 2 * m * r * d / q.bank
+    stream = n * p * d * QUANT_STREAM_BYTES / s64 + n * p * r * QUANT_PACK_BYTES / s64
+    return bank + adapters + products + stream
+
+
+declare_cost("quantize", quantize_memory, quantize_seconds)

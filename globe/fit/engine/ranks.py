@@ -28,6 +28,7 @@ from globe.core.mixing import compose
 from globe.core.shape import BankShape
 from globe.errors import ConfigError
 from globe.fit.config import RANK_ALLOCATIONS
+from globe.fit.costs import declare_cost
 from globe.fit.solvers.adapters import FinalizeOptions, finalize
 from globe.fit.solvers.problem import Factors, SolverProblem
 
@@ -130,3 +131,29 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
 
 ALLOCATIONS: dict[str, Callable | None] = {"uniform": None, "sensitivity": sensitivity_stage}
 assert set(ALLOCATIONS) == set(RANK_ALLOCATIONS), "globe.fit.config.RANK_ALLOCATIONS names every allocation"
+
+
+# ---- the declared cost of the ranks phase (globe.fit.costs; s: globe.fit.planning.estimate.FitShape at r_max) ----
+
+def ranks_memory(s) -> int:
+    """Peak bytes of the ranks phase: the fit it starts from and the rotated bank, the new adapters, and one exact
+    refit pass that keeps its adapters (finalize's own peak)."""
+    if s.rank_step < 0:
+        return 0
+    from globe.fit.solvers.adapters import finalize_memory
+    return finalize_memory(s) + s.bank + s.adapters
+
+
+def ranks_seconds(s, q) -> float:
+    """The nesting rotation (mixed atoms and two r x r products per expert), one exact refit pass per rank of the
+    grid (at that rank), and the final refits at the chosen ranks (planned as two passes at r_max)."""
+    if s.rank_step < 0:
+        return 0.0
+    from globe.fit.costs import compose_seconds
+    from globe.fit.solvers.adapters import finalize_seconds
+    nesting = compose_seconds(s, q) + s.n * (2 * s.p * s.r * s.r + 2 * s.r * s.r * s.d) / (q.wd32 / 2)
+    grid = rank_grid(s.r, s.rank_step)
+    return nesting + sum(finalize_seconds(s.with_(r=k), q) for k in grid) + 2 * finalize_seconds(s, q)
+
+
+declare_cost("ranks", ranks_memory, ranks_seconds)

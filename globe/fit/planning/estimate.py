@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+import globe.fit.engine.quantize  # noqa: F401  (declares the quantize phase's cost)
+import globe.fit.engine.ranks  # noqa: F401  (ranks)
 import globe.fit.solvers.adam  # noqa: F401  (declares the refine phase's cost)
 import globe.fit.solvers.adapters  # noqa: F401  (finalize)
 import globe.fit.solvers.am  # noqa: F401  (am)
@@ -56,6 +58,10 @@ class FitShape:
     layers: int = 1                 # MoE layers the n experts come from
     nonlinear_start: str = "am"     # nonlinear.start ("groups": the groups fit replaces shape .. finalize)
     nonlinear_steps: int = 0        # nonlinear.steps
+    rank_step: int = -1             # ranks.step of a sensitivity allocation (-1: uniform ranks, no rank stage)
+    quant_bits: int | None = None   # quant.bits (None: no quantize stage)
+    quant_group: int = 64           # quant.group
+    quant_method: str = "gptq"      # quant.method
 
     @classmethod
     def from_config(cls, cfg: FitConfig, n: int, p: int, d: int, m: int, r: int, stored: str | torch.dtype,
@@ -67,7 +73,9 @@ class FitShape:
                    init=cfg.bank.init, mod=t.mod, am_iters=t.am_iters, varpro_steps=t.varpro_steps,
                    refine_steps=t.refine_steps, refine_batch=t.refine_batch, support=cfg.sparsity.target_support,
                    probe_ranks=tuple(probe_ranks), restarts=t.restarts, cycles=t.cycles,
-                   nonlinear_start=cfg.nonlinear.start, nonlinear_steps=cfg.nonlinear.steps)
+                   nonlinear_start=cfg.nonlinear.start, nonlinear_steps=cfg.nonlinear.steps,
+                   rank_step=-1 if cfg.ranks.allocation == "uniform" else cfg.ranks.step,
+                   quant_bits=cfg.quant.bits, quant_group=cfg.quant.group, quant_method=cfg.quant.method)
 
     def with_(self, **changes) -> "FitShape":
         return dataclasses.replace(self, **changes)

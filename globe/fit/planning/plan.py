@@ -33,6 +33,7 @@ from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.costs import PHASE_COSTS
 from globe.fit.engine.nonlinear import nonlinear_applies
+from globe.fit.engine.quantize import quantize_applies
 from globe.fit.engine.shape import family_shape
 from globe.fit.objectives.base import objective_class
 from globe.fit.planning.estimate import FitShape, gib, held_results
@@ -56,7 +57,7 @@ class FamilyPlan:
     r: int
     shape_from: str                              # "config" | "budget upper bound (K candidates, r a..b)"
     params: dict[str, int]                       # as FamilyFit.param_count (codes_nnz planned)
-    artifact_bytes: int                          # banks.safetensors share (fp32 tensors, CSR codes)
+    artifact_bytes: int                          # banks.safetensors share (byte model: source dtype or packed)
     memory: dict[str, int]                       # phase -> peak bytes, "peak"
     seconds: dict[str, float]                    # phase -> seconds, "total"
     held_bytes: int = 0                          # finished families' results held meanwhile
@@ -90,7 +91,8 @@ class Plan:
             lines += [f"{f.family}: N={f.n} p={f.p} d={f.d} -> m={f.m} r={f.r} ({f.shape_from})",
                       f"  stored params {f.params['stored']:,} ({total:.3f} of dense {f.params['dense']:,}): "
                       f"bank {f.params['bank']:,}, adapters {f.params['adapters']:,}, codes ~{f.params['codes_nnz']:,}"
-                      f", scales {f.params['scales']:,}; artifact {f.artifact_bytes / 2**30:.2f} GiB",
+                      f", scales {f.params['scales']:,}; artifact {f.artifact_bytes:,} bytes "
+                      f"({f.artifact_bytes / 2**30:.2f} GiB)",
                       f"  {'phase':11} {'peak GiB':>9} {'time s':>10}"]
             for name, b in f.memory.items():
                 if name != "peak" and (b or f.seconds.get(name)):
@@ -141,6 +143,14 @@ def artifact_bytes(params: dict[str, int], n: int) -> int:
     return 4 * (params["bank"] + params["adapters"] + n) + 8 * n + 8 * (n + 1) + 8 * params["codes_nnz"]
 
 
+def planned_bytes(params: dict[str, int], n: int, p: int, d: int, m: int, r: int, dtype: str, cfg: FitConfig) -> int:
+    """banks.safetensors share of one family by the byte model (globe.fit.planning.bytes): factors in the source
+    dtype or packed at quant.bits, codes planned as params["codes_nnz"]."""
+    from globe.fit.planning.bytes import family_bytes, value_bytes_of
+    return sum(family_bytes(n, p, d, m, r, params["codes_nnz"], value_bytes_of(dtype), cfg.quant.bits,
+                            cfg.quant.group).values())
+
+
 def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.PathLike[str] | None = None,
              rates: KernelRates | None = None, calibrate: bool = True) -> Plan:
     """Plan a fit of every configured family of model_dir (see the module docstring).
@@ -171,7 +181,8 @@ def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.Pa
         params = family_params(n, *pd_, choice.m, choice.r, cfg.sparsity.target_support)
         families.append(FamilyPlan(
             family=family, n=n, p=pd_[0], d=pd_[1], m=choice.m, r=choice.r, shape_from=choice.how, params=params,
-            artifact_bytes=artifact_bytes(params, n), memory=memory, seconds=seconds,
+            artifact_bytes=planned_bytes(params, n, *pd_, choice.m, choice.r, inv.dtype, cfg), memory=memory,
+            seconds=seconds,
             varpro_evaluations=0 if choice.groups else varpro_evaluations(shape)))
     held = [held_results(_shape_of(f, cfg, inv.dtype, device)) for f in families]
     spilled = max(held) >= SPILL_FAMILY_BYTES and len(families) > 1           # see fit_model
@@ -202,6 +213,8 @@ def fit_phases(cfg: FitConfig, objective, groups: bool) -> list[str]:
     names += ["finalize"]
     names += ["nonlinear"] if nonlinear_applies(cfg, 1, objective) else []
     names += ["refine"] if cfg.train.refine_steps > 0 else []
+    names += ["ranks"] if cfg.ranks.allocation != "uniform" else []
+    names += ["quantize"] if quantize_applies(cfg) else []
     return names
 
 

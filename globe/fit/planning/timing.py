@@ -6,11 +6,11 @@ dominant kernels at the real shapes (`measure_rates`).
     phase_seconds(shape, rates)                  # {"normalize": s, ..., "total": s}
 
 Kernel classes: `wd` the W M^T / A^T W products [p, d] x [d, r] in the product dtype (bf16 with train.precision),
-`wd32` the same in fp32 (autograd path of variable projection, A^T A, M M^T), `bank` the thin codes @ bank
-products [c, m] x [m, r d], `rr` the support Grams G_i B_a [r, r] x [r, d] (product dtype), `chol` one r x r
-Cholesky with its p + d right-hand sides, `svd` one full SVD of a [p, d] expert, `align` one r x r SVD,
-`stream` elementwise bandwidth. Reading the checkpoint is charged at `read_bps` (assumed: the dry run reads no
-data, so it cannot measure the disk).
+`wd32` the same in fp32 (autograd path of variable projection, A^T A, M M^T), `wd64` in fp64 (the quantize stage),
+`bank` the thin codes @ bank products [c, m] x [m, r d], `rr` the support Grams G_i B_a [r, r] x [r, d] (product
+dtype), `chol` one r x r Cholesky with its p + d right-hand sides, `svd` one full SVD of a [p, d] expert, `align`
+one r x r SVD, `stream` elementwise bandwidth. Reading the checkpoint is charged at `read_bps` (assumed: the dry run
+reads no data, so it cannot measure the disk).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class KernelRates:
     align: float                  # seconds per expert (SVD of [r, r])
     stream: float                 # bytes/s (bf16 -> fp32 upcast and scaling)
     stream64: float               # bytes/s (bf16 -> fp64 upcast, square, sum: the normaliser)
+    wd64: float = 0.0             # flop/s of the W M^T products in fp64 (the quantize stage; 0: wd32 / 2)
     read_bps: float = READ_BPS
     threads: int = 1
     benchmark_seconds: float = 0.0
@@ -93,6 +94,8 @@ def measure_rates(s: FitShape, device: str | torch.device = "cpu", experts: int 
     wl, ml = w.to(low), mixed.to(low)
     wd = 2 * c * p * d * r / _best(lambda: wl @ ml, dev)
     wd32 = 2 * c * p * d * r / _best(lambda: w @ mixed, dev)
+    w64, mixed64 = w.double(), mixed.double()
+    wd64 = 2 * c * p * d * r / _best(lambda: w64 @ mixed64, dev) if dev.type != "mps" else wd32
     cols = min(r * d, 2**18)
     codes, flat = rand(64, m), rand(m, cols)
     bank = 2 * 64 * m * cols / _best(lambda: codes @ flat, dev)
@@ -117,7 +120,7 @@ def measure_rates(s: FitShape, device: str | torch.device = "cpu", experts: int 
     stream = c * p * d * (2 + 4 + 4 + 4) / _best(lambda: stored.to(torch.float32) / 3.0, dev)
     acc = torch.float32 if dev.type == "mps" else torch.float64
     stream64 = c * p * d * (2 + 3 * acc.itemsize) / _best(lambda: stored.to(acc).square().sum(), dev)
-    return KernelRates(device=str(dev), wd=wd, wd32=wd32, bank=bank, rr=rr, chol=chol, svd=svd, align=align,
+    return KernelRates(device=str(dev), wd=wd, wd32=wd32, wd64=wd64, bank=bank, rr=rr, chol=chol, svd=svd, align=align,
                        stream=stream, stream64=stream64, threads=torch.get_num_threads(),
                        benchmark_seconds=round(time.perf_counter() - t0, 3))
 

@@ -1,0 +1,221 @@
+"""Bytes, not parameters: the byte model of a compressed model and the solver of `globe compress --size`.
+
+Stored bytes of one fitted family (the artifact's layout, globe.formats.artifact; for a fitted family the same
+count as globe.fit.engine.quantize.stored_bytes):
+    bank       [m, r, d]   packed at `bits` (ceil(numel * bits / 8) bytes) + an fp16 scale and an fp16 zero per
+                           group of `group` entries along d; unquantized: value bytes per entry
+    adapters   [N, p, r]   the same, groups along r (a rank per layer: only each layer's real columns)
+    codes      nnz values (value bytes) + nnz int32 atom indices + (N + 1) int64 row pointers
+    scales     N fp32;  ids  N x 2 int32
+Value bytes: the source checkpoint's floating dtype (2 for bf16). The whole checkpoint: every tensor of the source
+that no fitted family replaces, at its stored dtype (from the safetensors headers), plus the fitted families.
+Counted: tensor bytes only (file headers, config.json and tokenizer files are not).
+
+Before a fit the code non-zeros are unknown (the controller holds their median near the target support); the size
+solver counts every code as non-zero (N x m), so the bytes it plans are an upper bound of what the fit writes.
+
+    plan = solve_size(inv, other_bytes, target_bytes, cfg)    # SizePlan: bits, budget, support, predicted bytes
+    apply_size(cfg, "path/to/model", 0.02)                    # cfg set to meet 0.02 GiB (ConfigError if it cannot)
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from globe.core.params import dense_params
+from globe.errors import ConfigError, GlobeError
+from globe.fit.config import FitConfig
+from globe.fit.solvers.budget import candidate_shapes
+from globe.quant import packed_bytes
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+SCALE_BYTES = 4                  # fp16 scale + fp16 zero per group (globe.quant.tensor)
+INDEX_BYTES, INDPTR_BYTES, EXPERT_SCALE_BYTES, ID_BYTES = 4, 8, 4, 8
+# The order in which the size solver tries the bits (None: unquantized factors). benchmarks/results/bytes.json
+# (globe+refit rows): at every size measured, 4-bit factors at a larger budget beat 8-bit or 3-bit factors at the
+# same bytes, and bf16 factors are never better per byte; the others only reach sizes 4 bits cannot.
+BITS_PREFERENCE: tuple[int | None, ...] = (4, 3, 2, 8, None)
+# At and above the bytes of 4-bit group-128 quantization of the routed experts (4.25 bits per weight), plain GPTQ
+# is better than GloBE on the measured models (benchmarks/results/bytes.json: 2.1-3.0x lower KL at 4.25-4.6 bits).
+PLAIN_QUANT_BITS = 4 + 8 * SCALE_BYTES / 128
+
+
+def quantized_bytes(shape: tuple[int, ...], bits: int, group: int) -> int:
+    """globe.quant.QuantizedTensor.nbytes of a tensor of `shape` quantized at `bits` with groups along its last axis."""
+    rows = math.prod(shape[:-1])
+    return packed_bytes(math.prod(shape), bits) + SCALE_BYTES * rows * -(-shape[-1] // group)
+
+
+def factor_bytes(shape: tuple[int, ...], value_bytes: int, bits: int | None, group: int) -> int:
+    return math.prod(shape) * value_bytes if bits is None else quantized_bytes(shape, bits, group)
+
+
+def family_bytes(n: int, p: int, d: int, m: int, r: int, nnz: int, value_bytes: int, bits: int | None = None,
+                 group: int = 64, layer_ranks: list[tuple[int, int]] | None = None) -> dict[str, int]:
+    """Stored bytes per part of one family (see the module docstring); layer_ranks: [(experts, r_l)] per layer for
+    unquantized adapters stored per layer (None: every expert at r)."""
+    if layer_ranks is not None and bits is None:
+        adapters = sum(e * p * rl for e, rl in layer_ranks) * value_bytes
+    else:
+        adapters = factor_bytes((n, p, r), value_bytes, bits, group)
+    return {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
+            "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
+            "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+
+
+def value_bytes_of(dtype: str | torch.dtype) -> int:
+    """Bytes of one stored factor entry for a source stored in `dtype` (fp32 when it is not floating point)."""
+    dt = getattr(torch, str(dtype).removeprefix("torch."), None) if not isinstance(dtype, torch.dtype) else dtype
+    return min(dt.itemsize, 4) if isinstance(dt, torch.dtype) and dt.is_floating_point else 4
+
+
+def source_bytes(reader, families: tuple[str, ...]) -> tuple[int, dict[str, int]]:
+    """(bytes of every tensor of an open checkpoint (globe.io CheckpointReader) that the fitted `families` do not
+    replace, {family: its dense bytes}) from the safetensors headers."""
+    from globe.io.arch import FAMILIES
+    inv = reader.inventory()
+    width = value_bytes_of(inv.dtype)
+    total = sum(reader.shards.numel(k) * getattr(torch, reader.shards.dtype(k)).itemsize for k in reader.keys())
+    dense = {f: inv.params[f] * width for f in FAMILIES if f in families}
+    return total - sum(dense.values()), dense
+
+
+def family_shape_bytes(n: int, p: int, d: int, m: int, r: int, value_bytes: int, bits: int | None,
+                       group: int) -> int:
+    """The most bytes a family of shape (m, r) can store: every code non-zero."""
+    return sum(family_bytes(n, p, d, m, r, n * m, value_bytes, bits, group).values())
+
+
+@dataclass
+class SizePlan:
+    """What `--size` chose: bits (None: unquantized), per-family budget and target support, and the bytes."""
+
+    target_bytes: int
+    bits: int | None
+    budget: float
+    support: int
+    predicted_bytes: int          # upper bound: other tensors + every family at its largest candidate shape
+    other_bytes: int              # tensors no family replaces
+    family_limit: int             # bytes each fitted family may take
+    bits_per_weight: float        # family_limit * 8 / dense weights of one family
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def worst_bytes(n: int, p: int, d: int, budget: float, support: int, value_bytes: int, bits: int | None,
+                group: int) -> int | None:
+    """The most bytes any shape the budget solver may choose at `budget` stores (None: no shape fits)."""
+    shapes = candidate_shapes(n, p, d, budget, support)
+    if not shapes:
+        return None
+    return max(family_shape_bytes(n, p, d, m, r, value_bytes, bits, group) for m, r in shapes)
+
+
+def largest_budget(n: int, p: int, d: int, limit: int, support: int, value_bytes: int, bits: int | None,
+                   group: int, steps: int = 40) -> float | None:
+    """The largest per-family parameter budget in (0, 1) whose every candidate shape stores <= limit bytes
+    (bisection; the worst bytes grow with the budget), or None when even the smallest fitting budget does not."""
+    lo, hi = 0.0, 1.0 - 1e-9
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        worst = worst_bytes(n, p, d, mid, support, value_bytes, bits, group)
+        if worst is None or worst <= limit:
+            lo = mid
+        else:
+            hi = mid
+    worst = worst_bytes(n, p, d, lo, support, value_bytes, bits, group) if lo > 0 else None
+    return lo if worst is not None and worst <= limit else None
+
+
+def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
+               cfg: FitConfig, bits: int | None = None, fixed_bits: bool = False) -> SizePlan:
+    """Bits, per-family budget and support that keep the whole checkpoint within target_bytes: every fitted family
+    (dims: its (p, d)) gets the same share of the bytes the other tensors leave. ConfigError, stating the smallest
+    reachable size, when none fits, and naming plain quantization where that is better (PLAIN_QUANT_BITS).
+    fixed_bits: use `bits` only (--bits given), else try BITS_PREFERENCE in order and keep the first that fits."""
+    group, support, families = cfg.quant.group, cfg.sparsity.target_support, len(dims)
+    limit = (target_bytes - other_bytes) // families
+    dense = dense_params(n, *dims[0])
+    if limit * 8 >= PLAIN_QUANT_BITS * dense:
+        plain = other_bytes + families * math.ceil(PLAIN_QUANT_BITS * dense / 8)
+        raise ConfigError(
+            f"--size {target_bytes / GIB:.6g} GiB leaves {8 * limit / dense:.2f} bits per routed weight: at that size "
+            f"plain 4-bit group quantization of the experts is better than GloBE (KL 2.1-3.0x lower on the models "
+            f"of benchmarks/results/bytes.json, `python benchmarks/bytes.py`); quantize the experts with GPTQ instead "
+            f"(e.g. llm-compressor W4A16), or ask GloBE for less than {plain / GIB:.6g} GiB")
+    for b in [bits] if fixed_bits else list(BITS_PREFERENCE):
+        for k in sorted({support, 8, 4, 2, 1}, reverse=True):
+            if k > support:
+                continue
+            budgets = [largest_budget(n, p, d, limit, k, value_bytes, b, group) for p, d in dims]
+            if None in budgets:
+                continue
+            budget = min(budgets)
+            worst = sum(worst_bytes(n, p, d, budget, k, value_bytes, b, group) for p, d in dims)
+            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit,
+                            round(8 * limit / dense, 4))
+    options = [bits] if fixed_bits else list(BITS_PREFERENCE)
+    floor = min(sum(family_shape_bytes(n, p, d, 2, 1, value_bytes, b, group) for p, d in dims) for b in options)
+    smallest = other_bytes + floor
+    how = f" with --bits {bits}" if fixed_bits else ""
+    raise ConfigError(f"--size {target_bytes / GIB:.6g} GiB is impossible{how}: the smallest reachable checkpoint is "
+                      f"{smallest / GIB:.6g} GiB ({smallest:,} bytes: {other_bytes:,} of tensors GloBE does not "
+                      f"compress + {floor:,} for the smallest banks)")
+
+
+def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False) -> SizePlan:
+    """cfg (changed in place: quant.bits, bank.budget, sparsity.target_support) so that the whole checkpoint of
+    model_dir compressed with it takes at most size_gib GiB (2**30 bytes) of tensors; returns the SizePlan."""
+    from globe.io import open_checkpoint
+    if not size_gib > 0:
+        raise ConfigError(f"--size must be a positive number of GiB (got {size_gib})")
+    if cfg.bank.m is not None or cfg.bank.r is not None:
+        raise ConfigError("--size sets the budget: drop --m / --r")
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+        other, _ = source_bytes(reader, tuple(cfg.bank.families))
+    n, width = len(inv.moe_layers) * inv.num_experts, value_bytes_of(inv.dtype)
+    dims = [(inv.d, inv.p) if f == "down" else (inv.p, inv.d) for f in cfg.bank.families]
+    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, fixed_bits=bits_given)
+    cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
+    log.info("--size %.6g GiB: %s factors, budget %.4f per family, support %d; at most %s bytes (%.2f bits per "
+             "routed weight)", size_gib, f"{plan.bits}-bit" if plan.bits else "unquantized", plan.budget,
+             plan.support, f"{plan.predicted_bytes:,}", plan.bits_per_weight)
+    return plan
+
+
+def result_bytes(result) -> dict | None:
+    """A FitResult's bytes by the byte model: {"before": every tensor of the source, "after": the tensors no family
+    replaces + every family as stored, "value_bytes", "families": {f: {"dense", "stored", "parts"}}}; the source's
+    headers when its directory is readable, else its inventory (every tensor at the experts' dtype); None without
+    either."""
+    from globe.fit.engine.quantize import stored_bytes
+    inv = result.source.get("inventory") or {}
+    width = value_bytes_of(inv.get("dtype") or "float32")
+    other = None
+    src = result.source.get("model_dir")
+    if src:
+        try:
+            from globe.io import open_checkpoint
+            with open_checkpoint(src) as reader:
+                other, _ = source_bytes(reader, tuple(result.families))
+        except (GlobeError, OSError) as exc:            # a moved or remote source: fall back to the inventory
+            log.debug("source %s not readable for the byte count (%s)", src, exc)
+    if other is None:
+        if not inv.get("total_params"):
+            return None
+        other = (inv["total_params"] - sum(result.params[f"dense_{f}"] for f in result.families)) * width
+    families = {}
+    for name, fam in result.families.items():
+        parts = stored_bytes(fam, width)
+        families[name] = {"dense": result.params[f"dense_{name}"] * width, "stored": sum(parts.values()),
+                          "parts": parts}
+    before = other + sum(f["dense"] for f in families.values())
+    return {"before": before, "after": other + sum(f["stored"] for f in families.values()), "other": other,
+            "value_bytes": width, "families": families}

@@ -1,0 +1,105 @@
+"""globe.fit.planning.bytes: the byte model equals the bytes an artifact really writes, counted by hand from the
+safetensors headers; --size picks a budget whose fit stays within the target (the real written bytes, to within
+one quantization group's bytes), refuses impossible sizes stating the smallest reachable one, and refuses sizes
+where plain quantization is better."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import globe
+from globe.errors import ConfigError
+from globe.export.card import tensor_bytes
+from globe.fit.config import BankConfig, FitConfig, QuantSection, SparsityConfig, TrainConfig
+from globe.fit.engine.quantize import stored_bytes
+from globe.fit.planning.bytes import (GIB, PLAIN_QUANT_BITS, apply_size, family_bytes, quantized_bytes, result_bytes,
+                                      source_bytes, value_bytes_of)
+from globe.io import open_checkpoint
+from globe.quant import QuantConfig, quantize
+
+QUICK = TrainConfig(am_iters=2, varpro_steps=3)
+
+
+@pytest.fixture(scope="module")
+def upcycled(tmp_path_factory) -> Path:
+    """A 2-layer, 8-expert upcycled Qwen2-MoE (p=64, d=128, bf16): large enough that the routed experts dominate."""
+    from tests.helpers.scripts import load_benchmark
+    out = tmp_path_factory.mktemp("size") / "ckpt"
+    load_benchmark("make_upcycled").main(["--out", str(out), "--layers", "2", "--experts", "8", "--hidden", "128",
+                                          "--intermediate", "64", "--rank", "8"])
+    return out
+
+
+def _family_written(art, family: str) -> int:
+    return sum(n for k, n in tensor_bytes(art).items() if k.split(".")[0] == family)
+
+
+@pytest.mark.parametrize("shape,bits,group", [((3, 5, 20), 3, 8), ((2, 7, 64), 4, 64), ((4, 9), 2, 4)])
+def test_quantized_bytes_is_what_a_quantized_tensor_stores(shape, bits, group):
+    qt = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), QuantConfig("rtn", bits, group))
+    assert quantized_bytes(shape, bits, group) == qt.nbytes
+
+
+@pytest.mark.parametrize("bits", [None, 4, 3])
+def test_byte_model_equals_the_artifact_written_by_a_fit(tiny_checkpoint, tmp_path, bits):
+    path = tiny_checkpoint("qwen2_moe", dtype=torch.bfloat16)
+    cfg = FitConfig(bank=BankConfig(m=4, r=8), sparsity=SparsityConfig(target_support=2), train=QUICK,
+                    quant=QuantSection(bits=bits, group=8))
+    result = globe.fit_model(path, cfg)
+    art = globe.save(result, tmp_path / "art")
+    for name, fam in result.families.items():
+        (n, p, d), nnz = fam.reconstruct().shape, int((fam.codes != 0).sum())
+        model = family_bytes(n, p, d, 4, 8, nnz, value_bytes=2, bits=bits, group=8)
+        assert model == stored_bytes(fam, 2)
+        assert sum(model.values()) == _family_written(art, name) > 0
+    counted = result_bytes(result)
+    with open_checkpoint(path) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    by_hand = sum(tensor_bytes(path).values())                       # every tensor of the source
+    assert counted["before"] == by_hand == other + sum(dense.values())
+    assert counted["after"] == other + sum(_family_written(art, f) for f in ("gate", "up"))
+
+
+def test_size_target_is_met_by_the_written_bytes(upcycled, tmp_path):
+    path = upcycled
+    with open_checkpoint(path) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    target = other + int(sum(dense.values()) * 2.5 / 16)           # 2.5 bits per routed gate/up weight
+    cfg = FitConfig(train=QUICK, quant=QuantSection(group=8))
+    plan = apply_size(cfg, path, target / GIB)
+    assert plan.bits == 4 and cfg.quant.bits == 4 and 0 < cfg.bank.budget < 1
+    assert plan.predicted_bytes <= target
+    art = globe.save(globe.fit_model(path, cfg), tmp_path / "art")
+    written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+    print(f"target {target:,}, planned at most {plan.predicted_bytes:,}, written {written:,}")
+    group_bytes = math.ceil(8 * 4 / 8) + 4                           # one group of 8 entries at 4 bits + scale/zero
+    assert written <= target + group_bytes
+    assert written - other >= 0.8 * (target - other)                # the size is used, not wasted
+
+
+def test_size_refuses_what_it_cannot_honour(upcycled):
+    path = upcycled
+    with open_checkpoint(path) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    with pytest.raises(ConfigError, match=r"impossible: the smallest reachable checkpoint is [0-9.e-]+ GiB"):
+        apply_size(FitConfig(), path, other / GIB)
+    plain = other + int(sum(dense.values()) * PLAIN_QUANT_BITS / 16) + 64
+    with pytest.raises(ConfigError, match="plain 4-bit group quantization.*benchmarks/bytes.py"):
+        apply_size(FitConfig(), path, plain / GIB)
+    with pytest.raises(ConfigError, match="drop --m"):
+        apply_size(FitConfig(bank=BankConfig(m=4)), path, 0.001)
+    with pytest.raises(ConfigError, match="positive"):
+        apply_size(FitConfig(), path, 0.0)
+
+
+def test_size_with_given_bits_keeps_them():
+    from globe.fit.planning.bytes import solve_size
+    n, p, d, width = 32, 16, 24, 2
+    target = 10_000 + 2 * n * p * d * width * 3 // 16               # 3 bits per weight
+    plan = solve_size(n, [(p, d), (p, d)], 10_000, target, width, FitConfig(quant=QuantSection(group=8)), 8,
+                      fixed_bits=True)
+    assert plan.bits == 8 and plan.predicted_bytes <= target
+    assert value_bytes_of("bfloat16") == 2 and value_bytes_of("float32") == 4 and value_bytes_of("int8") == 4
