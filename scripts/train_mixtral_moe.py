@@ -35,7 +35,7 @@ SOURCE = Path("/usr/share/cmake-3.25/Help")
 MODEL_DEFAULTS = {"vocab_size": 2048, "hidden_size": 160, "layers": 6, "heads": 4, "kv_heads": 2, "experts": 8,
                   "top_k": 2, "moe_intermediate": 256, "shared_intermediate": 0}
 TRAIN_DEFAULTS = {"train_text": mt.REPO_ROOT / "corpus" / "cmake" / "train.txt",
-                  "heldout_text": OUT_DIR / "heldout.txt", "out_dir": OUT_DIR, "steps": 1000, "seed": 8080, "lr": 3e-3, "warmup": 60,
+                  "heldout_text": OUT_DIR / "heldout.txt", "out_dir": OUT_DIR, "steps": 500, "seed": 8080, "lr": 3e-3, "warmup": 40,
                   "aux_loss_coef": 0.02}
 
 
