@@ -31,7 +31,7 @@ SOURCE = Path("/usr/share/perl/5.36.0/pod")
 MODEL_DEFAULTS = {"vocab_size": 2048, "hidden_size": 160, "layers": 4, "heads": 4, "kv_heads": 2, "experts": 48,
                   "top_k": 6, "moe_intermediate": 48, "shared_intermediate": 192}
 TRAIN_DEFAULTS = {"train_text": mt.REPO_ROOT / "corpus" / "perl" / "train.txt", "heldout_text": OUT_DIR / "heldout.txt",
-                  "out_dir": OUT_DIR, "steps": 1800, "seed": 4321, "lr": 3e-3, "warmup": 50,
+                  "out_dir": OUT_DIR, "steps": 450, "seed": 4321, "lr": 3e-3, "warmup": 50,
                   "aux_loss_coef": 0.05}
 
 
