@@ -14,7 +14,7 @@ Steps (seeded; deterministic on a fixed thread count):
 
 The dense stage runs on the same shared recipe (``moe_training.py``) with the router loss off (no routers).
 
-Rebuild (about 15 min on one thread):
+Rebuild (about 15 CPU minutes on one thread; 49 min wall on the busy shared 2-core machine):
 
     OMP_NUM_THREADS=1 python scripts/train_upcycled_moe.py
 """
