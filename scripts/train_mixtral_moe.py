@@ -12,7 +12,8 @@ train split, AdamW + warmup/cosine, per-layer router balancing loss), a bf16 sav
 (``block_sparse_moe.experts.{e}.w1/w2/w3``), a bit-exact reload check, the held-out evaluation and the
 expert-sharing statistics, all written to ``training.json``. Seeded; deterministic on a fixed thread count.
 
-Rebuild (needs ``cmake-data``, installed with ``cmake``; about 20 min on one thread):
+Rebuild (needs ``cmake-data``, installed with ``cmake``; about 5 CPU minutes on one thread, 13 min wall on the busy
+shared 2-core machine):
 
     OMP_NUM_THREADS=1 python scripts/train_mixtral_moe.py
 """
