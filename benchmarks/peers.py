@@ -15,7 +15,9 @@ Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
 config gets the full evaluation), reap (REAP expert pruning: the least salient experts and their router rows
 removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
-frequency; router kept), globe (weight-space default fit), globe-nonlinear (weight space, the block SVD
+frequency; router kept), globe-default (what `globe compress MODEL --total-cut C` runs: calibrated on 8192
+tokens the model samples itself, activation-aware fit; its fit time includes calibration and both exports),
+globe-default-text (the same with --calibration-text MODEL/calib.txt), globe (weight-space fit), globe-nonlinear (weight space, the block SVD
 start + full-batch tanh refinement of globe.fit.solvers.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
 settings). reap and hc-smoe remove or merge whole experts (gate, up AND down), so they keep the largest expert count
 whose TOTAL parameters do not exceed what the compressing methods store at the cut; their `params` per family is
@@ -58,7 +60,8 @@ from benchmarks.baselines.svd import per_expert_svd, whitened_svd        # noqa:
 
 log = logging.getLogger("benchmarks.peers")
 METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "reap", "hc-smoe", "globe",
-           "globe-aware", "globe-nonlinear")
+           "globe-aware", "globe-nonlinear", "globe-default", "globe-default-text")
+GLOBE_DEFAULTS = ("globe-default", "globe-default-text")          # run through globe.run.compress, as the CLI does
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--stats-dir", default=str(REPO / "runs" / "peers"), help="calibration statistics files (reused)")
     a("--globe-am-iters", type=int, help="GloBE AM iterations (default: FitConfig's; for short runs)")
     a("--globe-varpro-steps", type=int, help="GloBE VarPro evaluations (default: FitConfig's; for short runs)")
+    a("--default-calib-tokens", type=int, default=8192,
+      help="globe-default*: calibration tokens, as `globe compress --calibration-tokens` (default 8192, its default)")
     a("--jobs", type=int, default=1, help="worker processes, one cut each (one torch thread each; default 1)")
     a("--out", default=str(REPO / "benchmarks" / "results" / "peers.json"), help="JSON output path")
     return p.parse_args(argv)
@@ -151,7 +156,8 @@ def prepare(model_dir: Path, args) -> dict:
     original_ppl = perplexity(model, ppl_ids, args.window)["perplexity"]
     log.info("%s: original perplexity %.4f; statistics %.0f s, Fisher %.0f s", model_dir, original_ppl, calib_s,
              fisher_s)
-    return {"dir": model_dir, "inv": inv, "window": args.window, "globe_am_iters": args.globe_am_iters,
+    return {"dir": model_dir, "inv": inv, "window": args.window, "calib_path": calib,
+            "default_calib_tokens": args.default_calib_tokens, "globe_am_iters": args.globe_am_iters,
             "globe_varpro_steps": args.globe_varpro_steps, "weights": read_families(model), "stats_path": str(stats_path),
             "grams": stats.hidden_expert, "freq": stats.counts.double(), "fisher": fisher, "captured": captured,
             "calib_routed": calib_routed,                   # reap / hc-smoe: the calibration tokens' routing
@@ -224,6 +230,22 @@ def globe_fit(method: str, ctx: dict, budget: float, support: int):
     return globe.fit_model(ctx["dir"], cfg)
 
 
+def globe_compress(method: str, ctx: dict, cut: float, work: Path):
+    """`globe compress MODEL -o work/compressed --total-cut CUT --dense` (with --calibration-text MODEL/calib.txt
+    for globe-default-text): the default pipeline, self-calibrated or not; returns (FitResult, dense checkpoint)."""
+    import globe
+    from globe.fit.config import TrainConfig
+    from globe.run.compress import CompressRun, run_compress
+    text = str(ctx["calib_path"]) if method == "globe-default-text" else None
+    train = {k: v for k, v in (("am_iters", ctx["globe_am_iters"]), ("varpro_steps", ctx["globe_varpro_steps"]))
+             if v is not None}                                  # only the short runs of tests change the defaults
+    run = CompressRun(str(ctx["dir"]), str(work / "compressed"), globe.FitConfig(train=TrainConfig(**train)),
+                      total_cut=cut, calibration_text=text, calibration_tokens=ctx["default_calib_tokens"],
+                      dense=True, dense_out=str(work / "dense"), overwrite=True)
+    done = run_compress(run)
+    return done["result"], Path(done["dense"])
+
+
 def score(ctx: dict, checkpoint: Path, recon: dict | None = None) -> dict:
     """KL and top-1 agreement to the original, weight error, output error and perplexity of a checkpoint,
     reloaded with stock transformers (weight and output errors of `recon` where given, else of its experts)."""
@@ -245,7 +267,15 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
     t0 = time.perf_counter()
     recon = total = None
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
-        if method.startswith("globe"):
+        scored = Path(tmp)
+        if method in GLOBE_DEFAULTS:
+            result, scored = globe_compress(method, ctx, ctx["cut"], Path(tmp))
+            seconds = time.perf_counter() - t0
+            params = {f: int(result.params[f]) for f in FAMILIES}
+            info = {f: {"m": fam.shape["m"], "r": fam.shape["r"], "median_support": fam.metrics.get("median_support")}
+                    for f, fam in result.families.items()}
+            info["calibration"] = result.source.get("calibration")
+        elif method.startswith("globe"):
             result = globe_fit(method, ctx, budget, support)
             seconds = time.perf_counter() - t0
             globe.export_dense(ctx["dir"], result, tmp)
@@ -267,7 +297,7 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
             total = ctx["inv"].total_params - 2 * dense + sum(params[f] for f in FAMILIES)
         row = {"method": method, "fit_seconds": round(seconds, 1), "params": params,
                "params_ratio": {f: params[f] / dense for f in FAMILIES}, "total_params": int(total), "shape": info,
-               **score(ctx, Path(tmp), recon)}
+               **score(ctx, scored, recon)}
     row["delta_ppl"] = row["perplexity"] - ctx["original_ppl"]
     log.info("-%.0f%% %s: KL %.5f, top-1 %.4f, rel_err %s, output %.4f, ppl %.3f, fit %.0f s", 100 * ctx["cut"],
              method, row["kl"], row["top1"], " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES),
@@ -319,10 +349,20 @@ def run_cut(ctx: dict, cut: float, args) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """GloBE / MoBE (defaults and best of the sweep) ratios of KL and of each error, where both were run."""
+    """GloBE / MoBE (defaults and best of the sweep) ratios of KL and of each error, where both were run; and for
+    every GloBE row, "GLOBE/best-peer": its KL over the lowest KL of any peer (not GloBE) row, which peer that is,
+    and the peers whose top-1 agreement is not below GloBE's (the goal: KL <= 0.5x, top-1 above every peer)."""
     by = {r["method"]: r for r in rows}
     out = {}
-    for g in ("globe", "globe-nonlinear", "globe-aware"):
+    peers = [r for r in rows if not r["method"].startswith("globe")]
+    for g in [r["method"] for r in rows if r["method"].startswith("globe")]:
+        if peers:
+            best = min(peers, key=lambda r: r["kl"])
+            out[f"{g}/best-peer"] = {"best_peer": best["method"], "peer_kl": best["kl"],
+                                     "kl": by[g]["kl"] / best["kl"] if best["kl"] else None,
+                                     "top1": by[g]["top1"], "best_peer_top1": max(r["top1"] for r in peers),
+                                     "top1_not_above": [r["method"] for r in peers if r["top1"] >= by[g]["top1"]]}
+    for g in ("globe", "globe-nonlinear", "globe-aware", *GLOBE_DEFAULTS):
         for m in ("mobe", "mobe-best"):
             if g in by and m in by:
                 a, b = by[g], by[m]

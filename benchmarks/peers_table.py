@@ -1,5 +1,6 @@
 """Markdown tables of a benchmarks/peers.py JSON: one table per model, one row per (cut, method), KL to the original
-first (the headline) with top-1 agreement beside it, the GloBE / MoBE ratios below it. The README's results section
+first (the headline) with top-1 agreement beside it, then each GloBE row against the best peer (KL ratio, goal
+<= 0.5x; top-1 above every peer's) and the GloBE / MoBE ratios. The README's results section
 is pasted from this output. Files written before KL was measured show "-" in its columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
-         "globe-nonlinear", "globe-aware")
+         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text")
 
 
 def _num(value, fmt: str) -> str:
@@ -37,6 +38,14 @@ def model_table(model: dict) -> list[str]:
                          f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
                          f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} | "
                          f"{_num(r.get('total_params'), ',')} |")
+    best = [(cut, key, r) for cut in sorted(model["cuts"], key=lambda c: c["cut"])
+            for key, r in cut["ratios"].items() if key.endswith("/best-peer")]
+    if best:
+        lines += ["", "| cut | GloBE row | KL / best peer's KL (goal <= 0.5) | best peer (its KL) | top-1 (best peer's) | "
+                  "peers with top-1 >= GloBE's |", "|---|---|---|---|---|---|"]
+        lines += [f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {_num(r['kl'], '.2f')} | {r['best_peer']} "
+                  f"({r['peer_kl']:.5f}) | {r['top1']:.4f} ({r['best_peer_top1']:.4f}) | "
+                  f"{', '.join(r['top1_not_above']) or 'none'} |" for cut, key, r in best]
     lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | "
               "perplexity increase |",
               "|---|---|---|---|---|---|---|"]

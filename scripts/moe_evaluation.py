@@ -1,10 +1,11 @@
-"""Save, verify and evaluate a trained small Qwen2-MoE, and write its ``training.json``.
+"""Save, verify and evaluate a trained small MoE (Qwen2-MoE or Mixtral), and write its ``training.json``.
 
 The second half of the shared training code (``moe_training.py`` holds the first): bf16 save with a bit-exact
 reload check, the per-expert hub-key layout check, held-out perplexity against an add-one unigram baseline over
 non-overlapping windows, per-layer expert utilisation, and the expert-sharing statistics of the saved checkpoint
 (mean |cos| between a layer's flattened gate matrices, and the share of their energy explained by the layer's
-mean expert). ``finish`` runs all of it for a script. Not a script: import it from one in ``scripts/``.
+mean expert). Hub key names come from GloBE's architecture registry (``globe.io.arch``), so every architecture it
+supports works here. ``finish`` runs all of it for a script. Not a script: import it from one in ``scripts/``.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, Qwen2MoeConfig
+from transformers import AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 
-from moe_training import REPO_ROOT, encode_text_file
+from globe.io.arch import get_arch
+from moe_training import REPO_ROOT, encode_text_file, num_experts
 
 LOG = logging.getLogger("moe_evaluation")
-EXPERT_KEY = "model.layers.{layer}.mlp.experts.{expert}.{proj}_proj.weight"
 
 
 def unigram_logprobs(train_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -40,7 +41,7 @@ def evaluate(model: PreTrainedModel, ids: torch.Tensor, ctx: int, uni_logp: torc
     model.eval()
     cfg = model.config
     nll, uni_nll, n = 0.0, 0.0, 0
-    counts = torch.zeros(cfg.num_hidden_layers, cfg.num_experts, dtype=torch.long)
+    counts = torch.zeros(cfg.num_hidden_layers, num_experts(cfg), dtype=torch.long)
     for s in range(0, ids.numel() - 1, ctx):
         x = ids[s:s + ctx].unsqueeze(0)
         out = model(input_ids=x, output_router_logits=True, use_cache=False)
@@ -49,7 +50,7 @@ def evaluate(model: PreTrainedModel, ids: torch.Tensor, ctx: int, uni_logp: torc
         n += x.shape[1] - 1
         for layer, logits in enumerate(out.router_logits):
             top = logits.float().topk(cfg.num_experts_per_tok, dim=-1).indices.flatten()
-            counts[layer] += torch.bincount(top, minlength=cfg.num_experts)
+            counts[layer] += torch.bincount(top, minlength=num_experts(cfg))
     frac = counts.double() / counts.sum(dim=1, keepdim=True)
     return {"window": ctx, "windows": "non-overlapping", "scored_tokens": n, "heldout_tokens": ids.numel(),
             "loss": nll / n, "perplexity": math.exp(nll / n), "unigram_perplexity": math.exp(uni_nll / n),
@@ -59,14 +60,15 @@ def evaluate(model: PreTrainedModel, ids: torch.Tensor, ctx: int, uni_logp: torc
                                    "unused_experts": int((counts == 0).sum())}}
 
 
-def check_checkpoint(out_dir: Path, cfg: Qwen2MoeConfig) -> dict[str, Any]:
+def check_checkpoint(out_dir: Path, cfg: PreTrainedConfig) -> dict[str, Any]:
     """Check the saved safetensors hold per-expert hub keys (no fused tensors) in bf16."""
     path = out_dir / "model.safetensors"
     with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         dtypes = {str(f.get_slice(k).get_dtype()) for k in keys}
-    expected = {EXPERT_KEY.format(layer=l, expert=e, proj=p) for l in range(cfg.num_hidden_layers)
-                for e in range(cfg.num_experts) for p in ("gate", "up", "down")}
+    arch = get_arch(cfg.to_dict())
+    expected = {arch.expert_key(p, l, e) for l in range(cfg.num_hidden_layers)
+                for e in range(num_experts(cfg)) for p in ("gate", "up", "down")}
     missing = expected - set(keys)
     fused = [k for k in keys if "gate_up_proj" in k or k.endswith("experts.down_proj")]
     if missing or fused:
@@ -116,14 +118,16 @@ def layer_sharing(weights: torch.Tensor) -> dict[str, float]:
 def expert_sharing(ckpt_dir: Path, proj: str = "gate") -> dict[str, Any]:
     """``layer_sharing`` of every layer's ``proj`` matrices, read from the saved per-expert checkpoint."""
     cfg = json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8"))
+    arch = get_arch(cfg)
+    n_experts = int(cfg.get("num_experts") or cfg["num_local_experts"])
     per_layer = []
     with safe_open(str(ckpt_dir / "model.safetensors"), framework="pt") as f:
         for layer in range(cfg["num_hidden_layers"]):
-            w = torch.stack([f.get_tensor(EXPERT_KEY.format(layer=layer, expert=e, proj=proj))
-                             for e in range(cfg["num_experts"])])       # [E, p, d]
+            w = torch.stack([f.get_tensor(arch.expert_key(proj, layer, e))
+                             for e in range(n_experts)])                 # [E, p, d]
             per_layer.append({k: round(v, 4) for k, v in layer_sharing(w).items()})
     mean = {k: round(sum(row[k] for row in per_layer) / len(per_layer), 4) for k in per_layer[0]}
-    return {"matrices": f"{proj}_proj, flattened", "independent_random_mean_expert_energy": 1 / cfg["num_experts"],
+    return {"matrices": f"{proj}_proj, flattened", "independent_random_mean_expert_energy": 1 / n_experts,
             "mean_over_layers": mean, "per_layer": per_layer}
 
 

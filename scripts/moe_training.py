@@ -1,7 +1,8 @@
-"""Shared training code for the small Qwen2-MoE language models GloBE is built and evaluated on.
+"""Shared training code for the small Qwen2-MoE and Mixtral language models GloBE is built and evaluated on.
 
-Used by ``scripts/train_default_model.py`` (the embedded model), ``scripts/train_scratch_moe.py`` and
-``scripts/train_upcycled_moe.py`` (the evaluation models under ``benchmarks/models/``). It holds the pieces every
+Used by ``scripts/train_default_model.py`` (the embedded model), ``scripts/train_scratch_moe.py``,
+``scripts/train_upcycled_moe.py`` and ``scripts/train_mixtral_moe.py`` (the evaluation models under
+``benchmarks/models/``). It holds the pieces every
 one of them needs, each a small function: command-line options, corpus splitting, byte-level BPE tokenizer,
 AdamW with warmup + cosine decay, the training loop (next-token loss plus a per-layer router balancing loss),
 bf16 save with a bit-exact reload check, the per-expert checkpoint layout check, held-out perplexity against an
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast, Qwen2MoeConfig
+from transformers import (AutoModelForCausalLM, AutoTokenizer, MixtralConfig, PreTrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerFast, Qwen2MoeConfig)
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 LOG = logging.getLogger("moe_training")
@@ -44,7 +46,8 @@ def add_model_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
     a("--experts", type=int, default=defaults["experts"], help="routed experts per layer")
     a("--top-k", type=int, default=defaults["top_k"], help="routed experts per token")
     a("--moe-intermediate", type=int, default=defaults["moe_intermediate"], help="routed expert intermediate size")
-    a("--shared-intermediate", type=int, default=defaults["shared_intermediate"], help="shared expert intermediate size")
+    a("--shared-intermediate", type=int, default=defaults.get("shared_intermediate", 0),
+      help="shared expert intermediate size (0: no shared expert, for architectures without one)")
 
 
 def add_training_args(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
@@ -89,6 +92,27 @@ def moe_config(args: argparse.Namespace, vocab: int, eos_id: int, **overrides: A
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
     fields.update(overrides)
     return Qwen2MoeConfig(**fields)
+
+
+def mixtral_config(args: argparse.Namespace, vocab: int, eos_id: int, **overrides: Any) -> MixtralConfig:
+    """The Mixtral configuration (every layer MoE, no shared expert, top-k weights renormalised) for the shape
+    options in ``args``; ``--moe-intermediate`` is the expert width (Mixtral's ``intermediate_size``)."""
+    fields = dict(
+        vocab_size=vocab, hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k, intermediate_size=args.moe_intermediate,
+        max_position_embeddings=2 * args.context, tie_word_embeddings=True, output_router_logits=True,
+        router_aux_loss_coef=args.aux_loss_coef, router_jitter_noise=0.0, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    fields.update(overrides)
+    return MixtralConfig(**fields)
+
+
+def num_experts(cfg: PreTrainedConfig) -> int:
+    """Routed experts per MoE layer (Qwen2-MoE says ``num_experts``, Mixtral ``num_local_experts``)."""
+    value = getattr(cfg, "num_experts", None)
+    return int(value if value is not None else getattr(cfg, "num_local_experts", 0) or 0)
 
 
 def split_docs(text: str) -> list[str]:
@@ -170,7 +194,7 @@ def sample_batch(data: torch.Tensor, batch: int, ctx: int, gen: torch.Generator)
 def has_experts(model: PreTrainedModel) -> bool:
     """Whether any decoder layer of ``model`` is a MoE layer (a dense run has ``mlp_only_layers`` = all)."""
     cfg = model.config
-    return cfg.num_experts > 0 and len(cfg.mlp_only_layers) < cfg.num_hidden_layers
+    return num_experts(cfg) > 0 and len(getattr(cfg, "mlp_only_layers", None) or []) < cfg.num_hidden_layers
 
 
 def losses(model: PreTrainedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -185,7 +209,7 @@ def losses(model: PreTrainedModel, x: torch.Tensor) -> tuple[torch.Tensor, torch
     if not moe:
         return lm, torch.zeros(()), ()
     cfg = model.config
-    aux = torch.stack([load_balancing_loss_func((r,), cfg.num_experts, cfg.num_experts_per_tok)
+    aux = torch.stack([load_balancing_loss_func((r,), num_experts(cfg), cfg.num_experts_per_tok)
                        for r in out.router_logits]).mean()
     return lm, aux, out.router_logits
 

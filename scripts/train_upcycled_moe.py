@@ -14,7 +14,7 @@ Steps (seeded; deterministic on a fixed thread count):
 
 The dense stage runs on the same shared recipe (``moe_training.py``) with the router loss off (no routers).
 
-Rebuild (about 15 min on one thread):
+Rebuild (about 15 CPU minutes on one thread; 49 min wall on the busy shared 2-core machine):
 
     OMP_NUM_THREADS=1 python scripts/train_upcycled_moe.py
 """
@@ -41,7 +41,7 @@ OUT_DIR = mt.REPO_ROOT / "benchmarks" / "models" / "upcycled-qwen2moe"
 MODEL_DEFAULTS = {"vocab_size": 2048, "hidden_size": 192, "layers": 4, "heads": 4, "kv_heads": 2, "experts": 32,
                   "top_k": 4, "moe_intermediate": 64, "shared_intermediate": 256}
 TRAIN_DEFAULTS = {"train_text": mt.REPO_ROOT / "corpus" / "upcycled" / "train.txt",
-                  "heldout_text": OUT_DIR / "heldout.txt", "out_dir": OUT_DIR, "steps": 250, "seed": 2024,
+                  "heldout_text": OUT_DIR / "heldout.txt", "out_dir": OUT_DIR, "steps": 1000, "seed": 2024,
                   "lr": 2e-3, "warmup": 30}
 
 
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mt.add_training_args(p, TRAIN_DEFAULTS)
     mt.add_model_args(p, MODEL_DEFAULTS)
     a = p.add_argument
-    a("--dense-steps", type=int, default=250, help="steps of the dense model before upcycling")
+    a("--dense-steps", type=int, default=1000, help="steps of the dense model before upcycling")
     a("--dense-lr", type=float, default=3e-3, help="peak learning rate of the dense stage")
     a("--reinit-fraction", type=float, default=0.5, help="share of each expert's entries re-initialised")
     a("--source", type=Path, default=build_corpus.DEFAULT_SOURCE, help="directory of the *.rst.txt sources")

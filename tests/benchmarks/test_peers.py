@@ -34,8 +34,8 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path):
     out = tmp_path / "peers.json"
     report = peers.main(["--cuts", "0.25", "--calib", str(calib), "--calib-tokens", "1024", "--output-tokens", "256",
                          "--fisher-batches", "2", "--ppl-tokens", "512", "--mobe-epochs", "4", "--mobe-sweep", "m=E/8",
-                         "--globe-am-iters", "1", "--globe-varpro-steps", "2", "--stats-dir", str(tmp_path),
-                         "--out", str(out)])
+                         "--globe-am-iters", "1", "--globe-varpro-steps", "2", "--default-calib-tokens", "256",
+                         "--stats-dir", str(tmp_path), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=float))
     cut = report["models"][0]["cuts"][0]
     rows = {r["method"]: r for r in cut["rows"]}
@@ -49,8 +49,16 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path):
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
-    assert set(cut["ratios"]) == {f"{g}/{m}" for g in ("globe", "globe-nonlinear", "globe-aware")
-                                  for m in ("mobe", "mobe-best")}
+    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text")
+    assert set(cut["ratios"]) == {f"{g}/{m}" for g in globes for m in ("mobe", "mobe-best", "best-peer")}
+    peer_rows = [r for r in rows.values() if not r["method"].startswith("globe")]
+    best = min(peer_rows, key=lambda r: r["kl"])
+    for g in globes:
+        vs = cut["ratios"][f"{g}/best-peer"]
+        assert vs["best_peer"] == best["method"] and vs["kl"] == pytest.approx(rows[g]["kl"] / best["kl"])
+        assert vs["top1_not_above"] == [r["method"] for r in peer_rows if r["top1"] >= rows[g]["top1"]]
+    assert rows["globe-default"]["shape"]["calibration"]["source"] == "self-generated"
+    assert rows["globe-default-text"]["shape"]["calibration"]["source"] == "text"
     assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
 
 
@@ -97,3 +105,16 @@ def test_reap_and_hc_smoe_rows_spend_no_more_total_params_than_svd(tmp_path):
         assert rows[m]["params_ratio"]["gate"] <= cut["budget_per_family"] + 1e-9
         assert 0 < rows[m]["kl"] < 5 and 0 < rows[m]["top1"] <= 1
     assert len(rows["reap"]["shape"]["gate"]["kept"][0]) == k < e
+
+
+def test_table_states_kl_against_the_best_peer_and_top1_misses():
+    rows = [{"method": m, "kl": kl, "top1": t1, "rel_err": {"gate": 0.3, "up": 0.3}, "output_rel_err": {"rel_err": 0.1},
+             "perplexity": 50.0, "delta_ppl": 0.5, "fit_seconds": 1}
+            for m, kl, t1 in (("svd", 0.02, 0.90), ("mobe", 0.01, 0.95), ("globe-default", 0.004, 0.94))]
+    cut = {"cut": 0.35, "budget_per_family": 0.4, "rows": rows, "ratios": peers.ratios(rows)}
+    vs = cut["ratios"]["globe-default/best-peer"]
+    assert vs["best_peer"] == "mobe" and vs["kl"] == pytest.approx(0.4) and vs["top1_not_above"] == ["mobe"]
+    model = {"model": {"dir": "m", "layers": 4, "experts": 8, "p": 16, "d": 32, "original_perplexity": 49.0,
+                       "heldout_tokens": 1000}, "cuts": [cut]}
+    lines = peers_table.model_table(model)
+    assert "| -35 % | globe-default | 0.40 | mobe (0.01000) | 0.9400 (0.9500) | mobe |" in lines
