@@ -261,7 +261,8 @@ def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
     if spec.per_expert_keys:
         template = next(iter(spec.per_expert_keys.values()))
         candidates.append(template.split(".{expert}")[0].format(layer=layer))
-    return next((c for c in candidates if state_key("adapters", family, c) in keys), candidates[0])
+    return next((c for c in candidates if state_key("adapters", family, c) in keys
+                 or packed_key("adapters", family, "codes", c) in keys), candidates[0])
 
 
 def read_part(tensors: open_weights, kind: str, family: str, prefix: str, shape: tuple[int, ...],

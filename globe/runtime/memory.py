@@ -2,8 +2,8 @@
 
     model_bytes(model)                   # unique parameters + buffers (persistent or not), each storage once
     dense_model_bytes(patched)           # what the unpatched model would hold (GloBE factors -> dense experts)
-    held_breakdown(model)                # {"weights", "packed", "caches"}: stored tensors (of which packed
-                                         # quantized parts) vs what the runtime rebuilds (caches: dequantized)
+    held_breakdown(model)                # {"weights", "caches"}: stored tensors vs what the runtime rebuilds
+    packed_bytes(model)                  # of the weights, the packed (quantized) factors; caches hold them dequantized
     cache_capacity(module, budget)       # experts one GlobeExperts layer can cache within `budget` bytes
 
 The default cache budget is DEFAULT_CACHE_FRACTION of the original model's bytes, split evenly over the MoE layers:
@@ -88,19 +88,18 @@ def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def packed_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The buffers of every packed (quantized) bank and adapters of the model's GlobeExperts layers."""
-    return [t for m in model.modules() if isinstance(m, PackedTensor) for t in m.buffers()]
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of the packed (quantized) banks and adapters of the model's GlobeExperts layers: integer codes, scales
+    and zeros (part of held_breakdown's `weights`; what the caches hold of them is dequantized)."""
+    return tensor_bytes([t for m in model.modules() if isinstance(m, PackedTensor) for t in m.buffers()])
 
 
 def held_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes the model holds, split into `weights` (parameters and buffers that are stored or loaded; `packed`:
-    those of them that are packed quantized factors, integer codes + scales + zeros) and `caches` (tensors the
-    runtime rebuilds from them: LRU slots with mixed atoms and dequantized adapters, dense reconstructions); each
-    storage counted once."""
+    """Bytes the model holds, split into `weights` (parameters and buffers that are stored or loaded, packed parts
+    included) and `caches` (tensors the runtime rebuilds from them: LRU slots with mixed atoms and dequantized
+    adapters, dense reconstructions); each storage counted once."""
     caches = _unique(cache_tensors(model))
     cached = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) for t in caches}
     weights = [t for t in _unique(list(model.parameters()) + list(model.buffers()))
                if (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) not in cached]
-    return {"weights": tensor_bytes(weights), "packed": tensor_bytes(packed_tensors(model)),
-            "caches": tensor_bytes(caches)}
+    return {"weights": tensor_bytes(weights), "caches": tensor_bytes(caches)}
