@@ -14,11 +14,12 @@ Modes:
 Training: the factors (bank, code values, adapters) and the untouched projections are ordinary trainable
 parameters, except quantized ones: a bank or adapters stored packed (PackedTensor: integer codes + scales + zeros,
 dequantized on use; the cached mode keeps the dequantized adapters of its experts in its cache) are frozen buffers,
-while the code values and untouched projections still train. Both caches (cached mode's LRU, dense mode's reconstruction) are stamped with the identity and the
-`_version` counter of every tensor they were computed from (an optimizer step or any in-place change bumps it) and
-recomputed when the stamp changes; with gradients enabled and a factor requiring them, neither cache is used: the
-factors are mixed (or W_e reconstructed) in the autograd graph, so every backward reaches them (the LRU still
-records the access, so its order and counts do not depend on the grad mode).
+while the code values and untouched projections still train. Both caches (cached mode's LRU, dense mode's
+reconstruction) are stamped with the identity and the `_version` counter of every tensor they were computed from
+(an optimizer step or any in-place change bumps it) and recomputed when the stamp changes; with gradients enabled
+and a factor requiring them, neither cache is used: the factors are mixed (or W_e reconstructed) in the autograd
+graph, so every backward reaches them (the LRU still records the access, so its order and counts do not depend on
+the grad mode).
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
 own grouped_mm experts) with one group per expert, or a loop over the routed experts where that is unavailable.
@@ -38,7 +39,7 @@ from globe.errors import ConfigError
 from globe.formats.checkpoint import MODES, dense_key
 from globe.io.layout import FAMILIES
 from globe.runtime.cache import MixedCache
-from globe.runtime.packed import PackedTensor
+from globe.runtime.packed import FactorParts, PackedTensor
 
 PROJECTIONS: tuple[str, ...] = FAMILIES          # gate, up, down; state keys: globe.formats.checkpoint
 
@@ -166,45 +167,6 @@ class _Buffers(nn.Module):
         return getattr(self, name)
 
 
-class _Parts(nn.Module):
-    """One factor (bank or adapters) per family: a Parameter (state key `<family>`) or a PackedTensor (state keys
-    `<family>.codes` / `.scales` / `.zeros`). A `shared` packed part (the bank of every MoE layer but the first)
-    is referenced, not registered: the first layer stores it, and moving that layer moves the one object."""
-
-    def __init__(self, parts: dict[str, torch.Tensor | PackedTensor], shared: frozenset[str] = frozenset()) -> None:
-        super().__init__()
-        self._shared: dict[str, PackedTensor] = {}
-        for name, part in parts.items():
-            if isinstance(part, PackedTensor) and name in shared:
-                self._shared[name] = part
-            else:
-                self[name] = part
-
-    def __getitem__(self, name: str) -> torch.Tensor | PackedTensor:
-        if name in self._parameters:
-            return self._parameters[name]
-        if name in self._modules:
-            return self._modules[name]
-        return self._shared[name]
-
-    def __setitem__(self, name: str, part: torch.Tensor | PackedTensor) -> None:
-        if name in self._shared:
-            self._shared[name] = part
-        elif isinstance(part, PackedTensor):
-            self.add_module(name, part)
-        else:
-            self.register_parameter(name, part)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._parameters or name in self._modules or name in self._shared
-
-    def keys(self) -> list[str]:
-        return [*self._parameters, *self._modules, *self._shared]
-
-    def is_stored(self, name: str) -> bool:
-        return name not in self._shared
-
-
 class GlobeExperts(nn.Module):
     """Routed experts of one MoE layer with GloBE-factored projections; see the module docstring."""
 
@@ -223,8 +185,8 @@ class GlobeExperts(nn.Module):
         self.act_fn = act_fn
         self.factored = tuple(f for f in PROJECTIONS if f in banks)
         self.phis = dict(phis)
-        self.bank = _Parts(banks, shared_banks)                                      # shared: [m, r_max, in]
-        self.adapters = _Parts({f: a if isinstance(a, PackedTensor) else _trainable(a)
+        self.bank = FactorParts(banks, shared_banks)                                      # shared: [m, r_max, in]
+        self.adapters = FactorParts({f: a if isinstance(a, PackedTensor) else _trainable(a)
                                 for f, a in adapters.items()})                        # [E, out, r_l]
         for f, a in adapters.items():
             if a.shape[-1] > banks[f].shape[1]:

@@ -4,6 +4,7 @@ on use.
     part = PackedTensor.from_quantized(qt, method="gptq")      # buffers codes uint8, scales / zeros fp16
     w = part.dequantize()                                       # [*shape] fp32, bit-identical to qt.dequantize()
     rows = part.rows(torch.tensor([3, 5]))                      # [2, *shape[1:]]: only those rows unpacked
+    parts = FactorParts({"gate": part, "up": nn.Parameter(...)})  # what GlobeExperts.bank / .adapters are
 
 The buffers are the stored form (state keys `<name>.codes`, `<name>.scales`, `<name>.zeros`: what a compressed
 checkpoint holds and save_pretrained writes back); the shape, bits, group and method are plain attributes (the
@@ -113,3 +114,42 @@ def select_rows(qt: QuantizedTensor, rows: torch.Tensor, rank: int | None = None
     part = codes.index_select(0, rows)[..., :rank]                                      # [E, out, r_l]
     return pack(part, qt.scales.index_select(0, rows)[..., :groups], qt.zeros.index_select(0, rows)[..., :groups],
                 qt.bits, qt.group)
+
+
+class FactorParts(nn.Module):
+    """One factor (bank or adapters) per family: a Parameter (state key `<family>`) or a PackedTensor (state keys
+    `<family>.codes` / `.scales` / `.zeros`). A `shared` packed part (the bank of every MoE layer but the first)
+    is referenced, not registered: the first layer stores it, and moving that layer moves the one object."""
+
+    def __init__(self, parts: dict[str, torch.Tensor | PackedTensor], shared: frozenset[str] = frozenset()) -> None:
+        super().__init__()
+        self._shared: dict[str, PackedTensor] = {}
+        for name, part in parts.items():
+            if isinstance(part, PackedTensor) and name in shared:
+                self._shared[name] = part
+            else:
+                self[name] = part
+
+    def __getitem__(self, name: str) -> torch.Tensor | PackedTensor:
+        if name in self._parameters:
+            return self._parameters[name]
+        if name in self._modules:
+            return self._modules[name]
+        return self._shared[name]
+
+    def __setitem__(self, name: str, part: torch.Tensor | PackedTensor) -> None:
+        if name in self._shared:
+            self._shared[name] = part
+        elif isinstance(part, PackedTensor):
+            self.add_module(name, part)
+        else:
+            self.register_parameter(name, part)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._parameters or name in self._modules or name in self._shared
+
+    def keys(self) -> list[str]:
+        return [*self._parameters, *self._modules, *self._shared]
+
+    def is_stored(self, name: str) -> bool:
+        return name not in self._shared

@@ -162,8 +162,8 @@ def test_bytes_on_disk_equal_the_hand_count_and_the_card(packed, tiny_model):
     card = model_card(result, comp)
     stated = int(card.split("| memory when loaded: weights | | ")[1].split(" |")[0].replace(",", ""))
     assert stated == hand
-    packed_stated = int(card.split("packed quantized factors (dequantized on use; the cache holds dequantized ones) | | ")
-                        [1].split(" |")[0].replace(",", ""))
+    row = "packed quantized factors (dequantized on use; the cache holds dequantized ones) | | "
+    packed_stated = int(card.split(row)[1].split(" |")[0].replace(",", ""))
     assert packed_stated == describe_compressed(comp)["packed_bytes"] < hand
     unquantized = save_compressed(tiny_model(ARCH), quick_fit(packed[0]), comp.parent / "bf")
     assert disk < (unquantized / "model.safetensors").stat().st_size
@@ -224,3 +224,35 @@ def test_ranks_per_layer_with_packed_adapters(tiny_checkpoint, tmp_path, mode):
     torch.testing.assert_close(_logits(loaded), reference, rtol=1e-5, atol=1e-5)
     back = load_artifact(comp)
     assert torch.equal(back.families["gate"].reconstruct(), result.families["gate"].reconstruct())
+
+
+def test_bf16_dense_export_equals_the_loaded_checkpoints_reconstruction(tiny_checkpoint, tmp_path):
+    """In bf16 the packed parts are not rounded to bf16 before the product (they are stored as codes and scales):
+    the dense export of the fit and of the loaded checkpoint hold the same weights, bit for bit."""
+    from globe.export.dense import dense_state_dict
+    path = tiny_checkpoint(ARCH, dtype=torch.bfloat16)
+    result = quantized_result(quick_fit(path), bits=4, group=3)
+    comp = save_compressed(path, result, tmp_path / "c")
+    loaded = load_compressed(comp, mode="dense")
+    from_fit = dense_state_dict(load_model(path), result)
+    from_checkpoint = dense_state_dict(loaded, load_artifact(comp))
+    experts = [k for k in from_fit if ".experts." in k]
+    assert experts and all(torch.equal(from_fit[k], from_checkpoint[k]) for k in experts)
+    module = next(iter(globe_modules(loaded).values()))
+    assert module.dense_weight("gate").dtype == torch.bfloat16
+
+
+def test_stock_from_pretrained_without_import_globe_loads_the_packed_checkpoint(packed, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from tests.export.test_autoload import STOCK, _reference_loss
+    from tests.helpers.subproc import REPO, subprocess_env
+    _, _, comp, _ = packed
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(REPO / "globe-autoload.pth", site)
+    proc = subprocess.run([sys.executable, "-c", STOCK.format(site=str(site), path=str(comp))],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["{'GlobeExperts'}", str(_reference_loss(comp))]
