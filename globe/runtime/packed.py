@@ -95,6 +95,15 @@ class PackedTensor(nn.Module):
         return self._dequantize(codes, self.scales.index_select(0, index), self.zeros.index_select(0, index),
                                 shape).to(dtype)
 
+    def _apply(self, fn, recurse: bool = True):          # noqa: ANN001 (torch's signature)
+        """Moves (`.to(device)`, `.cuda()`) apply; dtype casts (`.half()`, `.to(torch.bfloat16)`) do not: the codes
+        stay uint8 and the scales / zeros fp16, so the dequantized values never change."""
+        for name in PACKED_PARTS:
+            tensor = self._buffers[name]
+            moved = fn(tensor)
+            self._buffers[name] = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+        return self
+
     def meta(self) -> dict[str, object]:
         """bits / group / method: the quantization_config record of this part (the shape comes from m, r, k)."""
         return {"bits": self.bits, "group": self.group, "method": self.method}

@@ -256,3 +256,15 @@ def test_stock_from_pretrained_without_import_globe_loads_the_packed_checkpoint(
                           capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["{'GlobeExperts'}", str(_reference_loss(comp))]
+
+
+def test_dtype_casts_of_the_model_leave_the_packed_parts_exact(packed):
+    _, _, comp, _ = packed
+    model = load_compressed(comp, mode="factored")
+    part = next(iter(globe_modules(model).values())).adapters["gate"]
+    before = part.dequantize()
+    model.to(torch.bfloat16)
+    assert part.scales.dtype == torch.float16 and part.codes.dtype == torch.uint8
+    assert torch.equal(part.dequantize(), before)
+    assert next(iter(globe_modules(model).values())).code_values["gate"].dtype == torch.bfloat16
+    assert torch.isfinite(_logits(model)).all()
