@@ -257,10 +257,10 @@ def describe_compressed(path: str | Path, force: bool = False) -> dict:
             "total_params_before": total, "total_params_after": total - saved if total else None,
             "total_cut": saved / total if total else None,
             "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors")),
-            "packed_bytes": packed_bytes(path)}
+            "packed_bytes": stored_packed_bytes(path)}
 
 
-def packed_bytes(path: Path) -> int:
+def stored_packed_bytes(path: Path) -> int:
     """Bytes of the packed (quantized) parts' tensors of a compressed checkpoint, from its headers."""
     return sum(info["data_offsets"][1] - info["data_offsets"][0] for name, (_, info) in read_headers(path).items()
                if name.rpartition(".")[2] in PACKED_BUFFERS and is_globe_state(_module_key(name)))

@@ -242,6 +242,8 @@ def check_quant_values(quant: Any, where: Path, experts: int, p: int, d: int, mo
         if problem:
             raise ArtifactError(f"{where}: quantization_config.families.{name}.quant{problem}; re-export the "
                                 f"checkpoint")
+        if info.get("quant") and version < 3:
+            raise bad("format_version", f"3 for the packed parts of families.{name}.quant", version)
 
 
 # ---- the whole checkpoint ----

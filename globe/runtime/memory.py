@@ -3,7 +3,7 @@
     model_bytes(model)                   # unique parameters + buffers (persistent or not), each storage once
     dense_model_bytes(patched)           # what the unpatched model would hold (GloBE factors -> dense experts)
     held_breakdown(model)                # {"weights", "caches"}: stored tensors vs what the runtime rebuilds
-    packed_bytes(model)                  # of the weights, the packed (quantized) factors; caches hold them dequantized
+    held_packed_bytes(model)             # of the weights, the packed (quantized) factors (caches: dequantized)
     cache_capacity(module, budget)       # experts one GlobeExperts layer can cache within `budget` bytes
 
 The default cache budget is DEFAULT_CACHE_FRACTION of the original model's bytes, split evenly over the MoE layers:
@@ -88,7 +88,7 @@ def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
     return out
 
 
-def packed_bytes(model: nn.Module) -> int:
+def held_packed_bytes(model: nn.Module) -> int:
     """Bytes of the packed (quantized) banks and adapters of the model's GlobeExperts layers: integer codes, scales
     and zeros (part of held_breakdown's `weights`; what the caches hold of them is dequantized)."""
     return tensor_bytes([t for m in model.modules() if isinstance(m, PackedTensor) for t in m.buffers()])

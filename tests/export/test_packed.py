@@ -268,3 +268,16 @@ def test_dtype_casts_of_the_model_leave_the_packed_parts_exact(packed):
     assert torch.equal(part.dequantize(), before)
     assert next(iter(globe_modules(model).values())).code_values["gate"].dtype == torch.bfloat16
     assert torch.isfinite(_logits(model)).all()
+
+
+def test_memory_states_packed_bytes_and_the_dequantized_cache(packed):
+    from globe.eval.evaluate import memory_breakdown
+    from globe.runtime.memory import held_breakdown, held_packed_bytes, slot_bytes
+    _, _, comp, _ = packed
+    model = load_compressed(comp, mode="cached", cache_size=2)
+    modules = list(globe_modules(model).values())
+    assert held_packed_bytes(model) == describe_compressed(comp)["packed_bytes"]          # the bank counted once
+    e, p, r, itemsize = TINY.num_experts, TINY.p, 4, 4
+    assert slot_bytes(modules[0]) == 2 * (r * TINY.d + p * r) * itemsize                  # atoms + adapters
+    assert held_breakdown(model)["caches"] == sum(2 * slot_bytes(m) for m in modules)
+    assert memory_breakdown(model, 1000.0)["packed_mb"] == held_packed_bytes(model) / 2 ** 20

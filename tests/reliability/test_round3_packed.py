@@ -29,6 +29,13 @@ def _quant(family: str, change):
     return edit
 
 
+def _version(c, value):
+    path = c / "config.json"
+    doc = json.loads(path.read_text())
+    doc["quantization_config"]["format_version"] = value
+    path.write_text(json.dumps(doc))
+
+
 def _set(part: str, key: str, value):
     return lambda q: q["quant"][part].__setitem__(key, value)
 
@@ -74,6 +81,7 @@ CASES = [
     ("part-unknown", _quant("gate", lambda q: q["quant"].__setitem__("codes", {"bits": 4, "group": 8})),
      "families.gate.quant"),
     ("record-removed", _quant("gate", lambda q: q.pop("quant")), "adapters.gate"),
+    ("version-2", lambda c: _version(c, 2), "quantization_config.format_version"),
 ]
 
 
