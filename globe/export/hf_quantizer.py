@@ -10,6 +10,9 @@ width k / phi / per-layer ranks, runtime mode, cache budget) and model.safetenso
 once (under the first MoE layer's experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
 everything outside the routed experts as transformers stores it.
 
+A quantized fit's bank and adapters are stored packed (`bank.gate.codes` / `.scales` / `.zeros`, bits and group in
+`families.{f}.quant`) and load into PackedTensor buffers (globe.runtime.packed), dequantized on use.
+
 GlobeHfQuantizer, like the torchao / compressed-tensors quantizers, swaps every routed-experts module of the model
 skeleton (meta device) for a GlobeExperts of the right shapes before the weights load, declares the banks of the
 other layers as tied to the first one, and after loading puts one bank copy on each device that holds experts and
