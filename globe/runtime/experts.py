@@ -253,6 +253,9 @@ class GlobeExperts(nn.Module):
             if hasattr(self, f"dense_{family}"):
                 delattr(self, f"dense_{family}")
         self.cache = None
+        for family in self.factored:                  # the cached mode keeps a packed bank dequantized (shared)
+            if self.is_packed("bank", family):
+                self.bank[family].keep_dequantized(mode == "cached")
         if mode == "cached":
             size = self.num_experts // 2 if cache_size is None else int(cache_size)
             if size < 0:

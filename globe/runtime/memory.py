@@ -77,14 +77,17 @@ def cache_capacity(module: nn.Module, budget: int) -> int:
 
 
 def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Tensors the runtime derives from the stored factors: the cached mode's LRU slots and the dense mode's
-    reconstructed weights (`dense_<family>` buffers) of every GlobeExperts layer."""
+    """Tensors the runtime derives from the stored factors: the cached mode's LRU slots (and its dequantized copy of
+    a packed bank) and the dense mode's reconstructed weights (`dense_<family>` buffers) of every GlobeExperts
+    layer."""
     out = []
     for module in model.modules():
         if isinstance(module, GlobeExperts):
             out += [getattr(module, f"dense_{f}") for f in module.factored if hasattr(module, f"dense_{f}")]
             if module.cache is not None:
                 out += [module.cache.slots(f) for f in module.cache.families]
+        if isinstance(module, PackedTensor) and module.kept() is not None:
+            out.append(module.kept())                 # a packed bank kept dequantized by the cached mode
     return out
 
 

@@ -78,9 +78,28 @@ class PackedTensor(nn.Module):
         return ungrouped(w, shape[-1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[*shape] in `dtype` (computed in fp32)."""
+        """[*shape] in `dtype` (computed in fp32); served from the kept copy while `keep` is on (see keep_dequantized)."""
+        stamp = (dtype, *((id(t), t._version, t.device) for t in (self.codes, self.scales, self.zeros)))
+        kept = self.__dict__.get("_kept")
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
         codes = unpack_codes(self.codes, self.bits, math.prod(self.shape))
-        return self._dequantize(codes, self.scales, self.zeros, self.shape).to(dtype)
+        out = self._dequantize(codes, self.scales, self.zeros, self.shape).to(dtype)
+        if self.__dict__.get("keep"):
+            self.__dict__["_kept"] = (stamp, out)
+        return out
+
+    def keep_dequantized(self, on: bool) -> None:
+        """Keep the last dequantized copy (the cached mode's shared bank: one copy for every layer, counted with
+        the caches), recomputed when the buffers change; off drops it."""
+        self.__dict__["keep"] = on
+        if not on:
+            self.__dict__.pop("_kept", None)
+
+    def kept(self) -> torch.Tensor | None:
+        """The kept dequantized copy, if any."""
+        kept = self.__dict__.get("_kept")
+        return None if kept is None else kept[1]
 
     def rows(self, index: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows `index` [U] of the leading axis dequantized: [U, *shape[1:]] in `dtype`; only their bytes are

@@ -281,3 +281,10 @@ def test_memory_states_packed_bytes_and_the_dequantized_cache(packed):
     assert slot_bytes(modules[0]) == 2 * (r * TINY.d + p * r) * itemsize                  # atoms + adapters
     assert held_breakdown(model)["caches"] == sum(2 * slot_bytes(m) for m in modules)
     assert memory_breakdown(model, 1000.0)["packed_mb"] == held_packed_bytes(model) / 2 ** 20
+    _logits(model)                                   # the cached mode keeps the shared bank dequantized, once
+    bank = modules[0].bank["gate"]
+    assert bank.kept() is not None and bank.dequantize(bank.kept().dtype) is bank.kept()
+    m = bank.shape[0]
+    assert held_breakdown(model)["caches"] == sum(2 * slot_bytes(mod) for mod in modules) + 2 * m * r * TINY.d * 4
+    set_mode(model, "factored")
+    assert bank.kept() is None and held_breakdown(model)["caches"] == 0
