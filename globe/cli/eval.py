@@ -123,5 +123,8 @@ def format_report(report: dict) -> str:
         b = mem["breakdown"]
         lines.append(f"             weights {b['weights_mb']:.1f} MiB + caches {b['caches_mb']:.1f} MiB + framework "
                      f"{b['framework_mb']:.0f} MiB (Python, torch, transformers, tokenizer)")
+        if b.get("packed_mb"):
+            lines.append(f"             of the weights, {b['packed_mb']:.2f} MiB packed quantized factors; the caches "
+                         f"hold them dequantized")
     lines += [f"plot         {path}" for path in report.get("plots", [])]
     return "\n".join(lines)

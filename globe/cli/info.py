@@ -61,11 +61,18 @@ def format_compressed(info: dict) -> str:
     if info["total_cut"] is not None:
         lines.append(f"params       {info['total_params_before']:,} -> {info['total_params_after']:,} "
                      f"(total cut {100 * info['total_cut']:.2f} %), {info['bytes_on_disk']:,} bytes on disk")
+    if info.get("packed_bytes"):
+        lines.append(f"packed       {info['packed_bytes']:,} bytes of quantized factors (codes, scales, zeros) of the "
+                     f"{info['bytes_on_disk']:,} on disk")
     for name, fam in info["families"].items():
         ranks = f" (ranks per layer {', '.join(f'{l}:{r}' for l, r in fam['ranks'].items())})" if fam.get("ranks") else ""
         lines.append(f"family {name:5} m={fam['m']} r={fam['r']}{ranks} code width {fam['k']}, phi {fam.get('phi')}, "
                      f"{fam['params']:,} / {fam['dense_params']:,} params, rel_err {fam['rel_err']:.4f}")
-        if fam.get("fit_quant"):
+        if fam.get("quant"):
+            lines.append("             stored packed: " + ", ".join(
+                f"{part} {q['bits']}-bit group {q['group']}" + (f" ({q['method']})" if q.get("method") else "")
+                for part, q in fam["quant"].items()) + " (integer codes + fp16 scales and zeros, dequantized on use)")
+        elif fam.get("fit_quant"):
             lines.append("             fitted quantized: " + ", ".join(
                 f"{part} {q['bits']}-bit group {q['group']}" for part, q in fam["fit_quant"].items())
                 + " (stored here dequantized)")

@@ -20,7 +20,7 @@ from globe.eval.perplexity import encode_text, perplexity
 from globe.eval.speed import decode_speed, memory_stats, prefill_speed
 from globe.io.model import model_arch
 from globe.runtime.apply import globe_modules, warm_up
-from globe.runtime.memory import held_breakdown
+from globe.runtime.memory import held_breakdown, held_packed_bytes
 from globe.runtime.routing import collect_routing_counts
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,14 @@ def warm_up_caches(model: nn.Module, tokenizer, calibration: str | torch.Tensor,
 
 
 def memory_breakdown(model: nn.Module, rss_mb: float) -> dict[str, float]:
-    """Where the process's memory goes, in MiB: the model's weights (stored tensors), its caches (tensors the
-    runtime rebuilds from them) and the framework (the rest of the resident set: Python, torch, transformers, the
-    tokenizer, allocator slack). On an accelerator the weights and caches live in device memory, so the whole RSS
+    """Where the process's memory goes, in MiB: the model's weights (stored tensors; packed_mb of them are packed
+    quantized factors), its caches (tensors the runtime rebuilds from them) and the framework (the rest of the
+    resident set: Python, torch, transformers, the tokenizer, allocator slack). On an accelerator the weights and caches live in device memory, so the whole RSS
     is framework."""
     held = held_breakdown(model)
     weights, caches = held["weights"] / 2**20, held["caches"] / 2**20
     on_host = next(model.parameters()).device.type == "cpu"
-    return {"weights_mb": weights, "caches_mb": caches,
+    return {"weights_mb": weights, "packed_mb": held_packed_bytes(model) / 2**20, "caches_mb": caches,
             "framework_mb": max(rss_mb - weights - caches, 0.0) if on_host else rss_mb}
 
 

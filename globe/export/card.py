@@ -15,7 +15,7 @@ import torch
 
 from globe.core.files import atomic_write_text
 from globe.core.result import FitResult
-from globe.formats.checkpoint import STATE_KINDS
+from globe.formats.checkpoint import PACKED_BUFFERS, STATE_KINDS
 
 
 def _disk_bytes(path: Path) -> int:
@@ -72,6 +72,12 @@ def tensor_bytes(path: Path) -> dict[str, int]:
     return sizes
 
 
+def _part_key(key: str) -> str:
+    """The part a stored key belongs to: `x.bank.gate` for `x.bank.gate.codes` (a packed part's tensor)."""
+    head, _, tail = key.rpartition(".")
+    return head if tail in PACKED_BUFFERS else key
+
+
 def family_bytes(result: FitResult, out: Path) -> dict[str, tuple[int | None, int]]:
     """{family: (dense bytes in the source checkpoint or None, bytes of its GloBE tensors in `out`)}."""
     inv = result.source.get("inventory") or {}
@@ -80,7 +86,7 @@ def family_bytes(result: FitResult, out: Path) -> dict[str, tuple[int | None, in
     sizes = tensor_bytes(out)
     rows = {}
     for fam in result.families:
-        stored = sum(n for k, n in sizes.items() if any(k.endswith(f".{kind}.{fam}") or k == f"{kind}.{fam}"
+        stored = sum(n for k, n in sizes.items() if any(f".{_part_key(k)}".endswith(f".{kind}.{fam}")
                                                        for kind in STATE_KINDS))
         dense = result.params[f"dense_{fam}"] * width if width else None
         rows[fam] = (dense, stored)
@@ -104,8 +110,8 @@ def _size_table(result: FitResult, out: Path) -> list[str]:
     if quant:
         rows += ["", "The fit quantized " + ", ".join(
             f"{n} ({', '.join(f'{part} {qt.bits}-bit group {qt.group}' for part, qt in q.items())})"
-            for n, q in quant.items()) + "; this checkpoint stores the dequantized factors (the artifact stores "
-            "them packed)."]
+            for n, q in quant.items()) + "; this checkpoint stores them packed (integer codes + fp16 scales and "
+            "zeros), and the runtime dequantizes them on use."]
     return rows
 
 
@@ -145,6 +151,10 @@ def _memory_rows(out: Path) -> list[str]:
     if not weights:
         return []
     row = f"| memory when loaded: weights | | {weights:,} | |"
+    packed = sum(n for k, n in tensor_bytes(out).items() if _part_key(k) != k)
+    if packed:
+        row += (f"\n| memory when loaded: of the weights, packed quantized factors (dequantized on use; the cache "
+                f"holds dequantized ones) | | {packed:,} | |")
     if quant.get("mode") == "cached" and isinstance(cache, int):
         row += f"\n| memory when loaded: cache (at most, `{quant['mode']}` mode) | | {cache:,} | |"
     return [row, "| memory when loaded: framework (Python, torch, transformers) | | see `globe eval` | |"]

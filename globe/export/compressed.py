@@ -36,9 +36,10 @@ from globe.errors import ArtifactError
 from globe.export.files import (check_finite_weights, copy_side_files, load_model, source_dir, staged_output,
                                 swap_in, unique_tensors)
 from globe.formats.artifact import BANKS_FILE, CONFIG_FILE, config_document, read_document
-from globe.formats.validate import HASH_KEY, deferred, tensors_hash, validate_checkpoint, verify_content
-from globe.formats.checkpoint import (MARKER_FILE, QUANT_METHOD, WEIGHTS_FILE, dense_key, family_from_layers,
-                                      is_compressed, is_globe_state, open_weights, read_marker)
+from globe.formats.validate import (HASH_KEY, deferred, read_headers, tensors_hash, validate_checkpoint,
+                                    verify_content)
+from globe.formats.checkpoint import (MARKER_FILE, PACKED_BUFFERS, QUANT_METHOD, WEIGHTS_FILE, dense_key,
+                                      family_from_layers, is_compressed, is_globe_state, open_weights, read_marker)
 from globe.io.model import experts_modules, model_arch, model_shape
 from globe.runtime.apply import apply_globe, set_collect_stats, set_mode
 from globe.runtime.build import dense_parts
@@ -255,4 +256,17 @@ def describe_compressed(path: str | Path, force: bool = False) -> dict:
                          for f, v in quant.get("families", {}).items()},
             "total_params_before": total, "total_params_after": total - saved if total else None,
             "total_cut": saved / total if total else None,
-            "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+            "bytes_on_disk": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+            "packed_bytes": stored_packed_bytes(path)}
+
+
+def stored_packed_bytes(path: Path) -> int:
+    """Bytes of the packed (quantized) parts' tensors of a compressed checkpoint, from its headers."""
+    return sum(info["data_offsets"][1] - info["data_offsets"][0] for name, (_, info) in read_headers(path).items()
+               if name.rpartition(".")[2] in PACKED_BUFFERS and is_globe_state(_module_key(name)))
+
+
+def _module_key(name: str) -> str:
+    """`bank.gate.codes` of `model.layers.0.mlp.experts.bank.gate.codes`: the key under the experts module."""
+    parts = name.split(".")
+    return ".".join(parts[-3:])

@@ -10,6 +10,9 @@ width k / phi / per-layer ranks, runtime mode, cache budget) and model.safetenso
 once (under the first MoE layer's experts), per layer the adapters, padded sparse codes and the untouched dense projections (`down_proj` ...), and
 everything outside the routed experts as transformers stores it.
 
+A quantized fit's bank and adapters are stored packed (`bank.gate.codes` / `.scales` / `.zeros`, bits and group in
+`families.{f}.quant`) and load into PackedTensor buffers (globe.runtime.packed), dequantized on use.
+
 GlobeHfQuantizer, like the torchao / compressed-tensors quantizers, swaps every routed-experts module of the model
 skeleton (meta device) for a GlobeExperts of the right shapes before the weights load, declares the banks of the
 other layers as tied to the first one, and after loading puts one bank copy on each device that holds experts and
@@ -39,6 +42,7 @@ from globe.io.model import experts_modules, model_arch
 from globe.runtime.apply import globe_modules, set_mode, share_banks
 from globe.runtime.build import build_experts
 from globe.runtime.experts import GlobeExperts
+from globe.runtime.packed import PackedTensor
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,10 @@ class GlobeConfig(QuantizationConfigMixin):
         check_quant(self.format_version, self.mode, self.families)
 
     def to_dict(self) -> dict[str, Any]:
+        """The document to write: its format_version is the lowest that holds the families (a checkpoint read as
+        version 2 with ranks per layer is written back as 3)."""
         return quant_document(self.families, self.mode, self.cache_bytes, self.max_gathered_pairs, self.factor_dtype,
-                              self.model_dtype, self.extra, self.format_version)
+                              self.model_dtype, self.extra)
 
 
 def _factor_dtype(config: GlobeConfig, model: nn.Module, dtype: torch.dtype | None) -> torch.dtype:
@@ -75,8 +81,17 @@ def _factor_dtype(config: GlobeConfig, model: nn.Module, dtype: torch.dtype | No
     return stored if isinstance(stored, torch.dtype) and model_dtype == stored_model else model_dtype
 
 
+def _part(shape: tuple[int, ...], info: dict[str, Any], kind: str, dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor | PackedTensor:
+    """An uninitialised bank or adapters tensor of `shape`, or a PackedTensor when the checkpoint stores it packed."""
+    meta = (info.get("quant") or {}).get(kind)
+    if meta is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return PackedTensor(shape, meta["bits"], meta["group"], meta.get("method"), device=device)
+
+
 def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config: GlobeConfig,
-                    banks: dict[str, nn.Parameter], dtype: torch.dtype) -> GlobeExperts:
+                    banks: dict[str, nn.Parameter | PackedTensor], dtype: torch.dtype, first: bool) -> GlobeExperts:
     """A GlobeExperts with uninitialised tensors of the checkpoint's shapes, on the module's device (meta)."""
     num_experts, p, d = layout.dims(module)
     device = layout.device(module)
@@ -85,9 +100,10 @@ def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config
         shapes = family_shapes(family, info, num_experts, p, d, layer)
         codes[family] = (torch.zeros(shapes["code_indices"], dtype=torch.long, device=device),
                          torch.empty(shapes["code_values"], dtype=dtype, device=device))
-        adapters[family] = torch.empty(shapes["adapters"], dtype=dtype, device=device)
+        adapters[family] = _part(shapes["adapters"], info, "adapters", dtype, device)
     phis = {f: v.get("phi", "identity") for f, v in config.families.items()}
-    return build_experts(module, layer, layout, banks, phis, codes, adapters, config.max_gathered_pairs)
+    shared = frozenset() if first else frozenset(f for f, b in banks.items() if isinstance(b, PackedTensor))
+    return build_experts(module, layer, layout, banks, phis, codes, adapters, config.max_gathered_pairs, shared)
 
 
 def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | None = None) -> None:
@@ -97,31 +113,41 @@ def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | N
     first, layout = next(iter(modules.values())), spec.layout
     factor_dtype = _factor_dtype(config, model, dtype)
     num_experts, p, d = layout.dims(first)
-    banks = {f: nn.Parameter(torch.empty(family_shapes(f, v, num_experts, p, d)["bank"], dtype=factor_dtype,
-                                         device=layout.device(first)))
+    banks = {f: _part(family_shapes(f, v, num_experts, p, d)["bank"], v, "bank", factor_dtype, layout.device(first))
              for f, v in config.families.items()}
+    banks = {f: b if isinstance(b, PackedTensor) else nn.Parameter(b) for f, b in banks.items()}
     for layer, module in modules.items():
         model.set_submodule(spec.experts_path(layer),
-                            _skeleton_layer(module, layer, layout, config, banks, factor_dtype))
+                            _skeleton_layer(module, layer, layout, config, banks, factor_dtype, layer == min(modules)))
     share_banks(model)
     owner = spec.experts_path(min(modules))
     tied = getattr(model, "all_tied_weights_keys", None)
-    if tied is not None:
+    if tied is not None:                       # a packed bank is not tied: only its owner registers it
         tied.update({state_key("bank", f, spec.experts_path(layer)): state_key("bank", f, owner)
-                     for layer in modules if layer != min(modules) for f in config.families})
+                     for layer in modules if layer != min(modules) for f in config.families
+                     if not isinstance(banks[f], PackedTensor)})
 
 
 def place_banks(model: nn.Module) -> None:
     """One bank per family per device: layers placed on another device than the loaded bank get a shared copy."""
-    copies: dict[tuple[str, torch.device], nn.Parameter] = {}
+    copies: dict[tuple[str, torch.device], nn.Parameter | PackedTensor] = {}
     for module in globe_modules(model).values():
         device = module.code_indices[module.factored[0]].device
         for family in module.factored:
             bank = module.bank[family]
-            if bank.device != device:
+            if isinstance(bank, PackedTensor):
+                if bank.codes.device != device and not module.bank.is_stored(family):
+                    copies.setdefault((family, device), _packed_copy(bank, device))
+                    module.bank[family] = copies[(family, device)]
+            elif bank.device != device:
                 key = (family, device)
                 copies.setdefault(key, nn.Parameter(bank.detach().to(device), requires_grad=bank.requires_grad))
                 module.bank[family] = copies[key]
+
+
+def _packed_copy(part: PackedTensor, device: torch.device) -> PackedTensor:
+    """A copy of a packed bank on another device (for the layers placed there; not stored)."""
+    return PackedTensor.from_quantized(part.quantized(), part.method, device)
 
 
 def check_finite_factors(model: nn.Module) -> None:
@@ -133,7 +159,7 @@ def check_finite_factors(model: nn.Module) -> None:
     shards = sorted(Path(where).glob("*.safetensors")) if Path(where).is_dir() else []
     where = str(shards[0]) if len(shards) == 1 else where              # the file to repair, when it is one
     for layer, module in globe_modules(model).items():
-        for name, tensor in module.named_parameters():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if id(tensor) in seen or not tensor.is_floating_point():
                 continue
             seen.add(id(tensor))
@@ -186,7 +212,8 @@ class GlobeHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        """The factors are ordinary parameters: fine-tuning (plain loops, Trainer, peft) trains them directly."""
+        """The factors are ordinary parameters: fine-tuning (plain loops, Trainer, peft) trains them directly;
+        packed (quantized) banks and adapters are frozen buffers, the code values and the rest still train."""
         return True
 
     @property

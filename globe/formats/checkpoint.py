@@ -4,16 +4,25 @@
                        format_version FORMAT_VERSION, per family m / r / code width k / phi, runtime mode, cache
                        budget, dtypes; optional `ranks` {layer: r_l} for a family whose layers' ranks differ, r
                        their maximum: that layer's adapters are [E, out, r_l] and it uses bank[:, :r_l]; an entry
-                       without `ranks` is every layer at r, so older checkpoints read unchanged); read with
-                       read_quant / check_quant
+                       without `ranks` is every layer at r, so older checkpoints read unchanged; optional `quant`
+                       {part: {bits, group, method}} for a bank / adapters stored packed); read with read_quant /
+                       check_quant
     model.safetensors  per MoE layer, under the routed-experts module's path: state_key(kind, family) for the GloBE
                        tensors (bank once, under the first MoE layer, the other layers tie to it; adapters, padded
-                       code values / indices per layer) and dense_key(family) for untouched projections
+                       code values / indices per layer) and dense_key(family) for untouched projections; a packed
+                       part as packed_key(kind, family, buffer): `bank.gate.codes` (uint8, the integer codes
+                       bit-packed as globe.quant.packing packs them), `bank.gate.scales`, `bank.gate.zeros` (fp16,
+                       one per group of `group` entries along the last axis); packed_shapes gives their shapes
     globe_config.json  provenance of the fit (globe.formats.artifact's document, without tensors)
 
 Shapes are not stored apart from the tensors: family_shapes derives each GloBE tensor's shape from one family's
 entry (m, r, k) and the model's dimensions, and family_from_layers reads a FamilyFit back from the tensors
 themselves. Checkpoints of format 1 (MARKER_FILE + WEIGHTS_FILE + an artifact) are read only (read_marker).
+
+Versions of `quantization_config` (format_version_for writes the lowest that holds a checkpoint): 2, every layer
+at rank r and nothing packed; 3, a rank per layer and/or packed parts (a globe that reads only 2 refuses it in one
+line, where it would otherwise fail on a shape). Version 2 checkpoints with `ranks` (written before 3 existed) read
+as before.
 """
 from __future__ import annotations
 
@@ -25,11 +34,16 @@ import torch
 
 from globe.core.result import FamilyFit
 from globe.errors import ArtifactError
-from globe.io.arch import FAMILIES, ArchSpec
+from globe.io.arch import FAMILIES, ArchSpec, config_value
+from globe.quant.config import BITS
+from globe.quant.packing import pack_bits, packed_bytes
+from globe.quant.tensor import QuantizedTensor
 
 QUANT_METHOD = "globe"
-FORMAT_VERSION = 2                     # of `quantization_config` and the state layout; 1 = the marker-file format
+FORMAT_VERSION = 3                     # of `quantization_config` and the state layout; 1 = the marker-file format
 MIN_VERSION = 2                        # the oldest `quantization_config` version read (1 had no such entry)
+PACKED_KINDS: tuple[str, ...] = ("bank", "adapters")          # the parts that may be stored packed
+PACKED_BUFFERS: tuple[str, ...] = ("codes", "scales", "zeros")  # a packed part's tensors (key suffixes)
 MODES: tuple[str, ...] = ("cached", "factored", "dense")   # runtime modes a checkpoint may name
 STATE_KINDS: tuple[str, ...] = ("bank", "adapters", "code_values", "code_indices")    # GloBE-owned tensors
 GLOBE_STATE: tuple[str, ...] = tuple(f"{kind}." for kind in STATE_KINDS)              # their key prefixes
@@ -46,6 +60,13 @@ def state_key(kind: str, family: str, prefix: str = "") -> str:
     return f"{prefix}.{kind}.{family}" if prefix else f"{kind}.{family}"
 
 
+def packed_key(kind: str, family: str, buffer: str, prefix: str = "") -> str:
+    """Key of one tensor of a packed part: `bank.gate.codes`, `{prefix}.adapters.up.scales`, ..."""
+    if kind not in PACKED_KINDS or buffer not in PACKED_BUFFERS:
+        raise ValueError(f"no packed tensor {kind}.{buffer}; expected {PACKED_KINDS} x {PACKED_BUFFERS}")
+    return f"{state_key(kind, family, prefix)}.{buffer}"
+
+
 def dense_key(family: str, prefix: str = "") -> str:
     """Key of an untouched (dense) projection [E, out, in] beside the GloBE tensors: `down_proj`, ..."""
     return f"{prefix}.{family}_proj" if prefix else f"{family}_proj"
@@ -56,14 +77,22 @@ def is_globe_state(key: str) -> bool:
     return key.startswith(GLOBE_STATE)
 
 
-def family_entry(bank: torch.Tensor, code_indices: torch.Tensor, phi: str,
-                 ranks: dict[int, int] | None = None) -> dict[str, Any]:
-    """One family's `quantization_config.families` entry, read from its tensors: bank [m, r, in], codes [E, k];
-    `ranks` {layer: r_l} is recorded only when the layers' ranks differ from r."""
+def family_entry(bank: Any, code_indices: torch.Tensor, phi: str, ranks: dict[int, int] | None = None,
+                 quant: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One family's `quantization_config.families` entry, read from its tensors: bank [m, r, in] (anything with a
+    shape), codes [E, k]; `ranks` {layer: r_l} is recorded only when the layers' ranks differ from r, `quant`
+    {part: {bits, group, method}} only for packed parts."""
     out = {"m": int(bank.shape[0]), "r": int(bank.shape[1]), "k": int(code_indices.shape[1]), "phi": phi}
     if ranks and any(r != out["r"] for r in ranks.values()):
         out["ranks"] = {str(layer): int(r) for layer, r in sorted(ranks.items())}
+    if quant:
+        out["quant"] = {part: dict(meta) for part, meta in sorted(quant.items())}
     return out
+
+
+def format_version_for(families: dict[str, dict[str, Any]]) -> int:
+    """The lowest format version that holds these families: 3 with a rank per layer or a packed part, else 2."""
+    return 3 if any(v.get("ranks") or v.get("quant") for v in families.values()) else 2
 
 
 def layer_rank(info: dict[str, Any], layer: int) -> int:
@@ -74,10 +103,12 @@ def layer_rank(info: dict[str, Any], layer: int) -> int:
 def quant_document(families: dict[str, dict[str, Any]], mode: str, cache_bytes: int | None,
                    max_gathered_pairs: int, factor_dtype: torch.dtype | str | None,
                    model_dtype: torch.dtype | str | None, extra: dict[str, Any] | None = None,
-                   version: int = FORMAT_VERSION) -> dict[str, Any]:
-    """The `quantization_config` entry of config.json (writer); `extra` keys are kept but never override ours."""
+                   version: int | None = None) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json (writer); `extra` keys are kept but never override ours.
+    version: default the lowest that holds `families` (format_version_for)."""
     def name(dtype: torch.dtype | str | None) -> str | None:
         return None if dtype is None else str(dtype).removeprefix("torch.")
+    version = format_version_for(families) if version is None else version
     out = {"quant_method": QUANT_METHOD, "format_version": version, "families": families, "mode": mode,
            "cache_bytes": cache_bytes, "max_gathered_pairs": max_gathered_pairs,
            "factor_dtype": name(factor_dtype), "model_dtype": name(model_dtype)}
@@ -102,6 +133,33 @@ def check_quant(version: int, mode: str, families: dict[str, dict[str, Any]]) ->
                 isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= v["r"] for r in ranks.values())):
             raise ArtifactError(f"quantization_config.families.{f}.ranks must map layers to ranks in 1..{v['r']}, "
                                 f"got {ranks!r}: re-export the checkpoint")
+        problem = quant_problem(v.get("quant"))
+        if problem:
+            raise ArtifactError(f"quantization_config.families.{f}.quant{problem}: re-export the checkpoint")
+
+
+def quant_problem(quant: Any) -> str | None:
+    """What is wrong with a family's `quant` entry ({part: {bits, group, method}}), as the rest of a sentence that
+    starts with its key; None when it is absent or right."""
+    if quant is None:
+        return None
+    if not isinstance(quant, dict) or not set(quant) <= set(PACKED_KINDS):
+        return f" must map {' / '.join(PACKED_KINDS)} to {{bits, group, method}} (got {quant!r})"
+    for part, meta in quant.items():
+        if not isinstance(meta, dict) or set(meta) - {"bits", "group", "method"}:
+            return f".{part} must be an object with bits, group and method (got {meta!r})"
+        bits, group, method = meta.get("bits"), meta.get("group"), meta.get("method")
+        if not _is_int(bits) or bits not in BITS:
+            return f".{part}.bits must be one of {', '.join(map(str, BITS))} (got {bits!r})"
+        if not _is_int(group) or not 1 <= group <= 1 << 20:
+            return f".{part}.group must be an integer in 1..1048576 (got {group!r})"
+        if method is not None and not isinstance(method, str):
+            return f".{part}.method must be null or a string (got {method!r})"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def family_shapes(family: str, info: dict[str, Any], num_experts: int, p: int, d: int,
@@ -114,6 +172,17 @@ def family_shapes(family: str, info: dict[str, Any], num_experts: int, p: int, d
     r_l = r if layer is None else layer_rank(info, layer)
     return {"bank": (m, r, in_dim), "adapters": (num_experts, out_dim, r_l), "code_values": (num_experts, k),
             "code_indices": (num_experts, k)}
+
+
+def packed_shapes(shape: tuple[int, ...], meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{buffer: (shape, safetensors dtype)} of a part of shape `shape` stored packed with meta's bits and group:
+    codes U8 [ceil(numel * bits / 8)], scales / zeros F16 [*shape[:-1], ceil(shape[-1] / group)]."""
+    groups = -(-shape[-1] // meta["group"])
+    numel = 1
+    for s in shape:
+        numel *= s
+    return {"codes": ((packed_bytes(numel, meta["bits"]),), "U8"), "scales": ((*shape[:-1], groups), "F16"),
+            "zeros": ((*shape[:-1], groups), "F16")}
 
 
 def read_quant(path: str | Path) -> dict[str, Any] | None:
@@ -192,27 +261,65 @@ def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
     if spec.per_expert_keys:
         template = next(iter(spec.per_expert_keys.values()))
         candidates.append(template.split(".{expert}")[0].format(layer=layer))
-    return next((c for c in candidates if state_key("adapters", family, c) in keys), candidates[0])
+    return next((c for c in candidates if state_key("adapters", family, c) in keys
+                 or packed_key("adapters", family, "codes", c) in keys), candidates[0])
+
+
+def read_part(tensors: open_weights, kind: str, family: str, prefix: str, shape: tuple[int, ...],
+              meta: dict[str, Any] | None) -> tuple[torch.Tensor, QuantizedTensor | None]:
+    """One stored part (bank or adapters) of a family: (fp32 values, the QuantizedTensor when it is packed)."""
+    if meta is None:
+        return tensors[state_key(kind, family, prefix)].float(), None
+    parts = {b: tensors[packed_key(kind, family, b, prefix)] for b in PACKED_BUFFERS}
+    try:
+        qt = QuantizedTensor.from_tensors({f"p.{b}": t for b, t in parts.items()}, "p",
+                                          {"shape": list(shape), "bits": meta["bits"], "group": meta["group"]})
+    except Exception as exc:   # a part that does not fit its record: name it
+        raise ArtifactError(f"compressed checkpoint: packed tensor {state_key(kind, family, prefix)} does not fit "
+                            f"quantization_config ({exc}); re-export it") from None
+    return qt.dequantize(), qt
 
 
 def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_weights, doc: dict) -> FamilyFit:
     """One family's FitResult tensors gathered from the per-layer GloBE state of a compressed checkpoint (fp32,
-    exactly the stored values; the z-score scales are folded into the adapters, so they read 1)."""
+    exactly the stored values; the z-score scales are folded into the adapters, so they read 1). Packed parts are
+    dequantized, and kept packed in FamilyFit.quant (the adapters only when every layer has rank r: the artifact
+    stores quantized adapters at one rank)."""
     layers = spec.moe_layers(config)
-    adapters, codes, ids, ranks = [], [], [], []
-    bank = tensors[state_key("bank", name, stored_prefix(spec, min(layers), tensors.where, name))].float()
+    info = config["quantization_config"]["families"][name]
+    quant = info.get("quant") or {}
+    first = stored_prefix(spec, min(layers), tensors.where, name)
+    num_experts = int(config_value(config, spec.num_experts_keys, spec.model_type))
+    out_dim, in_dim = _dims(spec, config, name)
+    bank, qbank = read_part(tensors, "bank", name, first, (info["m"], info["r"], in_dim), quant.get("bank"))
+    adapters, codes, ids, ranks, qadapters = [], [], [], [], []
     for layer in layers:
         prefix = stored_prefix(spec, layer, tensors.where, name)
         index = tensors[state_key("code_indices", name, prefix)]
         values = tensors[state_key("code_values", name, prefix)].float()
         dense = torch.zeros(index.shape[0], bank.shape[0]).scatter_add_(1, index.long(), values)   # [E, m]
-        layer_adapters = tensors[state_key("adapters", name, prefix)].float()          # [E, out, r_l]
+        shape = (num_experts, out_dim, layer_rank(info, layer))
+        layer_adapters, qt = read_part(tensors, "adapters", name, prefix, shape, quant.get("adapters"))
+        qadapters.append(qt)
         ranks.append(int(layer_adapters.shape[-1]))
         adapters.append(torch.nn.functional.pad(layer_adapters, (0, bank.shape[1] - ranks[-1])))   # to r_max
         codes.append(dense)
         ids.append(torch.tensor([[layer, e] for e in range(index.shape[0])]))
     n = sum(a.shape[0] for a in adapters)
+    packed = {"bank": qbank} if qbank is not None else {}
+    if qadapters[0] is not None and all(r == bank.shape[1] for r in ranks):
+        packed["adapters"] = QuantizedTensor.from_tensors(
+            {"a.codes": pack_bits(torch.cat([q.integer_codes() for q in qadapters]), qadapters[0].bits),
+             "a.scales": torch.cat([q.scales for q in qadapters]), "a.zeros": torch.cat([q.zeros for q in qadapters])},
+            "a", {"shape": [n, out_dim, bank.shape[1]], "bits": qadapters[0].bits, "group": qadapters[0].group})
     return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
                      scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
                      metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}),
-                     ranks=tuple(ranks) if len(set(ranks)) > 1 or ranks[0] != bank.shape[1] else None)
+                     ranks=tuple(ranks) if len(set(ranks)) > 1 or ranks[0] != bank.shape[1] else None, quant=packed)
+
+
+def _dims(spec: ArchSpec, config: dict, family: str) -> tuple[int, int]:
+    """(out, in) of a family's expert weights from config.json: (p, d), or (d, p) for down."""
+    p = int(config_value(config, spec.expert_size_keys, spec.model_type))
+    d = int(config_value(config, spec.hidden_size_keys, spec.model_type))
+    return (d, p) if family == "down" else (p, d)

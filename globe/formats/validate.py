@@ -6,10 +6,11 @@
 Checked, from JSON and safetensors headers only (plus the small code-index tensors, for their range):
     config.json          readable, no `auto_map` (custom code is never run), the values GloBE reads typed and
                          bounded (globe.io.arch.validate_config)
-    quantization_config  every value typed and bounded: format_version, mode, families (m, r, k, phi), cache_bytes,
-                         max_gathered_pairs, dtypes
+    quantization_config  every value typed and bounded: format_version, mode, families (m, r, k, phi, ranks,
+                         quant: bits / group / method of each packed part), cache_bytes, max_gathered_pairs, dtypes
     *.safetensors        each file's header and size (a truncated or oversized file is named), every expected
-                         GloBE tensor present with its shape and dtype (globe.formats.checkpoint.family_shapes), no
+                         GloBE tensor present with its shape and dtype (globe.formats.checkpoint.family_shapes; a
+                         packed part's codes U8 / scales F16 / zeros F16, packed_shapes), no
                          unknown GloBE tensor or layer beyond the config's layer count, untouched projections of
                          every expert, code indices in [0, m)
     globe_config.json    the content hash of the checkpoint's own tensors (`checkpoint_hash`, see tensors_hash)
@@ -184,7 +185,7 @@ def check_hash(path: Path, force: bool = False) -> None:
 # ---- quantization_config ----
 def check_quant_values(quant: Any, where: Path, experts: int, p: int, d: int, moe_layers: int) -> None:
     """ConfigError naming `where` (config.json) and the key of quantization_config whose type or value is wrong."""
-    from globe.formats.checkpoint import FORMAT_VERSION, MIN_VERSION, MODES, QUANT_METHOD
+    from globe.formats.checkpoint import FORMAT_VERSION, MIN_VERSION, MODES, QUANT_METHOD, quant_problem
     from globe.io.arch import FAMILIES
 
     def bad(key: str, want: str, value: Any) -> ArtifactError:
@@ -237,6 +238,12 @@ def check_quant_values(quant: Any, where: Path, experts: int, p: int, d: int, mo
         phi = info.get("phi", "identity")
         if phi not in PHI:
             raise bad(f"families.{name}.phi", f"one of {', '.join(PHI)}", phi)
+        problem = quant_problem(info.get("quant"))
+        if problem:
+            raise ArtifactError(f"{where}: quantization_config.families.{name}.quant{problem}; re-export the "
+                                f"checkpoint")
+        if info.get("quant") and version < 3:
+            raise bad("format_version", f"3 for the packed parts of families.{name}.quant", version)
 
 
 # ---- the whole checkpoint ----
@@ -289,7 +296,7 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
     """Check a compressed checkpoint (format 2) before any tensor of it is used; returns its config.json.
     Errors: RemoteCodeError (auto_map), ConfigError (config.json values), CheckpointError (files, headers),
     ArtifactError (tensors against the config, content hash), all naming the file and key or tensor."""
-    from globe.formats.checkpoint import family_shapes, state_key, stored_prefix
+    from globe.formats.checkpoint import family_shapes, packed_key, packed_shapes, state_key, stored_prefix
     from globe.io.arch import FAMILIES, config_value, get_arch, validate_config
     from globe.io.shards import read_config
     path = Path(path)
@@ -329,7 +336,7 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         if tuple(info["shape"]) != tuple(shape) or info["dtype"] not in dtypes:
             raise ArtifactError(f"{file}: tensor {name} has shape {info['shape']} {info['dtype']}, expected "
                                 f"{list(shape)} {'/'.join(dtypes)} (quantization_config and config.json: "
-                                f"{experts} experts, m/r/k of its family); re-export the checkpoint")
+                                f"{experts} experts, m/r/k/quant of its family); re-export the checkpoint")
 
     expected: set[str] = set()
     first = min(layers)
@@ -339,8 +346,16 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         prefixes.append(prefix + ".")
         for family, info in families.items():
             shapes = family_shapes(family, info, experts, p, d, layer)
+            packed = info.get("quant") or {}
             for kind in ("adapters", "code_values", "code_indices", "bank"):
                 key = state_key(kind, family, prefix)
+                if kind in packed:                 # codes / scales / zeros; a packed bank in the first layer only
+                    if kind == "bank" and layer != first:
+                        continue
+                    for buffer, (shape, dtype) in packed_shapes(shapes[kind], packed[kind]).items():
+                        tensor(packed_key(kind, family, buffer, prefix), shape, (dtype,))
+                        expected.add(packed_key(kind, family, buffer, prefix))
+                    continue
                 if kind == "bank" and layer != first:
                     if key in headers:             # tied to the first layer's; tolerated when stored
                         tensor(key, shapes[kind], _FLOAT)
@@ -375,7 +390,7 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         if layer is not None and layer >= num_layers:
             raise ArtifactError(f"{headers[name][0]}: tensor {name} belongs to layer {layer}, but config.json has "
                                 f"{spec.num_layers_keys[0]} = {num_layers}; re-export the checkpoint")
-        if re.search(r"\.(bank|adapters|code_values|code_indices)\.(gate|up|down)$", name):
+        if re.search(r"\.(bank|adapters|code_values|code_indices)\.(gate|up|down)(\.(codes|scales|zeros))?$", name):
             raise ArtifactError(f"{headers[name][0]}: unknown GloBE tensor {name} (not in a MoE layer of "
                                 f"config.json); re-export the checkpoint")
     _check_indices(path, headers, spec, layers, families)

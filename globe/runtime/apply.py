@@ -7,6 +7,9 @@
 Where the experts live comes from the architecture registry applied to the model (globe.io.model). The artifact
 is checked against the model first (globe.artifact.check_compatible): a mismatch is an ArtifactError.
 One Parameter per family bank is created and handed to every layer (stored once, like VeRA's shared matrices).
+A quantized fit (FamilyFit.quant) is applied packed: its bank is one PackedTensor (registered in the first MoE layer,
+referenced by the others) and each layer's adapters are a PackedTensor of that layer's experts and rank, holding the
+fit's own integer codes, scales and zeros (globe.runtime.packed).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from globe.io.model import experts_modules, model_arch, model_shape
 from globe.runtime.build import build_experts
 from globe.runtime.experts import MODES, GlobeExperts
 from globe.runtime.memory import cache_capacity, default_cache_bytes, dense_model_bytes, model_bytes
+from globe.runtime.packed import PackedTensor, select_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,9 @@ def family_codes(result: FitResult) -> dict[str, SparseCodes]:
 
 
 def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: FitResult,
-                 rows: dict[str, dict[int, torch.Tensor]], banks: dict[str, nn.Parameter], dtype: torch.dtype,
-                 max_gathered_pairs: int, all_codes: dict[str, SparseCodes]) -> GlobeExperts:
+                 rows: dict[str, dict[int, torch.Tensor]], banks: dict[str, nn.Parameter | PackedTensor],
+                 dtype: torch.dtype, max_gathered_pairs: int, all_codes: dict[str, SparseCodes],
+                 unpacked: dict[str, torch.Tensor], first: bool) -> GlobeExperts:
     device = layout.device(module)
     codes, adapters = {}, {}
     for name, fam in result.families.items():
@@ -67,18 +72,29 @@ def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: F
         idx, values = all_codes[name]
         codes[name] = (idx[r].to(device), values[r].to(device=device, dtype=dtype))
         rank = fam.layer_rank()[layer]                                   # this layer uses bank[:, :rank]
-        adapters[name] = fam.adapters[r, :, :rank].to(device=device, dtype=dtype).contiguous()   # [E, out, r_l]
+        if "adapters" in fam.quant:                                      # packed: the fit's own codes and scales
+            part = select_rows(fam.quant["adapters"], r, rank, unpacked[name])
+            adapters[name] = PackedTensor.from_quantized(part, _method(fam), device)
+        else:
+            adapters[name] = fam.adapters[r, :, :rank].to(device=device, dtype=dtype).contiguous()   # [E, out, r_l]
+    shared = frozenset() if first else frozenset(n for n, b in banks.items() if isinstance(b, PackedTensor))
     return build_experts(module, layer, layout, banks, {n: f.phi for n, f in result.families.items()}, codes,
-                         adapters, max_gathered_pairs)
+                         adapters, max_gathered_pairs, shared)
+
+
+def _method(fam: FamilyFit) -> str | None:
+    """The quantizer a fit used (its metrics record the settings), for the checkpoint's record."""
+    return (fam.metrics.get("quant") or {}).get("method")
 
 
 def share_banks(model: nn.Module) -> None:
     """Declare every layer's bank but the first MoE layer's as a tied copy, so that transformers' save_pretrained
     writes the bank once (instead of refusing the shared tensors) and from_pretrained ties it back."""
     modules = globe_modules(model)
-    for layer, module in modules.items():
+    for layer, module in modules.items():                     # a packed bank is registered in the first layer only
         module._tied_weights_keys = ({} if layer == min(modules) else
-                                     {state_key("bank", f): state_key("bank", f) for f in module.factored})
+                                     {state_key("bank", f): state_key("bank", f) for f in module.factored
+                                      if not module.is_packed("bank", f)})
 
 
 def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = None) -> dict:
@@ -86,8 +102,10 @@ def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = N
     modules = globe_modules(model)
     first = modules[min(modules)]
     families = {f: family_entry(first.bank[f], first.code_indices[f], first.phis[f],
-                                {layer: m.rank(f) for layer, m in modules.items()}) for f in first.factored}
-    return quant_document(families, mode, cache_bytes, first.max_gathered_pairs, first.bank[first.factored[0]].dtype,
+                                {layer: m.rank(f) for layer, m in modules.items()},
+                                {part: getattr(first, part)[f].meta() for part in ("bank", "adapters")
+                                 if first.is_packed(part, f)}) for f in first.factored}
+    return quant_document(families, mode, cache_bytes, first.max_gathered_pairs, first.factor_dtype(first.factored[0]),
                           first.source_dtype)
 
 
@@ -113,14 +131,15 @@ def apply_globe(model: nn.Module, artifact: FitResult | str | Path, mode: str = 
     first, layout = next(iter(modules.values())), spec.layout
     dtype = dtype or layout.dtype(first)
     device = layout.device(first)
-    banks = {n: nn.Parameter(f.bank.detach().to(device=device, dtype=dtype))
-             for n, f in result.families.items()}
+    banks = {n: PackedTensor.from_quantized(f.quant["bank"], _method(f), device) if "bank" in f.quant else
+             nn.Parameter(f.bank.detach().to(device=device, dtype=dtype)) for n, f in result.families.items()}
     original_bytes = model_bytes(model)
     all_codes = family_codes(result)
+    unpacked = {n: f.quant["adapters"].integer_codes() for n, f in result.families.items() if "adapters" in f.quant}
     for layer, module in modules.items():
         model.set_submodule(spec.experts_path(layer),
                             _build_layer(module, layer, layout, result, rows, banks, dtype, max_gathered_pairs,
-                                         all_codes))
+                                         all_codes, unpacked, layer == min(modules)))
     share_banks(model)
     set_mode(model, mode, cache_size, cache_bytes, original_bytes)
     set_collect_stats(model, collect_stats)

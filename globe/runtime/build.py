@@ -3,6 +3,9 @@ artifact) and for the compressed checkpoint's loader (uninitialised tensors of t
 
     experts = build_experts(module, layer, spec.layout, banks, phis, codes, adapters, max_gathered_pairs)
 
+A bank or adapters may be a PackedTensor (quantized: integer codes + scales + zeros, dequantized on use); a packed
+bank is registered only in the MoE layer that stores it (the first; `shared_banks` names it in the others).
+
 The module is read through its architecture's ExpertsLayout (globe.io.layout): its sizes, its activation, its
 dtype, and the dense weights of the projections that are not factored.
 """
@@ -13,6 +16,7 @@ from torch import nn
 
 from globe.io.layout import FAMILIES, ExpertsLayout
 from globe.runtime.experts import GlobeExperts
+from globe.runtime.packed import PackedTensor
 
 
 def dense_parts(module: nn.Module, layout: ExpertsLayout, factored: set[str]) -> dict[str, nn.Parameter]:
@@ -29,12 +33,14 @@ def dense_parts(module: nn.Module, layout: ExpertsLayout, factored: set[str]) ->
     return dense
 
 
-def build_experts(module: nn.Module, layer: int, layout: ExpertsLayout, banks: dict[str, nn.Parameter],
-                  phis: dict[str, str], codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  adapters: dict[str, torch.Tensor], max_gathered_pairs: int) -> GlobeExperts:
+def build_experts(module: nn.Module, layer: int, layout: ExpertsLayout,
+                  banks: dict[str, nn.Parameter | PackedTensor], phis: dict[str, str],
+                  codes: dict[str, tuple[torch.Tensor, torch.Tensor]], adapters: dict[str, torch.Tensor | PackedTensor],
+                  max_gathered_pairs: int, shared_banks: frozenset[str] = frozenset()) -> GlobeExperts:
     """GlobeExperts replacing the original `module` of MoE layer `layer`: the factored families' shared banks
     {family: [m, r, in]}, this layer's codes {family: (indices [E, k], values [E, k])} and adapters
     {family: [E, out, r]}; the other projections stay dense."""
     num_experts, p, d = layout.dims(module)
     return GlobeExperts(layer, num_experts, d, p, layout.activation(module), banks, phis, codes, adapters,
-                        dense_parts(module, layout, set(banks)), max_gathered_pairs, layout.dtype(module))
+                        dense_parts(module, layout, set(banks)), max_gathered_pairs, layout.dtype(module),
+                        shared_banks)

@@ -12,11 +12,14 @@ Modes:
             cache misses cost more atoms to mix than projecting its tokens is projected (counted, not inserted)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
 Training: the factors (bank, code values, adapters) and the untouched projections are ordinary trainable
-parameters. Both caches (cached mode's LRU, dense mode's reconstruction) are stamped with the identity and the
-`_version` counter of every tensor they were computed from (an optimizer step or any in-place change bumps it) and
-recomputed when the stamp changes; with gradients enabled and a factor requiring them, neither cache is used: the
-factors are mixed (or W_e reconstructed) in the autograd graph, so every backward reaches them (the LRU still
-records the access, so its order and counts do not depend on the grad mode).
+parameters, except quantized ones: a bank or adapters stored packed (PackedTensor: integer codes + scales + zeros,
+dequantized on use; the cached mode keeps the dequantized adapters of its experts in its cache) are frozen buffers,
+while the code values and untouched projections still train. Both caches (cached mode's LRU, dense mode's
+reconstruction) are stamped with the identity and the `_version` counter of every tensor they were computed from
+(an optimizer step or any in-place change bumps it) and recomputed when the stamp changes; with gradients enabled
+and a factor requiring them, neither cache is used: the factors are mixed (or W_e reconstructed) in the autograd
+graph, so every backward reaches them (the LRU still records the access, so its order and counts do not depend on
+the grad mode).
 (token, expert) pairs are sorted by expert once. Small batches (decode) run every pair at once with batched
 matmuls over gathered weights; larger ones use grouped GEMMs (torch.nn.functional.grouped_mm, as transformers'
 own grouped_mm experts) with one group per expert, or a loop over the routed experts where that is unavailable.
@@ -36,6 +39,7 @@ from globe.errors import ConfigError
 from globe.formats.checkpoint import MODES, dense_key
 from globe.io.layout import FAMILIES
 from globe.runtime.cache import MixedCache
+from globe.runtime.packed import FactorParts, PackedTensor
 
 PROJECTIONS: tuple[str, ...] = FAMILIES          # gate, up, down; state keys: globe.formats.checkpoint
 
@@ -70,16 +74,19 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 @dataclass
 class _Projection:
     """One projection of the experts hit by a batch: dense W [E, out, in] (indexed by expert id), or mixed atoms
-    [U, r, in] (indexed by position among the hit experts) followed by adapters [E, out, r] (by expert id)."""
+    [U, r, in] (indexed by position among the hit experts) followed by adapters [E, out, r] (by expert id) or,
+    dequantized for this batch only, [U, out, r] (`hit`: by position among the hit experts)."""
 
     weight: torch.Tensor
     adapters: torch.Tensor | None = None
+    hit: bool = False
 
     def grouped(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
         """x [S, in], pairs sorted by expert -> [S, out] with grouped GEMMs."""
         if self.adapters is None:
             return grouped_linear(x, self.weight, route.expert_offsets)
-        return grouped_linear(grouped_linear(x, self.weight, route.hit_offsets), self.adapters, route.expert_offsets)
+        low = grouped_linear(x, self.weight, route.hit_offsets)
+        return grouped_linear(low, self.adapters, route.hit_offsets if self.hit else route.expert_offsets)
 
     def pairs(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
         """x [S, in] -> [S, out] with one row-vector bmm per projection over weights gathered per pair."""
@@ -88,7 +95,7 @@ class _Projection:
             return torch.bmm(rows, self.weight.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
         mixed = self.weight if route.positions is None else self.weight.index_select(0, route.positions)
         low = torch.bmm(rows, mixed.transpose(1, 2))                                 # [S, 1, r]
-        return torch.bmm(low, self.adapters.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
+        return torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
 
 
 @dataclass
@@ -101,7 +108,8 @@ class _Projected:
     bank: torch.Tensor          # [m, r, in]
     indices: torch.Tensor       # [E, k]
     values: torch.Tensor        # [E, k]
-    adapters: torch.Tensor      # [E, out, r]
+    adapters: torch.Tensor      # [E, out, r], or [U, out, r] when `hit` (see _Projection)
+    hit: bool = False
 
     def rows(self, x: torch.Tensor, row_of_pair: torch.Tensor | None, route: _Route) -> torch.Tensor:
         """Input rows x [n, in] (per token, or per pair when row_of_pair is None) -> [S, out], pairs by expert."""
@@ -111,7 +119,7 @@ class _Projected:
         atoms = z[rows.unsqueeze(1), self.indices.index_select(0, route.experts)]             # [S, k, r]
         weights = self.values.index_select(0, route.experts).to(z.dtype).unsqueeze(1)         # [S, 1, k]
         low = torch.bmm(weights, atoms)                                                       # [S, 1, r]
-        return torch.bmm(low, self.adapters.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
+        return torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
 
 
 class _Route:
@@ -129,6 +137,12 @@ class _Route:
         if self.distinct:
             return None
         return torch.repeat_interleave(torch.arange(self.counts.numel(), device=self.counts.device), self.counts)
+
+    def per_pair(self, tensor: torch.Tensor, hit: bool) -> torch.Tensor:
+        """Rows of `tensor` for each sorted pair: tensor [E, ...] by expert id, or [U, ...] by hit position."""
+        if not hit:
+            return tensor.index_select(0, self.experts)
+        return tensor if self.positions is None else tensor.index_select(0, self.positions)
 
     @cached_property
     def hit_offsets(self) -> torch.Tensor:
@@ -157,10 +171,11 @@ class GlobeExperts(nn.Module):
     """Routed experts of one MoE layer with GloBE-factored projections; see the module docstring."""
 
     def __init__(self, layer: int, num_experts: int, hidden_dim: int, intermediate_dim: int, act_fn: nn.Module,
-                 banks: dict[str, nn.Parameter], phis: dict[str, str],
-                 codes: dict[str, tuple[torch.Tensor, torch.Tensor]], adapters: dict[str, torch.Tensor],
-                 dense: dict[str, nn.Parameter], max_gathered_pairs: int = 16,
-                 source_dtype: torch.dtype | None = None) -> None:
+                 banks: dict[str, nn.Parameter | PackedTensor], phis: dict[str, str],
+                 codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 adapters: dict[str, torch.Tensor | PackedTensor], dense: dict[str, nn.Parameter],
+                 max_gathered_pairs: int = 16, source_dtype: torch.dtype | None = None,
+                 shared_banks: frozenset[str] = frozenset()) -> None:
         super().__init__()
         if set(banks) | set(dense) != set(PROJECTIONS) or set(banks) & set(dense):
             raise ConfigError(f"layer {layer}: each of {PROJECTIONS} must be either factored or dense "
@@ -170,8 +185,9 @@ class GlobeExperts(nn.Module):
         self.act_fn = act_fn
         self.factored = tuple(f for f in PROJECTIONS if f in banks)
         self.phis = dict(phis)
-        self.bank = nn.ParameterDict(banks)                                          # shared: [m, r_max, in]
-        self.adapters = nn.ParameterDict({f: _trainable(a) for f, a in adapters.items()})   # [E, out, r_l]
+        self.bank = FactorParts(banks, shared_banks)                                      # shared: [m, r_max, in]
+        self.adapters = FactorParts({f: a if isinstance(a, PackedTensor) else _trainable(a)
+                                for f, a in adapters.items()})                        # [E, out, r_l]
         for f, a in adapters.items():
             if a.shape[-1] > banks[f].shape[1]:
                 raise ConfigError(f"layer {layer}: {f} adapters have rank {a.shape[-1]} but the bank only "
@@ -181,54 +197,100 @@ class GlobeExperts(nn.Module):
         for family, weight in dense.items():                                          # [E, out, in]
             self.register_parameter(dense_key(family), weight)
         self.max_gathered_pairs = max_gathered_pairs
-        self.source_dtype = source_dtype or next(iter({**banks, **dense}.values())).dtype
+        floats = [t for t in [*banks.values(), *dense.values(), *(v for _, v in codes.values())]
+                  if isinstance(t, torch.Tensor)]
+        self.source_dtype = source_dtype or floats[0].dtype
         self.mode = "factored"
         self.cache: MixedCache | None = None
         self._stamp: tuple | None = None          # inputs of the cache / dense reconstruction it was built from
 
-    # ---- shapes ----
+    # ---- shapes and factors ----
     def rank(self, family: str) -> int:
         """This layer's rank r_l of a factored family (its adapters' width)."""
         return int(self.adapters[family].shape[-1])
 
-    def layer_bank(self, family: str) -> torch.Tensor:
-        """The rows of the shared bank this layer uses: [m, r_l, in] (a view, bank[:, :r_l])."""
-        bank = self.bank[family]
-        return bank if self.rank(family) == bank.shape[1] else bank[:, :self.rank(family)]
+    def is_packed(self, part: str, family: str) -> bool:
+        """Whether `part` ("bank" or "adapters") of a factored family is stored packed (quantized)."""
+        return isinstance(getattr(self, part)[family], PackedTensor)
+
+    def factor_dtype(self, family: str) -> torch.dtype:
+        """The dtype a factored family computes in: its code values' (packed parts are dequantized to it)."""
+        return self.code_values[family].dtype
+
+    def layer_bank(self, family: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows of the shared bank this layer uses: [m, r_l, in] (a view, bank[:, :r_l]; a packed bank is
+        dequantized, to `dtype` or the family's factor dtype)."""
+        bank, rank = self.bank[family], self.rank(family)
+        if isinstance(bank, PackedTensor):
+            bank = bank.dequantize(dtype or self.factor_dtype(family))
+        return bank if rank == bank.shape[1] else bank[:, :rank]
+
+    def layer_adapters(self, family: str, experts: torch.Tensor | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Adapters [E, out, r_l] (or of `experts` only: [U, out, r_l]); packed ones dequantized to `dtype` or the
+        family's factor dtype."""
+        adapters = self.adapters[family]
+        if isinstance(adapters, PackedTensor):
+            dtype = dtype or self.factor_dtype(family)
+            return adapters.dequantize(dtype) if experts is None else adapters.rows(experts, dtype)
+        return adapters if experts is None else adapters.index_select(0, experts.to(adapters.device))
+
+    def _tensors(self, family: str) -> list[torch.Tensor]:
+        """Every stored tensor of a factored family (packed parts as their buffers)."""
+        out = [self.code_values[family], self.code_indices[family]]
+        for part in (self.bank[family], self.adapters[family]):
+            out += list(part.buffers()) if isinstance(part, PackedTensor) else [part]
+        return out
 
     # ---- modes ----
     def set_mode(self, mode: str, cache_size: int | None = None) -> None:
-        """Switch to `factored`, `cached` (LRU of `cache_size` experts, default half) or `dense` (W_e = A_e tilde_B_e
-        reconstructed once from the stored factors, in fp32, kept in the storage dtype)."""
+        """Switch to `factored`, `cached` (LRU of `cache_size` experts, default half; packed adapters are
+        dequantized into it beside the mixed atoms) or `dense` (W_e = A_e tilde_B_e reconstructed once from the
+        stored factors, in fp32, kept in the factor dtype)."""
         if mode not in MODES:
             raise ConfigError(f"runtime mode must be one of {', '.join(MODES)}, not {mode!r}")
         for family in self.factored:
             if hasattr(self, f"dense_{family}"):
                 delattr(self, f"dense_{family}")
         self.cache = None
+        for family in self.factored:                  # the cached mode keeps a packed bank dequantized (shared)
+            if self.is_packed("bank", family):
+                self.bank[family].keep_dequantized(mode == "cached")
         if mode == "cached":
             size = self.num_experts // 2 if cache_size is None else int(cache_size)
             if size < 0:
                 raise ConfigError(f"cache_size must be >= 0, not {size}")
-            shapes = {f: tuple(self.layer_bank(f).shape[1:]) for f in self.factored}
-            ref = self.bank[self.factored[0]] if self.factored else self.dense_weight("down")
-            self.cache = MixedCache(min(size, self.num_experts), shapes, ref.dtype, ref.device)
+            self.cache = MixedCache(min(size, self.num_experts), self.cache_shapes(), *self._cache_where())
         elif mode == "dense":
             self._rebuild_dense()
         self._stamp = self._inputs_stamp()
         self.mode = mode
 
+    def cache_shapes(self) -> dict[str, tuple[int, int]]:
+        """What one cached expert holds: {family: (r_l, in)} mixed atoms, plus {family_adapters: (out, r_l)} for
+        families whose adapters are packed."""
+        shapes = {}
+        for f in self.factored:
+            bank = self.bank[f]
+            shapes[f] = (self.rank(f), int(bank.shape[-1]))
+            if self.is_packed("adapters", f):
+                shapes[f"{f}_adapters"] = tuple(self.adapters[f].shape[1:])
+        return shapes
+
+    def _cache_where(self) -> tuple[torch.dtype, torch.device]:
+        ref = self.code_values[self.factored[0]] if self.factored else self.dense_weight("down")
+        return ref.dtype, ref.device
+
     def _inputs_stamp(self) -> tuple:
         """Identity and in-place version of every tensor the caches are computed from."""
-        tensors = [t for f in self.factored for t in (self.bank[f], self.code_values[f], self.code_indices[f],
-                                                       self.adapters[f])]
+        tensors = [t for f in self.factored for t in self._tensors(f)]
         return tuple((id(t), t._version, t.device) for t in tensors)
 
     def _rebuild_dense(self) -> None:
         with torch.no_grad():
             for family in self.factored:
-                self.register_buffer(f"dense_{family}", self.reconstruct(family).to(self.adapters[family]),
-                                     persistent=False)
+                self.register_buffer(f"dense_{family}", self.reconstruct(family).to(
+                    dtype=self.factor_dtype(family), device=self.code_values[family].device), persistent=False)
 
     def _refresh(self) -> None:
         """Drop what the caches hold when a factor changed since they were filled (optimizer step, load, edit)."""
@@ -243,11 +305,10 @@ class GlobeExperts(nn.Module):
 
     def _differentiable(self) -> bool:
         """Gradients are being recorded for some factor: caches are bypassed (they hold no graph)."""
-        return torch.is_grad_enabled() and any(
-            t.requires_grad for f in self.factored for t in (self.bank[f], self.code_values[f], self.adapters[f]))
+        return torch.is_grad_enabled() and any(t.requires_grad for f in self.factored for t in self._tensors(f))
 
     def mixed_atoms(self, experts: torch.Tensor, families: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the storage dtype."""
+        """Mixed atoms tilde_B_e of the given experts: {family: [U, r, in]} in the factor dtype."""
         out = {}
         for f in self.factored if families is None else families:
             idx = experts.to(self.code_indices[f].device)
@@ -255,11 +316,19 @@ class GlobeExperts(nn.Module):
             out[f] = compose(codes, self.layer_bank(f), self.phis[f])
         return out
 
+    def cached_parts(self, experts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the cache holds for the given experts (see cache_shapes): mixed atoms and dequantized adapters."""
+        out = self.mixed_atoms(experts)
+        for f in self.factored:
+            if self.is_packed("adapters", f):
+                out[f"{f}_adapters"] = self.layer_adapters(f, experts)
+        return out
+
     def reconstruct(self, family: str) -> torch.Tensor:
         """W_e = A_e tilde_B_e of every expert of this layer, computed in fp32: [E, out, in]."""
         idx, values = self.code_indices[family], self.code_values[family].float()
-        mixed = compose(SparseCodes(idx, values), self.layer_bank(family).float(), self.phis[family])
-        return self.adapters[family].float() @ mixed
+        mixed = compose(SparseCodes(idx, values), self.layer_bank(family, torch.float32).float(), self.phis[family])
+        return self.layer_adapters(family, dtype=torch.float32).float() @ mixed
 
     def dense_weight(self, family: str) -> torch.Tensor:
         """The dense [E, out, in] weight a projection runs with in `dense` mode (or an untouched projection)."""
@@ -271,7 +340,7 @@ class GlobeExperts(nn.Module):
             return []
         self._refresh()
         with torch.no_grad():
-            return self.cache.warm_up(counts, self.mixed_atoms)
+            return self.cache.warm_up(counts, self.cached_parts)
 
     # ---- forward ----
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -327,28 +396,40 @@ class GlobeExperts(nn.Module):
                      projected: set[str], differentiable: bool) -> dict[str, _Projection | _Projected]:
         if self.mode == "dense":
             if differentiable:                                   # W_e = A_e tilde_B_e inside the graph
-                return {f: _Projection(self.reconstruct(f).to(self.adapters[f].dtype) if f in self.factored
+                return {f: _Projection(self.reconstruct(f).to(self.factor_dtype(f)) if f in self.factored
                                        else self.dense_weight(f)) for f in PROJECTIONS}
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
         out: dict[str, _Projection | _Projected] = {
-            f: _Projected(self.layer_bank(f), self.code_indices[f], self.code_values[f], self.adapters[f])
+            f: _Projected(self.layer_bank(f), self.code_indices[f], self.code_values[f], *self._adapters(f, experts))
             for f in projected}
         mixing = tuple(f for f in self.factored if f not in projected)
         cache = self.cache
         if not mixing and cache is not None:
             cache.count(expert_list)                           # projected: looked up, not inserted
+        parts: dict[str, torch.Tensor] = {}
         if mixing and differentiable:                          # the cache holds no graph: mix in it
             if cache is not None:
                 with torch.no_grad():                          # same LRU order and counts as without grad
-                    cache.fetch(expert_list, self.mixed_atoms)
-            mixed = self.mixed_atoms(experts, mixing)
+                    cache.fetch(expert_list, self.cached_parts)
+            parts = self.mixed_atoms(experts, mixing)
+        elif mixing and cache is not None:
+            parts = cache.fetch(expert_list, self.cached_parts)
         elif mixing:
-            mixed = (cache.fetch(expert_list, self.mixed_atoms) if cache is not None
-                     else self.mixed_atoms(experts, mixing))
-        if mixing:
-            out.update({f: _Projection(mixed[f], self.adapters[f]) for f in mixing})
+            parts = self.mixed_atoms(experts, mixing)
+        for f in mixing:
+            if f"{f}_adapters" in parts:                       # packed adapters, dequantized into the cache
+                out[f] = _Projection(parts[f], parts[f"{f}_adapters"], hit=True)
+            else:
+                out[f] = _Projection(parts[f], *self._adapters(f, experts))
         out.update({f: _Projection(self.dense_weight(f)) for f in PROJECTIONS if f not in self.factored})
         return out
+
+    def _adapters(self, family: str, experts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(adapters, hit) for a batch: stored ones [E, out, r] by expert id, packed ones dequantized for the hit
+        experts only [U, out, r]."""
+        if self.is_packed("adapters", family):
+            return self.layer_adapters(family, experts), True
+        return self.adapters[family], False
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer}, experts={self.num_experts}, factored={list(self.factored)}, "

@@ -3,6 +3,7 @@
     model_bytes(model)                   # unique parameters + buffers (persistent or not), each storage once
     dense_model_bytes(patched)           # what the unpatched model would hold (GloBE factors -> dense experts)
     held_breakdown(model)                # {"weights", "caches"}: stored tensors vs what the runtime rebuilds
+    held_packed_bytes(model)             # of the weights, the packed (quantized) factors (caches: dequantized)
     cache_capacity(module, budget)       # experts one GlobeExperts layer can cache within `budget` bytes
 
 The default cache budget is DEFAULT_CACHE_FRACTION of the original model's bytes, split evenly over the MoE layers:
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from globe.runtime.experts import GlobeExperts
+from globe.runtime.packed import PackedTensor
 
 DEFAULT_CACHE_FRACTION = 0.04      # of the original model's bytes, for all layers' caches together
 
@@ -60,8 +62,12 @@ def default_cache_bytes(original_bytes: int) -> int:
 
 
 def slot_bytes(module: nn.Module) -> int:
-    """Bytes one cached expert takes in a GlobeExperts layer: its mixed atoms [r, in] of every factored family."""
-    return sum(module.layer_bank(f)[0].numel() * module.bank[f].element_size() for f in module.factored)
+    """Bytes one cached expert takes in a GlobeExperts layer: its mixed atoms [r, in] of every factored family (and
+    its dequantized adapters [out, r] where they are stored packed), in the factor dtype."""
+    if not module.factored:
+        return 0
+    itemsize = module.factor_dtype(module.factored[0]).itemsize
+    return sum(a * b for a, b in module.cache_shapes().values()) * itemsize
 
 
 def cache_capacity(module: nn.Module, budget: int) -> int:
@@ -71,20 +77,30 @@ def cache_capacity(module: nn.Module, budget: int) -> int:
 
 
 def cache_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """Tensors the runtime derives from the stored factors: the cached mode's LRU slots and the dense mode's
-    reconstructed weights (`dense_<family>` buffers) of every GlobeExperts layer."""
+    """Tensors the runtime derives from the stored factors: the cached mode's LRU slots (and its dequantized copy of
+    a packed bank) and the dense mode's reconstructed weights (`dense_<family>` buffers) of every GlobeExperts
+    layer."""
     out = []
     for module in model.modules():
         if isinstance(module, GlobeExperts):
             out += [getattr(module, f"dense_{f}") for f in module.factored if hasattr(module, f"dense_{f}")]
             if module.cache is not None:
                 out += [module.cache.slots(f) for f in module.cache.families]
+        if isinstance(module, PackedTensor) and module.kept() is not None:
+            out.append(module.kept())                 # a packed bank kept dequantized by the cached mode
     return out
 
 
+def held_packed_bytes(model: nn.Module) -> int:
+    """Bytes of the packed (quantized) banks and adapters of the model's GlobeExperts layers: integer codes, scales
+    and zeros (part of held_breakdown's `weights`; what the caches hold of them is dequantized)."""
+    return tensor_bytes([t for m in model.modules() if isinstance(m, PackedTensor) for t in m.buffers()])
+
+
 def held_breakdown(model: nn.Module) -> dict[str, int]:
-    """Bytes the model holds, split into `weights` (parameters and buffers that are stored or loaded) and `caches`
-    (tensors the runtime rebuilds from them: LRU slots, dense reconstructions); each storage counted once."""
+    """Bytes the model holds, split into `weights` (parameters and buffers that are stored or loaded, packed parts
+    included) and `caches` (tensors the runtime rebuilds from them: LRU slots with mixed atoms and dequantized
+    adapters, dense reconstructions); each storage counted once."""
     caches = _unique(cache_tensors(model))
     cached = {(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) for t in caches}
     weights = [t for t in _unique(list(model.parameters()) + list(model.buffers()))

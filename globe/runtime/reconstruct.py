@@ -16,12 +16,13 @@ def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | No
 
     The factors are first rounded to `factor_dtype` (the runtime's storage dtype, when given), then everything is
     computed in fp32 exactly as GlobeExperts.reconstruct does, so the runtime `dense` mode and the dense export
-    agree bit for bit.
+    agree bit for bit. A quantized part (fam.quant) is stored packed, not in the factor dtype: its dequantized fp32
+    values are used as they are, as the runtime dequantizes them.
     """
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        return (t.to(factor_dtype) if factor_dtype is not None else t).float()
+    def cast(t: torch.Tensor, part: str | None = None) -> torch.Tensor:
+        return (t.to(factor_dtype) if factor_dtype is not None and part not in fam.quant else t).float()
 
     indices, values = sparse_codes(fam.codes[rows].float())
-    mixed = compose(SparseCodes(indices, cast(values)), cast(fam.bank), fam.phi)     # [n, r, d]
-    weights = cast(fam.adapters[rows]) @ mixed                                       # [n, p, d]
+    mixed = compose(SparseCodes(indices, cast(values)), cast(fam.bank, "bank"), fam.phi)     # [n, r, d]
+    weights = cast(fam.adapters[rows], "adapters") @ mixed                                   # [n, p, d]
     return weights if dtype is None else weights.to(dtype)

@@ -49,10 +49,12 @@ def test_model_card_states_bytes_per_family_as_stored(quantized, tmp_path):
     tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     rows = family_bytes(result, out)
     for fam in ("gate", "up"):
+        part = {k: k.rsplit(".", 1)[0] if k.endswith((".codes", ".scales", ".zeros")) else k for k in tensors}
         hand = sum(v.numel() * v.element_size() for k, v in tensors.items()
-                   if k.rsplit(".", 2)[-2:][1] == fam and k.rsplit(".", 2)[-2] in ("bank", "adapters", "code_values",
-                                                                                  "code_indices"))
+                   if part[k].rsplit(".", 2)[-2:][1] == fam and part[k].rsplit(".", 2)[-2] in (
+                       "bank", "adapters", "code_values", "code_indices"))
         assert rows[fam][1] == hand > 0
+        assert any(k.endswith(f".bank.{fam}.codes") for k in tensors)                 # stored packed
     card = model_card(result, out)
     assert "bytes of gate (routed experts)" in card and "4-bit group 8" in card
 

@@ -95,7 +95,7 @@ def test_every_mode_and_the_checkpoint_equal_the_dense_reconstruction(tmp_path, 
     save_compressed(path, result, tmp_path / "c")
     quant = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
     assert "ranks per layer 0:4, 1:1, 2:3" in format_compressed(describe_compressed(tmp_path / "c"))   # globe info
-    assert quant["format_version"] == 2 and quant["families"]["gate"]["ranks"] == {"0": 4, "1": 1, "2": 3}
+    assert quant["format_version"] == 3 and quant["families"]["gate"]["ranks"] == {"0": 4, "1": 1, "2": 3}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     set_mode(loaded, mode, cache_size=2)
     torch.testing.assert_close(_logits(loaded), reference, rtol=1e-4, atol=1e-5)
