@@ -136,7 +136,7 @@ def distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
         return result, {"steps": 0}
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ConfigError(f"distillation needs calibration sequences [S, T >= 2], got shape {tuple(ids.shape)}")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     train_ids, val_ids = _split(ids, cfg.validation)
     was_training = model.training
     model.eval()
@@ -157,7 +157,7 @@ def distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
             "train_sequences": int(train_ids.shape[0]), "validation_sequences": int(val_ids.shape[0]),
             "tokens_per_sequence": int(ids.shape[1]), "train_kl_first": losses[0], "train_kl_last": losses[-1],
             "validation_kl_before": before, "validation_kl_after": after, "accepted": accepted,
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
     log.info("distillation: %d steps, validation KL %s -> %s (%s)", cfg.steps, before, after,
              "kept" if accepted else "rejected: the fit is kept")
     if not accepted:
