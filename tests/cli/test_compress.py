@@ -25,7 +25,8 @@ def test_compress_fit_options_reach_the_fit_and_metrics_go_where_asked(tmp_path)
     out, metrics = tmp_path / "small", tmp_path / "logs" / "fit.jsonl"
     assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
                      "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--init", "svd",
-                     "--calibration-tokens", "256", "--activation-steps", "1", "--metrics", str(metrics)]) == 0
+                     "--calibration-tokens", "256", "--activation-steps", "1", "--distill-steps", "2",
+                     "--metrics", str(metrics)]) == 0
     doc = json.loads((out / "globe_config.json").read_text())
     assert doc["config"]["bank"]["families"] == ["gate"] and doc["config"]["bank"]["init"] == "svd"
     assert (doc["config"]["bank"]["m"], doc["config"]["bank"]["r"]) == (6, 16)
@@ -46,6 +47,7 @@ def test_compress_distills_after_the_fit_and_records_it(tmp_path, capsys):
     assert info["train_sequences"] == 1 and info["validation_sequences"] == 1 and info["tokens_per_sequence"] == 256
     assert "distilled bank, code_values, adapters for 3 steps" in printed
     assert ("kept" if info["accepted"] else "rejected") in printed
+    assert "Then distilled (bank, code_values, adapters; nothing else of the model)" in (out / "README.md").read_text()
 
 
 def test_compress_rejects_bad_distillation_options_before_any_work(tmp_path, capsys):

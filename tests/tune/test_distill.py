@@ -137,3 +137,17 @@ def test_the_config_round_trips_with_its_format_version():
     assert DistillConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="format_version"):
         DistillConfig.from_dict({**cfg.to_dict(), "format_version": 99})
+
+
+def test_a_quantized_fit_trains_its_code_values_only(planted):
+    import dataclasses
+    original, result, calib, _ = planted
+    stored = {n: dataclasses.replace(f, quant={"bank": object()}) for n, f in result.families.items()}
+    quantized = dataclasses.replace(result, families=stored)
+    out, info = distill(copy.deepcopy(original), quantized, calib, dataclasses.replace(CFG, steps=10))
+    assert info["trained"] == ["code_values"]
+    for name, fam in quantized.families.items():
+        assert torch.equal(out.families[name].bank, fam.bank) and torch.equal(out.families[name].adapters,
+                                                                              fam.adapters)
+        assert out.families[name].quant is fam.quant
+        assert torch.equal(out.families[name].codes != 0, fam.codes != 0)
