@@ -9,12 +9,14 @@ must not use it afterwards. Only the GloBE factors train: the family banks, the 
 pattern of the codes is fixed: padding entries get no gradient and stay exactly zero) and the adapters, into which
 the fit has folded each expert's scale; every other parameter is frozen and unchanged bit for bit. A fit whose
 bank and adapters are stored quantized (cfg.quant.bits) trains its code values only, so the quantized parts stay
-valid. Adam with a cosine decay, each factor's step cfg.lr x its RMS, cfg.batch sequences per step drawn by a seeded torch.Generator.
+valid. Adam with a cosine decay, each factor's step cfg.lr x its RMS, cfg.batch sequences per step drawn by a
+seeded torch.Generator; on the CPU on one thread.
 The last cfg.validation share of the sequences is held out: the distilled factors are kept only when their KL on
 it is lower than the fit's, else the fit is returned unchanged (info["accepted"] says which).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -128,9 +130,29 @@ def _train(model: nn.Module, params: list[nn.Parameter], ids: torch.Tensor, targ
     return losses
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(model: nn.Module):
+    """torch on one intra-op thread while distilling on the CPU (restored afterwards): on a busy machine the steps'
+    small matmuls wait for the slowest of several threads (see globe.calibration.self_text)."""
+    threads = torch.get_num_threads()
+    if next(model.parameters()).device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
             cfg: DistillConfig) -> tuple[FitResult, dict]:
     """(the distilled FitResult or `result` itself, what happened); see the module docstring. ids: [S, T]."""
+    with _one_cpu_thread(model):
+        return _distill(model, result, ids, cfg)
+
+
+def _distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
+             cfg: DistillConfig) -> tuple[FitResult, dict]:
     cfg.check()
     if not cfg.enabled:
         return result, {"steps": 0}
