@@ -1,8 +1,11 @@
 """Uniform against sensitivity-allocated per-layer ranks (globe.fit.engine.ranks) on the evaluation models:
-activation-aware fit at --total-cut 0.35, calibrated on calib.txt, scored by KL(original || compressed) per token
-and top-1 agreement on heldout.txt. Single thread; writes benchmarks/results/rank_allocation.json.
+activation-aware fit at --total-cut 0.35, calibrated like `globe compress` by default (--calibration self: 8192
+tokens the model samples itself, seed 0) or on MODEL/calib.txt (--calibration text), scored by KL(original ||
+compressed) per token and top-1 agreement on heldout.txt (the first --max-tokens tokens). Models: the names in
+benchmarks/models/ or `embedded` (globe/assets/globe-tiny-moe, the model defaults are tuned on). Single thread;
+writes benchmarks/results/rank_allocation.json.
 
-    OMP_NUM_THREADS=1 python benchmarks/rank_allocation.py [MODEL_NAME ...] [--max-tokens N]
+    OMP_NUM_THREADS=1 python benchmarks/rank_allocation.py [MODEL_NAME ...] [--max-tokens N] [--calibration text]
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ import torch
 from transformers import AutoTokenizer
 
 from globe.artifact import load
+from globe.assets import DEFAULT_MODEL_DIR
 from globe.eval.divergence import divergence
 from globe.eval.perplexity import encode_text
 from globe.export import load_model
+from globe.run.calibrate import CalibrateRun, run_calibrate
 from globe.runtime import apply_globe
 
 ROOT = Path(__file__).resolve().parent
-MODELS = ("upcycled-qwen2moe", "scratch-qwen2moe-e48")
+MODELS = ("embedded", "upcycled-qwen2moe", "scratch-qwen2moe-e48")
 OUT = ROOT / "results" / "rank_allocation.json"
 
 
@@ -32,10 +37,11 @@ def globe(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "globe.cli.main", *args], check=True, stdout=subprocess.DEVNULL)
 
 
-def measure(name: str, work: Path, max_tokens: int, cut: float) -> dict:
-    model_dir = ROOT / "models" / name
+def measure(name: str, work: Path, max_tokens: int, cut: float, calibration: str = "self") -> dict:
+    model_dir = Path(DEFAULT_MODEL_DIR) if name == "embedded" else ROOT / "models" / name
     stats = work / f"{name}.stats.safetensors"
-    globe("calibrate", str(model_dir), "--text", str(model_dir / "calib.txt"), "-o", str(stats))
+    text = str(model_dir / "calib.txt") if calibration == "text" else None
+    run_calibrate(CalibrateRun(str(model_dir), text, str(stats), max_tokens=8192, seed=0))
     ids = encode_text(AutoTokenizer.from_pretrained(model_dir), (model_dir / "heldout.txt").read_text())
     reference = load_model(model_dir)
     row = {}
@@ -63,13 +69,16 @@ def main() -> None:
     ap.add_argument("models", nargs="*", default=list(MODELS))
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--total-cut", type=float, default=0.35)
+    ap.add_argument("--calibration", choices=("self", "text"), default="self",
+                    help="self-generated (what globe compress does) or MODEL/calib.txt")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             results[name] = {"total_cut": args.total_cut, "heldout_max_tokens": args.max_tokens,
-                             **measure(name, Path(tmp), args.max_tokens, args.total_cut)}
+                             "calibration": args.calibration, "calibration_tokens": 8192,
+                             **measure(name, Path(tmp), args.max_tokens, args.total_cut, args.calibration)}
             OUT.write_text(json.dumps(results, indent=1) + "\n")
 
 

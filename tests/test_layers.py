@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("artifact", ("globe.artifact",)),
     ("runtime", ("globe.runtime",)),
     ("export", ("globe.export",)),
+    ("tune", ("globe.tune",)),
     ("eval", ("globe.eval",)),
     ("run", ("globe.run",)),
     ("front ends", ("globe.cli", "globe.hydra_app", "globe.fit_banks", "globe")),

@@ -18,6 +18,7 @@ from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
+from globe.tune import DistillConfig
 
 FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
 # compress's defaults: 4-bit group-64 GPTQ factors at budget 0.6 (about 2.7 bits per routed weight, below 4-bit
@@ -57,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens to calibrate on: the first N of --calibration-text, or N sampled from the model "
                         f"(default {DEFAULT_CALIBRATION_TOKENS})")
+    p.add_argument("--distill-steps", type=int, default=DistillConfig().steps, metavar="N",
+                   help="after the fit, distill the compressed parameters (banks, code values, adapters; nothing "
+                        "else) to the original's next-token distribution on the calibration tokens for N Adam "
+                        f"steps, kept only if that lowers the KL on held-out calibration sequences; 0 = off "
+                        f"(default {DistillConfig().steps})")
+    p.add_argument("--distill-lr", type=float, default=DistillConfig().lr, metavar="LR",
+                   help=f"distillation step size, relative to each factor's RMS (default {DistillConfig().lr:g})")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -114,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
                                    dense=args.dense, dense_out=args.dense_out, text=args.text,
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
                                    device=args.device, command=command, metrics=args.metrics,
-                                   size=plan.to_dict() if plan is not None else None))
+                                   size=plan.to_dict() if plan is not None else None,
+                                   distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check()))
     result, cut = out["result"], total_cut_of(out["result"])
     print(calibration_line(result.source.get("calibration") or {}))
+    if "distill" in result.source:
+        print(distill_line(result.source["distill"]))
     for name, row in fit_summary(result).items():
         minimised = f" (activation-weighted, minimised: {row['act_rel_err']:.4f})" if "act_rel_err" in row else ""
         print(f"{name:6} m={row['m']} r={row['r']} params {row['params_ratio']:.3f} of dense, "
@@ -166,3 +177,11 @@ def calibration_line(info: dict) -> str:
     if kind == "statistics file":
         return f"calibrated with the statistics in {info['stats']}"
     return "not calibrated: weight-space fit"
+
+
+def distill_line(info: dict) -> str:
+    """What the distillation of a compress run did, in one line."""
+    kl = f"KL on {info['validation_sequences']} held-out calibration sequences {info['validation_kl_before']:.6f} -> " \
+         f"{info['validation_kl_after']:.6f}" if info.get("validation_kl_before") is not None else "no held-out KL"
+    what = "kept" if info.get("accepted") else "rejected, the fit is kept as it was"
+    return f"distilled {', '.join(info['trained'])} for {info['config']['steps']} steps ({kl}): {what}"

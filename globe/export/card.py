@@ -58,7 +58,23 @@ def _calibration(result: FitResult) -> list[str]:
                f"{'on' if act.routing_weights else 'off'}, channel weights {'on' if act.channel_weights else 'off'}"
                if act.per_expert else f"per-layer second moments, damping {act.damp:g}, {act.steps} refinement steps")
     return ["", "## Calibration", "", f"Activation-aware fit (minimising the error of the experts' outputs on their "
-            f"inputs) calibrated on {what}; {options}."]
+            f"inputs) calibrated on {what}; {options}.", *_distillation(result)]
+
+
+def _distillation(result: FitResult) -> list[str]:
+    """What the distillation after the fit (globe.tune.distill) did, in one paragraph."""
+    info = result.source.get("distill")
+    if not info or "config" not in info:
+        return []
+    cfg, kl = info["config"], ""
+    if info.get("validation_kl_before") is not None:
+        kl = (f"; KL to the original on {info['validation_sequences']} held-out calibration sequences "
+              f"{info['validation_kl_before']:.6f} -> {info['validation_kl_after']:.6f}")
+    outcome = ("kept (the factors above are the distilled ones; the weight errors in the table are the fit's)"
+               if info.get("accepted") else "rejected: the fit is stored as it was")
+    return ["", f"Then distilled ({', '.join(info['trained'])}; nothing else of the model) to the original's next-token "
+                f"distribution on the same calibration tokens: {cfg['steps']} Adam steps, step {cfg['lr']:g} x each "
+                f"factor's RMS, top-{cfg['top_k']} log-probs, seed {cfg['seed']}{kl}; {outcome}."]
 
 
 def tensor_bytes(path: Path) -> dict[str, int]:

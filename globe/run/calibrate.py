@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from globe.calibration import ActivationStats, collect_stats, save_stats
 from globe.calibration.self_text import SelfText, self_generated_ids, start_tokens
 from globe.core import outputs
@@ -78,6 +80,11 @@ def _text_ids(run: CalibrateRun, text_path: Path):
 def run_calibrate(run: CalibrateRun) -> ActivationStats:
     """Collect the statistics and write them to run.out; returns them. The output file is never an input,
     is replaced only with overwrite, and is locked while the run lasts (globe.core.outputs.claim_output_file)."""
+    return run_calibrate_with_ids(run)[0]
+
+
+def run_calibrate_with_ids(run: CalibrateRun) -> tuple[ActivationStats, torch.Tensor]:
+    """run_calibrate, also returning the calibration token ids [sequences, length] (a text: [1, n])."""
     text_path = check_calibrate_run(run)
     inputs = [run.model_dir, text_path, run.tokenizer]
     with outputs.claim_output_file(run.out, "calibrate", run.overwrite, inputs=inputs):
@@ -93,4 +100,4 @@ def run_calibrate(run: CalibrateRun) -> ActivationStats:
                               info={"model_dir": str(Path(run.model_dir).resolve()), "text": info.get("text"),
                                     "calibration": info})
         save_stats(stats, run.out)
-    return stats
+    return stats, ids

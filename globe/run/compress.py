@@ -4,10 +4,12 @@
 
 The fit is activation-aware by default: calibrated on calibration_text when given, else on text the model samples
 itself (globe.calibration.self_text, seeded with the fit's seed; no data, no network), calibration_tokens tokens
-either way; calibrate=False fits in weight space. Where the calibration came from is recorded in the artifact's
-source (result.source["calibration"], so globe_config.json) and in the model card. With `text` the original and
-the compressed model are scored on all of it (or its first eval_tokens tokens), the compressed one also by KL and
-top-1 agreement to the original.
+either way; calibrate=False fits in weight space. With distill.steps > 0 the fitted factors are then distilled to
+the original's next-token distribution on the same calibration tokens (globe.tune.distill; kept only where that
+lowers the KL on held-out calibration sequences; result.source["distill"] says what happened). Where the
+calibration came from is recorded in the artifact's source (result.source["calibration"], so globe_config.json)
+and in the model card. With `text` the original and the compressed model are scored on all of it (or its first
+eval_tokens tokens), the compressed one also by KL and top-1 agreement to the original.
 
 OUT becomes the compressed checkpoint (AutoModelForCausalLM.from_pretrained(OUT) after `import globe`) with
 README.md (model card), globe_config.json and metrics.jsonl of the fit (elsewhere with metrics=FILE); --dense adds the dense-reconstructed
@@ -17,6 +19,7 @@ runs), which is removed once the export is written: the export holds the artifac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -24,15 +27,18 @@ from pathlib import Path
 
 from globe.core import outputs
 from globe.core.result import FitResult
+from globe.device import resolve_device
 from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
-from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate
+from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate_with_ids
 from globe.run.evaluate import EvalText, evaluate_isolated
 from globe.run.fit import FitRun, apply_total_cut, run_fit
 from globe.run.load import ModelLoad
 from globe.run.tokenizer import read_text
+from globe.tune import DistillConfig
+from globe.tune.distill import distill_checkpoint
 
 log = logging.getLogger(__name__)
 WORK_DIR = outputs.WORK_DIR               # removed by the next run on OUT if a run is killed
@@ -59,6 +65,7 @@ class CompressRun:
     command: str | None = None                # the command line, for the model card
     metrics: str | None = None                # JSONL of the fit's metrics (default OUT/metrics.jsonl)
     size: dict | None = None                  # the --size plan the config was set by (SizePlan.to_dict()), recorded
+    distill: DistillConfig = field(default_factory=DistillConfig)   # after the fit, on the calibration tokens
 
 
 def _calibration(run: CompressRun) -> CalibrateRun | None:
@@ -75,10 +82,10 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
     cfg = run.config
     if run.total_cut is not None:
         apply_total_cut(cfg, run.model_dir, run.total_cut)
-    info = None
+    info, ids = None, None
     if calibration is not None:
         calibration.out = str(work / "calibration.safetensors")
-        stats = run_calibrate(calibration)
+        stats, ids = run_calibrate_with_ids(calibration)
         cfg.activation.stats = calibration.out
         info = stats.info.get("calibration")
     elif cfg.activation.stats:
@@ -88,7 +95,21 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
     result.source["calibration"] = info or {"source": "none (weight-space fit)"}
     if run.size is not None:
         result.source["size"] = run.size
-    return result
+    return _distill(run, result, ids, calibration)
+
+
+def _distill(run: CompressRun, result: FitResult, ids, calibration: CalibrateRun | None) -> FitResult:
+    """The fit distilled to the original on the calibration tokens (globe.tune.distill), when asked and possible."""
+    if not run.distill.enabled:
+        return result
+    if ids is None:
+        log.info("distillation skipped: it needs the calibration tokens of this run (none with --no-calibration "
+                 "or a statistics file)")
+        return result
+    cfg = dataclasses.replace(run.distill, seed=run.config.train.seed)
+    distilled, _ = distill_checkpoint(run.model_dir, result, ids, cfg, window=calibration.window,
+                                      device=str(resolve_device(run.device)))
+    return distilled
 
 
 def _evaluate(run: CompressRun, out: Path, original: str) -> dict:

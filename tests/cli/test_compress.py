@@ -25,7 +25,8 @@ def test_compress_fit_options_reach_the_fit_and_metrics_go_where_asked(tmp_path)
     out, metrics = tmp_path / "small", tmp_path / "logs" / "fit.jsonl"
     assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
                      "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--init", "svd",
-                     "--calibration-tokens", "256", "--activation-steps", "1", "--metrics", str(metrics)]) == 0
+                     "--calibration-tokens", "256", "--activation-steps", "1", "--distill-steps", "2",
+                     "--metrics", str(metrics)]) == 0
     doc = json.loads((out / "globe_config.json").read_text())
     assert doc["config"]["bank"]["families"] == ["gate"] and doc["config"]["bank"]["init"] == "svd"
     assert (doc["config"]["bank"]["m"], doc["config"]["bank"]["r"]) == (6, 16)
@@ -67,3 +68,24 @@ def test_compress_size_sets_bits_and_budget_and_refuses_in_one_line(tmp_path, ca
     assert "plain 4-bit group quantization" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--bits", "4", "--no-quant"]) == 2
+
+
+def test_compress_distills_after_the_fit_and_records_it(tmp_path, capsys):
+    out = tmp_path / "distilled"
+    assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
+                     "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--calibration-tokens", "512",
+                     "--activation-steps", "1", "--distill-steps", "3", "--distill-lr", "1e-4"]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "globe_config.json").read_text())
+    info = doc["source"]["distill"]
+    assert info["config"]["steps"] == 3 and info["config"]["lr"] == 1e-4 and info["config"]["format_version"] == 1
+    assert info["train_sequences"] == 1 and info["validation_sequences"] == 1 and info["tokens_per_sequence"] == 256
+    assert "distilled bank, code_values, adapters for 3 steps" in printed
+    assert ("kept" if info["accepted"] else "rejected") in printed
+    assert "Then distilled (bank, code_values, adapters; nothing else of the model)" in (out / "README.md").read_text()
+
+
+def test_compress_rejects_bad_distillation_options_before_any_work(tmp_path, capsys):
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--distill-steps", "-1"]) != 0
+    assert "--distill-steps must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -18,7 +18,7 @@ from globe.run.fit import FitRun, apply_total_cut, run_fit, total_cut_of
 from globe.runtime import globe_modules
 
 QUICK = ["--am-iters", "2", "--varpro-steps", "3"]
-QUICK_CALIBRATION = ["--calibration-tokens", "256", "--activation-steps", "2"]
+QUICK_CALIBRATION = ["--calibration-tokens", "256", "--activation-steps", "2", "--distill-steps", "2"]
 SMALL = ["--families", "gate", "--m", "6", "--r", "16", "--target-support", "3", "--am-iters", "1",
          "--varpro-steps", "1", "--init", "svd"]
 
