@@ -179,5 +179,9 @@ class FactorParts(nn.Module):
     def keys(self) -> list[str]:
         return [*self._parameters, *self._modules, *self._shared]
 
+    def items(self) -> list[tuple[str, torch.Tensor | PackedTensor]]:
+        """(family, part) pairs, as a ParameterDict gives them: a Parameter or a frozen PackedTensor."""
+        return [(name, self[name]) for name in self.keys()]
+
     def is_stored(self, name: str) -> bool:
         return name not in self._shared

@@ -77,9 +77,10 @@ def _family_from(model: nn.Module, fam: FamilyFit, name: str, parts: tuple[str, 
         full = torch.zeros(values.shape[0], codes.shape[1], dtype=torch.float32, device=values.device)
         full.scatter_add_(1, idx, values.float())                                          # padding adds 0
         codes[rows[layer]] = full.to(codes)
-        adapter = module.adapters[name].detach()                                           # [E, p, r_l]
-        adapters[rows[layer], :, :adapter.shape[-1]] = adapter.to(adapters)
-    bank = next(iter(modules.values())).bank[name].detach().to(fam.bank)
+        if "adapters" in parts:                          # packed (quantized) adapters are frozen: never read back
+            adapter = module.adapters[name].detach()                                       # [E, p, r_l]
+            adapters[rows[layer], :, :adapter.shape[-1]] = adapter.to(adapters)
+    bank = next(iter(modules.values())).bank[name].detach().to(fam.bank) if "bank" in parts else fam.bank
     metrics = {**fam.metrics, "distilled": list(parts)}
     return dataclasses.replace(fam, bank=bank if "bank" in parts else fam.bank, codes=codes,
                                adapters=adapters if "adapters" in parts else fam.adapters, metrics=metrics)

@@ -142,8 +142,8 @@ def test_the_config_round_trips_with_its_format_version():
 def test_a_quantized_fit_trains_its_code_values_only(planted):
     import dataclasses
     original, result, calib, _ = planted
-    stored = {n: dataclasses.replace(f, quant={"bank": object()}) for n, f in result.families.items()}
-    quantized = dataclasses.replace(result, families=stored)
+    from tests.helpers.quantized import quantized_result
+    quantized = quantized_result(result)                      # bank and adapters stored packed (4-bit, group 8)
     out, info = distill(copy.deepcopy(original), quantized, calib, dataclasses.replace(CFG, steps=10))
     assert info["trained"] == ["code_values"]
     for name, fam in quantized.families.items():
