@@ -6,6 +6,7 @@ memory of this process (CPU RSS, CUDA, MPS) in one place.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +47,20 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if device.type == "mps":
         os.environ.setdefault("PYTORCH_ENABLE_MPS_FALLBACK", "1")
     return device
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: str | torch.device):
+    """torch on one intra-op thread while small sequential steps run on the CPU (restored afterwards): on a busy
+    machine each small matmul waits for the slowest of several threads (sampling, distillation)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def acc_dtype(device: str | torch.device) -> torch.dtype:

@@ -15,17 +15,13 @@ Rebuild (needs ``apt-get install perl-doc``; about 15 min on one thread):
 from __future__ import annotations
 
 import argparse
-import logging
-import time
 from pathlib import Path
 
 from transformers import Qwen2MoeForCausalLM
 
-import build_corpus
-import moe_evaluation as ev
+import moe_recipe as recipe
 import moe_training as mt
 
-LOG = logging.getLogger("train_scratch_moe")
 OUT_DIR = mt.REPO_ROOT / "benchmarks" / "models" / "scratch-qwen2moe-e48"
 SOURCE = Path("/usr/share/perl/5.36.0/pod")
 MODEL_DEFAULTS = {"vocab_size": 2048, "hidden_size": 160, "layers": 4, "heads": 4, "kv_heads": 2, "experts": 48,
@@ -47,28 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_splits(args: argparse.Namespace) -> None:
     """Write the train / held-out / calibration splits (see the module doc)."""
-    build_corpus.main(["--source", str(args.source), "--glob", "*.pod", "--train-out", str(args.train_text),
-                       "--heldout-out", str(args.heldout_text), "--calib-out", str(args.out_dir / "calib.txt")])
+    recipe.build_splits(args, "*.pod")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Build the corpus, train, save, verify, evaluate, and record the model."""
-    args = parse_args(argv)
-    t0 = mt.setup(args)
-    if not args.skip_corpus:
-        build_splits(args)
-    docs = mt.split_docs(args.train_text.read_text(encoding="utf-8"))
-    tok, data = mt.prepare_tokenizer(args, docs)
-    LOG.info("train split: %d documents, %d tokens", len(docs), data.numel())
-    model = Qwen2MoeForCausalLM(mt.moe_config(args, len(tok), tok.eos_token_id))
-    n_params = sum(p.numel() for p in model.parameters())
-    LOG.info("model: %.2fM parameters", n_params / 1e6)
-    t1 = time.time()
-    stats = mt.train(model, data, args)
-    record = {"parameters": n_params, "steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.context,
-              "train_tokens": data.numel(), "train_documents": len(docs), "train_wall_s": round(time.time() - t1, 1),
-              **stats}
-    ev.finish(model, tok, data, args, record, t0, sharing=True)
+    recipe.train_from_scratch(parse_args(argv), "*.pod",
+                              lambda args, vocab, eos: Qwen2MoeForCausalLM(mt.moe_config(args, vocab, eos)))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from transformers import Qwen2MoeForCausalLM
 
 import build_corpus
 import moe_evaluation as ev
+import moe_recipe as recipe
 import moe_training as mt
 from moe_upcycling import dense_config, upcycle
 
@@ -61,8 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_splits(args: argparse.Namespace) -> None:
     """Write the train / held-out / calibration splits (see the module doc)."""
-    build_corpus.main(["--source", str(args.source), "--train-out", str(args.train_text),
-                       "--heldout-out", str(args.heldout_text), "--calib-out", str(args.out_dir / "calib.txt")])
+    recipe.build_splits(args)
 
 
 def train_dense(args: argparse.Namespace, data: torch.Tensor, tok: Any) -> tuple[Qwen2MoeForCausalLM, dict]:

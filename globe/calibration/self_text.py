@@ -13,7 +13,6 @@ one thread, 4.2 s on two).
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from globe.device import one_cpu_thread
 from globe.errors import ConfigError
 from globe.progress import progress
 
@@ -102,19 +102,6 @@ def _sequences(model: nn.Module, start: torch.Tensor, length: int, temperature: 
     return torch.cat(tokens, dim=1)
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """torch on one intra-op thread while sampling on the CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def self_generated_ids(model: nn.Module, spec: SelfText | None = None) -> torch.Tensor:
     """[sequences, length] token ids sampled from `model` (see the module docstring); on the CPU."""
@@ -129,7 +116,7 @@ def self_generated_ids(model: nn.Module, spec: SelfText | None = None) -> torch.
     model.eval()
     chunks = []
     try:
-        with _one_cpu_thread(device):
+        with one_cpu_thread(device):
             for first in progress(range(0, rows, spec.batch), "self-generated text"):
                 start = _prefix(model, min(spec.batch, rows - first), spec, vocab, gen)
                 if start.shape[1] >= length:

@@ -16,7 +16,6 @@ it is lower than the fit's, else the fit is returned unchanged (info["accepted"]
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from globe.core.result import FamilyFit, FitResult
+from globe.device import one_cpu_thread
 from globe.errors import ConfigError
 from globe.progress import progress
 from globe.runtime import apply_globe, globe_modules
@@ -131,24 +131,10 @@ def _train(model: nn.Module, params: list[nn.Parameter], ids: torch.Tensor, targ
     return losses
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(model: nn.Module):
-    """torch on one intra-op thread while distilling on the CPU (restored afterwards): on a busy machine the steps'
-    small matmuls wait for the slowest of several threads (see globe.calibration.self_text)."""
-    threads = torch.get_num_threads()
-    if next(model.parameters()).device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-
 def distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
             cfg: DistillConfig) -> tuple[FitResult, dict]:
     """(the distilled FitResult or `result` itself, what happened); see the module docstring. ids: [S, T]."""
-    with _one_cpu_thread(model):
+    with one_cpu_thread(next(model.parameters()).device):
         return _distill(model, result, ids, cfg)
 
 
