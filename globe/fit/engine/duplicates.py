@@ -5,6 +5,7 @@ globe.export.card.unusual_experts). Dead (all-zero) experts are left alone: they
 
     copies = duplicate_experts(weights)              # {copy index: first index}
     tie_duplicates(copies, adapters, codes, sq_err)  # in place
+    tie_quantized(copies, packed_adapters)           # a copy of a QuantizedTensor [N, ...] with the rows tied
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import logging
 
 import torch
 
+from globe.quant.tensor import QuantizedTensor, pack
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,12 @@ def tie_duplicates(copies: dict[int, int], *tensors: torch.Tensor) -> None:
     dst, src = torch.tensor(list(copies)), torch.tensor(list(copies.values()))
     for tensor in tensors:
         tensor[dst.to(tensor.device)] = tensor[src.to(tensor.device)].clone()
+
+
+def tie_quantized(copies: dict[int, int], tensor: QuantizedTensor) -> QuantizedTensor:
+    """`tensor` ([N, ...], e.g. packed adapters) with row `first` copied into row `copy`: codes, scales and zeros."""
+    if not copies:
+        return tensor
+    codes, scales, zeros = tensor.integer_codes().clone(), tensor.scales.clone(), tensor.zeros.clone()
+    tie_duplicates(copies, codes, scales, zeros)
+    return pack(codes, scales, zeros, tensor.bits, tensor.group)

@@ -22,3 +22,15 @@ def test_copies_are_found_bit_for_bit_and_get_the_first_ones_rows():
     tie_duplicates(copies, adapters, codes)
     assert torch.equal(adapters[3], adapters[1]) and torch.equal(codes[5], codes[1])
     assert not torch.equal(adapters[6], adapters[1])
+
+
+def test_tie_quantized_copies_codes_scales_and_zeros_of_the_first_row():
+    from globe.fit.engine.duplicates import tie_quantized
+    from globe.quant import QuantConfig, quantize
+    gen = torch.Generator().manual_seed(0)
+    packed = quantize(torch.randn(4, 6, 10, generator=gen), QuantConfig(method="rtn", bits=3, group=4))
+    tied = tie_quantized({3: 1}, packed)
+    before, after = packed.dequantize(), tied.dequantize()
+    assert torch.equal(after[3], before[1]) and torch.equal(after[:3], before[:3])
+    assert not torch.equal(before[3], before[1]) and tied.nbytes == packed.nbytes
+    assert tie_quantized({}, packed) is packed
