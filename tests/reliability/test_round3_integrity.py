@@ -28,7 +28,10 @@ def _nudge(env: Round3, part: str = "adapters.up") -> None:
     key = key_of(env.comp, part)
     def change(t):
         t[key] = t[key].clone()
-        t[key].view(-1)[0] += 0.01
+        if t[key].dtype.is_floating_point:
+            t[key].view(-1)[0] += 0.01
+        else:                                            # packed integer codes (a quantized checkpoint)
+            t[key].view(-1)[0] ^= 1
     edit_tensors(env.comp, change)
 
 

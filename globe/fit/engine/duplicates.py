@@ -27,15 +27,17 @@ def fingerprints(weights: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     return out
 
 
-def duplicate_experts(weights: torch.Tensor, names: list[str] | None = None, chunk: int = 64) -> dict[int, int]:
+def duplicate_experts(weights: torch.Tensor, names: list[str] | None = None, chunk: int = 64,
+                      prints: torch.Tensor | None = None) -> dict[int, int]:
     """{index of a copy: index of the first expert with the same weights} for weights [N, p, d] (as stored: the
-    objective's own spaces may weight copies differently)."""
-    prints = fingerprints(weights, chunk)
+    objective's own spaces may weight copies differently). `prints` [N, 2] (squared norm first; 0 = dead): per-expert
+    statistics already computed (e.g. the normaliser's), so that only candidate pairs are read again."""
+    prints = fingerprints(weights, chunk)[:, [1, 0]] if prints is None else prints
     first: dict[tuple[float, float], list[int]] = {}
     copies: dict[int, int] = {}
     for i in range(weights.shape[0]):
         key = (float(prints[i, 0]), float(prints[i, 1]))
-        if key[1] == 0.0:                                           # dead: exact zero factors already
+        if key[0] == 0.0:                                           # dead: exact zero factors already
             continue
         same = next((j for j in first.get(key, []) if torch.equal(weights[i:i + 1], weights[j:j + 1])), None)
         if same is None:

@@ -200,8 +200,10 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
         return None
     norm, adapters, codes, sq_err, ids = gathered
     if not problem.shard.distributed:                 # copies of one expert: the factors of its first occurrence
-        tie_duplicates(duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size),
-                       adapters, codes, sq_err)
+        sq = norm.sq_norms.double()                      # ||W_i||^2 in the original space: candidates, no 2nd read
+        prints = torch.stack([sq, torch.zeros_like(sq)], 1)                        # [N, 2]
+        tie_duplicates(duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size,
+                                         prints), adapters, codes, sq_err)
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
                     scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history,
                     ranks=fitted.ranks)                                                      # on the CPU
