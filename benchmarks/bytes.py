@@ -106,7 +106,7 @@ def prepare(model_dir: Path, args) -> dict:
     """Model (fp32), its gate/up, calibration statistics and Hessians, reference log-probs."""
     import transformers
     from globe.calibration import collect_stats, load_stats, save_stats
-    from globe.fit.activation import second_moments
+    from globe.fit.objectives.activation import second_moments
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     calib_ids, kl_ids, split = texts(model_dir, tok, args)
     model = load_causal_lm(model_dir, torch.float32)

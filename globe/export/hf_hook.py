@@ -17,6 +17,9 @@ from collections.abc import Callable
 
 
 def _register_quantizer() -> None:
+    module = sys.modules.get("globe.export.hf_quantizer")
+    if module is not None and not hasattr(module, "register"):
+        return                        # hf_quantizer is importing transformers itself: it registers at its own end
     from globe.export import hf_quantizer
     hf_quantizer.register()
 

@@ -143,3 +143,19 @@ def test_the_guard_survives_save_pretrained_and_leaves_dense_exports(compressed,
     run_export(ExportRun(artifact=str(compressed), out=str(tmp_path / "dense"), dense=True, device="cpu"))
     assert GUARD_KEY not in json.loads((tmp_path / "dense" / "config.json").read_text())
     assert json.loads((compressed / "config.json").read_text())[GUARD_KEY] == GUARD      # the source untouched
+
+
+def test_importing_the_quantizer_module_first_registers_it(tmp_path):
+    """With the autoload hook installed, `from globe.export import hf_quantizer` as the first import (it imports
+    transformers itself, which fires the hook) works and leaves "globe" registered: no circular import."""
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(REPO / "globe-autoload.pth", site)
+    code = (f"import site; site.addsitedir({str(site)!r})\n"
+            "from globe.export import hf_quantizer\n"
+            "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING\n"
+            "print('globe' in AUTO_QUANTIZER_MAPPING)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True"]
