@@ -15,7 +15,7 @@ Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
 config gets the full evaluation), reap (REAP expert pruning: the least salient experts and their router rows
 removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
-frequency; router kept), globe-default (what `globe compress MODEL --total-cut C` runs: calibrated on 8192
+frequency; router kept), globe-default (what `globe compress MODEL --total-cut C --no-quant` runs: calibrated on 8192
 tokens the model samples itself, activation-aware fit; its fit time includes calibration and both exports),
 globe-default-text (the same with --calibration-text MODEL/calib.txt), globe (weight-space fit), globe-nonlinear (weight space, the block SVD
 start + full-batch tanh refinement of globe.fit.solvers.nonlinear, FitConfig.nonlinear.enabled), globe-aware (activation-aware, default
