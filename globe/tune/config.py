@@ -16,7 +16,8 @@ DEFAULT_LR = 1e-3
 
 @dataclass
 class DistillConfig:
-    """Steps (0: off, the default), Adam learning rate, sequences per step, teacher log-probs kept per token, validation share."""
+    """Steps (0: off, the default), Adam learning rate, sequences per step, teacher log-probs kept per token,
+    validation share."""
 
     steps: int = DEFAULT_STEPS
     lr: float = DEFAULT_LR
