@@ -19,7 +19,8 @@ frequency; router kept), globe-default (what `globe compress MODEL --total-cut C
 tokens the model samples itself, activation-aware fit; its fit time includes calibration and both exports),
 globe-default-text (the same with --calibration-text MODEL/calib.txt), globe (weight-space fit), globe-nonlinear
 (weight space, the block SVD start + full-batch tanh refinement of globe.fit.solvers.nonlinear,
-FitConfig.nonlinear.enabled), globe-aware (activation-aware, default settings). reap and hc-smoe remove or merge whole experts (gate, up AND down), so they keep the largest expert count
+FitConfig.nonlinear.enabled), globe-aware (activation-aware, default settings). reap and hc-smoe remove or merge
+whole experts (gate, up AND down), so they keep the largest expert count
 whose TOTAL parameters do not exceed what the compressing methods store at the cut; their `params` per family is
 that equal-total allowance in gate/up terms (their stored expert and router params minus the dense down and
 router the others keep, halved), `total_params` is every row's whole model, and their weight and output errors
