@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.report import new_report, quiet_logging  # noqa: E402
 
 from globe.tune.config import DistillConfig  # noqa: E402
 
@@ -139,15 +140,10 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from globe.core.files import atomic_write_text
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("globe", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logging()
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "models", "work")},
-              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "cpu": platform.processor() or platform.machine()}, "models": []}
+    report = new_report(args, ("out", "models", "work"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.report import new_report, quiet_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.self_calibration")
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe",
@@ -145,14 +146,9 @@ def print_table(report: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from globe.core.files import atomic_write_text
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("globe", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_logging()
     t0 = time.perf_counter()
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "models")},
-              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "cpu": platform.processor() or platform.machine()}, "models": []}
+    report = new_report(args, ("out", "models"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for model_dir in args.models:
