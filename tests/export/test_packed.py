@@ -27,18 +27,10 @@ from globe.runtime.packed import PackedTensor, unpack_codes
 from tests.helpers.fits import quick_fit
 from tests.helpers.quantized import quantized_result
 from tests.helpers.tiny_models import TINY
+from tests.helpers.logits import fixed_ids, fixed_logits
 
 ARCH = "mixtral"                      # 3 MoE layers x 4 experts, per-expert hub keys
 MODES = ("factored", "cached", "dense")
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def _logits(model) -> torch.Tensor:
-    return model(input_ids=_ids(), use_cache=False).logits
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +41,7 @@ def packed(tiny_checkpoint, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("packed")
     comp = save_compressed(path, result, tmp / "c")
     dense = transformers.AutoModelForCausalLM.from_pretrained(export_dense(path, result, tmp / "dense"))
-    return path, result, comp, _logits(dense)
+    return path, result, comp, fixed_logits(dense)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -108,17 +100,18 @@ def test_loaded_checkpoint_gives_the_logits_of_its_dense_export(packed, tmp_path
     assert all(isinstance(m.bank["gate"], PackedTensor) and m.bank["gate"] is modules[0].bank["gate"]
                for m in modules)                                                   # one bank object, packed
     assert all(isinstance(m.adapters["up"], PackedTensor) for m in modules)
-    torch.testing.assert_close(_logits(loaded), reference, rtol=1e-5, atol=1e-5)
-    assert torch.equal(_logits(loaded), _logits(apply_globe(load_model(path), result, mode=mode, cache_size=2)))
+    torch.testing.assert_close(fixed_logits(loaded), reference, rtol=1e-5, atol=1e-5)
+    patched = apply_globe(load_model(path), result, mode=mode, cache_size=2)
+    assert torch.equal(fixed_logits(loaded), fixed_logits(patched))
     hf = transformers.AutoModelForCausalLM.from_pretrained(comp)
     set_mode(hf, mode, cache_size=2)
-    torch.testing.assert_close(_logits(hf), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed_logits(hf), reference, rtol=1e-5, atol=1e-5)
     hf.save_pretrained(tmp_path / "again")                                          # writes the packed parts back
     assert (comp / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
     set_mode(again, mode, cache_size=2)
-    assert torch.equal(_logits(again), _logits(hf))
-    assert not torch.allclose(_logits(again), _logits(load_model(path)), atol=1e-4)     # a real change
+    assert torch.equal(fixed_logits(again), fixed_logits(hf))
+    assert not torch.allclose(fixed_logits(again), fixed_logits(load_model(path)), atol=1e-4)     # a real change
 
 
 def test_cached_mode_holds_dequantized_adapters_in_its_cache(packed):
@@ -126,13 +119,13 @@ def test_cached_mode_holds_dequantized_adapters_in_its_cache(packed):
     model = load_compressed(comp, mode="cached", cache_size=2, collect_stats=True)
     module = next(iter(globe_modules(model).values()))
     assert set(module.cache.families) == {"gate", "up", "gate_adapters", "up_adapters"}
-    _logits(model)
+    fixed_logits(model)
     resident = module.cache.resident()
     assert resident
     slot = module.cache.order[resident[-1]]
     assert torch.equal(module.cache.slots("up_adapters")[slot],
                        module.adapters["up"].rows(torch.tensor([resident[-1]]))[0])
-    torch.testing.assert_close(_logits(model), reference, rtol=1e-5, atol=1e-5)        # now from the cache
+    torch.testing.assert_close(fixed_logits(model), reference, rtol=1e-5, atol=1e-5)        # now from the cache
 
 
 def test_bytes_on_disk_equal_the_hand_count_and_the_card(packed, tiny_model):
@@ -177,7 +170,7 @@ def test_packed_parts_are_frozen_buffers_and_the_rest_trains(packed):
     assert not any(n.endswith((".codes", ".scales", ".zeros")) for n in names)
     assert any(n.endswith("code_values.gate") for n in names)
     model.train()
-    loss = model(input_ids=_ids(), labels=_ids(), use_cache=False).loss
+    loss = model(input_ids=fixed_ids(), labels=fixed_ids(), use_cache=False).loss
     loss.backward()
     assert module.code_values["gate"].grad is not None and module.code_values["gate"].grad.abs().sum() > 0
     assert module.bank["gate"].codes.grad is None
@@ -214,14 +207,15 @@ def test_ranks_per_layer_with_packed_adapters(tiny_checkpoint, tmp_path, mode):
     ranked = type(full)(families={n: f.with_ranks((4, 1, 3)) for n, f in full.families.items()},
                         config=full.config, source=full.source)
     result = quantized_result(ranked, bits=3, group=2)
-    reference = _logits(transformers.AutoModelForCausalLM.from_pretrained(export_dense(path, result, tmp_path / "d")))
+    dense = export_dense(path, result, tmp_path / "d")
+    reference = fixed_logits(transformers.AutoModelForCausalLM.from_pretrained(dense))
     comp = save_compressed(path, result, tmp_path / "c")
     quant = json.loads((comp / "config.json").read_text())["quantization_config"]
     assert quant["format_version"] == 3 and quant["families"]["gate"]["ranks"] == {"0": 4, "1": 1, "2": 3}
     loaded = load_compressed(comp, mode=mode, cache_size=2)
     assert [m.rank("up") for m in globe_modules(loaded).values()] == [4, 1, 3]
     assert globe_modules(loaded)[1].adapters["up"].shape == (TINY.num_experts, TINY.p, 1)
-    torch.testing.assert_close(_logits(loaded), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed_logits(loaded), reference, rtol=1e-5, atol=1e-5)
     back = load_artifact(comp)
     assert torch.equal(back.families["gate"].reconstruct(), result.families["gate"].reconstruct())
 
@@ -267,7 +261,7 @@ def test_dtype_casts_of_the_model_leave_the_packed_parts_exact(packed):
     assert part.scales.dtype == torch.float16 and part.codes.dtype == torch.uint8
     assert torch.equal(part.dequantize(), before)
     assert next(iter(globe_modules(model).values())).code_values["gate"].dtype == torch.bfloat16
-    assert torch.isfinite(_logits(model)).all()
+    assert torch.isfinite(fixed_logits(model)).all()
 
 
 def test_memory_states_packed_bytes_and_the_dequantized_cache(packed):
@@ -281,7 +275,7 @@ def test_memory_states_packed_bytes_and_the_dequantized_cache(packed):
     assert slot_bytes(modules[0]) == 2 * (r * TINY.d + p * r) * itemsize                  # atoms + adapters
     assert held_breakdown(model)["caches"] == sum(2 * slot_bytes(m) for m in modules)
     assert memory_breakdown(model, 1000.0)["packed_mb"] == held_packed_bytes(model) / 2 ** 20
-    _logits(model)                                   # the cached mode keeps the shared bank dequantized, once
+    fixed_logits(model)                                   # the cached mode keeps the shared bank dequantized, once
     bank = modules[0].bank["gate"]
     assert bank.kept() is not None and bank.dequantize(bank.kept().dtype) is bank.kept()
     m = bank.shape[0]

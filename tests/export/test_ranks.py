@@ -20,18 +20,10 @@ from globe.export.compressed import describe_compressed, load_compressed
 from globe.runtime import apply_globe, globe_modules, set_mode
 from tests.helpers.fits import quick_fit
 from tests.helpers.tiny_models import TINY
+from tests.helpers.logits import fixed_ids, fixed_logits
 
 ARCH = "mixtral"                                   # 3 MoE layers, 4 experts each
 RANKS = (4, 1, 3)                                  # r_max = 4 = the quick fit's r
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(0))
-
-
-@torch.no_grad()
-def _logits(model) -> torch.Tensor:
-    return model(input_ids=_ids(), use_cache=False).logits
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +76,12 @@ def test_uniform_artifact_keeps_format_1(tmp_path, ranked):
 def test_every_mode_and_the_checkpoint_equal_the_dense_reconstruction(tmp_path, ranked, mode):
     path, full, result = ranked
     dense_dir = export_dense(path, result, tmp_path / "dense")
-    reference = _logits(transformers.AutoModelForCausalLM.from_pretrained(dense_dir))
+    reference = fixed_logits(transformers.AutoModelForCausalLM.from_pretrained(dense_dir))
     patched = apply_globe(load_model(path), result, mode=mode, cache_size=2)
     assert {m.layer: m.rank("gate") for m in globe_modules(patched).values()} == dict(zip(range(3), RANKS))
     assert tuple(globe_modules(patched)[1].adapters["up"].shape) == (TINY.num_experts, TINY.p, 1)
-    torch.testing.assert_close(_logits(patched), reference, rtol=1e-4, atol=1e-5)
-    full_logits = _logits(apply_globe(load_model(path), full, mode=mode, cache_size=2))
+    torch.testing.assert_close(fixed_logits(patched), reference, rtol=1e-4, atol=1e-5)
+    full_logits = fixed_logits(apply_globe(load_model(path), full, mode=mode, cache_size=2))
     assert not torch.allclose(full_logits, reference, atol=1e-4)                 # the ranks change the model
 
     save_compressed(path, result, tmp_path / "c")
@@ -98,9 +90,9 @@ def test_every_mode_and_the_checkpoint_equal_the_dense_reconstruction(tmp_path, 
     assert quant["format_version"] == 3 and quant["families"]["gate"]["ranks"] == {"0": 4, "1": 1, "2": 3}
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
     set_mode(loaded, mode, cache_size=2)
-    torch.testing.assert_close(_logits(loaded), reference, rtol=1e-4, atol=1e-5)
-    assert torch.equal(_logits(loaded), _logits(patched))
+    torch.testing.assert_close(fixed_logits(loaded), reference, rtol=1e-4, atol=1e-5)
+    assert torch.equal(fixed_logits(loaded), fixed_logits(patched))
     loaded.save_pretrained(tmp_path / "again")
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
     again = load_compressed(tmp_path / "again", mode=mode, cache_size=2)
-    assert torch.equal(_logits(again), _logits(patched))
+    assert torch.equal(fixed_logits(again), fixed_logits(patched))

@@ -202,12 +202,16 @@ def gather_stage(problem: FamilyProblem, fitted: Fitted) -> FamilyFit | None:
     if not problem.shard.distributed:                 # copies of one expert: the factors of its first occurrence
         sq = norm.sq_norms.double()                      # ||W_i||^2 in the original space: candidates, no 2nd read
         prints = torch.stack([sq, torch.zeros_like(sq)], 1)                        # [N, 2]
-        tie_duplicates(duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size,
-                                         prints), adapters, codes, sq_err)
+        copies = duplicate_experts(problem.spaces.original, problem.names, problem.cfg.train.chunk_size, prints)
+        tie_duplicates(copies, adapters, codes, sq_err)
+    else:
+        copies = {}
     fam = FamilyFit(family=problem.family, bank=fitted.bank.cpu(), codes=codes.cpu(), adapters=adapters.cpu(),
                     scales=norm.scales, ids=ids, phi=fitted.phi, history=fitted.history,
                     ranks=fitted.ranks)                                                      # on the CPU
     fam.metrics = family_metrics(fam, sq_err, norm, problem.timings)
+    if copies:
+        fam.metrics["duplicates"] = [[c, f] for c, f in copies.items()]   # [copy, first]: the quantize stage ties them
     fam.metrics.update(problem.objective.metrics(problem, fam, sq_err))
     tracking.emit("family_done", family=fam.family,
                   **{k: v for k, v in fam.metrics.items() if k != "rel_err_per_expert"})

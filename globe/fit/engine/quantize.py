@@ -19,7 +19,7 @@ import torch
 from globe.core.result import FamilyFit
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
-from globe.fit.engine.duplicates import duplicate_experts, tie_duplicates, tie_quantized
+from globe.fit.engine.duplicates import tie_duplicates, tie_quantized
 from globe.fit.costs import declare_cost
 from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.quantized import quantize_factors
@@ -63,8 +63,8 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
     hessian = None if objective is None else objective.bank_hessian()
     out = quantize_factors(weights, codes, fam.bank.float(), fam.phi, qcfg, right, hessian, cfg.train.chunk_size,
                            label=f"quantize {fam.family}")
-    copies = duplicate_experts(weights, chunk=cfg.train.chunk_size)     # each copy's refit saw its own inputs:
-    if copies:                                                          # copies keep their first's factors
+    copies = {c: f for c, f in fam.metrics.get("duplicates") or []}    # found by the gather stage; each copy's
+    if copies:                                                          # refit saw its own inputs: tie them again
         out.adapters = tie_quantized(copies, out.adapters)
         tie_duplicates(copies, out.sq_err)                  # exact: same weights, same reconstruction (the weighted
                                                             # errors stay those of each copy's own refit: a report)
