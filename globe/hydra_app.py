@@ -13,14 +13,22 @@ straight to the run layer (globe.run.fit.run_fit, then globe.run.export.run_expo
 code `globe fit` / `globe export` run, so both write the same OUT/banks.safetensors, globe_config.json and
 metrics.jsonl.
 Hydra's working-directory change and its output/log directories are switched off: nothing else is written.
+Inputs before work, as in `globe`: every number and input path of the composed config is checked by the checks of
+globe.cli.inputs (`INPUTS`: config key -> the `globe fit` option of the same meaning), and the outputs (`out`,
+`export.dir`) by globe.core.outputs, before the model is read; a refusal is one line naming the config key.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import operator
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from globe.cli.inputs import Count, Fraction, Positive, checker
+from globe.core import outputs
 from globe.errors import GlobeError
 from globe.fit.config import ActivationConfig, BankConfig, NonlinearConfig, SparsityConfig, TrainConfig
 from globe.io.hub import resolve_model_dir
@@ -83,8 +91,36 @@ def compose_run_config(overrides: list[str] | None = None) -> RunConfig:
         return to_run_config(compose(config_name=CONFIG_NAME, overrides=rewrite_model_override(overrides or [])))
 
 
+# config key -> the `globe fit` option (argparse dest) whose check of globe.cli.inputs it gets
+INPUTS = {"bank.m": "m", "bank.r": "r", "bank.budget": "budget", "sparsity.target_support": "target_support",
+          "train.am_iters": "am_iters", "train.varpro_steps": "varpro_steps", "train.cycles": "cycles",
+          "train.refine_steps": "refine_steps", "train.seed": "seed", "train.checkpoint_every": "checkpoint_every",
+          "activation.steps": "activation_steps", "cache.size": "cache_size", "cache.warmup_tokens": "warmup_tokens",
+          "model.path": "model_dir", "activation.stats": "calibration"}
+NUMBER_CHECKS = (Count, Fraction, Positive)
+
+
+def check_run_inputs(run_cfg: RunConfig) -> None:
+    """Every input of the composed config checked before any work (numbers first, then paths), then the outputs
+    (never an input, not a file, not holding files without overwrite=true); GlobeError naming the config key."""
+    checks = [(key, operator.attrgetter(key)(run_cfg), checker("fit", dest)) for key, dest in INPUTS.items()]
+    checks = [(key, value, check) for key, value, check in checks if value is not None]
+    for key, value, check in sorted(checks, key=lambda c: not isinstance(c[2], NUMBER_CHECKS)):
+        if isinstance(check, (Count, Fraction)):
+            check = dataclasses.replace(check, key="")        # the key is the flag here: named once
+        check(value, key)
+    model, out, export = Path(run_cfg.model.path), Path(run_cfg.out), run_cfg.export.dir
+    outputs.check_not_an_input(out, [model, run_cfg.activation.stats], "out=DIR")
+    if export:
+        outputs.check_not_an_input(export, [model], "export.dir=DIR")
+        outputs.check_apart({"out": out, "export.dir": export})
+        if Path(export).exists():                              # never created here: the export claims it
+            outputs.check_output_dir(export, run_cfg.overwrite, what="export", flag="export.dir=DIR")
+
+
 def run(run_cfg: RunConfig) -> int:
     """Fit (and export) through the run layer, as `globe fit` (and `globe export`) do; prints what they print."""
+    check_run_inputs(run_cfg)
     model_dir = str(resolve_model_dir(run_cfg.model.path))
     fit = FitRun(model_dir=model_dir, out=run_cfg.out, config=run_cfg.fit_config(), resume=run_cfg.resume,
                  overwrite=run_cfg.overwrite, wandb=run_cfg.wandb)
@@ -94,7 +130,7 @@ def run(run_cfg: RunConfig) -> int:
     print(format_fit_summary(fit_summary(result), fit.out))
     if run_cfg.export.dir:
         export = ExportRun(artifact=run_cfg.out, out=run_cfg.export.dir, model=model_dir, dense=run_cfg.export.dense,
-                           max_shard_size=run_cfg.export.max_shard_size)
+                           max_shard_size=run_cfg.export.max_shard_size, overwrite=run_cfg.overwrite)
         print(export_message(export, run_export(export)))
     return 0
 

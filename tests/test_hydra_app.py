@@ -69,3 +69,57 @@ def test_run_writes_the_same_artifact_as_globe_fit(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "hydra" / "globe_config.json").read_text())["config"]["bank"]["m"] == 4
     assert (tmp_path / "hydra" / "metrics.jsonl").is_file() and (tmp_path / "hydra_hf" / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli", "hydra", "hydra_hf"]   # no outputs/, .hydra, logs
+
+
+BAD_INPUTS = {                     # config key -> a bad value for it (every key of hydra_app.INPUTS)
+    "bank.m": "0", "bank.r": "-1", "bank.budget": "1.5", "sparsity.target_support": "0", "train.am_iters": "-1",
+    "train.varpro_steps": "-2", "train.cycles": "0", "train.refine_steps": "-1", "train.seed": "-1",
+    "train.checkpoint_every": "-1", "activation.steps": "-1", "cache.size": "0", "cache.warmup_tokens": "-1",
+    "model.path": "{tmp}/missing_model", "activation.stats": "{tmp}/missing.safetensors",
+}
+
+
+def test_every_checked_key_has_a_refusal_case():
+    from globe.hydra_app import INPUTS
+    from globe.cli.inputs import checker
+    assert set(BAD_INPUTS) == set(INPUTS)
+    assert all(checker("fit", dest) is not None for dest in INPUTS.values())
+
+
+@pytest.mark.parametrize("key", sorted(BAD_INPUTS))
+def test_a_bad_input_is_refused_before_any_work(key, tmp_path, monkeypatch, capsys):
+    """The same checks as `globe fit`'s (globe.cli.inputs): exit 2, one line naming the config key, no fit run,
+    nothing written."""
+    import globe.hydra_app as app
+    monkeypatch.chdir(tmp_path)
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the fit ran before the inputs were checked")
+    monkeypatch.setattr(app, "run_fit", tripwire)
+    monkeypatch.setattr(app, "resolve_model_dir", tripwire)
+    value = BAD_INPUTS[key].format(tmp=tmp_path)
+    assert app.main([f"{key}={value}", "out=o", "log_level=WARNING"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"globe.fit_banks: error: {key}"), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_are_checked_before_any_work(tmp_path, tiny_checkpoint):
+    """out never inside an input, export.dir not holding the user's files (without overwrite=true) nor inside out;
+    nothing is created by the checks."""
+    from globe.errors import OutputError
+    from globe.hydra_app import check_run_inputs
+    model, out, full = tiny_checkpoint("qwen2_moe"), tmp_path / "o", tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    cases = {(str(model / "o"), None): "is inside the input directory",
+             (str(out), str(full)): "is not empty",
+             (str(out), str(out / "hf")): "are the same place or one lies inside"}
+    for (out_dir, export_dir), message in cases.items():
+        cfg = compose_run_config([f"model={model}", f"out={out_dir}"])
+        cfg.export.dir = export_dir
+        with pytest.raises(OutputError, match=message):
+            check_run_inputs(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"] and not (model / "o").exists()
+    cfg = compose_run_config([f"model={model}", f"out={out}", f"export.dir={full}", "overwrite=true"])
+    check_run_inputs(cfg)                                           # overwrite=true: the export may replace it
