@@ -35,6 +35,33 @@ def test_the_support_warning_gives_the_real_temperature(caplog):
     assert "would not spread further" not in caplog.text
 
 
+def _short_fit(cfg: FitConfig, m: int, temperature: float, median: float = 7.0) -> FitResult:
+    fam = FamilyFit(family="gate", bank=torch.zeros(m, 2, 2), codes=torch.zeros(2, m), adapters=torch.zeros(2, 2, 2),
+                    scales=torch.ones(2), ids=[(0, 0), (0, 1)], metrics={"median_support": median},
+                    history={"am": [{"temperature": temperature, "median_support": median}]})
+    return FitResult(families={"gate": fam}, config=cfg, source={})
+
+
+def test_a_target_out_of_reach_at_the_maximum_temperature_is_no_warning(caplog):
+    """The default run's case: m = 13 atoms for the target 12, all offered at the maximum temperature, non-negative
+    codes positive on 7: one INFO line saying why, no WARNING."""
+    cfg = FitConfig()
+    with caplog.at_level(logging.INFO, logger="globe"):
+        assert warn_support(_short_fit(cfg, 13, cfg.sparsity.t_max)) == ["gate"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "median support 7.0 < target 12: out of reach on this bank" in caplog.text
+    assert "offers 13 of its 13 atoms" in caplog.text and "--target-support 7" in caplog.text
+
+
+def test_a_maximum_temperature_that_offers_too_few_atoms_still_warns(caplog):
+    cfg = FitConfig()
+    cfg.sparsity.t_min, cfg.sparsity.t_init, cfg.sparsity.t_max = 1e-3, 0.01, 0.05
+    with caplog.at_level(logging.WARNING, logger="globe"):
+        assert warn_support(_short_fit(cfg, 256, 0.05, median=3.0)) == ["gate"]
+    assert "median support 3.0 < target 12 at temperature 0.05 of max 0.05, which offers the codes only" in caplog.text
+    assert "raise sparsity.t_max" in caplog.text
+
+
 def test_a_bad_calibration_text_is_named_as_such(tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00 not utf-8")
