@@ -107,9 +107,19 @@ def format_report(report: dict) -> str:
         c = report["cache"]
         lines.append(f"cache        decode hit rate {c['hit_rate']:.3f} ({c['hits']:,} hits, {c['misses']:,} misses "
                      f"over {c['tokens']} tokens)")
+    ckpt = fp.get("checkpoint") or {}
+    floats = "; floats only: the packed integer codes count in bytes" if ckpt.get("packed_bytes") else ""
     lines += [f"routed       {fp['routed_params_before']:,} -> {fp['routed_params_after']:,} params "
-              f"({100 * fp['routed_ratio']:.1f} %), {fp['routed_bytes_before']:,} -> {fp['routed_bytes_after']:,} bytes",
-              f"total        {fp['total_params_before']:,} -> {fp['total_params_after']:,} params "
+              f"({100 * fp['routed_ratio']:.1f} %{floats}), {fp['routed_bytes_before']:,} -> "
+              f"{fp['routed_bytes_after']:,} bytes held"]
+    if ckpt:
+        before = f"{ckpt['routed_bytes_before']:,} -> " if ckpt["routed_bytes_before"] else ""
+        ratio = f" ({100 * ckpt['routed_ratio']:.1f} %)" if ckpt["routed_ratio"] else ""
+        packed = (f", {ckpt['packed_bytes']:,} of them packed quantized factors (integer codes + fp16 scales and "
+                  f"zeros)") if ckpt["packed_bytes"] else ""
+        lines.append(f"stored       {before}{ckpt['routed_bytes_after']:,} bytes of routed experts in the checkpoint"
+                     f"{ratio}{packed}")
+    lines += [f"total        {fp['total_params_before']:,} -> {fp['total_params_after']:,} params "
               f"({100 * fp['total_ratio']:.1f} %)"]
     if "model_bytes" in fp:
         lines.append(f"held         {fp['original_bytes']:,} -> {fp['model_bytes']:,} bytes of parameters, buffers and "
