@@ -77,3 +77,15 @@ def mutable_checkpoint(tmp_path: Path, tiny_checkpoint: Callable[..., Path]) -> 
         return dest
 
     return copy
+
+
+@pytest.fixture
+def bench_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`globe bench` evaluates each variant in this process instead of a fresh one (each fresh process imports
+    torch and transformers again: seconds per variant). For tests of what bench reports; the isolated path itself
+    is tested in tests/cli/test_bench.py::test_bench_compares_original_and_modes."""
+    import globe.run.evaluate as evaluate
+
+    def here(spec: Any, text: Any, original: str | None = None, compare: bool = True) -> dict:
+        return evaluate.evaluate_model(spec, text, original, compare)
+    monkeypatch.setattr(evaluate, "evaluate_isolated", here)

@@ -27,8 +27,24 @@ def _restore_log_levels():
     logging.getLogger().handlers[:] = root[1]
 
 
+@pytest.fixture
+def short_globe_fits(monkeypatch):
+    """The GloBE fits of the end-to-end run made short as --globe-am-iters / --globe-varpro-steps make AM and
+    VarPro short: the nonlinear fit's Adam steps (600 by default: half of this test's time) and the
+    activation-aware VarPro evaluations of the globe-default rows (100) are cut too. What is checked of each row
+    (present, within the budget, finite errors, KL and top-1) does not need long fits."""
+    import globe
+    from globe.fit.config import FitConfig
+
+    def short(*args, **kwargs) -> FitConfig:
+        cfg = FitConfig(*args, **kwargs)
+        cfg.nonlinear.steps, cfg.activation.steps = min(cfg.nonlinear.steps, 50), min(cfg.activation.steps, 2)
+        return cfg
+    monkeypatch.setattr(globe, "FitConfig", short)
+
+
 @pytest.mark.slow
-def test_every_method_at_one_cut_writes_one_json(tmp_path):
+def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     calib = tmp_path / "calib.txt"
     calib.write_text(("def f(x):\n    return x + 1  # a tiny calibration text\n" * 400), encoding="utf-8")
     out = tmp_path / "peers.json"

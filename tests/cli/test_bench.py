@@ -46,7 +46,8 @@ def test_bench_needs_something_to_run(setup, capsys):
     assert "nothing to benchmark" in capsys.readouterr().err
 
 
-def test_bench_of_a_compressed_checkpoint_compares_it_with_its_source(setup, tmp_path, capsys):
+def test_bench_of_a_compressed_checkpoint_compares_it_with_its_source(
+        setup, tmp_path, capsys, bench_in_process):
     model_dir, art, text = setup
     compressed = globe.save_compressed(model_dir, art, tmp_path / "compressed")
     out = tmp_path / "bench.json"

@@ -66,7 +66,8 @@ def test_eval_plots_from_a_compress_output(dirs, capsys, tmp_path):
     assert report["plots"] and all((tmp_path / "plots").joinpath(p.split("/")[-1]).is_file() for p in report["plots"])
 
 
-def test_bench_reads_a_save_pretrained_directory_as_a_compress_output(dirs, capsys, tmp_path):
+def test_bench_reads_a_save_pretrained_directory_as_a_compress_output(
+        dirs, capsys, tmp_path, bench_in_process):
     """globe bench DIR: the same variants and numbers from the save_pretrained copy as from the compress output
     (the original found through the source both record)."""
     model_dir, compressed, again, tmp = dirs
