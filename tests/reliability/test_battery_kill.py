@@ -82,10 +82,16 @@ def _delays(duration: float, seed: int) -> list[float]:
     return [rng.uniform(0.3, 1.0) * duration for _ in range(KILLS)]
 
 
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> tuple[Path, float]:
+    """An uninterrupted `globe fit` of FIT and its duration: the fit test's reference, the export tests' input."""
+    art = tmp_path_factory.mktemp("kill") / "art"
+    return art, _timed("fit", "-o", str(art), *FIT)
+
+
 @pytest.mark.slow
-def test_kill_9_during_fit_then_resume(tmp_path):
-    ref = tmp_path / "ref"
-    duration = _timed("fit", "-o", str(ref), *FIT)
+def test_kill_9_during_fit_then_resume(tmp_path, artifact):
+    ref, duration = artifact
     for i, delay in enumerate(_delays(duration, 1)):
         out = tmp_path / f"out{i}"
         killed = _kill_at(["fit", "-o", str(out), *FIT], delay)
@@ -99,16 +105,10 @@ def test_kill_9_during_fit_then_resume(tmp_path):
         _same_artifact(out, ref)
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    art = tmp_path_factory.mktemp("kill") / "art"
-    assert _globe("fit", "-o", str(art), *FIT).wait(timeout=600) == 0
-    return art
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dense", [False, True], ids=["compressed", "dense"])
 def test_kill_9_during_export_then_rerun(tmp_path, artifact, dense):
+    artifact = artifact[0]
     extra = ["--dense"] if dense else []
     ref = tmp_path / "ref"
     duration = _timed("export", str(artifact), "-o", str(ref), *extra)
