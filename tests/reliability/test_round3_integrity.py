@@ -63,7 +63,7 @@ def test_checkpoint_without_hash_loads_with_info(env, caplog):
     assert any("records no content hash" in r.getMessage() for r in caplog.records)
 
 
-def test_bench_refuses_a_replaced_source(env, capsys):
+def test_bench_refuses_a_replaced_source(env, capsys, bench_in_process):
     key = key_of(env.model, "experts.0.gate_proj")
     def change(t):
         t[key] = t[key].clone()

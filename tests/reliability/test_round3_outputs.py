@@ -318,7 +318,7 @@ def test_plots_replaced_file_by_file_in_one_rename_each(tmp_path, tiny_checkpoin
 
 @pytest.mark.parametrize("command", ["calibrate", "sweep", "bench", "fit-metrics", "eval-metrics"])
 def test_a_write_that_fails_at_its_rename_keeps_the_old_file(command, tmp_path, tiny_checkpoint, capsys,
-                                                            monkeypatch):
+                                                            monkeypatch, bench_in_process):
     """The last step of every file output is one rename; when it fails, the old file is intact and nothing is
     left beside it."""
     env = Env.build(tmp_path, tiny_checkpoint)
