@@ -9,7 +9,9 @@ compressed) per token in nats, top-1 agreement, perplexity; globe.eval.divergenc
   and per family: only gate or only up compressed;
 - shapes: an oracle sweep of a few (m, r) at the same per-family parameter count (r solved from m and the budget);
 - down: gate, up and down compressed at the same total cut (the cut spread over three families);
-- per-layer banks: each MoE layer fitted on its own (one bank per layer, m split evenly, the same total params).
+- per-layer banks: each MoE layer fitted on its own (one bank per layer, m split evenly, the same total params);
+- down elsewhere (part down_models, not in the default parts): gate+up against gate+up+down at the same total cut
+  on the other models (the embedded tuning model first), unquantized and with the 4-bit default (--bits).
 
 One JSON (--out), rewritten after every row; fits are kept in --work.
 
@@ -45,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--atoms", type=int, nargs="*", default=[4, 8, 16], help="oracle sweep: bank sizes m (r from the budget)")
     a("--parts", nargs="+", default=["default", "layers", "shapes", "down", "per_layer"],
       help="what to run (default: all)")
+    a("--models", nargs="*", default=["globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe",
+                                      "benchmarks/models/scratch-qwen2moe-e48"], help="part down_models: the models")
+    a("--bits", nargs="+", default=["none", "4"], help="part down_models: quantization (none, or bits)")
     a("--work", default=str(REPO / "runs" / "mixtral-gap"), help="fits kept here")
     a("--out", default=str(REPO / "benchmarks" / "results" / "mixtral_gap.json"), help="JSON output path")
     return p.parse_args(argv)
@@ -198,13 +203,35 @@ def run_per_layer(ctx: Context, report: dict, save) -> None:
     save()
 
 
+def run_down_models(args, report: dict, save) -> None:
+    """gate+up vs gate+up+down at the same total cut on other models, each scored on its own held-out text."""
+    from globe.export import load_model
+    rows = report.setdefault("down_models", [])
+    for model in args.models:
+        ctx = Context(argparse.Namespace(**{**vars(args), "model": str(REPO / model)}))
+        for bits in args.bits:
+            for families in (("gate", "up"), ("gate", "up", "down")):
+                cfg = default_cfg()
+                cfg.quant.bits = None if bits == "none" else int(bits)
+                cfg.bank.families = families
+                name = f"{Path(model).name}_{'+'.join(families)}_{bits}"
+                row, _ = compress(ctx, name, cfg, args.cut)
+                rows.append({"model": model, "bits": cfg.quant.bits, "families": list(families), **row})
+                save()
+        del ctx
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     quiet_logging()
     torch.manual_seed(0)
     out = Path(args.out)
     report = new_report(args)
-    ctx = Context(args)
+    if out.is_file():                                   # parts run later add to the earlier ones
+        settings = report["settings"]
+        report = json.loads(out.read_text())
+        report.setdefault("later_runs", []).append(settings)
+    ctx = Context(args) if set(args.parts) - {"down_models"} else None
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
         run_down(ctx, report, save)
     if "per_layer" in args.parts:
         run_per_layer(ctx, report, save)
+    if "down_models" in args.parts:
+        run_down_models(args, report, save)
     save()
     return report
 

@@ -32,6 +32,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.report import new_report, quiet_logging  # noqa: E402
 
+from globe.fit.expert_config import ExpertConfig  # noqa: E402
+
 log = logging.getLogger("benchmarks.whole_expert")
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
@@ -44,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: all four)")
     a("--cut", type=float, default=0.35, help="cut of TOTAL params (default 0.35)")
     a("--calib-tokens", type=int, default=8192, help="self-generated calibration tokens (default 8192)")
-    a("--samples", type=int, default=256, help="routed tokens kept per expert (default 256)")
+    a("--samples", type=int, default=ExpertConfig().samples, help="routed tokens kept per expert (default: "
+      "compress's)")
+    a("--batch", type=int, default=ExpertConfig().batch, help="samples per expert and step (default: compress's)")
     a("--seed", type=int, default=0, help="seed of the sampling and the fit (default 0)")
     a("--window", type=int, default=256, help="scoring window, non-overlapping (default 256)")
     a("--eval-tokens", type=int, default=16384, help="score the first N held-out tokens (default 16384)")
@@ -104,7 +108,7 @@ def run_model(model_dir: Path, args, report: dict, save) -> None:
                 steps, _, lr = spec.partition(":")
                 variant = copy.deepcopy(cfg)
                 variant.quant.bits = None if bits == "none" else int(bits)
-                variant.expert = dataclasses.replace(cfg.expert, steps=int(steps),
+                variant.expert = dataclasses.replace(cfg.expert, steps=int(steps), batch=args.batch,
                                                      lr=float(lr) if lr else cfg.expert.lr)
                 t1 = time.perf_counter()
                 families = {f: copy.deepcopy(fam) for f, fam in base.families.items()}
@@ -113,6 +117,7 @@ def run_model(model_dir: Path, args, report: dict, save) -> None:
                 result = FitResult(families=families, config=variant, source=dict(base.source))
                 expert = families["gate"].metrics.get("expert", {})
                 row = {"bits": variant.quant.bits, "expert_steps": int(steps), "expert_lr": variant.expert.lr,
+                       "samples": args.samples, "batch": args.batch,
                        "seconds": seconds, "output_error_before": expert.get("error_before"),
                        "output_error_after": expert.get("error_after"), "accepted": expert.get("accepted"),
                        "best_step": expert.get("best_step"),

@@ -17,11 +17,13 @@ EXPERT_FORMAT_VERSION = 1
 @dataclass
 class ExpertConfig:
     """Adam steps (0: off), step size relative to each factor's RMS, routed samples kept per expert, the share of
-    them held out to pick the best step, steps between checks, experts per gradient chunk, the samples file."""
+    them held out to pick the best step, samples per step, steps between checks, experts per gradient chunk, the
+    samples file."""
 
     steps: int = 0                 # full-batch Adam steps; 0: off
     lr: float = 0.01               # step size x each factor's RMS (nonzero entries)
-    samples: int = 256             # routed tokens kept per expert at calibration (the first ones seen)
+    samples: int = 1024            # routed tokens kept per expert at calibration (the first ones seen)
+    batch: int = 256               # training samples per expert in one step (drawn, seeded); 0: all of them
     max_sample_mb: int = 512       # cap on the routed samples of all experts together (samples per expert lowered)
     validation: float = 0.25       # share of each expert's samples held out: the best step on them is kept
     eval_every: int = 10           # steps between validation checks
@@ -37,6 +39,7 @@ class ExpertConfig:
         problems = [(self.steps >= 0, f"--expert-steps must be >= 0 (got {self.steps})"),
                     (self.lr > 0, f"expert.lr must be > 0 (got {self.lr})"),
                     (self.samples >= 2, f"expert.samples must be >= 2 (got {self.samples})"),
+                    (self.batch >= 0, f"expert.batch must be >= 0 (got {self.batch})"),
                     (self.max_sample_mb >= 1, f"expert.max_sample_mb must be >= 1 (got {self.max_sample_mb})"),
                     (0 <= self.validation < 1, f"expert.validation must be in [0, 1) (got {self.validation})"),
                     (self.eval_every >= 1, f"expert.eval_every must be >= 1 (got {self.eval_every})"),

@@ -12,7 +12,8 @@ as it is, its reconstruction, and is not trained). Each factor's step is cfg.lr 
 with a cosine decay; every cfg.eval_every steps the error on the held-out share of each expert's samples is
 measured and the best state is kept (the fit itself when no step beats it). Experts are processed in chunks of
 cfg.chunk, gradients summed, so memory is bounded by the samples (capped at calibration) and one chunk's
-activations. Seeded: the result is a function of its inputs (no random draws; the seed is recorded).
+activations. Each step sees cfg.batch training samples per expert (cfg.batch 0: all of them), drawn by a
+torch.Generator seeded with the fit's seed: the same inputs and seed give the same result.
 """
 from __future__ import annotations
 
@@ -92,12 +93,22 @@ class _Params:
         return out
 
 
-def _loss(params: _Params, data: ExpertData, chunk: int, validation: bool, backward: bool) -> float:
+def _batch(data: ExpertData, size: int, gen: torch.Generator) -> torch.Tensor | None:
+    """[N, size] sample positions drawn uniformly among each expert's training samples (None: all of them)."""
+    if size <= 0 or size >= data.x.shape[1]:
+        return None
+    count = data.train.sum(1).clamp_min(1)                                            # [N] (train = a prefix)
+    return (torch.rand(data.n, size, generator=gen) * count[:, None]).long().clamp_max(data.x.shape[1] - 1)
+
+
+def _loss(params: _Params, data: ExpertData, chunk: int, validation: bool, backward: bool,
+          index: torch.Tensor | None = None) -> float:
     total = 0.0
     for lo in range(0, data.n, chunk):
         hi = min(lo + chunk, data.n)
         with torch.set_grad_enabled(backward):
-            loss = output_loss(data, lo, hi, params.weights("gate", lo, hi), params.weights("up", lo, hi), validation)
+            loss = output_loss(data, lo, hi, params.weights("gate", lo, hi), params.weights("up", lo, hi), validation,
+                               None if index is None else index[lo:hi])
         if backward:
             loss.backward()
         total += float(loss.detach())
@@ -129,12 +140,13 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
     params = _Params(families)
     opt = torch.optim.Adam(params.groups(cfg.lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    gen = torch.Generator().manual_seed(seed)
     first = _loss(params, data, cfg.chunk, use_valid, False)
     best, best_step, best_state = first, 0, None
     history, train_losses = [[0, first]], []
     for step in progress(range(1, cfg.steps + 1), "expert output"):
         opt.zero_grad(set_to_none=True)
-        train_losses.append(_loss(params, data, cfg.chunk, False, True))
+        train_losses.append(_loss(params, data, cfg.chunk, False, True, _batch(data, cfg.batch, gen)))
         params.mask_grads()
         opt.step()
         sched.step()
@@ -144,7 +156,7 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
             history.append([step, now])
             if now < best:
                 best, best_step, best_state = now, step, params.state()
-    info = {"steps": cfg.steps, "lr": cfg.lr, "seed": seed, "samples_per_expert": int(data.x.shape[1]),
+    info = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "seed": seed, "samples_per_expert": int(data.x.shape[1]),
             "train_samples": int(data.train.sum()), "validation_samples": int(data.valid.sum()),
             "selected_on": "validation" if use_valid else "train", "error_before": first, "error_after": best,
             "best_step": best_step, "train_first": train_losses[0] if train_losses else None,

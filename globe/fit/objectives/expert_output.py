@@ -92,11 +92,18 @@ def expert_data(samples: RoutedSamples, ids: torch.Tensor, gate: torch.Tensor, u
 
 
 def output_loss(data: ExpertData, lo: int, hi: int, gate: torch.Tensor, up: torch.Tensor,
-                validation: bool = False) -> torch.Tensor:
+                validation: bool = False, index: torch.Tensor | None = None) -> torch.Tensor:
     """The objective's share of experts lo:hi for G_hat / U_hat [hi - lo, p, d] (fp32): a scalar; on the held-out
-    samples with validation."""
-    pred = expert_outputs(data.x[lo:hi], gate, up, data.down[lo:hi], data.act)       # [c, S, h]
+    samples with validation; index [hi - lo, B]: only these sample positions of each expert (a minibatch: the
+    loss is scaled by S / B so that it estimates the full one)."""
+    x, y, w = data.x[lo:hi], data.y[lo:hi], data.weights[lo:hi]
     mask = (data.valid if validation else data.train)[lo:hi]
-    err = (pred - data.y[lo:hi]).square().sum(-1) * data.weights[lo:hi] * mask        # [c, S]
+    scale = 1.0
+    if index is not None:
+        x, y = (t.gather(1, index[..., None].expand(-1, -1, t.shape[-1])) for t in (x, y))    # [c, B, .]
+        w, mask = w.gather(1, index), mask.gather(1, index)
+        scale = data.x.shape[1] / index.shape[1]
+    pred = expert_outputs(x, gate, up, data.down[lo:hi], data.act)                   # [c, S or B, h]
+    err = (pred - y).square().sum(-1) * w * mask                                      # [c, S or B]
     inv = (data.inv_norm_valid if validation else data.inv_norm)[lo:hi]
-    return (err.sum(1) * inv).sum()
+    return (err.sum(1) * inv).sum() * scale

@@ -63,6 +63,8 @@ def test_the_phase_lowers_the_whole_expert_error_on_a_planted_model():
     after = whole_error(refined, weights, samples)
     assert info["accepted"] and info["error_after"] < info["error_before"]
     assert after < 0.7 * before, (before, after)
+    batched, _ = expert_stage(families, weights, samples, dataclasses.replace(CFG, batch=16))
+    assert whole_error(batched, weights, samples) < 0.8 * before
 
 
 def test_untouched_inputs_and_parameters_stay_bit_identical():
@@ -84,11 +86,14 @@ def test_untouched_inputs_and_parameters_stay_bit_identical():
 
 def test_same_seed_and_inputs_give_the_same_result_twice():
     families, weights, samples = planted_problem()
-    one, _ = expert_stage(copies(families), weights, samples, CFG, seed=3)
-    two, _ = expert_stage(copies(families), weights, samples, CFG, seed=3)
+    cfg = dataclasses.replace(CFG, batch=16)                                    # drawn minibatches of samples
+    one, _ = expert_stage(copies(families), weights, samples, cfg, seed=3)
+    two, _ = expert_stage(copies(families), weights, samples, cfg, seed=3)
+    other, _ = expert_stage(copies(families), weights, samples, cfg, seed=4)
     for f in ("gate", "up"):
         for part in ("bank", "codes", "adapters"):
             assert torch.equal(getattr(one[f], part), getattr(two[f], part))
+    assert not torch.equal(one["gate"].adapters, other["gate"].adapters)       # the seed draws the batches
 
 
 def test_sparsity_pattern_and_atom_norms_are_kept():
@@ -116,3 +121,40 @@ def test_quantized_families_and_bad_configs_are_refused():
     families["gate"].quant = {"bank": object()}
     with pytest.raises(ConfigError, match="before quantization"):
         expert_stage(families, weights, samples, CFG)
+
+
+def test_compress_runs_the_phase_before_quantization_and_leaves_the_rest_of_the_model_alone(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    import globe.cli.main as cli
+    from globe.fit.config import FitConfig
+    model_dir = tiny_checkpoint("qwen2_moe")
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(model_dir), "-o", str(out), "--m", "6", "--r", "8", "--target-support", "3",
+                     "--am-iters", "1", "--varpro-steps", "1", "--init", "svd", "--calibration-tokens", "256",
+                     "--activation-steps", "2", "--bits", "4", "--quant-group", "16", "--expert-steps", "4",
+                     "--device", "cpu"]) == 0
+    doc = __import__("json").loads((out / "globe_config.json").read_text())
+    config = FitConfig.from_dict(doc["config"])
+    assert config.expert.steps == 4 and config.quant.bits == 4
+    for family in ("gate", "up"):
+        assert doc["metrics"][family]["expert"]["steps"] == 4 and "quant" in doc["metrics"][family]
+    original = {}
+    for path in model_dir.glob("*.safetensors"):
+        original.update(load_file(path))
+    compressed = {}
+    for path in out.glob("*.safetensors"):
+        compressed.update(load_file(path))
+    kept = [k for k in original if ".experts." not in k]
+    assert kept and all(torch.equal(original[k], compressed[k]) for k in kept)     # bit for bit
+
+
+def test_the_expert_section_round_trips_and_is_left_out_at_its_default():
+    from globe.fit.config import FitConfig
+    assert "expert" not in FitConfig().to_dict()
+    cfg = FitConfig()
+    cfg.expert.steps, cfg.expert.lr = 7, 0.003
+    back = FitConfig.from_dict(cfg.to_dict())
+    assert back.expert == cfg.expert
+    with pytest.raises(ConfigError, match="expert.samples"):
+        FitConfig.from_dict({**cfg.to_dict(), "expert": {"steps": 1, "samples": 1}}).validate()
