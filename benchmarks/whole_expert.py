@@ -37,7 +37,7 @@ from globe.fit.expert_config import ExpertConfig  # noqa: E402
 log = logging.getLogger("benchmarks.whole_expert")
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
-TUNED = "100:0.01"      # STEPS:LR chosen on the embedded model (globe-tiny-moe) only
+TUNED = "200:0.002"     # STEPS:LR chosen on the embedded model (globe-tiny-moe) only (runs/tune_tiny*.json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ class ExpertConfig:
     samples file."""
 
     steps: int = 0                 # full-batch Adam steps; 0: off
-    lr: float = 0.01               # step size x each factor's RMS (nonzero entries)
+    lr: float = 0.002              # step size x each factor's RMS (nonzero entries); tuned on the embedded model
     samples: int = 1024            # routed tokens kept per expert at calibration (the first ones seen)
     batch: int = 256               # training samples per expert in one step (drawn, seeded); 0: all of them
     max_sample_mb: int = 512       # cap on the routed samples of all experts together (samples per expert lowered)
