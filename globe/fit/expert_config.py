@@ -20,7 +20,7 @@ class ExpertConfig:
     them held out to pick the best step, samples per step, steps between checks, experts per gradient chunk, the
     samples file."""
 
-    steps: int = 0                 # full-batch Adam steps; 0: off
+    steps: int = 0                 # Adam steps; 0: off (benchmarks/whole_expert.py measures 200)
     lr: float = 0.002              # step size x each factor's RMS (nonzero entries); tuned on the embedded model
     samples: int = 1024            # routed tokens kept per expert at calibration (the first ones seen)
     batch: int = 256               # training samples per expert in one step (drawn, seeded); 0: all of them
