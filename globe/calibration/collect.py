@@ -7,6 +7,8 @@ the hook reads those inputs only (the forward itself is untouched) and accumulat
 tokens and, per expert, over the tokens routed to it, plus h h^T of the down projection's input
 h = act(W_g x) * (W_u x) recomputed from the module's own weights, and per intermediate channel j the output
 sensitivities ||D_:,j||^2 sum_t (act'(g_j) u_j)^2 (gate) and ||D_:,j||^2 sum_t act(g_j)^2 (up). Hooks are removed even if a forward fails.
+With routed=cap > 0 it also keeps the first `cap` tokens routed to each expert and their routing weights
+(globe.calibration.routed; stats.routed), for the whole-expert refinement.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import logging
 import torch
 from torch import nn
 
+from globe.calibration.routed import RoutedCollector, cap_for
 from globe.calibration.stats import ActivationStats
 from globe.errors import ArtifactError, ConfigError
 from globe.io.layout import ExpertsLayout
@@ -36,6 +39,7 @@ class _LayerSums:
         self.gate_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
         self.up_channels = torch.zeros(num_experts, p, dtype=torch.float64) if per_expert else None
         self.tokens = 0
+        self.routed: tuple[RoutedCollector, int] | None = None      # (collector, this layer)
 
     def add(self, module: nn.Module, layout: ExpertsLayout, hidden: torch.Tensor, index: torch.Tensor,
             weights: torch.Tensor) -> None:
@@ -55,6 +59,8 @@ class _LayerSums:
         w_gate, w_up, w_down = (layout.weight(module, f) for f in ("gate", "up", "down"))   # [E, out, in] each
         for e in flat.unique().tolist():
             xe = x[token[flat == e]]                                                # [n_e, d]
+            if self.routed is not None:
+                self.routed[0].add(self.routed[1], e, xe, pair_w[flat == e])
             self.hidden_expert[e] += xe.T @ xe
             gate_up = torch.cat([w_gate[e], w_up[e]]).detach().float().cpu()        # [2p, d]
             pre = xe.float() @ gate_up.T                                            # [n_e, 2p]
@@ -87,9 +93,11 @@ def _inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @torch.no_grad()
 def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, per_expert: bool = True,
-                  info: dict | None = None, batch_tokens: int = 4096) -> ActivationStats:
+                  info: dict | None = None, batch_tokens: int = 4096, routed: int = 0,
+                  routed_mb: int = 512) -> ActivationStats:
     """Run input_ids ([n] or [b, n]: b independent sequences) through `model` in windows of `window` tokens, as
-    many rows per forward as fit in batch_tokens; the layers' ActivationStats."""
+    many rows per forward as fit in batch_tokens; the layers' ActivationStats (with routed > 0 and per_expert:
+    stats.routed, up to `routed` routed tokens per expert, within routed_mb MiB)."""
     modules = experts_modules(model)
     layout = model_arch(model)[0].layout
     if not modules:
@@ -103,6 +111,12 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
         raise ConfigError(f"calibration needs at least 2 tokens, got {ids.shape[1]}")
     num_experts, p, d = layout.dims(next(iter(modules.values())))
     sums = {layer: _LayerSums(num_experts, d, p, per_expert) for layer in modules}
+    collector = None
+    if routed > 0 and per_expert:
+        cap = cap_for(routed, len(modules), num_experts, d, routed_mb)
+        collector = RoutedCollector(list(modules), num_experts, d, cap, getattr(model.config, "hidden_act", "silu"))
+        for layer in modules:
+            sums[layer].routed = (collector, layer)
 
     def hook(layer: int):
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -133,4 +147,5 @@ def collect_stats(model: nn.Module, input_ids: torch.Tensor, window: int = 256, 
                            intermediate_expert=stack("inter_expert") if per_expert else None,
                            gate_channels=stack("gate_channels") if per_expert else None,
                            up_channels=stack("up_channels") if per_expert else None,
-                           info={"window": window, **(info or {})})
+                           info={"window": window, **(info or {})},
+                           routed=collector.samples() if collector is not None else None)

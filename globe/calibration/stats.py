@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from globe.calibration.routed import RoutedSamples
 from globe.errors import ArtifactError
 from globe.formats.stats import read_stats_file, write_stats_file
 
@@ -28,6 +29,7 @@ class ActivationStats:
     gate_channels: torch.Tensor | None = None     # [L, E, p]
     up_channels: torch.Tensor | None = None       # [L, E, p]
     info: dict[str, Any] = field(default_factory=dict)
+    routed: RoutedSamples | None = None           # routed token samples (collect_stats(routed=...)); not in the file
 
     @property
     def per_expert(self) -> bool:

@@ -16,6 +16,7 @@ from globe.cli import dry_run
 from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
 from globe.errors import ConfigError
+from globe.fit.expert_config import ExpertConfig
 from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 from globe.tune import DistillConfig
@@ -65,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {DistillConfig().steps})")
     p.add_argument("--distill-lr", type=float, default=DistillConfig().lr, metavar="LR",
                    help=f"distillation step size, relative to each factor's RMS (default {DistillConfig().lr:g})")
+    p.add_argument("--expert-steps", type=int, default=ExpertConfig().steps, metavar="N",
+                   help="after gate and up are fitted, refine both together for N Adam steps on the whole expert's "
+                        "output down(act(gate x) * up x) on tokens routed to it at calibration (before quantization); "
+                        f"0 = off (default {ExpertConfig().steps})")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -100,6 +105,7 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
 def _config(args: argparse.Namespace):
     """The fit config of these options, with --size applied (returns (config, SizePlan or None))."""
     cfg = build_config(_fit_args(args))
+    cfg.expert.steps = args.expert_steps
     plan = None
     if args.size is not None:
         from globe.fit.planning.bytes import apply_size

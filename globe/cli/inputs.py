@@ -239,6 +239,7 @@ OPTIONS: dict[str, str | Check] = {
     "bits": Count(1, key="quant.bits"), "quant_group": Count(1, key="quant.group"),
     "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
     "calibration_tokens": Count(2, what="a token count"), "distill_steps": Count(0), "distill_lr": Positive(),
+    "expert_steps": Count(0, key="expert.steps"),
     "eval_tokens": Count(2, what="a token count", zero="all of the text"), "max_tokens": Count(0),
     "window": Count(2), "cache_size": Count(1),
     "cache_bytes": Count(0), "warmup_tokens": Count(0), "max_length": Count(2), "stride": Count(1),

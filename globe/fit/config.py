@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from globe.errors import ConfigError
+from globe.fit.expert_config import ExpertConfig
 
 log = logging.getLogger(__name__)
 CONFIG_FORMAT_VERSION = 1
@@ -152,6 +153,7 @@ class FitConfig:
     nonlinear: NonlinearConfig = field(default_factory=NonlinearConfig)
     ranks: RankConfig = field(default_factory=RankConfig)
     quant: QuantSection = field(default_factory=QuantSection)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)   # whole-expert refinement (off)
     format_version: int = CONFIG_FORMAT_VERSION
 
     def validate(self) -> "FitConfig":
@@ -213,6 +215,7 @@ class FitConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        self.expert.check()
         return self
 
     def check_dims(self, n: int, p: int, d: int) -> "FitConfig":
@@ -230,13 +233,15 @@ class FitConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Every section; `ranks` and `quant` only when not at their defaults (so the config of a uniform,
+        """Every section; `ranks`, `quant` and `expert` only when not at their defaults (so the config of a uniform,
         unquantized fit, and the artifact id hashed from it, are what they were before those sections existed)."""
         out = dataclasses.asdict(self)
         if self.ranks == RankConfig():
             del out["ranks"]
         if self.quant.bits is None and self.quant == QuantSection():
             del out["quant"]
+        if self.expert == ExpertConfig():
+            del out["expert"]
         return out
 
     @classmethod
@@ -289,7 +294,7 @@ class FitConfig:
 
 SECTIONS: dict[str, type] = {"bank": BankConfig, "sparsity": SparsityConfig, "train": TrainConfig,
                              "activation": ActivationConfig, "nonlinear": NonlinearConfig, "ranks": RankConfig,
-                             "quant": QuantSection}
+                             "quant": QuantSection, "expert": ExpertConfig}
 
 
 def _is_int(value: Any) -> bool:

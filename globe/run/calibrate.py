@@ -43,6 +43,8 @@ class CalibrateRun:
     overwrite: bool = False                   # replace an existing output file
     seed: int = 0                             # self-generated text: the sampling seed
     flag: str = "--text"                      # the option the text came from, for messages
+    routed: int = 0                           # routed tokens kept per expert (stats.routed; 0: none)
+    routed_mb: int = 512                      # their memory cap
 
 
 def check_calibrate_run(run: CalibrateRun) -> Path | None:
@@ -98,6 +100,6 @@ def run_calibrate_with_ids(run: CalibrateRun) -> tuple[ActivationStats, torch.Te
                     "start": start_tokens(model, spec), "window": run.window}
         stats = collect_stats(model, ids, window=run.window, per_expert=not run.layer_only,
                               info={"model_dir": str(Path(run.model_dir).resolve()), "text": info.get("text"),
-                                    "calibration": info})
+                                    "calibration": info}, routed=run.routed, routed_mb=run.routed_mb)
         save_stats(stats, run.out)
     return stats, ids

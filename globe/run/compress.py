@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from globe.calibration.routed import save_routed
 from globe.core import outputs
 from globe.core.result import FitResult
 from globe.device import resolve_device
@@ -70,10 +71,14 @@ class CompressRun:
 
 def _calibration(run: CompressRun) -> CalibrateRun | None:
     """The calibration this run does (None: none, weight space or statistics already given); checked now."""
+    if run.config.expert.enabled and (not run.calibrate or run.config.activation.stats):
+        raise ConfigError("--expert-steps needs this run's calibration (its routed tokens): drop --no-calibration")
     if not run.calibrate or run.config.activation.stats:
         return None
+    expert = run.config.expert
     cal = CalibrateRun(run.model_dir, run.calibration_text, "", max_tokens=run.calibration_tokens,
-                       device=run.device, seed=run.config.train.seed, flag="--calibration-text")
+                       device=run.device, seed=run.config.train.seed, flag="--calibration-text",
+                       routed=expert.samples if expert.enabled else 0, routed_mb=expert.max_sample_mb)
     check_calibrate_run(cal)
     return cal
 
@@ -87,6 +92,8 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
         calibration.out = str(work / "calibration.safetensors")
         stats, ids = run_calibrate_with_ids(calibration)
         cfg.activation.stats = calibration.out
+        if stats.routed is not None:                   # the expert phase's routed samples (--expert-steps)
+            cfg.expert.samples_file = str(save_routed(stats.routed, work / "routed.safetensors"))
         info = stats.info.get("calibration")
     elif cfg.activation.stats:
         info = {"source": "statistics file", "stats": str(Path(cfg.activation.stats).resolve())}

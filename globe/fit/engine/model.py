@@ -2,6 +2,7 @@
 resume store, the objective each family is fitted under and the spilling of large finished families."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -9,13 +10,18 @@ from pathlib import Path
 import torch
 
 from globe.core.result import FamilyFit, FitResult
+from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
+from globe.fit.engine.expert import expert_applies, expert_stage
 from globe.fit.engine.family import fit_family
+from globe.fit.engine.phases import phase
+from globe.fit.engine.quantize import quantize_applies, quantize_family
 from globe.fit.objectives.base import objective_class
 from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.parallel.shard import read_shard
 from globe.fit.resume import FitStore
+from globe.fit.solvers.metrics import error_metrics
 from globe.io import open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,64 @@ log = logging.getLogger(__name__)
 def result_bytes(fam: FamilyFit) -> int:
     """Bytes a finished family's tensors hold in memory."""
     return sum(t.numel() * t.element_size() for t in (fam.bank, fam.codes, fam.adapters, fam.scales))
+
+
+def _unquantized(cfg: FitConfig) -> FitConfig:
+    return dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, bits=None))
+
+
+def expert_then_quantize(reader, families: dict[str, FamilyFit], cfg: FitConfig, data, kind) -> dict[str, FamilyFit]:
+    """The expert phase (globe.fit.engine.expert; with cfg.expert.steps > 0) on the fitted, unquantized gate and
+    up, then (with cfg.quant.bits) the quantize stage of every family: a refined family's adapters are refitted to
+    its refined reconstruction (what the expert phase bought), its rel_err measured against the original."""
+    stacks = {f: reader.read_family(f) for f in families}
+    if expert_applies(cfg):
+        families = _expert(reader, families, stacks, cfg)
+    if not quantize_applies(cfg):
+        return families
+    out = {}
+    for family, fam in families.items():
+        original = _ordered(stacks[family], fam.ids)
+        objective = kind.for_family(data, family, stacks[family], cfg)
+        refined = fam.metrics.get("expert", {}).get("accepted", False)
+        target = fam.reconstruct().to(original.dtype) if refined else original
+        with phase(fam.metrics.setdefault("timings", {}), "quantize", family=family):
+            out[family] = quantize_family(target, fam, cfg, objective)
+        if refined:
+            out[family].metrics.update(_weight_errors(out[family], original))
+    return out
+
+
+def _expert(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig) -> dict[str, FamilyFit]:
+    from globe.calibration.routed import load_routed
+    if cfg.expert.samples_file is None:
+        raise ConfigError("expert.steps > 0 needs routed samples (expert.samples_file): `globe compress "
+                          "--expert-steps N` collects them at calibration")
+    samples = load_routed(cfg.expert.samples_file)
+    ids = families["gate"].ids
+    down = stacks["down"] if "down" in stacks else reader.read_family("down")
+    weights = {"gate": _ordered(stacks["gate"], ids), "up": _ordered(stacks["up"], ids), "down": _ordered(down, ids)}
+    timings: dict = {}
+    with phase(timings, "expert", family="gate+up"):
+        families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed)
+    for f in ("gate", "up"):
+        families[f].metrics.setdefault("timings", {})["expert"] = timings["expert"]
+    return families
+
+
+def _ordered(stack, ids: torch.Tensor) -> torch.Tensor:
+    """The stack's weights [N, rows, cols] in the order of ids [N, 2]."""
+    if torch.equal(stack.ids, ids):
+        return stack.weights
+    where = {(int(l), int(e)): i for i, (l, e) in enumerate(stack.ids.tolist())}
+    return stack.weights[torch.tensor([where[(int(l), int(e))] for l, e in ids.tolist()])]
+
+
+def _weight_errors(fam: FamilyFit, weights: torch.Tensor) -> dict:
+    """rel_err of a family against the original weights (the quantize stage saw the refined ones)."""
+    sq_err = (weights.float() - fam.reconstruct()).square().sum((1, 2)).double()
+    sq_norms = weights.float().square().sum((1, 2)).double()
+    return error_metrics(sq_err, sq_norms, fam.ids)
 
 
 def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitStore | None = None,
@@ -37,6 +101,8 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
     experts; rank 0 returns the FitResult, the other ranks return None.
     """
     cfg = (cfg or FitConfig()).validate()
+    expert = expert_applies(cfg) and comm.world == 1
+    family_cfg = _unquantized(cfg) if expert and quantize_applies(cfg) else cfg   # quantize after the expert phase
     families: dict[str, FamilyFit] = {}
     t0 = time.perf_counter()
     kind = objective_class(cfg)
@@ -56,16 +122,19 @@ def fit_model(model_dir: str | Path, cfg: FitConfig | None = None, store: FitSto
             resume = store.progress(family) if store is not None else None
             save = (lambda prog, f=family: store.save_progress(f, prog)) if store is not None else None
             objective = kind.for_family(data, family, stack, cfg)
-            families[family] = fit_family(stack.weights, stack.ids, cfg, family, gen, resume, save, comm, objective)
+            families[family] = fit_family(stack.weights, stack.ids, family_cfg, family, gen, resume, save, comm,
+                                          objective)
             del stack
             if store is not None and families[family] is not None:
                 store.save_family(families[family])
                 if k + 1 < len(cfg.bank.families) and result_bytes(families[family]) >= SPILL_FAMILY_BYTES:
                     log.info("%s: result kept on disk until the last family is fitted", family)
                     families[family] = None                 # spilled: read back below
-    if not comm.is_main:
-        return None
-    families = {f: fam if fam is not None else store.reload(f) for f, fam in families.items()}
+        if not comm.is_main:
+            return None
+        families = {f: fam if fam is not None else store.reload(f) for f, fam in families.items()}
+        if expert:                                          # the deferred quantize stage runs after it
+            families = expert_then_quantize(reader, families, cfg, data, kind)
     source = {"model_dir": str(Path(model_dir).resolve()), "model_type": inventory.model_type,
               "content_hash": content, "inventory": inventory.to_dict()}
     return FitResult(families={f: families[f] for f in cfg.bank.families}, config=cfg, source=source,
