@@ -128,6 +128,9 @@ class QuantSection:
     bits: int | None = None        # 2, 3, 4 or 8 bits per bank / adapter entry; None: factors stored unquantized
     group: int = 64                # entries per fp16 scale / zero pair, along each factor's input axis
     method: str = "gptq"           # gptq | rtn | hqq (rtn / hqq: no error feedback, no calibration needed)
+    residual_bits: int | None = None   # also store each expert's residual W_i - W_hat_i at these bits (GPTQ under
+                                       # its routed Hessian with statistics, RTN without); None: no residual
+    residual_group: int = 128      # entries per fp16 scale / zero pair of the residual, along its input axis
 
 
 @dataclass
@@ -204,6 +207,11 @@ class FitConfig:
             (self.quant.bits is None or self.quant.bits in QUANT_BITS,
              f"quant.bits must be one of {QUANT_BITS} or null (got {self.quant.bits})"),
             (self.quant.group >= 1, f"quant.group must be >= 1 (got {self.quant.group})"),
+            (self.quant.residual_bits is None or self.quant.residual_bits in QUANT_BITS,
+             f"quant.residual_bits must be one of {QUANT_BITS} or null (got {self.quant.residual_bits})"),
+            (self.quant.residual_group >= 1, f"quant.residual_group must be >= 1 (got {self.quant.residual_group})"),
+            (self.quant.residual_bits is None or self.quant.bits is not None,
+             "--residual-bits (quant.residual_bits) needs quantized factors (--bits)"),
             (self.quant.method in QUANT_METHODS, f"quant.method must be one of {QUANT_METHODS} "
              f"(got {self.quant.method!r})"),
             (self.quant.bits is None or self.ranks.allocation == "uniform",
@@ -237,6 +245,8 @@ class FitConfig:
             del out["ranks"]
         if self.quant.bits is None and self.quant == QuantSection():
             del out["quant"]
+        elif self.quant.residual_bits is None and self.quant.residual_group == QuantSection.residual_group:
+            del out["quant"]["residual_bits"], out["quant"]["residual_group"]   # as before residuals existed
         return out
 
     @classmethod
