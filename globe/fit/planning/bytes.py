@@ -7,6 +7,8 @@ count as globe.fit.engine.quantize.stored_bytes):
     adapters   [N, p, r]   the same, groups along r (a rank per layer: only each layer's real columns)
     codes      nnz values (value bytes) + nnz int32 atom indices + (N + 1) int64 row pointers
     scales     N fp32;  ids  N x 2 int32
+    residual   [N, p, d]   optional (quant.residual_bits): each expert's W_i - W_hat_i packed at its bits + fp16
+                           scale and zero per group of residual_group entries along d
 Value bytes: the source checkpoint's floating dtype (2 for bf16). The whole checkpoint: every tensor of the source
 that no fitted family replaces, at its stored dtype (from the safetensors headers), plus the fitted families.
 Counted: tensor bytes only (file headers, config.json and tokenizer files are not).
@@ -56,16 +58,21 @@ def factor_bytes(shape: tuple[int, ...], value_bytes: int, bits: int | None, gro
 
 
 def family_bytes(n: int, p: int, d: int, m: int, r: int, nnz: int, value_bytes: int, bits: int | None = None,
-                 group: int = 64, layer_ranks: list[tuple[int, int]] | None = None) -> dict[str, int]:
+                 group: int = 64, layer_ranks: list[tuple[int, int]] | None = None,
+                 residual: tuple[int, int] | None = None) -> dict[str, int]:
     """Stored bytes per part of one family (see the module docstring); layer_ranks: [(experts, r_l)] per layer for
-    unquantized adapters stored per layer (None: every expert at r)."""
+    unquantized adapters stored per layer (None: every expert at r); residual: (bits, group) of the quantized
+    residuals, None without."""
     if layer_ranks is not None and bits is None:
         adapters = sum(e * p * rl for e, rl in layer_ranks) * value_bytes
     else:
         adapters = factor_bytes((n, p, r), value_bytes, bits, group)
-    return {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
-            "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
-            "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    out = {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
+           "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
+           "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    if residual is not None:
+        out["residual"] = quantized_bytes((n, p, d), *residual)
+    return out
 
 
 def value_bytes_of(dtype: str | torch.dtype) -> int:

@@ -103,3 +103,18 @@ def test_size_with_given_bits_keeps_them():
                       fixed_bits=True)
     assert plan.bits == 8 and plan.predicted_bytes <= target
     assert value_bytes_of("bfloat16") == 2 and value_bytes_of("float32") == 4 and value_bytes_of("int8") == 4
+
+
+def test_byte_model_counts_the_residuals_as_written(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen2_moe", dtype=torch.bfloat16)
+    cfg = FitConfig(bank=BankConfig(m=4, r=8), sparsity=SparsityConfig(target_support=2), train=QUICK,
+                    quant=QuantSection(bits=4, group=8, residual_bits=3, residual_group=32))
+    result = globe.fit_model(path, cfg)
+    art = globe.save(result, tmp_path / "art")
+    for name, fam in result.families.items():
+        n, p, d = fam.quant["residual"].shape
+        nnz = int((fam.codes != 0).sum())
+        model = family_bytes(n, p, d, 4, 8, nnz, value_bytes=2, bits=4, group=8, residual=(3, 32))
+        assert model["residual"] == math.ceil(n * p * d * 3 / 8) + 4 * n * p * math.ceil(d / 32)   # by hand
+        assert model == stored_bytes(fam, 2)
+        assert sum(model.values()) == _family_written(art, name)
