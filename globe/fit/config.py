@@ -176,7 +176,8 @@ class FitConfig:
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
-            (0.0 < b.budget < 1.0, f"bank.budget must be in (0, 1) (got {b.budget})"),
+            (0.0 < b.budget < 1.0 or (b.budget == 0 and self.quant.residual_bits is not None),
+             f"bank.budget must be in (0, 1), or 0 with quantized residuals (plain quantization) (got {b.budget})"),
             (b.phi in PHIS, f"bank.phi must be one of {PHIS} (got {b.phi!r})"),
             (b.init in INITS, f"bank.init must be one of {INITS} (got {b.init!r})"),
             (set(b.families) <= {"gate", "up", "down"} and b.families, f"bank.families invalid: {b.families}"),
