@@ -64,8 +64,10 @@ def test_compress_size_sets_bits_and_budget_and_refuses_in_one_line(tmp_path, ca
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smallest reachable checkpoint is 0.0145" in err[0]
-    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.02"]) == 2
-    assert "plain 4-bit group quantization" in capsys.readouterr().err
+    cfg, plan = _compress_config("--size", "0.02")                  # >= 4.25 bits: plain quantization, no refusal
+    assert plan.kind == "plain" and cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.02", "--bits", "4"]) == 2
+    assert "plain quantization of the experts is better" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--bits", "4", "--no-quant"]) == 2
 
