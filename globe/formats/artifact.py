@@ -15,8 +15,8 @@ version 2) is stored as its packed parts {family}.{part}.codes (uint8) / .scales
 bits and group in globe_config.json families.{family}.quant.{part}; it is read back dequantized into the FamilyFit
 (fp32) beside the packed parts. A quantized residual [N, p, d] (quant part "residual") is stored the same way,
 {family}.residual.codes / .scales / .zeros, and kept packed in FamilyFit.quant.
-A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in the source
-checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
+A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in
+the source checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
 fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
 temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
 globe.artifact turns this into a FitResult with its FitConfig and checks that it fits a model.

@@ -79,7 +79,8 @@ def test_save_pretrained_round_trip_and_byte_rows(residual_fit, tmp_path):
         residual = sum(v.numel() * v.element_size() for k, v in tensors.items()
                        if f".residual.{fam}." in k)
         n, p, d = (result.families[fam].shape[k] for k in ("N", "p", "d"))
-        assert residual == result.families[fam].quant["residual"].nbytes == n * p * d * 3 // 8 + 4 * n * p * (-(-d // 16))
+        by_hand = n * p * d * 3 // 8 + 4 * n * p * (-(-d // 16))       # 3-bit codes + fp16 scale and zero per group
+        assert residual == result.families[fam].quant["residual"].nbytes == by_hand
         hand = sum(v.numel() * v.element_size() for k, v in tensors.items()
                    if any(f".{kind}.{fam}" in k for kind in ("bank", "adapters", "code_values", "code_indices",
                                                              "residual")))

@@ -145,7 +145,8 @@ def _quantized(problem: FamilyProblem, fam: FamilyFit | None) -> FamilyFit | Non
     """The quantize stage, where cfg.quant.bits asks for it (rank 0 only)."""
     if fam is not None and quantize_applies(problem.cfg):
         with problem.phase("quantize"):
-            fam = quantize_family(problem.spaces.original, fam, problem.cfg, problem.objective, problem.shard.comm.world)
+            fam = quantize_family(problem.spaces.original, fam, problem.cfg, problem.objective,
+                                  problem.shard.comm.world)
         fam.metrics["timings"] = problem.timings
     return fam
 

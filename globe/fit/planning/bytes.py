@@ -209,18 +209,19 @@ def solve_residual(n: int, dims: list[tuple[int, int]], other_bytes: int, target
 
 
 def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
-               cfg: FitConfig, bits: int | None = None, fixed_bits: bool = False) -> SizePlan:
+               cfg: FitConfig, bits: int | None = None, fixed_bits: bool = False, kind: str | None = None) -> SizePlan:
     """Kind, bits, per-family budget, support and residuals that keep the whole checkpoint within target_bytes:
     every fitted family (dims: its (p, d)) gets the same share of the bytes the other tensors leave. The kind comes
     from SIZE_RULE (plain quantization, a small GloBE part + residuals, or factors only; a kind that does not fit
     falls back to the next smaller one). ConfigError, stating the smallest reachable size, when none fits.
     fixed_bits: factors only, at `bits` (--bits / --no-quant given; refused where plain quantization is the rule),
-    else the factors try BITS_PREFERENCE in order and keep the first that fits."""
+    else the factors try BITS_PREFERENCE in order and keep the first that fits. kind: that kind instead of the
+    rule's (the tuning benchmark, benchmarks/size_rule.py)."""
     group, support, families = cfg.quant.group, cfg.sparsity.target_support, len(dims)
     limit = (target_bytes - other_bytes) // families
     dense = dense_params(n, *dims[0])
     bpw = round(8 * limit / dense, 4)
-    kind = choose_kind(8 * limit / dense)
+    kind = kind or choose_kind(8 * limit / dense)
     if fixed_bits and kind == "plain":
         plain = other_bytes + families * math.ceil(SIZE_RULE["plain_from_bits"] * dense / 8)
         raise ConfigError(
@@ -253,7 +254,8 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
                       f"compress + {floor:,} for the smallest banks)")
 
 
-def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False) -> SizePlan:
+def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False,
+               kind: str | None = None) -> SizePlan:
     """cfg (changed in place: quant.bits, bank.budget, sparsity.target_support) so that the whole checkpoint of
     model_dir compressed with it takes at most size_gib GiB (2**30 bytes) of tensors; returns the SizePlan."""
     from globe.io import open_checkpoint
@@ -266,7 +268,7 @@ def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = Fa
         other, _ = source_bytes(reader, tuple(cfg.bank.families))
     n, width = len(inv.moe_layers) * inv.num_experts, value_bytes_of(inv.dtype)
     dims = [(inv.d, inv.p) if f == "down" else (inv.p, inv.d) for f in cfg.bank.families]
-    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, fixed_bits=bits_given)
+    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, bits_given, kind)
     cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
     cfg.quant.residual_bits = plan.residual_bits
     if plan.residual_group is not None:
