@@ -123,15 +123,21 @@ def gptq_rows(ctx: dict, args) -> list[dict]:
 
 
 def compare(product: list[dict], gptq: list[dict]) -> list[dict]:
-    """Each product row against the best GPTQ row of at most its bytes (ratio < 1: the product is closer)."""
+    """Each product row against the best GPTQ row within the same size (the --size target: GPTQ may use every byte
+    the product was allowed; ratio < 1: the product is closer), and against the best GPTQ row of at most the
+    product's own bytes (the solver's byte model is an upper bound, so the product may use fewer)."""
+    def best(cap: float) -> dict | None:
+        fit = [g for g in gptq if g["bits_per_weight"] <= cap + 1e-9]
+        return min(fit, key=lambda g: g["kl"]) if fit else None
     out = []
     for row in product:
-        fit = [g for g in gptq if g["bits_per_weight"] <= row["bits_per_weight"] + 1e-9]
-        best = min(fit, key=lambda g: g["kl"]) if fit else None
+        at, own = best(row["target_bits"]), best(row["bits_per_weight"])
         out.append({"target_bits": row["target_bits"], "kind": row["kind"], "bits": row["bits_per_weight"],
-                    "kl": row["kl"], "gptq": best and f"{best['bits']}-bit group {best['group']}",
-                    "gptq_bits": best and best["bits_per_weight"], "gptq_kl": best and best["kl"],
-                    "ratio": best and row["kl"] / best["kl"]})
+                    "kl": row["kl"], "top1": row["top1"], "gptq": at and f"{at['bits']}-bit group {at['group']}",
+                    "gptq_bits": at and at["bits_per_weight"], "gptq_kl": at and at["kl"],
+                    "ratio": at and row["kl"] / at["kl"],
+                    "gptq_own_bits": own and f"{own['bits']}-bit group {own['group']}",
+                    "ratio_own_bits": own and row["kl"] / own["kl"]})
     return out
 
 

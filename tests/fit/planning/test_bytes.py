@@ -121,19 +121,20 @@ def test_byte_model_counts_the_residuals_as_written(tiny_checkpoint, tmp_path):
 
 
 def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled, tmp_path):
-    """Below SIZE_RULE's thresholds factors only, between them a small GloBE part + residuals, above them plain
-    quantization (no refusal); every plan's written bytes stay within the target, to within one group's bytes."""
+    """Below SIZE_RULE's threshold factors only, above it plain quantization (no refusal), a small GloBE part +
+    residuals where asked for; every plan's written bytes stay within the target, to within one group's bytes."""
     from globe.fit.planning.bytes import SIZE_RULE
     with open_checkpoint(upcycled) as reader:
         other, dense = source_bytes(reader, ("gate", "up"))
     routed = sum(dense.values()) // 2                                 # bf16 weights of gate + up
     kinds = {}
-    for bpw in (2.5, (SIZE_RULE["residual_from_bits"] + SIZE_RULE["plain_from_bits"]) / 2, 4.6):
+    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.6, None)):
         cfg = FitConfig(train=QUICK, quant=QuantSection(group=8))
         target = other + int(routed * bpw / 8)
-        plan = apply_size(cfg, upcycled, target / GIB)
+        plan = apply_size(cfg, upcycled, target / GIB, kind=kind)
         kinds[plan.kind] = (plan, cfg, target)
     assert set(kinds) == {"factors", "residual", "plain"}
+    assert kinds["factors"][0].bits_per_weight < SIZE_RULE["plain_from_bits"] <= kinds["plain"][0].bits_per_weight
     plan, cfg, target = kinds["plain"]
     assert cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits == 4
     assert plan.residual_group == 128 and plan.predicted_bytes <= target    # d = 128: the zero base costs 0.28 bits
