@@ -26,7 +26,7 @@ from globe.fit.engine.duplicates import tie_duplicates, tie_quantized
 from globe.fit.costs import declare_cost
 from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.quantized import quantize_factors
-from globe.fit.solvers.residual import quantize_residual, residual_method
+from globe.fit.solvers.residual import RESIDUAL_CHUNK, quantize_residual, residual_method
 from globe.quant import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,12 @@ def quantize_memory(s) -> int:
     errors = 8 * c * p * d * 2 + 8 * c * p * r * 2                        # W - A M and its square; A
     bank = 8 * m * r * d * 4 + 8 * d * d * 4                              # the bank's GPTQ (before the chunks)
     final = (8 + 8 + 4 + 4) * n * p * r + s.adapters
-    return held + stored + max(inputs + max(gptq, errors), bank, final)
+    peak = held + stored + max(inputs + max(gptq, errors), bank, final)
+    if getattr(s, "residual_bits", None) is None:
+        return peak
+    c = min(RESIDUAL_CHUNK, n)                            # the residual stage: packed residuals + one GPTQ batch
+    residual = n * p * d + 2 * 2 * n * p * -(-d // s.residual_group) + 8 * c * (3 * p * d + 3 * d * d)
+    return max(peak, held + stored + residual)
 
 
 def quantize_seconds(s, q) -> float:
@@ -176,7 +181,10 @@ def quantize_seconds(s, q) -> float:
     f64, s64 = (q.wd64 or q.wd32 / 2) / OUT_OF_CACHE, q.stream64 / OUT_OF_CACHE
     products = n * (6 * p * d * r + 2 * r * r * d) / f64 + n * 2 * m * r * d / q.bank
     stream = n * p * d * QUANT_STREAM_BYTES / s64 + n * p * r * QUANT_PACK_BYTES / s64
-    return bank + adapters + products + stream
+    residual = 0.0
+    if getattr(s, "residual_bits", None) is not None:     # GPTQ of every expert's [p, d] residual, one batch a chunk
+        residual = gptq_seconds(n * p, d, s.residual_group, q, -(-n // RESIDUAL_CHUNK)) + n * p * d * r * 2 / f64
+    return bank + adapters + products + stream + residual
 
 
 declare_cost("quantize", quantize_memory, quantize_seconds)
