@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                           f"factors, 0.5 with --no-quant)")
     cut.add_argument("--size", type=float, metavar="GiB",
                      help="bytes of the whole checkpoint's tensors, in GiB (2**30 bytes): the budget (and, without "
-                          "--bits / --no-quant, the bits) are chosen so that the checkpoint fits; refused where plain "
-                          "quantization of the experts would be better")
+                          "--bits / --no-quant, the bits and the kind: factors only, a small GloBE part + quantized "
+                          "residuals, or plain quantization of the experts) are chosen so that the checkpoint fits")
     p.add_argument("--no-quant", action="store_true",
                    help=f"store the factors unquantized, in the model's dtype (default: --bits "
                         f"{QUANT_DEFAULTS['bits']}, except with --rank-allocation sensitivity)")
@@ -153,9 +153,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def size_line(plan) -> str:
-    bits = f"{plan.bits}-bit factors" if plan.bits else "unquantized factors"
-    return (f"--size {plan.target_bytes / 2**30:.6g} GiB ({plan.target_bytes:,} bytes): {bits}, budget "
-            f"{plan.budget:.4f} per family, target support {plan.support}; at most {plan.predicted_bytes:,} bytes "
+    return (f"--size {plan.target_bytes / 2**30:.6g} GiB ({plan.target_bytes:,} bytes): {plan.describe()} per "
+            f"family, target support {plan.support}; at most {plan.predicted_bytes:,} bytes "
             f"({plan.bits_per_weight:.2f} bits per routed weight)")
 
 

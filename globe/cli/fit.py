@@ -69,7 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 # the options `globe fit` and `globe compress` share: same flags, defaults and help (build_config reads them)
 SHARED_FIT_OPTIONS = ("m", "r", "target_support", "init", "phi", "method", "am_iters", "varpro_steps", "cycles",
                       "refine_steps", "families", "seed", "precision", "rank_allocation",
-                      "bits", "quant_group", "quant_method")
+                      "bits", "quant_group", "quant_method", "residual_bits", "residual_group")
 
 
 def add_fit_options(p: argparse.ArgumentParser) -> None:
@@ -101,6 +101,11 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-group", type=int, help="entries per quantization scale with --bits (default 64)")
     p.add_argument("--quant-method", choices=QUANT_METHODS,
                    help="quantizer with --bits: gptq (error feedback, default), rtn or hqq")
+    p.add_argument("--residual-bits", type=int, choices=QUANT_BITS,
+                   help="with --bits: also store each expert's residual W - W_hat quantized at this many bits (GPTQ "
+                        "under the expert's routed Hessian when calibrated, else round to nearest); default: none")
+    p.add_argument("--residual-group", type=int,
+                   help="entries per quantization scale of the residuals (default 128)")
 
 
 def build_config(args: argparse.Namespace) -> FitConfig:
@@ -119,7 +124,9 @@ def build_config(args: argparse.Namespace) -> FitConfig:
                              (t, "precision", args.precision), (cfg.ranks, "allocation", args.rank_allocation),
                              (cfg.quant, "bits", getattr(args, "bits", None)),
                              (cfg.quant, "group", getattr(args, "quant_group", None)),
-                             (cfg.quant, "method", getattr(args, "quant_method", None))]:
+                             (cfg.quant, "method", getattr(args, "quant_method", None)),
+                             (cfg.quant, "residual_bits", getattr(args, "residual_bits", None)),
+                             (cfg.quant, "residual_group", getattr(args, "residual_group", None))]:
         if value is not None:
             setattr(obj, attr, value)
     a = cfg.activation

@@ -237,6 +237,7 @@ OPTIONS: dict[str, str | Check] = {
     "am_iters": Count(0, key="train.am_iters"), "varpro_steps": Count(0, key="train.varpro_steps"),
     "cycles": Count(1, key="train.cycles"), "refine_steps": Count(0, key="train.refine_steps"), "seed": SEED,
     "bits": Count(1, key="quant.bits"), "quant_group": Count(1, key="quant.group"),
+    "residual_bits": Count(1, key="quant.residual_bits"), "residual_group": Count(1, key="quant.residual_group"),
     "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
     "calibration_tokens": Count(2, what="a token count"), "distill_steps": Count(0), "distill_lr": Positive(),
     "expert_steps": Count(0, key="expert.steps"),

@@ -31,7 +31,8 @@ class FamilyFit:
     history: dict[str, list] = field(default_factory=dict)   # per phase: am / varpro / refine
     ranks: tuple[int, ...] | None = None   # rank per MoE layer (layer order of ids); None: r_max everywhere
     quant: dict[str, QuantizedTensor] = field(default_factory=dict)   # stored parts ("bank", "adapters") when the
-                                     # factors are quantized; bank / adapters then hold their dequantized values
+                                     # factors are quantized; bank / adapters then hold their dequantized values;
+                                     # "residual" [N, p, d]: W_i - A_i tilde_B_i quantized, added to every W_hat_i
 
     @property
     def shape(self) -> dict[str, int]:
@@ -75,8 +76,12 @@ class FamilyFit:
         return compose(self.codes[index], self.bank, self.phi)
 
     def reconstruct(self, index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        """W_hat_i = A_i tilde_B_i for the selected experts: [n, p, d] (fp32)."""
-        return self.adapters[index].float() @ self.mixed(index).float()
+        """W_hat_i = A_i tilde_B_i (+ the dequantized residual R_i when the fit stores one) for the selected experts:
+        [n, p, d] (fp32)."""
+        out = self.adapters[index].float() @ self.mixed(index).float()
+        if "residual" in self.quant:
+            out = out + self.quant["residual"].rows(index)
+        return out
 
     def param_count(self) -> dict[str, int]:
         s, shape, experts = self.shape, self.bank_shape, self.experts_per_layer()

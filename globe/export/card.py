@@ -154,6 +154,10 @@ def _byte_model_rows(result: FitResult) -> list[str]:
     size = result.source.get("size")
     if size:
         rows.append(f"| size target (`--size`) | | {size['target_bytes']:,} | |")
+        if size.get("kind"):
+            from globe.fit.planning.bytes import SizePlan
+            what = SizePlan(**size).describe()
+            rows.append(f"| chosen for `--size` ({size['bits_per_weight']:.2f} bits per routed weight) | | {what} | |")
     return rows
 
 

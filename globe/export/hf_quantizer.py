@@ -95,15 +95,18 @@ def _skeleton_layer(module: nn.Module, layer: int, layout: ExpertsLayout, config
     """A GlobeExperts with uninitialised tensors of the checkpoint's shapes, on the module's device (meta)."""
     num_experts, p, d = layout.dims(module)
     device = layout.device(module)
-    codes, adapters = {}, {}
+    codes, adapters, residuals = {}, {}, {}
     for family, info in config.families.items():
         shapes = family_shapes(family, info, num_experts, p, d, layer)
         codes[family] = (torch.zeros(shapes["code_indices"], dtype=torch.long, device=device),
                          torch.empty(shapes["code_values"], dtype=dtype, device=device))
         adapters[family] = _part(shapes["adapters"], info, "adapters", dtype, device)
+        if "residual" in (info.get("quant") or {}):
+            residuals[family] = _part(shapes["residual"], info, "residual", dtype, device)
     phis = {f: v.get("phi", "identity") for f, v in config.families.items()}
     shared = frozenset() if first else frozenset(f for f, b in banks.items() if isinstance(b, PackedTensor))
-    return build_experts(module, layer, layout, banks, phis, codes, adapters, config.max_gathered_pairs, shared)
+    return build_experts(module, layer, layout, banks, phis, codes, adapters, config.max_gathered_pairs, shared,
+                         residuals)
 
 
 def patch_skeleton(model: nn.Module, config: GlobeConfig, dtype: torch.dtype | None = None) -> None:

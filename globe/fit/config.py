@@ -129,6 +129,9 @@ class QuantSection:
     bits: int | None = None        # 2, 3, 4 or 8 bits per bank / adapter entry; None: factors stored unquantized
     group: int = 64                # entries per fp16 scale / zero pair, along each factor's input axis
     method: str = "gptq"           # gptq | rtn | hqq (rtn / hqq: no error feedback, no calibration needed)
+    residual_bits: int | None = None   # also store each expert's residual W_i - W_hat_i at these bits (GPTQ under
+                                       # its routed Hessian with statistics, RTN without); None: no residual
+    residual_group: int = 128      # entries per fp16 scale / zero pair of the residual, along its input axis
 
 
 @dataclass
@@ -175,7 +178,8 @@ class FitConfig:
         checks = [
             (b.m is None or b.m > 0, f"bank.m must be > 0 (got {b.m})"),
             (b.r is None or b.r > 0, f"bank.r must be > 0 (got {b.r})"),
-            (0.0 < b.budget < 1.0, f"bank.budget must be in (0, 1) (got {b.budget})"),
+            (0.0 < b.budget < 1.0 or (b.budget == 0 and self.quant.residual_bits is not None),
+             f"bank.budget must be in (0, 1), or 0 with quantized residuals (plain quantization) (got {b.budget})"),
             (b.phi in PHIS, f"bank.phi must be one of {PHIS} (got {b.phi!r})"),
             (b.init in INITS, f"bank.init must be one of {INITS} (got {b.init!r})"),
             (set(b.families) <= {"gate", "up", "down"} and b.families, f"bank.families invalid: {b.families}"),
@@ -206,11 +210,19 @@ class FitConfig:
             (self.quant.bits is None or self.quant.bits in QUANT_BITS,
              f"quant.bits must be one of {QUANT_BITS} or null (got {self.quant.bits})"),
             (self.quant.group >= 1, f"quant.group must be >= 1 (got {self.quant.group})"),
+            (self.quant.residual_bits is None or self.quant.residual_bits in QUANT_BITS,
+             f"quant.residual_bits must be one of {QUANT_BITS} or null (got {self.quant.residual_bits})"),
+            (self.quant.residual_group >= 1, f"quant.residual_group must be >= 1 (got {self.quant.residual_group})"),
+            (self.quant.residual_bits is None or self.quant.bits is not None,
+             "--residual-bits (quant.residual_bits) needs quantized factors (--bits)"),
             (self.quant.method in QUANT_METHODS, f"quant.method must be one of {QUANT_METHODS} "
              f"(got {self.quant.method!r})"),
             (self.quant.bits is None or self.ranks.allocation == "uniform",
              "--bits (quant.bits) with --rank-allocation sensitivity is not supported yet: quantized adapters are "
              "stored with one rank per family; drop one of the two"),
+            (self.quant.residual_bits is None or self.expert.steps == 0,
+             "--expert-steps with --residual-bits (or a plain-quantization --size) is not supported yet: the "
+             "residual would be taken against the refined factors, not the original weights; drop one of the two"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -240,6 +252,8 @@ class FitConfig:
             del out["ranks"]
         if self.quant.bits is None and self.quant == QuantSection():
             del out["quant"]
+        elif self.quant.residual_bits is None and self.quant.residual_group == QuantSection.residual_group:
+            del out["quant"]["residual_bits"], out["quant"]["residual_group"]   # as before residuals existed
         if self.expert == ExpertConfig():
             del out["expert"]
         return out

@@ -13,8 +13,10 @@ lowest version that holds it (1 when every family has one rank), so such artifac
 Codes are stored sparse (CSR: indptr, indices, values). A quantized bank or adapter tensor (FamilyFit.quant; format
 version 2) is stored as its packed parts {family}.{part}.codes (uint8) / .scales / .zeros (fp16), with its shape,
 bits and group in globe_config.json families.{family}.quant.{part}; it is read back dequantized into the FamilyFit
-(fp32) beside the packed parts. A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in the source
-checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
+(fp32) beside the packed parts. A quantized residual [N, p, d] (quant part "residual") is stored the same way,
+{family}.residual.codes / .scales / .zeros, and kept packed in FamilyFit.quant.
+A save without quantized parts writes format version 1, as before. Banks, adapters and code values are stored in
+the source checkpoint's dtype (bf16 for a bf16 model: the runtime computes with them in that dtype anyway) and read back in
 fp32; the z-score scales stay fp32 (N numbers, kept exact for analysis; the runtime does not use them). Every file is written atomically (globe.core.files:
 temp file in the same directory, fsync, rename), so a crash leaves either the previous or the new complete file.
 globe.artifact turns this into a FitResult with its FitConfig and checks that it fits a model.
@@ -40,7 +42,7 @@ from globe.quant.tensor import QuantizedTensor
 
 PHIS: tuple[str, ...] = tuple(PHI)      # the nonlinearities an artifact may name (those core.mixing composes with)
 FORMAT_VERSION = 2                  # 2: a rank per layer, and/or quantized parts (each written only when used)
-QUANT_PARTS = ("bank", "adapters")
+QUANT_PARTS = ("bank", "adapters", "residual")   # residual: [N, p, d] W_i - W_hat_i, always packed
 BANKS_FILE = "banks.safetensors"
 CONFIG_FILE = "globe_config.json"
 
@@ -88,6 +90,8 @@ def family_tensors(fam: FamilyFit, dtype: torch.dtype = torch.float32) -> dict[s
         out.update({f"{f}.adapters.{layer}": a.to(dtype) for layer, a in layer_adapters(fam).items()})
     else:
         out[f"{f}.adapters"] = fam.adapters.to(dtype)
+    if "residual" in fam.quant:
+        out.update(fam.quant["residual"].tensors(f"{f}.residual"))
     out.update({f"{f}.codes.{k}": v for k, v in codes_to_csr(fam.codes.cpu(), dtype).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -321,6 +325,9 @@ def _family_from_tensors(name: str, info: dict, tensors: dict, metrics: dict, ou
             raise ArtifactError(f"{out / BANKS_FILE}: tensor {name}.{k} has shape {tuple(t[k].shape)}, "
                                 f"expected {shape} from {CONFIG_FILE}")
     check_family_tensors(name, t, m, out / BANKS_FILE)
+    if "residual" in quant and quant["residual"].shape != (n, p, d):
+        raise ArtifactError(f"{out / BANKS_FILE}: quantized tensor {name}.residual has shape "
+                            f"{quant['residual'].shape}, expected {(n, p, d)} from {CONFIG_FILE}")
     fam = build_family(name, t, info["phi"], metrics, history, info.get("ranks"))
     fam.quant = quant
     return fam

@@ -5,14 +5,16 @@
                        budget, dtypes; optional `ranks` {layer: r_l} for a family whose layers' ranks differ, r
                        their maximum: that layer's adapters are [E, out, r_l] and it uses bank[:, :r_l]; an entry
                        without `ranks` is every layer at r, so older checkpoints read unchanged; optional `quant`
-                       {part: {bits, group, method}} for a bank / adapters stored packed); read with read_quant /
-                       check_quant
+                       {part: {bits, group, method}} for a bank / adapters / residual stored packed); read with
+                       read_quant / check_quant
     model.safetensors  per MoE layer, under the routed-experts module's path: state_key(kind, family) for the GloBE
                        tensors (bank once, under the first MoE layer, the other layers tie to it; adapters, padded
                        code values / indices per layer) and dense_key(family) for untouched projections; a packed
                        part as packed_key(kind, family, buffer): `bank.gate.codes` (uint8, the integer codes
                        bit-packed as globe.quant.packing packs them), `bank.gate.scales`, `bank.gate.zeros` (fp16,
-                       one per group of `group` entries along the last axis); packed_shapes gives their shapes
+                       one per group of `group` entries along the last axis); packed_shapes gives their shapes;
+                       a family's residuals R_e = W_e - A_e tilde_B_e [E, out, in] (per layer, always packed):
+                       `residual.gate.codes` / `.scales` / `.zeros`
     globe_config.json  provenance of the fit (globe.formats.artifact's document, without tensors)
 
 Shapes are not stored apart from the tensors: family_shapes derives each GloBE tensor's shape from one family's
@@ -37,15 +39,16 @@ from globe.errors import ArtifactError
 from globe.io.arch import FAMILIES, ArchSpec, config_value
 from globe.quant.config import BITS
 from globe.quant.packing import pack_bits, packed_bytes
-from globe.quant.tensor import QuantizedTensor
+from globe.quant.tensor import QuantizedTensor, concat_rows
 
 QUANT_METHOD = "globe"
 FORMAT_VERSION = 3                     # of `quantization_config` and the state layout; 1 = the marker-file format
 MIN_VERSION = 2                        # the oldest `quantization_config` version read (1 had no such entry)
-PACKED_KINDS: tuple[str, ...] = ("bank", "adapters")          # the parts that may be stored packed
+PACKED_KINDS: tuple[str, ...] = ("bank", "adapters", "residual")   # the parts that may be stored packed (a
+                                                                    # residual is always packed)
 PACKED_BUFFERS: tuple[str, ...] = ("codes", "scales", "zeros")  # a packed part's tensors (key suffixes)
 MODES: tuple[str, ...] = ("cached", "factored", "dense")   # runtime modes a checkpoint may name
-STATE_KINDS: tuple[str, ...] = ("bank", "adapters", "code_values", "code_indices")    # GloBE-owned tensors
+STATE_KINDS: tuple[str, ...] = ("bank", "adapters", "code_values", "code_indices", "residual")   # GloBE-owned
 GLOBE_STATE: tuple[str, ...] = tuple(f"{kind}." for kind in STATE_KINDS)              # their key prefixes
 
 MARKER_VERSION = 1                     # of the format-1 marker file, read only
@@ -165,13 +168,16 @@ def _is_int(value: Any) -> bool:
 def family_shapes(family: str, info: dict[str, Any], num_experts: int, p: int, d: int,
                   layer: int | None = None) -> dict[str, tuple]:
     """Shapes of one family's GloBE tensors in MoE layer `layer`, from its quantization_config entry (m, r, k,
-    ranks): bank [m, r, in], adapters [E, out, r_l], code values / indices [E, k]; (in, out) = (d, p), or (p, d)
-    for down."""
+    ranks): bank [m, r, in], adapters [E, out, r_l], code values / indices [E, k], residual [E, out, in] (stored
+    only when its `quant` lists one); (in, out) = (d, p), or (p, d) for down."""
     out_dim, in_dim = (d, p) if family == "down" else (p, d)
     m, r, k = info["m"], info["r"], info["k"]
     r_l = r if layer is None else layer_rank(info, layer)
-    return {"bank": (m, r, in_dim), "adapters": (num_experts, out_dim, r_l), "code_values": (num_experts, k),
-            "code_indices": (num_experts, k)}
+    out = {"bank": (m, r, in_dim), "adapters": (num_experts, out_dim, r_l), "code_values": (num_experts, k),
+           "code_indices": (num_experts, k)}
+    if "residual" in (info.get("quant") or {}):
+        out["residual"] = (num_experts, out_dim, in_dim)
+    return out
 
 
 def packed_shapes(shape: tuple[int, ...], meta: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -267,7 +273,8 @@ def stored_prefix(spec: Any, layer: int, keys: Any, family: str) -> str:
 
 def read_part(tensors: open_weights, kind: str, family: str, prefix: str, shape: tuple[int, ...],
               meta: dict[str, Any] | None) -> tuple[torch.Tensor, QuantizedTensor | None]:
-    """One stored part (bank or adapters) of a family: (fp32 values, the QuantizedTensor when it is packed)."""
+    """One stored part (bank, adapters or residual) of a family: (fp32 values, the QuantizedTensor when it is
+    packed)."""
     if meta is None:
         return tensors[state_key(kind, family, prefix)].float(), None
     parts = {b: tensors[packed_key(kind, family, b, prefix)] for b in PACKED_BUFFERS}
@@ -292,7 +299,7 @@ def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_we
     num_experts = int(config_value(config, spec.num_experts_keys, spec.model_type))
     out_dim, in_dim = _dims(spec, config, name)
     bank, qbank = read_part(tensors, "bank", name, first, (info["m"], info["r"], in_dim), quant.get("bank"))
-    adapters, codes, ids, ranks, qadapters = [], [], [], [], []
+    adapters, codes, ids, ranks, qadapters, residuals = [], [], [], [], [], []
     for layer in layers:
         prefix = stored_prefix(spec, layer, tensors.where, name)
         index = tensors[state_key("code_indices", name, prefix)]
@@ -301,6 +308,9 @@ def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_we
         shape = (num_experts, out_dim, layer_rank(info, layer))
         layer_adapters, qt = read_part(tensors, "adapters", name, prefix, shape, quant.get("adapters"))
         qadapters.append(qt)
+        if "residual" in quant:
+            residuals.append(read_part(tensors, "residual", name, prefix, (num_experts, out_dim, in_dim),
+                                       quant["residual"])[1])
         ranks.append(int(layer_adapters.shape[-1]))
         adapters.append(torch.nn.functional.pad(layer_adapters, (0, bank.shape[1] - ranks[-1])))   # to r_max
         codes.append(dense)
@@ -312,6 +322,8 @@ def family_from_layers(name: str, spec: ArchSpec, config: dict, tensors: open_we
             {"a.codes": pack_bits(torch.cat([q.integer_codes() for q in qadapters]), qadapters[0].bits),
              "a.scales": torch.cat([q.scales for q in qadapters]), "a.zeros": torch.cat([q.zeros for q in qadapters])},
             "a", {"shape": [n, out_dim, bank.shape[1]], "bits": qadapters[0].bits, "group": qadapters[0].group})
+    if residuals:
+        packed["residual"] = concat_rows(residuals)
     return FamilyFit(family=name, bank=bank, codes=torch.cat(codes), adapters=torch.cat(adapters),
                      scales=torch.ones(n), ids=torch.cat(ids), phi=doc["families"].get(name, {}).get("phi", "identity"),
                      metrics=doc.get("metrics", {}).get(name, {}), history=doc.get("history", {}).get(name, {}),

@@ -347,7 +347,9 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         for family, info in families.items():
             shapes = family_shapes(family, info, experts, p, d, layer)
             packed = info.get("quant") or {}
-            for kind in ("adapters", "code_values", "code_indices", "bank"):
+            for kind in ("adapters", "code_values", "code_indices", "bank", "residual"):
+                if kind == "residual" and kind not in packed:      # residuals are optional, and always packed
+                    continue
                 key = state_key(kind, family, prefix)
                 if kind in packed:                 # codes / scales / zeros; a packed bank in the first layer only
                     if kind == "bank" and layer != first:
@@ -390,7 +392,8 @@ def validate_checkpoint_files(path: str | Path, force: bool = False) -> dict[str
         if layer is not None and layer >= num_layers:
             raise ArtifactError(f"{headers[name][0]}: tensor {name} belongs to layer {layer}, but config.json has "
                                 f"{spec.num_layers_keys[0]} = {num_layers}; re-export the checkpoint")
-        if re.search(r"\.(bank|adapters|code_values|code_indices)\.(gate|up|down)(\.(codes|scales|zeros))?$", name):
+        if re.search(r"\.(bank|adapters|code_values|code_indices|residual)\.(gate|up|down)(\.(codes|scales|zeros))?$",
+                     name):
             raise ArtifactError(f"{headers[name][0]}: unknown GloBE tensor {name} (not in a MoE layer of "
                                 f"config.json); re-export the checkpoint")
     _check_indices(path, headers, spec, layers, families)

@@ -51,6 +51,19 @@ class QuantizedTensor:
         w = (q - self.zeros.float()[..., None]) * self.scales.float()[..., None]
         return ungrouped(w, self.shape[-1]).to(dtype).contiguous()     # (a short last group is sliced off)
 
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Rows `index` of the leading axis dequantized (fp32); only their bytes are unpacked when every row
+        starts on a byte."""
+        rows = torch.arange(self.shape[0])[index].reshape(-1)
+        row_bits = math.prod(self.shape[1:]) * self.bits
+        if row_bits % 8:
+            return self.dequantize()[rows]
+        step = row_bits // 8
+        packed = self.codes.view(self.shape[0], step)[rows].reshape(-1)
+        part = QuantizedTensor(packed, self.scales[rows], self.zeros[rows], (rows.numel(), *self.shape[1:]),
+                               self.bits, self.group)
+        return part.dequantize()
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """{prefix.codes, prefix.scales, prefix.zeros} for a safetensors file (shape/bits/group go in metadata)."""
         return {f"{prefix}.codes": self.codes, f"{prefix}.scales": self.scales, f"{prefix}.zeros": self.zeros}
@@ -112,3 +125,19 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
     """A QuantizedTensor from integer codes [..., rows, cols] and fp16 scales/zeros [..., rows, groups]."""
     return QuantizedTensor(pack_bits(codes.to(torch.int64), bits), scales.to(SCALE_DTYPE).contiguous(),
                            zeros.to(SCALE_DTYPE).contiguous(), tuple(codes.shape), bits, group)
+
+
+def concat_rows(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """QuantizedTensors [n_k, ...] of the same trailing shape, bits and group -> one [sum n_k, ...]: their packed
+    codes joined (repacked when a part does not end on a byte), scales and zeros concatenated."""
+    first = parts[0]
+    if any(p.shape[1:] != first.shape[1:] or p.bits != first.bits or p.group != first.group for p in parts):
+        raise ShapeError("concat_rows: the parts differ in trailing shape, bits or group")
+    shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
+    scales = torch.cat([p.scales for p in parts])
+    zeros = torch.cat([p.zeros for p in parts])
+    if all(math.prod(p.shape) * p.bits % 8 == 0 for p in parts[:-1]):
+        codes = torch.cat([p.codes for p in parts])
+    else:
+        codes = pack_bits(torch.cat([p.integer_codes() for p in parts]), first.bits)
+    return QuantizedTensor(codes, scales, zeros, shape, first.bits, first.group)

@@ -9,7 +9,7 @@ is checked against the model first (globe.artifact.check_compatible): a mismatch
 One Parameter per family bank is created and handed to every layer (stored once, like VeRA's shared matrices).
 A quantized fit (FamilyFit.quant) is applied packed: its bank is one PackedTensor (registered in the first MoE layer,
 referenced by the others) and each layer's adapters are a PackedTensor of that layer's experts and rank, holding the
-fit's own integer codes, scales and zeros (globe.runtime.packed).
+fit's own integer codes, scales and zeros (globe.runtime.packed); so are its residuals (quant["residual"]), per layer.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: F
                  dtype: torch.dtype, max_gathered_pairs: int, all_codes: dict[str, SparseCodes],
                  unpacked: dict[str, torch.Tensor], first: bool) -> GlobeExperts:
     device = layout.device(module)
-    codes, adapters = {}, {}
+    codes, adapters, residuals = {}, {}, {}
     for name, fam in result.families.items():
         r = rows[name][layer]
         idx, values = all_codes[name]
@@ -77,14 +77,21 @@ def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: F
             adapters[name] = PackedTensor.from_quantized(part, _method(fam), device)
         else:
             adapters[name] = fam.adapters[r, :, :rank].to(device=device, dtype=dtype).contiguous()   # [E, out, r_l]
+        if "residual" in fam.quant:                                      # packed residuals [E, out, in]
+            residuals[name] = PackedTensor.from_quantized(select_rows(fam.quant["residual"], r), _residual_method(fam),
+                                                          device)
     shared = frozenset() if first else frozenset(n for n, b in banks.items() if isinstance(b, PackedTensor))
     return build_experts(module, layer, layout, banks, {n: f.phi for n, f in result.families.items()}, codes,
-                         adapters, max_gathered_pairs, shared)
+                         adapters, max_gathered_pairs, shared, residuals)
 
 
 def _method(fam: FamilyFit) -> str | None:
     """The quantizer a fit used (its metrics record the settings), for the checkpoint's record."""
     return (fam.metrics.get("quant") or {}).get("method")
+
+
+def _residual_method(fam: FamilyFit) -> str | None:
+    return ((fam.metrics.get("quant") or {}).get("residual") or {}).get("method")
 
 
 def share_banks(model: nn.Module) -> None:
@@ -103,8 +110,10 @@ def quantization_config(model: nn.Module, mode: str, cache_bytes: int | None = N
     first = modules[min(modules)]
     families = {f: family_entry(first.bank[f], first.code_indices[f], first.phis[f],
                                 {layer: m.rank(f) for layer, m in modules.items()},
-                                {part: getattr(first, part)[f].meta() for part in ("bank", "adapters")
-                                 if first.is_packed(part, f)}) for f in first.factored}
+                                {**{part: getattr(first, part)[f].meta() for part in ("bank", "adapters")
+                                    if first.is_packed(part, f)},
+                                 **({"residual": first.residual[f].meta()} if f in first.residual else {})})
+                for f in first.factored}
     return quant_document(families, mode, cache_bytes, first.max_gathered_pairs, first.factor_dtype(first.factored[0]),
                           first.source_dtype)
 

@@ -36,11 +36,13 @@ def dense_parts(module: nn.Module, layout: ExpertsLayout, factored: set[str]) ->
 def build_experts(module: nn.Module, layer: int, layout: ExpertsLayout,
                   banks: dict[str, nn.Parameter | PackedTensor], phis: dict[str, str],
                   codes: dict[str, tuple[torch.Tensor, torch.Tensor]], adapters: dict[str, torch.Tensor | PackedTensor],
-                  max_gathered_pairs: int, shared_banks: frozenset[str] = frozenset()) -> GlobeExperts:
+                  max_gathered_pairs: int, shared_banks: frozenset[str] = frozenset(),
+                  residuals: dict[str, PackedTensor] | None = None) -> GlobeExperts:
     """GlobeExperts replacing the original `module` of MoE layer `layer`: the factored families' shared banks
     {family: [m, r, in]}, this layer's codes {family: (indices [E, k], values [E, k])} and adapters
-    {family: [E, out, r]}; the other projections stay dense."""
+    {family: [E, out, r]} and packed residuals {family: [E, out, in]} where stored; the other projections stay
+    dense."""
     num_experts, p, d = layout.dims(module)
     return GlobeExperts(layer, num_experts, d, p, layout.activation(module), banks, phis, codes, adapters,
                         dense_parts(module, layout, set(banks)), max_gathered_pairs, layout.dtype(module),
-                        shared_banks)
+                        shared_banks, residuals)

@@ -11,8 +11,11 @@ Modes:
   cached    the same, with tilde_B_e served by a per-layer LRU (`MixedCache`) of precomposed experts; a batch whose
             cache misses cost more atoms to mix than projecting its tokens is projected (counted, not inserted)
   dense     W_e = A_e tilde_B_e reconstructed once, run like the original module
+A family may also store each expert's quantized residual R_e (packed, `residual.<family>.*`): every mode adds it,
+factored and cached as R_e x with R_e dequantized on use for the experts a batch routes to, dense inside W_e.
 Training: the factors (bank, code values, adapters) and the untouched projections are ordinary trainable
-parameters, except quantized ones: a bank or adapters stored packed (PackedTensor: integer codes + scales + zeros,
+parameters, except quantized ones: a bank, adapters or residuals R_e (W_e = A_e tilde_B_e + R_e) stored packed
+(PackedTensor: integer codes + scales + zeros,
 dequantized on use; the cached mode keeps the dequantized adapters of its experts in its cache) are frozen buffers,
 while the code values and untouched projections still train. Both caches (cached mode's LRU, dense mode's
 reconstruction) are stamped with the identity and the `_version` counter of every tensor they were computed from
@@ -80,13 +83,15 @@ class _Projection:
     weight: torch.Tensor
     adapters: torch.Tensor | None = None
     hit: bool = False
+    residual: torch.Tensor | None = None     # [U, out, in] dequantized residuals of the hit experts, or None
 
     def grouped(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
         """x [S, in], pairs sorted by expert -> [S, out] with grouped GEMMs."""
         if self.adapters is None:
             return grouped_linear(x, self.weight, route.expert_offsets)
         low = grouped_linear(x, self.weight, route.hit_offsets)
-        return grouped_linear(low, self.adapters, route.hit_offsets if self.hit else route.expert_offsets)
+        out = grouped_linear(low, self.adapters, route.hit_offsets if self.hit else route.expert_offsets)
+        return out if self.residual is None else out + grouped_linear(x, self.residual, route.hit_offsets)
 
     def pairs(self, x: torch.Tensor, route: _Route) -> torch.Tensor:
         """x [S, in] -> [S, out] with one row-vector bmm per projection over weights gathered per pair."""
@@ -95,7 +100,13 @@ class _Projection:
             return torch.bmm(rows, self.weight.index_select(0, route.experts).transpose(1, 2)).squeeze(1)
         mixed = self.weight if route.positions is None else self.weight.index_select(0, route.positions)
         low = torch.bmm(rows, mixed.transpose(1, 2))                                 # [S, 1, r]
-        return torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
+        out = torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
+        return out if self.residual is None else out + residual_pairs(rows, self.residual, route)
+
+
+def residual_pairs(rows: torch.Tensor, residual: torch.Tensor, route: _Route) -> torch.Tensor:
+    """R_e x of every sorted pair: rows [S, 1, in], residual [U, out, in] by hit position -> [S, out]."""
+    return torch.bmm(rows.to(residual.dtype), route.per_pair(residual, True).transpose(1, 2)).squeeze(1)
 
 
 @dataclass
@@ -110,6 +121,7 @@ class _Projected:
     values: torch.Tensor        # [E, k]
     adapters: torch.Tensor      # [E, out, r], or [U, out, r] when `hit` (see _Projection)
     hit: bool = False
+    residual: torch.Tensor | None = None     # [U, out, in] (see _Projection)
 
     def rows(self, x: torch.Tensor, row_of_pair: torch.Tensor | None, route: _Route) -> torch.Tensor:
         """Input rows x [n, in] (per token, or per pair when row_of_pair is None) -> [S, out], pairs by expert."""
@@ -119,7 +131,10 @@ class _Projected:
         atoms = z[rows.unsqueeze(1), self.indices.index_select(0, route.experts)]             # [S, k, r]
         weights = self.values.index_select(0, route.experts).to(z.dtype).unsqueeze(1)         # [S, 1, k]
         low = torch.bmm(weights, atoms)                                                       # [S, 1, r]
-        return torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
+        out = torch.bmm(low, route.per_pair(self.adapters, self.hit).transpose(1, 2)).squeeze(1)
+        if self.residual is None:
+            return out
+        return out + residual_pairs(x.index_select(0, rows).unsqueeze(1), self.residual, route)
 
 
 class _Route:
@@ -175,7 +190,8 @@ class GlobeExperts(nn.Module):
                  codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                  adapters: dict[str, torch.Tensor | PackedTensor], dense: dict[str, nn.Parameter],
                  max_gathered_pairs: int = 16, source_dtype: torch.dtype | None = None,
-                 shared_banks: frozenset[str] = frozenset()) -> None:
+                 shared_banks: frozenset[str] = frozenset(),
+                 residuals: dict[str, PackedTensor] | None = None) -> None:
         super().__init__()
         if set(banks) | set(dense) != set(PROJECTIONS) or set(banks) & set(dense):
             raise ConfigError(f"layer {layer}: each of {PROJECTIONS} must be either factored or dense "
@@ -192,6 +208,7 @@ class GlobeExperts(nn.Module):
             if a.shape[-1] > banks[f].shape[1]:
                 raise ConfigError(f"layer {layer}: {f} adapters have rank {a.shape[-1]} but the bank only "
                                   f"{banks[f].shape[1]} rows per atom")
+        self.residual = FactorParts(dict(residuals or {}))                            # packed [E, out, in]
         self.code_values = nn.ParameterDict({f: _trainable(v) for f, (_, v) in codes.items()})  # [E, k]
         self.code_indices = _Buffers({f: i for f, (i, _) in codes.items()})           # [E, k] int64
         for family, weight in dense.items():                                          # [E, out, in]
@@ -240,7 +257,18 @@ class GlobeExperts(nn.Module):
         out = [self.code_values[family], self.code_indices[family]]
         for part in (self.bank[family], self.adapters[family]):
             out += list(part.buffers()) if isinstance(part, PackedTensor) else [part]
+        if family in self.residual:
+            out += list(self.residual[family].buffers())
         return out
+
+    def layer_residual(self, family: str, experts: torch.Tensor | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The dequantized residuals R_e [E, out, in] (or of `experts` only: [U, out, in]) in `dtype` or the family's
+        factor dtype; None when the family stores none."""
+        if family not in self.residual:
+            return None
+        part, dtype = self.residual[family], dtype or self.factor_dtype(family)
+        return part.dequantize(dtype) if experts is None else part.rows(experts, dtype)
 
     # ---- modes ----
     def set_mode(self, mode: str, cache_size: int | None = None) -> None:
@@ -325,10 +353,13 @@ class GlobeExperts(nn.Module):
         return out
 
     def reconstruct(self, family: str) -> torch.Tensor:
-        """W_e = A_e tilde_B_e of every expert of this layer, computed in fp32: [E, out, in]."""
+        """W_e = A_e tilde_B_e (+ R_e, the dequantized residual, when stored) of every expert of this layer, computed
+        in fp32: [E, out, in]."""
         idx, values = self.code_indices[family], self.code_values[family].float()
         mixed = compose(SparseCodes(idx, values), self.layer_bank(family, torch.float32).float(), self.phis[family])
-        return self.layer_adapters(family, dtype=torch.float32).float() @ mixed
+        out = self.layer_adapters(family, dtype=torch.float32).float() @ mixed
+        residual = self.layer_residual(family, dtype=torch.float32)
+        return out if residual is None else out + residual
 
     def dense_weight(self, family: str) -> torch.Tensor:
         """The dense [E, out, in] weight a projection runs with in `dense` mode (or an untouched projection)."""
@@ -400,8 +431,8 @@ class GlobeExperts(nn.Module):
                                        else self.dense_weight(f)) for f in PROJECTIONS}
             return {f: _Projection(self.dense_weight(f)) for f in PROJECTIONS}
         out: dict[str, _Projection | _Projected] = {
-            f: _Projected(self.layer_bank(f), self.code_indices[f], self.code_values[f], *self._adapters(f, experts))
-            for f in projected}
+            f: _Projected(self.layer_bank(f), self.code_indices[f], self.code_values[f], *self._adapters(f, experts),
+                          self.layer_residual(f, experts)) for f in projected}
         mixing = tuple(f for f in self.factored if f not in projected)
         cache = self.cache
         if not mixing and cache is not None:
@@ -417,10 +448,11 @@ class GlobeExperts(nn.Module):
         elif mixing:
             parts = self.mixed_atoms(experts, mixing)
         for f in mixing:
+            residual = self.layer_residual(f, experts)       # dequantized on use, for the hit experts only
             if f"{f}_adapters" in parts:                       # packed adapters, dequantized into the cache
-                out[f] = _Projection(parts[f], parts[f"{f}_adapters"], hit=True)
+                out[f] = _Projection(parts[f], parts[f"{f}_adapters"], hit=True, residual=residual)
             else:
-                out[f] = _Projection(parts[f], *self._adapters(f, experts))
+                out[f] = _Projection(parts[f], *self._adapters(f, experts), residual=residual)
         out.update({f: _Projection(self.dense_weight(f)) for f in PROJECTIONS if f not in self.factored})
         return out
 

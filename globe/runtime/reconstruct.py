@@ -12,7 +12,8 @@ from globe.core.result import FamilyFit
 
 def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | None = None,
                      factor_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W_hat = A_i tilde_B_i for the given rows of a family: [len(rows), p, d] in `dtype`.
+    """W_hat = A_i tilde_B_i (+ the quantized residual R_i where the fit stores one) for the given rows of a family:
+    [len(rows), p, d] in `dtype`.
 
     The factors are first rounded to `factor_dtype` (the runtime's storage dtype, when given), then everything is
     computed in fp32 exactly as GlobeExperts.reconstruct does, so the runtime `dense` mode and the dense export
@@ -25,4 +26,6 @@ def reconstruct_rows(fam: FamilyFit, rows: torch.Tensor, dtype: torch.dtype | No
     indices, values = sparse_codes(fam.codes[rows].float())
     mixed = compose(SparseCodes(indices, cast(values)), cast(fam.bank, "bank"), fam.phi)     # [n, r, d]
     weights = cast(fam.adapters[rows], "adapters") @ mixed                                   # [n, p, d]
+    if "residual" in fam.quant:                                  # + R_i, dequantized (fp32) as the runtime does
+        weights = weights + fam.quant["residual"].rows(rows)
     return weights if dtype is None else weights.to(dtype)

@@ -64,8 +64,10 @@ def test_compress_size_sets_bits_and_budget_and_refuses_in_one_line(tmp_path, ca
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.001"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "smallest reachable checkpoint is 0.0145" in err[0]
-    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.02"]) == 2
-    assert "plain 4-bit group quantization" in capsys.readouterr().err
+    cfg, plan = _compress_config("--size", "0.02")                  # >= 4.25 bits: plain quantization, no refusal
+    assert plan.kind == "plain" and cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits
+    assert cli.main(["compress", "-o", str(tmp_path / "x"), "--size", "0.02", "--bits", "4"]) == 2
+    assert "plain quantization of the experts is better" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--bits", "4", "--no-quant"]) == 2
 
@@ -89,3 +91,23 @@ def test_compress_rejects_bad_distillation_options_before_any_work(tmp_path, cap
     assert cli.main(["compress", "-o", str(tmp_path / "x"), "--distill-steps", "-1"]) != 0
     assert "--distill-steps must be an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_with_residuals_distills_and_writes_them(tmp_path, capsys):
+    """--residual-bits through the whole main job: fit, distillation with the residuals in the model, the packed
+    residual tensors in the checkpoint, the card's byte rows; bad values are refused before any work."""
+    out = tmp_path / "resid"
+    assert cli.main(["compress", "-o", str(out), "--families", "gate", "--m", "6", "--r", "16",
+                     "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--calibration-tokens", "256",
+                     "--activation-steps", "1", "--distill-steps", "2", "--residual-bits", "3",
+                     "--residual-group", "64"]) == 0
+    doc = json.loads((out / "globe_config.json").read_text())
+    assert doc["config"]["quant"]["residual_bits"] == 3 and doc["config"]["quant"]["residual_group"] == 64
+    assert doc["metrics"]["gate"]["quant"]["residual"]["method"] == "gptq"         # calibrated: the routed Hessian
+    assert doc["metrics"]["gate"]["rel_err"] < doc["metrics"]["gate"]["rel_err_factors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["families"]["gate"]["quant"]["residual"]["bits"] == 3
+    assert "bytes of gate: bank / adapters / codes / scales / ids / residual" in (out / "README.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["compress", "-o", str(tmp_path / "bad"), "--residual-group", "0"]) == 2
+    assert "--residual-group" in capsys.readouterr().err

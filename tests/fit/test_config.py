@@ -91,3 +91,13 @@ def test_a_budget_that_saves_almost_nothing_is_warned_about(caplog):
     caplog.clear()
     FitConfig(bank=BankConfig(budget=0.5)).validate()
     assert "saves almost nothing" not in caplog.text
+
+
+def test_the_expert_phase_with_residuals_is_refused_in_one_line():
+    import dataclasses
+    cfg = FitConfig()
+    cfg = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, bits=4, residual_bits=2),
+                              expert=dataclasses.replace(cfg.expert, steps=10))
+    with pytest.raises(ConfigError, match="--expert-steps with --residual-bits"):
+        cfg.validate()
+    dataclasses.replace(cfg, expert=dataclasses.replace(cfg.expert, steps=0)).validate()

@@ -21,6 +21,8 @@ A family fit, read top to bottom (fit_family):
 9. gather      adapters folded back to the original scale, every rank's experts gathered onto rank 0, metrics.
 10. quantize   with cfg.quant.bits: bank quantized, adapters refitted to it and quantized with GPTQ error feedback
                (globe.fit.engine.quantize).
+With bank.budget == 0 (globe.fit.engine.plain) stages 3-8 are replaced by a zero base: the family is plain
+quantization of its experts, stored as quantized residuals.
 
 Each stage takes the problem and the previous stage's result (a dataclass) and returns a new one; fit_family
 returns the FamilyFit (tensors on the CPU, metrics, history) and writes nothing. Distributed fits run the same
@@ -42,6 +44,7 @@ from globe.device import peak_memory_mb
 from globe.fit.config import FitConfig
 from globe.fit.engine.duplicates import duplicate_experts, tie_duplicates
 from globe.fit.engine.nonlinear import groups_applies, groups_fit, nonlinear_applies, nonlinear_stage
+from globe.fit.engine.plain import plain_applies, zero_factors
 from globe.fit.engine.problem import FamilyProblem
 from globe.fit.engine.ranks import ALLOCATIONS, headroom_rank
 from globe.fit.engine.quantize import quantize_applies, quantize_family
@@ -99,6 +102,8 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
         with problem.phase("nonlinear"):
             fitted = groups_stage(problem)
         return gather_stage(problem, fitted)
+    if plain_applies(cfg):                            # no low-rank part: the quantize stage stores W as residuals
+        return _quantized(problem, gather_stage(problem, plain_stage(problem)))
     with problem.phase("shape"):
         shape = shape_stage(problem)
     allocate, budget_rank = ALLOCATIONS[cfg.ranks.allocation], shape.r
@@ -133,10 +138,15 @@ def fit_family(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, family:
     if allocate is not None:
         with problem.phase("ranks"):
             fitted = allocate(problem, fitted, budget_rank)
-    fam = gather_stage(problem, fitted)
-    if fam is not None and quantize_applies(cfg):
+    return _quantized(problem, gather_stage(problem, fitted))
+
+
+def _quantized(problem: FamilyProblem, fam: FamilyFit | None) -> FamilyFit | None:
+    """The quantize stage, where cfg.quant.bits asks for it (rank 0 only)."""
+    if fam is not None and quantize_applies(problem.cfg):
         with problem.phase("quantize"):
-            fam = quantize_family(problem.spaces.original, fam, cfg, problem.objective, comm.world)
+            fam = quantize_family(problem.spaces.original, fam, problem.cfg, problem.objective,
+                                  problem.shard.comm.world)
         fam.metrics["timings"] = problem.timings
     return fam
 
@@ -155,6 +165,13 @@ def finalise_stage(problem: FamilyProblem, solution: Solution) -> Fitted:
                        Factors(solution.bank, solution.codes), problem.options.finalize)
     return Fitted(solution.bank, adapted.adapters, adapted.codes, adapted.sq_err, solution.norm,
                   solution.temperature, solution.history, problem.cfg.bank.phi)
+
+
+def plain_stage(problem: FamilyProblem) -> Fitted:
+    """bank.budget == 0 (globe.fit.engine.plain): the zero base, in place of shape, warm start and [AM, VarPro]."""
+    n, p, d = problem.spaces.target.shape
+    bank, adapters, codes = zero_factors(n, p, d)
+    return Fitted(bank, adapters, codes, problem.norm.sq_norms.double().clone(), problem.norm, 0.0, {}, "identity")
 
 
 def groups_stage(problem: FamilyProblem) -> Fitted:

@@ -7,6 +7,9 @@ against the quantized bank under the objective's right factors R_i and quantized
 FamilyFit then holds the dequantized bank and adapters (what the model computes with) and the packed parts in
 `quant`; its metrics: rel_err after quantization, rel_err_unquantized, and `quant` (settings, bytes per part,
 bits per routed weight). One process only (the stage needs every expert's weights).
+With cfg.quant.residual_bits the stage then stores each expert's residual W_i - W_hat_i quantized
+(globe.fit.solvers.residual: GPTQ under the expert's routed Hessian with statistics, RTN without) in
+quant["residual"]; rel_err is then that of W_hat_i + dequant(R_i), rel_err_factors the factors' alone.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from globe.fit.engine.duplicates import tie_duplicates, tie_quantized
 from globe.fit.costs import declare_cost
 from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.quantized import quantize_factors
+from globe.fit.solvers.residual import RESIDUAL_CHUNK, quantize_residual, residual_method
 from globe.quant import QuantConfig
 
 log = logging.getLogger(__name__)
@@ -47,7 +51,10 @@ def stored_bytes(fam: FamilyFit, value_bytes: int) -> dict[str, int]:
     nnz = int((fam.codes != 0).sum())
     params = fam.param_count()                             # adapters: each layer's real columns only
     part = {k: (fam.quant[k].nbytes if k in fam.quant else params[k] * value_bytes) for k in ("bank", "adapters")}
-    return {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
+    out = {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
+    if "residual" in fam.quant:
+        out["residual"] = fam.quant["residual"].nbytes
+    return out
 
 
 def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objective=None,
@@ -77,15 +84,42 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
         metrics["act_rel_err"] = float((out.weighted_sq_err.sum() / out.weighted_sq_norms.sum()).sqrt())
     result = dataclasses.replace(fam, codes=codes, bank=out.bank.dequantize(), adapters=out.adapters.dequantize(),
                                  quant={"bank": out.bank, "adapters": out.adapters}, metrics=metrics)
+    if cfg.quant.residual_bits is not None:
+        result = add_residual(weights, result, cfg, right, copies, out.sq_norms, out.weighted_sq_norms)
+        metrics = result.metrics
     value_bytes = min(torch.finfo(weights.dtype).bits // 8, 4) if weights.dtype.is_floating_point else 4
     parts = stored_bytes(result, value_bytes)
     dense = math.prod(weights.shape)
-    metrics["quant"] = {**qcfg.to_dict(), "bytes": parts, "bytes_total": sum(parts.values()),
+    settings = qcfg.to_dict()
+    if "residual" in result.quant:
+        settings["residual"] = {"bits": cfg.quant.residual_bits, "group": cfg.quant.residual_group,
+                                "method": residual_method(right)}
+    metrics["quant"] = {**settings, "bytes": parts, "bytes_total": sum(parts.values()),
                         "bits_per_weight": round(8 * sum(parts.values()) / dense, 4)}
     log.info("%s quantized to %d bits (group %d, %s): rel_err %.4f -> %.4f, %.3f bits per routed weight",
              fam.family, qcfg.bits, qcfg.group, qcfg.method, metrics.get("rel_err_unquantized", float("nan")),
              metrics["rel_err"], metrics["quant"]["bits_per_weight"])
     return result
+
+
+def add_residual(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, right, copies: dict[int, int],
+                 sq_norms: torch.Tensor, weighted_sq_norms: torch.Tensor) -> FamilyFit:
+    """fam with each expert's residual W_i - W_hat_i quantized in quant["residual"] and its errors updated;
+    sq_norms / weighted_sq_norms [N]: ||W_i||^2 and ||W_i R_i||^2."""
+    rcfg = QuantConfig(bits=cfg.quant.residual_bits, group=cfg.quant.residual_group)
+    out = quantize_residual(weights, fam, rcfg, right, label=f"residual {fam.family}")
+    residual = tie_quantized(copies, out.residual) if copies else out.residual
+    if copies:
+        tie_duplicates(copies, out.sq_err)
+    metrics = dict(fam.metrics)
+    metrics["rel_err_factors"] = metrics.get("rel_err")
+    metrics.update(error_metrics(out.sq_err, sq_norms, fam.ids))
+    if right is not None:
+        metrics["act_rel_err_factors"] = metrics.get("act_rel_err")
+        metrics["act_rel_err"] = float((out.weighted_sq_err.sum() / weighted_sq_norms.sum()).sqrt())
+    log.info("%s residual at %d bits (group %d, %s): rel_err %.4f -> %.4f", fam.family, rcfg.bits, rcfg.group,
+             residual_method(right), metrics["rel_err_factors"], metrics["rel_err"])
+    return dataclasses.replace(fam, quant={**fam.quant, "residual": residual}, metrics=metrics)
 
 
 # ---- the declared cost of the quantize phase (globe.fit.costs; s: globe.fit.planning.estimate.FitShape) ----
@@ -125,7 +159,12 @@ def quantize_memory(s) -> int:
     errors = 8 * c * p * d * 2 + 8 * c * p * r * 2                        # W - A M and its square; A
     bank = 8 * m * r * d * 4 + 8 * d * d * 4                              # the bank's GPTQ (before the chunks)
     final = (8 + 8 + 4 + 4) * n * p * r + s.adapters
-    return held + stored + max(inputs + max(gptq, errors), bank, final)
+    peak = held + stored + max(inputs + max(gptq, errors), bank, final)
+    if getattr(s, "residual_bits", None) is None:
+        return peak
+    c = min(RESIDUAL_CHUNK, n)                            # the residual stage: packed residuals + one GPTQ batch
+    residual = n * p * d + 2 * 2 * n * p * -(-d // s.residual_group) + 8 * c * (3 * p * d + 3 * d * d)
+    return max(peak, held + stored + residual)
 
 
 def quantize_seconds(s, q) -> float:
@@ -142,7 +181,10 @@ def quantize_seconds(s, q) -> float:
     f64, s64 = (q.wd64 or q.wd32 / 2) / OUT_OF_CACHE, q.stream64 / OUT_OF_CACHE
     products = n * (6 * p * d * r + 2 * r * r * d) / f64 + n * 2 * m * r * d / q.bank
     stream = n * p * d * QUANT_STREAM_BYTES / s64 + n * p * r * QUANT_PACK_BYTES / s64
-    return bank + adapters + products + stream
+    residual = 0.0
+    if getattr(s, "residual_bits", None) is not None:     # GPTQ of every expert's [p, d] residual, one batch a chunk
+        residual = gptq_seconds(n * p, d, s.residual_group, q, -(-n // RESIDUAL_CHUNK)) + n * p * d * r * 2 / f64
+    return bank + adapters + products + stream + residual
 
 
 declare_cost("quantize", quantize_memory, quantize_seconds)

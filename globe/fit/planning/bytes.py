@@ -7,6 +7,8 @@ count as globe.fit.engine.quantize.stored_bytes):
     adapters   [N, p, r]   the same, groups along r (a rank per layer: only each layer's real columns)
     codes      nnz values (value bytes) + nnz int32 atom indices + (N + 1) int64 row pointers
     scales     N fp32;  ids  N x 2 int32
+    residual   [N, p, d]   optional (quant.residual_bits): each expert's W_i - W_hat_i packed at its bits + fp16
+                           scale and zero per group of residual_group entries along d
 Value bytes: the source checkpoint's floating dtype (2 for bf16). The whole checkpoint: every tensor of the source
 that no fitted family replaces, at its stored dtype (from the safetensors headers), plus the fitted families.
 Counted: tensor bytes only (file headers, config.json and tokenizer files are not).
@@ -41,8 +43,21 @@ INDEX_BYTES, INDPTR_BYTES, EXPERT_SCALE_BYTES, ID_BYTES = 4, 8, 4, 8
 # same bytes, and bf16 factors are never better per byte; the others only reach sizes 4 bits cannot.
 BITS_PREFERENCE: tuple[int | None, ...] = (4, 3, 2, 8, None)
 # At and above the bytes of 4-bit group-128 quantization of the routed experts (4.25 bits per weight), plain GPTQ
-# is better than GloBE on the measured models (benchmarks/results/bytes.json: 2.1-3.0x lower KL at 4.25-4.6 bits).
+# is better than GloBE's factors on the measured models (benchmarks/results/bytes.json: 2.1-3.0x lower KL at
+# 4.25-4.6 bits).
 PLAIN_QUANT_BITS = 4 + 8 * SCALE_BYTES / 128
+# The kind of family --size picks by the bits per routed weight a family may take (choose_kind): factors only below
+# residual_from_bits, a small GloBE part (budget in [residual_min_budget, residual_max_budget], the factor bits) +
+# quantized residuals from there, plain quantization of the experts from plain_from_bits. Measured on the TUNING
+# model only (the embedded globe-tiny-moe: benchmarks/size_rule.py -> benchmarks/results/size_rule.json): factors
+# only had the lowest KL at 3.0 and 4.0 bits, plain quantization at 4.5 (2.4x lower KL than factors), a small GloBE
+# part + residuals at no size measured; so plain from 4.25 bits (where 4-bit plain quantization first fits) and the
+# residual kind only where a caller asks for it (residual_from_bits = plain_from_bits).
+SIZE_RULE: dict[str, float] = {"residual_from_bits": PLAIN_QUANT_BITS, "plain_from_bits": PLAIN_QUANT_BITS,
+                               "residual_min_budget": 0.02, "residual_max_budget": 0.2}
+# (bits, group) of residuals / plain quantization, most bytes first (2 + 4 * 8 / group extra bits per weight...)
+RESIDUAL_OPTIONS: tuple[tuple[int, int], ...] = ((8, 64), (8, 128), (4, 32), (4, 64), (4, 128), (3, 32), (3, 64),
+                                                 (3, 128), (2, 32), (2, 64), (2, 128))
 
 
 def quantized_bytes(shape: tuple[int, ...], bits: int, group: int) -> int:
@@ -56,16 +71,21 @@ def factor_bytes(shape: tuple[int, ...], value_bytes: int, bits: int | None, gro
 
 
 def family_bytes(n: int, p: int, d: int, m: int, r: int, nnz: int, value_bytes: int, bits: int | None = None,
-                 group: int = 64, layer_ranks: list[tuple[int, int]] | None = None) -> dict[str, int]:
+                 group: int = 64, layer_ranks: list[tuple[int, int]] | None = None,
+                 residual: tuple[int, int] | None = None) -> dict[str, int]:
     """Stored bytes per part of one family (see the module docstring); layer_ranks: [(experts, r_l)] per layer for
-    unquantized adapters stored per layer (None: every expert at r)."""
+    unquantized adapters stored per layer (None: every expert at r); residual: (bits, group) of the quantized
+    residuals, None without."""
     if layer_ranks is not None and bits is None:
         adapters = sum(e * p * rl for e, rl in layer_ranks) * value_bytes
     else:
         adapters = factor_bytes((n, p, r), value_bytes, bits, group)
-    return {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
-            "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
-            "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    out = {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
+           "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
+           "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    if residual is not None:
+        out["residual"] = quantized_bytes((n, p, d), *residual)
+    return out
 
 
 def value_bytes_of(dtype: str | torch.dtype) -> int:
@@ -93,7 +113,8 @@ def family_shape_bytes(n: int, p: int, d: int, m: int, r: int, value_bytes: int,
 
 @dataclass
 class SizePlan:
-    """What `--size` chose: bits (None: unquantized), per-family budget and target support, and the bytes."""
+    """What `--size` chose: the kind of family (KINDS), factor bits (None: unquantized), per-family budget (0: no
+    low-rank part) and target support, the residuals' bits and group (None: none), and the bytes."""
 
     target_bytes: int
     bits: int | None
@@ -103,9 +124,20 @@ class SizePlan:
     other_bytes: int              # tensors no family replaces
     family_limit: int             # bytes each fitted family may take
     bits_per_weight: float        # family_limit * 8 / dense weights of one family
+    kind: str = "factors"         # factors | residual | plain (SIZE_RULE)
+    residual_bits: int | None = None
+    residual_group: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line: what the family stores."""
+        res = f"{self.residual_bits}-bit group-{self.residual_group} residuals"
+        if self.kind == "plain":
+            return f"plain quantization of the experts ({res} over a zero base)"
+        factors = f"{self.bits}-bit factors" if self.bits else "unquantized factors"
+        return f"{factors} at budget {self.budget:.4f}" + (f" + {res}" if self.kind == "residual" else "")
 
 
 def worst_bytes(n: int, p: int, d: int, budget: float, support: int, value_bytes: int, bits: int | None,
@@ -133,22 +165,79 @@ def largest_budget(n: int, p: int, d: int, limit: int, support: int, value_bytes
     return lo if worst is not None and worst <= limit else None
 
 
+def choose_kind(bits_per_weight: float) -> str:
+    """The kind of family SIZE_RULE picks for a family limit of `bits_per_weight` bits per routed weight."""
+    if bits_per_weight >= SIZE_RULE["plain_from_bits"]:
+        return "plain"
+    if bits_per_weight >= SIZE_RULE["residual_from_bits"]:
+        return "residual"
+    return "factors"
+
+
+def plain_bytes(n: int, p: int, d: int, value_bytes: int, bits: int, group: int, rbits: int, rgroup: int) -> int:
+    """A plain family's bytes (globe.fit.engine.plain): the zero base (m = r = 1, its [N, p, 1] adapters packed at
+    the factor bits) + the experts' packed residuals; every code counted non-zero (an upper bound)."""
+    return sum(family_bytes(n, p, d, 1, 1, n, value_bytes, bits, group, residual=(rbits, rgroup)).values())
+
+
+def solve_plain(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
+                cfg: FitConfig, limit: int, bpw: float) -> SizePlan | None:
+    """Plain quantization at the largest (bits, group) of RESIDUAL_OPTIONS whose family fits `limit`."""
+    bits = cfg.quant.bits or 4
+    for rbits, rgroup in RESIDUAL_OPTIONS:
+        used = [plain_bytes(n, p, d, value_bytes, bits, cfg.quant.group, rbits, rgroup) for p, d in dims]
+        if max(used) <= limit:
+            return SizePlan(target_bytes, bits, 0.0, 1, other_bytes + sum(used), other_bytes, limit, bpw,
+                            "plain", rbits, rgroup)
+    return None
+
+
+def solve_residual(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
+                   cfg: FitConfig, limit: int, bpw: float) -> SizePlan | None:
+    """A small GloBE part + residuals: the residuals at the largest (bits, group) of RESIDUAL_OPTIONS that leaves the
+    low-rank part at least SIZE_RULE["residual_min_budget"], the low-rank part at the largest budget (at most
+    SIZE_RULE["residual_max_budget"]) in the bytes that remain."""
+    bits, group, support = cfg.quant.bits or 4, cfg.quant.group, cfg.sparsity.target_support
+    for rbits, rgroup in RESIDUAL_OPTIONS:
+        rest = min(limit - quantized_bytes((n, p, d), rbits, rgroup) for p, d in dims)
+        budgets = [largest_budget(n, p, d, rest, support, value_bytes, bits, group) for p, d in dims]
+        if None in budgets or min(budgets) < SIZE_RULE["residual_min_budget"]:
+            continue
+        budget = min(min(budgets), SIZE_RULE["residual_max_budget"])
+        worst = sum(worst_bytes(n, p, d, budget, support, value_bytes, bits, group)
+                    + quantized_bytes((n, p, d), rbits, rgroup) for p, d in dims)
+        return SizePlan(target_bytes, bits, budget, support, other_bytes + worst, other_bytes, limit, bpw,
+                        "residual", rbits, rgroup)
+    return None
+
+
 def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
-               cfg: FitConfig, bits: int | None = None, fixed_bits: bool = False) -> SizePlan:
-    """Bits, per-family budget and support that keep the whole checkpoint within target_bytes: every fitted family
-    (dims: its (p, d)) gets the same share of the bytes the other tensors leave. ConfigError, stating the smallest
-    reachable size, when none fits, and naming plain quantization where that is better (PLAIN_QUANT_BITS).
-    fixed_bits: use `bits` only (--bits given), else try BITS_PREFERENCE in order and keep the first that fits."""
+               cfg: FitConfig, bits: int | None = None, fixed_bits: bool = False, kind: str | None = None) -> SizePlan:
+    """Kind, bits, per-family budget, support and residuals that keep the whole checkpoint within target_bytes:
+    every fitted family (dims: its (p, d)) gets the same share of the bytes the other tensors leave. The kind comes
+    from SIZE_RULE (plain quantization, a small GloBE part + residuals, or factors only; a kind that does not fit
+    falls back to the next smaller one). ConfigError, stating the smallest reachable size, when none fits.
+    fixed_bits: factors only, at `bits` (--bits / --no-quant given; refused where plain quantization is the rule),
+    else the factors try BITS_PREFERENCE in order and keep the first that fits. kind: that kind instead of the
+    rule's (the tuning benchmark, benchmarks/size_rule.py)."""
     group, support, families = cfg.quant.group, cfg.sparsity.target_support, len(dims)
     limit = (target_bytes - other_bytes) // families
     dense = dense_params(n, *dims[0])
-    if limit * 8 >= PLAIN_QUANT_BITS * dense:
-        plain = other_bytes + families * math.ceil(PLAIN_QUANT_BITS * dense / 8)
+    bpw = round(8 * limit / dense, 4)
+    kind = kind or choose_kind(8 * limit / dense)
+    if fixed_bits and kind == "plain":
+        plain = other_bytes + families * math.ceil(SIZE_RULE["plain_from_bits"] * dense / 8)
         raise ConfigError(
             f"--size {target_bytes / GIB:.6g} GiB leaves {8 * limit / dense:.2f} bits per routed weight: at that size "
-            f"plain 4-bit group quantization of the experts is better than GloBE (KL 2.1-3.0x lower on the models "
-            f"of benchmarks/results/bytes.json, `python benchmarks/bytes.py`); quantize the experts with GPTQ instead "
-            f"(e.g. llm-compressor W4A16), or ask GloBE for less than {plain / GIB:.6g} GiB")
+            f"plain quantization of the experts is better than GloBE's factors (benchmarks/results/size_rule.json, "
+            f"benchmarks/results/bytes.json); drop --bits / --no-quant to get it, or ask for less than "
+            f"{plain / GIB:.6g} GiB")
+    if not fixed_bits:
+        order = {"plain": (solve_plain, solve_residual), "residual": (solve_residual,), "factors": ()}[kind]
+        for solve in order:
+            plan = solve(n, dims, other_bytes, target_bytes, value_bytes, cfg, limit, bpw)
+            if plan is not None:
+                return plan
     for b in [bits] if fixed_bits else list(BITS_PREFERENCE):
         for k in sorted({support, 8, 4, 2, 1}, reverse=True):
             if k > support:
@@ -158,8 +247,7 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
                 continue
             budget = min(budgets)
             worst = sum(worst_bytes(n, p, d, budget, k, value_bytes, b, group) for p, d in dims)
-            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit,
-                            round(8 * limit / dense, 4))
+            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit, bpw)
     options = [bits] if fixed_bits else list(BITS_PREFERENCE)
     floor = min(sum(family_shape_bytes(n, p, d, 2, 1, value_bytes, b, group) for p, d in dims) for b in options)
     smallest = other_bytes + floor
@@ -169,7 +257,8 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
                       f"compress + {floor:,} for the smallest banks)")
 
 
-def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False) -> SizePlan:
+def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False,
+               kind: str | None = None) -> SizePlan:
     """cfg (changed in place: quant.bits, bank.budget, sparsity.target_support) so that the whole checkpoint of
     model_dir compressed with it takes at most size_gib GiB (2**30 bytes) of tensors; returns the SizePlan."""
     from globe.io import open_checkpoint
@@ -182,11 +271,13 @@ def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = Fa
         other, _ = source_bytes(reader, tuple(cfg.bank.families))
     n, width = len(inv.moe_layers) * inv.num_experts, value_bytes_of(inv.dtype)
     dims = [(inv.d, inv.p) if f == "down" else (inv.p, inv.d) for f in cfg.bank.families]
-    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, fixed_bits=bits_given)
+    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, bits_given, kind)
     cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
-    log.info("--size %.6g GiB: %s factors, budget %.4f per family, support %d; at most %s bytes (%.2f bits per "
-             "routed weight)", size_gib, f"{plan.bits}-bit" if plan.bits else "unquantized", plan.budget,
-             plan.support, f"{plan.predicted_bytes:,}", plan.bits_per_weight)
+    cfg.quant.residual_bits = plan.residual_bits
+    if plan.residual_group is not None:
+        cfg.quant.residual_group = plan.residual_group
+    log.info("--size %.6g GiB: %s, support %d; at most %s bytes (%.2f bits per routed weight)", size_gib,
+             plan.describe(), plan.support, f"{plan.predicted_bytes:,}", plan.bits_per_weight)
     return plan
 
 

@@ -62,6 +62,8 @@ class FitShape:
     quant_bits: int | None = None   # quant.bits (None: no quantize stage)
     quant_group: int = 64           # quant.group
     quant_method: str = "gptq"      # quant.method
+    residual_bits: int | None = None   # quant.residual_bits (None: no residuals)
+    residual_group: int = 128       # quant.residual_group
 
     @classmethod
     def from_config(cls, cfg: FitConfig, n: int, p: int, d: int, m: int, r: int, stored: str | torch.dtype,
@@ -75,7 +77,8 @@ class FitShape:
                    probe_ranks=tuple(probe_ranks), restarts=t.restarts, cycles=t.cycles,
                    nonlinear_start=cfg.nonlinear.start, nonlinear_steps=cfg.nonlinear.steps,
                    rank_step=-1 if cfg.ranks.allocation == "uniform" else cfg.ranks.step,
-                   quant_bits=cfg.quant.bits, quant_group=cfg.quant.group, quant_method=cfg.quant.method)
+                   quant_bits=cfg.quant.bits, quant_group=cfg.quant.group, quant_method=cfg.quant.method,
+                   residual_bits=cfg.quant.residual_bits, residual_group=cfg.quant.residual_group)
 
     def with_(self, **changes) -> "FitShape":
         return dataclasses.replace(self, **changes)

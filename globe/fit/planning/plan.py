@@ -34,6 +34,7 @@ from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.costs import PHASE_COSTS
 from globe.fit.engine.nonlinear import nonlinear_applies
 from globe.fit.engine.quantize import quantize_applies
+from globe.fit.engine.plain import plain_applies
 from globe.fit.engine.shape import family_shape
 from globe.fit.objectives.base import objective_class
 from globe.fit.planning.estimate import FitShape, gib, held_results
@@ -147,8 +148,10 @@ def planned_bytes(params: dict[str, int], n: int, p: int, d: int, m: int, r: int
     """banks.safetensors share of one family by the byte model (globe.fit.planning.bytes): factors in the source
     dtype or packed at quant.bits, codes planned as params["codes_nnz"]."""
     from globe.fit.planning.bytes import family_bytes, value_bytes_of
-    return sum(family_bytes(n, p, d, m, r, params["codes_nnz"], value_bytes_of(dtype), cfg.quant.bits,
-                            cfg.quant.group).values())
+    q = cfg.quant
+    residual = None if q.residual_bits is None else (q.residual_bits, q.residual_group)
+    return sum(family_bytes(n, p, d, m, r, params["codes_nnz"], value_bytes_of(dtype), q.bits, q.group,
+                            residual=residual).values())
 
 
 def plan_fit(model_dir: str | os.PathLike[str], cfg: FitConfig, out: str | os.PathLike[str] | None = None,
@@ -208,6 +211,8 @@ def fit_phases(cfg: FitConfig, objective, groups: bool) -> list[str]:
     engine's own predicates."""
     if groups:
         return ["normalize", "nonlinear"]
+    if plain_applies(cfg):
+        return ["normalize", "quantize"]
     names = ["normalize", "shape", "warm_start", "am", "varpro"]
     names += [objective.stage_name] if objective.stage_name else []
     names += ["finalize"]

@@ -87,8 +87,8 @@ def test_size_refuses_what_it_cannot_honour(upcycled):
     with pytest.raises(ConfigError, match=r"impossible: the smallest reachable checkpoint is [0-9.e-]+ GiB"):
         apply_size(FitConfig(), path, other / GIB)
     plain = other + int(sum(dense.values()) * PLAIN_QUANT_BITS / 16) + 64
-    with pytest.raises(ConfigError, match="plain 4-bit group quantization.*benchmarks/bytes.py"):
-        apply_size(FitConfig(), path, plain / GIB)
+    with pytest.raises(ConfigError, match="plain quantization.*benchmarks/results/bytes.json.*drop --bits"):
+        apply_size(FitConfig(quant=QuantSection(bits=4)), path, plain / GIB, bits_given=True)
     with pytest.raises(ConfigError, match="drop --m"):
         apply_size(FitConfig(bank=BankConfig(m=4)), path, 0.001)
     with pytest.raises(ConfigError, match="positive"):
@@ -103,3 +103,46 @@ def test_size_with_given_bits_keeps_them():
                       fixed_bits=True)
     assert plan.bits == 8 and plan.predicted_bytes <= target
     assert value_bytes_of("bfloat16") == 2 and value_bytes_of("float32") == 4 and value_bytes_of("int8") == 4
+
+
+def test_byte_model_counts_the_residuals_as_written(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen2_moe", dtype=torch.bfloat16)
+    cfg = FitConfig(bank=BankConfig(m=4, r=8), sparsity=SparsityConfig(target_support=2), train=QUICK,
+                    quant=QuantSection(bits=4, group=8, residual_bits=3, residual_group=32))
+    result = globe.fit_model(path, cfg)
+    art = globe.save(result, tmp_path / "art")
+    for name, fam in result.families.items():
+        n, p, d = fam.quant["residual"].shape
+        nnz = int((fam.codes != 0).sum())
+        model = family_bytes(n, p, d, 4, 8, nnz, value_bytes=2, bits=4, group=8, residual=(3, 32))
+        assert model["residual"] == math.ceil(n * p * d * 3 / 8) + 4 * n * p * math.ceil(d / 32)   # by hand
+        assert model == stored_bytes(fam, 2)
+        assert sum(model.values()) == _family_written(art, name)
+
+
+def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled, tmp_path):
+    """Below SIZE_RULE's threshold factors only, above it plain quantization (no refusal), a small GloBE part +
+    residuals where asked for; every plan's written bytes stay within the target, to within one group's bytes."""
+    from globe.fit.planning.bytes import SIZE_RULE
+    with open_checkpoint(upcycled) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    routed = sum(dense.values()) // 2                                 # bf16 weights of gate + up
+    kinds = {}
+    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.6, None)):
+        cfg = FitConfig(train=QUICK, quant=QuantSection(group=8))
+        target = other + int(routed * bpw / 8)
+        plan = apply_size(cfg, upcycled, target / GIB, kind=kind)
+        kinds[plan.kind] = (plan, cfg, target)
+    assert set(kinds) == {"factors", "residual", "plain"}
+    assert kinds["factors"][0].bits_per_weight < SIZE_RULE["plain_from_bits"] <= kinds["plain"][0].bits_per_weight
+    plan, cfg, target = kinds["plain"]
+    assert cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits == 4
+    assert plan.residual_group == 128 and plan.predicted_bytes <= target    # d = 128: the zero base costs 0.28 bits
+    plan, cfg, _ = kinds["residual"]
+    assert 0 < cfg.bank.budget <= SIZE_RULE["residual_max_budget"] and cfg.quant.residual_bits == plan.residual_bits
+    for kind in ("plain", "residual"):
+        plan, cfg, target = kinds[kind]
+        art = globe.save(globe.fit_model(upcycled, cfg), tmp_path / kind)
+        written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+        assert written <= target + math.ceil(8 * 4 / 8) + 4, kind
+        assert written - other >= 0.8 * (target - other), kind

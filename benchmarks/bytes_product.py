@@ -1,0 +1,177 @@
+"""The product path against GPTQ at equal bytes: `globe compress --size` (its config: globe.cli.compress, the
+--size solver of globe.fit.planning.bytes choosing factors only, a small GloBE part + quantized residuals, or plain
+quantization) at ~2.5, 3.0, 3.5, 4.0 and 4.6 bits per routed gate/up weight, fitted activation-aware on the model's
+calib.txt and scored by KL(original || compressed) on heldout.txt (benchmarks/bytes.py's split, statistics and
+scoring), against per-expert GPTQ (routed Hessians) at 2, 3, 4 bits and groups 32 / 64 / 128: for each size, the
+best GPTQ row of at most the product's own bytes.
+
+The product's weights are the fit's reconstruction W_hat_i + dequant(R_i) (FamilyFit.reconstruct, what every runtime
+mode and the dense export compute: tests/export/test_residual.py); the bytes are the byte model's count of what the
+compressed checkpoint stores for gate + up (globe.fit.planning.bytes.result_bytes, equal to the written tensors).
+Not run here: the distillation `globe compress` runs after the fit by default (--distill-steps 0 is this path).
+
+    OMP_NUM_THREADS=1 python benchmarks/bytes_product.py          # the two evaluation models -> bytes_product.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.baselines.checkpoint import FAMILIES, set_families  # noqa: E402
+from benchmarks.baselines.common import by_layer  # noqa: E402
+from benchmarks.baselines.quant import quantized  # noqa: E402
+from benchmarks.bytes import kl_top1, prepare  # noqa: E402
+from globe.quant import QuantConfig  # noqa: E402
+
+log = logging.getLogger("benchmarks.bytes_product")
+MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe")
+SIZES = (2.5, 3.0, 3.5, 4.0, 4.6)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: two)")
+    a("--sizes", type=float, nargs="+", default=list(SIZES), help="bits per routed gate/up weight")
+    a("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    a("--kl-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
+    a("--window", type=int, default=256, help="window of calibration and scoring (default 256)")
+    a("--stats-dir", default=str(REPO / "runs" / "bytes"), help="calibration statistics files (reused)")
+    a("--out", default=str(REPO / "benchmarks" / "results" / "bytes_product.json"), help="JSON output path")
+    return p.parse_args(argv)
+
+
+def size_gib(model_dir: Path, bits: float) -> float:
+    """The --size (GiB) whose gate + up families may take `bits` bits per routed weight."""
+    from globe.fit.planning.bytes import GIB, source_bytes
+    from globe.io import open_checkpoint
+    with open_checkpoint(model_dir) as reader:
+        other, dense = source_bytes(reader, FAMILIES)
+        width = reader.inventory().dtype
+    from globe.fit.planning.bytes import value_bytes_of
+    weights = sum(dense.values()) // value_bytes_of(width)
+    return (other + int(weights * bits / 8)) / GIB
+
+
+def product_config(model_dir: Path, bits: float, stats: str, kind: str | None = None):
+    """(FitConfig, SizePlan) of `globe compress MODEL --size S` with the calibration statistics `stats`; kind forces
+    the solver's kind of family (the tuning run, benchmarks/size_rule.py)."""
+    from globe.cli import compress
+    from globe.cli.main import build_parser
+    from globe.fit.planning.bytes import apply_size
+    args = build_parser().parse_args(["compress", str(model_dir), "-o", "unused", "--size",
+                                      f"{size_gib(model_dir, bits):.12g}"])
+    if kind is None:
+        cfg, plan = compress._config(args)
+    else:
+        cfg = compress.build_config(compress._fit_args(args))
+        plan = apply_size(cfg, str(model_dir), args.size, kind=kind)
+        cfg = cfg.validate()
+    cfg.activation.stats = stats
+    cfg.bank.families = FAMILIES
+    return cfg, plan
+
+
+def product_row(ctx: dict, bits: float, args, kind: str | None = None) -> dict:
+    """Fit the product config at `bits`, swap W_hat + R into the model, KL / top-1 and the stored bytes."""
+    import globe
+    from globe.fit.planning.bytes import result_bytes
+    cfg, plan = product_config(ctx["dir"], bits, ctx["stats"], kind)
+    t0 = time.perf_counter()
+    result = globe.fit_model(ctx["dir"], cfg)
+    seconds = round(time.perf_counter() - t0, 1)
+    fams = result.families
+    set_families(ctx["model"], {f: by_layer(fams[f].reconstruct(), fams[f].ids) for f in FAMILIES})
+    counted = result_bytes(result)
+    stored = sum(counted["families"][f]["stored"] for f in FAMILIES)
+    dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    row = {"method": "globe-product", "target_bits": bits, "kind": plan.kind, "plan": plan.to_dict(),
+           "bits_per_weight": 8 * stored / dense, "bytes": stored,
+           "bytes_by_part": {f: counted["families"][f]["parts"] for f in FAMILIES},
+           "rel_err": {f: fams[f].metrics["rel_err"] for f in FAMILIES},
+           **kl_top1(ctx["model"], ctx["ids"], ctx["reference"], args.window), "fit_seconds": seconds}
+    log.info("%-5s %.2f bits target: %-9s %6.3f bits  KL %.6f  top1 %.4f  (%s)", ctx["dir"].name[:5], bits,
+             plan.kind, row["bits_per_weight"], row["kl"], row["top1"], plan.describe())
+    return row
+
+
+def gptq_rows(ctx: dict, args) -> list[dict]:
+    """Per-expert GPTQ of gate + up (routed Hessians) at 2, 3, 4 bits and groups 32, 64, 128."""
+    rows = []
+    dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    for bits in (4, 3, 2):
+        for group in (32, 64, 128):
+            fits = {f: quantized(ctx["weights"][f], QuantConfig("gptq", bits, group), ctx["hessians"])
+                    for f in FAMILIES}
+            set_families(ctx["model"], {f: fits[f].weights for f in FAMILIES})
+            total = sum(fits[f].total_bytes for f in FAMILIES)
+            rows.append({"method": "gptq", "bits": bits, "group": group, "bits_per_weight": 8 * total / dense,
+                         "bytes": total, **kl_top1(ctx["model"], ctx["ids"], ctx["reference"], args.window)})
+            log.info("gptq %d-bit group %3d: %6.3f bits  KL %.6f", bits, group, rows[-1]["bits_per_weight"],
+                     rows[-1]["kl"])
+    return rows
+
+
+def compare(product: list[dict], gptq: list[dict]) -> list[dict]:
+    """Each product row against the best GPTQ row within the same size (the --size target: GPTQ may use every byte
+    the product was allowed; ratio < 1: the product is closer), and against the best GPTQ row of at most the
+    product's own bytes (the solver's byte model is an upper bound, so the product may use fewer)."""
+    def best(cap: float) -> dict | None:
+        fit = [g for g in gptq if g["bits_per_weight"] <= cap + 1e-9]
+        return min(fit, key=lambda g: g["kl"]) if fit else None
+    out = []
+    for row in product:
+        at, own = best(row["target_bits"]), best(row["bits_per_weight"])
+        out.append({"target_bits": row["target_bits"], "kind": row["kind"], "bits": row["bits_per_weight"],
+                    "kl": row["kl"], "top1": row["top1"], "gptq": at and f"{at['bits']}-bit group {at['group']}",
+                    "gptq_bits": at and at["bits_per_weight"], "gptq_kl": at and at["kl"],
+                    "ratio": at and row["kl"] / at["kl"],
+                    "gptq_own_bits": own and f"{own['bits']}-bit group {own['group']}",
+                    "ratio_own_bits": own and row["kl"] / own["kl"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from globe.core.files import atomic_write_text
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("globe").setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
+              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "cpu": platform.processor() or platform.machine()}, "models": []}
+    for model_dir in args.models:
+        ctx = prepare(Path(model_dir), args)
+        entry = {"model": ctx["info"], "gptq": gptq_rows(ctx, args), "product": []}
+        report["models"].append(entry)
+        for bits in args.sizes:
+            entry["product"].append(product_row(ctx, bits, args))
+            entry["comparison"] = compare(entry["product"], entry["gptq"])
+            report["seconds"] = round(time.perf_counter() - t_start, 1)
+            atomic_write_text(Path(args.out), json.dumps(report, indent=1, default=float))
+    print_table(report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    for entry in report["models"]:
+        print(f"\n{entry['model']['dir']}")
+        for c in entry["comparison"]:
+            print(f"  {c['target_bits']:.2f} bits: {c['kind']:9} {c['bits']:.3f} bits KL {c['kl']:.6f} | GPTQ "
+                  f"{c['gptq']} ({c['gptq_bits']:.3f} bits) KL {c['gptq_kl']:.6f} | ratio {c['ratio']:.2f}"
+                  if c["gptq"] else f"  {c['target_bits']:.2f} bits: {c['kind']} KL {c['kl']:.6f} | no GPTQ row")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Quantized residuals: W_hat_i + dequant(R_i), packed like the factors; they lower the weight error."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from globe.errors import ConfigError
+from globe.fit.config import BankConfig, FitConfig, QuantSection, SparsityConfig, TrainConfig
+from globe.fit.engine import fit_family
+from globe.quant import QuantConfig, quantize
+from globe.quant.tensor import concat_rows
+from tests.helpers.planted import make_planted
+
+
+def residual_cfg(residual_bits: int | None, bits: int = 4) -> FitConfig:
+    return FitConfig(bank=BankConfig(m=4, r=4), sparsity=SparsityConfig(target_support=2),
+                     train=TrainConfig(am_iters=5, varpro_steps=5),
+                     quant=QuantSection(bits=bits, group=8, residual_bits=residual_bits, residual_group=16))
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_planted(n=24, p=24, d=32, m=8, r=16, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fits(planted):
+    return {b: fit_family(planted.weights, planted.ids, residual_cfg(b)) for b in (None, 3)}
+
+
+def test_residual_lowers_the_weight_error_and_is_what_the_family_reconstructs(planted, fits):
+    plain, fam = fits[None], fits[3]
+    assert "residual" not in plain.quant and set(fam.quant) == {"bank", "adapters", "residual"}
+    res = fam.quant["residual"]
+    assert res.shape == tuple(planted.weights.shape) and res.bits == 3 and res.group == 16
+    recon = float((fam.reconstruct() - planted.weights).norm() / planted.weights.norm())
+    assert recon == pytest.approx(fam.metrics["rel_err"], rel=1e-4)
+    assert fam.metrics["rel_err_factors"] == pytest.approx(plain.metrics["rel_err"], rel=1e-6)
+    assert fam.metrics["rel_err"] < 0.6 * plain.metrics["rel_err"]
+    base = dataclasses.replace(fam, quant={k: v for k, v in fam.quant.items() if k != "residual"})
+    assert torch.equal(fam.reconstruct(), base.reconstruct() + res.dequantize())
+    q = fam.metrics["quant"]
+    assert q["bytes"]["residual"] == res.nbytes == (24 * 24 * 32 * 3) // 8 + 2 * 2 * 24 * 24 * 2
+    assert q["residual"] == {"bits": 3, "group": 16, "method": "rtn"}
+    assert q["bits_per_weight"] > plain.metrics["quant"]["bits_per_weight"] + 3
+
+
+def test_residual_rows_and_concatenation_are_exact():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 6, 10, generator=g)
+    for bits in (2, 3, 4, 8):
+        qt = quantize(w, QuantConfig(method="rtn", bits=bits, group=4))
+        rows = torch.tensor([4, 1])
+        assert torch.equal(qt.rows(rows), qt.dequantize()[rows])
+        parts = [quantize(w[:2], QuantConfig(method="rtn", bits=bits, group=4)),
+                 quantize(w[2:], QuantConfig(method="rtn", bits=bits, group=4))]
+        joined = concat_rows(parts)
+        assert torch.equal(joined.codes, qt.codes) and torch.equal(joined.dequantize(), qt.dequantize())
+
+
+def test_residual_settings_are_checked():
+    with pytest.raises(ConfigError, match="residual_bits"):
+        dataclasses.replace(residual_cfg(3), quant=QuantSection(bits=4, residual_bits=5)).validate()
+    with pytest.raises(ConfigError, match="needs quantized factors"):
+        dataclasses.replace(residual_cfg(3), quant=QuantSection(residual_bits=3)).validate()
+    cfg = residual_cfg(2)
+    assert FitConfig.from_dict(cfg.to_dict()).quant == cfg.quant
+    assert "residual_bits" not in dataclasses.replace(cfg, quant=QuantSection(bits=4)).to_dict()["quant"]
+
+
+def test_budget_zero_is_plain_quantization_of_the_experts(planted):
+    """No low-rank part: the family reconstructs to exactly the experts' own quantization (RTN here, no statistics),
+    and its only overhead over those packed residuals is the tiny zero base."""
+    cfg = dataclasses.replace(residual_cfg(3), bank=BankConfig(budget=0.0))
+    fam = fit_family(planted.weights, planted.ids, cfg)
+    assert fam.bank.shape == (1, 1, 32) and not fam.adapters.any() and not fam.codes.any()
+    direct = quantize(planted.weights, QuantConfig(method="rtn", bits=3, group=16))
+    assert torch.equal(fam.quant["residual"].codes, direct.codes)
+    assert torch.equal(fam.reconstruct(), direct.dequantize())
+    q = fam.metrics["quant"]
+    assert q["bytes"]["residual"] == direct.nbytes
+    assert q["bits_per_weight"] - 8 * direct.nbytes / planted.weights.numel() < (3 + 32 + 64) / 32
+    with pytest.raises(ConfigError, match="bank.budget"):
+        dataclasses.replace(cfg, quant=QuantSection(bits=4)).validate()
