@@ -15,9 +15,11 @@ Methods (--methods): svd, svd-llm (whitened, per-expert routed Grams), d2moe, d2
 share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epochs scored by weight error; its best
 config gets the full evaluation), reap (REAP expert pruning: the least salient experts and their router rows
 removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
-frequency; router kept), globe-default (what `globe compress MODEL --total-cut C --no-quant` runs: calibrated on 8192
-tokens the model samples itself, activation-aware fit; its fit time includes calibration and both exports),
-globe-default-text (the same with --calibration-text MODEL/calib.txt), globe (weight-space fit), globe-nonlinear
+frequency; router kept), globe-default-quant (exactly what `globe compress MODEL --total-cut C` runs: calibrated
+on 8192 tokens the model samples itself, activation-aware fit, factors quantized as the command's default does),
+globe-default (the same with --no-quant: the factors in the model's dtype), globe-default-text (globe-default with
+--calibration-text MODEL/calib.txt); the three go through the `globe compress` parser and its config, their fit
+time includes calibration and both exports; globe (weight-space fit), globe-nonlinear
 (weight space, the block SVD start + full-batch tanh refinement of globe.fit.solvers.nonlinear,
 FitConfig.nonlinear.enabled), globe-aware (activation-aware, default settings). reap and hc-smoe remove or merge
 whole experts (gate, up AND down), so they keep the largest expert count
@@ -25,6 +27,11 @@ whose TOTAL parameters do not exceed what the compressing methods store at the c
 that equal-total allowance in gate/up terms (their stored expert and router params minus the dense down and
 router the others keep, halved), `total_params` is every row's whole model, and their weight and output errors
 are measured with a dropped expert as zero (REAP) under the original routing.
+Bytes, next to params in every row: `bytes` per family is what the routed experts' gate / up store (the peers'
+dense bf16 checkpoints: the model's bytes per value x params; REAP and HC-SMoE: of their gate/up allowance;
+GloBE: the artifact's stored parts, packed quantized factors included, by globe.fit.engine.quantize.stored_bytes),
+`total_bytes` every tensor of the whole checkpoint (the source's bytes minus what the row removes). At equal
+params a quantized row takes fewer bytes: the table shows the KL at equal params and the bytes each takes.
 Texts: --text / --calib, else MODEL/heldout.txt and MODEL/calib.txt, else (embedded model)
 corpus/train.txt as benchmarks/activation_aware.py uses (rebuild with scripts/build_corpus.py). Calibration
 statistics come from `globe.calibration.collect_stats` (what `globe calibrate` writes) on the first
@@ -32,6 +39,9 @@ statistics come from `globe.calibration.collect_stats` (what `globe calibrate` w
 
     python benchmarks/peers.py                                       # embedded model, all methods, three cuts
     python benchmarks/peers.py benchmarks/models/X --cuts 0.35 --methods svd mobe globe
+
+With several models and one job, every model is prepared first and the cuts run in the order given, each over
+every model (the JSON is saved after each), so a run stopped early holds the first cuts of every model.
 """
 from __future__ import annotations
 
@@ -61,8 +71,10 @@ from benchmarks.baselines.svd import per_expert_svd, whitened_svd        # noqa:
 
 log = logging.getLogger("benchmarks.peers")
 METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "reap", "hc-smoe", "globe",
-           "globe-aware", "globe-nonlinear", "globe-default", "globe-default-text")
-GLOBE_DEFAULTS = ("globe-default", "globe-default-text")          # run through globe.run.compress, as the CLI does
+           "globe-aware", "globe-nonlinear", "globe-default", "globe-default-text", "globe-default-quant")
+# run as `globe compress MODEL --total-cut C` + these options (its parser, its config, globe.run.compress)
+GLOBE_DEFAULTS = {"globe-default-quant": (), "globe-default": ("--no-quant",),
+                  "globe-default-text": ("--no-quant", "--calibration-text")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--default-calib-tokens", type=int, default=8192,
       help="globe-default*: calibration tokens, as `globe compress --calibration-tokens` (default 8192, its default)")
     a("--jobs", type=int, default=1, help="worker processes, one cut each (one torch thread each; default 1)")
+    a("--passes", nargs="+", metavar="M1,M2,...",
+      help="with one job: run the methods in passes, each pass (comma-separated methods) at every cut over every "
+           "model before the next pass starts, so a run stopped early covers every cut with the first passes "
+           "(default: one pass of --methods); --methods becomes their union")
     a("--out", default=str(REPO / "benchmarks" / "results" / "peers.json"), help="JSON output path")
     return p.parse_args(argv)
 
@@ -129,8 +145,10 @@ def prepare(model_dir: Path, args) -> dict:
     from globe.calibration import collect_stats, load_stats, save_stats
     from globe.eval import encode_text, perplexity
     from globe.io import open_checkpoint
+    from globe.fit.planning.bytes import source_bytes, value_bytes_of
     with open_checkpoint(model_dir) as reader:
         inv = reader.inventory()
+        other_bytes, dense_bytes = source_bytes(reader, FAMILIES)
     heldout, calib = texts(model_dir, args)
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     need = args.calib_tokens + args.output_tokens
@@ -169,7 +187,9 @@ def prepare(model_dir: Path, args) -> dict:
                      "calib_tokens": args.calib_tokens, "output_tokens": args.output_tokens,
                      "stats": str(stats_path), "calibration_seconds": round(calib_s, 1),
                      "fisher_seconds": round(fisher_s, 1), "fisher_batches": args.fisher_batches,
-                     "original_perplexity": original_ppl}}
+                     "original_perplexity": original_ppl,
+                     "bytes": other_bytes + sum(dense_bytes.values()), "dtype": inv.dtype,
+                     "value_bytes": value_bytes_of(inv.dtype), "dense_bytes": dense_bytes}}
 
 
 def baseline(method: str, ctx: dict, budget: float, mobe_cfg: MobeConfig | None = None) -> dict:
@@ -232,18 +252,31 @@ def globe_fit(method: str, ctx: dict, budget: float, support: int):
 
 
 def globe_compress(method: str, ctx: dict, cut: float, work: Path):
-    """`globe compress MODEL -o work/compressed --total-cut CUT --dense` (with --calibration-text MODEL/calib.txt
-    for globe-default-text): the default pipeline, self-calibrated or not; returns (FitResult, dense checkpoint)."""
-    import globe
-    from globe.fit.config import TrainConfig
+    """`globe compress MODEL -o work/compressed --total-cut CUT --dense` + GLOBE_DEFAULTS[method], parsed by the
+    command's own parser into the command's own config (globe.cli.compress), run by globe.run.compress as the
+    command runs it; returns (FitResult, dense checkpoint)."""
+    from globe.cli import compress as cli
+    from globe.cli.main import build_parser
     from globe.run.compress import CompressRun, run_compress
-    text = str(ctx["calib_path"]) if method == "globe-default-text" else None
-    train = {k: v for k, v in (("am_iters", ctx["globe_am_iters"]), ("varpro_steps", ctx["globe_varpro_steps"]))
-             if v is not None}                                  # only the short runs of tests change the defaults
-    run = CompressRun(str(ctx["dir"]), str(work / "compressed"), globe.FitConfig(train=TrainConfig(**train)),
-                      total_cut=cut, calibration_text=text, calibration_tokens=ctx["default_calib_tokens"],
-                      dense=True, dense_out=str(work / "dense"), overwrite=True)
+    from globe.tune import DistillConfig
+    argv = ["compress", str(ctx["dir"]), "-o", str(work / "compressed"), "--total-cut", str(cut), "--dense",
+            "--dense-out", str(work / "dense"), "--overwrite", "--device", "cpu",
+            "--calibration-tokens", str(ctx["default_calib_tokens"])]
+    for option in GLOBE_DEFAULTS[method]:
+        argv += [option, str(ctx["calib_path"])] if option == "--calibration-text" else [option]
+    for flag, key in (("--am-iters", "globe_am_iters"), ("--varpro-steps", "globe_varpro_steps")):
+        if ctx[key] is not None:                                # only the short runs of tests change the defaults
+            argv += [flag, str(ctx[key])]
+    args = build_parser().parse_args(argv)
+    cfg, plan = cli._config(args)
+    run = CompressRun(model_dir=args.model_dir, out=args.out, config=cfg, total_cut=args.total_cut,
+                      calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
+                      calibrate=not args.no_calibration, dense=args.dense, dense_out=args.dense_out,
+                      overwrite=args.overwrite, device=args.device, command="globe " + " ".join(argv),
+                      size=plan.to_dict() if plan is not None else None,
+                      distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check())
     done = run_compress(run)
+    log.info("%s: %s", method, cli.bytes_line(done["result"]))
     return done["result"], Path(done["dense"])
 
 
@@ -264,9 +297,10 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
                seconds: float | None = None) -> dict:
     """Fit one method (or take the given baseline fits), write its dense checkpoint, score it; one JSON row."""
     import globe
+    from globe.fit.planning.bytes import result_bytes
     dense = ctx["weights"]["gate"].numel()
     t0 = time.perf_counter()
-    recon = total = None
+    recon = total = stored = None
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         scored = Path(tmp)
         if method in GLOBE_DEFAULTS:
@@ -276,10 +310,14 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
             info = {f: {"m": fam.shape["m"], "r": fam.shape["r"], "median_support": fam.metrics.get("median_support")}
                     for f, fam in result.families.items()}
             info["calibration"] = result.source.get("calibration")
+            info["quant"] = {f: {k: f"{q.bits}-bit, groups of {q.group}" for k, q in fam.quant.items()} or None
+                             for f, fam in result.families.items()}              # None: in the model's dtype
+            stored = result_bytes(result)
         elif method.startswith("globe"):
             result = globe_fit(method, ctx, budget, support)
             seconds = time.perf_counter() - t0
             globe.export_dense(ctx["dir"], result, tmp)
+            stored = result_bytes(result)
             params = {f: int(result.params[f]) for f in FAMILIES}
             info = {f: {"m": fam.shape["m"], "r": fam.shape["r"], "median_support": fam.metrics.get("median_support")}
                     for f, fam in result.families.items()}
@@ -297,13 +335,27 @@ def run_method(method: str, ctx: dict, budget: float, support: int, fits: dict |
         if total is None:
             total = ctx["inv"].total_params - 2 * dense + sum(params[f] for f in FAMILIES)
         row = {"method": method, "fit_seconds": round(seconds, 1), "params": params,
-               "params_ratio": {f: params[f] / dense for f in FAMILIES}, "total_params": int(total), "shape": info,
-               **score(ctx, scored, recon)}
+               "params_ratio": {f: params[f] / dense for f in FAMILIES}, "total_params": int(total),
+               **row_bytes(ctx, params, int(total), stored), "shape": info, **score(ctx, scored, recon)}
     row["delta_ppl"] = row["perplexity"] - ctx["original_ppl"]
-    log.info("-%.0f%% %s: KL %.5f, top-1 %.4f, rel_err %s, output %.4f, ppl %.3f, fit %.0f s", 100 * ctx["cut"],
-             method, row["kl"], row["top1"], " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES),
-             row["output_rel_err"]["rel_err"], row["perplexity"], seconds)
+    log.info("%s -%.0f%% %s: KL %.5f, top-1 %.4f, rel_err %s, output %.4f, ppl %.3f, gate+up %d bytes, fit %.0f s",
+             ctx["dir"].name, 100 * ctx["cut"], method, row["kl"], row["top1"],
+             " / ".join(f"{row['rel_err'][f]:.4f}" for f in FAMILIES), row["output_rel_err"]["rel_err"],
+             row["perplexity"], sum(row["bytes"].values()), seconds)
     return row
+
+
+def row_bytes(ctx: dict, params: dict, total: int, stored: dict | None) -> dict:
+    """{"bytes": {family: stored bytes of its routed gate / up}, "total_bytes": every tensor of the checkpoint}:
+    a GloBE row's from its FitResult (`stored`, globe.fit.planning.bytes.result_bytes); a peer's at the model's
+    bytes per value (its dense checkpoint's dtype), the whole model's bytes less what its params remove."""
+    info = ctx["info"]
+    if stored is not None:
+        return {"bytes": {f: int(stored["families"][f]["stored"]) for f in FAMILIES},
+                "total_bytes": int(stored["after"])}
+    width = info["value_bytes"]
+    return {"bytes": {f: int(params[f]) * width for f in FAMILIES},
+            "total_bytes": int(info["bytes"] - width * (info["total_params"] - total))}
 
 
 def mobe_fits(ctx: dict, budget: float, configs: list[MobeConfig]) -> list[dict]:
@@ -318,23 +370,29 @@ def mobe_fits(ctx: dict, budget: float, configs: list[MobeConfig]) -> list[dict]
     return out
 
 
-def run_cut(ctx: dict, cut: float, args) -> dict:
-    """Every selected method at one total cut. MoBE: the sweep's configs are fitted once; `mobe` is the default
-    config, `mobe-best` the config with the lowest summed squared weight error (MoBE's own objective)."""
+def run_cut(ctx: dict, cut: float, args, on_row=None, methods: list[str] | None = None,
+            out: dict | None = None) -> dict:
+    """Every method of `methods` (default --methods) at one total cut, in that order, its rows appended to `out`
+    (a cut's dict from an earlier pass; default a new one). MoBE: the sweep's configs are fitted once; `mobe` is
+    the default config, `mobe-best` the config with the lowest summed squared weight error (MoBE's own objective).
+    on_row(cut so far) after each row: a run stopped early keeps every finished row."""
     from globe.fit.solvers.budget import total_cut_budget
+    methods = list(args.methods if methods is None else methods)
     budget, support = total_cut_budget(cut, ctx["inv"], FAMILIES)
     ctx["cut"] = cut
-    out = {"cut": cut, "budget_per_family": budget, "globe_target_support": support, "rows": []}
+    t0 = time.perf_counter()
+    out = {"cut": cut, "budget_per_family": budget, "globe_target_support": support, "rows": [], "seconds": 0.0} \
+        if out is None else out
     sweep = []
-    if {"mobe", "mobe-sweep"} & set(args.methods):
-        configs = sweep_configs(args.mobe_sweep if "mobe-sweep" in args.methods else [], ctx["inv"].num_experts,
+    if {"mobe", "mobe-sweep"} & set(methods):
+        configs = sweep_configs(args.mobe_sweep if "mobe-sweep" in methods else [], ctx["inv"].num_experts,
                                 args.mobe_epochs)
         sweep = mobe_fits(ctx, budget, configs)
         out["mobe_sweep"] = [{"config": {**vars(s["cfg"]), "m": s["fits"]["gate"].info["m"]},
                               "r": s["fits"]["gate"].info["r"], "rel_err": s["rel_err"],
                               "params": {f: fit.params for f, fit in s["fits"].items()},
                               "fit_seconds": round(s["seconds"], 1)} for s in sweep]
-    for method in args.methods:
+    for method in methods:
         if method in ("mobe", "mobe-sweep"):
             pick = sweep[0] if method == "mobe" else min(sweep, key=lambda s: sum(e * e for e in s["rel_err"].values()))
             row = run_method(method, ctx, budget, support, pick["fits"], pick["seconds"])
@@ -345,7 +403,10 @@ def run_cut(ctx: dict, cut: float, args) -> dict:
         else:
             row = run_method(method, ctx, budget, support)
         out["rows"].append(row)
-    out["ratios"] = ratios(out["rows"])
+        out["ratios"] = ratios(out["rows"])
+        if on_row is not None:
+            on_row(out)
+    out["seconds"] = round(out.get("seconds", 0.0) + time.perf_counter() - t0, 1)   # all its methods, fit + score
     return out
 
 
@@ -396,6 +457,12 @@ def main(argv: list[str] | None = None) -> dict:
     from globe.core.files import atomic_write_text
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    passes = [args.methods] if not args.passes else [p.split(",") for p in args.passes]
+    unknown = sorted({m for p in passes for m in p} - set(METHODS))
+    if unknown or (args.passes and args.jobs > 1):
+        raise SystemExit(f"peers.py: error: --passes: unknown methods {unknown} (choose from {', '.join(METHODS)})"
+                         if unknown else "peers.py: error: --passes needs --jobs 1")
+    args.methods = list(dict.fromkeys(m for p in passes for m in p))      # prepare() sees every method
     setup_logging()
     t_start = time.perf_counter()
     report = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -408,15 +475,24 @@ def main(argv: list[str] | None = None) -> dict:
         report["seconds"] = round(time.perf_counter() - t_start, 1)
         atomic_write_text(out, json.dumps(report, indent=1, default=float))      # partial results survive
 
-    for model_dir in args.models:
+    if args.jobs <= 1:                       # every model first, then pass by pass, cut by cut over every model
+        contexts = [prepare(Path(model_dir), args) for model_dir in args.models]
+        report["models"] = [{"model": ctx["info"], "cuts": []} for ctx in contexts]
+        for methods in passes:
+            for cut in args.cuts:
+                for ctx, entry in zip(contexts, report["models"]):
+                    def on_row(done: dict, cuts: list = entry["cuts"]) -> None:      # saved after every row
+                        if not any(c is done for c in cuts):
+                            cuts.append(done)
+                        save()
+                    earlier = next((c for c in entry["cuts"] if c["cut"] == cut), None)
+                    on_row(run_cut(ctx, cut, args, on_row, methods, earlier))       # with its time
+                    entry["cuts"].sort(key=lambda c: c["cut"])
+                    save()
+    for model_dir in args.models if args.jobs > 1 else ():
         ctx = prepare(Path(model_dir), args)                  # writes the statistics file the workers reuse
         entry = {"model": ctx["info"], "cuts": []}
         report["models"].append(entry)
-        if args.jobs <= 1:
-            for cut in args.cuts:
-                entry["cuts"].append(run_cut(ctx, cut, args))
-                save()
-            continue
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         with pool:
             futures = [pool.submit(cut_job, model_dir, cut, argv) for cut in args.cuts]
@@ -440,6 +516,7 @@ def print_table(report: dict) -> None:
                       f"gate {r['rel_err']['gate']:.4f} up {r['rel_err']['up']:.4f} "
                       f"out {r['output_rel_err']['rel_err']:.4f} ppl {r['perplexity']:8.3f} "
                       f"params {r['params_ratio']['gate']:.3f} total {r['total_params']:,} "
+                      f"gate+up {sum(r['bytes'].values()):,} B "
                       f"fit {r['fit_seconds']:6.1f} s")
 
 

@@ -1,9 +1,12 @@
 """Markdown tables of a benchmarks/peers.py JSON: one table per model, one row per (cut, method), KL to the original
-first (the headline) with top-1 agreement beside it, then each GloBE row against the best peer (KL ratio, goal
-<= 0.5x; top-1 above every peer's) and the GloBE / MoBE ratios. The README's results section
-is pasted from this output. Files written before KL was measured show "-" in its columns.
+first (the headline) with top-1 agreement beside it, params and the bytes the routed gate / up store, then each
+GloBE row against the best peer (KL ratio, goal <= 0.5x; top-1 above every peer's) and the GloBE / MoBE ratios.
+--summary prints one table over every model and cut instead: the best peer and each GloBE default row's KL ratio
+to it, the goal met or missed by how much. The README's results section is pasted from this output. Files written
+before KL (or bytes) were measured show "-" in those columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
+    python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json
 """
 from __future__ import annotations
 
@@ -12,23 +15,36 @@ import json
 from pathlib import Path
 
 ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
-         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text")
+         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
+GOAL = 0.5                                                  # GloBE's KL over the best peer's, at most
 
 
 def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def goal(ratio: float | None) -> str:
+    """"met" or how far a KL ratio to the best peer is from the goal."""
+    if ratio is None:
+        return "-"
+    return "met" if ratio <= GOAL else f"missed by {ratio / GOAL:.2f}x"
+
+
+def _mb(row: dict) -> str:
+    return "-" if "bytes" not in row else f"{sum(row['bytes'].values()) / 1e6:.3f}"
+
+
 def model_table(model: dict) -> list[str]:
     """Rows: cut, method, KL, top-1, gate / up weight error, routed output error, perplexity (+ increase), fit s,
-    total params of the whole model (where the file has them)."""
+    params per family (of dense), the bytes gate + up store, total params of the whole model (where the file has
+    them)."""
     info = model["model"]
     lines = [f"**{Path(info['dir']).name}** ({info['layers']} layers x {info['experts']} experts, p={info['p']}, "
              f"d={info['d']}; original perplexity {info['original_perplexity']:.3f} on {info['heldout_tokens']:,} "
              "held-out tokens)", "",
              "| cut (budget/family) | method | KL (nats/token) | top-1 agreement | weight error gate / up | "
-             "output error | perplexity (increase) | fit s | total params |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "output error | perplexity (increase) | fit s | params/family | gate+up MB | total params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         rows = {r["method"]: r for r in cut["rows"]}
         for name in [m for m in ORDER if m in rows]:
@@ -37,14 +53,15 @@ def model_table(model: dict) -> list[str]:
                          f"{_num(r.get('kl'), '.5f')} | {_num(r.get('top1'), '.4f')} | "
                          f"{r['rel_err']['gate']:.3f} / {r['rel_err']['up']:.3f} | {r['output_rel_err']['rel_err']:.4f} | "
                          f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} | "
+                         f"{_num(r.get('params_ratio', {}).get('gate'), '.3f')} | {_mb(r)} | "
                          f"{_num(r.get('total_params'), ',')} |")
     best = [(cut, key, r) for cut in sorted(model["cuts"], key=lambda c: c["cut"])
             for key, r in cut["ratios"].items() if key.endswith("/best-peer")]
     if best:
         lines += ["", "| cut | GloBE row | KL / best peer's KL (goal <= 0.5) | best peer (its KL) | top-1 (best peer's) | "
                   "peers with top-1 >= GloBE's |", "|---|---|---|---|---|---|"]
-        lines += [f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {_num(r['kl'], '.2f')} | {r['best_peer']} "
-                  f"({r['peer_kl']:.5f}) | {r['top1']:.4f} ({r['best_peer_top1']:.4f}) | "
+        lines += [f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {_num(r['kl'], '.2f')} | "
+                  f"{r['best_peer']} ({r['peer_kl']:.5f}) | {r['top1']:.4f} ({r['best_peer_top1']:.4f}) | "
                   f"{', '.join(r['top1_not_above']) or 'none'} |" for cut, key, r in best]
     lines += ["", "| cut | ratio to MoBE (defaults) | KL | weight gate | weight up | output error | "
               "perplexity increase |",
@@ -58,10 +75,44 @@ def model_table(model: dict) -> list[str]:
     return lines
 
 
+def summary_table(report: dict, rows: tuple[str, ...] = ("globe-default-quant", "globe-default")) -> list[str]:
+    """One row per (model, cut): the best peer (lowest KL of the non-GloBE rows) with its KL, top-1 and gate+up
+    bytes, then per GloBE row in `rows` its KL, KL / best peer's (goal <= 0.5: met or missed by how much), top-1
+    and bytes."""
+    cols = "".join(f" {g}: KL (x best peer, goal) | top-1 | MB |" for g in rows)
+    lines = [f"| model | cut | best peer: KL | top-1 | MB |{cols}",
+             "|---|---|---|---|---|" + "---|---|---|" * len(rows)]
+    for model in report["models"]:
+        name = Path(model["model"]["dir"]).name
+        for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
+            by = {r["method"]: r for r in cut["rows"]}
+            peers = [r for r in cut["rows"] if not r["method"].startswith("globe")]
+            if not peers:
+                continue
+            best = min(peers, key=lambda r: r["kl"])
+            line = (f"| {name} | -{100 * cut['cut']:.0f} % | {best['method']}: {best['kl']:.5f} | {best['top1']:.4f} | "
+                    f"{_mb(best)} |")
+            for g in rows:
+                if g not in by:
+                    line += " - | - | - |"
+                    continue
+                ratio = by[g]["kl"] / best["kl"] if best["kl"] else None
+                above = all(by[g]["top1"] > r["top1"] for r in peers)
+                line += (f" {by[g]['kl']:.5f} ({_num(ratio, '.2f')}x, {goal(ratio)}) | {by[g]['top1']:.4f}"
+                         f"{'' if above else ' (not above every peer)'} | {_mb(by[g])} |")
+            lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a benchmarks/peers.py output file")
-    report = json.loads(Path(p.parse_args(argv).json).read_text())
+    p.add_argument("--summary", action="store_true", help="one table over every model and cut (see summary_table)")
+    args = p.parse_args(argv)
+    report = json.loads(Path(args.json).read_text())
+    if args.summary:
+        print("\n".join(summary_table(report)) + "\n")
+        return
     for model in report["models"]:
         print("\n".join(model_table(model)) + "\n")
 

@@ -65,7 +65,7 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
-    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text")
+    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
     assert set(cut["ratios"]) == {f"{g}/{m}" for g in globes for m in ("mobe", "mobe-best", "best-peer")}
     peer_rows = [r for r in rows.values() if not r["method"].startswith("globe")]
     best = min(peer_rows, key=lambda r: r["kl"])
@@ -75,6 +75,18 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
         assert vs["top1_not_above"] == [r["method"] for r in peer_rows if r["top1"] >= rows[g]["top1"]]
     assert rows["globe-default"]["shape"]["calibration"]["source"] == "self-generated"
     assert rows["globe-default-text"]["shape"]["calibration"]["source"] == "text"
+    assert rows["globe-default-quant"]["shape"]["calibration"]["source"] == "self-generated"
+    width = report["models"][0]["model"]["value_bytes"]
+    for name in ("svd", "mobe", "reap"):                                # dense checkpoints: bytes per value x params
+        assert rows[name]["bytes"] == {f: width * rows[name]["params"][f] for f in ("gate", "up")}
+    quant, plain = rows["globe-default-quant"], rows["globe-default"]
+    assert quant["shape"]["quant"]["gate"] == {"bank": "4-bit, groups of 64", "adapters": "4-bit, groups of 64"}
+    assert plain["shape"]["quant"]["gate"] is None
+    for f in ("gate", "up"):                 # equal params (the same cut), 4-bit factors: well under half the bytes
+        assert abs(quant["params"][f] - plain["params"][f]) <= 0.02 * plain["params"][f]
+        assert quant["bytes"][f] < 0.5 * plain["bytes"][f]
+        assert plain["bytes"][f] > width * plain["params"][f]           # + the codes' indices, scales and ids
+    assert quant["total_bytes"] < plain["total_bytes"] < report["models"][0]["model"]["bytes"]
     assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
 
 
@@ -134,3 +146,67 @@ def test_table_states_kl_against_the_best_peer_and_top1_misses():
                        "heldout_tokens": 1000}, "cuts": [cut]}
     lines = peers_table.model_table(model)
     assert "| -35 % | globe-default | 0.40 | mobe (0.01000) | 0.9400 (0.9500) | mobe |" in lines
+
+
+def test_summary_says_how_far_each_default_is_from_the_goal():
+    rows = [{"method": m, "kl": kl, "top1": t1, "bytes": {"gate": b, "up": b}}
+            for m, kl, t1, b in (("svd", 0.02, 0.90, 2_000_000), ("mobe", 0.01, 0.95, 2_000_000),
+                                 ("globe-default-quant", 0.004, 0.96, 500_000), ("globe-default", 0.008, 0.94,
+                                                                                 2_100_000))]
+    report = {"models": [{"model": {"dir": "x/m"}, "cuts": [{"cut": 0.25, "rows": rows}]}]}
+    lines = peers_table.summary_table(report)
+    assert lines[2] == ("| m | -25 % | mobe: 0.01000 | 0.9500 | 4.000 | 0.00400 (0.40x, met) | 0.9600 | 1.000 | "
+                        "0.00800 (0.80x, missed by 1.60x) | 0.9400 (not above every peer) | 4.200 |")
+    assert peers_table.goal(0.5) == "met" and peers_table.goal(None) == "-"
+
+
+def test_one_job_runs_cut_by_cut_over_every_model_and_saves_every_row(tmp_path, monkeypatch):
+    """Every model is prepared first, then each cut over every model in the order given; the JSON on disk holds
+    every finished row as soon as it is done (a run stopped early keeps them)."""
+    out = tmp_path / "grid.json"
+    calls, on_disk = [], []
+    monkeypatch.setattr(peers, "prepare", lambda d, args: {"dir": d, "inv": None, "info": {"dir": str(d)}})
+    monkeypatch.setattr("globe.fit.solvers.budget.total_cut_budget", lambda cut, inv, fam: (1 - cut, 4))
+
+    def fake_row(method, ctx, budget, support):
+        calls.append((ctx["dir"].name, ctx["cut"], method))
+        saved = json.loads(out.read_text())["models"] if out.is_file() else []
+        on_disk.append(sum(len(c["rows"]) for m in saved for c in m["cuts"]))
+        return {"method": method, "kl": 0.01 if method == "svd" else 0.004, "top1": 0.9}
+
+    monkeypatch.setattr(peers, "run_method", fake_row)
+    monkeypatch.setattr(peers, "print_table", lambda report: None)
+    report = peers.main(["a", "b", "--cuts", "0.35", "0.25", "--methods", "globe-default-quant", "svd",
+                         "--out", str(out)])
+    assert calls == [(m, c, k) for c in (0.35, 0.25) for m in "ab" for k in ("globe-default-quant", "svd")]
+    assert on_disk == [0, 1, 2, 3, 4, 5, 6, 7]                          # every earlier row already written
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report, default=float))
+    for model in saved["models"]:
+        assert [c["cut"] for c in model["cuts"]] == [0.25, 0.35]       # sorted for the tables
+        for cut in model["cuts"]:
+            assert [r["method"] for r in cut["rows"]] == ["globe-default-quant", "svd"]
+            assert cut["ratios"]["globe-default-quant/best-peer"]["kl"] == pytest.approx(0.4)
+
+
+def test_passes_cover_every_cut_with_the_first_methods_before_the_next(tmp_path, monkeypatch):
+    out = tmp_path / "grid.json"
+    calls = []
+    monkeypatch.setattr(peers, "prepare", lambda d, args: {"dir": d, "inv": None, "info": {"dir": str(d)}})
+    monkeypatch.setattr("globe.fit.solvers.budget.total_cut_budget", lambda cut, inv, fam: (1 - cut, 4))
+    monkeypatch.setattr(peers, "run_method", lambda method, ctx, budget, support:
+                        calls.append((ctx["dir"].name, ctx["cut"], method)) or {"method": method, "kl": 0.01,
+                                                                                "top1": 0.9})
+    monkeypatch.setattr(peers, "print_table", lambda report: None)
+    report = peers.main(["a", "b", "--cuts", "0.35", "0.25", "--passes", "globe-default-quant,svd", "reap",
+                         "--out", str(out)])
+    first = [(m, c, k) for c in (0.35, 0.25) for m in "ab" for k in ("globe-default-quant", "svd")]
+    assert calls == first + [(m, c, "reap") for c in (0.35, 0.25) for m in "ab"]
+    assert report["settings"]["methods"] == ["globe-default-quant", "svd", "reap"]
+    for model in json.loads(out.read_text())["models"]:
+        assert [c["cut"] for c in model["cuts"]] == [0.25, 0.35]                # one entry per cut, all passes in it
+        for cut in model["cuts"]:
+            assert [r["method"] for r in cut["rows"]] == ["globe-default-quant", "svd", "reap"]
+            assert set(cut["ratios"]) == {"globe-default-quant/best-peer"}
+    with pytest.raises(SystemExit, match="unknown methods"):
+        peers.main(["a", "--passes", "svd,nope", "--out", str(out)])
