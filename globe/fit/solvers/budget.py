@@ -32,16 +32,14 @@ def shared_shapes(cands: list[tuple[int, int]], n: int, p: int, d: int, budget: 
     """The candidates with sparsity taken into account: each expert mixes only `support` of the m atoms, so a bank
     of m > k * support atoms (k = 2: two experts' supports may then be disjoint, the bank stops being shared) is
     spent on atoms no expert sees together. Every such shape is replaced by the shape with m = k * support atoms and
-    the largest rank the budget then allows (r solved from m, so the budget is still used) up to the largest
-    candidate rank (the ranks the fit probes: no extra read of the experts); shapes within the
+    the largest rank the budget then allows (r solved from m, so the budget is still used); shapes within the
     bound are kept as they are. k: None = SHARED_ATOMS_PER_SUPPORT."""
     cap = (SHARED_ATOMS_PER_SUPPORT if k is None else k) * support
     kept = [(m, r) for m, r in cands if m <= cap]
     if len(kept) == len(cands):
         return cands
     limit = budget * dense_params(n, p, d)
-    r = min(int((limit - n * support - n) // (cap * d + n * p)),             # m r d + n p r + n s + n <= limit
-            max(r for _, r in cands))         # no rank beyond the probed grid (it would need its own SVDs)
+    r = min(int((limit - n * support - n) // (cap * d + n * p)), min(p, d))    # m r d + n p r + n s + n <= limit
     if r >= 1 and cap <= n * r and (cap, r) not in kept:
         kept.append((cap, r))
     return sorted(kept, key=lambda c: c[1])
