@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from globe.device import acc_dtype
-from globe.fit.solvers.budget import candidate_shapes, choose_shape
+from globe.fit.solvers.budget import candidate_shapes, choose_shape, shared_shapes
 from globe.fit.config import FitConfig
 from globe.fit.constants import SHAPE_PROBES
 from globe.fit.warm_starts.base import warm_start
@@ -75,7 +75,10 @@ def shape_stage(problem) -> Shape:
     probe = probe_ranks(n, p, d, cfg)
     if not probe:                                        # no shape fits: every rank raises the same ConfigError
         return Shape(*choose_shape(n, p, d, b.budget, k, torch.zeros(n, 0)))
-    svals, factors, cov = expert_factors(weights, norm, max(probe), cfg.train.chunk_size, problem.device)
+    raw = candidate_shapes(n, p, d, b.budget, k)
+    added = set(shared_shapes(raw, n, p, d, b.budget, k)) - set(raw)      # the guard's (2 x support, solved r)
+    rmax = max([*probe, *(r for _, r in added)])                           # its warm start reuses these SVDs
+    svals, factors, cov = expert_factors(weights, norm, rmax, cfg.train.chunk_size, problem.device)
     shard.comm.all_reduce(cov)
     svals = shard.comm.gather_rows(svals, n)                                # [N, min(p, d)] on rank 0
     stacked = {}

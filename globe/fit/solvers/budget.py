@@ -24,6 +24,27 @@ def candidate_shapes(n: int, p: int, d: int, budget: float, support: int, step: 
     return out
 
 
+SHARED_ATOMS_PER_SUPPORT = 2   # k: a bank has at most k * support atoms (see shared_shapes)
+
+
+def shared_shapes(cands: list[tuple[int, int]], n: int, p: int, d: int, budget: float, support: int,
+                  k: int | None = None) -> list[tuple[int, int]]:
+    """The candidates with sparsity taken into account: each expert mixes only `support` of the m atoms, so a bank
+    of m > k * support atoms (k = 2: two experts' supports may then be disjoint, the bank stops being shared) is
+    spent on atoms no expert sees together. Every such shape is replaced by the shape with m = k * support atoms and
+    the largest rank the budget then allows (r solved from m, so the budget is still used); shapes within the
+    bound are kept as they are. k: None = SHARED_ATOMS_PER_SUPPORT."""
+    cap = (SHARED_ATOMS_PER_SUPPORT if k is None else k) * support
+    kept = [(m, r) for m, r in cands if m <= cap]
+    if len(kept) == len(cands):
+        return cands
+    limit = budget * dense_params(n, p, d)
+    r = min(int((limit - n * support - n) // (cap * d + n * p)), min(p, d))    # m r d + n p r + n s + n <= limit
+    if r >= 1 and cap <= n * r and (cap, r) not in kept:
+        kept.append((cap, r))
+    return sorted(kept, key=lambda c: c[1])
+
+
 def spectral_error(svals: torch.Tensor, target_svals: torch.Tensor | None, m: int, r: int) -> float:
     """Proxy of the squared error of shape (m, r): per-expert rank-r tail + bank tail at m components.
 
@@ -38,11 +59,12 @@ def spectral_error(svals: torch.Tensor, target_svals: torch.Tensor | None, m: in
 
 def choose_shape(n: int, p: int, d: int, budget: float, support: int, svals: torch.Tensor,
                  stacked_svals: dict[int, torch.Tensor] | None = None, rank: int | None = None) -> tuple[int, int]:
-    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data); a given `rank`
+    """(m, r) meeting the budget with the smallest spectral error proxy (computed on the data) among the
+    sparsity-aware candidates (shared_shapes: at most 2 x support atoms); a given `rank`
     (bank.r without bank.m) restricts the choice to that r when the budget admits it."""
     cands = candidate_shapes(n, p, d, budget, support)
-    if rank is not None:
-        cands = [c for c in cands if c[1] == rank] or cands
+    at_rank = [(min(m, SHARED_ATOMS_PER_SUPPORT * support), r) for m, r in cands if r == rank]
+    cands = at_rank or shared_shapes(cands, n, p, d, budget, support)
     if not cands:
         raise ConfigError(f"budget {budget:.3f} is too small for N={n}, p={p}, d={d} with support {support}: "
                           f"raise --budget or lower --target-support")
