@@ -30,7 +30,7 @@ import torch
 from globe.core.params import dense_params
 from globe.errors import ConfigError, GlobeError
 from globe.fit.config import FitConfig
-from globe.fit.solvers.budget import candidate_shapes
+from globe.fit.solvers.budget import candidate_shapes, shared_shapes
 from globe.quant import packed_bytes
 
 log = logging.getLogger(__name__)
@@ -140,10 +140,18 @@ class SizePlan:
         return f"{factors} at budget {self.budget:.4f}" + (f" + {res}" if self.kind == "residual" else "")
 
 
+# The largest per-family budget --size picks: above it a family keeps almost all its parameters (FitConfig warns
+# above 0.95), and plain quantization is the kind for such sizes.
+MAX_SIZE_BUDGET = 0.95
+
+
 def worst_bytes(n: int, p: int, d: int, budget: float, support: int, value_bytes: int, bits: int | None,
                 group: int) -> int | None:
-    """The most bytes any shape the budget solver may choose at `budget` stores (None: no shape fits)."""
-    shapes = candidate_shapes(n, p, d, budget, support)
+    """The most bytes any shape the budget solver may choose at `budget` stores (None: no shape fits): the
+    sparsity-aware shapes of globe.fit.solvers.budget.choose_shape (at most 2 x support atoms), every code counted
+    non-zero. Bounding by every candidate instead (tiny ranks with hundreds of atoms, which the fit never picks) left
+    the factors 1.1-3.4 of the 2.5-4 bits per weight a size allowed (benchmarks/results/bytes_product.json)."""
+    shapes = shared_shapes(candidate_shapes(n, p, d, budget, support), n, p, d, budget, support)
     if not shapes:
         return None
     return max(family_shape_bytes(n, p, d, m, r, value_bytes, bits, group) for m, r in shapes)
@@ -151,9 +159,9 @@ def worst_bytes(n: int, p: int, d: int, budget: float, support: int, value_bytes
 
 def largest_budget(n: int, p: int, d: int, limit: int, support: int, value_bytes: int, bits: int | None,
                    group: int, steps: int = 40) -> float | None:
-    """The largest per-family parameter budget in (0, 1) whose every candidate shape stores <= limit bytes
+    """The largest per-family parameter budget in (0, MAX_SIZE_BUDGET] whose every shape stores <= limit bytes
     (bisection; the worst bytes grow with the budget), or None when even the smallest fitting budget does not."""
-    lo, hi = 0.0, 1.0 - 1e-9
+    lo, hi = 0.0, MAX_SIZE_BUDGET
     for _ in range(steps):
         mid = (lo + hi) / 2
         worst = worst_bytes(n, p, d, mid, support, value_bytes, bits, group)
