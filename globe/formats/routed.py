@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from globe.core.files import atomic_write
 from globe.errors import ArtifactError
+from globe.formats.tagged import open_tagged, write_tagged
 
 ROUTED_FORMAT_VERSION = 1
 ROUTED_KIND = "globe-routed-samples"
@@ -27,10 +25,7 @@ KEYS = ("inputs", "weights", "counts", "layers")
 
 def write_routed_file(path: str | Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write the routed samples and their `info` atomically; returns the path."""
-    path = Path(path)
-    meta = {"format_version": str(ROUTED_FORMAT_VERSION), "kind": ROUTED_KIND, "info": json.dumps(info, default=str)}
-    atomic_write(path, lambda tmp: save_file({k: tensors[k].contiguous() for k in KEYS}, str(tmp), metadata=meta))
-    return path
+    return write_tagged(path, {k: tensors[k] for k in KEYS}, ROUTED_KIND, ROUTED_FORMAT_VERSION, info)
 
 
 def read_routed_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -38,12 +33,7 @@ def read_routed_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"routed samples {path} not found (written by `globe compress --expert-steps N`)")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path} is corrupt or not a safetensors file ({exc})") from None
+    tensors, meta = open_tagged(path)
     if meta.get("kind") != ROUTED_KIND or meta.get("format_version") != str(ROUTED_FORMAT_VERSION):
         raise ArtifactError(f"{path} is not a GloBE routed-samples file of format_version {ROUTED_FORMAT_VERSION}")
     missing = [k for k in KEYS if k not in tensors]

@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from globe.core.files import atomic_write
 from globe.errors import ArtifactError
+from globe.formats.tagged import open_tagged, write_tagged
 
 STATS_FORMAT_VERSION = 1
 STATS_KIND = "globe-activation-stats"
@@ -34,10 +32,7 @@ REQUIRED = ("layers", "hidden.sum", "routed.counts", "routed.weight_sums")
 
 def write_stats_file(path: str | Path, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Path:
     """Write the statistics tensors and their `info` (JSON: tokens, model, text, window, ...) atomically."""
-    path = Path(path)
-    meta = {"format_version": str(STATS_FORMAT_VERSION), "kind": STATS_KIND, "info": json.dumps(info, default=str)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    return path
+    return write_tagged(path, tensors, STATS_KIND, STATS_FORMAT_VERSION, info)
 
 
 def read_stats_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -46,12 +41,7 @@ def read_stats_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"activation statistics {path} not found: run `globe calibrate MODEL_DIR -o {path}` first")
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path} is corrupt or not a safetensors file ({exc}): re-run `globe calibrate`") from None
+    tensors, meta = open_tagged(path, ": re-run `globe calibrate`")
     if meta.get("kind") != STATS_KIND:
         raise ArtifactError(f"{path} is not a GloBE activation statistics file (written by `globe calibrate`)")
     version = meta.get("format_version", "")
