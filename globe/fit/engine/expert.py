@@ -143,7 +143,7 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
     gen = torch.Generator().manual_seed(seed)
     first = _loss(params, data, cfg.chunk, use_valid, False)
     best, best_step, best_state = first, 0, None
-    history, train_losses = [[0, first]], []
+    history, train_losses = [{"step": 0, "error": first}], []   # records, as the artifact stores histories
     for step in progress(range(1, cfg.steps + 1), "expert output"):
         opt.zero_grad(set_to_none=True)
         train_losses.append(_loss(params, data, cfg.chunk, False, True, _batch(data, cfg.batch, gen)))
@@ -153,7 +153,7 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
         params.project()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             now = _loss(params, data, cfg.chunk, use_valid, False)
-            history.append([step, now])
+            history.append({"step": step, "error": now})
             if now < best:
                 best, best_step, best_state = now, step, params.state()
     info = {"steps": cfg.steps, "lr": cfg.lr, "batch": cfg.batch, "seed": seed, "samples_per_expert": int(data.x.shape[1]),

@@ -147,6 +147,11 @@ def test_compress_runs_the_phase_before_quantization_and_leaves_the_rest_of_the_
         compressed.update(load_file(path))
     kept = [k for k in original if ".experts." not in k]
     assert kept and all(torch.equal(original[k], compressed[k]) for k in kept)     # bit for bit
+    history = doc["history"]["gate"]["expert"]
+    assert [r["step"] for r in history][:1] == [0] and all(r["error"] >= 0 for r in history)
+    assert cli.main(["info", str(out), "--json"]) == 0            # every tool reads it: the validator takes it
+    from globe.export import load_artifact
+    assert set(load_artifact(out).families) == {"gate", "up"}
 
 
 def test_the_expert_section_round_trips_and_is_left_out_at_its_default():
