@@ -8,6 +8,7 @@ agreement to the original). The run is globe.run.compress.run_compress; the fit 
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 
@@ -16,8 +17,8 @@ from globe.cli import dry_run
 from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
 from globe.errors import ConfigError
-from globe.fit.expert_config import ExpertConfig
-from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, run_compress
+from globe.fit.expert_config import COMPRESS_STEPS
+from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, expert_default_off, run_compress
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 from globe.tune import DistillConfig
 
@@ -25,6 +26,7 @@ FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
 # compress's defaults: 4-bit group-64 GPTQ factors at budget 0.6 (about 2.7 bits per routed weight, below 4-bit
 # quantization of the experts; benchmarks/results/bytes.json, README "Bytes"); `globe fit` stays unquantized
 QUANT_DEFAULTS = {"bits": 4, "budget": 0.6}
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,10 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {DistillConfig().steps})")
     p.add_argument("--distill-lr", type=float, default=DistillConfig().lr, metavar="LR",
                    help=f"distillation step size, relative to each factor's RMS (default {DistillConfig().lr:g})")
-    p.add_argument("--expert-steps", type=int, default=ExpertConfig().steps, metavar="N",
+    p.add_argument("--expert-steps", type=int, metavar="N",
                    help="after gate and up are fitted, refine both together for N Adam steps on the whole expert's "
                         "output down(act(gate x) * up x) on tokens routed to it at calibration (before quantization); "
-                        f"0 = off (default {ExpertConfig().steps})")
+                        f"0 = off (default {COMPRESS_STEPS} where it applies: a calibrated fit of gate and up, "
+                        "without --residual-bits)")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -105,11 +108,17 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
 def _config(args: argparse.Namespace):
     """The fit config of these options, with --size applied (returns (config, SizePlan or None))."""
     cfg = build_config(_fit_args(args))
-    cfg.expert.steps = args.expert_steps
+    cfg.expert.steps = args.expert_steps or 0
     plan = None
     if args.size is not None:
         from globe.fit.planning.bytes import apply_size
         plan = apply_size(cfg, args.model_dir, args.size, bits_given=args.bits is not None or args.no_quant)
+    if args.expert_steps is None:                      # the default: the expert phase wherever it applies
+        off = expert_default_off(cfg, calibrate=not args.no_calibration)
+        if off is None:
+            cfg.expert.steps = COMPRESS_STEPS
+        else:
+            log.info("whole-expert phase off (default of --expert-steps %d): %s", COMPRESS_STEPS, off)
     return cfg.validate(), plan
 
 

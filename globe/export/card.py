@@ -58,7 +58,21 @@ def _calibration(result: FitResult) -> list[str]:
                f"{'on' if act.routing_weights else 'off'}, channel weights {'on' if act.channel_weights else 'off'}"
                if act.per_expert else f"per-layer second moments, damping {act.damp:g}, {act.steps} refinement steps")
     return ["", "## Calibration", "", f"Activation-aware fit (minimising the error of the experts' outputs on their "
-            f"inputs) calibrated on {what}; {options}.", *_distillation(result)]
+            f"inputs) calibrated on {what}; {options}.", *_expert_phase(result), *_distillation(result)]
+
+
+def _expert_phase(result: FitResult) -> list[str]:
+    """What the whole-expert phase (globe.fit.engine.expert) did, in one paragraph; off: one line saying so."""
+    if "gate" not in result.families or "up" not in result.families:
+        return []
+    info = result.families["gate"].metrics.get("expert")
+    if not info:
+        return ["", "Whole-expert phase: off (gate and up fitted each on its own objective)."]
+    outcome = (f"step {info['best_step']} kept" if info.get("accepted") else "no step was better: the fit is kept")
+    return ["", f"Whole-expert phase: gate and up refined together for {info['steps']} Adam steps on the routed "
+            f"expert's output down(act(gate x) * (up x)), {info['samples_per_expert']} routed tokens per expert; "
+            f"output error ({info['selected_on']}) {info['error_before']:.5f} -> {info['error_after']:.5f}, "
+            f"{outcome}."]
 
 
 def _distillation(result: FitResult) -> list[str]:

@@ -3,7 +3,7 @@
 After gate and up are fitted (each on its own, per-matrix objective), the refinement fits their compressed
 parameters together (banks, nonzero code values, adapters) to the routed expert's whole output
 down_i(act(G_hat_i x) * (U_hat_i x)) on a capped sample of the tokens routed to expert i during calibration
-(globe.calibration.routed), router-weighted. Off while steps is 0 (the default).
+(globe.calibration.routed), router-weighted. Off while steps is 0 (the default of a fit); `globe compress` runs COMPRESS_STEPS where it applies.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from globe.errors import ConfigError
 
 EXPERT_FORMAT_VERSION = 1
+COMPRESS_STEPS = 200               # `globe compress`'s default (benchmarks/results/whole_expert.json measures it)
 
 
 @dataclass

@@ -69,6 +69,18 @@ class CompressRun:
     distill: DistillConfig = field(default_factory=DistillConfig)   # after the fit, on the calibration tokens
 
 
+def expert_default_off(cfg: FitConfig, calibrate: bool) -> str | None:
+    """Why the default whole-expert phase of `globe compress` (COMPRESS_STEPS) cannot run with this config and
+    calibration (None: it can); an explicit --expert-steps there is refused by _calibration / FitConfig.validate."""
+    if not calibrate:
+        return "--no-calibration: the phase refines on this run's calibration tokens (none here)"
+    if cfg.activation.stats:
+        return "a statistics file holds no routed tokens: the phase needs this run's own calibration"
+    if not {"gate", "up"} <= set(cfg.bank.families):
+        return f"it refines gate and up together, and the fitted families are {', '.join(cfg.bank.families)}"
+    return cfg.expert_refusal()
+
+
 def _calibration(run: CompressRun) -> CalibrateRun | None:
     """The calibration this run does (None: none, weight space or statistics already given); checked now."""
     if run.config.expert.enabled and (not run.calibrate or run.config.activation.stats):
