@@ -2,11 +2,15 @@
 first (the headline) with top-1 agreement beside it, params and the bytes the routed gate / up store, then each
 GloBE row against the best peer (KL ratio, goal <= 0.5x; top-1 above every peer's) and the GloBE / MoBE ratios.
 --summary prints one table over every model and cut instead: the best peer and each GloBE default row's KL ratio
-to it, the goal met or missed by how much. The README's results section is pasted from this output. Files written
-before KL (or bytes) were measured show "-" in those columns.
+to it, the goal met or missed by how much. With --globe-rows FILE2 the summary takes the peers' rows from the
+first file and the GloBE rows from FILE2 (a rerun of the GloBE methods alone, same settings: checked), each column
+naming the file it came from, the top-1 margin over the best peer top-1 beside each GloBE row. The README's results
+section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json
+    python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json \
+        --globe-rows benchmarks/results/peers_grid_globe.json
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from pathlib import Path
 ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
          "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
 GOAL = 0.5                                                  # GloBE's KL over the best peer's, at most
+# peers.py settings that change a row: two files are merged only where they agree on each
+ROW_SETTINGS = ("calib_tokens", "output_tokens", "fisher_batches", "ppl_tokens", "window", "default_calib_tokens",
+                "text", "calib", "globe_am_iters", "globe_varpro_steps")
 
 
 def _num(value, fmt: str) -> str:
@@ -75,12 +82,44 @@ def model_table(model: dict) -> list[str]:
     return lines
 
 
-def summary_table(report: dict, rows: tuple[str, ...] = ("globe-default-quant", "globe-default")) -> list[str]:
+def _is_globe(row: dict) -> bool:
+    return row["method"].startswith("globe")
+
+
+def merge(peers_report: dict, globe_report: dict) -> dict:
+    """The peers' rows of `peers_report` with the GloBE rows of `globe_report`, per (model, cut) of the first;
+    SystemExit naming the setting or model where the two runs differ in what changes a row."""
+    a, b = peers_report.get("settings", {}), globe_report.get("settings", {})
+    differ = [k for k in ROW_SETTINGS if a.get(k) != b.get(k)]
+    if differ:
+        raise SystemExit("the two files were run with different settings: " +
+                         ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ))
+    globe_models = {Path(m["model"]["dir"]).name: m for m in globe_report["models"]}
+    models = []
+    for model in peers_report["models"]:
+        name = Path(model["model"]["dir"]).name
+        other = globe_models.get(name, {"model": model["model"], "cuts": []})
+        for key in ("heldout_tokens", "original_perplexity"):
+            if model["model"].get(key) != other["model"].get(key):
+                raise SystemExit(f"{name}: {key} differs between the two files ({model['model'].get(key)} vs "
+                                 f"{other['model'].get(key)})")
+        globe_cuts = {c["cut"]: c for c in other["cuts"]}
+        cuts = [{**cut, "rows": [r for r in cut["rows"] if not _is_globe(r)] +
+                 [r for r in globe_cuts.get(cut["cut"], {"rows": []})["rows"] if _is_globe(r)]}
+                for cut in model["cuts"]]
+        models.append({**model, "cuts": cuts})
+    return {"models": models}
+
+
+def summary_table(report: dict, rows: tuple[str, ...] = ("globe-default-quant", "globe-default"),
+                  sources: tuple[str, str] | None = None) -> list[str]:
     """One row per (model, cut): the best peer (lowest KL of the non-GloBE rows) with its KL, top-1 and gate+up
     bytes, then per GloBE row in `rows` its KL, KL / best peer's (goal <= 0.5: met or missed by how much), top-1
-    and bytes."""
-    cols = "".join(f" {g}: KL (x best peer, goal) | top-1 | MB |" for g in rows)
-    lines = [f"| model | cut | best peer: KL | top-1 | MB |{cols}",
+    and bytes. sources: the files the peers' and the GloBE rows came from (merge()); the headers name them and
+    each GloBE top-1 gets its margin over the best peer top-1."""
+    peer_from, globe_from = (f" ({sources[0]})", f" ({sources[1]})") if sources else ("", "")
+    cols = "".join(f" {g}{globe_from}: KL (x best peer, goal) | top-1 | MB |" for g in rows)
+    lines = [f"| model | cut | best peer{peer_from}: KL | top-1 | MB |{cols}",
              "|---|---|---|---|---|" + "---|---|---|" * len(rows)]
     for model in report["models"]:
         name = Path(model["model"]["dir"]).name
@@ -98,7 +137,8 @@ def summary_table(report: dict, rows: tuple[str, ...] = ("globe-default-quant", 
                     continue
                 ratio = by[g]["kl"] / best["kl"] if best["kl"] else None
                 above = all(by[g]["top1"] > r["top1"] for r in peers)
-                line += (f" {by[g]['kl']:.5f} ({_num(ratio, '.2f')}x, {goal(ratio)}) | {by[g]['top1']:.4f}"
+                margin = f" ({by[g]['top1'] - max(r['top1'] for r in peers):+.4f})" if sources else ""
+                line += (f" {by[g]['kl']:.5f} ({_num(ratio, '.2f')}x, {goal(ratio)}) | {by[g]['top1']:.4f}{margin}"
                          f"{'' if above else ' (not above every peer)'} | {_mb(by[g])} |")
             lines.append(line)
     return lines
@@ -108,10 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a benchmarks/peers.py output file")
     p.add_argument("--summary", action="store_true", help="one table over every model and cut (see summary_table)")
+    p.add_argument("--globe-rows", metavar="FILE2", help="with --summary: the GloBE rows from this file (a rerun "
+                                                         "of the GloBE methods alone), the peers' from the first")
     args = p.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
+    if args.globe_rows and not args.summary:
+        p.error("--globe-rows needs --summary")
     if args.summary:
-        print("\n".join(summary_table(report)) + "\n")
+        sources = None
+        if args.globe_rows:
+            report = merge(report, json.loads(Path(args.globe_rows).read_text()))
+            sources = (Path(args.json).name, Path(args.globe_rows).name)
+        print("\n".join(summary_table(report, sources=sources)) + "\n")
         return
     for model in report["models"]:
         print("\n".join(model_table(model)) + "\n")

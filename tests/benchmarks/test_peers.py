@@ -210,3 +210,18 @@ def test_passes_cover_every_cut_with_the_first_methods_before_the_next(tmp_path,
             assert set(cut["ratios"]) == {"globe-default-quant/best-peer"}
     with pytest.raises(SystemExit, match="unknown methods"):
         peers.main(["a", "--passes", "svd,nope", "--out", str(out)])
+
+
+def test_summary_of_two_files_takes_peers_from_one_and_globe_rows_from_the_other():
+    def report(rows, ppl_tokens=8192):
+        return {"settings": {"ppl_tokens": ppl_tokens}, "models": [{"model": {"dir": "x/m", "heldout_tokens": 100},
+                                                                   "cuts": [{"cut": 0.25, "rows": rows}]}]}
+    peer_rows = [{"method": "mobe", "kl": 0.01, "top1": 0.95}, {"method": "globe-default", "kl": 0.009, "top1": 0.93}]
+    globe_rows = [{"method": "globe-default", "kl": 0.004, "top1": 0.97}, {"method": "svd", "kl": 0.001, "top1": 1.0}]
+    merged = peers_table.merge(report(peer_rows), report(globe_rows))
+    assert [r["method"] for r in merged["models"][0]["cuts"][0]["rows"]] == ["mobe", "globe-default"]
+    lines = peers_table.summary_table(merged, rows=("globe-default",), sources=("grid.json", "globe.json"))
+    assert lines[0].startswith("| model | cut | best peer (grid.json): KL |") and "globe-default (globe.json)" in lines[0]
+    assert lines[2] == "| m | -25 % | mobe: 0.01000 | 0.9500 | - | 0.00400 (0.40x, met) | 0.9700 (+0.0200) | - |"
+    with pytest.raises(SystemExit, match="ppl_tokens"):
+        peers_table.merge(report(peer_rows), report(globe_rows, ppl_tokens=16384))
