@@ -28,6 +28,7 @@ from globe.calibration.routed import RoutedSamples
 from globe.core.mixing import compose
 from globe.core.result import FamilyFit
 from globe.errors import ConfigError
+from globe.fit.engine.duplicates import tie_duplicates
 from globe.fit.expert_config import ExpertConfig
 from globe.fit.objectives.expert_output import ExpertData, expert_data, output_loss
 from globe.fit.solvers.mod import normalize_atoms
@@ -117,8 +118,10 @@ def _loss(params: _Params, data: ExpertData, chunk: int, validation: bool, backw
 
 def _family(fam: FamilyFit, state: dict, family: str, info: dict) -> FamilyFit:
     bank, codes = normalize_atoms(state[family, "bank"], state[family, "codes"])
-    return dataclasses.replace(fam, bank=bank.to(fam.bank.dtype), codes=codes.to(fam.codes.dtype),
-                               adapters=state[family, "adapters"].to(fam.adapters.dtype),
+    codes, adapters = codes.to(fam.codes.dtype).clone(), state[family, "adapters"].to(fam.adapters.dtype).clone()
+    copies = {c: f for c, f in fam.metrics.get("duplicates") or []}   # each copy refined on its own tokens: the
+    tie_duplicates(copies, codes, adapters)                            # first occurrence's factors again
+    return dataclasses.replace(fam, bank=bank.to(fam.bank.dtype), codes=codes, adapters=adapters,
                                metrics={**fam.metrics, "expert": info},
                                history={**fam.history, "expert": info["validation_history"]})
 
