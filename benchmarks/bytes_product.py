@@ -14,6 +14,7 @@ compressed checkpoint stores for gate + up (globe.fit.planning.bytes.result_byte
 Not run here: the distillation `globe compress` runs after the fit by default (--distill-steps 0 is this path).
 
     OMP_NUM_THREADS=1 python benchmarks/bytes_product.py          # the two evaluation models -> bytes_product.json
+"""
 from __future__ import annotations
 
 import argparse
