@@ -60,7 +60,8 @@ def held_out(model_dir: str, calibration: CalibrateRun, seed: int, tokens: int =
     if calibration.text is None:
         return HeldOut(None, {"source": "self-generated", "tokens": tokens, "seed": seed + HELD_OUT_SEED_OFFSET,
                               "length": window})
-    text = read_text(calibration.text, calibration.flag)
+    limit = 64 * (calibration.max_tokens + tokens) if calibration.max_tokens else None   # ~4 characters a token
+    text = read_text(calibration.text, calibration.flag, limit)
     ids = encode_text(load_tokenizer(calibration.tokenizer or model_dir), text)
     used = min(calibration.max_tokens or ids.numel(), ids.numel())
     if ids.numel() - used >= min(tokens, window):

@@ -115,3 +115,25 @@ def test_compress_size_records_the_candidates_in_source_output_and_card(tiny_che
     assert "kind chosen by KL on" in printed and f"-> {choice['chosen']}" in printed
     card = (out / "README.md").read_text()
     assert card.count("`--size` candidate:") == 2 and "| chosen |" in card
+
+
+def test_held_out_text_tokens_are_never_in_the_statistics(tmp_path):
+    """--calibration-text: the tokens after those calibrated on; a text with too few: its last share, taken away from
+    the calibration (max_tokens lowered before it runs)."""
+    from globe.assets import DEFAULT_MODEL_DIR
+    from globe.eval import encode_text
+    from globe.run.calibrate import CalibrateRun
+    from globe.run.size_choice import held_out
+    from globe.run.tokenizer import load_tokenizer
+    text = DEFAULT_MODEL_DIR / "heldout.txt"
+    ids = encode_text(load_tokenizer(DEFAULT_MODEL_DIR), text.read_text(encoding="utf-8"))
+    cal = CalibrateRun(str(DEFAULT_MODEL_DIR), str(text), "", max_tokens=256, window=64)
+    held = held_out(str(DEFAULT_MODEL_DIR), cal, seed=0, tokens=128)
+    assert cal.max_tokens == 256 and held.info["first_token"] == 256 and held.ids.shape == (2, 64)
+    assert torch.equal(held.ids.reshape(-1), ids[256:384])
+    short = tmp_path / "short.txt"
+    short.write_text(text.read_text(encoding="utf-8")[:2000], encoding="utf-8")
+    n = encode_text(load_tokenizer(DEFAULT_MODEL_DIR), short.read_text(encoding="utf-8")).numel()
+    cal = CalibrateRun(str(DEFAULT_MODEL_DIR), str(short), "", max_tokens=8192, window=16)
+    held = held_out(str(DEFAULT_MODEL_DIR), cal, seed=0, tokens=128)
+    assert cal.max_tokens == held.info["first_token"] == n - int(n * 0.125) < n
