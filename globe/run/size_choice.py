@@ -1,7 +1,7 @@
 """`globe compress --size`: the kind of family chosen by measured behaviour, not by a fixed rule.
 
-    held = held_out(run, calibration)                  # before the calibration: tokens its statistics never see
-    result = fit_candidates(run, work, plans, held)    # each plan fitted, the lowest KL kept
+    held = held_out(model_dir, calibration, seed)     # before the calibration: tokens its statistics never see
+    result = fit_candidates(model_dir, cfg, plans, work, held, metrics)   # each plan fitted, the lowest KL kept
 
 Where more than one kind of family fits the size (globe.fit.planning.bytes.size_plans: factors only; plain
 quantization of the experts, which is only per-expert GPTQ and cheap next to the factors' fit), each is built with
