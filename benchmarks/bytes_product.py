@@ -1,9 +1,12 @@
-"""The product path against GPTQ at equal bytes: `globe compress --size` (its config: globe.cli.compress, the
---size solver of globe.fit.planning.bytes choosing factors only, a small GloBE part + quantized residuals, or plain
-quantization) at ~2.5, 3.0, 3.5, 4.0 and 4.6 bits per routed gate/up weight, fitted activation-aware on the model's
-calib.txt and scored by KL(original || compressed) on heldout.txt (benchmarks/bytes.py's split, statistics and
-scoring), against per-expert GPTQ (routed Hessians) at 2, 3, 4 bits and groups 32 / 64 / 128: for each size, the
-best GPTQ row of at most the product's own bytes.
+"""The product path against GPTQ at equal bytes: `globe compress --size` (its config: globe.cli.compress; every kind
+of family that fits the size, globe.fit.planning.bytes.size_plans: factors only, plain quantization of the experts;
+each fitted and the one with the lowest KL on held-out calibration tokens kept, globe.run.size_choice) at ~2.5,
+3.0, 3.5, 4.0 and 4.6 bits per routed gate/up weight, fitted activation-aware on the model's calib.txt (its first
+--calib-tokens tokens; the kind is chosen on the calib.txt tokens after them, as `globe compress
+--calibration-text calib.txt` does) and scored by KL(original || compressed) on heldout.txt (benchmarks/bytes.py's
+split, statistics and scoring), against per-expert GPTQ (routed Hessians) at 2, 3, 4 bits and groups 32 / 64 / 128:
+for each size, the best GPTQ row within the size. Every candidate is scored on heldout.txt too (was the choice
+right?).
 
 The product's weights are the fit's reconstruction W_hat_i + dequant(R_i) (FamilyFit.reconstruct, what every runtime
 mode and the dense export compute: tests/export/test_residual.py); the bytes are the byte model's count of what the
@@ -63,46 +66,89 @@ def size_gib(model_dir: Path, bits: float) -> float:
     return (other + int(weights * bits / 8)) / GIB
 
 
-def product_config(model_dir: Path, bits: float, stats: str, kind: str | None = None):
-    """(FitConfig, SizePlan) of `globe compress MODEL --size S` with the calibration statistics `stats`; kind forces
-    the solver's kind of family (the tuning run, benchmarks/size_rule.py)."""
+def product_plans(model_dir: Path, bits: float, stats: str, kind: str | None = None):
+    """(FitConfig, [SizePlan]) of `globe compress MODEL --size S` with the calibration statistics `stats`: the
+    config before any plan is applied and every kind that fits (SIZE_RULE's first); kind: that kind alone (the
+    tuning run, benchmarks/size_rule.py)."""
     from globe.cli import compress
     from globe.cli.main import build_parser
     from globe.fit.planning.bytes import apply_size
     args = build_parser().parse_args(["compress", str(model_dir), "-o", "unused", "--size",
                                       f"{size_gib(model_dir, bits):.12g}"])
     if kind is None:
-        cfg, plan = compress._config(args)
+        cfg, plans = compress._config_plans(args)      # set to the first plan; each plan is applied to a copy
     else:
         cfg = compress.build_config(compress._fit_args(args))
-        plan = apply_size(cfg, str(model_dir), args.size, kind=kind)
-        cfg = cfg.validate()
+        plans = [apply_size(cfg, str(model_dir), args.size, kind=kind)]
     cfg.activation.stats = stats
     cfg.bank.families = FAMILIES
-    return cfg, plan
+    return cfg, plans
+
+
+def product_config(model_dir: Path, bits: float, stats: str, kind: str | None = None):
+    """(FitConfig, SizePlan) of SIZE_RULE's plan alone (benchmarks/size_rule.py)."""
+    from globe.fit.planning.bytes import apply_plan
+    cfg, plans = product_plans(model_dir, bits, stats, kind)
+    return apply_plan(cfg, plans[0]).validate(), plans[0]
+
+
+def _swap_kl(ctx: dict, result, args) -> dict:
+    fams = result.families
+    set_families(ctx["model"], {f: by_layer(fams[f].reconstruct(), fams[f].ids) for f in FAMILIES})
+    return kl_top1(ctx["model"], ctx["ids"], ctx["reference"], args.window)
 
 
 def product_row(ctx: dict, bits: float, args, kind: str | None = None) -> dict:
-    """Fit the product config at `bits`, swap W_hat + R into the model, KL / top-1 and the stored bytes."""
-    import globe
+    """`globe compress --size` at `bits`: every candidate fitted and scored on held-out calib.txt tokens, the lowest
+    kept; the kept one swapped into the model: KL / top-1 on heldout.txt and the stored bytes."""
+    import tempfile
     from globe.fit.planning.bytes import result_bytes
-    cfg, plan = product_config(ctx["dir"], bits, ctx["stats"], kind)
+    from globe.run.calibrate import CalibrateRun
+    from globe.run.size_choice import build_candidates, held_out
+    cfg, plans = product_plans(ctx["dir"], bits, ctx["stats"], kind)
+    if len(plans) == 1:                                # one kind fits (or is forced): nothing to choose
+        return _single_row(ctx, bits, args, cfg, plans[0])
+    calibration = CalibrateRun(str(ctx["dir"]), str(ctx["dir"] / "calib.txt"), "", max_tokens=args.calib_tokens,
+                               window=args.window, flag="--calibration-text")
+    held = held_out(str(ctx["dir"]), calibration, cfg.train.seed)
     t0 = time.perf_counter()
-    result = globe.fit_model(ctx["dir"], cfg)
+    with tempfile.TemporaryDirectory() as work:
+        results, choice = build_candidates(str(ctx["dir"]), cfg, plans, Path(work), held)
     seconds = round(time.perf_counter() - t0, 1)
-    fams = result.families
-    set_families(ctx["model"], {f: by_layer(fams[f].reconstruct(), fams[f].ids) for f in FAMILIES})
+    for cand, result in zip(choice["candidates"], results):
+        cand["heldout"] = _swap_kl(ctx, result, args)          # every candidate on heldout.txt: was the choice right?
+    best = choice["index"]
+    result, plan = results[best], plans[best]
     counted = result_bytes(result)
     stored = sum(counted["families"][f]["stored"] for f in FAMILIES)
     dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    fams = result.families
     row = {"method": "globe-product", "target_bits": bits, "kind": plan.kind, "plan": plan.to_dict(),
-           "bits_per_weight": 8 * stored / dense, "bytes": stored,
+           "choice": choice, "bits_per_weight": 8 * stored / dense, "bytes": stored,
            "bytes_by_part": {f: counted["families"][f]["parts"] for f in FAMILIES},
            "rel_err": {f: fams[f].metrics["rel_err"] for f in FAMILIES},
-           **kl_top1(ctx["model"], ctx["ids"], ctx["reference"], args.window), "fit_seconds": seconds}
-    log.info("%-5s %.2f bits target: %-9s %6.3f bits  KL %.6f  top1 %.4f  (%s)", ctx["dir"].name[:5], bits,
-             plan.kind, row["bits_per_weight"], row["kl"], row["top1"], plan.describe())
+           **_swap_kl(ctx, result, args), "fit_seconds": seconds}
+    log.info("%-5s %.2f bits target: %-9s %6.3f bits  KL %.6f  top1 %.4f  (%s; candidates %s)", ctx["dir"].name[:5],
+             bits, plan.kind, row["bits_per_weight"], row["kl"], row["top1"], plan.describe(),
+             ", ".join(f"{c['kind']} held-out calib KL {c['kl']:.6f} / heldout.txt {c['heldout']['kl']:.6f}"
+                       for c in choice["candidates"]))
     return row
+
+
+def _single_row(ctx: dict, bits: float, args, cfg, plan) -> dict:
+    import globe
+    from globe.fit.planning.bytes import apply_plan, result_bytes
+    t0 = time.perf_counter()
+    result = globe.fit_model(ctx["dir"], apply_plan(cfg, plan).validate())
+    seconds = round(time.perf_counter() - t0, 1)
+    counted = result_bytes(result)
+    stored = sum(counted["families"][f]["stored"] for f in FAMILIES)
+    dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    return {"method": "globe-product", "target_bits": bits, "kind": plan.kind, "plan": plan.to_dict(),
+            "choice": None, "bits_per_weight": 8 * stored / dense, "bytes": stored,
+            "bytes_by_part": {f: counted["families"][f]["parts"] for f in FAMILIES},
+            "rel_err": {f: result.families[f].metrics["rel_err"] for f in FAMILIES},
+            **_swap_kl(ctx, result, args), "fit_seconds": seconds}
 
 
 def gptq_rows(ctx: dict, args) -> list[dict]:

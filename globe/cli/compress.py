@@ -19,6 +19,7 @@ from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.expert_config import COMPRESS_STEPS
 from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, expert_default_off, run_compress
+from globe.run.size_choice import candidate_config
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 from globe.tune import DistillConfig
 
@@ -107,25 +108,45 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
 
 def _config(args: argparse.Namespace):
     """The fit config of these options, with --size applied (returns (config, SizePlan or None))."""
+    cfg, plans = _config_plans(args)
+    return cfg, plans[0] if plans else None
+
+
+def _config_plans(args: argparse.Namespace):
+    """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or [])."""
     cfg = build_config(_fit_args(args))
     cfg.expert.steps = args.expert_steps or 0
-    plan = None
+    plans = []
     if args.size is not None:
-        from globe.fit.planning.bytes import apply_size
-        plan = apply_size(cfg, args.model_dir, args.size, bits_given=args.bits is not None or args.no_quant)
-    if args.expert_steps is None:                      # the default: the expert phase wherever it applies
-        off = expert_default_off(cfg, calibrate=not args.no_calibration)
-        if off is None:
+        from globe.fit.planning.bytes import size_plans
+        plans = size_plans(cfg, args.model_dir, args.size, bits_given=args.bits is not None or args.no_quant)
+    # the whole-expert phase: by default wherever it applies; with --size, for the candidates that can take it
+    configs = [candidate_config(cfg, p, quiet=True) for p in plans] or [cfg]
+    if args.expert_steps is None:
+        offs = [expert_default_off(c, calibrate=not args.no_calibration) for c in configs]
+        if any(off is None for off in offs):
             cfg.expert.steps = COMPRESS_STEPS
         else:
-            log.info("whole-expert phase off (default of --expert-steps %d): %s", COMPRESS_STEPS, off)
-    return cfg.validate(), plan
+            log.info("whole-expert phase off (default of --expert-steps %d): %s", COMPRESS_STEPS, offs[0])
+    elif cfg.expert.enabled and plans and all(candidate_config(cfg, p, quiet=True).expert_refusal()
+                                              for p in plans):
+        raise ConfigError(configs[0].expert_refusal())
+    if plans:
+        candidate_config(cfg, plans[0], quiet=True).validate()     # every check, at the first candidate
+        from globe.fit.planning.bytes import apply_plan
+        apply_plan(cfg, plans[0])                                    # the phase stays as asked: per candidate
+        return cfg, plans
+    return cfg.validate(), plans
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, plan = _config(args)
+    cfg, plans = _config_plans(args)
+    plan = plans[0] if plans else None
     if plan is not None:
         print(size_line(plan))
+        if len(plans) > 1 and not args.no_calibration:
+            print("--size candidates, fitted and kept by KL on held-out calibration tokens: "
+                  + "; ".join(p.describe() for p in plans))
     if args.dry_run:                                       # nothing written
         if args.total_cut is not None:
             apply_total_cut(cfg, args.model_dir, args.total_cut)
@@ -138,9 +159,13 @@ def run(args: argparse.Namespace) -> int:
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
                                    device=args.device, command=command, metrics=args.metrics,
                                    size=plan.to_dict() if plan is not None else None,
+                                   size_plans=[p.to_dict() for p in plans] or None,
                                    distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check()))
     result, cut = out["result"], total_cut_of(out["result"])
     print(calibration_line(result.source.get("calibration") or {}))
+    if "choice" in (result.source.get("size") or {}):
+        from globe.run.size_choice import choice_line
+        print(choice_line(result.source["size"]["choice"]))
     if "distill" in result.source:
         print(distill_line(result.source["distill"]))
     for name, row in fit_summary(result).items():

@@ -40,9 +40,9 @@ def compose(codes: torch.Tensor | SparseCodes, bank: torch.Tensor, phi: str = "i
     """phi(sum_j alpha_ij B_j): codes [c, m] (dense) or SparseCodes [c, k], bank [m, r, d] -> [c, r, d]."""
     m, r, d = bank.shape
     if not isinstance(codes, SparseCodes):
-        return PHI[phi]((codes @ bank.reshape(m, r * d)).view(-1, r, d))
+        return PHI[phi]((codes @ bank.reshape(m, r * d)).view(codes.shape[0], r, d))
     if codes.indices.shape[0] == 0:
         return bank.new_zeros(0, r, d)
     summed = F.embedding_bag(codes.indices, bank.reshape(m, r * d), per_sample_weights=codes.values.to(bank.dtype),
                              mode="sum")                                          # [c, r * d]
-    return PHI[phi](summed.view(-1, r, d))
+    return PHI[phi](summed.view(codes.indices.shape[0], r, d))

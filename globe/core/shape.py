@@ -18,12 +18,15 @@ import torch
 @dataclass(frozen=True)
 class BankShape:
     m: int                        # atoms
-    ranks: tuple[int, ...]        # rank per MoE layer (in layer order), each in 1..r_max
+    ranks: tuple[int, ...]        # rank per MoE layer (in layer order), each in 1..r_max; all 0: no base (a plain
+                                  # family, globe.fit.engine.plain: empty bank and adapters)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
-        if self.m < 1 or not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"BankShape needs m >= 1 and ranks >= 1 per layer, got m={self.m}, ranks={self.ranks}")
+        baseless = bool(self.ranks) and max(self.ranks) == 0
+        if self.m < 1 or not self.ranks or (min(self.ranks) < 1 and not baseless):
+            raise ValueError(f"BankShape needs m >= 1 and ranks >= 1 per layer (or all 0: no base), got m={self.m}, "
+                             f"ranks={self.ranks}")
 
     @classmethod
     def uniform(cls, m: int, r: int, layers: int) -> BankShape:

@@ -170,8 +170,12 @@ def _byte_model_rows(result: FitResult) -> list[str]:
         rows.append(f"| size target (`--size`) | | {size['target_bytes']:,} | |")
         if size.get("kind"):
             from globe.fit.planning.bytes import SizePlan
-            what = SizePlan(**size).describe()
+            what = SizePlan.from_dict(size).describe()
             rows.append(f"| chosen for `--size` ({size['bits_per_weight']:.2f} bits per routed weight) | | {what} | |")
+        for c in (size.get("choice") or {}).get("candidates", []):      # the kinds built and their measured KL
+            stored = f"{c['bytes']:,} bytes, " if c.get("bytes") else ""
+            rows.append(f"| `--size` candidate: {c['describe']} | | {stored}KL {c['kl']:.6g} on "
+                        f"held-out calibration tokens | {'chosen' if c['kind'] == size['choice']['chosen'] else ''} |")
     return rows
 
 

@@ -189,10 +189,12 @@ def _check_document(path: Path, doc: dict[str, Any]) -> None:
             fail("families", "keyed by gate / up / down", name)
         if not isinstance(info, dict):
             fail(f"families.{name}", "an object", info)
+        baseless = isinstance(info.get("quant"), dict) and "residual" in info["quant"]   # r = 0: no base (plain)
         for key in ("N", "p", "d", "m", "r"):
             value = info.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(f"families.{name}.{key}", "a positive integer", value)
+            low = 0 if key == "r" and baseless else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                fail(f"families.{name}.{key}", "a positive integer" if low else "an integer >= 0", value)
         ranks = info.get("ranks")
         if ranks is not None and (not isinstance(ranks, list) or not ranks or not all(
                 isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= info["r"] for r in ranks)):

@@ -221,7 +221,9 @@ def check_quant_values(quant: Any, where: Path, experts: int, p: int, d: int, mo
             raise bad(f"families.{name}", "an object with m, r, k, phi", info)
         out_dim, in_dim = (d, p) if name == "down" else (p, d)
         r_max = min(out_dim, in_dim)
-        bounds = {"r": (1, r_max, f"min(p, d) = {r_max}"),
+        baseless = isinstance(info.get("quant"), dict) and "residual" in info["quant"]   # r = 0: no base (plain)
+        r_lo = 0 if baseless else 1
+        bounds = {"r": (r_lo, r_max, f"min(p, d) = {r_max}"),
                   "m": (1, experts * moe_layers * r_max, f"experts x MoE layers x r = {experts * moe_layers * r_max}")}
         for key in ("r", "m"):
             lo, hi, why = bounds[key]

@@ -34,8 +34,10 @@ def quantize(weights: torch.Tensor, config: QuantConfig, hessian: torch.Tensor |
     """Quantize `weights` [..., rows, cols] with the method config.method names."""
     if config.method not in QUANTIZERS:
         raise ConfigError(f"unknown quantization method {config.method!r}: use one of {', '.join(sorted(QUANTIZERS))}")
-    if weights.dim() < 2 or weights.numel() == 0:
-        raise ShapeError(f"quantize: expected a non-empty [..., rows, cols] tensor, got {list(weights.shape)}")
+    if weights.dim() < 2:
+        raise ShapeError(f"quantize: expected a [..., rows, cols] tensor, got {list(weights.shape)}")
+    if weights.numel() == 0:                          # the empty base of a plain family (globe.fit.engine.plain)
+        return QuantizedTensor.empty(tuple(weights.shape), config.bits, config.group)
     if not bool(torch.isfinite(weights).all()):
         raise ShapeError("quantize: the weights hold NaN/Inf")
     if config.method in NEEDS_HESSIAN:

@@ -32,6 +32,13 @@ class QuantizedTensor:
     def groups(self) -> int:
         return math.ceil(self.shape[-1] / self.group)
 
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], bits: int, group: int) -> QuantizedTensor:
+        """A tensor with no entries (0 bytes): the empty bank and adapters of a family with no base."""
+        groups = (*shape[:-1], math.ceil(shape[-1] / group))
+        return cls(torch.zeros(0, dtype=torch.uint8), torch.zeros(groups, dtype=SCALE_DTYPE),
+                   torch.zeros(groups, dtype=SCALE_DTYPE), tuple(shape), bits, group)
+
     @property
     def nbytes(self) -> int:
         return self.codes.numel() * self.codes.element_size() + self.scales.numel() * self.scales.element_size() \
@@ -39,7 +46,7 @@ class QuantizedTensor:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.nbytes / math.prod(self.shape)
+        return 8 * self.nbytes / max(math.prod(self.shape), 1)
 
     def integer_codes(self) -> torch.Tensor:
         """The unpacked codes, int64 [*shape]."""
@@ -94,12 +101,12 @@ def grouped(w: torch.Tensor, group: int) -> torch.Tensor:
     pad = (-w.shape[-1]) % group
     if pad:
         w = torch.cat([w, w[..., -1:].expand(*w.shape[:-1], pad)], dim=-1)
-    return w.reshape(*w.shape[:-1], -1, group)
+    return w.reshape(*w.shape[:-1], w.shape[-1] // group, group)
 
 
 def ungrouped(w: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of grouped: [..., groups, group] -> [..., cols]."""
-    return w.reshape(*w.shape[:-2], -1)[..., :cols]
+    return w.reshape(*w.shape[:-2], w.shape[-2] * w.shape[-1])[..., :cols]
 
 
 def minmax_params(w: torch.Tensor, levels: int, include_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

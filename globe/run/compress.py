@@ -33,10 +33,12 @@ from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
+from globe.fit.planning.bytes import SizePlan
 from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate_with_ids
 from globe.run.evaluate import EvalText, evaluate_isolated
 from globe.run.fit import FitRun, apply_total_cut, run_fit
 from globe.run.load import ModelLoad
+from globe.run.size_choice import fit_candidates, held_out
 from globe.run.tokenizer import read_text
 from globe.tune import DistillConfig
 from globe.tune.distill import distill_checkpoint
@@ -66,6 +68,7 @@ class CompressRun:
     command: str | None = None                # the command line, for the model card
     metrics: str | None = None                # JSONL of the fit's metrics (default OUT/metrics.jsonl)
     size: dict | None = None                  # the --size plan the config was set by (SizePlan.to_dict()), recorded
+    size_plans: list[dict] | None = None      # every kind that fits --size (the first: size): fitted, lowest KL kept
     distill: DistillConfig = field(default_factory=DistillConfig)   # after the fit, on the calibration tokens
 
 
@@ -99,7 +102,9 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
     cfg = run.config
     if run.total_cut is not None:
         apply_total_cut(cfg, run.model_dir, run.total_cut)
-    info, ids = None, None
+    info, ids, held = None, None, None
+    if calibration is not None and len(run.size_plans or []) > 1:     # globe.run.size_choice
+        held = held_out(run.model_dir, calibration, cfg.train.seed)      # before the statistics: never in them
     if calibration is not None:
         calibration.out = str(work / "calibration.safetensors")
         stats, ids = run_calibrate_with_ids(calibration)
@@ -109,11 +114,15 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
         info = stats.info.get("calibration")
     elif cfg.activation.stats:
         info = {"source": "statistics file", "stats": str(Path(cfg.activation.stats).resolve())}
-    result = run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True,
-                            metrics=run.metrics or str(work / "metrics.jsonl")))   # OUT/metrics.jsonl at the swap
+    metrics = run.metrics or str(work / "metrics.jsonl")               # OUT/metrics.jsonl at the swap
+    if held is not None:
+        plans = [SizePlan.from_dict(p) for p in run.size_plans]
+        result = fit_candidates(run.model_dir, cfg, plans, work, held, metrics, str(resolve_device(run.device)))
+    else:
+        result = run_fit(FitRun(run.model_dir, str(work / "artifact"), cfg, overwrite=True, metrics=metrics))
+        if run.size is not None:
+            result.source["size"] = run.size
     result.source["calibration"] = info or {"source": "none (weight-space fit)"}
-    if run.size is not None:
-        result.source["size"] = run.size
     return _distill(run, result, ids, calibration)
 
 

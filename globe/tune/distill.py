@@ -59,7 +59,7 @@ def _freeze_all_but(model: nn.Module, parts: tuple[str, ...]) -> list[nn.Paramet
 
 
 @torch.no_grad()
-def _mean_kl(model: nn.Module, ids: torch.Tensor, targets: Targets, batch: int) -> float:
+def mean_kl(model: nn.Module, ids: torch.Tensor, targets: Targets, batch: int) -> float:
     total = 0.0
     for first in range(0, ids.shape[0], batch):
         rows = torch.arange(first, min(first + batch, ids.shape[0]))
@@ -157,9 +157,9 @@ def _distill(model: nn.Module, result: FitResult, ids: torch.Tensor,
         log.info("distillation: the bank and adapters are stored quantized; only the code values train")
     apply_globe(model, _copied(result), mode="factored")                 # never trains result's own tensors
     params = _freeze_all_but(model, parts)
-    before = _mean_kl(model, val_ids, val_t, cfg.batch) if val_ids.shape[0] else None
+    before = mean_kl(model, val_ids, val_t, cfg.batch) if val_ids.shape[0] else None
     losses = _train(model, params, train_ids, train_t, cfg)
-    after = _mean_kl(model, val_ids, val_t, cfg.batch) if val_ids.shape[0] else None
+    after = mean_kl(model, val_ids, val_t, cfg.batch) if val_ids.shape[0] else None
     model.train(was_training)
     accepted = before is None or after < before
     info = {"config": cfg.to_dict(), "trained": list(parts), "params": sum(p.numel() for p in params),

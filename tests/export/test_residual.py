@@ -115,19 +115,48 @@ def test_info_names_the_residual(residual_fit, tmp_path):
 
 
 def test_plain_quantization_family_runs_and_exports(tiny_checkpoint, tmp_path):
-    """budget 0: every expert stored as its quantized weights over a zero base, through artifact, runtime and
-    exports; the model equals its dense export and is closer to the original than the factored fit."""
+    """budget 0: every expert stored as its quantized weights with no base (rank 0: empty bank and adapters), through
+    artifact, runtime and exports; the model equals its dense export in every mode (also after save_pretrained), and
+    its stored bytes are the experts' packed weights + O(N) metadata, by hand."""
     import transformers
+    from safetensors.torch import load_file
+    from globe.cli.info import format_compressed
+    from globe.export.card import family_bytes
+    from globe.export.compressed import describe_compressed
+    from globe.formats.validate import validate_checkpoint_files
     path = tiny_checkpoint("qwen2_moe")
     cfg = FitConfig(bank=BankConfig(budget=0.0), quant=QuantSection(bits=4, group=8, residual_bits=4,
                                                                      residual_group=16))
     art = globe.save(globe.fit_model(path, cfg), tmp_path / "plain")
     result = globe.load(art)
-    assert all(f.bank.shape[:2] == (1, 1) for f in result.families.values())
+    assert all(f.bank.shape[:2] == (1, 0) and f.adapters.shape[2] == 0 for f in result.families.values())
     dense = transformers.AutoModelForCausalLM.from_pretrained(export_dense(path, result, tmp_path / "hf"))
     want = _logits(dense)
-    compressed = load_compressed(save_compressed(path, result, tmp_path / "c"))
+    out = save_compressed(path, result, tmp_path / "c")
+    compressed = load_compressed(out)
     for mode in ("factored", "cached", "dense"):
         set_mode(compressed, mode, cache_size=2)
         torch.testing.assert_close(_logits(compressed), want, rtol=1e-4, atol=1e-4)
+    compressed.save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(_logits(load_compressed(tmp_path / "again")), want, rtol=1e-4, atol=1e-4)
     assert (want - _logits(load_model(path))).abs().max() < 0.5
+    validate_checkpoint_files(out)
+    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    rows = family_bytes(result, out)
+    for fam in ("gate", "up"):
+        n, p, d = (result.families[fam].shape[k] for k in ("N", "p", "d"))
+        packed = n * p * d * 4 // 8 + 4 * n * p * (-(-d // 16))        # 4-bit codes + fp16 scale and zero per group
+        on_disk = sum(v.numel() * v.element_size() for k, v in tensors.items()
+                      if any(f".{kind}.{fam}" in k for kind in ("bank", "adapters", "code_values", "code_indices",
+                                                                "residual")))
+        assert on_disk == packed + n * (8 + 4)          # no base: the packed weights + one padded code per expert
+        assert packed <= rows[fam][1] <= packed + 32 * n, rows[fam]     # + per-expert scales, ids, row pointers
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]["families"]["gate"]["quant"]["residual"]      # rank 0 without residuals
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(globe.errors.ArtifactError, match="families.gate.r") as err:
+        validate_checkpoint_files(out, force=True)
+    assert "\n" not in str(err.value)
+    info = describe_compressed(tmp_path / "again")
+    assert info["families"]["gate"]["quant"]["residual"]["bits"] == 4
+    assert "residual 4-bit group 16" in format_compressed(info)

@@ -21,7 +21,7 @@ A family fit, read top to bottom (fit_family):
 9. gather      adapters folded back to the original scale, every rank's experts gathered onto rank 0, metrics.
 10. quantize   with cfg.quant.bits: bank quantized, adapters refitted to it and quantized with GPTQ error feedback
                (globe.fit.engine.quantize).
-With bank.budget == 0 (globe.fit.engine.plain) stages 3-8 are replaced by a zero base: the family is plain
+With bank.budget == 0 (globe.fit.engine.plain) stages 3-8 are replaced by no base (rank 0): the family is plain
 quantization of its experts, stored as quantized residuals.
 
 Each stage takes the problem and the previous stage's result (a dataclass) and returns a new one; fit_family
@@ -168,7 +168,7 @@ def finalise_stage(problem: FamilyProblem, solution: Solution) -> Fitted:
 
 
 def plain_stage(problem: FamilyProblem) -> Fitted:
-    """bank.budget == 0 (globe.fit.engine.plain): the zero base, in place of shape, warm start and [AM, VarPro]."""
+    """bank.budget == 0 (globe.fit.engine.plain): no base (rank 0), in place of shape, warm start and [AM, VarPro]."""
     n, p, d = problem.spaces.target.shape
     bank, adapters, codes = zero_factors(n, p, d)
     return Fitted(bank, adapters, codes, problem.norm.sq_norms.double().clone(), problem.norm, 0.0, {}, "identity")

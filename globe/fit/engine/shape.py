@@ -126,10 +126,10 @@ def family_shape(weights: torch.Tensor, ids: torch.Tensor, cfg: FitConfig, famil
     from globe.fit.engine.nonlinear import groups_applies, groups_shape
     from globe.fit.engine.problem import FamilyProblem
     from globe.fit.solvers.normalize import Normalizer
-    from globe.fit.engine.plain import PLAIN_RANK, plain_applies
+    from globe.fit.engine.plain import PLAIN_ATOMS, PLAIN_RANK, plain_applies
     (n, p, d), b = weights.shape, cfg.bank
     if plain_applies(cfg):
-        return ShapeChoice(PLAIN_RANK, PLAIN_RANK, "plain quantization (budget 0): a zero base + quantized residuals")
+        return ShapeChoice(PLAIN_ATOMS, PLAIN_RANK, "plain quantization (budget 0): no base (rank 0) + quantized residuals")
     if groups_applies(cfg, 1, objective):
         m, r, groups = groups_shape(cfg, ids, p, d)
         return ShapeChoice(m, r, f"nonlinear block start: {groups} atoms per layer", groups=True)

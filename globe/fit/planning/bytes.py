@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from globe.core.params import dense_params
 from globe.errors import ConfigError, GlobeError
-from globe.fit.config import FitConfig
+from globe.fit.config import FitConfig, QuantSection
+from globe.fit.engine.plain import PLAIN_ATOMS, PLAIN_RANK
 from globe.fit.solvers.budget import candidate_shapes, shared_shapes
 from globe.quant import packed_bytes
 
@@ -46,13 +47,17 @@ BITS_PREFERENCE: tuple[int | None, ...] = (4, 3, 2, 8, None)
 # is better than GloBE's factors on the measured models (benchmarks/results/bytes.json: 2.1-3.0x lower KL at
 # 4.25-4.6 bits).
 PLAIN_QUANT_BITS = 4 + 8 * SCALE_BYTES / 128
-# The kind of family --size picks by the bits per routed weight a family may take (choose_kind): factors only below
-# residual_from_bits, a small GloBE part (budget in [residual_min_budget, residual_max_budget], the factor bits) +
-# quantized residuals from there, plain quantization of the experts from plain_from_bits. Measured on the TUNING
-# model only (the embedded globe-tiny-moe: benchmarks/size_rule.py -> benchmarks/results/size_rule.json): factors
-# only had the lowest KL at 3.0 and 4.0 bits, plain quantization at 4.5 (2.4x lower KL than factors), a small GloBE
-# part + residuals at no size measured; so plain from 4.25 bits (where 4-bit plain quantization first fits) and the
-# residual kind only where a caller asks for it (residual_from_bits = plain_from_bits).
+# The kind of family --size tries first, by the bits per routed weight a family may take (choose_kind): factors only
+# below residual_from_bits, a small GloBE part (budget in [residual_min_budget, residual_max_budget], the factor
+# bits) + quantized residuals from there, plain quantization of the experts from plain_from_bits. Since the kind is
+# chosen by measured KL (globe.run.size_choice: every kind of CANDIDATE_KINDS that fits is fitted and the lowest KL
+# on held-out calibration tokens kept), SIZE_RULE is only the order of trying (its kind first: kept on a tie) and
+# the choice itself where nothing is calibrated (--no-calibration, or --bits / --no-quant: factors only). Measured
+# on the TUNING model only (the embedded globe-tiny-moe: benchmarks/size_rule.py -> benchmarks/results/
+# size_rule.json): factors only had the lowest KL at 3.0 and 4.0 bits, plain quantization at 4.5 (2.4x lower KL
+# than factors), a small GloBE part + residuals at no size measured; so plain from 4.25 bits (where 4-bit plain
+# quantization first fits) and the residual kind only where a caller asks for it (residual_from_bits =
+# plain_from_bits).
 SIZE_RULE: dict[str, float] = {"residual_from_bits": PLAIN_QUANT_BITS, "plain_from_bits": PLAIN_QUANT_BITS,
                                "residual_min_budget": 0.02, "residual_max_budget": 0.2}
 # (bits, group) of residuals / plain quantization, most bytes first (2 + 4 * 8 / group extra bits per weight...)
@@ -131,11 +136,16 @@ class SizePlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, doc: dict) -> SizePlan:
+        """The plan of a to_dict() (other keys, e.g. a fit's source.size "choice", ignored)."""
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
+
     def describe(self) -> str:
         """One line: what the family stores."""
         res = f"{self.residual_bits}-bit group-{self.residual_group} residuals"
         if self.kind == "plain":
-            return f"plain quantization of the experts ({res} over a zero base)"
+            return f"plain quantization of the experts ({res}, no base)"
         factors = f"{self.bits}-bit factors" if self.bits else "unquantized factors"
         return f"{factors} at budget {self.budget:.4f}" + (f" + {res}" if self.kind == "residual" else "")
 
@@ -183,9 +193,11 @@ def choose_kind(bits_per_weight: float) -> str:
 
 
 def plain_bytes(n: int, p: int, d: int, value_bytes: int, bits: int, group: int, rbits: int, rgroup: int) -> int:
-    """A plain family's bytes (globe.fit.engine.plain): the zero base (m = r = 1, its [N, p, 1] adapters packed at
-    the factor bits) + the experts' packed residuals; every code counted non-zero (an upper bound)."""
-    return sum(family_bytes(n, p, d, 1, 1, n, value_bytes, bits, group, residual=(rbits, rgroup)).values())
+    """A plain family's bytes (globe.fit.engine.plain): the experts' packed weights (the residuals over no base: one
+    atom of rank 0, an empty bank and empty adapters, no non-zero code) + per expert its scale, ids and code row
+    pointer: exactly per-expert quantization's bytes + 20 N + 8 bytes."""
+    return sum(family_bytes(n, p, d, PLAIN_ATOMS, PLAIN_RANK, 0, value_bytes, bits, group,
+                            residual=(rbits, rgroup)).values())
 
 
 def solve_plain(n: int, dims: list[tuple[int, int]], other_bytes: int, target_bytes: int, value_bytes: int,
@@ -265,10 +277,8 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
                       f"compress + {floor:,} for the smallest banks)")
 
 
-def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False,
-               kind: str | None = None) -> SizePlan:
-    """cfg (changed in place: quant.bits, bank.budget, sparsity.target_support) so that the whole checkpoint of
-    model_dir compressed with it takes at most size_gib GiB (2**30 bytes) of tensors; returns the SizePlan."""
+def _size_inputs(cfg: FitConfig, model_dir, size_gib: float) -> tuple[int, list[tuple[int, int]], int, int, int]:
+    """(experts N, [(p, d)] per fitted family, bytes of the other tensors, target bytes, value bytes)."""
     from globe.io import open_checkpoint
     if not size_gib > 0:
         raise ConfigError(f"--size must be a positive number of GiB (got {size_gib})")
@@ -279,14 +289,54 @@ def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = Fa
         other, _ = source_bytes(reader, tuple(cfg.bank.families))
     n, width = len(inv.moe_layers) * inv.num_experts, value_bytes_of(inv.dtype)
     dims = [(inv.d, inv.p) if f == "down" else (inv.p, inv.d) for f in cfg.bank.families]
-    plan = solve_size(n, dims, other, int(size_gib * GIB), width, cfg, cfg.quant.bits, bits_given, kind)
+    return n, dims, other, int(size_gib * GIB), width
+
+
+def apply_plan(cfg: FitConfig, plan: SizePlan) -> FitConfig:
+    """cfg (changed in place) set to the plan: quant.bits, bank.budget, sparsity.target_support, residuals."""
     cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
     cfg.quant.residual_bits = plan.residual_bits
     if plan.residual_group is not None:
         cfg.quant.residual_group = plan.residual_group
+    elif plan.residual_bits is None:              # no residuals: the default group (not another candidate's)
+        cfg.quant.residual_group = QuantSection.residual_group
+    return cfg
+
+
+def apply_size(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False,
+               kind: str | None = None) -> SizePlan:
+    """cfg (changed in place: quant.bits, bank.budget, sparsity.target_support) so that the whole checkpoint of
+    model_dir compressed with it takes at most size_gib GiB (2**30 bytes) of tensors; returns the SizePlan."""
+    n, dims, other, target, width = _size_inputs(cfg, model_dir, size_gib)
+    plan = solve_size(n, dims, other, target, width, cfg, cfg.quant.bits, bits_given, kind)
+    apply_plan(cfg, plan)
     log.info("--size %.6g GiB: %s, support %d; at most %s bytes (%.2f bits per routed weight)", size_gib,
              plan.describe(), plan.support, f"{plan.predicted_bytes:,}", plan.bits_per_weight)
     return plan
+
+
+# The kinds `globe compress --size` builds and compares by measured KL (globe.run.size_choice), after SIZE_RULE's.
+CANDIDATE_KINDS: tuple[str, ...] = ("factors", "plain")
+
+
+def size_plans(cfg: FitConfig, model_dir, size_gib: float, bits_given: bool = False) -> list[SizePlan]:
+    """Every kind of family that fits size_gib: SIZE_RULE's plan first (what apply_size picks; ConfigError where it
+    cannot), then each other kind of CANDIDATE_KINDS that fits. With bits_given (--bits / --no-quant): the rule's
+    plan only. cfg is not changed."""
+    n, dims, other, target, width = _size_inputs(cfg, model_dir, size_gib)
+    plans = [solve_size(n, dims, other, target, width, cfg, cfg.quant.bits, bits_given)]
+    if bits_given:
+        return plans
+    for kind in CANDIDATE_KINDS:
+        if any(p.kind == kind for p in plans):
+            continue
+        try:
+            plan = solve_size(n, dims, other, target, width, cfg, cfg.quant.bits, False, kind)
+        except ConfigError:
+            continue
+        if plan.kind == kind:                       # (a kind that does not fit falls back to another: not this one)
+            plans.append(plan)
+    return plans
 
 
 def result_bytes(result) -> dict | None:

@@ -68,7 +68,8 @@ def quantize_bank(bank: torch.Tensor, cfg: QuantConfig, hessian: torch.Tensor | 
     if cfg.method in NEEDS_HESSIAN:
         h = (torch.eye(d, dtype=torch.float64) if hessian is None else hessian.double())[None]   # [1, d, d]
     qt = quantize(bank.reshape(1, m * r, d).float(), cfg, h)
-    return QuantizedTensor(qt.codes, qt.scales.view(m, r, -1), qt.zeros.view(m, r, -1), (m, r, d), qt.bits, qt.group)
+    g = qt.groups
+    return QuantizedTensor(qt.codes, qt.scales.view(m, r, g), qt.zeros.view(m, r, g), (m, r, d), qt.bits, qt.group)
 
 
 def quantize_factors(weights: torch.Tensor, codes: torch.Tensor, bank: torch.Tensor, phi: str, cfg: QuantConfig,

@@ -137,7 +137,10 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
     assert kinds["factors"][0].bits_per_weight < SIZE_RULE["plain_from_bits"] <= kinds["plain"][0].bits_per_weight
     plan, cfg, target = kinds["plain"]
     assert cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits == 4
-    assert plan.residual_group == 128 and plan.predicted_bytes <= target    # d = 128: the zero base costs 0.28 bits
+    assert plan.residual_group == 64 and plan.predicted_bytes <= target     # no base: 4.5 bits + O(N) fit in 4.6
+    n, p, d = 16, 64, 128                                           # 2 layers x 8 experts
+    packed = n * p * d * 4 // 8 + 4 * n * p * (d // 64)            # per-expert 4-bit group-64 codes, scales, zeros
+    assert plan.predicted_bytes == other + 2 * (packed + n * (4 + 8) + (n + 1) * 8)     # + scales, ids, row pointers
     plan, cfg, _ = kinds["residual"]
     assert 0 < cfg.bank.budget <= SIZE_RULE["residual_max_budget"] and cfg.quant.residual_bits == plan.residual_bits
     for kind in ("plain", "residual"):
@@ -146,3 +149,6 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
         written = other + sum(_family_written(art, f) for f in ("gate", "up"))
         assert written <= target + math.ceil(8 * 4 / 8) + 4, kind
         assert written - other >= 0.8 * (target - other), kind
+        if kind == "plain":                                         # no non-zero code: the byte model is exact
+            assert written == plan.predicted_bytes
+
