@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--kl-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
     a("--window", type=int, default=256, help="window of calibration and scoring (default 256)")
     a("--stats-dir", default=str(REPO / "runs" / "bytes"), help="calibration statistics files (reused)")
+    a("--expert-steps", type=int, help="whole-expert phase steps of the factors candidate (default: what "
+      "`globe compress` runs, COMPRESS_STEPS where it applies; 0: off)")
     a("--out", default=str(REPO / "benchmarks" / "results" / "bytes_product.json"), help="JSON output path")
     return p.parse_args(argv)
 
@@ -82,6 +84,8 @@ def product_plans(model_dir: Path, bits: float, stats: str, kind: str | None = N
         plans = [apply_size(cfg, str(model_dir), args.size, kind=kind)]
     cfg.activation.stats = stats
     cfg.bank.families = FAMILIES
+    if kind is not None:                               # the tuning run: the kind alone, as before the phase
+        cfg.expert.steps = 0
     return cfg, plans
 
 
@@ -106,6 +110,10 @@ def product_row(ctx: dict, bits: float, args, kind: str | None = None) -> dict:
     from globe.run.calibrate import CalibrateRun
     from globe.run.size_choice import build_candidates, held_out
     cfg, plans = product_plans(ctx["dir"], bits, ctx["stats"], kind)
+    if args.expert_steps is not None:
+        cfg.expert.steps = args.expert_steps
+    if cfg.expert.enabled:                             # compress collects them at its calibration: the same here
+        cfg.expert.samples_file = routed_samples(ctx, cfg, args)
     if len(plans) == 1:                                # one kind fits (or is forced): nothing to choose
         return _single_row(ctx, bits, args, cfg, plans[0])
     calibration = CalibrateRun(str(ctx["dir"]), str(ctx["dir"] / "calib.txt"), "", max_tokens=args.calib_tokens,
@@ -135,11 +143,31 @@ def product_row(ctx: dict, bits: float, args, kind: str | None = None) -> dict:
     return row
 
 
+def routed_samples(ctx: dict, cfg, args) -> str:
+    """The whole-expert phase's routed samples of the calibration tokens (what `globe compress` keeps at its
+    calibration: cfg.expert.samples per expert), cached beside the statistics."""
+    import transformers
+
+    from benchmarks.bytes import load_causal_lm, texts
+    from globe.calibration import collect_stats
+    from globe.calibration.routed import save_routed
+    path = Path(ctx["stats"]).with_name(Path(ctx["stats"]).stem + f"_routed{cfg.expert.samples}.safetensors")
+    if not path.is_file():
+        tok = transformers.AutoTokenizer.from_pretrained(str(ctx["dir"]))
+        calib_ids = texts(ctx["dir"], tok, args)[0]
+        model = load_causal_lm(ctx["dir"], torch.float32)       # the original (ctx's model holds swapped weights)
+        stats = collect_stats(model, calib_ids, window=args.window, routed=cfg.expert.samples,
+                              routed_mb=cfg.expert.max_sample_mb)
+        save_routed(stats.routed, path)
+    return str(path)
+
+
 def _single_row(ctx: dict, bits: float, args, cfg, plan) -> dict:
     import globe
-    from globe.fit.planning.bytes import apply_plan, result_bytes
+    from globe.fit.planning.bytes import result_bytes
+    from globe.run.size_choice import candidate_config
     t0 = time.perf_counter()
-    result = globe.fit_model(ctx["dir"], apply_plan(cfg, plan).validate())
+    result = globe.fit_model(ctx["dir"], candidate_config(cfg, plan, quiet=True).validate())
     seconds = round(time.perf_counter() - t0, 1)
     counted = result_bytes(result)
     stored = sum(counted["families"][f]["stored"] for f in FAMILIES)

@@ -168,7 +168,8 @@ def warn_support(result: FitResult) -> list[str]:
     and the non-negative codes keep a median of 7 of them."""
     sparsity = result.config.sparsity
     target = sparsity.target_support
-    short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5]
+    short = [n for n, f in result.families.items() if f.metrics.get("median_support", target) < target - 0.5
+             and f.bank.shape[1] > 0]                  # a plain family (rank 0, no low-rank part) has no codes
     for name in short:
         fam = result.families[name]
         median, m = fam.metrics["median_support"], int(fam.bank.shape[0])

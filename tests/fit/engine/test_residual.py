@@ -87,3 +87,15 @@ def test_budget_zero_is_plain_quantization_of_the_experts(planted):
     assert sum(q["bytes"].values()) == direct.nbytes + 8 * (n + 1) + 4 * n + 8 * n
     with pytest.raises(ConfigError, match="bank.budget"):
         dataclasses.replace(cfg, quant=QuantSection(bits=4)).validate()
+
+
+def test_a_plain_family_is_not_reported_short_of_its_support_target(planted):
+    """Plain quantization has no codes at all: no support warning (a real low-rank family short of it still is)."""
+    from globe.core.result import FitResult
+    from globe.run.fit import warn_support
+    cfg = dataclasses.replace(residual_cfg(3), bank=BankConfig(budget=0.0))
+    plain = fit_family(planted.weights, planted.ids, cfg)
+    assert plain.metrics["median_support"] < cfg.sparsity.target_support - 0.5
+    short = dataclasses.replace(plain, bank=torch.zeros(2, 3, plain.bank.shape[2]))   # the same metrics, rank 3
+    assert warn_support(FitResult(families={"gate": plain}, config=cfg)) == []
+    assert warn_support(FitResult(families={"gate": short}, config=cfg)) == ["gate"]
