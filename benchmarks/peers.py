@@ -16,7 +16,8 @@ share_V), mobe (its defaults), mobe-sweep (a small sweep of m / act / lr / epoch
 config gets the full evaluation), reap (REAP expert pruning: the least salient experts and their router rows
 removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
 frequency; router kept), globe-default-quant (exactly what `globe compress MODEL --total-cut C` runs: calibrated
-on 8192 tokens the model samples itself, activation-aware fit, factors quantized as the command's default does),
+on 8192 tokens the model samples itself, activation-aware fit, the whole-expert phase (200 steps), factors
+quantized as the command's default does),
 globe-default (the same with --no-quant: the factors in the model's dtype), globe-default-text (globe-default with
 --calibration-text MODEL/calib.txt); the three go through the `globe compress` parser and its config, their fit
 time includes calibration and both exports; globe (weight-space fit), globe-nonlinear
