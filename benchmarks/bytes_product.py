@@ -76,7 +76,7 @@ def product_plans(model_dir: Path, bits: float, stats: str, kind: str | None = N
     from globe.cli.main import build_parser
     from globe.fit.planning.bytes import apply_size
     args = build_parser().parse_args(["compress", str(model_dir), "-o", "unused", "--size",
-                                      f"{size_gib(model_dir, bits):.12g}", "--expert-steps", "0"])
+                                      f"{size_gib(model_dir, bits):.12g}"])
     if kind is None:
         cfg, plans = compress._config_plans(args)      # set to the first plan; each plan is applied to a copy
     else:
