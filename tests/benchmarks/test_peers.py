@@ -34,13 +34,22 @@ def short_globe_fits(monkeypatch):
     activation-aware VarPro evaluations of the globe-default rows (100) are cut too. What is checked of each row
     (present, within the budget, finite errors, KL and top-1) does not need long fits."""
     import globe
+    import globe.cli.compress as compress_cli
     from globe.fit.config import FitConfig
 
-    def short(*args, **kwargs) -> FitConfig:
-        cfg = FitConfig(*args, **kwargs)
+    def cut(cfg: FitConfig) -> FitConfig:
         cfg.nonlinear.steps, cfg.activation.steps = min(cfg.nonlinear.steps, 50), min(cfg.activation.steps, 2)
         return cfg
+
+    def short(*args, **kwargs) -> FitConfig:
+        return cut(FitConfig(*args, **kwargs))
     monkeypatch.setattr(globe, "FitConfig", short)
+    config = compress_cli._config                      # the globe-default rows: `globe compress`'s own config
+
+    def short_compress(args):
+        cfg, plan = config(args)
+        return cut(cfg), plan
+    monkeypatch.setattr(compress_cli, "_config", short_compress)
 
 
 @pytest.mark.slow
