@@ -11,6 +11,7 @@ Add further fixtures below; keep them generic (any architecture in tests.helpers
 """
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,14 @@ import pytest
 import torch
 
 from tests.helpers.tiny_models import make_tiny_checkpoint, make_tiny_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (pyproject's addopts run `-n 2`) each worker computes on one thread, and so do the
+    processes it starts, so that the workers do not oversubscribe the cores; a single process (`-n 0`) is left as is."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

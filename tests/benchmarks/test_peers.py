@@ -31,16 +31,26 @@ def _restore_log_levels():
 def short_globe_fits(monkeypatch):
     """The GloBE fits of the end-to-end run made short as --globe-am-iters / --globe-varpro-steps make AM and
     VarPro short: the nonlinear fit's Adam steps (600 by default: half of this test's time) and the
-    activation-aware VarPro evaluations of the globe-default rows (100) are cut too. What is checked of each row
+    activation-aware VarPro evaluations of the globe-default rows (100) and the whole-expert phase (200 steps) are cut too. What is checked of each row
     (present, within the budget, finite errors, KL and top-1) does not need long fits."""
     import globe
+    import globe.cli.compress as compress_cli
     from globe.fit.config import FitConfig
 
-    def short(*args, **kwargs) -> FitConfig:
-        cfg = FitConfig(*args, **kwargs)
+    def cut(cfg: FitConfig) -> FitConfig:
         cfg.nonlinear.steps, cfg.activation.steps = min(cfg.nonlinear.steps, 50), min(cfg.activation.steps, 2)
+        cfg.expert.steps = min(cfg.expert.steps, 4)     # compress's default whole-expert phase (200 steps)
         return cfg
+
+    def short(*args, **kwargs) -> FitConfig:
+        return cut(FitConfig(*args, **kwargs))
     monkeypatch.setattr(globe, "FitConfig", short)
+    config = compress_cli._config                      # the globe-default rows: `globe compress`'s own config
+
+    def short_compress(args):
+        cfg, plan = config(args)
+        return cut(cfg), plan
+    monkeypatch.setattr(compress_cli, "_config", short_compress)
 
 
 @pytest.mark.slow
