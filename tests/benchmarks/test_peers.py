@@ -30,9 +30,9 @@ def _restore_log_levels():
 @pytest.fixture
 def short_globe_fits(monkeypatch):
     """The GloBE fits of the end-to-end run made short as --globe-am-iters / --globe-varpro-steps make AM and
-    VarPro short: the nonlinear fit's Adam steps (600 by default: half of this test's time) and the
-    activation-aware VarPro evaluations of the globe-default rows (100) and the whole-expert phase (200 steps) are cut too. What is checked of each row
-    (present, within the budget, finite errors, KL and top-1) does not need long fits."""
+    VarPro short: the nonlinear fit's Adam steps (600 by default: half of this test's time), the activation-aware
+    VarPro evaluations of the globe-default rows (100) and their whole-expert phase (200 steps) are cut too. What is
+    checked of each row (present, within the budget, finite errors, KL and top-1) does not need long fits."""
     import globe
     import globe.cli.compress as compress_cli
     from globe.fit.config import FitConfig
