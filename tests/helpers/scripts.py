@@ -25,3 +25,11 @@ def load_script(name: str) -> ModuleType:
     if str(SCRIPTS) not in sys.path:
         sys.path.insert(0, str(SCRIPTS))
     return importlib.import_module(name)
+
+
+def small_upcycled(out: Path) -> Path:
+    """A 2-layer, 8-expert upcycled Qwen2-MoE (p=64, d=128, bf16; benchmarks/make_upcycled.py) written to `out`:
+    large enough that the routed experts dominate its bytes."""
+    load_benchmark("make_upcycled").main(["--out", str(out), "--layers", "2", "--experts", "8", "--hidden", "128",
+                                          "--intermediate", "64", "--rank", "8"])
+    return out

@@ -21,12 +21,9 @@ QUICK = TrainConfig(am_iters=2, varpro_steps=3)
 
 @pytest.fixture(scope="module")
 def upcycled(tmp_path_factory) -> Path:
-    """A 2-layer, 8-expert upcycled Qwen2-MoE's experts (p=64, d=128, bf16): for the byte model (headers) only."""
-    from tests.helpers.scripts import load_benchmark
-    out = tmp_path_factory.mktemp("choice") / "ckpt"
-    load_benchmark("make_upcycled").main(["--out", str(out), "--layers", "2", "--experts", "8", "--hidden", "128",
-                                          "--intermediate", "64", "--rank", "8"])
-    return out
+    """The small upcycled Qwen2-MoE of tests.helpers.scripts.small_upcycled (for the byte model (headers) only)."""
+    from tests.helpers.scripts import small_upcycled
+    return small_upcycled(tmp_path_factory.mktemp("choice") / "ckpt")
 
 
 @pytest.fixture(scope="module")

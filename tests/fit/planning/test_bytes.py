@@ -25,12 +25,9 @@ QUICK = TrainConfig(am_iters=2, varpro_steps=3)
 
 @pytest.fixture(scope="module")
 def upcycled(tmp_path_factory) -> Path:
-    """A 2-layer, 8-expert upcycled Qwen2-MoE (p=64, d=128, bf16): large enough that the routed experts dominate."""
-    from tests.helpers.scripts import load_benchmark
-    out = tmp_path_factory.mktemp("size") / "ckpt"
-    load_benchmark("make_upcycled").main(["--out", str(out), "--layers", "2", "--experts", "8", "--hidden", "128",
-                                          "--intermediate", "64", "--rank", "8"])
-    return out
+    """The small upcycled Qwen2-MoE of tests.helpers.scripts.small_upcycled (large enough that the routed experts dominate)."""
+    from tests.helpers.scripts import small_upcycled
+    return small_upcycled(tmp_path_factory.mktemp("size") / "ckpt")
 
 
 def _family_written(art, family: str) -> int:
