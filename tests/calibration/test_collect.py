@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from globe.calibration import collect_stats, load_stats, save_stats
 from globe.errors import ArtifactError
 from globe.io import experts_modules
+from tests.helpers.hooks import expert_inputs
 from tests.helpers.tiny_models import TINY
 
 
@@ -29,17 +30,8 @@ def test_hooks_leave_the_forward_unchanged_and_are_removed(tiny_model):
 def test_sums_are_the_routed_second_moments(tiny_model):
     model = tiny_model("qwen2_moe")
     ids = tokens(48, seed=1)
-    captured = {}
-
-    def keep(layer):
-        def hook(module, args):
-            captured.setdefault(layer, []).append(tuple(a.detach().clone() for a in args))
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep(l)) for l, m in experts_modules(model).items()]
-    stats = collect_stats(model, ids, window=16)
-    for h in handles:
-        h.remove()
+    with expert_inputs(model) as captured:
+        stats = collect_stats(model, ids, window=16)
     assert stats.layers == sorted(captured) and stats.tokens == 48
     for pos, layer in enumerate(stats.layers):
         x = torch.cat([c[0] for c in captured[layer]]).double()                   # [T, d]

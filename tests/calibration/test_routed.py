@@ -7,23 +7,14 @@ import torch
 from globe.calibration import collect_stats
 from globe.calibration.routed import cap_for, load_routed, save_routed
 from globe.errors import ArtifactError
-from globe.io import experts_modules
+from tests.helpers.hooks import expert_inputs
 
 
 def test_the_first_routed_tokens_of_each_expert_are_kept_up_to_the_cap(tiny_model, tmp_path):
     model = tiny_model("qwen2_moe")
     ids = torch.randint(3, 64, (64,), generator=torch.Generator().manual_seed(0))
-    captured = {}
-
-    def keep(layer):
-        def hook(module, args):
-            captured.setdefault(layer, []).append(tuple(a.detach().clone() for a in args))
-        return hook
-
-    handles = [m.register_forward_pre_hook(keep(l)) for l, m in experts_modules(model).items()]
-    stats = collect_stats(model, ids, window=16, routed=3)
-    for h in handles:
-        h.remove()
+    with expert_inputs(model) as captured:
+        stats = collect_stats(model, ids, window=16, routed=3)
     routed = stats.routed
     assert routed is not None and routed.inputs.shape[2] == 3
     assert torch.equal(routed.counts, stats.counts.clamp_max(3))
