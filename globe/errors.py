@@ -40,3 +40,10 @@ class OutputError(ArtifactError):
 
 class RemoteCodeError(ConfigError):
     """A checkpoint asks for custom code (config.json `auto_map`), which globe never runs."""
+
+
+def refuse_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise ConfigError with the message of the first (ok, message) check that failed; a config's validate()."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from globe.errors import ConfigError
+from globe.errors import ConfigError, refuse_first
 from globe.fit.expert_config import ExpertConfig
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,7 @@ class FitConfig:
              "--bits (quant.bits) with --rank-allocation sensitivity is not supported yet: quantized adapters are "
              "stored with one rank per family; drop one of the two"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        refuse_first(checks)
         refusal = self.expert_refusal() if self.expert.enabled else None
         if refusal is not None:
             raise ConfigError(refusal)

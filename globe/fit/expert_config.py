@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from globe.errors import ConfigError
+from globe.errors import refuse_first
 
 EXPERT_FORMAT_VERSION = 1
 COMPRESS_STEPS = 200               # `globe compress`'s default (benchmarks/results/whole_expert.json measures it)
@@ -47,7 +47,5 @@ class ExpertConfig:
                     (self.chunk >= 1, f"expert.chunk must be >= 1 (got {self.chunk})"),
                     (self.format_version == EXPERT_FORMAT_VERSION,
                      f"expert config format_version {self.format_version} is not {EXPERT_FORMAT_VERSION}")]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
+        refuse_first(problems)
         return self

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from globe.errors import ConfigError
+from globe.errors import ConfigError, refuse_first
 
 DISTILL_FORMAT_VERSION = 1
 DEFAULT_STEPS = 0                  # off: 100 steps helped the embedded (tuning) model only, not the evaluation
@@ -35,9 +35,7 @@ class DistillConfig:
                     (0 <= self.validation < 1, f"distill validation share must be in [0, 1) (got {self.validation})"),
                     (self.format_version == DISTILL_FORMAT_VERSION,
                      f"distill config format_version {self.format_version} is not {DISTILL_FORMAT_VERSION}")]
-        for ok, message in problems:
-            if not ok:
-                raise ConfigError(message)
+        refuse_first(problems)
         return self
 
     @property
