@@ -4,13 +4,15 @@ GloBE row against the best peer (KL ratio, goal <= 0.5x; top-1 above every peer'
 --summary prints one table over every model and cut instead: the best peer and each GloBE default row's KL ratio
 to it, the goal met or missed by how much. With --globe-rows FILE2 the summary takes the peers' rows from the
 first file and the GloBE rows from FILE2 (a rerun of the GloBE methods alone, same settings: checked), each column
-naming the file it came from, the top-1 margin over the best peer top-1 beside each GloBE row. The README's results
+naming the file it came from, the top-1 margin over the best peer top-1 beside each GloBE row; without --summary
+the per-model tables of the merged rows (ratios recomputed from them). The README's results
 section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json \
         --globe-rows benchmarks/results/peers_grid_globe.json
+    python benchmarks/peers_table.py benchmarks/results/peers_grid.json --globe-rows benchmarks/results/peers_grid_globe.json
 """
 from __future__ import annotations
 
@@ -62,8 +64,9 @@ def model_table(model: dict) -> list[str]:
                          f"{r['perplexity']:.3f} (+{r['delta_ppl']:.3f}) | {r['fit_seconds']:.0f} | "
                          f"{_num(r.get('params_ratio', {}).get('gate'), '.3f')} | {_mb(r)} | "
                          f"{_num(r.get('total_params'), ',')} |")
+    cut_ratios = {cut["cut"]: cut["ratios"] if "ratios" in cut else _ratios(cut["rows"]) for cut in model["cuts"]}
     best = [(cut, key, r) for cut in sorted(model["cuts"], key=lambda c: c["cut"])
-            for key, r in cut["ratios"].items() if key.endswith("/best-peer")]
+            for key, r in cut_ratios[cut["cut"]].items() if key.endswith("/best-peer")]
     if best:
         lines += ["", "| cut | GloBE row | KL / best peer's KL (goal <= 0.5) | best peer (its KL) | top-1 (best peer's) | "
                   "peers with top-1 >= GloBE's |", "|---|---|---|---|---|---|"]
@@ -74,12 +77,20 @@ def model_table(model: dict) -> list[str]:
               "perplexity increase |",
               "|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
-        for key, ratio in cut["ratios"].items():
+        for key, ratio in cut_ratios[cut["cut"]].items():
             if key.endswith("/mobe"):
                 dppl = "n/a" if ratio["delta_ppl"] is None else f"{ratio['delta_ppl']:.2f}"
                 lines.append(f"| -{100 * cut['cut']:.0f} % | {key.split('/')[0]} | {_num(ratio.get('kl'), '.2f')} | "
                              f"{ratio['gate']:.3f} | {ratio['up']:.3f} | {ratio['output']:.2f} | {dppl} |")
     return lines
+
+
+def _ratios(rows: list[dict]) -> dict:
+    """benchmarks.peers.ratios of merged rows (imported here: peers.py loads torch and the baselines)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.peers import ratios
+    return ratios(rows)
 
 
 def _is_globe(row: dict) -> bool:
@@ -104,7 +115,8 @@ def merge(peers_report: dict, globe_report: dict) -> dict:
                 raise SystemExit(f"{name}: {key} differs between the two files ({model['model'].get(key)} vs "
                                  f"{other['model'].get(key)})")
         globe_cuts = {c["cut"]: c for c in other["cuts"]}
-        cuts = [{**cut, "rows": [r for r in cut["rows"] if not _is_globe(r)] +
+        cuts = [{**{k: v for k, v in cut.items() if k != "ratios"},     # the first run's ratios are stale
+                 "rows": [r for r in cut["rows"] if not _is_globe(r)] +
                  [r for r in globe_cuts.get(cut["cut"], {"rows": []})["rows"] if _is_globe(r)]}
                 for cut in model["cuts"]]
         models.append({**model, "cuts": cuts})
@@ -148,17 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a benchmarks/peers.py output file")
     p.add_argument("--summary", action="store_true", help="one table over every model and cut (see summary_table)")
-    p.add_argument("--globe-rows", metavar="FILE2", help="with --summary: the GloBE rows from this file (a rerun "
-                                                         "of the GloBE methods alone), the peers' from the first")
+    p.add_argument("--globe-rows", metavar="FILE2", help="the GloBE rows from this file (a rerun of the GloBE "
+                                                         "methods alone), the peers' from the first (ratios recomputed)")
     args = p.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
-    if args.globe_rows and not args.summary:
-        p.error("--globe-rows needs --summary")
+    sources = None
+    if args.globe_rows:
+        report = merge(report, json.loads(Path(args.globe_rows).read_text()))
+        sources = (Path(args.json).name, Path(args.globe_rows).name)
     if args.summary:
-        sources = None
-        if args.globe_rows:
-            report = merge(report, json.loads(Path(args.globe_rows).read_text()))
-            sources = (Path(args.json).name, Path(args.globe_rows).name)
         print("\n".join(summary_table(report, sources=sources)) + "\n")
         return
     for model in report["models"]:

@@ -235,3 +235,22 @@ def test_summary_of_two_files_takes_peers_from_one_and_globe_rows_from_the_other
     assert lines[2] == "| m | -25 % | mobe: 0.01000 | 0.9500 | - | 0.00400 (0.40x, met) | 0.9700 (+0.0200) | - |"
     with pytest.raises(SystemExit, match="ppl_tokens"):
         peers_table.merge(report(peer_rows), report(globe_rows, ppl_tokens=16384))
+
+
+def test_per_model_tables_of_two_files_recompute_the_ratios_from_the_merged_rows():
+    def row(method, kl, top1):
+        return {"method": method, "kl": kl, "top1": top1, "rel_err": {"gate": 0.3, "up": 0.3},
+                "output_rel_err": {"rel_err": 0.1}, "perplexity": 50.0, "delta_ppl": 0.5, "fit_seconds": 1}
+
+    def report(rows):
+        return {"settings": {}, "models": [{"model": {"dir": "x/m", "layers": 4, "experts": 8, "p": 16, "d": 32,
+                                                      "original_perplexity": 49.0, "heldout_tokens": 1000},
+                                            "cuts": [{"cut": 0.35, "budget_per_family": 0.4, "rows": rows,
+                                                      "ratios": peers.ratios(rows)}]}]}
+    first = report([row("mobe", 0.01, 0.95), row("globe-default", 0.009, 0.93)])       # the stale GloBE row
+    rerun = report([row("globe-default", 0.002, 0.97)])
+    merged = peers_table.merge(first, rerun)
+    lines = peers_table.model_table(merged["models"][0])
+    assert "| -35 % | globe-default | 0.20 | mobe (0.01000) | 0.9700 (0.9500) | none |" in lines
+    assert any(line.startswith("| -35 % | globe-default | 0.20 | 1.000 | 1.000 |") for line in lines)  # / mobe
+    assert not any("0.90" in line and line.startswith("| -35 % | globe-default |") for line in lines)
