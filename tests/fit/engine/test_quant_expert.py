@@ -87,3 +87,41 @@ def test_unquantized_families_and_bad_configs_are_refused():
         quant_expert_stage(families, weights, samples, CFG)
     with pytest.raises(ConfigError, match="quant-steps"):
         quant_expert_stage(quantized(families, weights), weights, samples, ExpertConfig(quant_steps=-1))
+
+
+def test_compress_runs_it_after_quantization_and_the_checkpoint_gives_its_dense_export_in_every_mode(
+        tmp_path, tiny_checkpoint):
+    import json
+
+    import transformers
+
+    import globe.cli.main as cli
+    from globe.export import load_compressed
+    from globe.export.compressed import load_artifact
+    from globe.fit.config import FitConfig
+    from globe.runtime import set_mode
+    from tests.helpers.logits import fixed_logits
+    model_dir = tiny_checkpoint("qwen2_moe")
+    common = ["compress", str(model_dir), "--m", "6", "--r", "8", "--target-support", "3", "--am-iters", "1",
+              "--varpro-steps", "1", "--init", "svd", "--calibration-tokens", "256", "--activation-steps", "2",
+              "--bits", "4", "--quant-group", "4", "--expert-steps", "4", "--device", "cpu"]
+    off, out = tmp_path / "off", tmp_path / "out"
+    assert cli.main([*common, "-o", str(off), "--quant-steps", "0"]) == 0
+    assert cli.main([*common, "-o", str(out), "--quant-steps", "6", "--dense"]) == 0
+    doc = json.loads((out / "globe_config.json").read_text())
+    assert FitConfig.from_dict(doc["config"]).expert.quant_steps == 6
+    info = doc["metrics"]["gate"]["quant_expert"]
+    assert info["steps"] == 6 and "quant_expert" not in json.loads((off / "globe_config.json").read_text())["metrics"]["gate"]
+    assert "After quantization, the float parts" in (out / "README.md").read_text()
+    before, after = load_artifact(off), load_artifact(out)
+    for f in ("gate", "up"):                          # the same fit up to the quantize stage: the codes are its own
+        for part in ("bank", "adapters"):
+            assert torch.equal(before.families[f].quant[part].codes, after.families[f].quant[part].codes)
+        assert torch.equal(before.families[f].codes != 0, after.families[f].codes != 0)
+    reference = fixed_logits(transformers.AutoModelForCausalLM.from_pretrained(f"{out}-dense"))
+    for mode in ("factored", "cached", "dense"):
+        torch.testing.assert_close(fixed_logits(load_compressed(out, mode=mode, cache_size=2)), reference,
+                                   rtol=1e-5, atol=1e-5)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+        set_mode(hf, mode, cache_size=2)
+        torch.testing.assert_close(fixed_logits(hf), reference, rtol=1e-5, atol=1e-5)
