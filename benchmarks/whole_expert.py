@@ -15,7 +15,10 @@ each quantized row with an expert phase, each STEPS:LR of --quant-grid adds a ro
     OMP_NUM_THREADS=1 python benchmarks/whole_expert.py globe/assets/globe-tiny-moe --grid 0 50:0.01 100:0.01 \
         --out /tmp/tune.json                                                                 # tuning only
     OMP_NUM_THREADS=1 python benchmarks/whole_expert.py globe/assets/globe-tiny-moe --grid 200:0.002 --bits 4 \
-        --quant-grid 0 40:0.002 --out /tmp/qtune.json                          # the quantized expert phase
+        --quant-grid 40:0.002 60:0.002 --out /tmp/qtune.json          # tuning the quantized expert phase
+    OMP_NUM_THREADS=1 python benchmarks/whole_expert.py benchmarks/models/{mixtral-e8-top2,upcycled-qwen2moe,\
+scratch-qwen2moe-e48} --cut 0.35 0.25 --grid 200:0.002 --bits 4 --quant-grid 60:0.002 \
+        --out benchmarks/results/quant_expert.json                         # scored without retuning
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ log = logging.getLogger("benchmarks.whole_expert")
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
 TUNED = "200:0.002"     # STEPS:LR chosen on the embedded model (globe-tiny-moe) only (runs/tune_tiny*.json)
+TUNED_QUANT = "60:0.002"   # the quantized expert phase's, on the embedded model only (quant_expert_tuning.json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +107,7 @@ def run_cut(model_dir: Path, args, report: dict, save, stats, stats_file: str, c
     from globe.fit.objectives.base import objective_class
     from globe.io import open_checkpoint
     from globe.run.fit import apply_total_cut
+    work = Path(args.work)
     t0 = time.perf_counter()
     cfg = apply_total_cut(FitConfig(train=TrainConfig(seed=args.seed)), model_dir, cut)
     cfg.activation.stats = stats_file
@@ -195,7 +200,7 @@ def print_table(report: dict) -> None:
             err = "" if r["output_error_before"] is None else \
                 f"{r['output_error_before']:.4f} -> {r['output_error_after']:.4f}"
             print(f"| {Path(e['model']).name} | {e['cut']} | {r['bits'] or 'bf16'} | {r['expert_steps']} | "
-                  f"{r.get('quant_steps', 0)} | {r['kl']:.6f} | "
+                  f"{r.get('quant_steps', 0)}{':%g' % r['quant_lr'] if r.get('quant_steps') else ''} | {r['kl']:.6f} | "
                   f"{r['top1']:.4f} | {r['perplexity']:.3f} | {err} | {r['seconds']:.0f} |")
 
 
