@@ -15,7 +15,7 @@ from globe.errors import refuse_first
 
 EXPERT_FORMAT_VERSION = 1
 COMPRESS_STEPS = 200               # `globe compress`'s default (benchmarks/results/whole_expert.json measures it)
-COMPRESS_QUANT_STEPS = 0           # `globe compress`'s default of quant_steps (benchmarks/results/quant_expert.json)
+COMPRESS_QUANT_STEPS = 60          # `globe compress`'s default of quant_steps (benchmarks/results/quant_expert.json)
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ExpertConfig:
     eval_every: int = 10           # steps between validation checks
     chunk: int = 64                # experts per gradient chunk (memory: chunk x samples x (d + 3 p) floats)
     quant_steps: int = 0           # steps of the quantized expert phase (globe.fit.engine.quant_expert); 0: off
-    quant_lr: float = 0.002        # its step size x each float part's RMS
+    quant_lr: float = 0.002        # its step size x each float part's RMS (tuned with 60 steps on the embedded model)
     samples_file: str | None = None   # routed samples (globe.calibration.routed); set by `globe compress`
     format_version: int = EXPERT_FORMAT_VERSION
 
