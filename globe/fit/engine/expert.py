@@ -14,6 +14,8 @@ measured and the best state is kept (the fit itself when no step beats it). Expe
 cfg.chunk, gradients summed, so memory is bounded by the samples (capped at calibration) and one chunk's
 activations. Each step sees cfg.batch training samples per expert (cfg.batch 0: all of them), drawn by a
 torch.Generator seeded with the fit's seed: the same inputs and seed give the same result.
+The loop (train_output) and the objective's data (output_data) are shared with the quantized expert phase
+(globe.fit.engine.quant_expert), which trains the float parts of the quantized factors after the quantize stage.
 """
 from __future__ import annotations
 
