@@ -7,12 +7,18 @@ evaluation models in benchmarks/models/, scored without retuning): the model sam
 activation-aware fit runs once unquantized at the cut, then for each of --bits (none, 4) and each STEPS:LR of
 --grid (0 = the fit as it is) the expert phase and the quantize stage run as `globe compress` runs them
 (globe.fit.engine.model.expert_then_quantize), and the result is scored against the original on the model's held-out
-text (globe.eval.divergence: KL(original || compressed) per token in nats, top-1 agreement, perplexity).
-One JSON (--out), rewritten after every row.
+text (globe.eval.divergence: KL(original || compressed) per token in nats, top-1 agreement, perplexity). After
+each quantized row with an expert phase, each STEPS:LR of --quant-grid adds a row with the quantized expert phase
+(globe.fit.engine.quant_expert) on that row's quantized factors. One JSON (--out), rewritten after every row.
 
     OMP_NUM_THREADS=1 python benchmarks/whole_expert.py                                       # all four models
     OMP_NUM_THREADS=1 python benchmarks/whole_expert.py globe/assets/globe-tiny-moe --grid 0 50:0.01 100:0.01 \
         --out /tmp/tune.json                                                                 # tuning only
+    OMP_NUM_THREADS=1 python benchmarks/whole_expert.py globe/assets/globe-tiny-moe --grid 200:0.002 --bits 4 \
+        --quant-grid 40:0.002 60:0.002 --out /tmp/qtune.json          # tuning the quantized expert phase
+    OMP_NUM_THREADS=1 python benchmarks/whole_expert.py benchmarks/models/{mixtral-e8-top2,upcycled-qwen2moe,\
+scratch-qwen2moe-e48} --cut 0.35 0.25 --grid 200:0.002 --bits 4 --quant-grid 60:0.002 \
+        --out benchmarks/results/quant_expert.json                         # scored without retuning
 """
 from __future__ import annotations
 
@@ -38,13 +44,14 @@ log = logging.getLogger("benchmarks.whole_expert")
 MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
 TUNED = "200:0.002"     # STEPS:LR chosen on the embedded model (globe-tiny-moe) only (runs/tune_tiny*.json)
+TUNED_QUANT = "60:0.002"   # the quantized expert phase's, on the embedded model only (quant_expert_tuning.json)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: all four)")
-    a("--cut", type=float, default=0.35, help="cut of TOTAL params (default 0.35)")
+    a("--cut", type=float, nargs="+", default=[0.35], help="cut(s) of TOTAL params (default 0.35)")
     a("--calib-tokens", type=int, default=8192, help="self-generated calibration tokens (default 8192)")
     a("--samples", type=int, default=ExpertConfig().samples, help="routed tokens kept per expert (default: "
       "compress's)")
@@ -54,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-tokens", type=int, default=16384, help="score the first N held-out tokens (default 16384)")
     a("--grid", nargs="+", default=["0", TUNED], metavar="STEPS[:LR]", help="expert phases (0: none)")
     a("--bits", nargs="+", default=["none", "4"], help="quantization of the factors (none, or bits)")
+    a("--quant-grid", nargs="+", default=["0"], metavar="STEPS[:LR]", help="quantized expert phases after each "
+      "quantized row (globe.fit.engine.quant_expert; 0: none): one more row each (default: none)")
     a("--work", default=str(REPO / "runs" / "whole-expert"), help="calibration files kept here")
     a("--out", default=str(REPO / "benchmarks" / "results" / "whole_expert.json"), help="JSON output path")
     return p.parse_args(argv)
@@ -69,17 +78,9 @@ def score(original, model_dir: Path, result, ids: torch.Tensor, window: int) -> 
 
 
 def run_model(model_dir: Path, args, report: dict, save) -> None:
-    from globe.calibration.routed import save_routed
-    from globe.core.result import FitResult
-    from globe.eval import encode_text, perplexity
+    from globe.eval import encode_text
     from globe.export import load_model
-    from globe.fit.config import FitConfig, TrainConfig
-    from globe.fit.engine import fit_model
-    from globe.fit.engine.model import expert_then_quantize
-    from globe.fit.objectives.base import objective_class
-    from globe.io import open_checkpoint
     from globe.run.calibrate import CalibrateRun, run_calibrate_with_ids
-    from globe.run.fit import apply_total_cut
     from globe.run.tokenizer import load_tokenizer
     held = encode_text(load_tokenizer(str(model_dir)), (model_dir / "heldout.txt").read_text(encoding="utf-8"))
     held = held[:args.eval_tokens] if args.eval_tokens else held
@@ -90,14 +91,32 @@ def run_model(model_dir: Path, args, report: dict, save) -> None:
     run = CalibrateRun(str(model_dir), None, str(work / f"{model_dir.name}.stats.safetensors"),
                        max_tokens=args.calib_tokens, seed=args.seed, overwrite=True, routed=args.samples)
     stats, _ = run_calibrate_with_ids(run)
-    cfg = apply_total_cut(FitConfig(train=TrainConfig(seed=args.seed)), model_dir, args.cut)
-    cfg.activation.stats = run.out
+    calib_s = round(time.perf_counter() - t0, 1)
+    for cut in args.cut:
+        run_cut(model_dir, args, report, save, stats, run.out, cut, original, held, calib_s)
+
+
+def run_cut(model_dir: Path, args, report: dict, save, stats, stats_file: str, cut: float, original, held,
+            calib_s: float) -> None:
+    from globe.calibration.routed import save_routed
+    from globe.core.result import FitResult
+    from globe.eval import perplexity
+    from globe.fit.config import FitConfig, TrainConfig
+    from globe.fit.engine import fit_model
+    from globe.fit.engine.model import expert_then_quantize, quant_expert
+    from globe.fit.objectives.base import objective_class
+    from globe.io import open_checkpoint
+    from globe.run.fit import apply_total_cut
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    cfg = apply_total_cut(FitConfig(train=TrainConfig(seed=args.seed)), model_dir, cut)
+    cfg.activation.stats = stats_file
     cfg.expert.samples_file = str(save_routed(stats.routed, work / f"{model_dir.name}.routed.safetensors"))
     base = fit_model(model_dir, cfg)
-    fit_s = round(time.perf_counter() - t0, 1)
+    fit_s = round(calib_s + time.perf_counter() - t0, 1)
     name = str(model_dir.relative_to(REPO) if model_dir.is_relative_to(REPO) else model_dir)
     entry = {"model": name, "original_perplexity": perplexity(original, held, args.window)["perplexity"],
-             "cut": args.cut, "fit_seconds": fit_s, "shape": {f: fam.shape for f, fam in base.families.items()},
+             "cut": cut, "fit_seconds": fit_s, "shape": {f: fam.shape for f, fam in base.families.items()},
              "rows": []}
     report["models"].append(entry)
     kind = objective_class(cfg)
@@ -117,15 +136,41 @@ def run_model(model_dir: Path, args, report: dict, save) -> None:
                 result = FitResult(families=families, config=variant, source=dict(base.source))
                 expert = families["gate"].metrics.get("expert", {})
                 row = {"bits": variant.quant.bits, "expert_steps": int(steps), "expert_lr": variant.expert.lr,
-                       "samples": args.samples, "batch": args.batch,
+                       "samples": args.samples, "batch": args.batch, "quant_steps": 0,
                        "seconds": seconds, "output_error_before": expert.get("error_before"),
                        "output_error_after": expert.get("error_after"), "accepted": expert.get("accepted"),
                        "best_step": expert.get("best_step"),
                        **score(original, model_dir, result, held, args.window)}
                 entry["rows"].append(row)
-                log.info("%s bits=%s expert=%s: KL %.6f top-1 %.4f ppl %.3f (%.0f s)", model_dir.name, bits, spec,
-                         row["kl"], row["top1"], row["perplexity"], seconds)
+                log.info("%s cut %.2f bits=%s expert=%s: KL %.6f top-1 %.4f ppl %.3f (%.0f s)", model_dir.name, cut,
+                         bits, spec, row["kl"], row["top1"], row["perplexity"], seconds)
                 save()
+                if variant.quant.bits is None or not variant.expert.enabled:
+                    continue
+                for qspec in args.quant_grid:        # the quantized expert phase on this row's quantized factors
+                    qsteps, _, qlr = qspec.partition(":")
+                    if int(qsteps) == 0:
+                        continue
+                    qvariant = copy.deepcopy(variant)
+                    qvariant.expert = dataclasses.replace(variant.expert, quant_steps=int(qsteps),
+                                                          quant_lr=float(qlr) if qlr else variant.expert.quant_lr)
+                    t2 = time.perf_counter()
+                    qfamilies = quant_expert(reader, {f: copy.deepcopy(fam) for f, fam in families.items()}, qvariant)
+                    qseconds = round(time.perf_counter() - t2, 1)
+                    qinfo = qfamilies["gate"].metrics.get("quant_expert", {})
+                    qrow = {**{k: row[k] for k in ("bits", "expert_steps", "expert_lr", "samples", "batch")},
+                            "quant_steps": int(qsteps), "quant_lr": qvariant.expert.quant_lr,
+                            "seconds": round(seconds + qseconds, 1), "quant_seconds": qseconds,
+                            "output_error_before": qinfo.get("error_before"),
+                            "output_error_after": qinfo.get("error_after"), "accepted": qinfo.get("accepted"),
+                            "best_step": qinfo.get("best_step"),
+                            **score(original, model_dir, FitResult(families=qfamilies, config=qvariant,
+                                                                   source=dict(base.source)), held, args.window)}
+                    entry["rows"].append(qrow)
+                    log.info("%s cut %.2f bits=%s expert=%s quant=%s: KL %.6f top-1 %.4f ppl %.3f (+%.0f s)",
+                             model_dir.name, cut, bits, spec, qspec, qrow["kl"], qrow["top1"], qrow["perplexity"],
+                             qseconds)
+                    save()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,13 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print("| model | bits | expert steps | KL | top-1 | perplexity | output error before -> after | s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | cut | bits | expert steps | quantized steps | KL | top-1 | perplexity | output error before -> "
+          "after | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for e in report["models"]:
         for r in e["rows"]:
             err = "" if r["output_error_before"] is None else \
                 f"{r['output_error_before']:.4f} -> {r['output_error_after']:.4f}"
-            print(f"| {Path(e['model']).name} | {r['bits'] or 'bf16'} | {r['expert_steps']} | {r['kl']:.6f} | "
+            print(f"| {Path(e['model']).name} | {e['cut']} | {r['bits'] or 'bf16'} | {r['expert_steps']} | "
+                  f"{r.get('quant_steps', 0)}{':%g' % r['quant_lr'] if r.get('quant_steps') else ''} | {r['kl']:.6f} | "
                   f"{r['top1']:.4f} | {r['perplexity']:.3f} | {err} | {r['seconds']:.0f} |")
 
 

@@ -17,7 +17,7 @@ from globe.cli import dry_run
 from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
 from globe.errors import ConfigError
-from globe.fit.expert_config import COMPRESS_STEPS
+from globe.fit.expert_config import COMPRESS_QUANT_STEPS, COMPRESS_STEPS
 from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, expert_default_off, run_compress
 from globe.run.size_choice import candidate_config
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
@@ -74,6 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "output down(act(gate x) * up x) on tokens routed to it at calibration (before quantization); "
                         f"0 = off (default {COMPRESS_STEPS} where it applies: a calibrated fit of gate and up, "
                         "without --residual-bits)")
+    p.add_argument("--quant-steps", type=int, default=COMPRESS_QUANT_STEPS, metavar="N",
+                   help="with quantized factors, after the quantize stage: train what stays floating point (the "
+                        "group scales and zeros of bank and adapters, the sparse code values; the integer codes "
+                        "fixed) for N Adam steps on the same whole-expert output, kept only if that lowers its "
+                        f"held-out error; runs after the expert phase; 0 = off (default {COMPRESS_QUANT_STEPS})")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -116,6 +121,7 @@ def _config_plans(args: argparse.Namespace):
     """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or [])."""
     cfg = build_config(_fit_args(args))
     cfg.expert.steps = args.expert_steps or 0
+    cfg.expert.quant_steps = args.quant_steps
     plans = []
     if args.size is not None:
         from globe.fit.planning.bytes import size_plans

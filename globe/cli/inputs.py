@@ -240,7 +240,7 @@ OPTIONS: dict[str, str | Check] = {
     "residual_bits": Count(1, key="quant.residual_bits"), "residual_group": Count(1, key="quant.residual_group"),
     "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
     "calibration_tokens": Count(2, what="a token count"), "distill_steps": Count(0), "distill_lr": Positive(),
-    "expert_steps": Count(0, key="expert.steps"),
+    "expert_steps": Count(0, key="expert.steps"), "quant_steps": Count(0, key="expert.quant_steps"),
     "eval_tokens": Count(2, what="a token count", zero="all of the text"), "max_tokens": Count(0),
     "window": Count(2), "cache_size": Count(1),
     "cache_bytes": Count(0), "warmup_tokens": Count(0), "max_length": Count(2), "stride": Count(1),

@@ -72,7 +72,18 @@ def _expert_phase(result: FitResult) -> list[str]:
     return ["", f"Whole-expert phase: gate and up refined together for {info['steps']} Adam steps on the routed "
             f"expert's output down(act(gate x) * (up x)), {info['samples_per_expert']} routed tokens per expert; "
             f"output error ({info['selected_on']}) {info['error_before']:.5f} -> {info['error_after']:.5f}, "
-            f"{outcome}."]
+            f"{outcome}.{_quant_expert_phase(result)}"]
+
+
+def _quant_expert_phase(result: FitResult) -> str:
+    """What the quantized expert phase (globe.fit.engine.quant_expert) did, one sentence ('' when it did not run)."""
+    info = result.families["gate"].metrics.get("quant_expert")
+    if not info:
+        return ""
+    outcome = (f"step {info['best_step']} kept" if info.get("accepted") else "no step was better: kept as quantized")
+    return (f" After quantization, the float parts of the quantized factors (group scales and zeros, code values; "
+            f"integer codes fixed) trained {info['steps']} Adam steps on the same output: error "
+            f"{info['error_before']:.5f} -> {info['error_after']:.5f}, {outcome}.")
 
 
 def _distillation(result: FitResult) -> list[str]:

@@ -4,6 +4,8 @@ After gate and up are fitted (each on its own, per-matrix objective), the refine
 parameters together (banks, nonzero code values, adapters) to the routed expert's whole output
 down_i(act(G_hat_i x) * (U_hat_i x)) on a capped sample of the tokens routed to expert i during calibration
 (globe.calibration.routed), router-weighted. Off while steps is 0 (the default of a fit); `globe compress` runs COMPRESS_STEPS where it applies.
+With quantized factors, quant_steps > 0 trains their float parts (scales, zeros, code values) on the same objective
+after the quantize stage (globe.fit.engine.quant_expert); it rides on the expert phase (its samples).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from globe.errors import refuse_first
 
 EXPERT_FORMAT_VERSION = 1
 COMPRESS_STEPS = 200               # `globe compress`'s default (benchmarks/results/whole_expert.json measures it)
+COMPRESS_QUANT_STEPS = 60          # `globe compress`'s default of quant_steps (benchmarks/results/quant_expert.json)
 
 
 @dataclass
@@ -29,6 +32,8 @@ class ExpertConfig:
     validation: float = 0.25       # share of each expert's samples held out: the best step on them is kept
     eval_every: int = 10           # steps between validation checks
     chunk: int = 64                # experts per gradient chunk (memory: chunk x samples x (d + 3 p) floats)
+    quant_steps: int = 0           # steps of the quantized expert phase (globe.fit.engine.quant_expert); 0: off
+    quant_lr: float = 0.002        # its step size x each float part's RMS (tuned with 60 steps on the embedded model)
     samples_file: str | None = None   # routed samples (globe.calibration.routed); set by `globe compress`
     format_version: int = EXPERT_FORMAT_VERSION
 
@@ -39,6 +44,8 @@ class ExpertConfig:
     def check(self) -> ExpertConfig:
         problems = [(self.steps >= 0, f"--expert-steps must be >= 0 (got {self.steps})"),
                     (self.lr > 0, f"expert.lr must be > 0 (got {self.lr})"),
+                    (self.quant_steps >= 0, f"--quant-steps must be >= 0 (got {self.quant_steps})"),
+                    (self.quant_lr > 0, f"expert.quant_lr must be > 0 (got {self.quant_lr})"),
                     (self.samples >= 2, f"expert.samples must be >= 2 (got {self.samples})"),
                     (self.batch >= 0, f"expert.batch must be >= 0 (got {self.batch})"),
                     (self.max_sample_mb >= 1, f"expert.max_sample_mb must be >= 1 (got {self.max_sample_mb})"),

@@ -11,7 +11,7 @@ import pytest
 import globe.cli.main as cli
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
-from globe.fit.expert_config import COMPRESS_STEPS
+from globe.fit.expert_config import COMPRESS_QUANT_STEPS, COMPRESS_STEPS
 from globe.run.compress import expert_default_off
 
 SHORT = ["--m", "6", "--r", "8", "--target-support", "3", "--am-iters", "1", "--varpro-steps", "1", "--init", "svd",
@@ -28,8 +28,10 @@ def test_the_default_compress_runs_the_phase_and_says_so(tmp_path, tiny_checkpoi
                      "--quant-group", "16"]) == 0
     doc = _doc(out)
     assert FitConfig.from_dict(doc["config"]).expert.steps == COMPRESS_STEPS
+    assert FitConfig.from_dict(doc["config"]).expert.quant_steps == COMPRESS_QUANT_STEPS > 0   # after quantization
     for family in ("gate", "up"):
         assert doc["metrics"][family]["expert"]["steps"] == COMPRESS_STEPS
+        assert doc["metrics"][family]["quant_expert"]["steps"] == COMPRESS_QUANT_STEPS
     card = (out / "README.md").read_text()
     assert f"Whole-expert phase: gate and up refined together for {COMPRESS_STEPS} Adam steps" in card
 

@@ -14,6 +14,8 @@ measured and the best state is kept (the fit itself when no step beats it). Expe
 cfg.chunk, gradients summed, so memory is bounded by the samples (capped at calibration) and one chunk's
 activations. Each step sees cfg.batch training samples per expert (cfg.batch 0: all of them), drawn by a
 torch.Generator seeded with the fit's seed: the same inputs and seed give the same result.
+The loop (train_output) and the objective's data (output_data) are shared with the quantized expert phase
+(globe.fit.engine.quant_expert), which trains the float parts of the quantized factors after the quantize stage.
 """
 from __future__ import annotations
 
@@ -85,6 +87,9 @@ class _Params:
     def state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.tensors.items()}
 
+    def evaluated(self) -> _Params:
+        return self
+
     def groups(self, lr: float) -> list[dict]:
         out = []
         for param in self.tensors.values():
@@ -126,28 +131,31 @@ def _family(fam: FamilyFit, state: dict, family: str, info: dict) -> FamilyFit:
                                history={**fam.history, "expert": info["validation_history"]})
 
 
-def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
-                 cfg: ExpertConfig, seed: int = 0) -> tuple[dict[str, FamilyFit], dict]:
-    """(families with gate and up refined, what happened); see the module docstring. weights: the original gate,
-    up [N, p, d] and down [N, h, p] in the families' expert order."""
-    cfg.check()
+def output_data(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
+                validation: float) -> ExpertData:
+    """The whole-expert objective's data for gate and up of `families` (same experts, same order): the original
+    weights give the targets, a fitted down family enters the prediction as its reconstruction."""
     gate, up = families["gate"], families["up"]
-    if gate.quant or up.quant:
-        raise ConfigError("the expert phase runs before quantization: the families are already quantized")
     if not torch.equal(gate.ids, up.ids):
         raise ConfigError("the expert phase needs gate and up fitted on the same experts in the same order")
-    t0 = time.perf_counter()
     down_hat = families["down"].reconstruct() if "down" in families else None   # what the model will compute with
-    data = expert_data(samples, gate.ids, weights["gate"], weights["up"], weights["down"], cfg.validation, down_hat)
+    return expert_data(samples, gate.ids, weights["gate"], weights["up"], weights["down"], validation, down_hat)
+
+
+def train_output(params, data: ExpertData, cfg: ExpertConfig, seed: int, label: str) -> tuple[dict, dict | None]:
+    """cfg.steps Adam steps of `params` on the whole-expert output error (shared by the expert phase and the
+    quantized expert phase, globe.fit.engine.quant_expert): (info, the best state or None when no step beat the
+    start). params: weights(family, lo, hi) -> [hi - lo, p, d], groups(lr), mask_grads(), project(), state(), and
+    evaluated() -> the params the held-out selection scores (e.g. rounded to their storage dtypes)."""
+    t0 = time.perf_counter()
     use_valid = bool(data.valid.any())
-    params = _Params(families)
     opt = torch.optim.Adam(params.groups(cfg.lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     gen = torch.Generator().manual_seed(seed)
-    first = _loss(params, data, cfg.chunk, use_valid, False)
+    first = _loss(params.evaluated(), data, cfg.chunk, use_valid, False)
     best, best_step, best_state = first, 0, None
     history, train_losses = [{"step": 0, "error": first}], []   # records, as the artifact stores histories
-    for step in progress(range(1, cfg.steps + 1), "expert output"):
+    for step in progress(range(1, cfg.steps + 1), label):
         opt.zero_grad(set_to_none=True)
         train_losses.append(_loss(params, data, cfg.chunk, False, True, _batch(data, cfg.batch, gen)))
         params.mask_grads()
@@ -155,7 +163,7 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
         sched.step()
         params.project()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            now = _loss(params, data, cfg.chunk, use_valid, False)
+            now = _loss(params.evaluated(), data, cfg.chunk, use_valid, False)
             history.append({"step": step, "error": now})
             if now < best:
                 best, best_step, best_state = now, step, params.state()
@@ -165,8 +173,20 @@ def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor
             "best_step": best_step, "train_first": train_losses[0] if train_losses else None,
             "train_last": train_losses[-1] if train_losses else None, "validation_history": history,
             "accepted": best_state is not None, "seconds": round(time.perf_counter() - t0, 2)}
-    log.info("expert phase: %d steps, whole-expert output error (%s) %.5f -> %.5f (%s)", cfg.steps,
+    log.info("%s: %d steps, whole-expert output error (%s) %.5f -> %.5f (%s)", label, cfg.steps,
              info["selected_on"], first, best, f"step {best_step} kept" if best_state else "no step better: rolled back")
+    return info, best_state
+
+
+def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
+                 cfg: ExpertConfig, seed: int = 0) -> tuple[dict[str, FamilyFit], dict]:
+    """(families with gate and up refined, what happened); see the module docstring. weights: the original gate,
+    up [N, p, d] and down [N, h, p] in the families' expert order."""
+    cfg.check()
+    if families["gate"].quant or families["up"].quant:
+        raise ConfigError("the expert phase runs before quantization: the families are already quantized")
+    data = output_data(families, weights, samples, cfg.validation)
+    info, best_state = train_output(_Params(families), data, cfg, seed, "expert phase")
     if best_state is None:
         return {f: dataclasses.replace(fam, metrics={**fam.metrics, "expert": info}) for f, fam in families.items()
                 }, info

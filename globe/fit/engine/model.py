@@ -16,6 +16,7 @@ from globe.fit.constants import SPILL_FAMILY_BYTES
 from globe.fit.engine.expert import expert_applies, expert_stage
 from globe.fit.engine.family import fit_family
 from globe.fit.engine.phases import phase
+from globe.fit.engine.quant_expert import quant_expert_stage
 from globe.fit.engine.quantize import quantize_applies, quantize_family
 from globe.fit.objectives.base import objective_class
 from globe.fit.parallel.comm import LOCAL, Comm
@@ -39,12 +40,24 @@ def _unquantized(cfg: FitConfig) -> FitConfig:
 def expert_then_quantize(reader, families: dict[str, FamilyFit], cfg: FitConfig, data, kind) -> dict[str, FamilyFit]:
     """The expert phase (globe.fit.engine.expert; with cfg.expert.steps > 0) on the fitted, unquantized gate and
     up, then (with cfg.quant.bits) the quantize stage of every family: a refined family's adapters are refitted to
-    its refined reconstruction (what the expert phase bought), its rel_err measured against the original."""
+    its refined reconstruction (what the expert phase bought), its rel_err measured against the original; then
+    (with cfg.expert.quant_steps > 0) the quantized expert phase (globe.fit.engine.quant_expert)."""
     stacks = {f: reader.read_family(f) for f in families}
     if expert_applies(cfg):
         families = _expert(reader, families, stacks, cfg)
     if not quantize_applies(cfg):
         return families
+    families = _quantize(families, stacks, cfg, data, kind)
+    return quant_expert(reader, families, cfg, stacks) if quant_expert_applies(cfg) else families
+
+
+def quant_expert_applies(cfg: FitConfig) -> bool:
+    """Whether the quantized expert phase runs: on quantized factors (no residual) after the expert phase."""
+    return expert_applies(cfg) and cfg.expert.quant_steps > 0 and quantize_applies(cfg) \
+        and cfg.quant.residual_bits is None
+
+
+def _quantize(families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig, data, kind) -> dict[str, FamilyFit]:
     out = {}
     for family, fam in families.items():
         original = _ordered(stacks[family], fam.ids)
@@ -58,20 +71,42 @@ def expert_then_quantize(reader, families: dict[str, FamilyFit], cfg: FitConfig,
     return out
 
 
-def _expert(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig) -> dict[str, FamilyFit]:
+def _samples(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig):
+    """(routed samples, original gate / up / down in the families' expert order)."""
     from globe.calibration.routed import load_routed
     if cfg.expert.samples_file is None:
         raise ConfigError("expert.steps > 0 needs routed samples (expert.samples_file): `globe compress "
                           "--expert-steps N` collects them at calibration")
-    samples = load_routed(cfg.expert.samples_file)
     ids = families["gate"].ids
     down = stacks["down"] if "down" in stacks else reader.read_family("down")
     weights = {"gate": _ordered(stacks["gate"], ids), "up": _ordered(stacks["up"], ids), "down": _ordered(down, ids)}
+    return load_routed(cfg.expert.samples_file), weights
+
+
+def _expert(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig) -> dict[str, FamilyFit]:
+    samples, weights = _samples(reader, families, stacks, cfg)
     timings: dict = {}
     with phase(timings, "expert", family="gate+up"):
         families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed)
     for f in ("gate", "up"):
         families[f].metrics.setdefault("timings", {})["expert"] = timings["expert"]
+    return families
+
+
+def quant_expert(reader, families: dict[str, FamilyFit], cfg: FitConfig, stacks: dict | None = None
+                 ) -> dict[str, FamilyFit]:
+    """The quantized expert phase (globe.fit.engine.quant_expert) on the quantized gate and up of `families`;
+    their rel_err measured against the original weights again."""
+    stacks = stacks if stacks is not None else {f: reader.read_family(f) for f in families}
+    samples, weights = _samples(reader, families, stacks, cfg)
+    value_dtype = weights["gate"].dtype if weights["gate"].dtype.is_floating_point else torch.float32
+    timings: dict = {}
+    with phase(timings, "quant_expert", family="gate+up"):
+        families, info = quant_expert_stage(families, weights, samples, cfg.expert, cfg.train.seed, value_dtype)
+    for f in ("gate", "up"):
+        families[f].metrics.setdefault("timings", {})["quant_expert"] = timings["quant_expert"]
+        if info["accepted"]:
+            families[f].metrics.update(_weight_errors(families[f], weights[f]))
     return families
 
 

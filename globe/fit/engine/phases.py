@@ -1,7 +1,7 @@
 """The phases of a family fit, by the names that the engine times and the dry run (globe.fit.planning) predicts.
 
     normalize, shape, warm_start, am, varpro, <objective stage>, finalize, nonlinear, refine, ranks, quantize
-    (and once per model, between the families' fits and their quantize stages: expert)
+    (and once per model, between the families' fits and their quantize stages: expert; after them: quant_expert)
 
 `phase(problem_timings, name, device)` times one phase (seconds added up over repeats, e.g. AM of every cycle and
 restart; peak memory the largest seen), marks it as a torch.profiler range of the same name (so a traced run
@@ -20,7 +20,7 @@ import torch
 from globe.device import peak_memory_mb
 
 PHASES = ("normalize", "shape", "warm_start", "am", "varpro", "activation", "finalize", "nonlinear", "refine",
-          "ranks", "expert", "quantize")
+          "ranks", "expert", "quantize", "quant_expert")
 _LISTENERS: list[Callable[[str, str, str, dict | None], None]] = []
 
 
