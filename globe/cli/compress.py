@@ -74,11 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "output down(act(gate x) * up x) on tokens routed to it at calibration (before quantization); "
                         f"0 = off (default {COMPRESS_STEPS} where it applies: a calibrated fit of gate and up, "
                         "without --residual-bits)")
-    p.add_argument("--quant-steps", type=int, default=COMPRESS_QUANT_STEPS, metavar="N",
+    p.add_argument("--quant-steps", type=int, metavar="N",
                    help="with quantized factors, after the quantize stage: train what stays floating point (the "
                         "group scales and zeros of bank and adapters, the sparse code values; the integer codes "
                         "fixed) for N Adam steps on the same whole-expert output, kept only if that lowers its "
-                        f"held-out error; runs after the expert phase; 0 = off (default {COMPRESS_QUANT_STEPS})")
+                        f"held-out error; runs after the expert phase; 0 = off (default {COMPRESS_QUANT_STEPS} where it "
+                        "applies: the expert phase on, the factors quantized)")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -111,6 +112,20 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
     return fit
 
 
+def _quant_steps(args: argparse.Namespace, cfg, quantized: bool) -> int:
+    """--quant-steps: COMPRESS_QUANT_STEPS by default where the quantized expert phase applies (after the expert
+    phase, on quantized factors), else 0; an explicit N > 0 where it cannot run is refused in one line."""
+    applies = cfg.expert.enabled and quantized
+    if args.quant_steps is None:
+        return COMPRESS_QUANT_STEPS if applies else 0
+    if args.quant_steps > 0 and not applies:
+        why = ("the whole-expert phase is off (--expert-steps 0, or it does not apply here)" if not cfg.expert.enabled
+               else "the factors are not quantized (--no-quant, or a rank per layer)")
+        raise ConfigError(f"--quant-steps {args.quant_steps} trains quantized factors after the whole-expert phase, "
+                          f"and {why}: drop --quant-steps")
+    return args.quant_steps
+
+
 def _config(args: argparse.Namespace):
     """The fit config of these options, with --size applied (returns (config, SizePlan or None))."""
     cfg, plans = _config_plans(args)
@@ -121,7 +136,6 @@ def _config_plans(args: argparse.Namespace):
     """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or [])."""
     cfg = build_config(_fit_args(args))
     cfg.expert.steps = args.expert_steps or 0
-    cfg.expert.quant_steps = args.quant_steps
     plans = []
     if args.size is not None:
         from globe.fit.planning.bytes import size_plans
@@ -137,6 +151,7 @@ def _config_plans(args: argparse.Namespace):
     elif cfg.expert.enabled and plans and all(candidate_config(cfg, p, quiet=True).expert_refusal()
                                               for p in plans):
         raise ConfigError(configs[0].expert_refusal())
+    cfg.expert.quant_steps = _quant_steps(args, cfg, quantized=bool(plans) or cfg.quant.bits is not None)
     if plans:
         candidate_config(cfg, plans[0], quiet=True).validate()     # every check, at the first candidate
         from globe.fit.planning.bytes import apply_plan

@@ -94,3 +94,32 @@ def test_the_other_cases_it_cannot_apply_to():
 
 def test_globe_fit_keeps_its_default_off():
     assert FitConfig().expert.steps == 0 and "expert" not in FitConfig().to_dict()
+
+
+@pytest.mark.parametrize("options, steps", [
+    ([], COMPRESS_QUANT_STEPS),                                   # quantized factors after the expert phase
+    (["--no-quant"], 0),                                          # nothing quantized to train
+    (["--expert-steps", "0"], 0),                                 # it runs after the expert phase only
+    (["--quant-steps", "7"], 7),
+])
+def test_the_quantized_phase_defaults_on_only_where_it_runs(tiny_checkpoint, options, steps):
+    from globe.cli.compress import _config
+    args = cli.build_parser().parse_args(["compress", str(tiny_checkpoint("qwen2_moe")), "-o", "unused", *SHORT,
+                                          *options])
+    cfg, _ = _config(args)
+    assert cfg.expert.quant_steps == steps
+
+
+@pytest.mark.parametrize("options, match", [
+    (["--no-quant"], "the factors are not quantized"),
+    (["--expert-steps", "0"], "the whole-expert phase is off"),
+])
+def test_an_explicit_quantized_phase_where_it_cannot_run_is_refused(tmp_path, tiny_checkpoint, capsys, options,
+                                                                    match):
+    out = tmp_path / "out"
+    code = cli.main(["compress", str(tiny_checkpoint("qwen2_moe")), "-o", str(out), *SHORT, *options,
+                     "--quant-steps", "5"])
+    assert code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quant-steps 5" in err[0] and match in err[0]
+    assert not out.exists() or not any(out.iterdir())
