@@ -2,17 +2,17 @@
 first (the headline) with top-1 agreement beside it, params and the bytes the routed gate / up store, then each
 GloBE row against the best peer (KL ratio, goal <= 0.5x; top-1 above every peer's) and the GloBE / MoBE ratios.
 --summary prints one table over every model and cut instead: the best peer and each GloBE default row's KL ratio
-to it, the goal met or missed by how much. With --globe-rows FILE2 the summary takes the peers' rows from the
-first file and the GloBE rows from FILE2 (a rerun of the GloBE methods alone, same settings: checked), each column
-naming the file it came from, the top-1 margin over the best peer top-1 beside each GloBE row; without --summary
-the per-model tables of the merged rows (ratios recomputed from them). The README's results
-section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
+to it, the goal met or missed by how much. With --globe-rows FILE2 [FILE3 ...] the tables take the peers' rows
+from the first file and the GloBE rows from the others (reruns of GloBE methods alone, same settings: checked; each
+method's row from the last file that has it; ratios recomputed), the summary's columns naming the files, the top-1
+margin over the best peer top-1 beside each GloBE row. The README's results section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json \
         --globe-rows benchmarks/results/peers_grid_globe.json
-    python benchmarks/peers_table.py benchmarks/results/peers_grid.json --globe-rows benchmarks/results/peers_grid_globe.json
+    python benchmarks/peers_table.py benchmarks/results/peers_grid.json \
+        --globe-rows benchmarks/results/peers_grid_globe.json benchmarks/results/peers_grid_globe_quant.json
 """
 from __future__ import annotations
 
@@ -97,27 +97,33 @@ def _is_globe(row: dict) -> bool:
     return row["method"].startswith("globe")
 
 
-def merge(peers_report: dict, globe_report: dict) -> dict:
-    """The peers' rows of `peers_report` with the GloBE rows of `globe_report`, per (model, cut) of the first;
-    SystemExit naming the setting or model where the two runs differ in what changes a row."""
-    a, b = peers_report.get("settings", {}), globe_report.get("settings", {})
-    differ = [k for k in ROW_SETTINGS if a.get(k) != b.get(k)]
-    if differ:
-        raise SystemExit("the two files were run with different settings: " +
-                         ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ))
-    globe_models = {Path(m["model"]["dir"]).name: m for m in globe_report["models"]}
+def merge(peers_report: dict, *globe_reports: dict) -> dict:
+    """The peers' rows of `peers_report` with the GloBE rows of `globe_reports`, per (model, cut) of the first: each
+    GloBE method's row from the last of those files that has it (a later rerun of one method overrides it);
+    SystemExit naming the setting or model where two runs differ in what changes a row."""
+    a = peers_report.get("settings", {})
+    for globe_report in globe_reports:
+        b = globe_report.get("settings", {})
+        differ = [k for k in ROW_SETTINGS if a.get(k) != b.get(k)]
+        if differ:
+            raise SystemExit("the two files were run with different settings: " +
+                             ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in differ))
     models = []
     for model in peers_report["models"]:
         name = Path(model["model"]["dir"]).name
-        other = globe_models.get(name, {"model": model["model"], "cuts": []})
-        for key in ("heldout_tokens", "original_perplexity"):
-            if model["model"].get(key) != other["model"].get(key):
-                raise SystemExit(f"{name}: {key} differs between the two files ({model['model'].get(key)} vs "
-                                 f"{other['model'].get(key)})")
-        globe_cuts = {c["cut"]: c for c in other["cuts"]}
+        globe_rows: dict[float, dict[str, dict]] = {}                  # cut -> method -> row (the last file's)
+        for globe_report in globe_reports:
+            other = next((m for m in globe_report["models"] if Path(m["model"]["dir"]).name == name), None)
+            if other is None:
+                continue
+            for key in ("heldout_tokens", "original_perplexity"):
+                if model["model"].get(key) != other["model"].get(key):
+                    raise SystemExit(f"{name}: {key} differs between the two files ({model['model'].get(key)} vs "
+                                     f"{other['model'].get(key)})")
+            for cut in other["cuts"]:
+                globe_rows.setdefault(cut["cut"], {}).update({r["method"]: r for r in cut["rows"] if _is_globe(r)})
         cuts = [{**{k: v for k, v in cut.items() if k != "ratios"},     # the first run's ratios are stale
-                 "rows": [r for r in cut["rows"] if not _is_globe(r)] +
-                 [r for r in globe_cuts.get(cut["cut"], {"rows": []})["rows"] if _is_globe(r)]}
+                 "rows": [r for r in cut["rows"] if not _is_globe(r)] + list(globe_rows.get(cut["cut"], {}).values())}
                 for cut in model["cuts"]]
         models.append({**model, "cuts": cuts})
     return {"models": models}
@@ -160,14 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a benchmarks/peers.py output file")
     p.add_argument("--summary", action="store_true", help="one table over every model and cut (see summary_table)")
-    p.add_argument("--globe-rows", metavar="FILE2", help="the GloBE rows from this file (a rerun of the GloBE "
-                                                         "methods alone), the peers' from the first (ratios recomputed)")
+    p.add_argument("--globe-rows", metavar="FILE2", nargs="+", help="the GloBE rows from these files (reruns of "
+                   "GloBE methods alone; a method's row from the last file that has it), the peers' from the first "
+                   "(ratios recomputed)")
     args = p.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
     sources = None
     if args.globe_rows:
-        report = merge(report, json.loads(Path(args.globe_rows).read_text()))
-        sources = (Path(args.json).name, Path(args.globe_rows).name)
+        report = merge(report, *(json.loads(Path(f).read_text()) for f in args.globe_rows))
+        sources = (Path(args.json).name, " + ".join(Path(f).name for f in args.globe_rows))
     if args.summary:
         print("\n".join(summary_table(report, sources=sources)) + "\n")
         return

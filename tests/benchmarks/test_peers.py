@@ -254,3 +254,14 @@ def test_per_model_tables_of_two_files_recompute_the_ratios_from_the_merged_rows
     assert "| -35 % | globe-default | 0.20 | mobe (0.01000) | 0.9700 (0.9500) | none |" in lines
     assert any(line.startswith("| -35 % | globe-default | 0.20 | 1.000 | 1.000 |") for line in lines)  # / mobe
     assert not any("0.90" in line and line.startswith("| -35 % | globe-default |") for line in lines)
+
+
+def test_a_later_rerun_of_one_globe_method_overrides_only_that_method():
+    def report(rows):
+        return {"settings": {}, "models": [{"model": {"dir": "x/m"}, "cuts": [{"cut": 0.25, "rows": rows}]}]}
+    grid = report([{"method": "mobe", "kl": 0.01, "top1": 0.95}, {"method": "globe-default", "kl": 0.02, "top1": 0.9}])
+    rerun = report([{"method": "globe-default", "kl": 0.004, "top1": 0.97},
+                    {"method": "globe-default-quant", "kl": 0.008, "top1": 0.96}])
+    quant = report([{"method": "globe-default-quant", "kl": 0.006, "top1": 0.965}])
+    rows = {r["method"]: r["kl"] for r in peers_table.merge(grid, rerun, quant)["models"][0]["cuts"][0]["rows"]}
+    assert rows == {"mobe": 0.01, "globe-default": 0.004, "globe-default-quant": 0.006}
