@@ -76,7 +76,8 @@ def product_plans(model_dir: Path, bits: float, stats: str, kind: str | None = N
     from globe.cli.main import build_parser
     from globe.fit.planning.bytes import apply_size
     args = build_parser().parse_args(["compress", str(model_dir), "-o", "unused", "--size",
-                                      f"{size_gib(model_dir, bits):.12g}"])
+                                      repr(size_gib(model_dir, bits))])   # exact: bytes / 2**30 (12 digits lost a
+                                                                           # byte, so a GPTQ row's size missed it)
     if kind is None:
         cfg, plans = compress._config_plans(args)      # set to the first plan; each plan is applied to a copy
     else:

@@ -46,12 +46,15 @@ def quant_config(cfg: FitConfig) -> QuantConfig:
 def stored_bytes(fam: FamilyFit, value_bytes: int) -> dict[str, int]:
     """Bytes of a family's stored parts as the artifact stores them: packed bank and adapters (or value_bytes per
     entry when unquantized; a rank per layer: only the real columns), code values + indices + row pointers, expert
-    scales (fp32) and ids (2 x int32). The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
+    scales (fp32) and ids (2 x int32); a family with no base (rank 0) only its residuals, as the compressed
+    checkpoint stores it. The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
     n = fam.codes.shape[0]
     nnz = int((fam.codes != 0).sum())
     params = fam.param_count()                             # adapters: each layer's real columns only
     part = {k: (fam.quant[k].nbytes if k in fam.quant else params[k] * value_bytes) for k in ("bank", "adapters")}
     out = {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
+    if fam.bank.shape[1] == 0:               # no base (plain): the compressed checkpoint stores no code (k = 0),
+        out.update(codes=0, scales=0, ids=0)  # no scale, no id (family_bytes)
     if "residual" in fam.quant:
         out["residual"] = fam.quant["residual"].nbytes
     return out

@@ -7,6 +7,8 @@ count as globe.fit.engine.quantize.stored_bytes):
     adapters   [N, p, r]   the same, groups along r (a rank per layer: only each layer's real columns)
     codes      nnz values (value bytes) + nnz int32 atom indices + (N + 1) int64 row pointers
     scales     N fp32;  ids  N x 2 int32
+    (codes, scales and ids: none for a family with no base, r = 0, globe.fit.engine.plain: its compressed
+    checkpoint stores code width k = 0, and the artifact's bookkeeping of it is not counted)
     residual   [N, p, d]   optional (quant.residual_bits): each expert's W_i - W_hat_i packed at its bits + fp16
                            scale and zero per group of residual_group entries along d
 Value bytes: the source checkpoint's floating dtype (2 for bf16). The whole checkpoint: every tensor of the source
@@ -88,6 +90,8 @@ def family_bytes(n: int, p: int, d: int, m: int, r: int, nnz: int, value_bytes: 
     out = {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
            "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
            "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    if r == 0:                                   # no base (plain): the compressed checkpoint stores no code
+        out.update(codes=0, scales=0, ids=0)     # (k = 0), no scale (folded) and no id (implicit)
     if residual is not None:
         out["residual"] = quantized_bytes((n, p, d), *residual)
     return out
@@ -194,8 +198,9 @@ def choose_kind(bits_per_weight: float) -> str:
 
 def plain_bytes(n: int, p: int, d: int, value_bytes: int, bits: int, group: int, rbits: int, rgroup: int) -> int:
     """A plain family's bytes (globe.fit.engine.plain): the experts' packed weights (the residuals over no base: one
-    atom of rank 0, an empty bank and empty adapters, no non-zero code) + per expert its scale, ids and code row
-    pointer: exactly per-expert quantization's bytes + 20 N + 8 bytes."""
+    atom of rank 0, an empty bank and empty adapters, no code): exactly per-expert quantization's bytes. (The
+    artifact of `globe fit` keeps 20 N + 8 bytes of bookkeeping beside them, expert scales, ids and code row
+    pointers, which the compressed checkpoint, the size --size counts, does not store.)"""
     return sum(family_bytes(n, p, d, PLAIN_ATOMS, PLAIN_RANK, 0, value_bytes, bits, group,
                             residual=(rbits, rgroup)).values())
 

@@ -125,7 +125,7 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
         other, dense = source_bytes(reader, ("gate", "up"))
     routed = sum(dense.values()) // 2                                 # bf16 weights of gate + up
     kinds = {}
-    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.6, None)):
+    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.5, None)):      # 4.5: exactly 4-bit group-64 GPTQ's
         cfg = FitConfig(train=QUICK, quant=QuantSection(group=8))
         target = other + int(routed * bpw / 8)
         plan = apply_size(cfg, upcycled, target / GIB, kind=kind)
@@ -134,18 +134,24 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
     assert kinds["factors"][0].bits_per_weight < SIZE_RULE["plain_from_bits"] <= kinds["plain"][0].bits_per_weight
     plan, cfg, target = kinds["plain"]
     assert cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits == 4
-    assert plan.residual_group == 64 and plan.predicted_bytes <= target     # no base: 4.5 bits + O(N) fit in 4.6
     n, p, d = 16, 64, 128                                           # 2 layers x 8 experts
     packed = n * p * d * 4 // 8 + 4 * n * p * (d // 64)            # per-expert 4-bit group-64 codes, scales, zeros
-    assert plan.predicted_bytes == other + 2 * (packed + n * (4 + 8) + (n + 1) * 8)     # + scales, ids, row pointers
+    assert plan.residual_group == 64 and plan.predicted_bytes == target == other + 2 * packed   # no metadata
     plan, cfg, _ = kinds["residual"]
     assert 0 < cfg.bank.budget <= SIZE_RULE["residual_max_budget"] and cfg.quant.residual_bits == plan.residual_bits
     for kind in ("plain", "residual"):
         plan, cfg, target = kinds[kind]
         art = globe.save(globe.fit_model(upcycled, cfg), tmp_path / kind)
         written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+        if kind == "plain":           # the compressed checkpoint stores exactly the packed weights, as predicted
+            from globe.export import save_compressed      # (the artifact adds 20 N + 8 bytes of bookkeeping)
+            out = save_compressed(upcycled, globe.load(art), tmp_path / "plain_hf")
+            stored = sum(b for k, b in tensor_bytes(out).items()
+                         if any(f".{part}.{f}" in k for part in ("bank", "adapters", "code_values", "code_indices",
+                                                                 "residual") for f in ("gate", "up")))
+            assert written == target + 2 * (20 * n + 8)
+            written = other + stored
+            assert written == plan.predicted_bytes == target
         assert written <= target + math.ceil(8 * 4 / 8) + 4, kind
         assert written - other >= 0.8 * (target - other), kind
-        if kind == "plain":                                         # no non-zero code: the byte model is exact
-            assert written == plan.predicted_bytes
 
