@@ -88,7 +88,8 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
     result = dataclasses.replace(fam, codes=codes, bank=out.bank.dequantize(), adapters=out.adapters.dequantize(),
                                  quant={"bank": out.bank, "adapters": out.adapters}, metrics=metrics)
     if cfg.quant.residual_bits is not None:
-        result = add_residual(weights, result, cfg, right, copies, out.sq_norms, out.weighted_sq_norms)
+        hessians = None if right is None else objective.expert_hessians
+        result = add_residual(weights, result, cfg, right, copies, out.sq_norms, out.weighted_sq_norms, hessians)
         metrics = result.metrics
     value_bytes = min(torch.finfo(weights.dtype).bits // 8, 4) if weights.dtype.is_floating_point else 4
     parts = stored_bytes(result, value_bytes)
@@ -106,11 +107,12 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
 
 
 def add_residual(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, right, copies: dict[int, int],
-                 sq_norms: torch.Tensor, weighted_sq_norms: torch.Tensor) -> FamilyFit:
+                 sq_norms: torch.Tensor, weighted_sq_norms: torch.Tensor, hessians=None) -> FamilyFit:
     """fam with each expert's residual W_i - W_hat_i quantized in quant["residual"] and its errors updated;
-    sq_norms / weighted_sq_norms [N]: ||W_i||^2 and ||W_i R_i||^2."""
+    sq_norms / weighted_sq_norms [N]: ||W_i||^2 and ||W_i R_i||^2; hessians: the objective's expert_hessians (GPTQ's
+    Hessians: its undamped second moments) or None (R_i R_i^T)."""
     rcfg = QuantConfig(bits=cfg.quant.residual_bits, group=cfg.quant.residual_group)
-    out = quantize_residual(weights, fam, rcfg, right, label=f"residual {fam.family}")
+    out = quantize_residual(weights, fam, rcfg, right, label=f"residual {fam.family}", hessians=hessians)
     residual = tie_quantized(copies, out.residual) if copies else out.residual
     if copies:
         tie_duplicates(copies, out.sq_err)
