@@ -155,3 +155,29 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
         assert written <= target + math.ceil(8 * 4 / 8) + 4, kind
         assert written - other >= 0.8 * (target - other), kind
 
+
+
+def test_capped_factors_spend_the_size_on_a_finer_group(upcycled, tmp_path):
+    """Where 4-bit factors reach the largest budget with bytes left (64-row experts), --size halves their group
+    while they fit: the written bytes stay within the target, use more of it, and the weighted error is lower than
+    at the configured group."""
+    from globe.fit.planning.bytes import MAX_SIZE_BUDGET
+    with open_checkpoint(upcycled) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    target = other + int(sum(dense.values()) * 5.0 / 16)           # 5 bits: group-64 factors cap at 4.4
+    cfg = FitConfig(train=QUICK)                                    # group 64
+    plan = apply_size(cfg, upcycled, target / GIB, kind="factors")
+    assert plan.kind == "factors" and plan.bits == 4 and plan.budget == pytest.approx(MAX_SIZE_BUDGET, rel=1e-6)
+    assert plan.group in (16, 32) and cfg.quant.group == plan.group and plan.predicted_bytes <= target
+    assert f"group {plan.group}" in plan.describe()
+    coarse = FitConfig(train=QUICK)
+    coarse_plan = apply_size(coarse, upcycled, (other + int(sum(dense.values()) * 2.5 / 16)) / GIB, kind="factors")
+    assert coarse_plan.group is None and coarse.quant.group == 64     # no room: the configured group
+    coarse.bank.budget = cfg.bank.budget                              # the same budget at group 64
+    fine, rough = globe.fit_model(upcycled, cfg), globe.fit_model(upcycled, coarse)
+    art = globe.save(fine, tmp_path / "fine")
+    written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+    assert rough.families["gate"].metrics["quant"]["bytes_total"] < fine.families["gate"].metrics["quant"]["bytes_total"]
+    assert written <= target
+    for f in ("gate", "up"):
+        assert fine.families[f].metrics["rel_err"] < rough.families[f].metrics["rel_err"], f
