@@ -6,7 +6,9 @@ each fitted and the one with the lowest KL on held-out calibration tokens kept, 
 --calibration-text calib.txt` does) and scored by KL(original || compressed) on heldout.txt (benchmarks/bytes.py's
 split, statistics and scoring), against per-expert GPTQ (routed Hessians) at 2, 3, 4 bits and groups 32 / 64 / 128:
 for each size, the best GPTQ row within the size. Every candidate is scored on heldout.txt too (was the choice
-right?).
+right?); every kept row and GPTQ row also gets its perplexity of heldout.txt (from the same forward passes), and each
+model the original's. The sizes are passed to --size exactly (the bytes / 2**30), so a size that is exactly a GPTQ
+row's bytes fits plain quantization at that row's bits and group.
 
 The product's weights are the fit's reconstruction W_hat_i + dequant(R_i) (FamilyFit.reconstruct, what every runtime
 mode and the dense export compute: tests/export/test_residual.py); the bytes are the byte model's count of what the
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
 import sys
 import time
@@ -33,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.baselines.checkpoint import FAMILIES, set_families  # noqa: E402
 from benchmarks.baselines.common import by_layer  # noqa: E402
 from benchmarks.baselines.quant import quantized  # noqa: E402
-from benchmarks.bytes import kl_top1, prepare  # noqa: E402
+from benchmarks.bytes import prepare  # noqa: E402
 from globe.quant import QuantConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.bytes_product")
@@ -76,7 +79,8 @@ def product_plans(model_dir: Path, bits: float, stats: str, kind: str | None = N
     from globe.cli.main import build_parser
     from globe.fit.planning.bytes import apply_size
     args = build_parser().parse_args(["compress", str(model_dir), "-o", "unused", "--size",
-                                      f"{size_gib(model_dir, bits):.12g}"])
+                                      repr(size_gib(model_dir, bits))])   # exact: bytes / 2**30 (12 digits lost a
+                                                                           # byte, so a GPTQ row's size missed it)
     if kind is None:
         cfg, plans = compress._config_plans(args)      # set to the first plan; each plan is applied to a copy
     else:
@@ -94,6 +98,32 @@ def product_config(model_dir: Path, bits: float, stats: str, kind: str | None = 
     from globe.fit.planning.bytes import apply_plan
     cfg, plans = product_plans(model_dir, bits, stats, kind)
     return apply_plan(cfg, plans[0]).validate(), plans[0]
+
+
+@torch.no_grad()
+def kl_top1(model, ids: torch.Tensor, reference: list[torch.Tensor], window: int) -> dict[str, float]:
+    """benchmarks.bytes.kl_top1 (mean KL(reference || model) per token, top-1 agreement) on the same windows, and
+    the model's perplexity of the held-out text (each window's next tokens), from the same forward passes."""
+    kl, agree, n, nll, count = 0.0, 0, 0, 0.0, 0
+    for start, ref in zip(range(0, ids.numel(), window), reference):
+        seg = ids[start:start + window]
+        got = torch.log_softmax(model(input_ids=seg[None], use_cache=False).logits[0].float(), -1)
+        kl += float((ref.exp() * (ref - got)).sum())
+        agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        n += ref.shape[0]
+        nll -= float(got[:-1].gather(1, seg[1:, None]).sum())
+        count += seg.numel() - 1
+    return {"kl": kl / n, "top1": agree / n, "ppl": math.exp(nll / count)}
+
+
+def reference_ppl(ctx: dict, window: int) -> float:
+    """The original model's perplexity of the held-out text (its reference log-probs)."""
+    nll, count = 0.0, 0
+    for start, ref in zip(range(0, ctx["ids"].numel(), window), ctx["reference"]):
+        seg = ctx["ids"][start:start + window]
+        nll -= float(ref[:-1].gather(1, seg[1:, None]).sum())
+        count += seg.numel() - 1
+    return math.exp(nll / count)
 
 
 def _swap_kl(ctx: dict, result, args) -> dict:
@@ -132,7 +162,7 @@ def product_row(ctx: dict, bits: float, args, kind: str | None = None) -> dict:
     dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
     fams = result.families
     row = {"method": "globe-product", "target_bits": bits, "kind": plan.kind, "plan": plan.to_dict(),
-           "choice": choice, "bits_per_weight": 8 * stored / dense, "bytes": stored,
+           "describe": plan.describe(), "choice": choice, "bits_per_weight": 8 * stored / dense, "bytes": stored,
            "bytes_by_part": {f: counted["families"][f]["parts"] for f in FAMILIES},
            "rel_err": {f: fams[f].metrics["rel_err"] for f in FAMILIES},
            **_swap_kl(ctx, result, args), "fit_seconds": seconds}
@@ -173,7 +203,7 @@ def _single_row(ctx: dict, bits: float, args, cfg, plan) -> dict:
     stored = sum(counted["families"][f]["stored"] for f in FAMILIES)
     dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
     return {"method": "globe-product", "target_bits": bits, "kind": plan.kind, "plan": plan.to_dict(),
-            "choice": None, "bits_per_weight": 8 * stored / dense, "bytes": stored,
+            "describe": plan.describe(), "choice": None, "bits_per_weight": 8 * stored / dense, "bytes": stored,
             "bytes_by_part": {f: counted["families"][f]["parts"] for f in FAMILIES},
             "rel_err": {f: result.families[f].metrics["rel_err"] for f in FAMILIES},
             **_swap_kl(ctx, result, args), "fit_seconds": seconds}
@@ -207,8 +237,10 @@ def compare(product: list[dict], gptq: list[dict]) -> list[dict]:
     for row in product:
         at, own = best(row["target_bits"]), best(row["bits_per_weight"])
         out.append({"target_bits": row["target_bits"], "kind": row["kind"], "bits": row["bits_per_weight"],
-                    "kl": row["kl"], "top1": row["top1"], "gptq": at and f"{at['bits']}-bit group {at['group']}",
+                    "kl": row["kl"], "top1": row["top1"], "ppl": row.get("ppl"),
+                    "describe": row.get("describe"), "gptq": at and f"{at['bits']}-bit group {at['group']}",
                     "gptq_bits": at and at["bits_per_weight"], "gptq_kl": at and at["kl"],
+                    "gptq_ppl": at and at.get("ppl"),
                     "ratio": at and row["kl"] / at["kl"],
                     "gptq_own_bits": own and f"{own['bits']}-bit group {own['group']}",
                     "ratio_own_bits": own and row["kl"] / own["kl"]})
@@ -227,6 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "cpu": platform.processor() or platform.machine()}, "models": []}
     for model_dir in args.models:
         ctx = prepare(Path(model_dir), args)
+        ctx["info"]["ppl"] = reference_ppl(ctx, args.window)
         entry = {"model": ctx["info"], "gptq": gptq_rows(ctx, args), "product": []}
         report["models"].append(entry)
         for bits in args.sizes:
@@ -242,8 +275,9 @@ def print_table(report: dict) -> None:
     for entry in report["models"]:
         print(f"\n{entry['model']['dir']}")
         for c in entry["comparison"]:
-            print(f"  {c['target_bits']:.2f} bits: {c['kind']:9} {c['bits']:.3f} bits KL {c['kl']:.6f} | GPTQ "
-                  f"{c['gptq']} ({c['gptq_bits']:.3f} bits) KL {c['gptq_kl']:.6f} | ratio {c['ratio']:.2f}"
+            print(f"  {c['target_bits']:.2f} bits: {c['kind']:9} {c['bits']:.3f} bits KL {c['kl']:.6f} ppl "
+                  f"{c['ppl']:.3f} | GPTQ {c['gptq']} ({c['gptq_bits']:.3f} bits) KL {c['gptq_kl']:.6f} ppl "
+                  f"{c['gptq_ppl']:.3f} | ratio {c['ratio']:.2f}"
                   if c["gptq"] else f"  {c['target_bits']:.2f} bits: {c['kind']} KL {c['kl']:.6f} | no GPTQ row")
 
 

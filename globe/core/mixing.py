@@ -25,10 +25,11 @@ class SparseCodes(NamedTuple):
     values: torch.Tensor
 
 
-def sparse_codes(codes: torch.Tensor) -> SparseCodes:
-    """Dense codes [N, m] -> SparseCodes with k = max non-zeros per row (>= 1)."""
+def sparse_codes(codes: torch.Tensor, min_width: int = 1) -> SparseCodes:
+    """Dense codes [N, m] -> SparseCodes with k = max non-zeros per row (>= min_width; 0 only for a family with no
+    base, globe.fit.engine.plain, whose codes are all zero and whose checkpoint then stores no code)."""
     nonzero = codes != 0
-    k = max(int(nonzero.sum(1).max()) if codes.numel() else 0, 1)
+    k = max(int(nonzero.sum(1).max()) if codes.numel() else 0, min_width)
     # non-zeros first (stable, so atoms keep ascending order), then padding with value 0
     order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :k]   # [N, k]
     values = torch.gather(codes, 1, order)
@@ -43,6 +44,8 @@ def compose(codes: torch.Tensor | SparseCodes, bank: torch.Tensor, phi: str = "i
         return PHI[phi]((codes @ bank.reshape(m, r * d)).view(codes.shape[0], r, d))
     if codes.indices.shape[0] == 0:
         return bank.new_zeros(0, r, d)
+    if codes.indices.shape[1] == 0:                                   # no code (k = 0): every mixture is zero
+        return PHI[phi](bank.new_zeros(codes.indices.shape[0], r, d))
     summed = F.embedding_bag(codes.indices, bank.reshape(m, r * d), per_sample_weights=codes.values.to(bank.dtype),
                              mode="sum")                                          # [c, r * d]
     return PHI[phi](summed.view(codes.indices.shape[0], r, d))

@@ -230,9 +230,9 @@ def check_quant_values(quant: Any, where: Path, experts: int, p: int, d: int, mo
             value = info.get(key)
             if not _is_int(value) or not lo <= value <= hi:
                 raise bad(f"families.{name}.{key}", f"an integer in {lo}..{hi} ({why})", value)
-        k = info.get("k")
-        if not _is_int(k) or not 1 <= k <= info["m"]:
-            raise bad(f"families.{name}.k", f"an integer in 1..m = {info['m']}", k)
+        k, k_lo = info.get("k"), 0 if info["r"] == 0 else 1           # no base: no code (k = 0)
+        if not _is_int(k) or not k_lo <= k <= info["m"]:
+            raise bad(f"families.{name}.k", f"an integer in {k_lo}..m = {info['m']}", k)
         ranks = info.get("ranks")
         if ranks is not None and (not isinstance(ranks, dict) or not all(
                 isinstance(l, str) and l.isdigit() and _is_int(v) and 1 <= v <= info["r"] for l, v in ranks.items())):

@@ -57,8 +57,10 @@ def validate(model: nn.Module, result: FitResult) -> dict[str, dict[int, torch.T
 
 def family_codes(result: FitResult) -> dict[str, SparseCodes]:
     """{family: SparseCodes [N, k]} of every row, one width k per family (so every layer's codes have the same
-    shape, as a compressed checkpoint stores them; padding adds exact zeros)."""
-    return {name: sparse_codes(fam.codes.float()) for name, fam in result.families.items()}
+    shape, as a compressed checkpoint stores them; padding adds exact zeros). A family with no base (rank 0,
+    globe.fit.engine.plain) gets k = 0: it stores no code."""
+    return {name: sparse_codes(fam.codes.float(), min_width=0 if fam.bank.shape[1] == 0 else 1)
+            for name, fam in result.families.items()}
 
 
 def _build_layer(module: nn.Module, layer: int, layout: ExpertsLayout, result: FitResult,

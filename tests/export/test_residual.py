@@ -117,12 +117,13 @@ def test_info_names_the_residual(residual_fit, tmp_path):
 def test_plain_quantization_family_runs_and_exports(tiny_checkpoint, tmp_path):
     """budget 0: every expert stored as its quantized weights with no base (rank 0: empty bank and adapters), through
     artifact, runtime and exports; the model equals its dense export in every mode (also after save_pretrained), and
-    its stored bytes are the experts' packed weights + O(N) metadata, by hand."""
+    its stored bytes are exactly the experts' packed weights (per-expert quantization's bytes), by hand."""
     import transformers
     from safetensors.torch import load_file
     from globe.cli.info import format_compressed
     from globe.export.card import family_bytes
     from globe.export.compressed import describe_compressed
+    from globe.fit.engine.quantize import stored_bytes
     from globe.formats.validate import validate_checkpoint_files
     path = tiny_checkpoint("qwen2_moe")
     cfg = FitConfig(bank=BankConfig(budget=0.0), quant=QuantSection(bits=4, group=8, residual_bits=4,
@@ -149,8 +150,11 @@ def test_plain_quantization_family_runs_and_exports(tiny_checkpoint, tmp_path):
         on_disk = sum(v.numel() * v.element_size() for k, v in tensors.items()
                       if any(f".{kind}.{fam}" in k for kind in ("bank", "adapters", "code_values", "code_indices",
                                                                 "residual")))
-        assert on_disk == packed + n * (8 + 4)          # no base: the packed weights + one padded code per expert
-        assert packed <= rows[fam][1] <= packed + 32 * n, rows[fam]     # + per-expert scales, ids, row pointers
+        assert on_disk == packed                        # no base, no code (k = 0): per-expert GPTQ's bytes
+        assert rows[fam][1] == packed, rows[fam]
+        assert sum(stored_bytes(result.families[fam], 4).values()) == packed            # the byte model: the same
+        assert all(v.shape[-1] == 0 for k, v in tensors.items() if f".code_values.{fam}" in k or
+                   f".code_indices.{fam}" in k)
     config = json.loads((out / "config.json").read_text())
     del config["quantization_config"]["families"]["gate"]["quant"]["residual"]      # rank 0 without residuals
     (out / "config.json").write_text(json.dumps(config))

@@ -4,9 +4,11 @@ calibration statistics, RTN without).
 
 No base is a base of rank 0: one atom [1, 0, d] (an empty bank), adapters [N, p, 0] (empty) and codes [N, 1] with
 no non-zero, so the residual storage, its runtime path (R_e x dequantized on use), the formats, the validator (rank
-0 only beside residuals) and the byte model serve plain quantization unchanged, and the family stores exactly the
-experts' packed weights (per-expert quantization's bytes) + O(N) metadata: per expert its scale, ids and code row
-pointer (the compressed checkpoint: one padded code index and value). A rank-0 base was chosen over a separate
+0 only beside residuals) and the byte model serve plain quantization unchanged, and the family's compressed
+checkpoint stores exactly the experts' packed weights, per-expert quantization's bytes: its code width is k = 0
+(globe.runtime.apply.family_codes: no code index or value; the validator allows k = 0 at rank 0 only), the expert
+scales are folded and the ids implicit (the artifact of `globe fit` keeps 20 N + 8 bytes of that bookkeeping,
+which --size does not count). A rank-0 base was chosen over a separate
 family kind because every consumer already handles (bank, adapters, codes, residual); the kind "plain" would need
 its own tensors, runtime path, validator and byte rows. (Before, a zero base of rank 1 cost (bits + 32) / d bits
 per routed weight: 0.23 at d = 160.)

@@ -46,12 +46,15 @@ def quant_config(cfg: FitConfig) -> QuantConfig:
 def stored_bytes(fam: FamilyFit, value_bytes: int) -> dict[str, int]:
     """Bytes of a family's stored parts as the artifact stores them: packed bank and adapters (or value_bytes per
     entry when unquantized; a rank per layer: only the real columns), code values + indices + row pointers, expert
-    scales (fp32) and ids (2 x int32). The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
+    scales (fp32) and ids (2 x int32); a family with no base (rank 0) only its residuals, as the compressed
+    checkpoint stores it. The byte model before a fit: globe.fit.planning.bytes.family_bytes."""
     n = fam.codes.shape[0]
     nnz = int((fam.codes != 0).sum())
     params = fam.param_count()                             # adapters: each layer's real columns only
     part = {k: (fam.quant[k].nbytes if k in fam.quant else params[k] * value_bytes) for k in ("bank", "adapters")}
     out = {**part, "codes": nnz * (value_bytes + CODE_INDEX_BYTES) + (n + 1) * 8, "scales": n * 4, "ids": n * 8}
+    if fam.bank.shape[1] == 0:               # no base (plain): the compressed checkpoint stores no code (k = 0),
+        out.update(codes=0, scales=0, ids=0)  # no scale, no id (family_bytes)
     if "residual" in fam.quant:
         out["residual"] = fam.quant["residual"].nbytes
     return out
@@ -85,7 +88,8 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
     result = dataclasses.replace(fam, codes=codes, bank=out.bank.dequantize(), adapters=out.adapters.dequantize(),
                                  quant={"bank": out.bank, "adapters": out.adapters}, metrics=metrics)
     if cfg.quant.residual_bits is not None:
-        result = add_residual(weights, result, cfg, right, copies, out.sq_norms, out.weighted_sq_norms)
+        hessians = None if right is None else objective.expert_hessians
+        result = add_residual(weights, result, cfg, right, copies, out.sq_norms, out.weighted_sq_norms, hessians)
         metrics = result.metrics
     value_bytes = min(torch.finfo(weights.dtype).bits // 8, 4) if weights.dtype.is_floating_point else 4
     parts = stored_bytes(result, value_bytes)
@@ -103,11 +107,12 @@ def quantize_family(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, objec
 
 
 def add_residual(weights: torch.Tensor, fam: FamilyFit, cfg: FitConfig, right, copies: dict[int, int],
-                 sq_norms: torch.Tensor, weighted_sq_norms: torch.Tensor) -> FamilyFit:
+                 sq_norms: torch.Tensor, weighted_sq_norms: torch.Tensor, hessians=None) -> FamilyFit:
     """fam with each expert's residual W_i - W_hat_i quantized in quant["residual"] and its errors updated;
-    sq_norms / weighted_sq_norms [N]: ||W_i||^2 and ||W_i R_i||^2."""
+    sq_norms / weighted_sq_norms [N]: ||W_i||^2 and ||W_i R_i||^2; hessians: the objective's expert_hessians (GPTQ's
+    Hessians: its undamped second moments) or None (R_i R_i^T)."""
     rcfg = QuantConfig(bits=cfg.quant.residual_bits, group=cfg.quant.residual_group)
-    out = quantize_residual(weights, fam, rcfg, right, label=f"residual {fam.family}")
+    out = quantize_residual(weights, fam, rcfg, right, label=f"residual {fam.family}", hessians=hessians)
     residual = tie_quantized(copies, out.residual) if copies else out.residual
     if copies:
         tie_duplicates(copies, out.sq_err)

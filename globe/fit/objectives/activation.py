@@ -40,6 +40,7 @@ class Whitener:
     gains: torch.Tensor     # [N] sqrt of each expert's weight (1 without routing weights)
     rows: torch.Tensor | None = None   # [N, p] output-row weights Lambda_i (channel weights), or None
     unreached: torch.Tensor | None = None   # [N] bool: experts no calibration token reaches (fitted in weight space)
+    ridge: float = 0.0      # the damp added to every normalised C before factoring (factors: chol(C + ridge I))
 
     def scale_rows(self, weights: torch.Tensor, chunk: int) -> torch.Tensor:
         """Lambda_i W_i for every expert: [N, p, k] fp32 (the objective ||Lambda (W - A M) L||: fit Lambda W, then
@@ -58,6 +59,15 @@ class Whitener:
         experts = experts.to(self.index.device)
         factors = self.factors[self.index[experts]].to(x.device, x.dtype)             # [c, k, k]
         return (x @ factors) * self.gains[experts].to(x.device, x.dtype)[:, None, None]
+
+    def hessians(self, experts: torch.Tensor) -> torch.Tensor:
+        """The given experts' normalised second moments without the ridge, g_i^2 (L_i L_i^T - ridge I): [c, k, k]
+        fp64 (GPTQ of a residual damps its Hessian itself: with the ridge too, upcycled-qwen2moe's 4-bit group-64
+        plain quantization had 1.14x the KL of GPTQ under S_e + 64 C_l, benchmarks/diag_plain_gptq.py)."""
+        experts = experts.to(self.index.device)
+        f = self.factors[self.index[experts]].double()                                   # [c, k, k]
+        eye = torch.eye(f.shape[-1], dtype=torch.float64)
+        return (f @ f.transpose(1, 2) - self.ridge * eye) * self.gains[experts].double().square()[:, None, None]
 
     def __call__(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """x [hi - lo, rows, k] of experts lo:hi -> whitened."""
@@ -140,7 +150,7 @@ def build_whitener(stats: ActivationStats, family: str, ids: torch.Tensor, k: in
     if unreached_weight_space:
         factors, index, gains, unreached = weight_space_for_unreached(stats, family, ids, layer_pos, factors, index,
                                                                       gains, damp)
-    return Whitener(factors=factors, index=index, gains=gains, rows=rows, unreached=unreached)
+    return Whitener(factors=factors, index=index, gains=gains, rows=rows, unreached=unreached, ridge=damp)
 
 
 def weight_space_for_unreached(stats: ActivationStats, family: str, ids: torch.Tensor, layer_pos: torch.Tensor,
@@ -263,6 +273,9 @@ class ActivationObjective(Objective):
 
     def unscale(self, adapters: torch.Tensor) -> torch.Tensor:
         return self.whiten.unscale_rows(adapters)
+
+    def expert_hessians(self, experts: torch.Tensor) -> torch.Tensor:
+        return self.whiten.hessians(experts)
 
     def bank_hessian(self) -> torch.Tensor:
         """L_g L_g^T: the experts' mean (routing-weighted) normalised C."""

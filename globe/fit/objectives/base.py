@@ -112,6 +112,11 @@ class Objective:
         """The [d, d] second moment the quantized bank's error is weighted by (the experts' mean C); None: I."""
         return None
 
+    def expert_hessians(self, experts: torch.Tensor) -> torch.Tensor | None:
+        """The given experts' [c, d, d] fp64 second moments a quantized residual's GPTQ is run under (undamped: GPTQ
+        damps itself); None: R_i R_i^T (globe.fit.solvers.residual.expert_hessians)."""
+        return None
+
     def unscale(self, adapters: torch.Tensor) -> torch.Tensor:
         """Adapters fitted in the target space -> adapters of the original weights."""
         return adapters

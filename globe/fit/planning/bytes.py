@@ -7,6 +7,8 @@ count as globe.fit.engine.quantize.stored_bytes):
     adapters   [N, p, r]   the same, groups along r (a rank per layer: only each layer's real columns)
     codes      nnz values (value bytes) + nnz int32 atom indices + (N + 1) int64 row pointers
     scales     N fp32;  ids  N x 2 int32
+    (codes, scales and ids: none for a family with no base, r = 0, globe.fit.engine.plain: its compressed
+    checkpoint stores code width k = 0, and the artifact's bookkeeping of it is not counted)
     residual   [N, p, d]   optional (quant.residual_bits): each expert's W_i - W_hat_i packed at its bits + fp16
                            scale and zero per group of residual_group entries along d
 Value bytes: the source checkpoint's floating dtype (2 for bf16). The whole checkpoint: every tensor of the source
@@ -88,6 +90,8 @@ def family_bytes(n: int, p: int, d: int, m: int, r: int, nnz: int, value_bytes: 
     out = {"bank": factor_bytes((m, r, d), value_bytes, bits, group), "adapters": adapters,
            "codes": nnz * (value_bytes + INDEX_BYTES) + (n + 1) * INDPTR_BYTES,
            "scales": n * EXPERT_SCALE_BYTES, "ids": n * ID_BYTES}
+    if r == 0:                                   # no base (plain): the compressed checkpoint stores no code
+        out.update(codes=0, scales=0, ids=0)     # (k = 0), no scale (folded) and no id (implicit)
     if residual is not None:
         out["residual"] = quantized_bytes((n, p, d), *residual)
     return out
@@ -132,6 +136,7 @@ class SizePlan:
     kind: str = "factors"         # factors | residual | plain (SIZE_RULE)
     residual_bits: int | None = None
     residual_group: int | None = None
+    group: int | None = None      # the factors' quantization group where the plan sets it (finer_group), else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,12 +152,18 @@ class SizePlan:
         if self.kind == "plain":
             return f"plain quantization of the experts ({res}, no base)"
         factors = f"{self.bits}-bit factors" if self.bits else "unquantized factors"
+        factors += f" group {self.group}" if self.group else ""
         return f"{factors} at budget {self.budget:.4f}" + (f" + {res}" if self.kind == "residual" else "")
 
 
 # The largest per-family budget --size picks: above it a family keeps almost all its parameters (FitConfig warns
 # above 0.95), and plain quantization is the kind for such sizes.
 MAX_SIZE_BUDGET = 0.95
+# Where quantized factors reach MAX_SIZE_BUDGET with bytes left (experts with few rows: upcycled-qwen2moe's 64-row
+# experts cap 4-bit group-64 factors at 2.39 bits per routed weight), the bytes left buy a finer quantization group:
+# halved while every family still fits, down to MIN_FACTOR_GROUP. Measured on upcycled-qwen2moe at a 3.0-bit size
+# (no expert phase): group 32 at 2.65 bits had 0.80x the KL of group 64 at 2.39 bits.
+MIN_FACTOR_GROUP = 16
 
 
 def worst_bytes(n: int, p: int, d: int, budget: float, support: int, value_bytes: int, bits: int | None,
@@ -183,6 +194,19 @@ def largest_budget(n: int, p: int, d: int, limit: int, support: int, value_bytes
     return lo if worst is not None and worst <= limit else None
 
 
+def finer_group(n: int, dims: list[tuple[int, int]], limit: int, support: int, value_bytes: int, bits: int,
+                group: int) -> int:
+    """The finest group (group halved, down to MIN_FACTOR_GROUP) at which factors at MAX_SIZE_BUDGET still store
+    <= limit bytes per family; `group` itself when they do not fit at it or no finer one fits."""
+    best = group
+    while best // 2 >= MIN_FACTOR_GROUP:
+        worst = [worst_bytes(n, p, d, MAX_SIZE_BUDGET, support, value_bytes, bits, best // 2) for p, d in dims]
+        if None in worst or max(worst) > limit:
+            break
+        best //= 2
+    return best
+
+
 def choose_kind(bits_per_weight: float) -> str:
     """The kind of family SIZE_RULE picks for a family limit of `bits_per_weight` bits per routed weight."""
     if bits_per_weight >= SIZE_RULE["plain_from_bits"]:
@@ -194,8 +218,9 @@ def choose_kind(bits_per_weight: float) -> str:
 
 def plain_bytes(n: int, p: int, d: int, value_bytes: int, bits: int, group: int, rbits: int, rgroup: int) -> int:
     """A plain family's bytes (globe.fit.engine.plain): the experts' packed weights (the residuals over no base: one
-    atom of rank 0, an empty bank and empty adapters, no non-zero code) + per expert its scale, ids and code row
-    pointer: exactly per-expert quantization's bytes + 20 N + 8 bytes."""
+    atom of rank 0, an empty bank and empty adapters, no code): exactly per-expert quantization's bytes. (The
+    artifact of `globe fit` keeps 20 N + 8 bytes of bookkeeping beside them, expert scales, ids and code row
+    pointers, which the compressed checkpoint, the size --size counts, does not store.)"""
     return sum(family_bytes(n, p, d, PLAIN_ATOMS, PLAIN_RANK, 0, value_bytes, bits, group,
                             residual=(rbits, rgroup)).values())
 
@@ -265,9 +290,12 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
             budgets = [largest_budget(n, p, d, limit, k, value_bytes, b, group) for p, d in dims]
             if None in budgets:
                 continue
-            budget = min(budgets)
-            worst = sum(worst_bytes(n, p, d, budget, k, value_bytes, b, group) for p, d in dims)
-            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit, bpw)
+            budget, finer = min(budgets), None
+            if b is not None and not fixed_bits and budget >= MAX_SIZE_BUDGET * (1 - 1e-6):
+                finer = finer_group(n, dims, limit, k, value_bytes, b, group)     # capped: spend the rest on
+                finer = finer if finer < group else None                          # a finer group
+            worst = sum(worst_bytes(n, p, d, budget, k, value_bytes, b, finer or group) for p, d in dims)
+            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit, bpw, group=finer)
     options = [bits] if fixed_bits else list(BITS_PREFERENCE)
     floor = min(sum(family_shape_bytes(n, p, d, 2, 1, value_bytes, b, group) for p, d in dims) for b in options)
     smallest = other_bytes + floor
@@ -293,8 +321,11 @@ def _size_inputs(cfg: FitConfig, model_dir, size_gib: float) -> tuple[int, list[
 
 
 def apply_plan(cfg: FitConfig, plan: SizePlan) -> FitConfig:
-    """cfg (changed in place) set to the plan: quant.bits, bank.budget, sparsity.target_support, residuals."""
+    """cfg (changed in place) set to the plan: quant.bits, bank.budget, sparsity.target_support, residuals, the
+    factors' group where the plan sets one."""
     cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
+    if plan.group is not None:
+        cfg.quant.group = plan.group
     cfg.quant.residual_bits = plan.residual_bits
     if plan.residual_group is not None:
         cfg.quant.residual_group = plan.residual_group

@@ -46,9 +46,12 @@ def expert_hessians(right: Right, experts: torch.Tensor, d: int) -> torch.Tensor
 
 
 def quantize_residual(weights: torch.Tensor, fam: FamilyFit, cfg: QuantConfig, right: Right | None = None,
-                      chunk: int = RESIDUAL_CHUNK, label: str = "residual") -> QuantizedResidual:
+                      chunk: int = RESIDUAL_CHUNK, label: str = "residual",
+                      hessians: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> QuantizedResidual:
     """weights [N, p, d] (a tensor or a lazy reader; fam's expert order) and fam (its factors as the model computes
-    with them, fam.quant without a residual) -> QuantizedResidual; cfg.method is replaced by residual_method."""
+    with them, fam.quant without a residual) -> QuantizedResidual; cfg.method is replaced by residual_method.
+    hessians(experts) -> [c, d, d]: the GPTQ Hessians (the objective's undamped second moments,
+    Objective.expert_hessians); None, or where it returns None: R_i R_i^T from the right factors."""
     n, p, d = weights.shape
     cfg = QuantConfig(method=residual_method(right), bits=cfg.bits, group=cfg.group)
     parts: list[QuantizedTensor] = []
@@ -59,7 +62,8 @@ def quantize_residual(weights: torch.Tensor, fam: FamilyFit, cfg: QuantConfig, r
         w = weights[lo:hi].float()
         base = fam.reconstruct(slice(lo, hi)).float()                               # [c, p, d]
         rest = w - base
-        h = None if right is None else expert_hessians(right, experts, d)
+        h = None if right is None else (hessians and hessians(experts))
+        h = expert_hessians(right, experts, d) if right is not None and h is None else h
         qt = quantize(rest, cfg, h)
         parts.append(qt)
         err = (rest - qt.dequantize()).double()

@@ -125,7 +125,7 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
         other, dense = source_bytes(reader, ("gate", "up"))
     routed = sum(dense.values()) // 2                                 # bf16 weights of gate + up
     kinds = {}
-    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.6, None)):
+    for bpw, kind in ((2.5, None), (3.9, "residual"), (4.5, None)):      # 4.5: exactly 4-bit group-64 GPTQ's
         cfg = FitConfig(train=QUICK, quant=QuantSection(group=8))
         target = other + int(routed * bpw / 8)
         plan = apply_size(cfg, upcycled, target / GIB, kind=kind)
@@ -134,18 +134,50 @@ def test_size_picks_the_kind_by_the_rule_and_the_plain_family_meets_it(upcycled,
     assert kinds["factors"][0].bits_per_weight < SIZE_RULE["plain_from_bits"] <= kinds["plain"][0].bits_per_weight
     plan, cfg, target = kinds["plain"]
     assert cfg.bank.budget == 0 and cfg.quant.residual_bits == plan.residual_bits == 4
-    assert plan.residual_group == 64 and plan.predicted_bytes <= target     # no base: 4.5 bits + O(N) fit in 4.6
     n, p, d = 16, 64, 128                                           # 2 layers x 8 experts
     packed = n * p * d * 4 // 8 + 4 * n * p * (d // 64)            # per-expert 4-bit group-64 codes, scales, zeros
-    assert plan.predicted_bytes == other + 2 * (packed + n * (4 + 8) + (n + 1) * 8)     # + scales, ids, row pointers
+    assert plan.residual_group == 64 and plan.predicted_bytes == target == other + 2 * packed   # no metadata
     plan, cfg, _ = kinds["residual"]
     assert 0 < cfg.bank.budget <= SIZE_RULE["residual_max_budget"] and cfg.quant.residual_bits == plan.residual_bits
     for kind in ("plain", "residual"):
         plan, cfg, target = kinds[kind]
         art = globe.save(globe.fit_model(upcycled, cfg), tmp_path / kind)
         written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+        if kind == "plain":           # the compressed checkpoint stores exactly the packed weights, as predicted
+            from globe.export import save_compressed      # (the artifact adds 20 N + 8 bytes of bookkeeping)
+            out = save_compressed(upcycled, globe.load(art), tmp_path / "plain_hf")
+            stored = sum(b for k, b in tensor_bytes(out).items()
+                         if any(f".{part}.{f}" in k for part in ("bank", "adapters", "code_values", "code_indices",
+                                                                 "residual") for f in ("gate", "up")))
+            assert written == target + 2 * (20 * n + 8)
+            written = other + stored
+            assert written == plan.predicted_bytes == target
         assert written <= target + math.ceil(8 * 4 / 8) + 4, kind
         assert written - other >= 0.8 * (target - other), kind
-        if kind == "plain":                                         # no non-zero code: the byte model is exact
-            assert written == plan.predicted_bytes
 
+
+
+def test_capped_factors_spend_the_size_on_a_finer_group(upcycled, tmp_path):
+    """Where 4-bit factors reach the largest budget with bytes left (64-row experts), --size halves their group
+    while they fit: the written bytes stay within the target, use more of it, and the weighted error is lower than
+    at the configured group."""
+    from globe.fit.planning.bytes import MAX_SIZE_BUDGET
+    with open_checkpoint(upcycled) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    target = other + int(sum(dense.values()) * 5.0 / 16)           # 5 bits: group-64 factors cap at 4.4
+    cfg = FitConfig(train=QUICK)                                    # group 64
+    plan = apply_size(cfg, upcycled, target / GIB, kind="factors")
+    assert plan.kind == "factors" and plan.bits == 4 and plan.budget == pytest.approx(MAX_SIZE_BUDGET, rel=1e-6)
+    assert plan.group in (16, 32) and cfg.quant.group == plan.group and plan.predicted_bytes <= target
+    assert f"group {plan.group}" in plan.describe()
+    coarse = FitConfig(train=QUICK)
+    coarse_plan = apply_size(coarse, upcycled, (other + int(sum(dense.values()) * 2.5 / 16)) / GIB, kind="factors")
+    assert coarse_plan.group is None and coarse.quant.group == 64     # no room: the configured group
+    coarse.bank.budget = cfg.bank.budget                              # the same budget at group 64
+    fine, rough = globe.fit_model(upcycled, cfg), globe.fit_model(upcycled, coarse)
+    art = globe.save(fine, tmp_path / "fine")
+    written = other + sum(_family_written(art, f) for f in ("gate", "up"))
+    assert rough.families["gate"].metrics["quant"]["bytes_total"] < fine.families["gate"].metrics["quant"]["bytes_total"]
+    assert written <= target
+    for f in ("gate", "up"):
+        assert fine.families[f].metrics["rel_err"] < rough.families[f].metrics["rel_err"], f
