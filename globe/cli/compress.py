@@ -8,6 +8,7 @@ agreement to the original). The run is globe.run.compress.run_compress; the fit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
@@ -140,6 +141,8 @@ def _config_plans(args: argparse.Namespace):
     if args.size is not None:
         from globe.fit.planning.bytes import size_plans
         plans = size_plans(cfg, args.model_dir, args.size, bits_given=args.bits is not None or args.no_quant)
+        if args.quant_group is not None:     # the user's group stands (the plan's bound, at a finer one, still holds)
+            plans = [dataclasses.replace(p, group=None) for p in plans]
     # the whole-expert phase: by default wherever it applies; with --size, for the candidates that can take it
     configs = [candidate_config(cfg, p, quiet=True) for p in plans] or [cfg]
     if args.expert_steps is None:

@@ -181,3 +181,18 @@ def test_capped_factors_spend_the_size_on_a_finer_group(upcycled, tmp_path):
     assert written <= target
     for f in ("gate", "up"):
         assert fine.families[f].metrics["rel_err"] < rough.families[f].metrics["rel_err"], f
+
+
+def test_a_group_the_user_gives_stands_under_size(upcycled):
+    """`globe compress --size` halves the factors' group only where the user gave none (--quant-group stands)."""
+    from globe.cli.compress import _config_plans
+    from globe.cli.main import build_parser
+    with open_checkpoint(upcycled) as reader:
+        other, dense = source_bytes(reader, ("gate", "up"))
+    size = f"{(other + int(sum(dense.values()) * 5.0 / 16)) / GIB!r}"     # 5 bits: group-64 factors are capped
+    base = ["compress", str(upcycled), "-o", "unused", "--size", size, "--no-calibration"]
+    factors = lambda plans: next(p for p in plans if p.kind == "factors")              # noqa: E731
+    _, plans = _config_plans(build_parser().parse_args(base))
+    assert factors(plans).group in (16, 32)
+    _, plans = _config_plans(build_parser().parse_args([*base, "--quant-group", "64"]))
+    assert factors(plans).group is None
