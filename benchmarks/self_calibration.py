@@ -1,25 +1,37 @@
-"""Self-generated against real calibration text: KL / top-1 / perplexity of GloBE at one total cut.
+"""Self-generated against real calibration text with today's default `globe compress`, and its fit time against
+MoBE's recipe, in one run.
 
-For each model (default: the embedded model and the two evaluation models in benchmarks/models/) and the cut of
-its TOTAL parameters (default 0.35), three fits at the same budget, each applied to the model (dense mode) and
-scored against the original on the model's held-out text (globe.eval.divergence: KL(original || compressed) per
-token in nats, top-1 agreement, perplexity; non-overlapping --window-token windows over all of it):
-  weight-space     the plain weight-error fit (`globe compress --no-calibration`)
-  self-generated   activation-aware, calibrated on --calib-tokens tokens the model samples itself (seed 0,
-                   temperature 1: what `globe compress` does without --calibration-text)
-  real-text        activation-aware, calibrated on the first --calib-tokens tokens of the model's calibration
-                   text (MODEL/calib.txt, a split disjoint from training and held-out; for the embedded model its
-                   training split corpus/train.txt, rebuilt by scripts/build_corpus.py)
-Statistics come from globe.run.calibrate (what `globe compress` runs). One JSON (--out), rewritten after every row.
+Quality. For each model (default: the three evaluation models in benchmarks/models/) and each cut of its TOTAL
+parameters (--cuts, default 0.35 0.25 0.40, in that order, each over every model before the next; a pass per
+--variants entry, the first at every cut before the next starts, so a run stopped early has it whole), the default
+`globe compress MODEL --total-cut C` runs through benchmarks/peers.py's globe-default rows (the command's own parser,
+config and globe.run.compress; the fit time covers calibration, the activation-aware fit, the whole-expert phase,
+quantization and both exports), once per calibration source (--sources) and factor format (--variants):
+  self   calibrated on --calib-tokens tokens the model samples itself (what `globe compress` does by default)
+  real   calibrated on the first --calib-tokens tokens of MODEL/calib.txt (`--calibration-text`; a split disjoint
+         from training and held-out text)
+  quant  4-bit group-64 GPTQ factors (the default); bf16: `--no-quant`
+Each dense checkpoint is scored as the peers grid scores it (peers.score, peers.py's settings: KL(original ||
+compressed) per token, top-1 agreement and perplexity on the first --ppl-tokens held-out tokens; the routed output
+error on the --output-tokens calibration tokens after peers.py's 32,768), with each fit's wall and user CPU seconds.
+
+Fit time. At --mobe-cut (default 0.35), after that cut's GloBE rows on the same model: MoBE
+(benchmarks/baselines/mobe.py, its defaults) timed at 0 and --mobe-epochs epochs for both families, on the weights
+it reads itself (timed too; MoBE needs no statistics). Its recipe (--mobe-recipe-epochs, 30000: the default
+`--num_epochs` of inclusionAI/MoBE train.py, full batch) is extrapolated linearly: weights + the 0-epoch run (SVD
+initialisation) + recipe epochs x the measured per-epoch cost. Compared in user CPU seconds with the self / quant
+row (the default `globe compress`). One thread (torch.set_num_threads(1)); one JSON (--out), rewritten after every
+row.
 
     OMP_NUM_THREADS=1 python benchmarks/self_calibration.py
-    python benchmarks/self_calibration.py benchmarks/models/upcycled-qwen2moe --calib-tokens 4096
+    python benchmarks/self_calibration.py benchmarks/models/upcycled-qwen2moe --cuts 0.35 --sources self real --no-mobe
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import resource
 import sys
 import tempfile
 import time
@@ -30,135 +42,190 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import peers  # noqa: E402
+from benchmarks.baselines.checkpoint import FAMILIES, load_causal_lm, read_families  # noqa: E402
+from benchmarks.baselines.mobe import MobeConfig  # noqa: E402
 from benchmarks.report import new_report, quiet_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.self_calibration")
-MODELS = ("globe/assets/globe-tiny-moe", "benchmarks/models/upcycled-qwen2moe",
+MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
-METHODS = ("weight-space", "self-generated", "real-text")
+# (variant, source) -> the peers.py globe-default row that runs it; the quantized real-text row is registered here
+peers.GLOBE_DEFAULTS.setdefault("globe-default-quant-text", ("--calibration-text",))
+ROWS = {("quant", "self"): "globe-default-quant", ("quant", "real"): "globe-default-quant-text",
+        ("bf16", "self"): "globe-default", ("bf16", "real"): "globe-default-text"}
+MOBE_RECIPE_EPOCHS = 30000          # inclusionAI/MoBE train.py --num_epochs default (its Qwen3-235B recipe)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: all three)")
-    a("--cut", type=float, default=0.35, help="cut of TOTAL params (default 0.35)")
-    a("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="fits to run (default: all)")
+    a("--cuts", type=float, nargs="+", default=[0.35, 0.25, 0.40], help="cuts of TOTAL params, in run order")
+    a("--sources", nargs="+", default=["self", "real"], choices=("self", "real"), help="calibration sources")
+    a("--variants", nargs="+", default=["quant"], choices=("quant", "bf16"),
+      help="factor formats: quant (the default, 4-bit) and/or bf16 (--no-quant); default quant")
     a("--calib-tokens", type=int, default=8192, help="calibration tokens, the same for both sources (default 8192)")
-    a("--seed", type=int, default=0, help="seed of the fits and of the self-generated text (default 0)")
-    a("--window", type=int, default=256, help="scoring window, non-overlapping (default 256)")
-    a("--eval-tokens", type=int, default=0, help="score the first N held-out tokens (default 0: all)")
+    a("--ppl-tokens", type=int, default=8192, help="score the first N held-out tokens (default 8192, the grid's)")
+    a("--output-tokens", type=int, default=4096, help="calibration tokens for the output error (peers.py's)")
+    a("--mobe-cut", type=float, default=0.35, help="cut at which MoBE's fit is timed (default 0.35)")
+    a("--mobe-epochs", type=int, default=200, help="MoBE epochs actually timed (default 200)")
+    a("--mobe-recipe-epochs", type=int, default=MOBE_RECIPE_EPOCHS,
+      help=f"MoBE epochs extrapolated to (default {MOBE_RECIPE_EPOCHS}, its train.py default)")
+    a("--no-mobe", action="store_true", help="skip the MoBE timing")
     a("--out", default=str(REPO / "benchmarks" / "results" / "self_calibration.json"), help="JSON output path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.calib_tokens < 1 or args.ppl_tokens < 0 or args.output_tokens < 1 or args.mobe_epochs < 1 \
+            or args.mobe_recipe_epochs < args.mobe_epochs:
+        p.error("--calib-tokens, --output-tokens and --mobe-epochs must be >= 1, --ppl-tokens >= 0, "
+                "--mobe-recipe-epochs >= --mobe-epochs")
+    if any(not 0 < c < 1 for c in args.cuts + [args.mobe_cut]):
+        p.error("--cuts and --mobe-cut must lie in (0, 1)")
+    return args
 
 
-def calib_text(model_dir: Path) -> Path:
-    from globe.assets import DEFAULT_MODEL_DIR
-    if (model_dir / "calib.txt").is_file():
-        return model_dir / "calib.txt"
-    if model_dir.resolve() == Path(DEFAULT_MODEL_DIR).resolve():
-        path = REPO / "corpus" / "train.txt"
-        if path.is_file():
-            return path
-    raise SystemExit(f"self_calibration.py: error: no calibration text for {model_dir} (MODEL/calib.txt, or "
-                     f"corpus/train.txt for the embedded model: python scripts/build_corpus.py)")
+class Clock:
+    """Wall and user / system CPU seconds of this process (and its children) since creation."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), own.ru_utime + kids.ru_utime, own.ru_stime + kids.ru_stime
+
+    def stop(self) -> dict:
+        now = self._now()
+        return {k: round(b - a, 2) for k, a, b in zip(("wall_s", "user_s", "sys_s"), self.start, now)}
 
 
-def statistics(model_dir: Path, method: str, args, work: Path) -> tuple[str, dict, float]:
-    """(statistics file, where the calibration came from, seconds) of one calibration source."""
-    from globe.run.calibrate import CalibrateRun, run_calibrate
-    text = str(calib_text(model_dir)) if method == "real-text" else None
-    run = CalibrateRun(str(model_dir), text, str(work / f"{method}.safetensors"), max_tokens=args.calib_tokens,
-                       window=args.window, seed=args.seed)
-    t0 = time.perf_counter()
-    stats = run_calibrate(run)
-    return run.out, stats.info["calibration"], time.perf_counter() - t0
+def context(model_dir: Path, args) -> dict:
+    """peers.prepare at peers.py's settings (its calibration statistics only feed the output error's split)."""
+    argv = [str(model_dir), "--methods", "globe-default-quant", "--ppl-tokens", str(args.ppl_tokens),
+            "--output-tokens", str(args.output_tokens), "--default-calib-tokens", str(args.calib_tokens)]
+    return peers.prepare(model_dir, peers.parse_args(argv))
 
 
-def fit(model_dir: Path, method: str, args, work: Path) -> tuple:
-    """(FitResult, calibration info or None, calibration seconds, fit seconds) at the cut."""
-    from globe.fit.config import FitConfig, TrainConfig
-    from globe.fit.engine import fit_model
-    from globe.run.fit import apply_total_cut
-    cfg = FitConfig(train=TrainConfig(seed=args.seed))
-    apply_total_cut(cfg, model_dir, args.cut)
-    info, cal_s = None, 0.0
-    if method != "weight-space":
-        cfg.activation.stats, info, cal_s = statistics(model_dir, method, args, work)
-    t0 = time.perf_counter()
-    result = fit_model(model_dir, cfg)
-    return result, info, cal_s, time.perf_counter() - t0
-
-
-def score(original, model_dir: Path, result, ids: torch.Tensor, window: int) -> dict:
-    from globe.eval import divergence
-    from globe.export import load_model
-    from globe.runtime import apply_globe
-    compressed = apply_globe(load_model(model_dir), result, mode="dense")
-    return divergence(original, compressed, ids, max_length=window)
-
-
-def run_model(model_dir: Path, args) -> dict:
-    from globe.eval import encode_text, perplexity
-    from globe.export import load_model
-    from globe.io import open_checkpoint
-    from globe.run.fit import total_cut_of
-    from globe.run.tokenizer import load_tokenizer
-    with open_checkpoint(model_dir) as reader:
-        inv = reader.inventory()
-    ids = encode_text(load_tokenizer(model_dir), (model_dir / "heldout.txt").read_text(encoding="utf-8"))
-    ids = ids[:args.eval_tokens] if args.eval_tokens else ids
-    original = load_model(model_dir)
-    base = perplexity(original, ids, args.window)
-    entry = {"model": {"dir": str(model_dir.relative_to(REPO) if model_dir.is_relative_to(REPO) else model_dir),
-                       "model_type": inv.model_type, "layers": len(inv.moe_layers), "experts": inv.num_experts,
-                       "top_k": inv.top_k, "p": inv.p, "d": inv.d, "total_params": inv.total_params,
-                       "heldout_tokens_scored": base["tokens"], "original_perplexity": base["perplexity"],
-                       "calibration_text": str(calib_text(model_dir).relative_to(REPO))}, "rows": []}
+def globe_row(ctx: dict, cut: float, variant: str, source: str) -> dict:
+    """The default `globe compress` (one variant, one source) at `cut`, scored as the peers grid scores it."""
+    from globe.fit.planning.bytes import result_bytes
+    method = ROWS[variant, source]
+    ctx["cut"] = cut
     with tempfile.TemporaryDirectory(prefix="self-calibration-") as tmp:
-        for method in args.methods:
-            result, info, cal_s, fit_s = fit(model_dir, method, args, Path(tmp))
-            div = score(original, model_dir, result, ids, args.window)
-            row = {"method": method, "kl": div["kl"], "top1": div["top1"], "perplexity": div["perplexity"],
-                   "kl_max": div["kl_max"], "tokens": div["tokens"], "total_cut": total_cut_of(result),
-                   "calibration": info, "calibration_seconds": round(cal_s, 1), "fit_seconds": round(fit_s, 1),
-                   "families": {f: {"m": fam.shape["m"], "r": fam.shape["r"], "rel_err": fam.metrics["rel_err"],
-                                    "act_rel_err": fam.metrics.get("act_rel_err"),
-                                    "median_support": fam.metrics["median_support"]}
-                                for f, fam in result.families.items()}}
-            entry["rows"].append(row)
-            log.info("%s %s: KL %.5f, top-1 %.4f, perplexity %.3f (original %.3f); calibration %.0f s, fit %.0f s",
-                     model_dir.name, method, row["kl"], row["top1"], row["perplexity"], base["perplexity"], cal_s,
-                     fit_s)
-            yield entry
+        clock = Clock()
+        result, dense = peers.globe_compress(method, ctx, cut, Path(tmp))
+        fit = clock.stop()
+        scored = peers.score(ctx, dense)
+    stored = result_bytes(result)
+    row = {"variant": variant, "source": source, "method": method, "kl": scored["kl"], "top1": scored["top1"],
+           "perplexity": scored["perplexity"], "delta_ppl": scored["perplexity"] - ctx["original_ppl"],
+           "rel_err": scored["rel_err"], "output_rel_err": scored["output_rel_err"], "fit": fit,
+           "calibration": result.source.get("calibration"),
+           "params": {f: int(result.params[f]) for f in FAMILIES},
+           "bytes": {f: int(stored["families"][f]["stored"]) for f in FAMILIES},
+           "shape": {f: {"m": fam.shape["m"], "r": fam.shape["r"], "median_support": fam.metrics.get("median_support")}
+                     for f, fam in result.families.items()}}
+    log.info("%s -%.0f%% %s/%s: KL %.5f, top-1 %.4f, ppl %.3f; fit %.0f s wall, %.0f s user CPU", ctx["dir"].name,
+             100 * cut, variant, source, row["kl"], row["top1"], row["perplexity"], fit["wall_s"], fit["user_s"])
+    return row
 
 
-def print_table(report: dict) -> None:
-    print("| model (original perplexity) | fit | KL (nats/token) | top-1 agreement | perplexity | fit s |")
-    print("|---|---|---|---|---|---|")
-    for entry in report["models"]:
-        m = entry["model"]
-        for r in entry["rows"]:
-            print(f"| {Path(m['dir']).name} ({m['original_perplexity']:.3f}) | {r['method']} | {r['kl']:.5f} | "
-                  f"{r['top1']:.4f} | {r['perplexity']:.3f} | {r['calibration_seconds'] + r['fit_seconds']:.0f} |")
+def mobe_timing(ctx: dict, cut: float, args) -> dict:
+    """MoBE's fit of both families at `cut` timed at 0 and --mobe-epochs epochs, extrapolated to its recipe."""
+    from globe.fit.solvers.budget import total_cut_budget
+    budget, _ = total_cut_budget(cut, ctx["inv"], FAMILIES)
+    clock = Clock()
+    weights = read_families(load_causal_lm(ctx["dir"]))                 # what MoBE reads: the routed gate / up
+    read = clock.stop()
+    runs = {}
+    for epochs in (0, args.mobe_epochs):
+        clock = Clock()
+        fits = peers.baseline("mobe", {**ctx, "weights": weights}, budget, MobeConfig(epochs=epochs))
+        runs[epochs] = clock.stop()
+    per_epoch = {k: (runs[args.mobe_epochs][k] - runs[0][k]) / args.mobe_epochs for k in ("wall_s", "user_s")}
+    recipe = {k: round(read[k] + runs[0][k] + args.mobe_recipe_epochs * per_epoch[k], 1) for k in ("wall_s", "user_s")}
+    out = {"cut": cut, "budget_per_family": budget, "r": fits["gate"].info["r"], "m": fits["gate"].info["m"],
+           "read_weights": read, "init_only": runs[0], "timed_epochs": args.mobe_epochs,
+           "timed": runs[args.mobe_epochs], "per_epoch": {k: round(v, 5) for k, v in per_epoch.items()},
+           "recipe_epochs": args.mobe_recipe_epochs, "recipe_extrapolated": recipe}
+    log.info("%s -%.0f%% MoBE: %.4f s user CPU per epoch; %d epochs extrapolated: %.0f s user CPU", ctx["dir"].name,
+             100 * cut, per_epoch["user_s"], args.mobe_recipe_epochs, recipe["user_s"])
+    return out
+
+
+def fit_time(entry: dict, mobe_cut: float) -> dict | None:
+    """GloBE default (quant, self) against MoBE's recipe, user CPU seconds, at mobe_cut; None until both ran."""
+    mobe = entry.get("mobe")
+    rows = [r for c in entry["cuts"] if c["cut"] == mobe_cut for r in c["rows"]
+            if (r["variant"], r["source"]) == ("quant", "self")]
+    if mobe is None or not rows:
+        return None
+    globe_s, mobe_s = rows[0]["fit"]["user_s"], mobe["recipe_extrapolated"]["user_s"]
+    return {"globe_default_user_s": globe_s, "mobe_recipe_user_s": mobe_s, "ratio": round(globe_s / mobe_s, 3),
+            "goal_met": globe_s <= mobe_s}
 
 
 def main(argv: list[str] | None = None) -> dict:
     from globe.core.files import atomic_write_text
+    from globe.fit.solvers.budget import total_cut_budget
     args = parse_args(argv)
+    torch.set_num_threads(1)
     quiet_logging()
     t0 = time.perf_counter()
     report = new_report(args, ("out", "models"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:                                                   # partial results survive
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        atomic_write_text(out, json.dumps(report, indent=1, default=float))
+
+    ctxs = []
     for model_dir in args.models:
-        for entry in run_model(Path(model_dir).resolve(), args):
-            if not report["models"] or report["models"][-1] is not entry:
-                report["models"].append(entry)
-            report["seconds"] = round(time.perf_counter() - t0, 1)
-            atomic_write_text(out, json.dumps(report, indent=1, default=float))     # partial results survive
+        ctx = context(Path(model_dir).resolve(), args)
+        ctxs.append(ctx)
+        info = ctx["info"]
+        report["models"].append({"model": {**info, "dir": Path(info["dir"]).name}, "cuts": []})
+        save()
+    for variant in args.variants:                     # a pass per variant: the first one at every cut first
+        for cut in args.cuts:
+            for ctx, entry in zip(ctxs, report["models"]):
+                done = next((c for c in entry["cuts"] if c["cut"] == cut), None)
+                if done is None:
+                    budget, support = total_cut_budget(cut, ctx["inv"], FAMILIES)
+                    done = {"cut": cut, "budget_per_family": budget, "target_support": support, "rows": []}
+                    entry["cuts"].append(done)
+                for source in args.sources:
+                    done["rows"].append(globe_row(ctx, cut, variant, source))
+                    save()
+                if cut == args.mobe_cut and variant == "quant" and not args.no_mobe:
+                    entry["mobe"] = mobe_timing(ctx, cut, args)
+                    entry["fit_time"] = fit_time(entry, args.mobe_cut)
+                    save()
     print_table(report)
     return report
+
+
+def print_table(report: dict) -> None:
+    print("| model | cut | variant | KL self | KL real | real / self | top-1 self | top-1 real |")
+    print("|---|---|---|---|---|---|---|---|")
+    for entry in report["models"]:
+        for c in entry["cuts"]:
+            by = {(r["variant"], r["source"]): r for r in c["rows"]}
+            for variant in dict.fromkeys(v for v, _ in by):
+                s, r = by.get((variant, "self")), by.get((variant, "real"))
+                if s is None or r is None:
+                    continue
+                print(f"| {entry['model']['dir']} | -{100 * c['cut']:.0f} % | {variant} | {s['kl']:.5f} | "
+                      f"{r['kl']:.5f} | {r['kl'] / s['kl']:.2f} | {s['top1']:.4f} | {r['top1']:.4f} |")
+    print("\n| model | GloBE default: user CPU s | MoBE recipe (extrapolated): user CPU s | ratio | goal |")
+    print("|---|---|---|---|---|")
+    for entry in report["models"]:
+        t = entry.get("fit_time")
+        if t:
+            print(f"| {entry['model']['dir']} | {t['globe_default_user_s']:.0f} | {t['mobe_recipe_user_s']:.0f} | "
+                  f"{t['ratio']:.2f} | {'met' if t['goal_met'] else 'missed'} |")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ What matches the original `train.py` (read at the repository's HEAD):
     state after the step is kept; the best kept state is the result (the code's order, kept as is).
 What we changed: all layers are trained at once as one batch of independent problems (batched matmuls; the loss
 is the sum of per-layer MSEs, so each layer's gradients and its Adam state are exactly those of its own run);
-epochs default to 1000 instead of 30000 (CPU budget; the sweep in benchmarks/peers.py varies them); if fewer than
-200 epochs run, the final state is used (the original would fail); the rank r (`truncation`) is solved from the
-stored-parameter budget E p r + m r d + E m per layer instead of being given, and capped at the rank of a group.
+epochs default to 1000 instead of the recipe's 30000 (`--num_epochs` default of train.py, with its Qwen3-235B
+defaults; the repository README's DeepSeek-V3 / Kimi-K2 commands use 10000 / 15000) for the CPU budget (the sweep in
+benchmarks/peers.py varies them); if fewer than 200 epochs run, the final state is used (the original would
+fail); the rank r (`truncation`) is solved from the stored-parameter budget E p r + m r d + E m per layer instead of
+being given, and capped at the rank of a group.
 """
 from __future__ import annotations
 
