@@ -66,8 +66,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     x = x.to(weight.dtype)
     if _use_grouped_mm(x, weight):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    # fallback: loop over groups. x may come from grouped_mm with rows padded to 16 bytes (r = 49 in bf16: a row
+    # stride of 56); the CPU bf16 GEMM of torch 2.13 reads that padding (NaN logits), so its rows are made dense
+    x = x.contiguous()
     out, start = x.new_empty(x.shape[0], weight.shape[1]), 0
-    for group, end in enumerate(offsets.tolist()):                                  # fallback: loop over groups
+    for group, end in enumerate(offsets.tolist()):
         if end > start:
             out[start:end] = F.linear(x[start:end], weight[group])
         start = end

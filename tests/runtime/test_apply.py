@@ -208,3 +208,21 @@ def test_sentinel_experts_are_skipped_like_the_original(tiny_model, tokens):
     zeroed[0, 1] = 0.0
     with torch.no_grad():
         torch.testing.assert_close(module(hidden, sentinel, weights), module(hidden, index, zeroed))
+
+
+def test_grouped_linear_ignores_the_row_padding_of_its_input():
+    """grouped_mm pads output rows to 16 bytes (r = 23 in bf16: a row stride of 24); the next projection must not
+    read that padding (torch 2.13's CPU bf16 GEMM does for such shapes: NaN logits at r = 49 on mixtral-e8-top2)."""
+    from globe.runtime import experts as experts_module
+    full = torch.randn(40, 24, generator=torch.Generator().manual_seed(0)).bfloat16()
+    full[:, 23:] = float("nan")                                                    # the padding
+    x = full[:, :23]                                                               # [40, 23], row stride 24
+    weight = torch.randn(3, 32, 23, generator=torch.Generator().manual_seed(1)).bfloat16()
+    offsets = torch.tensor([11, 30, 40], dtype=torch.int32)
+    got = experts_module.grouped_linear(x, weight, offsets)
+    dense = x.contiguous().float()
+    want = torch.cat([dense[:11] @ weight[0].float().T, dense[11:30] @ weight[1].float().T,
+                      dense[30:] @ weight[2].float().T])
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
