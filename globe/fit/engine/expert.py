@@ -75,14 +75,7 @@ class _Params:
     def project(self) -> None:
         """Kept codes stay nonzero (and non-negative for a non-negative fit): the sparsity pattern is fixed."""
         for f in FAMILIES:
-            codes, mask = self.tensors[f, "codes"], self.code_mask[f]
-            floor = 1e-6 * float(codes[mask].abs().mean()) if bool(mask.any()) else 0.0
-            if self.nonneg[f]:
-                fixed = codes.clamp_min(floor)
-            else:
-                fixed = torch.where(codes.abs() < floor, torch.full_like(codes, floor) * codes.sign().clamp_min(0)
-                                    .mul(2).sub(1), codes)
-            codes.copy_(torch.where(mask, fixed, torch.zeros_like(codes)))
+            keep_codes(self.tensors[f, "codes"], self.code_mask[f], self.nonneg[f])
 
     def state(self) -> dict:
         return {k: v.detach().clone() for k, v in self.tensors.items()}
@@ -91,12 +84,30 @@ class _Params:
         return self
 
     def groups(self, lr: float) -> list[dict]:
-        out = []
-        for param in self.tensors.values():
-            nonzero = param.detach()[param.detach() != 0]
-            rms = float(nonzero.square().mean().sqrt()) if nonzero.numel() else 1.0
-            out.append({"params": [param], "lr": lr * rms})
-        return out
+        return rms_groups(self.tensors.values(), lr)
+
+
+def rms_groups(params, lr: float) -> list[dict]:
+    """One Adam parameter group per tensor, its step lr x the RMS of its nonzero entries (1 where it has none)."""
+    out = []
+    for param in params:
+        nonzero = param.detach()[param.detach() != 0]
+        rms = float(nonzero.square().mean().sqrt()) if nonzero.numel() else 1.0
+        out.append({"params": [param], "lr": lr * rms})
+    return out
+
+
+@torch.no_grad()
+def keep_codes(codes: torch.Tensor, mask: torch.Tensor, nonneg: bool) -> None:
+    """codes [N, m] in place: the kept entries (mask) stay nonzero, at least 1e-6 of their mean magnitude (and
+    non-negative for a non-negative fit), the others zero: the sparsity pattern is fixed."""
+    floor = 1e-6 * float(codes[mask].abs().mean()) if bool(mask.any()) else 0.0
+    if nonneg:
+        fixed = codes.clamp_min(floor)
+    else:
+        fixed = torch.where(codes.abs() < floor, torch.full_like(codes, floor) * codes.sign().clamp_min(0)
+                            .mul(2).sub(1), codes)
+    codes.copy_(torch.where(mask, fixed, torch.zeros_like(codes)))
 
 
 def _batch(data: ExpertData, size: int, gen: torch.Generator) -> torch.Tensor | None:

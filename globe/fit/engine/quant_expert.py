@@ -28,7 +28,7 @@ from globe.core.mixing import compose
 from globe.core.result import FamilyFit
 from globe.errors import ConfigError
 from globe.fit.engine.duplicates import tie_duplicates, tie_quantized
-from globe.fit.engine.expert import FAMILIES, output_data, train_output
+from globe.fit.engine.expert import FAMILIES, keep_codes, output_data, rms_groups, train_output
 from globe.fit.expert_config import ExpertConfig
 from globe.quant.tensor import SCALE_DTYPE, QuantizedTensor, grouped, ungrouped
 
@@ -73,12 +73,7 @@ class _QuantParams:
         return self._part(family, "adapters", slice(lo, hi)) @ compose(codes, bank, self.phi[family])
 
     def groups(self, lr: float) -> list[dict]:
-        out = []
-        for param in self.tensors.values():
-            nonzero = param.detach()[param.detach() != 0]
-            rms = float(nonzero.square().mean().sqrt()) if nonzero.numel() else 1.0
-            out.append({"params": [param], "lr": lr * rms})
-        return out
+        return rms_groups(self.tensors.values(), lr)
 
     def mask_grads(self) -> None:
         for f in FAMILIES:
@@ -90,13 +85,7 @@ class _QuantParams:
     def project(self) -> None:
         """Kept codes stay nonzero (and non-negative for a non-negative fit), scales stay positive."""
         for f in FAMILIES:
-            codes, mask = self.tensors[f, "codes"], self.code_mask[f]
-            floor = 1e-6 * float(codes[mask].abs().mean()) if bool(mask.any()) else 0.0
-            sign = torch.ones_like(codes) if self.nonneg[f] else torch.where(codes < 0, -1.0, 1.0)
-            fixed = torch.where(codes.abs() < floor, sign * floor, codes)
-            if self.nonneg[f]:
-                fixed = fixed.clamp_min(floor)
-            codes.copy_(torch.where(mask, fixed, torch.zeros_like(codes)))
+            keep_codes(self.tensors[f, "codes"], self.code_mask[f], self.nonneg[f])
             for part in PARTS:
                 s = self.tensors[f, part, "scales"]
                 s.copy_(torch.where(s > 0, s, torch.full_like(s, 1e-7)))   # a scale trained through 0 flips a group
