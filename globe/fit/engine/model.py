@@ -43,12 +43,13 @@ def expert_then_quantize(reader, families: dict[str, FamilyFit], cfg: FitConfig,
     its refined reconstruction (what the expert phase bought), its rel_err measured against the original; then
     (with cfg.expert.quant_steps > 0) the quantized expert phase (globe.fit.engine.quant_expert)."""
     stacks = {f: reader.read_family(f) for f in families}
-    if expert_applies(cfg):
-        families = _expert(reader, families, stacks, cfg)
+    routed = _samples(reader, families, stacks, cfg) if expert_applies(cfg) else None   # read once for both phases
+    if routed is not None:
+        families = _expert(families, routed, cfg)
     if not quantize_applies(cfg):
         return families
     families = _quantize(families, stacks, cfg, data, kind)
-    return quant_expert(reader, families, cfg, stacks) if quant_expert_applies(cfg) else families
+    return quant_expert(families, routed, cfg) if quant_expert_applies(cfg) else families
 
 
 def quant_expert_applies(cfg: FitConfig) -> bool:
@@ -83,8 +84,8 @@ def _samples(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfi
     return load_routed(cfg.expert.samples_file), weights
 
 
-def _expert(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig) -> dict[str, FamilyFit]:
-    samples, weights = _samples(reader, families, stacks, cfg)
+def _expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) -> dict[str, FamilyFit]:
+    samples, weights = routed
     timings: dict = {}
     with phase(timings, "expert", family="gate+up"):
         families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed)
@@ -93,12 +94,11 @@ def _expert(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig
     return families
 
 
-def quant_expert(reader, families: dict[str, FamilyFit], cfg: FitConfig, stacks: dict | None = None
-                 ) -> dict[str, FamilyFit]:
-    """The quantized expert phase (globe.fit.engine.quant_expert) on the quantized gate and up of `families`;
-    their rel_err measured against the original weights again."""
-    stacks = stacks if stacks is not None else {f: reader.read_family(f) for f in families}
-    samples, weights = _samples(reader, families, stacks, cfg)
+def quant_expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) -> dict[str, FamilyFit]:
+    """The quantized expert phase (globe.fit.engine.quant_expert) on the quantized gate and up of `families`
+    (routed: _samples' (routed samples, original weights), the expert phase's); their rel_err measured against the
+    original weights again."""
+    samples, weights = routed
     value_dtype = weights["gate"].dtype if weights["gate"].dtype.is_floating_point else torch.float32
     timings: dict = {}
     with phase(timings, "quant_expert", family="gate+up"):
