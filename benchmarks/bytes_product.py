@@ -15,7 +15,7 @@ mode and the dense export compute: tests/export/test_residual.py); the bytes are
 compressed checkpoint stores for gate + up (globe.fit.planning.bytes.result_bytes, equal to the written tensors).
 Not run here: the distillation `globe compress` runs after the fit by default (--distill-steps 0 is this path).
 
-    OMP_NUM_THREADS=1 python benchmarks/bytes_product.py          # the two evaluation models -> bytes_product.json
+    OMP_NUM_THREADS=1 python benchmarks/bytes_product.py          # the three evaluation models -> bytes_product.json
 """
 from __future__ import annotations
 
@@ -40,14 +40,17 @@ from benchmarks.bytes import prepare  # noqa: E402
 from globe.quant import QuantConfig  # noqa: E402
 
 log = logging.getLogger("benchmarks.bytes_product")
-MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe")
+MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
+          "benchmarks/models/scratch-qwen2moe-e48")
 SIZES = (2.5, 3.0, 3.5, 4.0, 4.6)
+QUANTIZERS = ("gptq", "rtn", "hqq")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: two)")
+    a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: the three "
+      "evaluation models)")
     a("--sizes", type=float, nargs="+", default=list(SIZES), help="bits per routed gate/up weight")
     a("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     a("--kl-tokens", type=int, default=4096, help="held-out tokens scored (default 4096)")
@@ -55,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--stats-dir", default=str(REPO / "runs" / "bytes"), help="calibration statistics files (reused)")
     a("--expert-steps", type=int, help="whole-expert phase steps of the factors candidate (default: what "
       "`globe compress` runs, COMPRESS_STEPS where it applies; 0: off)")
+    a("--quantizers", nargs="+", choices=QUANTIZERS, default=list(QUANTIZERS),
+      help="quantizers scored at every bits / group on the same tensors (default: gptq rtn hqq)")
     a("--out", default=str(REPO / "benchmarks" / "results" / "bytes_product.json"), help="JSON output path")
     return p.parse_args(argv)
 
@@ -209,41 +214,52 @@ def _single_row(ctx: dict, bits: float, args, cfg, plan) -> dict:
             **_swap_kl(ctx, result, args), "fit_seconds": seconds}
 
 
-def gptq_rows(ctx: dict, args) -> list[dict]:
-    """Per-expert GPTQ of gate + up (routed Hessians) at 2, 3, 4 bits and groups 32, 64, 128."""
+def quantizer_rows(ctx: dict, args, method: str = "gptq") -> list[dict]:
+    """Per-expert weight-only quantization of gate + up at 2, 3, 4 bits and groups 32, 64, 128: GPTQ under each
+    expert's routed Hessian, RTN and HQQ (data-free) with the same group scales and zeros (globe.quant)."""
     rows = []
     dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    hessians = ctx["hessians"] if method == "gptq" else None
     for bits in (4, 3, 2):
         for group in (32, 64, 128):
-            fits = {f: quantized(ctx["weights"][f], QuantConfig("gptq", bits, group), ctx["hessians"])
-                    for f in FAMILIES}
+            fits = {f: quantized(ctx["weights"][f], QuantConfig(method, bits, group), hessians) for f in FAMILIES}
             set_families(ctx["model"], {f: fits[f].weights for f in FAMILIES})
             total = sum(fits[f].total_bytes for f in FAMILIES)
-            rows.append({"method": "gptq", "bits": bits, "group": group, "bits_per_weight": 8 * total / dense,
+            rows.append({"method": method, "bits": bits, "group": group, "bits_per_weight": 8 * total / dense,
                          "bytes": total, **kl_top1(ctx["model"], ctx["ids"], ctx["reference"], args.window)})
-            log.info("gptq %d-bit group %3d: %6.3f bits  KL %.6f", bits, group, rows[-1]["bits_per_weight"],
+            log.info("%s %d-bit group %3d: %6.3f bits  KL %.6f", method, bits, group, rows[-1]["bits_per_weight"],
                      rows[-1]["kl"])
     return rows
 
 
-def compare(product: list[dict], gptq: list[dict]) -> list[dict]:
+def gptq_rows(ctx: dict, args) -> list[dict]:
+    """Per-expert GPTQ of gate + up (routed Hessians) at 2, 3, 4 bits and groups 32, 64, 128."""
+    return quantizer_rows(ctx, args, "gptq")
+
+
+def compare(product: list[dict], gptq: list[dict], others: list[dict] | None = None) -> list[dict]:
     """Each product row against the best GPTQ row within the same size (the --size target: GPTQ may use every byte
-    the product was allowed; ratio < 1: the product is closer), and against the best GPTQ row of at most the
-    product's own bytes (the solver's byte model is an upper bound, so the product may use fewer)."""
-    def best(cap: float) -> dict | None:
-        fit = [g for g in gptq if g["bits_per_weight"] <= cap + 1e-9]
+    the product was allowed; ratio < 1: the product is closer), against the best GPTQ row of at most the
+    product's own bytes (the solver's byte model is an upper bound, so the product may use fewer), and against the
+    best row of every quantizer run (GPTQ, RTN, HQQ: `others`) within the size."""
+    def best(rows: list[dict], cap: float) -> dict | None:
+        fit = [g for g in rows if g["bits_per_weight"] <= cap + 1e-9]
         return min(fit, key=lambda g: g["kl"]) if fit else None
     out = []
     for row in product:
-        at, own = best(row["target_bits"]), best(row["bits_per_weight"])
+        at, own = best(gptq, row["target_bits"]), best(gptq, row["bits_per_weight"])
+        any_q = best(gptq + list(others or []), row["target_bits"])
         out.append({"target_bits": row["target_bits"], "kind": row["kind"], "bits": row["bits_per_weight"],
                     "kl": row["kl"], "top1": row["top1"], "ppl": row.get("ppl"),
                     "describe": row.get("describe"), "gptq": at and f"{at['bits']}-bit group {at['group']}",
                     "gptq_bits": at and at["bits_per_weight"], "gptq_kl": at and at["kl"],
-                    "gptq_ppl": at and at.get("ppl"),
+                    "gptq_ppl": at and at.get("ppl"), "gptq_top1": at and at.get("top1"),
                     "ratio": at and row["kl"] / at["kl"],
                     "gptq_own_bits": own and f"{own['bits']}-bit group {own['group']}",
-                    "ratio_own_bits": own and row["kl"] / own["kl"]})
+                    "ratio_own_bits": own and row["kl"] / own["kl"],
+                    "best_quantizer": any_q and f"{any_q['method']} {any_q['bits']}-bit group {any_q['group']}",
+                    "best_quantizer_kl": any_q and any_q["kl"],
+                    "ratio_best_quantizer": any_q and row["kl"] / any_q["kl"]})
     return out
 
 
@@ -261,10 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
         ctx = prepare(Path(model_dir), args)
         ctx["info"]["ppl"] = reference_ppl(ctx, args.window)
         entry = {"model": ctx["info"], "gptq": gptq_rows(ctx, args), "product": []}
+        for method in args.quantizers:                  # the data-free quantizers on the same tensors, same run
+            if method != "gptq":
+                entry[method] = quantizer_rows(ctx, args, method)
+        others = [r for m in args.quantizers if m != "gptq" for r in entry[m]]
         report["models"].append(entry)
         for bits in args.sizes:
             entry["product"].append(product_row(ctx, bits, args))
-            entry["comparison"] = compare(entry["product"], entry["gptq"])
+            entry["comparison"] = compare(entry["product"], entry["gptq"], others)
             report["seconds"] = round(time.perf_counter() - t_start, 1)
             atomic_write_text(Path(args.out), json.dumps(report, indent=1, default=float))
     print_table(report)

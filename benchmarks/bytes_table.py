@@ -6,11 +6,18 @@ KLs. The plot: KL against bits per routed weight, every method's points and the 
 one panel per model.
 
     python benchmarks/bytes_table.py                   # prints the markdown table, writes benchmarks/results/bytes.png
+    python benchmarks/bytes_table.py --product benchmarks/results/bytes_product.json --png benchmarks/results/bytes_product.png
+
+--product: benchmarks/bytes_product.py's output (the product path, `globe compress --size`, against GPTQ, RTN and
+HQQ at every bits / group in the same run): one table row per size (the kind kept, its bits, KL, top-1 and
+perplexity; the best quantizer within the size and the best GPTQ row; the KL ratios) and a plot per model of KL
+against bits per routed weight: every quantizer row, each quantizer's frontier, and the product curve.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +62,77 @@ def plot(data: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
+def product_table(data: dict) -> str:
+    """One row per (model, --size): the kind kept against the best quantizer within the size and the best GPTQ."""
+    rows = ["| model | --size (bits / weight) | kept | its bits | KL | top-1 | ppl | best quantizer within the size | "
+            "its KL | top-1 | ppl | KL ratio | best GPTQ: KL ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for model in data["models"]:
+        name = Path(model["model"]["dir"]).name
+        quant = {(r["method"], r["bits"], r["group"]): r for m in ("gptq", "rtn", "hqq") for r in model.get(m, [])}
+        for c in model["comparison"]:
+            best = c.get("best_quantizer")
+            q = quant.get(tuple(_parse_quantizer(best))) if best else None
+            rows.append(f"| {name} | {c['target_bits']:.2f} | {c['describe'] or c['kind']} | {c['bits']:.2f} | "
+                        f"{c['kl']:.2e} | {c['top1']:.4f} | {c['ppl']:.2f} | "
+                        + (f"{best} ({q['bits_per_weight']:.2f} bits) | {q['kl']:.2e} | {q['top1']:.4f} | "
+                           f"{q['ppl']:.2f} | **{c['ratio_best_quantizer']:.2f}** | {c['ratio']:.2f} |" if q
+                           else "none fits | - | - | - | - | - |"))
+    return "\n".join(rows)
+
+
+def _parse_quantizer(text: str) -> tuple[str, int, int]:
+    """"gptq 2-bit group 64" -> ("gptq", 2, 64)."""
+    method, bits, _, group = text.split()
+    return method, int(bits.split("-")[0]), int(group)
+
+
+def product_plot(data: dict, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = data["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    style = {"gptq": ("s", "tab:blue"), "rtn": ("^", "tab:orange"), "hqq": ("v", "tab:green")}
+    for ax, model in zip(axes[0], models):
+        for method, (marker, color) in style.items():
+            rows = sorted(model.get(method, []), key=lambda r: r["bits_per_weight"])
+            if not rows:
+                continue
+            ax.scatter([r["bits_per_weight"] for r in rows], [r["kl"] for r in rows], marker=marker, s=16,
+                       color=color, label=f"{method} (2/3/4-bit, group 32/64/128)")
+            front, best = [], math.inf
+            for r in rows:
+                if r["kl"] < best:
+                    best = r["kl"]
+                    front.append((r["bits_per_weight"], r["kl"]))
+            ax.plot([f[0] for f in front], [f[1] for f in front], "--", color=color, linewidth=1)
+        prod = sorted(model["product"], key=lambda r: r["bits_per_weight"])
+        ax.plot([r["bits_per_weight"] for r in prod], [r["kl"] for r in prod], "o-", color="tab:red", linewidth=2,
+                label="globe compress --size")
+        for r in prod:
+            ax.annotate(r["kind"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("bits per routed gate/up weight (scales and codes included)")
+        ax.set_ylabel("KL to the original (nats / token)")
+        ax.set_title(Path(model["model"]["dir"]).name)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=str(REPO / "benchmarks/results/bytes.json"), help="bytes.py's output")
     p.add_argument("--png", default=str(REPO / "benchmarks/results/bytes.png"), help="plot to write")
+    p.add_argument("--product", metavar="JSON", help="benchmarks/bytes_product.py's output: its table and plot")
     args = p.parse_args(argv)
+    if args.product:
+        data = json.loads(Path(args.product).read_text())
+        print(product_table(data))
+        product_plot(data, Path(args.png))
+        return 0
     data = json.loads(Path(args.json).read_text())
     print(table(data))
     plot(data, Path(args.png))
