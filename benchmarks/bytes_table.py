@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def table(data: dict) -> str:
@@ -72,12 +74,25 @@ def product_table(data: dict) -> str:
         for c in model["comparison"]:
             best = c.get("best_quantizer")
             q = quant.get(tuple(_parse_quantizer(best))) if best else None
-            rows.append(f"| {name} | {c['target_bits']:.2f} | {c['describe'] or c['kind']} | {c['bits']:.2f} | "
+            rows.append(f"| {name} | {c['target_bits']:.2f} | {_kept(model, c)} | {c['bits']:.2f} | "
                         f"{c['kl']:.2e} | {c['top1']:.4f} | {c['ppl']:.2f} | "
                         + (f"{best} ({q['bits_per_weight']:.2f} bits) | {q['kl']:.2e} | {q['top1']:.4f} | "
                            f"{q['ppl']:.2f} | **{c['ratio_best_quantizer']:.2f}** | {c['ratio']:.2f} |" if q
                            else "none fits | - | - | - | - | - |"))
     return "\n".join(rows)
+
+
+def _kept(model: dict, comparison: dict) -> str:
+    """Short label of the kind a size kept: "plain 3-bit group 128" or "4-bit factors group 64, budget 0.52"."""
+    row = next((r for r in model["product"] if r["target_bits"] == comparison["target_bits"]), None)
+    plan = (row or {}).get("plan")
+    if not plan:
+        return comparison.get("describe") or comparison["kind"]
+    if plan["kind"] == "plain":
+        return f"plain {plan['residual_bits']}-bit group {plan['residual_group']}"
+    from globe.fit.config import QuantSection
+    group = plan["group"] or QuantSection().group                  # None: the fit's default group
+    return f"{plan['bits']}-bit factors group {group}, budget {plan['budget']:.2f}"
 
 
 def _parse_quantizer(text: str) -> tuple[str, int, int]:
