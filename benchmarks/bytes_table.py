@@ -37,12 +37,8 @@ def table(data: dict) -> str:
 
 
 def plot(data: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = data["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    fig, axes = _panels(len(data["models"]))
+    for ax, model in zip(axes[0], data["models"]):
         by_method: dict[str, list[tuple[float, float]]] = {}
         for row in model["rows"]:
             if row.get("kl") is not None and row.get("bits_per_weight") is not None:
@@ -52,13 +48,29 @@ def plot(data: dict, out: Path) -> None:
                        s=14, label=method)
         front = model["quantizer_frontier"]
         ax.plot([f[0] for f in front], [f[1] for f in front], "k--", linewidth=1, label="best quantizer")
-        ax.set_xscale("linear")
-        ax.set_yscale("log")
         ax.set_xlim(1, 6)
-        ax.set_xlabel("bits per routed gate/up weight (scales included)")
-        ax.set_ylabel("KL to the original (nats / token)")
-        ax.set_title(Path(model["model"]["dir"]).name)
-        ax.grid(True, alpha=0.3)
+        _finish(ax, model, "bits per routed gate/up weight (scales included)")
+    _save(fig, axes, out)
+
+
+def _panels(count: int):
+    """(figure, axes [1, count]): one panel per model, Agg canvas."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, count, figsize=(5 * count, 4), squeeze=False)
+
+
+def _finish(ax, model: dict, xlabel: str) -> None:
+    """Log KL axis, labels, the model's name as title, a light grid."""
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("KL to the original (nats / token)")
+    ax.set_title(Path(model["model"]["dir"]).name)
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig, axes, out: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -102,13 +114,9 @@ def _parse_quantizer(text: str) -> tuple[str, int, int]:
 
 
 def product_plot(data: dict, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = data["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    fig, axes = _panels(len(data["models"]))
     style = {"gptq": ("s", "tab:blue"), "rtn": ("^", "tab:orange"), "hqq": ("v", "tab:green")}
-    for ax, model in zip(axes[0], models):
+    for ax, model in zip(axes[0], data["models"]):
         for method, (marker, color) in style.items():
             rows = sorted(model.get(method, []), key=lambda r: r["bits_per_weight"])
             if not rows:
@@ -127,14 +135,8 @@ def product_plot(data: dict, out: Path) -> None:
         for r in prod:
             ax.annotate(r["kind"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
-        ax.set_yscale("log")
-        ax.set_xlabel("bits per routed gate/up weight (scales and codes included)")
-        ax.set_ylabel("KL to the original (nats / token)")
-        ax.set_title(Path(model["model"]["dir"]).name)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+        _finish(ax, model, "bits per routed gate/up weight (scales and codes included)")
+    _save(fig, axes, out)
 
 
 def main(argv: list[str] | None = None) -> int:
