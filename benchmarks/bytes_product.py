@@ -44,6 +44,7 @@ MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2
           "benchmarks/models/scratch-qwen2moe-e48")
 SIZES = (2.5, 3.0, 3.5, 4.0, 4.6)
 QUANTIZERS = ("gptq", "rtn", "hqq")
+PRUNE_KEEP = (0.75, 0.5, 0.25)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       "`globe compress` runs, COMPRESS_STEPS where it applies; 0: off)")
     a("--quantizers", nargs="+", choices=QUANTIZERS, default=list(QUANTIZERS),
       help="quantizers scored at every bits / group on the same tensors (default: gptq rtn hqq)")
+    a("--pruning", action="store_true", help="also REAP expert pruning alone (bf16) and stacked with GPTQ of the "
+      "kept experts, at --prune-keep fractions of the experts")
+    a("--prune-keep", type=float, nargs="+", default=list(PRUNE_KEEP), help="fractions of experts REAP keeps per "
+      "layer (default 0.75 0.5 0.25)")
+    a("--no-product", action="store_true", help="only the baselines (quantizers, --pruning): no `globe compress "
+      "--size` fit")
     a("--out", default=str(REPO / "benchmarks" / "results" / "bytes_product.json"), help="JSON output path")
     return p.parse_args(argv)
 
@@ -232,6 +239,53 @@ def quantizer_rows(ctx: dict, args, method: str = "gptq") -> list[dict]:
     return rows
 
 
+def pruning_rows(ctx: dict, args) -> list[dict]:
+    """REAP expert pruning, alone (bf16) and stacked with per-expert GPTQ of the kept experts (llm-compressor's
+    recipe: a structural cut, then quantization): per layer REAP keeps the round(keep x E) most salient experts on
+    the calibration tokens (benchmarks/baselines/reap.py; experts and router rows removed, a valid smaller
+    checkpoint), whose gate/up are then GPTQ-quantized under their own routed Hessians at 2, 3, 4 bits and groups
+    32 / 64 / 128. Bits per routed gate/up weight count the kept experts' bytes against the ORIGINAL experts'
+    weights; the dropped experts' down projections and router rows are saved too and not counted (in the
+    pruning's favour)."""
+    import tempfile
+
+    import transformers
+
+    from benchmarks.baselines.checkpoint import load_causal_lm, read_families
+    from benchmarks.baselines.reap import reap_keep, write_pruned
+    from benchmarks.baselines.routed import capture_routed
+    from benchmarks.bytes import texts
+    original = load_causal_lm(ctx["dir"], torch.float32)           # ctx's model may hold swapped weights
+    tok = transformers.AutoTokenizer.from_pretrained(str(ctx["dir"]))
+    routed, act = capture_routed(original, texts(ctx["dir"], tok, args)[0], args.window)
+    families = read_families(original)
+    layers, experts = families["gate"].shape[:2]
+    top_k = int(original.config.num_experts_per_tok)
+    dense = sum(ctx["weights"][f].numel() for f in FAMILIES)
+    rows: list[dict] = []
+    for keep_frac in args.prune_keep:
+        k = max(top_k, round(keep_frac * experts))
+        keep, _ = reap_keep(families, act, routed, k)                                       # [L, k]
+        kept = {f: torch.stack([ctx["weights"][f][l, keep[l]] for l in range(layers)]) for f in FAMILIES}
+        hess = torch.stack([ctx["hessians"][l, keep[l]] for l in range(layers)])            # [L, k, d, d]
+        with tempfile.TemporaryDirectory() as work:
+            pruned = load_causal_lm(write_pruned(ctx["dir"], keep, Path(work) / "pruned"), torch.float32)
+        for cfg in [None] + [QuantConfig("gptq", b, g) for b in (4, 3, 2) for g in (32, 64, 128)]:
+            if cfg is None:                                                                 # pruning alone, bf16
+                fams, total = kept, sum(kept[f].numel() * 2 for f in FAMILIES)
+            else:
+                fits = {f: quantized(kept[f], cfg, hess) for f in FAMILIES}
+                fams, total = {f: fits[f].weights for f in FAMILIES}, sum(fits[f].total_bytes for f in FAMILIES)
+            set_families(pruned, fams)
+            rows.append({"method": "reap" if cfg is None else "reap+gptq", "experts_kept": k, "experts": experts,
+                         "bits": cfg and cfg.bits, "group": cfg and cfg.group, "bits_per_weight": 8 * total / dense,
+                         "bytes": total, **kl_top1(pruned, ctx["ids"], ctx["reference"], args.window)})
+            log.info("reap %d/%d %s: %6.3f bits  KL %.6f", k, experts,
+                     "bf16" if cfg is None else f"gptq {cfg.bits}-bit group {cfg.group}",
+                     rows[-1]["bits_per_weight"], rows[-1]["kl"])
+    return rows
+
+
 def gptq_rows(ctx: dict, args) -> list[dict]:
     """Per-expert GPTQ of gate + up (routed Hessians) at 2, 3, 4 bits and groups 32, 64, 128."""
     return quantizer_rows(ctx, args, "gptq")
@@ -282,7 +336,11 @@ def main(argv: list[str] | None = None) -> dict:
                 entry[method] = quantizer_rows(ctx, args, method)
         others = [r for m in args.quantizers if m != "gptq" for r in entry[m]]
         report["models"].append(entry)
-        for bits in args.sizes:
+        if args.pruning:
+            entry["pruning"] = pruning_rows(ctx, args)
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        atomic_write_text(Path(args.out), json.dumps(report, indent=1, default=float))
+        for bits in ([] if args.no_product else args.sizes):
             entry["product"].append(product_row(ctx, bits, args))
             entry["comparison"] = compare(entry["product"], entry["gptq"], others)
             report["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -294,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(report: dict) -> None:
     for entry in report["models"]:
         print(f"\n{entry['model']['dir']}")
-        for c in entry["comparison"]:
+        for c in entry.get("comparison", []):
             print(f"  {c['target_bits']:.2f} bits: {c['kind']:9} {c['bits']:.3f} bits KL {c['kl']:.6f} ppl "
                   f"{c['ppl']:.3f} | GPTQ {c['gptq']} ({c['gptq_bits']:.3f} bits) KL {c['gptq_kl']:.6f} ppl "
                   f"{c['gptq_ppl']:.3f} | ratio {c['ratio']:.2f}"

@@ -7,6 +7,7 @@ one panel per model.
 
     python benchmarks/bytes_table.py                   # prints the markdown table, writes benchmarks/results/bytes.png
     python benchmarks/bytes_table.py --product benchmarks/results/bytes_product.json --png benchmarks/results/bytes_product.png
+    python benchmarks/bytes_table.py --pruning benchmarks/results/bytes_pruning.json
 
 --product: benchmarks/bytes_product.py's output (the product path, `globe compress --size`, against GPTQ, RTN and
 HQQ at every bits / group in the same run): one table row per size (the kind kept, its bits, KL, top-1 and
@@ -94,6 +95,27 @@ def product_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def pruning_table(data: dict, sizes: list[float]) -> str:
+    """bytes_product.py --pruning's rows: at each size, the best REAP row (alone in bf16, or + GPTQ of the kept
+    experts) within it, beside the best GPTQ row within it."""
+    rows = ["| model | size (bits / weight) | best REAP (+ GPTQ) within the size | its bits | KL | top-1 | best GPTQ "
+            "within the size | its KL |", "|---|---|---|---|---|---|---|---|"]
+    for model in data["models"]:
+        name = Path(model["model"]["dir"]).name
+        for size in sizes:
+            prune = [r for r in model.get("pruning", []) if r["bits_per_weight"] <= size + 1e-9]
+            gptq = [r for r in model.get("gptq", []) if r["bits_per_weight"] <= size + 1e-9]
+            best = min(prune, key=lambda r: r["kl"]) if prune else None
+            g = min(gptq, key=lambda r: r["kl"]) if gptq else None
+            what = best and (f"{best['experts_kept']}/{best['experts']} experts, "
+                             + ("bf16" if best["bits"] is None else f"GPTQ {best['bits']}-bit group {best['group']}"))
+            rows.append(f"| {name} | {size:.2f} | {what or 'none fits'} | "
+                        + (f"{best['bits_per_weight']:.2f} | {best['kl']:.3g} | {best['top1']:.4f} | " if best
+                           else "- | - | - | ")
+                        + (f"{g['bits']}-bit group {g['group']} | {g['kl']:.2e} |" if g else "none fits | - |"))
+    return "\n".join(rows)
+
+
 def _kept(model: dict, comparison: dict) -> str:
     """Short label of the kind a size kept: "plain 3-bit group 128" or "4-bit factors group 64, budget 0.52"."""
     row = next((r for r in model["product"] if r["target_bits"] == comparison["target_bits"]), None)
@@ -144,7 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=str(REPO / "benchmarks/results/bytes.json"), help="bytes.py's output")
     p.add_argument("--png", default=str(REPO / "benchmarks/results/bytes.png"), help="plot to write")
     p.add_argument("--product", metavar="JSON", help="benchmarks/bytes_product.py's output: its table and plot")
+    p.add_argument("--pruning", metavar="JSON", help="benchmarks/bytes_product.py --pruning's output: the best REAP "
+                   "(+ GPTQ) row within each of --sizes")
+    p.add_argument("--sizes", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.6],
+                   help="bits per routed weight of --pruning's table (default: bytes_product.py's sizes)")
     args = p.parse_args(argv)
+    if args.pruning:
+        print(pruning_table(json.loads(Path(args.pruning).read_text()), args.sizes))
+        return 0
     if args.product:
         data = json.loads(Path(args.product).read_text())
         print(product_table(data))

@@ -34,3 +34,19 @@ def test_product_table_names_the_best_quantizer_and_both_ratios():
     assert len(lines) == 4
     assert "hqq 2-bit group 32 (3.00 bits)" in lines[2] and "**0.50**" in lines[2] and "| 0.38 |" in lines[2]
     assert "none fits" in lines[3]
+
+
+PRUNING = [{"method": "reap", "experts_kept": 4, "experts": 8, "bits": None, "group": None, "bits_per_weight": 8.0,
+            "kl": 0.9, "top1": 0.5},
+           {"method": "reap+gptq", "experts_kept": 6, "experts": 8, "bits": 4, "group": 64, "bits_per_weight": 3.45,
+            "kl": 0.3, "top1": 0.7},
+           {"method": "reap+gptq", "experts_kept": 4, "experts": 8, "bits": 2, "group": 64, "bits_per_weight": 1.3,
+            "kl": 0.95, "top1": 0.4}]
+
+
+def test_pruning_table_takes_the_best_pruned_row_within_each_size():
+    data = {"models": [{"model": {"dir": "x/m"}, "gptq": GPTQ, "pruning": PRUNING}]}
+    lines = table.pruning_table(data, [1.0, 2.5, 3.5]).splitlines()
+    assert "none fits" in lines[2]                                   # nothing pruned reaches 1 bit
+    assert "4/8 experts, GPTQ 2-bit group 64" in lines[3] and "2-bit group 64 | 4.00e-03" in lines[3]
+    assert "6/8 experts, GPTQ 4-bit group 64" in lines[4] and "| 0.3 |" in lines[4]    # bf16 pruning (8 bits) never fits
