@@ -425,7 +425,8 @@ def ratios(rows: list[dict]) -> dict:
                                      "kl": by[g]["kl"] / best["kl"] if best["kl"] else None,
                                      "top1": by[g]["top1"], "best_peer_top1": max(r["top1"] for r in peers),
                                      "top1_not_above": [r["method"] for r in peers if r["top1"] >= by[g]["top1"]]}
-    for g in ("globe", "globe-nonlinear", "globe-aware", *GLOBE_DEFAULTS):
+    named = ("globe", "globe-nonlinear", "globe-aware", *GLOBE_DEFAULTS)
+    for g in named + tuple(m for m in by if m.startswith("globe") and m not in named):   # + relabelled rows
         for m in ("mobe", "mobe-best"):
             if g in by and m in by:
                 a, b = by[g], by[m]

@@ -265,3 +265,40 @@ def test_a_later_rerun_of_one_globe_method_overrides_only_that_method():
     quant = report([{"method": "globe-default-quant", "kl": 0.006, "top1": 0.965}])
     rows = {r["method"]: r["kl"] for r in peers_table.merge(grid, rerun, quant)["models"][0]["cuts"][0]["rows"]}
     assert rows == {"mobe": 0.01, "globe-default": 0.004, "globe-default-quant": 0.006}
+
+
+def test_a_file_given_with_a_label_shows_its_globe_rows_under_that_label(tmp_path, capsys):
+    def row(method, kl, top1):
+        return {"method": method, "kl": kl, "top1": top1, "rel_err": {"gate": 0.3, "up": 0.3},
+                "output_rel_err": {"rel_err": 0.1}, "perplexity": 50.0, "delta_ppl": 0.5, "fit_seconds": 1,
+                "bytes": {"gate": 500_000, "up": 500_000}}
+
+    def write(name, rows):
+        doc = {"settings": {}, "models": [{"model": {"dir": "x/m", "layers": 4, "experts": 8, "p": 16, "d": 32,
+                                                     "original_perplexity": 49.0, "heldout_tokens": 1000},
+                                           "cuts": [{"cut": 0.25, "budget_per_family": 0.5, "rows": rows}]}]}
+        (tmp_path / name).write_text(json.dumps(doc))
+        return str(tmp_path / name)
+    grid = write("grid.json", [row("mobe", 0.01, 0.95), row("globe-default", 0.02, 0.9)])
+    old = write("old.json", [row("globe-default-quant", 0.008, 0.96)])               # the 4-bit run
+    new = write("new.json", [row("globe-default-quant", 0.004, 0.97)])               # the rerun, same method name
+    peers_table.main(["--summary", grid, "--globe-rows", f"{old}:globe-default-bits4", new])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[0].split("|")
+    assert [h.split(" (")[0].strip() for h in header if "KL (x best peer" in h] == \
+        ["globe-default-quant", "globe-default-bits4", "globe-default"]
+    assert "globe-default-quant (new.json): KL" in lines[0] and "globe-default-bits4 (old.json): KL" in lines[0]
+    assert lines[2] == ("| m | -25 % | mobe: 0.01000 | 0.9500 | 1.000 | 0.00400 (0.40x, met) | 0.9700 (+0.0200) | "
+                        "1.000 | 0.00800 (0.80x, missed by 1.60x) | 0.9600 (+0.0100) | 1.000 | - | - | - |")
+    # (the first file's GloBE rows are stale: merge() takes them only from --globe-rows files)
+    peers_table.main([grid, "--globe-rows", f"{old}:globe-default-bits4", new])      # per-model: both rows shown
+    out = capsys.readouterr().out
+    assert "| -25 % (0.500) | globe-default-bits4 | 0.00800 |" in out
+    assert "| -25 % (0.500) | globe-default-quant | 0.00400 |" in out
+    assert "| -25 % | globe-default-bits4 | 0.80 | mobe (0.01000) |" in out
+    assert "| -25 % | globe-default-bits4 | 0.80 | 1.000 | 1.000 |" in out                  # its ratio to MoBE
+    with pytest.raises(SystemExit, match="one GloBE method in the file, it has globe-default, globe-default-quant"):
+        peers_table.main([grid, "--globe-rows", write("two.json", [row("globe-default", 0.01, 0.9),
+                                                                   row("globe-default-quant", 0.01, 0.9)]) + ":globe-x"])
+    with pytest.raises(SystemExit, match="must start with 'globe'"):
+        peers_table.main([grid, "--globe-rows", f"{old}:bits4"])
