@@ -28,7 +28,8 @@ import json
 from pathlib import Path
 
 ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
-         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
+         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant",
+         "globe-default-bits4")
 GOAL = 0.5                                                  # GloBE's KL over the best peer's, at most
 # peers.py settings that change a row: two files are merged only where they agree on each
 ROW_SETTINGS = ("calib_tokens", "output_tokens", "fisher_batches", "ppl_tokens", "window", "default_calib_tokens",

@@ -302,3 +302,16 @@ def test_a_file_given_with_a_label_shows_its_globe_rows_under_that_label(tmp_pat
                                                                    row("globe-default-quant", 0.01, 0.9)]) + ":globe-x"])
     with pytest.raises(SystemExit, match="must start with 'globe'"):
         peers_table.main([grid, "--globe-rows", f"{old}:bits4"])
+
+
+@pytest.mark.parametrize("method, bits", [("globe-default-quant", 8), ("globe-default-bits4", 4),
+                                          ("globe-default", None)])
+def test_the_globe_default_rows_take_the_commands_own_config(tmp_path, method, bits):
+    from globe.assets import DEFAULT_MODEL_DIR
+    from globe.cli import compress as cli
+    ctx = {"dir": DEFAULT_MODEL_DIR, "default_calib_tokens": 8192, "calib_path": tmp_path / "calib.txt",
+           "globe_am_iters": None, "globe_varpro_steps": None}
+    argv, args = peers.compress_args(method, ctx, 0.25, tmp_path)
+    assert argv[argv.index("--total-cut") + 1] == "0.25"
+    cfg, plan = cli._config(args)
+    assert cfg.quant.bits == bits and plan is None          # globe-default-quant: the 8-bit parameter-target default
