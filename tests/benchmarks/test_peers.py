@@ -75,7 +75,8 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
-    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
+    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant",
+              "globe-default-bits4")
     assert set(cut["ratios"]) == {f"{g}/{m}" for g in globes for m in ("mobe", "mobe-best", "best-peer")}
     peer_rows = [r for r in rows.values() if not r["method"].startswith("globe")]
     best = min(peer_rows, key=lambda r: r["kl"])
@@ -89,7 +90,7 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     width = report["models"][0]["model"]["value_bytes"]
     for name in ("svd", "mobe", "reap"):                                # dense checkpoints: bytes per value x params
         assert rows[name]["bytes"] == {f: width * rows[name]["params"][f] for f in ("gate", "up")}
-    quant, plain = rows["globe-default-quant"], rows["globe-default"]
+    quant, plain = rows["globe-default-bits4"], rows["globe-default"]        # --bits 4 (the default before)
     assert quant["shape"]["quant"]["gate"] == {"bank": "4-bit, groups of 64", "adapters": "4-bit, groups of 64"}
     assert plain["shape"]["quant"]["gate"] is None
     for f in ("gate", "up"):                 # equal params (the same cut), 4-bit factors: well under half the bytes
@@ -97,6 +98,12 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
         assert quant["bytes"][f] < 0.5 * plain["bytes"][f]
         assert plain["bytes"][f] > width * plain["params"][f]           # + the codes' indices, scales and ids
     assert quant["total_bytes"] < plain["total_bytes"] < report["models"][0]["model"]["bytes"]
+    eight = rows["globe-default-quant"]               # the default at a parameter target: 8-bit factors
+    assert eight["shape"]["quant"]["gate"] == {"bank": "8-bit, groups of 64", "adapters": "8-bit, groups of 64"}
+    for f in ("gate", "up"):                          # equal params, between the 4-bit and the bf16 bytes
+        assert abs(eight["params"][f] - plain["params"][f]) <= 0.02 * plain["params"][f]
+        assert quant["bytes"][f] < eight["bytes"][f] < plain["bytes"][f]
+    assert rows["globe-default-bits4"]["shape"]["calibration"]["source"] == "self-generated"
     assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
 
 
