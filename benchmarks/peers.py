@@ -17,9 +17,10 @@ config gets the full evaluation), reap (REAP expert pruning: the least salient e
 removed, a smaller checkpoint), hc-smoe (HC-SMoE: experts clustered by output, average linkage, merged by
 frequency; router kept), globe-default-quant (exactly what `globe compress MODEL --total-cut C` runs: calibrated
 on 8192 tokens the model samples itself, activation-aware fit, the whole-expert phase (200 steps), factors
-quantized as the command's default does),
+quantized as the command's default does: 8-bit group 64 at a parameter target, 4-bit before), globe-default-bits4
+(the same with --bits 4: what globe-default-quant ran before 8 bits became the default),
 globe-default (the same with --no-quant: the factors in the model's dtype), globe-default-text (globe-default with
---calibration-text MODEL/calib.txt); the three go through the `globe compress` parser and its config, their fit
+--calibration-text MODEL/calib.txt); the four go through the `globe compress` parser and its config, their fit
 time includes calibration and both exports; globe (weight-space fit), globe-nonlinear
 (weight space, the block SVD start + full-batch tanh refinement of globe.fit.solvers.nonlinear,
 FitConfig.nonlinear.enabled), globe-aware (activation-aware, default settings). reap and hc-smoe remove or merge
@@ -72,10 +73,11 @@ from benchmarks.baselines.svd import per_expert_svd, whitened_svd        # noqa:
 
 log = logging.getLogger("benchmarks.peers")
 METHODS = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-sweep", "reap", "hc-smoe", "globe",
-           "globe-aware", "globe-nonlinear", "globe-default", "globe-default-text", "globe-default-quant")
+           "globe-aware", "globe-nonlinear", "globe-default", "globe-default-text", "globe-default-quant",
+           "globe-default-bits4")
 # run as `globe compress MODEL --total-cut C` + these options (its parser, its config, globe.run.compress)
 GLOBE_DEFAULTS = {"globe-default-quant": (), "globe-default": ("--no-quant",),
-                  "globe-default-text": ("--no-quant", "--calibration-text")}
+                  "globe-default-text": ("--no-quant", "--calibration-text"), "globe-default-bits4": ("--bits", "4")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -252,14 +254,10 @@ def globe_fit(method: str, ctx: dict, budget: float, support: int):
     return globe.fit_model(ctx["dir"], cfg)
 
 
-def globe_compress(method: str, ctx: dict, cut: float, work: Path):
-    """`globe compress MODEL -o work/compressed --total-cut CUT --dense` + GLOBE_DEFAULTS[method], parsed by the
-    command's own parser into the command's own config (globe.cli.compress), run by globe.run.compress as the
-    command runs it; returns (FitResult, dense checkpoint)."""
-    from globe.cli import compress as cli
+def compress_args(method: str, ctx: dict, cut: float, work: Path):
+    """(argv, parsed namespace) of `globe compress MODEL -o work/compressed --total-cut CUT --dense` +
+    GLOBE_DEFAULTS[method], by the command's own parser."""
     from globe.cli.main import build_parser
-    from globe.run.compress import CompressRun, run_compress
-    from globe.tune import DistillConfig
     argv = ["compress", str(ctx["dir"]), "-o", str(work / "compressed"), "--total-cut", str(cut), "--dense",
             "--dense-out", str(work / "dense"), "--overwrite", "--device", "cpu",
             "--calibration-tokens", str(ctx["default_calib_tokens"])]
@@ -268,7 +266,17 @@ def globe_compress(method: str, ctx: dict, cut: float, work: Path):
     for flag, key in (("--am-iters", "globe_am_iters"), ("--varpro-steps", "globe_varpro_steps")):
         if ctx[key] is not None:                                # only the short runs of tests change the defaults
             argv += [flag, str(ctx[key])]
-    args = build_parser().parse_args(argv)
+    return argv, build_parser().parse_args(argv)
+
+
+def globe_compress(method: str, ctx: dict, cut: float, work: Path):
+    """`globe compress MODEL -o work/compressed --total-cut CUT --dense` + GLOBE_DEFAULTS[method], parsed by the
+    command's own parser into the command's own config (globe.cli.compress), run by globe.run.compress as the
+    command runs it; returns (FitResult, dense checkpoint)."""
+    from globe.cli import compress as cli
+    from globe.run.compress import CompressRun, run_compress
+    from globe.tune import DistillConfig
+    argv, args = compress_args(method, ctx, cut, work)
     cfg, plan = cli._config(args)
     run = CompressRun(model_dir=args.model_dir, out=args.out, config=cfg, total_cut=args.total_cut,
                       calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
@@ -425,7 +433,8 @@ def ratios(rows: list[dict]) -> dict:
                                      "kl": by[g]["kl"] / best["kl"] if best["kl"] else None,
                                      "top1": by[g]["top1"], "best_peer_top1": max(r["top1"] for r in peers),
                                      "top1_not_above": [r["method"] for r in peers if r["top1"] >= by[g]["top1"]]}
-    for g in ("globe", "globe-nonlinear", "globe-aware", *GLOBE_DEFAULTS):
+    named = ("globe", "globe-nonlinear", "globe-aware", *GLOBE_DEFAULTS)
+    for g in named + tuple(m for m in by if m.startswith("globe") and m not in named):   # + relabelled rows
         for m in ("mobe", "mobe-best"):
             if g in by and m in by:
                 a, b = by[g], by[m]

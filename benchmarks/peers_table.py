@@ -4,8 +4,12 @@ GloBE row against the best peer (KL ratio, goal <= 0.5x; top-1 above every peer'
 --summary prints one table over every model and cut instead: the best peer and each GloBE default row's KL ratio
 to it, the goal met or missed by how much. With --globe-rows FILE2 [FILE3 ...] the tables take the peers' rows
 from the first file and the GloBE rows from the others (reruns of GloBE methods alone, same settings: checked; each
-method's row from the last file that has it; ratios recomputed), the summary's columns naming the files, the top-1
-margin over the best peer top-1 beside each GloBE row. The README's results section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
+method's row from the last file that has it; ratios recomputed), the summary's columns naming the file of their
+rows, the top-1
+margin over the best peer top-1 beside each GloBE row. A file given as FILE:LABEL shows its GloBE rows under the
+method name LABEL (it must start with "globe" and the file must hold one GloBE method), so an older run of a
+default (e.g. the 4-bit rows of `--total-cut C --bits 4`) stays visible beside a rerun under the same method name;
+the summary then has a column per label, after globe-default-quant. The result files are never edited. The README's results section is pasted from this output. Files written before KL (or bytes) were measured show "-" in those columns.
 
     python benchmarks/peers_table.py benchmarks/results/peers_eval_models.json
     python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json
@@ -13,6 +17,9 @@ margin over the best peer top-1 beside each GloBE row. The README's results sect
         --globe-rows benchmarks/results/peers_grid_globe.json
     python benchmarks/peers_table.py benchmarks/results/peers_grid.json \
         --globe-rows benchmarks/results/peers_grid_globe.json benchmarks/results/peers_grid_globe_quant.json
+    python benchmarks/peers_table.py --summary benchmarks/results/peers_grid.json \
+        --globe-rows benchmarks/results/peers_grid_globe.json \
+        benchmarks/results/peers_grid_globe_quant.json:globe-default-bits4 benchmarks/results/peers_grid_globe_p8.json
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ import json
 from pathlib import Path
 
 ORDER = ("svd", "svd-llm", "d2moe", "d2moe-llm", "d2moe-sharev", "mobe", "mobe-best", "reap", "hc-smoe", "globe",
-         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
+         "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant",
+         "globe-default-bits4")
 GOAL = 0.5                                                  # GloBE's KL over the best peer's, at most
 # peers.py settings that change a row: two files are merged only where they agree on each
 ROW_SETTINGS = ("calib_tokens", "output_tokens", "fisher_batches", "ppl_tokens", "window", "default_calib_tokens",
@@ -56,7 +64,7 @@ def model_table(model: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cut in sorted(model["cuts"], key=lambda c: c["cut"]):
         rows = {r["method"]: r for r in cut["rows"]}
-        for name in [m for m in ORDER if m in rows]:
+        for name in [m for m in ORDER if m in rows] + [m for m in rows if m not in ORDER]:    # relabelled last
             r = rows[name]
             lines.append(f"| -{100 * cut['cut']:.0f} % ({cut['budget_per_family']:.3f}) | {name} | "
                          f"{_num(r.get('kl'), '.5f')} | {_num(r.get('top1'), '.4f')} | "
@@ -97,6 +105,30 @@ def _is_globe(row: dict) -> bool:
     return row["method"].startswith("globe")
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """"FILE" -> (FILE, None); "FILE:LABEL" -> (FILE, LABEL): LABEL must name a GloBE row ("globe..."), one word."""
+    path, sep, label = spec.rpartition(":")
+    if not sep or "/" in label or not label:
+        return spec, None
+    if not label.startswith("globe") or any(c.isspace() for c in label):
+        raise SystemExit(f"--globe-rows {spec}: the label {label!r} must start with 'globe' (a GloBE row), no spaces")
+    return path, label
+
+
+def relabel(report: dict, label: str, name: str = "FILE") -> dict:
+    """A copy of a peers.py report whose one GloBE method is named `label` (its peers' rows and stored ratios
+    dropped: merge() takes only GloBE rows and recomputes the ratios); SystemExit naming the methods where the file
+    holds more than one GloBE method or none."""
+    methods = sorted({r["method"] for m in report["models"] for c in m["cuts"] for r in c["rows"] if _is_globe(r)})
+    if len(methods) != 1:
+        raise SystemExit(f"--globe-rows {name}:{label}: a label needs one GloBE method in the file, it has "
+                         f"{', '.join(methods) or 'none'}")
+    models = [{**m, "cuts": [{**{k: v for k, v in c.items() if k not in ("rows", "ratios")},
+                              "rows": [{**r, "method": label} for r in c["rows"] if _is_globe(r)]}
+                             for c in m["cuts"]]} for m in report["models"]]
+    return {**report, "models": models}
+
+
 def merge(peers_report: dict, *globe_reports: dict) -> dict:
     """The peers' rows of `peers_report` with the GloBE rows of `globe_reports`, per (model, cut) of the first: each
     GloBE method's row from the last of those files that has it (a later rerun of one method overrides it);
@@ -135,8 +167,13 @@ def summary_table(report: dict, rows: tuple[str, ...] = ("globe-default-quant", 
     bytes, then per GloBE row in `rows` its KL, KL / best peer's (goal <= 0.5: met or missed by how much), top-1
     and bytes. sources: the files the peers' and the GloBE rows came from (merge()); the headers name them and
     each GloBE top-1 gets its margin over the best peer top-1."""
-    peer_from, globe_from = (f" ({sources[0]})", f" ({sources[1]})") if sources else ("", "")
-    cols = "".join(f" {g}{globe_from}: KL (x best peer, goal) | top-1 | MB |" for g in rows)
+    peer_from = f" ({sources[0]})" if sources else ""
+
+    def globe_from(g: str) -> str:          # sources[1]: one name for every GloBE row, or {method: its file}
+        if not sources:
+            return ""
+        return f" ({sources[1].get(g, '-')})" if isinstance(sources[1], dict) else f" ({sources[1]})"
+    cols = "".join(f" {g}{globe_from(g)}: KL (x best peer, goal) | top-1 | MB |" for g in rows)
     lines = [f"| model | cut | best peer{peer_from}: KL | top-1 | MB |{cols}",
              "|---|---|---|---|---|" + "---|---|---|" * len(rows)]
     for model in report["models"]:
@@ -166,17 +203,24 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a benchmarks/peers.py output file")
     p.add_argument("--summary", action="store_true", help="one table over every model and cut (see summary_table)")
-    p.add_argument("--globe-rows", metavar="FILE2", nargs="+", help="the GloBE rows from these files (reruns of "
-                   "GloBE methods alone; a method's row from the last file that has it), the peers' from the first "
-                   "(ratios recomputed)")
+    p.add_argument("--globe-rows", metavar="FILE2[:LABEL]", nargs="+", help="the GloBE rows from these files "
+                   "(reruns of GloBE methods alone; a method's row from the last file that has it), the peers' from "
+                   "the first (ratios recomputed); FILE:LABEL shows that file's one GloBE method as LABEL")
     args = p.parse_args(argv)
     report = json.loads(Path(args.json).read_text())
-    sources = None
+    sources, rows = None, ("globe-default-quant", "globe-default")
     if args.globe_rows:
-        report = merge(report, *(json.loads(Path(f).read_text()) for f in args.globe_rows))
-        sources = (Path(args.json).name, " + ".join(Path(f).name for f in args.globe_rows))
+        specs = [split_spec(s) for s in args.globe_rows]
+        reports = [json.loads(Path(f).read_text()) for f, _ in specs]
+        reports = [relabel(r, label, f) if label else r for r, (f, label) in zip(reports, specs)]
+        report = merge(report, *reports)
+        origin = {r["method"]: Path(f).name for rep, (f, _) in zip(reports, specs)       # the last file's row
+                  for m in rep["models"] for c in m["cuts"] for r in c["rows"] if _is_globe(r)}
+        sources = (Path(args.json).name, origin)
+        labels = tuple(label for _, label in specs if label and label not in rows)
+        rows = (rows[0], *labels, *rows[1:])
     if args.summary:
-        print("\n".join(summary_table(report, sources=sources)) + "\n")
+        print("\n".join(summary_table(report, rows=rows, sources=sources)) + "\n")
         return
     for model in report["models"]:
         print("\n".join(model_table(model)) + "\n")

@@ -1,6 +1,7 @@
 """`globe compress MODEL_DIR -o OUT [--total-cut C | --budget F | --size GiB] [--calibration-text FILE] [--dense]
 [--text FILE]`: the users' main job in one step: calibrate (on the given text, else on text the model samples
-itself), fit the banks activation-aware with 4-bit factors (QUANT_DEFAULTS; --no-quant: unquantized), write the
+itself), fit the banks activation-aware with 4-bit factors at budget 0.6 (QUANT_DEFAULTS), 8-bit factors at a
+parameter target given (PARAM_TARGET_BITS: --total-cut or --budget; --no-quant: unquantized), write the
 compressed checkpoint (loadable with transformers' from_pretrained after
 `import globe`) with a model card, optionally the dense checkpoint and an evaluation (perplexity, KL and top-1
 agreement to the original). The run is globe.run.compress.run_compress; the fit options are those of `globe fit`.
@@ -28,6 +29,10 @@ FIT_OPTIONS = ("budget", *SHARED_FIT_OPTIONS)
 # compress's defaults: 4-bit group-64 GPTQ factors at budget 0.6 (about 2.7 bits per routed weight, below 4-bit
 # quantization of the experts; benchmarks/results/bytes.json, README "Bytes"); `globe fit` stays unquantized
 QUANT_DEFAULTS = {"bits": 4, "budget": 0.6}
+# a PARAMETER target (--total-cut / --budget given) stores 8-bit group-64 factors: at -25 % 4-bit noise was about
+# the low-rank error itself (KL 1.8-2.3x bf16's), 8-bit is within a few % of bf16 at half its bytes
+# (benchmarks/results/param_target_bits.json, embedded model); --size (a bytes target) chooses its own bits
+PARAM_TARGET_BITS = 8
 log = logging.getLogger(__name__)
 
 
@@ -40,18 +45,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output directory: the compressed checkpoint")
     cut = p.add_mutually_exclusive_group()
     cut.add_argument("--total-cut", type=float, metavar="C",
-                     help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25 (default: --budget "
-                          f"{QUANT_DEFAULTS['budget']})")
+                     help="cut of the model's TOTAL parameters in (0, 1), e.g. 0.25; a parameter target: the "
+                          f"factors are stored at --bits {PARAM_TARGET_BITS} unless --bits / --no-quant is given "
+                          f"(default: --budget {QUANT_DEFAULTS['budget']} at --bits {QUANT_DEFAULTS['bits']})")
     cut.add_argument("--budget", type=float, metavar="F",
-                     help=f"stored / dense params per family (default {QUANT_DEFAULTS['budget']} with quantized "
-                          f"factors, 0.5 with --no-quant)")
+                     help=f"stored / dense params per family; given, a parameter target: --bits "
+                          f"{PARAM_TARGET_BITS} factors unless --bits / --no-quant is given (default "
+                          f"{QUANT_DEFAULTS['budget']} at --bits {QUANT_DEFAULTS['bits']}, 0.5 with --no-quant)")
     cut.add_argument("--size", type=float, metavar="GiB",
                      help="bytes of the whole checkpoint's tensors, in GiB (2**30 bytes): the budget (and, without "
                           "--bits / --no-quant, the bits and the kind: factors only, a small GloBE part + quantized "
                           "residuals, or plain quantization of the experts) are chosen so that the checkpoint fits")
     p.add_argument("--no-quant", action="store_true",
                    help=f"store the factors unquantized, in the model's dtype (default: --bits "
-                        f"{QUANT_DEFAULTS['bits']}, except with --rank-allocation sensitivity)")
+                        f"{QUANT_DEFAULTS['bits']}, --bits {PARAM_TARGET_BITS} with --total-cut / --budget, chosen "
+                        "by --size; unquantized with --rank-allocation sensitivity)")
     cal = p.add_mutually_exclusive_group()
     cal.add_argument("--calibration-text", metavar="FILE",
                      help="text to collect activation statistics on (default: text the model samples itself, seeded "
@@ -107,8 +115,9 @@ def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.no_quant and args.bits is not None:
         raise ConfigError("give --bits or --no-quant, not both")
     if not args.no_quant and args.bits is None and args.size is None and args.rank_allocation != "sensitivity":
-        fit.bits = QUANT_DEFAULTS["bits"]              # (a rank per layer is not quantized yet: FitConfig.validate)
-        if args.budget is None and args.total_cut is None and args.m is None and args.r is None:
+        target = args.budget is not None or args.total_cut is not None          # a parameter target: 8-bit
+        fit.bits = PARAM_TARGET_BITS if target else QUANT_DEFAULTS["bits"]  # (a rank per layer: not quantized yet)
+        if not target and args.m is None and args.r is None:
             fit.budget = QUANT_DEFAULTS["budget"]
     return fit
 

@@ -75,7 +75,8 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     assert [s["config"]["m"] for s in cut["mobe_sweep"]] == [4, 2]
     best = min(cut["mobe_sweep"], key=lambda s: sum(e * e for e in s["rel_err"].values()))
     assert abs(rows["mobe-best"]["rel_err"]["gate"] - best["rel_err"]["gate"]) < 5e-3   # up to bf16 rounding
-    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant")
+    globes = ("globe", "globe-nonlinear", "globe-aware", "globe-default", "globe-default-text", "globe-default-quant",
+              "globe-default-bits4")
     assert set(cut["ratios"]) == {f"{g}/{m}" for g in globes for m in ("mobe", "mobe-best", "best-peer")}
     peer_rows = [r for r in rows.values() if not r["method"].startswith("globe")]
     best = min(peer_rows, key=lambda r: r["kl"])
@@ -89,7 +90,7 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
     width = report["models"][0]["model"]["value_bytes"]
     for name in ("svd", "mobe", "reap"):                                # dense checkpoints: bytes per value x params
         assert rows[name]["bytes"] == {f: width * rows[name]["params"][f] for f in ("gate", "up")}
-    quant, plain = rows["globe-default-quant"], rows["globe-default"]
+    quant, plain = rows["globe-default-bits4"], rows["globe-default"]        # --bits 4 (the default before)
     assert quant["shape"]["quant"]["gate"] == {"bank": "4-bit, groups of 64", "adapters": "4-bit, groups of 64"}
     assert plain["shape"]["quant"]["gate"] is None
     for f in ("gate", "up"):                 # equal params (the same cut), 4-bit factors: well under half the bytes
@@ -97,6 +98,12 @@ def test_every_method_at_one_cut_writes_one_json(tmp_path, short_globe_fits):
         assert quant["bytes"][f] < 0.5 * plain["bytes"][f]
         assert plain["bytes"][f] > width * plain["params"][f]           # + the codes' indices, scales and ids
     assert quant["total_bytes"] < plain["total_bytes"] < report["models"][0]["model"]["bytes"]
+    eight = rows["globe-default-quant"]               # the default at a parameter target: 8-bit factors
+    assert eight["shape"]["quant"]["gate"] == {"bank": "8-bit, groups of 64", "adapters": "8-bit, groups of 64"}
+    for f in ("gate", "up"):                          # equal params, between the 4-bit and the bf16 bytes
+        assert abs(eight["params"][f] - plain["params"][f]) <= 0.02 * plain["params"][f]
+        assert quant["bytes"][f] < eight["bytes"][f] < plain["bytes"][f]
+    assert rows["globe-default-bits4"]["shape"]["calibration"]["source"] == "self-generated"
     assert rows["svd"]["rel_err"]["gate"] < rows["d2moe"]["rel_err"]["gate"]      # the base costs D2 rank here
 
 
@@ -265,3 +272,53 @@ def test_a_later_rerun_of_one_globe_method_overrides_only_that_method():
     quant = report([{"method": "globe-default-quant", "kl": 0.006, "top1": 0.965}])
     rows = {r["method"]: r["kl"] for r in peers_table.merge(grid, rerun, quant)["models"][0]["cuts"][0]["rows"]}
     assert rows == {"mobe": 0.01, "globe-default": 0.004, "globe-default-quant": 0.006}
+
+
+def test_a_file_given_with_a_label_shows_its_globe_rows_under_that_label(tmp_path, capsys):
+    def row(method, kl, top1):
+        return {"method": method, "kl": kl, "top1": top1, "rel_err": {"gate": 0.3, "up": 0.3},
+                "output_rel_err": {"rel_err": 0.1}, "perplexity": 50.0, "delta_ppl": 0.5, "fit_seconds": 1,
+                "bytes": {"gate": 500_000, "up": 500_000}}
+
+    def write(name, rows):
+        doc = {"settings": {}, "models": [{"model": {"dir": "x/m", "layers": 4, "experts": 8, "p": 16, "d": 32,
+                                                     "original_perplexity": 49.0, "heldout_tokens": 1000},
+                                           "cuts": [{"cut": 0.25, "budget_per_family": 0.5, "rows": rows}]}]}
+        (tmp_path / name).write_text(json.dumps(doc))
+        return str(tmp_path / name)
+    grid = write("grid.json", [row("mobe", 0.01, 0.95), row("globe-default", 0.02, 0.9)])
+    old = write("old.json", [row("globe-default-quant", 0.008, 0.96)])               # the 4-bit run
+    new = write("new.json", [row("globe-default-quant", 0.004, 0.97)])               # the rerun, same method name
+    peers_table.main(["--summary", grid, "--globe-rows", f"{old}:globe-default-bits4", new])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = lines[0].split("|")
+    assert [h.split(" (")[0].strip() for h in header if "KL (x best peer" in h] == \
+        ["globe-default-quant", "globe-default-bits4", "globe-default"]
+    assert "globe-default-quant (new.json): KL" in lines[0] and "globe-default-bits4 (old.json): KL" in lines[0]
+    assert lines[2] == ("| m | -25 % | mobe: 0.01000 | 0.9500 | 1.000 | 0.00400 (0.40x, met) | 0.9700 (+0.0200) | "
+                        "1.000 | 0.00800 (0.80x, missed by 1.60x) | 0.9600 (+0.0100) | 1.000 | - | - | - |")
+    # (the first file's GloBE rows are stale: merge() takes them only from --globe-rows files)
+    peers_table.main([grid, "--globe-rows", f"{old}:globe-default-bits4", new])      # per-model: both rows shown
+    out = capsys.readouterr().out
+    assert "| -25 % (0.500) | globe-default-bits4 | 0.00800 |" in out
+    assert "| -25 % (0.500) | globe-default-quant | 0.00400 |" in out
+    assert "| -25 % | globe-default-bits4 | 0.80 | mobe (0.01000) |" in out
+    assert "| -25 % | globe-default-bits4 | 0.80 | 1.000 | 1.000 |" in out                  # its ratio to MoBE
+    with pytest.raises(SystemExit, match="one GloBE method in the file, it has globe-default, globe-default-quant"):
+        peers_table.main([grid, "--globe-rows", write("two.json", [row("globe-default", 0.01, 0.9),
+                                                                   row("globe-default-quant", 0.01, 0.9)]) + ":globe-x"])
+    with pytest.raises(SystemExit, match="must start with 'globe'"):
+        peers_table.main([grid, "--globe-rows", f"{old}:bits4"])
+
+
+@pytest.mark.parametrize("method, bits", [("globe-default-quant", 8), ("globe-default-bits4", 4),
+                                          ("globe-default", None)])
+def test_the_globe_default_rows_take_the_commands_own_config(tmp_path, method, bits):
+    from globe.assets import DEFAULT_MODEL_DIR
+    from globe.cli import compress as cli
+    ctx = {"dir": DEFAULT_MODEL_DIR, "default_calib_tokens": 8192, "calib_path": tmp_path / "calib.txt",
+           "globe_am_iters": None, "globe_varpro_steps": None}
+    argv, args = peers.compress_args(method, ctx, 0.25, tmp_path)
+    assert argv[argv.index("--total-cut") + 1] == "0.25"
+    cfg, plan = cli._config(args)
+    assert cfg.quant.bits == bits and plan is None          # globe-default-quant: the 8-bit parameter-target default

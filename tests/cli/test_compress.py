@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import globe.cli.main as cli
 from globe.cli.fit import SHARED_FIT_OPTIONS
 
@@ -53,6 +55,36 @@ def test_compress_defaults_to_4_bit_factors_and_fit_stays_unquantized():
     cfg, _ = _compress_config("--rank-allocation", "sensitivity")       # a rank per layer is stored unquantized
     assert cfg.quant.bits is None and cfg.ranks.allocation == "sensitivity"
     assert build_config(cli.build_parser().parse_args(["fit", "-o", "OUT"])).quant.bits is None
+
+
+@pytest.mark.parametrize("options, bits, budget", [
+    ((), 4, 0.6),                                              # no option: the main job, unchanged
+    (("--total-cut", "0.3"), 8, None),                         # a parameter target: 8-bit factors
+    (("--budget", "0.4"), 8, 0.4),
+    (("--total-cut", "0.3", "--bits", "4"), 4, None),          # explicit bits stand
+    (("--budget", "0.4", "--bits", "4"), 4, 0.4),
+    (("--total-cut", "0.3", "--no-quant"), None, None),
+    (("--no-quant",), None, 0.5),
+    (("--m", "8", "--r", "32"), 4, None),                      # a shape, not a parameter target: unchanged
+])
+def test_a_parameter_target_stores_8_bit_factors_by_default(options, bits, budget):
+    from globe.cli.compress import PARAM_TARGET_BITS
+    from globe.fit.expert_config import COMPRESS_QUANT_STEPS
+    assert PARAM_TARGET_BITS == 8
+    cfg, plan = _compress_config(*options)
+    assert cfg.quant.bits == bits and plan is None
+    assert cfg.quant.group == 64 and cfg.quant.method == "gptq"
+    if budget is not None:
+        assert cfg.bank.budget == budget
+    # the quantized expert phase runs wherever the factors are quantized (8-bit included), as before
+    assert cfg.expert.quant_steps == (COMPRESS_QUANT_STEPS if bits else 0)
+
+
+def test_a_size_target_chooses_its_bits_unaffected_by_the_parameter_target_default():
+    cfg, plan = _compress_config("--size", "0.016")
+    assert plan.bits == cfg.quant.bits == 4                     # not PARAM_TARGET_BITS: --size picks the bits
+    cfg, plan = _compress_config("--size", "0.016", "--bits", "8")
+    assert plan.bits == cfg.quant.bits == 8
 
 
 def test_compress_size_sets_bits_and_budget_and_refuses_in_one_line(tmp_path, capsys):
