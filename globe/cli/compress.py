@@ -66,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_CALIBRATION_TOKENS})")
     p.add_argument("--calibration-mix", type=float, default=DEFAULT_CALIBRATION_MIX, metavar="X",
                    help="with --calibration-text: also calibrate on X times --calibration-tokens tokens the model "
-                        "samples itself (the sample a run without text takes), statistics summed over both; 0 = the "
-                        f"text alone (default {DEFAULT_CALIBRATION_MIX:g})")
+                        "samples itself (the sample a run without text takes), statistics summed over both, which "
+                        "covers the experts more evenly than a text alone; 0 = the text alone "
+                        f"(default {DEFAULT_CALIBRATION_MIX:g})")
     p.add_argument("--distill-steps", type=int, default=DistillConfig().steps, metavar="N",
                    help="after the fit, distill the compressed parameters (banks, code values, adapters; nothing "
                         "else) to the original's next-token distribution on the calibration tokens for N Adam "

@@ -115,7 +115,8 @@ def _mixed_ids(model, run: CalibrateRun, text_ids: torch.Tensor, info: dict) -> 
     rows = text_ids.numel() // length
     if rows == 0:
         raise ConfigError(f"{run.flag} {info['text']} gives {text_ids.numel()} token(s), fewer than one window "
-                          f"({length}); mixed calibration needs at least one, pass a longer text")
+                          f"({length}); mixed calibration needs at least one: pass a longer text, or --calibration-mix 0 "
+                          f"for the text alone")
     if text_ids.numel() % length:
         log.info("mixed calibration: the last %d token(s) of the text's %d (less than a window of %d) are left out",
                  text_ids.numel() % length, text_ids.numel(), length)
