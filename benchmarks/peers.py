@@ -280,6 +280,7 @@ def globe_compress(method: str, ctx: dict, cut: float, work: Path):
     cfg, plan = cli._config(args)
     run = CompressRun(model_dir=args.model_dir, out=args.out, config=cfg, total_cut=args.total_cut,
                       calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
+                      calibration_mix=args.calibration_mix,
                       calibrate=not args.no_calibration, dense=args.dense, dense_out=args.dense_out,
                       overwrite=args.overwrite, device=args.device, command="globe " + " ".join(argv),
                       size=plan.to_dict() if plan is not None else None,

@@ -8,9 +8,11 @@ parameters (--cuts, default 0.35 0.25 0.40, in that order, each over every model
 config and globe.run.compress; the fit time covers calibration, the activation-aware fit, the whole-expert phase,
 quantization and both exports), once per calibration source (--sources) and factor format (--variants):
   self   calibrated on --calib-tokens tokens the model samples itself (what `globe compress` does by default)
-  real   calibrated on the first --calib-tokens tokens of MODEL/calib.txt (`--calibration-text`; a split disjoint
-         from training and held-out text)
-  quant  4-bit group-64 GPTQ factors (the default); bf16: `--no-quant`
+  real   calibrated on the first --calib-tokens tokens of MODEL/calib.txt (`--calibration-text --calibration-mix
+         0`; a split disjoint from training and held-out text; --calib: another file)
+  mixed  on both: those tokens and --mix x --calib-tokens tokens the model samples itself (`--calibration-text
+         --calibration-mix MIX`; the self rows' sample, interleaved by window)
+  quant  compress's default factors (4-bit group-64 GPTQ when written); bf16: `--no-quant`; q8: `--bits 8`
 Each dense checkpoint is scored as the peers grid scores it (peers.score, peers.py's settings: KL(original ||
 compressed) per token, top-1 agreement and perplexity on the first --ppl-tokens held-out tokens; the routed output
 error on the --output-tokens calibration tokens after peers.py's 32,768), with each fit's wall and user CPU seconds.
@@ -25,6 +27,8 @@ row.
 
     OMP_NUM_THREADS=1 python benchmarks/self_calibration.py
     python benchmarks/self_calibration.py benchmarks/models/upcycled-qwen2moe --cuts 0.35 --sources self real --no-mobe
+    python benchmarks/self_calibration.py --sources real self mixed --variants q8 --no-mobe \
+        --out benchmarks/results/self_calibration_mix.json
 """
 from __future__ import annotations
 
@@ -50,10 +54,28 @@ from benchmarks.report import new_report, quiet_logging  # noqa: E402
 log = logging.getLogger("benchmarks.self_calibration")
 MODELS = ("benchmarks/models/mixtral-e8-top2", "benchmarks/models/upcycled-qwen2moe",
           "benchmarks/models/scratch-qwen2moe-e48")
-# (variant, source) -> the peers.py globe-default row that runs it; the quantized real-text row is registered here
+# (variant, source) -> the peers.py globe-default row that runs it; the rows peers.py lacks are registered here
 peers.GLOBE_DEFAULTS.setdefault("globe-default-quant-text", ("--calibration-text",))
 ROWS = {("quant", "self"): "globe-default-quant", ("quant", "real"): "globe-default-quant-text",
         ("bf16", "self"): "globe-default", ("bf16", "real"): "globe-default-text"}
+VARIANT_OPTIONS = {"quant": (), "bf16": ("--no-quant",), "q8": ("--bits=8",)}
+SOURCES = ("self", "real", "mixed")
+
+
+def row_method(variant: str, source: str, mix: float) -> str:
+    """The peers.py GLOBE_DEFAULTS name of a (variant, source) row, registered on first use. real passes
+    --calibration-mix 0 and mixed --calibration-mix MIX, so that neither depends on compress's default mix (the
+    self rows keep peers.py's names; ROWS' real rows, `--calibration-text` alone, are what self_calibration.json
+    ran when the text alone was the default)."""
+    if (variant, source) in ROWS and source == "self":
+        return ROWS[variant, source]
+    mix_option = {"self": (), "real": ("--calibration-text", "--calibration-mix=0"),
+                  "mixed": ("--calibration-text", f"--calibration-mix={mix:g}")}[source]
+    name = f"globe-default-{variant}-{source}" + (f"-{mix:g}" if source == "mixed" else "")
+    peers.GLOBE_DEFAULTS.setdefault(name, VARIANT_OPTIONS[variant] + mix_option)
+    return name
+
+
 MOBE_RECIPE_EPOCHS = 30000          # inclusionAI/MoBE train.py --num_epochs default (its Qwen3-235B recipe)
 
 
@@ -62,9 +84,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("models", nargs="*", default=[str(REPO / m) for m in MODELS], help="model directories (default: all three)")
     a("--cuts", type=float, nargs="+", default=[0.35, 0.25, 0.40], help="cuts of TOTAL params, in run order")
-    a("--sources", nargs="+", default=["self", "real"], choices=("self", "real"), help="calibration sources")
-    a("--variants", nargs="+", default=["quant"], choices=("quant", "bf16"),
-      help="factor formats: quant (the default, 4-bit) and/or bf16 (--no-quant); default quant")
+    a("--sources", nargs="+", default=["self", "real"], choices=SOURCES, help="calibration sources")
+    a("--variants", nargs="+", default=["quant"], choices=tuple(VARIANT_OPTIONS),
+      help="factor formats: quant (compress's default bits), bf16 (--no-quant), q8 (--bits 8); default quant")
+    a("--mix", type=float, default=1.0,
+      help="the mixed source's --calibration-mix: self-generated tokens added, x --calib-tokens (default 1)")
+    a("--calib", help="calibration text (default MODEL/calib.txt; peers.py's --calib)")
+    a("--text", help="held-out text scored (default MODEL/heldout.txt; peers.py's --text)")
+    a("--split-heldout", type=float, metavar="F",
+      help="calibrate on MODEL/heldout.txt up to the line end after its first F of characters, score on the rest "
+           "(for the embedded model, whose only text beside its training corpus is heldout.txt)")
     a("--calib-tokens", type=int, default=8192, help="calibration tokens, the same for both sources (default 8192)")
     a("--ppl-tokens", type=int, default=8192, help="score the first N held-out tokens (default 8192, the grid's)")
     a("--output-tokens", type=int, default=4096, help="calibration tokens for the output error (peers.py's)")
@@ -79,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             or args.mobe_recipe_epochs < args.mobe_epochs:
         p.error("--calib-tokens, --output-tokens and --mobe-epochs must be >= 1, --ppl-tokens >= 0, "
                 "--mobe-recipe-epochs >= --mobe-epochs")
+    if args.split_heldout is not None and (not 0 < args.split_heldout < 1 or args.calib or args.text):
+        p.error("--split-heldout must lie in (0, 1), without --calib / --text")
+    if not args.mix >= 0:
+        p.error("--mix must be >= 0")
     if any(not 0 < c < 1 for c in args.cuts + [args.mobe_cut]):
         p.error("--cuts and --mobe-cut must lie in (0, 1)")
     return args
@@ -100,17 +133,33 @@ class Clock:
         return {k: round(b - a, 2) for k, a, b in zip(("wall_s", "user_s", "sys_s"), self.start, now)}
 
 
+def split_heldout(model_dir: Path, share: float, work: Path) -> tuple[str, str]:
+    """(calibration file, scored file): MODEL/heldout.txt cut at the first line end after `share` of it."""
+    text = (model_dir / "heldout.txt").read_text(encoding="utf-8")
+    cut = text.index("\n", int(len(text) * share)) + 1
+    calib, scored = work / f"{model_dir.name}_calib.txt", work / f"{model_dir.name}_scored.txt"
+    calib.write_text(text[:cut], encoding="utf-8")
+    scored.write_text(text[cut:], encoding="utf-8")
+    return str(calib), str(scored)
+
+
 def context(model_dir: Path, args) -> dict:
     """peers.prepare at peers.py's settings (its calibration statistics only feed the output error's split)."""
+    if args.split_heldout is not None:
+        work = Path(tempfile.mkdtemp(prefix="self-calibration-split-"))
+        args = argparse.Namespace(**{**vars(args), **dict(zip(("calib", "text"), split_heldout(
+            model_dir, args.split_heldout, work)))})
     argv = [str(model_dir), "--methods", "globe-default-quant", "--ppl-tokens", str(args.ppl_tokens),
             "--output-tokens", str(args.output_tokens), "--default-calib-tokens", str(args.calib_tokens)]
+    for flag, value in (("--calib", args.calib), ("--text", args.text)):
+        argv += [flag, value] if value else []
     return peers.prepare(model_dir, peers.parse_args(argv))
 
 
-def globe_row(ctx: dict, cut: float, variant: str, source: str) -> dict:
+def globe_row(ctx: dict, cut: float, variant: str, source: str, mix: float = 1.0) -> dict:
     """The default `globe compress` (one variant, one source) at `cut`, scored as the peers grid scores it."""
     from globe.fit.planning.bytes import result_bytes
-    method = ROWS[variant, source]
+    method = row_method(variant, source, mix)
     ctx["cut"] = cut
     with tempfile.TemporaryDirectory(prefix="self-calibration-") as tmp:
         clock = Clock()
@@ -197,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
                     done = {"cut": cut, "budget_per_family": budget, "target_support": support, "rows": []}
                     entry["cuts"].append(done)
                 for source in args.sources:
-                    done["rows"].append(globe_row(ctx, cut, variant, source))
+                    done["rows"].append(globe_row(ctx, cut, variant, source, args.mix))
                     save()
                 if cut == args.mobe_cut and variant == "quant" and not args.no_mobe:
                     entry["mobe"] = mobe_timing(ctx, cut, args)
@@ -208,17 +257,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print("| model | cut | variant | KL self | KL real | real / self | top-1 self | top-1 real |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | cut | variant | KL self / real / mixed | real / self | mixed / self | top-1 self / real / mixed |")
+    print("|---|---|---|---|---|---|---|")
     for entry in report["models"]:
         for c in entry["cuts"]:
             by = {(r["variant"], r["source"]): r for r in c["rows"]}
             for variant in dict.fromkeys(v for v, _ in by):
-                s, r = by.get((variant, "self")), by.get((variant, "real"))
-                if s is None or r is None:
+                rows = [by.get((variant, source)) for source in SOURCES]
+                if rows[0] is None:
                     continue
-                print(f"| {entry['model']['dir']} | -{100 * c['cut']:.0f} % | {variant} | {s['kl']:.5f} | "
-                      f"{r['kl']:.5f} | {r['kl'] / s['kl']:.2f} | {s['top1']:.4f} | {r['top1']:.4f} |")
+                kl = " / ".join(f"{r['kl']:.5f}" if r else "-" for r in rows)
+                top1 = " / ".join(f"{r['top1']:.4f}" if r else "-" for r in rows)
+                ratio = [f"{r['kl'] / rows[0]['kl']:.2f}" if r else "-" for r in rows[1:]]
+                print(f"| {entry['model']['dir']} | -{100 * c['cut']:.0f} % | {variant} | {kl} | {ratio[0]} | "
+                      f"{ratio[1]} | {top1} |")
     print("\n| model | GloBE default: user CPU s | MoBE recipe (extrapolated): user CPU s | ratio | goal |")
     print("|---|---|---|---|---|")
     for entry in report["models"]:

@@ -20,7 +20,8 @@ from globe.cli.fit import SHARED_FIT_OPTIONS, add_fit_options, build_config
 from globe.device import DEVICES
 from globe.errors import ConfigError
 from globe.fit.expert_config import COMPRESS_QUANT_STEPS, COMPRESS_STEPS
-from globe.run.compress import DEFAULT_CALIBRATION_TOKENS, CompressRun, expert_default_off, run_compress
+from globe.run.compress import (DEFAULT_CALIBRATION_MIX, DEFAULT_CALIBRATION_TOKENS, CompressRun, expert_default_off,
+                                run_compress)
 from globe.run.size_choice import candidate_config
 from globe.run.fit import apply_total_cut, fit_summary, total_cut_of
 from globe.tune import DistillConfig
@@ -71,6 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens to calibrate on: the first N of --calibration-text, or N sampled from the model "
                         f"(default {DEFAULT_CALIBRATION_TOKENS})")
+    p.add_argument("--calibration-mix", type=float, default=DEFAULT_CALIBRATION_MIX, metavar="X",
+                   help="with --calibration-text: also calibrate on X times --calibration-tokens tokens the model "
+                        "samples itself (the sample a run without text takes), statistics summed over both, which "
+                        "covers the experts more evenly than a text alone; 0 = the text alone "
+                        f"(default {DEFAULT_CALIBRATION_MIX:g})")
     p.add_argument("--distill-steps", type=int, default=DistillConfig().steps, metavar="N",
                    help="after the fit, distill the compressed parameters (banks, code values, adapters; nothing "
                         "else) to the original's next-token distribution on the calibration tokens for N Adam "
@@ -188,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=cfg,
                                    total_cut=args.total_cut, calibration_text=args.calibration_text,
                                    calibration_tokens=args.calibration_tokens, calibrate=not args.no_calibration,
+                                   calibration_mix=args.calibration_mix,
                                    dense=args.dense, dense_out=args.dense_out, text=args.text,
                                    eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
                                    device=args.device, command=command, metrics=args.metrics,
@@ -245,7 +252,9 @@ def calibration_line(info: dict) -> str:
         return (f"calibrated on {info['tokens']:,} tokens the model generated itself (seed {info['seed']}, "
                 f"temperature {info['temperature']:g})")
     if kind == "text":
-        return f"calibrated on the first {info['tokens']:,} tokens of {info['text']}"
+        own = info.get("self_generated")
+        return (f"calibrated on the first {info['tokens']:,} tokens of {info['text']}"
+                + (f" and {own['tokens']:,} tokens the model generated itself (seed {own['seed']})" if own else ""))
     if kind == "statistics file":
         return f"calibrated with the statistics in {info['stats']}"
     return "not calibrated: weight-space fit"

@@ -81,6 +81,17 @@ class Positive:
             raise ConfigError(f"{flag} must be a number > 0 (got {value:g})")
 
 
+@dataclass(frozen=True)
+class AtLeast:
+    """A finite float option >= low."""
+
+    low: float = 0.0
+
+    def __call__(self, value: float, flag: str) -> None:
+        if not (math.isfinite(value) and value >= self.low):
+            raise ConfigError(f"{flag} must be a number >= {self.low:g} (got {value:g})")
+
+
 # ---- paths ----
 def _missing(path: Path, flag: str, what: str) -> None:
     if not path.exists():
@@ -239,7 +250,8 @@ OPTIONS: dict[str, str | Check] = {
     "bits": Count(1, key="quant.bits"), "quant_group": Count(1, key="quant.group"),
     "residual_bits": Count(1, key="quant.residual_bits"), "residual_group": Count(1, key="quant.residual_group"),
     "activation_steps": Count(0, key="activation.steps"), "checkpoint_every": Count(0, key="train.checkpoint_every"),
-    "calibration_tokens": Count(2, what="a token count"), "distill_steps": Count(0), "distill_lr": Positive(),
+    "calibration_tokens": Count(2, what="a token count"), "calibration_mix": AtLeast(0.0),
+    "distill_steps": Count(0), "distill_lr": Positive(),
     "expert_steps": Count(0, key="expert.steps"), "quant_steps": Count(0, key="expert.quant_steps"),
     "eval_tokens": Count(2, what="a token count", zero="all of the text"), "max_tokens": Count(0),
     "window": Count(2), "cache_size": Count(1),
@@ -283,5 +295,6 @@ def check_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
     actions = [a for a in parser._actions if a.dest not in OUTPUTS and a.dest in vars(args)]
     checks = [(a, checker(command, a.dest)) for a in actions]
     checks = [(a, c) for a, c in checks if c is not None and getattr(args, a.dest) is not None]
-    for action, check in sorted(checks, key=lambda ac: not isinstance(ac[1], (Count, Fraction, Positive))):
+    numbers = (Count, Fraction, Positive, AtLeast)
+    for action, check in sorted(checks, key=lambda ac: not isinstance(ac[1], numbers)):
         check(getattr(args, action.dest), typed_flag(action, argv, options))

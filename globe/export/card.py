@@ -49,6 +49,10 @@ def _calibration(result: FitResult) -> list[str]:
                 f"seed {info['seed']}")
     elif kind == "text":
         what = f"the first {info['tokens']:,} tokens of `{info['text']}`"
+        if info.get("self_generated"):                 # mixed calibration (--calibration-mix)
+            own = info["self_generated"]
+            what += (f" and {own['tokens']:,} tokens the model generated itself ({own.get('length', '?')}-token "
+                     f"sequences at temperature {own['temperature']:g}, seed {own['seed']}), interleaved by window")
     elif kind == "statistics file":
         what = f"the statistics file `{info['stats']}`"
     else:

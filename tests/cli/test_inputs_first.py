@@ -145,6 +145,8 @@ def _numbers() -> list[tuple[str, str, list[str]]]:
                 bad = [str(check.low - 1)]
             elif isinstance(check, inputs.Fraction):
                 bad = ["1.5"] if action.nargs != "+" else ["0.5", "1.5"]
+            elif isinstance(check, inputs.AtLeast):
+                bad = [str(check.low - 0.5)]
             else:
                 bad = ["0"]
             cases.append((command, flag, bad))

@@ -107,8 +107,17 @@ def test_compress_calibrates_on_the_given_text_or_not_at_all(tmp_path, capsys):
     assert cli.main(["compress", "-o", str(out), *SMALL, *QUICK_CALIBRATION, "--calibration-text", str(calib)]) == 0
     cal = json.loads((out / "globe_config.json").read_text())["source"]["calibration"]
     assert (cal["source"], cal["text"], cal["tokens"]) == ("text", str(calib.resolve()), 256)
-    assert f"calibrated on the first 256 tokens of {calib.resolve()}" in capsys.readouterr().out
-    assert f"the first 256 tokens of `{calib.resolve()}`" in (out / "README.md").read_text()
+    assert cal["self_generated"]["tokens"] == 256 and cal["total_tokens"] == 512      # mixed by default
+    assert (f"calibrated on the first 256 tokens of {calib.resolve()} and 256 tokens the model generated itself"
+            in capsys.readouterr().out)
+    assert f"the first 256 tokens of `{calib.resolve()}` and 256 tokens the model generated" in \
+        (out / "README.md").read_text()
+    alone = tmp_path / "alone"
+    assert cli.main(["compress", "-o", str(alone), *SMALL, *QUICK_CALIBRATION, "--calibration-text", str(calib),
+                     "--calibration-mix", "0"]) == 0
+    cal = json.loads((alone / "globe_config.json").read_text())["source"]["calibration"]
+    assert cal["tokens"] == 256 and "self_generated" not in cal
+    assert "generated itself" not in capsys.readouterr().out
     plain = tmp_path / "plain"
     assert cli.main(["compress", "-o", str(plain), *SMALL, "--no-calibration"]) == 0
     doc = json.loads((plain / "globe_config.json").read_text())
@@ -121,6 +130,7 @@ def test_bad_calibration_inputs_fail_before_any_work(tmp_path, capsys):
     bad.write_bytes("caf\xe9".encode("latin-1") * 20)
     for extra, words in ((["--calibration-text", str(bad)], ["--calibration-text", "UTF-8"]),
                          (["--calibration-tokens", "1"], ["token count"]),
+                         (["--calibration-mix", "-0.5"], ["--calibration-mix", ">= 0"]),
                          (["--text", str(bad)], ["--text", "UTF-8"]),
                          (["--eval-tokens", "1"], ["--eval-tokens"])):
         out = tmp_path / "never"
