@@ -1,4 +1,4 @@
-"""Every shell command the README and docs/API.md show works as written.
+"""Every shell command the README, docs/API.md and docs/RESULTS_HISTORY.md show works as written.
 
 The main job of the README's first command (after its set-up, which CI runs itself) and the concrete Hydra command
 are run as written in an empty directory. Every other command is a template (MODEL_DIR, [--option VALUE], a 25 GB
@@ -21,7 +21,7 @@ import pytest
 import globe.cli.main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "API.md"]
+DOCS = [ROOT / "README.md", ROOT / "docs" / "API.md", ROOT / "docs" / "RESULTS_HISTORY.md"]
 SETUP = ("python3 -m venv", ". .venv/bin/activate", "pip install")
 RUN_AS_WRITTEN = ("python -m globe.fit_banks model=tiny bank.m=8 train.am_iters=2 out=runs/hydra",)
 
