@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS, metavar="N",
                    help=f"tokens to calibrate on: the first N of --calibration-text, or N sampled from the model "
                         f"(default {DEFAULT_CALIBRATION_TOKENS})")
-    p.add_argument("--calibration-mix", type=float, default=DEFAULT_CALIBRATION_MIX, metavar="X",
+    p.add_argument("--calibration-mix", type=float, metavar="X",
                    help="with --calibration-text: also calibrate on X times --calibration-tokens tokens the model "
                         "samples itself (the sample a run without text takes), statistics summed over both, which "
                         "covers the experts more evenly than a text alone; 0 = the text alone "
@@ -148,8 +148,20 @@ def _config(args: argparse.Namespace):
     return cfg, plans[0] if plans else None
 
 
+def _calibration_mix(args: argparse.Namespace) -> float:
+    """--calibration-mix as given, or its default; refused without --calibration-text (it would do nothing)."""
+    if args.calibration_mix is None:
+        return DEFAULT_CALIBRATION_MIX
+    if args.calibration_text is None:
+        raise ConfigError("--calibration-mix applies only with --calibration-text (without a text the calibration "
+                          "is the model's self-generated sample alone)")
+    return args.calibration_mix
+
+
 def _config_plans(args: argparse.Namespace):
-    """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or [])."""
+    """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or []); also resolves
+    --calibration-mix (args.calibration_mix: its value or default)."""
+    args.calibration_mix = _calibration_mix(args)
     cfg = build_config(_fit_args(args))
     cfg.expert.steps = args.expert_steps or 0
     plans = []

@@ -51,8 +51,8 @@ WORK_DIR = outputs.WORK_DIR               # removed by the next run on OUT if a 
 DEFAULT_CALIBRATION_TOKENS = 8192         # what the embedded model's main job affords in its time limit
 # --calibration-mix: self-generated tokens added to --calibration-text, as a multiple of --calibration-tokens. 1
 # (mixed: the text and the sample a run without text takes) on the embedded model: KL 0.96 / 0.77 / 0.60x the text
-# alone's at -18 / -25 / -35 % (benchmarks/results/self_calibration_mix_embedded.json, README "Self-generated
-# against real calibration text")
+# alone's at -18 / -25 / -35 % (benchmarks/results/self_calibration_mix_embedded.json, README "Self-generated,
+# real and mixed calibration text")
 DEFAULT_CALIBRATION_MIX = 1.0
 
 
