@@ -62,22 +62,15 @@ def compress_row(model: str, cut: float, storage: str, args, work: Path) -> dict
     from globe.cli import compress as cli
     from globe.cli.main import build_parser
     from globe.fit.planning.bytes import result_bytes
-    from globe.run.compress import CompressRun, run_compress
+    from globe.run.compress import run_compress
     from globe.run.fit import total_cut_of
-    from globe.tune import DistillConfig
     argv = ["compress", model, "-o", str(work / "compressed"), "--total-cut", str(cut), "--overwrite",
             "--device", "cpu", "--seed", str(args.seed), "--text", args.text, "--eval-tokens", str(args.eval_tokens),
             *STORAGES[storage], *args.extra]
     parsed = build_parser().parse_args(argv)
-    cfg, plan = cli._config(parsed)
+    cfg, plans = cli._config_plans(parsed)
     t0 = cpu_seconds()
-    done = run_compress(CompressRun(
-        model_dir=parsed.model_dir, out=parsed.out, config=cfg, total_cut=parsed.total_cut,
-        calibration_text=parsed.calibration_text, calibration_tokens=parsed.calibration_tokens,
-        calibrate=not parsed.no_calibration, text=parsed.text, eval_tokens=parsed.eval_tokens or None,
-        overwrite=parsed.overwrite, device=parsed.device, command="globe " + " ".join(argv),
-        size=plan.to_dict() if plan is not None else None,
-        distill=DistillConfig(steps=parsed.distill_steps, lr=parsed.distill_lr).check()))
+    done = run_compress(cli.compress_run(parsed, cfg, plans, "globe " + " ".join(argv)))
     cpu = cpu_seconds() - t0
     result, ev = done["result"], done["evaluation"]
     b = result_bytes(result)

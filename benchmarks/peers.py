@@ -274,17 +274,10 @@ def globe_compress(method: str, ctx: dict, cut: float, work: Path):
     command's own parser into the command's own config (globe.cli.compress), run by globe.run.compress as the
     command runs it; returns (FitResult, dense checkpoint)."""
     from globe.cli import compress as cli
-    from globe.run.compress import CompressRun, run_compress
-    from globe.tune import DistillConfig
+    from globe.run.compress import run_compress
     argv, args = compress_args(method, ctx, cut, work)
-    cfg, plan = cli._config(args)
-    run = CompressRun(model_dir=args.model_dir, out=args.out, config=cfg, total_cut=args.total_cut,
-                      calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
-                      calibration_mix=args.calibration_mix,
-                      calibrate=not args.no_calibration, dense=args.dense, dense_out=args.dense_out,
-                      overwrite=args.overwrite, device=args.device, command="globe " + " ".join(argv),
-                      size=plan.to_dict() if plan is not None else None,
-                      distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check())
+    cfg, plans = cli._config_plans(args)
+    run = cli.compress_run(args, cfg, plans, "globe " + " ".join(argv))
     done = run_compress(run)
     log.info("%s: %s", method, cli.bytes_line(done["result"]))
     return done["result"], Path(done["dense"])

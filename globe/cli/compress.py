@@ -159,9 +159,9 @@ def _calibration_mix(args: argparse.Namespace) -> float:
 
 
 def _config_plans(args: argparse.Namespace):
-    """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or []); also resolves
-    --calibration-mix (args.calibration_mix: its value or default)."""
-    args.calibration_mix = _calibration_mix(args)
+    """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or []); a --calibration-mix
+    without a text is refused here, before any work."""
+    _calibration_mix(args)
     cfg = build_config(_fit_args(args))
     cfg.expert.steps = args.expert_steps or 0
     plans = []
@@ -190,6 +190,19 @@ def _config_plans(args: argparse.Namespace):
     return cfg.validate(), plans
 
 
+def compress_run(args: argparse.Namespace, cfg, plans: list, command: str) -> CompressRun:
+    """The CompressRun of parsed `globe compress` options and their config (_config_plans: cfg, plans), as the
+    command runs it (benchmarks that run the command's default call this too)."""
+    return CompressRun(model_dir=args.model_dir, out=args.out, config=cfg, total_cut=args.total_cut,
+                       calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
+                       calibrate=not args.no_calibration, calibration_mix=_calibration_mix(args),
+                       dense=args.dense, dense_out=args.dense_out, text=args.text,
+                       eval_tokens=args.eval_tokens or None, overwrite=args.overwrite, device=args.device,
+                       command=command, metrics=args.metrics,
+                       size=plans[0].to_dict() if plans else None, size_plans=[p.to_dict() for p in plans] or None,
+                       distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check())
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, plans = _config_plans(args)
     plan = plans[0] if plans else None
@@ -203,16 +216,7 @@ def run(args: argparse.Namespace) -> int:
             apply_total_cut(cfg, args.model_dir, args.total_cut)
         return dry_run.print_plan(args, cfg)
     command = "globe " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
-    out = run_compress(CompressRun(model_dir=args.model_dir, out=args.out, config=cfg,
-                                   total_cut=args.total_cut, calibration_text=args.calibration_text,
-                                   calibration_tokens=args.calibration_tokens, calibrate=not args.no_calibration,
-                                   calibration_mix=args.calibration_mix,
-                                   dense=args.dense, dense_out=args.dense_out, text=args.text,
-                                   eval_tokens=args.eval_tokens or None, overwrite=args.overwrite,
-                                   device=args.device, command=command, metrics=args.metrics,
-                                   size=plan.to_dict() if plan is not None else None,
-                                   size_plans=[p.to_dict() for p in plans] or None,
-                                   distill=DistillConfig(steps=args.distill_steps, lr=args.distill_lr).check()))
+    out = run_compress(compress_run(args, cfg, plans, command))
     result, cut = out["result"], total_cut_of(out["result"])
     print(calibration_line(result.source.get("calibration") or {}))
     if "choice" in (result.source.get("size") or {}):
