@@ -1,0 +1,538 @@
+"""Issue 26 on a GPU: a LOADABLE Qwen1.5-MoE-A2.7B-shaped model of L layers compressed by `globe compress` with its
+defaults at --total-cut 0.25 (wall time and peak GPU memory per phase, extrapolated to 24 layers beside the dry
+run's prediction), MoBE's recipe on one layer of the same shape at GloBE's parameters, and decode tokens/s and
+peak memory of the original and the compressed model at batch 1 and 16. scripts/device_issue26.sh runs each step
+in its own process with its own timeout; every step adds its section to one JSON file (written after each phase,
+so a step killed by its timeout leaves what it measured).
+
+    python benchmarks/gpu_real_shape.py build    --work /tmp/i26 --json $OUT/gpu_real_shape.json --device cuda
+    python benchmarks/gpu_real_shape.py compress --work /tmp/i26 --json ... --device cuda
+    python benchmarks/gpu_real_shape.py dryrun | mobe | decode   (same options)
+    python benchmarks/gpu_real_shape.py all --layers 2 --hidden 64 --experts 8 --intermediate 32 --shared 128 \\
+        --heads 4 --vocab 4096 --device cpu --work /tmp/tiny --json /tmp/tiny.json     # the CPU test's shape
+
+Steps and sections of the JSON:
+  build     the model: transformers Qwen2-MoE (model_type qwen2_moe) of the given shape, random init (seeded)
+            except the routed experts and routers, which are generated like benchmarks/make_upcycled.py (its
+            functions, its seed); saved with save_pretrained in bf16; the embedded model's tokenizer copied in
+            (its vocabulary, 4096 ids, fits any --vocab >= 4096: the embedding rows above it are never produced by
+            the tokenizer but the model can sample them). Seconds of each part, bytes written.
+  compress  `globe compress MODEL -o OUT --total-cut 0.25 --device D` parsed by the command's own parser and run
+            as the command runs it (globe.cli.compress.compress_run + globe.run.compress.run_compress): wall time,
+            and per phase (the fit's phases per family, globe.fit.engine.phases, plus the run's calibrate and
+            export) seconds and peak memory (CUDA: max allocated, reset at each phase start; CPU: peak RSS so far);
+            the fit's summary (m, r, params ratio, rel_err per family); "extrapolated": the 24-layer model.
+  dryrun    globe.fit.planning.plan_fit of the same config (what `globe compress --dry-run` prints) on the L-layer
+            model, and on a 24-layer checkpoint of the full shape whose files are sparse (headers real, data
+            zeros: nothing written, no time) at the (m, r) the L-layer compress chose (given shapes: the plan
+            reads no weights); "extrapolated" gets the plan's 24-layer seconds and peak beside the linear one.
+  mobe      benchmarks/baselines/mobe.py on layer 0's gate and up (fp32 on the device) at GloBE's stored/dense
+            params of that family (its rank solved from that budget): seconds of the SVD-group init, seconds per
+            Adam epoch (two runs of --mobe-epochs-short and --mobe-epochs from the same init, the difference),
+            and the seconds per layer at the authors' epochs (train.py's default 30000; 10000 / 15000 of the
+            repository README's commands also given), beside GloBE's fit seconds per layer.
+  decode    globe.eval.decode_speed (greedy, KV cache) of the original (bf16) and the compressed model (its
+            default runtime mode, bf16) at each --batches (random prompts, one per row, real routing): tokens/s
+            (all rows), CUDA peak during decode and memory held by the loaded model; the compressed model's
+            generated tokens' shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import struct
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:                     # run as a script: benchmarks.* importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import make_upcycled  # noqa: E402
+from globe.core.files import atomic_write_text  # noqa: E402
+
+log = logging.getLogger("benchmarks.gpu_real_shape")
+STEPS = ("build", "compress", "dryrun", "mobe", "decode")
+FULL_LAYERS = 24                                  # Qwen1.5-MoE-A2.7B
+AUTHORS_EPOCHS = {"train.py default": 30000, "README DeepSeek-V3": 10000, "README Kimi-K2": 15000}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("step", choices=(*STEPS, "all"), help="what to run (all: every step in this process)")
+    a("--work", required=True, help="working directory: model/, compressed/, full_sparse/")
+    a("--json", required=True, help="JSON results file (sections added by each step)")
+    a("--layers", type=int, default=4, help="MoE layers L of the built model (default 4)")
+    a("--hidden", type=int, default=2048, help="hidden size d (2048)")
+    a("--experts", type=int, default=60, help="routed experts per layer (60)")
+    a("--intermediate", type=int, default=1408, help="routed expert rows p (1408)")
+    a("--top-k", type=int, default=4, help="experts per token (4)")
+    a("--shared", type=int, default=5632, help="shared expert intermediate size (5632)")
+    a("--heads", type=int, default=16, help="attention heads (16; key/value heads the same)")
+    a("--vocab", type=int, default=151936, help="vocabulary size of the embedding / lm head (151936)")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda", help="device of every step (cuda; cpu for the test)")
+    a("--total-cut", type=float, default=0.25, help="globe compress --total-cut (0.25)")
+    a("--full-layers", type=int, default=FULL_LAYERS, help="layers of the full model extrapolated to (24)")
+    a("--mobe-epochs-short", type=int, default=10, help="epochs of MoBE's first timed run (10)")
+    a("--mobe-epochs", type=int, default=210, help="epochs of MoBE's second timed run (210)")
+    a("--batches", type=int, nargs="+", default=[1, 16], help="decode batch sizes (1 16)")
+    a("--prompt-tokens", type=int, default=32, help="prompt tokens per row (32)")
+    a("--decode-tokens", type=int, default=64, help="greedy new tokens per timing (64)")
+    a("--repeats", type=int, default=3, help="timed repeats of each decode (median; 3)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------- results
+def load_results(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_section(path: Path, name: str, section) -> None:
+    """Read-modify-write of one section (the steps run one after the other, never together)."""
+    results = load_results(path)
+    results[name] = section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1, default=float))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    """CUDA max allocated since the last reset, else this process's peak RSS so far (GiB)."""
+    from globe.device import peak_memory_mb
+    return round(peak_memory_mb(device) / 2**10, 3)
+
+
+def machine(device: torch.device) -> dict:
+    import transformers
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def model_config(args: argparse.Namespace, layers: int):
+    """transformers Qwen2MoeConfig of the requested shape (other fields as Qwen1.5-MoE-A2.7B); the embedded
+    tokenizer's special ids."""
+    import transformers
+    from globe.assets import DEFAULT_MODEL_DIR
+    ref = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    return transformers.Qwen2MoeConfig(
+        hidden_size=args.hidden, moe_intermediate_size=args.intermediate, intermediate_size=args.shared,
+        shared_expert_intermediate_size=args.shared, num_experts=args.experts, num_experts_per_tok=args.top_k,
+        num_hidden_layers=layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        vocab_size=args.vocab, max_position_embeddings=8192, rms_norm_eps=1e-6, norm_topk_prob=False,
+        tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
+        bos_token_id=ref.get("bos_token_id"), eos_token_id=ref.get("eos_token_id"),
+        pad_token_id=ref.get("pad_token_id"))
+
+
+def upcycled_args(args: argparse.Namespace) -> argparse.Namespace:
+    """make_upcycled's options for these expert dims (its defaults for the rest: 4 parents, row space q = 256)."""
+    return make_upcycled.parse_args(["--out", "-", "--layers", str(args.layers), "--experts", str(args.experts),
+                                     "--top-k", str(args.top_k), "--hidden", str(args.hidden), "--intermediate",
+                                     str(args.intermediate), "--seed", str(args.seed)])
+
+
+@torch.no_grad()
+def set_upcycled_experts(model, args: argparse.Namespace) -> None:
+    """Routed experts and routers of every layer from make_upcycled.layer_tensors (hub per-expert tensors) into
+    the fused transformers layout: gate_up_proj [E, 2p, d] (gate rows first), down_proj [E, d, p]."""
+    up = upcycled_args(args)
+    gen = torch.Generator().manual_seed(up.seed)
+    space = make_upcycled.shared_row_space(up, gen)
+    for layer, block in enumerate(model.model.layers):
+        tensors = make_upcycled.layer_tensors(layer, space, up, gen)
+        mlp, p = block.mlp, args.intermediate
+        mlp.gate.weight.copy_(tensors.pop(make_upcycled.ROUTER.format(layer=layer)))
+        for e in range(args.experts):
+            key = lambda proj: make_upcycled.KEY.format(layer=layer, expert=e, proj=proj)   # noqa: E731
+            mlp.experts.gate_up_proj[e, :p].copy_(tensors[key("gate_proj")])
+            mlp.experts.gate_up_proj[e, p:].copy_(tensors[key("up_proj")])
+            mlp.experts.down_proj[e].copy_(tensors[key("down_proj")])
+        del tensors
+
+
+def step_build(args: argparse.Namespace, device: torch.device) -> dict:
+    import transformers
+    from globe.assets import DEFAULT_MODEL_DIR
+    out = Path(args.work) / "model"
+    shutil.rmtree(out, ignore_errors=True)
+    row: dict = {"layers": args.layers, "dir": str(out)}
+    t = time.perf_counter()
+    torch.manual_seed(args.seed)
+    with torch.device(device):                           # random init where it is fast (the GPU on the device)
+        model = transformers.AutoModelForCausalLM.from_config(model_config(args, args.layers), dtype=torch.bfloat16)
+    sync(device)
+    row["init_seconds"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    set_upcycled_experts(model, args)
+    sync(device)
+    row["upcycled_experts_seconds"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(DEFAULT_MODEL_DIR / name, out / name)
+    row["save_seconds"] = round(time.perf_counter() - t, 2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    row["tokenizer"] = {"source": f"copied from {DEFAULT_MODEL_DIR.name}", "vocab": len(tokenizer),
+                        "model_vocab": args.vocab}
+    if len(tokenizer) > args.vocab:
+        raise SystemExit(f"--vocab {args.vocab} is below the embedded tokenizer's {len(tokenizer)} ids")
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["bytes"] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    row["seconds"] = round(row["init_seconds"] + row["upcycled_experts_seconds"] + row["save_seconds"], 2)
+    log.info("built %s: %d layers, %.2f GB in %.0f s", out, args.layers, row["bytes"] / 1e9, row["seconds"])
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- compress
+def compress_argv(args: argparse.Namespace) -> list[str]:
+    """The command line: `globe compress MODEL -o OUT --total-cut C --device D`, every other option its default."""
+    work = Path(args.work)
+    return ["compress", str(work / "model"), "-o", str(work / "compressed"), "--total-cut", str(args.total_cut),
+            "--device", args.device, "--overwrite"]
+
+
+def phase_recorder(device: torch.device, phases: dict, on_end):
+    """Listener of globe.fit.engine.phases: seconds and peak GiB of each occurrence, keyed family/phase (the run's
+    calibrate and export have no family); CUDA peaks reset at every phase start."""
+    started: dict[str, float] = {}
+
+    def on_phase(event: str, family: str, name: str, record: dict | None) -> None:
+        key = f"{family}/{name}" if family else name
+        if event == "start":
+            reset_peak(device)
+            started[key] = time.perf_counter()
+            return
+        sync(device)
+        row = phases.setdefault(key, {"seconds": 0.0, "peak_gib": 0.0, "calls": 0})
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - started.pop(key), 3)
+        row["peak_gib"] = max(row["peak_gib"], peak_gib(device))
+        row["calls"] += 1
+        on_end()
+    return on_phase
+
+
+def step_compress(args: argparse.Namespace, device: torch.device) -> dict:
+    from globe.cli import compress as cli
+    from globe.cli.main import build_parser
+    from globe.fit.engine.phases import listen
+    from globe.run.compress import run_compress
+    from globe.run.fit import fit_summary, total_cut_of
+    argv = compress_argv(args)
+    parsed = build_parser().parse_args(argv)
+    cfg, plans = cli._config_plans(parsed)
+    row: dict = {"command": "globe " + " ".join(argv), "layers": args.layers, "phases": {}, "finished": False}
+    save = lambda: save_section(Path(args.json), "compress", row)                 # noqa: E731 (after each phase)
+    t = time.perf_counter()
+    with listen(phase_recorder(device, row["phases"], save)):
+        done = run_compress(cli.compress_run(parsed, cfg, plans, row["command"]))
+    sync(device)
+    result = done["result"]
+    row.update(finished=True, seconds=round(time.perf_counter() - t, 2),
+               summary=fit_summary(result), total_cut=total_cut_of(result), bytes=cli.bytes_line(result),
+               calibration=result.source.get("calibration"),
+               fit_seconds_per_family={f: round(sum(v["seconds"] for k, v in row["phases"].items()
+                                                    if k.startswith(f"{f}/")), 2)
+                                       for f in dict.fromkeys(k.split("/")[0] for k in row["phases"] if "/" in k)})
+    row["other_seconds"] = round(row["seconds"] - sum(v["seconds"] for v in row["phases"].values()), 2)
+    row["peak_gib"] = max((v["peak_gib"] for v in row["phases"].values()), default=0.0)
+    row["extrapolated"] = extrapolate(row, args.layers, args.full_layers, scale_peaks=device.type == "cuda")
+    log.info("compress: %.0f s, peak %.2f GiB; %s", row["seconds"], row["peak_gib"], row["bytes"])
+    return row
+
+
+def extrapolate(row: dict, layers: int, full: int, scale_peaks: bool = True) -> dict:
+    """The full model from the L-layer run: every phase's seconds x full / L (the fit's work is linear in the
+    experts N = layers x E; calibration and export in the layers; the parts that do not grow with the layers
+    (embedding, lm head, the bank's own terms, process start) are scaled too, so this is an upper bound on them),
+    peaks likewise on CUDA (the fit holds its targets and codes per expert, calibration the model; the bank's share
+    does not grow), None on the CPU (peak RSS holds the process's own baseline: not per layer).
+    fit_seconds_per_layer: each family's phases (and the joint gate+up phases) / L."""
+    scale = full / layers
+    peak = (lambda v: round(v * scale, 2)) if scale_peaks else (lambda v: None)       # noqa: E731
+    phases = {k: {"seconds": round(v["seconds"] * scale, 1), "peak_gib": peak(v["peak_gib"])}
+              for k, v in row["phases"].items()}
+    seconds = row["seconds"] * scale
+    return {"how": f"per-layer costs x {full}: every measured phase (and the rest of the wall time) x {full}/{layers}",
+            "layers": full, "seconds": round(seconds, 1), "minutes": round(seconds / 60, 1),
+            "peak_gib": peak(row["peak_gib"]), "phases": phases,
+            "fit_seconds_per_layer": {f: round(s / layers, 2) for f, s in row["fit_seconds_per_family"].items()}}
+
+
+# ---------------------------------------------------------------------------------------------------- dry run
+def write_sparse_checkpoint(args: argparse.Namespace, out: Path, layers: int) -> Path:
+    """config.json, the embedded tokenizer and one safetensors file per layer (plus one for the rest) holding every
+    tensor of an L-layer model of this shape in the hub layout that save_pretrained writes, data all zeros in
+    sparse files (truncate: no bytes written): globe.io reads the inventory from the headers, and a plan at a given
+    (m, r) reads no weights."""
+    import transformers
+    from globe.assets import DEFAULT_MODEL_DIR
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    config = model_config(args, layers)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    shapes: dict[str, list[int]] = {}
+    for name, t in meta.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):            # hub layout: one tensor per expert and projection
+            e, rows, d = t.shape
+            for i in range(e):
+                shapes[name.replace("gate_up_proj", f"{i}.gate_proj.weight")] = [rows // 2, d]
+                shapes[name.replace("gate_up_proj", f"{i}.up_proj.weight")] = [rows // 2, d]
+        elif name.endswith("experts.down_proj"):
+            for i in range(t.shape[0]):
+                shapes[name.replace("down_proj", f"{i}.down_proj.weight")] = list(t.shape[1:])
+        else:
+            shapes[name] = list(t.shape)
+    shards: dict[str, dict[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        parts = name.split(".")
+        shard = f"layer-{int(parts[2]):05d}.safetensors" if parts[:2] == ["model", "layers"] else "rest.safetensors"
+        shards.setdefault(shard, {})[name] = shape
+    weight_map, total = {}, 0
+    for shard, tensors in shards.items():
+        total += sparse_safetensors(out / shard, tensors)
+        weight_map.update({name: shard for name in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": dict(sorted(weight_map.items()))}))
+    config.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(DEFAULT_MODEL_DIR / name, out / name)
+    return out
+
+
+def sparse_safetensors(path: Path, tensors: dict[str, list[int]]) -> int:
+    """A bf16 safetensors file of these shapes, all zeros, as a sparse file; returns its data bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in sorted(tensors.items()):
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)                          # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+    return offset
+
+
+def plan_summary(plan: dict) -> dict:
+    """Seconds and peak GiB of a plan (globe.fit.planning.plan.Plan.to_dict()), total and per family."""
+    return {"seconds": plan["seconds"], "peak_gib": round(plan["peak_bytes"] / 2**30, 2),
+            "families": {f["family"]: {"m": f["m"], "r": f["r"], "seconds": f["seconds"],
+                                       "peak_gib": round(f["memory"]["peak"] / 2**30, 2)} for f in plan["families"]}}
+
+
+def step_dryrun(args: argparse.Namespace, device: torch.device) -> dict:
+    """The compress run's config planned on the L-layer model (what `globe compress --dry-run` plans: its
+    budget solver reads the experts), then at the chosen (m, r) per family on the sparse full shape."""
+    import copy
+    from globe.cli import compress as cli
+    from globe.cli.main import build_parser
+    from globe.fit.planning.plan import plan_fit
+    from globe.fit.planning.timing import KernelRates
+    from globe.run.fit import apply_total_cut
+    work = Path(args.work)
+    cfg, _ = cli._config_plans(build_parser().parse_args(compress_argv(args)))
+    apply_total_cut(cfg, str(work / "model"), args.total_cut)
+    row: dict = {}
+    t = time.perf_counter()
+    measured = plan_fit(work / "model", copy.deepcopy(cfg)).to_dict()
+    row["measured_shape"] = {"layers": args.layers, **plan_summary(measured),
+                             "seconds_to_plan": round(time.perf_counter() - t, 1), "plan": measured}
+    save_section(Path(args.json), "dryrun", row)
+    t = time.perf_counter()
+    sparse = write_sparse_checkpoint(args, work / "full_sparse", args.full_layers)
+    rates = KernelRates.from_dict(measured["rates"]) if measured["rates"].get("benchmark_seconds") else None
+    plans = []
+    for fam in measured["families"]:                               # each family at its own (m, r): no data read
+        full = copy.deepcopy(cfg)
+        full.bank.m, full.bank.r, full.bank.families = fam["m"], fam["r"], (fam["family"],)
+        plans.append(plan_fit(sparse, full, rates=rates).to_dict())
+    shutil.rmtree(sparse, ignore_errors=True)
+    families = [f for plan in plans for f in plan["families"]]
+    full_plan = {"seconds": round(sum(p["seconds"] for p in plans), 1),
+                 "peak_bytes": max(p["peak_bytes"] for p in plans), "families": families}
+    row["full_shape"] = {"layers": args.full_layers, "shape_from": "the L-layer plan's (m, r) of each family",
+                         **plan_summary(full_plan), "seconds_to_plan": round(time.perf_counter() - t, 1)}
+    compress = load_results(Path(args.json)).get("compress") or {}
+    if compress.get("finished"):
+        planned = {name for f in measured["families"] for name in f["seconds"] if name != "total"}
+        fit = sum(v["seconds"] for k, v in compress["phases"].items() if k.split("/")[-1] in planned)
+        row["beside"] = {"phases_planned": sorted(planned),
+                         "note": "the dry run plans the fit's own phases; calibration, the activation stage, the "
+                                 "expert phases and the export are not planned (measured only)",
+                         "measured_fit_seconds": round(fit, 1), "predicted_fit_seconds": measured["seconds"],
+                         "linear_24_layers_fit_seconds": round(fit * args.full_layers / args.layers, 1),
+                         "plan_24_layers_fit_seconds": full_plan["seconds"],
+                         "plan_24_layers_x_measured_over_predicted": round(
+                             full_plan["seconds"] * fit / measured["seconds"], 1) if measured["seconds"] else None,
+                         "linear_24_layers_compress_seconds": compress["extrapolated"]["seconds"],
+                         "plan_24_layers_peak_gib": round(full_plan["peak_bytes"] / 2**30, 2),
+                         "linear_24_layers_peak_gib": compress["extrapolated"]["peak_gib"]}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- MoBE
+def mobe_family(weights: torch.Tensor, budget: float, args: argparse.Namespace, device: torch.device) -> dict:
+    """MoBE (benchmarks/baselines/mobe.py) of one layer's family [1, E, p, d] at `budget`: init and epoch costs."""
+    from benchmarks.baselines import mobe
+    cfg = mobe.MobeConfig()
+    _, e, p, d = weights.shape
+    m = cfg.m or max(1, e // 4)
+    r = mobe.mobe_rank(e, p, d, m, budget)
+    target = weights.to(device=device, dtype=torch.float16).float()
+    std = target.flatten(1).std(dim=1).view(1, 1, 1, 1)
+    reset_peak(device)
+    t = time.perf_counter()
+    init = mobe.svd_group_init(target, m, r)
+    sync(device)
+    init_seconds = time.perf_counter() - t
+    mobe._train([torch.nn.Parameter(x.clone()) for x in init], target / std, std, mobe.MobeConfig(epochs=2))
+    sync(device)                                         # warm-up (kernels, allocator): not timed
+    runs = {}
+    for epochs in (args.mobe_epochs_short, args.mobe_epochs):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        t = time.perf_counter()
+        best = mobe._train(params, target / std, std, mobe.MobeConfig(epochs=epochs))
+        sync(device)
+        runs[epochs] = time.perf_counter() - t
+    per_epoch = (runs[args.mobe_epochs] - runs[args.mobe_epochs_short]) / (args.mobe_epochs - args.mobe_epochs_short)
+    with torch.no_grad():
+        out = mobe.compose(*best, mobe.ACTS[cfg.act]) * std
+        rel = float((out - target).square().sum().sqrt() / target.square().sum().sqrt())
+    return {"m": m, "r": r, "budget": round(budget, 5), "params": mobe.mobe_params(1, e, p, d, m, r),
+            "init_seconds": round(init_seconds, 3), "run_seconds": {str(k): round(v, 3) for k, v in runs.items()},
+            "seconds_per_epoch": round(per_epoch, 5), "rel_err_after_epochs": {str(args.mobe_epochs): round(rel, 5)},
+            "peak_gib": peak_gib(device),
+            "seconds_at_authors_epochs": {name: round(init_seconds + n * per_epoch, 1)
+                                          for name, n in AUTHORS_EPOCHS.items()}}
+
+
+def step_mobe(args: argparse.Namespace, device: torch.device) -> dict:
+    from globe.io import open_checkpoint
+    from globe.fit.solvers.budget import total_cut_budget
+    results = load_results(Path(args.json))
+    summary = (results.get("compress") or {}).get("summary") or {}
+    model_dir = Path(args.work) / "model"
+    with open_checkpoint(model_dir) as reader:
+        inv = reader.inventory()
+        fallback, _ = total_cut_budget(args.total_cut, inv)
+        row: dict = {"layer": 0, "families": {}, "budget_from": "GloBE's stored/dense params of each family"
+                     if summary else "total_cut_budget (no compress result)"}
+        for family in ("gate", "up"):
+            budget = summary.get(family, {}).get("params_ratio", fallback)
+            stack = reader.read_family(family, [inv.moe_layers[0]])
+            weights = stack.weights.reshape(1, *stack.weights.shape)              # [1, E, p, d]
+            row["families"][family] = mobe_family(weights, budget, args, device)
+            save_section(Path(args.json), "mobe", row)
+    per_layer = {name: round(sum(f["seconds_at_authors_epochs"][name] for f in row["families"].values()), 1)
+                 for name in AUTHORS_EPOCHS}
+    globe_layer = ((results.get("compress") or {}).get("extrapolated") or {}).get("fit_seconds_per_layer") or {}
+    compress = results.get("compress") or {}
+    side = {"mobe_seconds_per_layer_gate_up": per_layer,
+            "globe_fit_seconds_per_layer_gate_up": round(sum(globe_layer.get(f, 0.0) for f in ("gate", "up")), 2)
+            if globe_layer else None,                   # the two family fits (what MoBE's per-family training does)
+            "globe_fit_seconds_per_layer_with_joint_phases": round(sum(globe_layer.values()), 2) if globe_layer
+            else None,                                  # + the expert / quant_expert phases of gate and up together
+            "globe_compress_seconds_per_layer": round(compress["seconds"] / args.layers, 2)
+            if compress.get("finished") else None}      # everything: calibration and export too
+    against = {"fit": "globe_fit_seconds_per_layer_gate_up",
+               "fit_with_joint_phases": "globe_fit_seconds_per_layer_with_joint_phases",
+               "compress": "globe_compress_seconds_per_layer"}
+    side["mobe_over_globe"] = {what: {name: round(s / side[key], 2) for name, s in per_layer.items()}
+                               for what, key in against.items() if side[key]}      # the goal: >= 3 (issue 26)
+    row["side_by_side"] = side
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+def decode_one(model, prompts: dict[int, torch.Tensor], args: argparse.Namespace, device: torch.device) -> dict:
+    from globe.eval import decode_speed
+    sync(device)
+    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = {"model_gib": None if held is None else round(held, 3),
+           "tensor_gib": round(sum(t.numel() * t.element_size()
+                                   for t in [*model.parameters(), *model.buffers()]) / 2**30, 3),
+           "batches": {}}
+    for batch, ids in prompts.items():
+        reset_peak(device)
+        speed = decode_speed(model, ids, args.decode_tokens, args.repeats)
+        out["batches"][str(batch)] = {**{k: v for k, v in speed.items()}, "peak_gib": peak_gib(device)}
+        log.info("batch %d: %.1f tokens/s", batch, speed["decode_tok_s"])
+    return out
+
+
+def step_decode(args: argparse.Namespace, device: torch.device) -> dict:
+    import gc
+    import globe
+    from globe.export import load_model
+    from globe.runtime import globe_modules
+    work = Path(args.work)
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = len(__import__("transformers").AutoTokenizer.from_pretrained(work / "model"))
+    prompts = {b: torch.randint(0, vocab, (b, args.prompt_tokens), generator=gen) for b in args.batches}
+    row: dict = {"dtype": "bfloat16", "prompt_tokens": args.prompt_tokens, "new_tokens": args.decode_tokens}
+    model = load_model(work / "model", torch.bfloat16, device=str(device))
+    row["original"] = decode_one(model, prompts, args, device)
+    save_section(Path(args.json), "decode", row)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    model = globe.load_compressed(work / "compressed", device=device, dtype=torch.bfloat16)
+    modes = sorted({str(getattr(m, "mode", "?")) for m in globe_modules(model).values()})
+    row["compressed"] = {"runtime_mode": modes, **decode_one(model, prompts, args, device)}
+    from globe.eval.speed import _generate
+    with torch.no_grad():
+        tokens = _generate(model, prompts[min(prompts)].to(device), args.decode_tokens)
+    row["compressed"]["generated_shape"] = list(tokens.shape)
+    row["compressed"]["generated_new_tokens"] = int(tokens.shape[1] - args.prompt_tokens)
+    row["speedup"] = {b: round(row["compressed"]["batches"][b]["decode_tok_s"]
+                               / row["original"]["batches"][b]["decode_tok_s"], 3) for b in row["original"]["batches"]}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    from globe.device import resolve_device
+    device = resolve_device(args.device)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    path = Path(args.json)
+    results = load_results(path)
+    if "settings" not in results:
+        save_section(path, "settings", {k: v for k, v in vars(args).items() if k not in ("step",)})
+        save_section(path, "machine", machine(device))
+    steps = STEPS if args.step == "all" else (args.step,)
+    for step in steps:
+        t = time.perf_counter()
+        row = globals()[f"step_{step}"](args, device)
+        row["step_seconds"] = round(time.perf_counter() - t, 2)
+        save_section(path, step, row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
