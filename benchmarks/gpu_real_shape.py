@@ -58,7 +58,7 @@ from benchmarks import make_upcycled  # noqa: E402
 from globe.core.files import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu_real_shape")
-STEPS = ("build", "compress", "dryrun", "mobe", "decode")
+STEPS = ("build", "short", "decode", "mobe", "dryrun", "compress", "report")
 FULL_LAYERS = 24                                  # Qwen1.5-MoE-A2.7B
 AUTHORS_EPOCHS = {"train.py default": 30000, "README DeepSeek-V3": 10000, "README Kimi-K2": 15000}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -205,16 +205,54 @@ def step_build(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- compress
-def compress_argv(args: argparse.Namespace) -> list[str]:
-    """The command line: `globe compress MODEL -o OUT --total-cut C --device D`, every other option its default."""
+# the short run: every phase of the default run, few iterations of the iterative ones (their cost per iteration);
+# its checkpoint has the default run's shape, bits and support, so it also serves the decode timing
+SHORT_FLAGS = ("--am-iters", "2", "--varpro-steps", "2", "--activation-steps", "2", "--expert-steps", "10",
+               "--quant-steps", "10")
+OUT_DIRS = {"short": "compressed_short", "compress": "compressed"}
+ITERATIVE = ("am", "varpro", "activation", "expert", "quant_expert")      # phases timed per iteration / step
+
+
+def default_config(args: argparse.Namespace):
+    """`globe compress MODEL -o X --total-cut C` parsed and configured by the command's own code: (parsed, cfg)."""
+    from globe.cli import compress as cli
+    from globe.cli.main import build_parser
+    parsed = build_parser().parse_args(["compress", str(Path(args.work) / "model"), "-o", "unused",
+                                        "--total-cut", str(args.total_cut)])
+    return parsed, cli._config_plans(parsed)[0]
+
+
+def full_cut(args: argparse.Namespace) -> dict:
+    """The per-family budget (and target support) that --total-cut C gives on the FULL model (24 layers): on the
+    L-layer model the embedding and lm head weigh more, so the same cut would ask for a much smaller budget; the
+    runs give it as --budget (the same fit config as --total-cut C on the full model: 8-bit factors either way)."""
+    from globe.fit.solvers.budget import total_cut_budget
+    from globe.io import open_checkpoint
+    _, cfg = default_config(args)
+    sparse = Path(args.work) / "full_sparse"
+    if not (sparse / "config.json").is_file():
+        write_sparse_checkpoint(args, sparse, args.full_layers)
+    with open_checkpoint(sparse) as reader:
+        inv = reader.inventory()
+    budget, support = total_cut_budget(args.total_cut, inv, tuple(cfg.bank.families), cfg.sparsity.target_support)
+    return {"budget": round(budget, 6), "target_support": support, "default_support": cfg.sparsity.target_support,
+            "total_params_full": inv.total_params, "families": list(cfg.bank.families)}
+
+
+def compress_argv(args: argparse.Namespace, out: str, cut: dict, extra: tuple[str, ...] = ()) -> list[str]:
+    """`globe compress MODEL -o OUT --budget B --device D` (B: --total-cut C on the full model), the rest default."""
     work = Path(args.work)
-    return ["compress", str(work / "model"), "-o", str(work / "compressed"), "--total-cut", str(args.total_cut),
+    argv = ["compress", str(work / "model"), "-o", str(work / out), "--budget", str(cut["budget"]),
             "--device", args.device, "--overwrite"]
+    if cut["target_support"] != cut["default_support"]:
+        argv += ["--target-support", str(cut["target_support"])]
+    return argv + list(extra)
 
 
-def phase_recorder(device: torch.device, phases: dict, on_end):
-    """Listener of globe.fit.engine.phases: seconds and peak GiB of each occurrence, keyed family/phase (the run's
-    calibrate and export have no family); CUDA peaks reset at every phase start."""
+def phase_recorder(device: torch.device, row: dict, on_end):
+    """Listener of globe.fit.engine.phases: seconds and peak GiB of each occurrence in row["phases"], keyed
+    family/phase (the run's calibrate and export have no family); CUDA peaks reset at every phase start; the
+    phase running now in row["in_flight"]."""
     started: dict[str, float] = {}
 
     def on_phase(event: str, family: str, name: str, record: dict | None) -> None:
@@ -222,61 +260,143 @@ def phase_recorder(device: torch.device, phases: dict, on_end):
         if event == "start":
             reset_peak(device)
             started[key] = time.perf_counter()
+            row["in_flight"] = {"phase": key, "since": time.time()}
             return
         sync(device)
-        row = phases.setdefault(key, {"seconds": 0.0, "peak_gib": 0.0, "calls": 0})
-        row["seconds"] = round(row["seconds"] + time.perf_counter() - started.pop(key), 3)
-        row["peak_gib"] = max(row["peak_gib"], peak_gib(device))
-        row["calls"] += 1
+        phase = row["phases"].setdefault(key, {"seconds": 0.0, "peak_gib": 0.0, "calls": 0})
+        phase["seconds"] = round(phase["seconds"] + time.perf_counter() - started.pop(key), 3)
+        phase["peak_gib"] = max(phase["peak_gib"], peak_gib(device))
+        phase["calls"] += 1
+        row["in_flight"] = None
         on_end()
     return on_phase
 
 
-def step_compress(args: argparse.Namespace, device: torch.device) -> dict:
+class AMListener:
+    """tracking sink: the seconds of every AM iteration per family (row["am_iter_seconds"]), saved as they come."""
+
+    def __init__(self, row: dict, save) -> None:
+        self.row, self.save = row, save
+
+    def write(self, record: dict) -> None:
+        if record.get("event") == "am_iter":
+            self.row["am_iter_seconds"].setdefault(record.get("family", ""), []).append(
+                round(float(record.get("seconds", 0.0)), 3))
+            self.save()
+
+    def close(self) -> None:
+        pass
+
+
+def phase_counts(result) -> dict[str, int]:
+    """Iterations / evaluations / steps the run made in each iterative phase, keyed like the phases."""
+    counts = {}
+    for family, fam in result.families.items():
+        for name in ("am", "varpro", "activation"):
+            if fam.history.get(name):
+                counts[f"{family}/{name}"] = len(fam.history[name])
+        for name in ("expert", "quant_expert"):
+            steps = (fam.metrics.get(name) or {}).get("steps")
+            if steps:
+                counts[f"gate+up/{name}"] = int(steps)
+    return counts
+
+
+def default_counts(cfg) -> dict[str, int]:
+    """The default run's iteration budgets per iterative phase (maxima: tolerances may stop a phase earlier)."""
+    return {"am": cfg.train.am_iters, "varpro": cfg.train.varpro_steps, "activation": cfg.activation.steps,
+            "expert": cfg.expert.steps, "quant_expert": cfg.expert.quant_steps}
+
+
+def measured_compress(args: argparse.Namespace, device: torch.device, section: str, out: str,
+                      extra: tuple[str, ...] = ()) -> dict:
+    """Run globe compress as the command does (its parser, its config, globe.run.compress) with the phase
+    recorder and the AM listener; the section is saved after every phase and AM iteration, and on SIGTERM (the
+    step's timeout) with the phase that was running."""
+    import signal
+    from globe import tracking
     from globe.cli import compress as cli
     from globe.cli.main import build_parser
     from globe.fit.engine.phases import listen
     from globe.run.compress import run_compress
     from globe.run.fit import fit_summary, total_cut_of
-    argv = compress_argv(args)
+    cut = full_cut(args)
+    argv = compress_argv(args, out, cut, extra)
     parsed = build_parser().parse_args(argv)
     cfg, plans = cli._config_plans(parsed)
-    row: dict = {"command": "globe " + " ".join(argv), "layers": args.layers, "phases": {}, "finished": False}
-    save = lambda: save_section(Path(args.json), "compress", row)                 # noqa: E731 (after each phase)
+    row: dict = {"command": "globe " + " ".join(argv), "layers": args.layers, "cut": cut, "finished": False,
+                 "phases": {}, "am_iter_seconds": {}, "in_flight": None}
+    save = lambda: save_section(Path(args.json), section, row)                    # noqa: E731
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))                        # timeout: SystemExit here
     t = time.perf_counter()
-    with listen(phase_recorder(device, row["phases"], save)):
-        done = run_compress(cli.compress_run(parsed, cfg, plans, row["command"]))
+    try:
+        with listen(phase_recorder(device, row, save)), tracking.attached(AMListener(row, save)):
+            done = run_compress(cli.compress_run(parsed, cfg, plans, row["command"]))
+    except SystemExit:
+        row["seconds_until_stopped"] = round(time.perf_counter() - t, 2)
+        if row["in_flight"]:
+            row["in_flight"]["seconds"] = round(time.time() - row["in_flight"].pop("since"), 2)
+        save()
+        raise
     sync(device)
     result = done["result"]
-    row.update(finished=True, seconds=round(time.perf_counter() - t, 2),
-               summary=fit_summary(result), total_cut=total_cut_of(result), bytes=cli.bytes_line(result),
-               calibration=result.source.get("calibration"),
-               fit_seconds_per_family={f: round(sum(v["seconds"] for k, v in row["phases"].items()
-                                                    if k.startswith(f"{f}/")), 2)
-                                       for f in dict.fromkeys(k.split("/")[0] for k in row["phases"] if "/" in k)})
+    row.update(finished=True, seconds=round(time.perf_counter() - t, 2), summary=fit_summary(result),
+               counts=phase_counts(result), bytes=cli.bytes_line(result), total_cut_of_this_model=total_cut_of(result),
+               calibration=result.source.get("calibration"))
+    row["fit_seconds_per_family"] = {f: round(sum(v["seconds"] for k, v in row["phases"].items()
+                                                  if k.startswith(f"{f}/")), 2)
+                                     for f in dict.fromkeys(k.split("/")[0] for k in row["phases"] if "/" in k)}
     row["other_seconds"] = round(row["seconds"] - sum(v["seconds"] for v in row["phases"].values()), 2)
     row["peak_gib"] = max((v["peak_gib"] for v in row["phases"].values()), default=0.0)
-    row["extrapolated"] = extrapolate(row, args.layers, args.full_layers, scale_peaks=device.type == "cuda")
-    log.info("compress: %.0f s, peak %.2f GiB; %s", row["seconds"], row["peak_gib"], row["bytes"])
+    log.info("%s: %.0f s, peak %.2f GiB; %s", section, row["seconds"], row["peak_gib"], row["bytes"])
     return row
 
 
-def extrapolate(row: dict, layers: int, full: int, scale_peaks: bool = True) -> dict:
-    """The full model from the L-layer run: every phase's seconds x full / L (the fit's work is linear in the
-    experts N = layers x E; calibration and export in the layers; the parts that do not grow with the layers
-    (embedding, lm head, the bank's own terms, process start) are scaled too, so this is an upper bound on them),
-    peaks likewise on CUDA (the fit holds its targets and codes per expert, calibration the model; the bank's share
-    does not grow), None on the CPU (peak RSS holds the process's own baseline: not per layer).
-    fit_seconds_per_layer: each family's phases (and the joint gate+up phases) / L."""
+def step_short(args: argparse.Namespace, device: torch.device) -> dict:
+    """The short run; its extrapolation: each iterative phase x (default budget / its count here), then x 24 / L."""
+    row = measured_compress(args, device, "short", OUT_DIRS["short"], SHORT_FLAGS)
+    _, cfg = default_config(args)
+    row["default_counts"] = default_counts(cfg)
+    row["extrapolated"] = extrapolate(row, args.layers, args.full_layers, device.type == "cuda",
+                                      row["default_counts"])
+    return row
+
+
+def step_compress(args: argparse.Namespace, device: torch.device) -> dict:
+    """The default run (every default, --budget of --total-cut C on the full model); extrapolated x 24 / L."""
+    row = measured_compress(args, device, "compress", OUT_DIRS["compress"])
+    row["extrapolated"] = extrapolate(row, args.layers, args.full_layers, device.type == "cuda")
+    return row
+
+
+def extrapolate(row: dict, layers: int, full: int, scale_peaks: bool = True,
+                counts_to: dict[str, int] | None = None) -> dict:
+    """The full model from an L-layer run: with counts_to (the short run), each iterative phase's seconds first x
+    (default budget / iterations it made); then every phase's seconds (and the rest of the wall time) x full / L:
+    the fit's work is linear in the experts N = L x E, calibration and export in the layers; the parts that do
+    not grow with the layers (embedding, lm head, the bank's own terms) are scaled too, so this is an upper bound
+    on them, as the default budgets are on iterations that a tolerance may stop earlier. Peaks x full / L on CUDA
+    (targets, codes and calibration per expert; the model on the GPU at calibration), None on the CPU (peak RSS
+    holds the process's own baseline). fit_seconds_per_layer: each family's phases (gate+up: the joint ones) / L."""
     scale = full / layers
     peak = (lambda v: round(v * scale, 2)) if scale_peaks else (lambda v: None)       # noqa: E731
-    phases = {k: {"seconds": round(v["seconds"] * scale, 1), "peak_gib": peak(v["peak_gib"])}
-              for k, v in row["phases"].items()}
-    seconds = row["seconds"] * scale
-    return {"how": f"per-layer costs x {full}: every measured phase (and the rest of the wall time) x {full}/{layers}",
+    counts = row.get("counts", {})
+    phases = {}
+    for key, v in row["phases"].items():
+        name = key.split("/")[-1]
+        factor = counts_to[name] / counts[key] if counts_to and name in ITERATIVE and counts.get(key) else 1.0
+        phases[key] = {"seconds_at_l_layers": round(v["seconds"] * factor, 2),
+                       "seconds": round(v["seconds"] * factor * scale, 1), "peak_gib": peak(v["peak_gib"])}
+    seconds = (sum(v["seconds_at_l_layers"] for v in phases.values()) + row["other_seconds"]) * scale
+    families: dict[str, float] = {}
+    for key, v in phases.items():
+        if "/" in key:
+            families[key.split("/")[0]] = families.get(key.split("/")[0], 0.0) + v["seconds_at_l_layers"] / layers
+    return {"how": (f"iterative phases x (default iterations / iterations of this run), then " if counts_to else "")
+            + f"per-layer costs x {full}: every phase (and the rest of the wall time) x {full}/{layers}",
             "layers": full, "seconds": round(seconds, 1), "minutes": round(seconds / 60, 1),
             "peak_gib": peak(row["peak_gib"]), "phases": phases,
-            "fit_seconds_per_layer": {f: round(s / layers, 2) for f, s in row["fit_seconds_per_family"].items()}}
+            "fit_seconds_per_layer": {f: round(s, 2) for f, s in families.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------- dry run
@@ -344,52 +464,35 @@ def plan_summary(plan: dict) -> dict:
 
 
 def step_dryrun(args: argparse.Namespace, device: torch.device) -> dict:
-    """The compress run's config planned on the L-layer model (what `globe compress --dry-run` plans: its
-    budget solver reads the experts), then at the chosen (m, r) per family on the sparse full shape."""
+    """The default run's config planned on the L-layer model (what `globe compress --dry-run` plans: its budget
+    solver reads the experts), then at the chosen (m, r) of each family on the sparse full shape (no data read)."""
     import copy
     from globe.cli import compress as cli
     from globe.cli.main import build_parser
     from globe.fit.planning.plan import plan_fit
     from globe.fit.planning.timing import KernelRates
-    from globe.run.fit import apply_total_cut
     work = Path(args.work)
-    cfg, _ = cli._config_plans(build_parser().parse_args(compress_argv(args)))
-    apply_total_cut(cfg, str(work / "model"), args.total_cut)
-    row: dict = {}
+    cut = full_cut(args)
+    cfg, _ = cli._config_plans(build_parser().parse_args(compress_argv(args, "compressed", cut)))
+    row: dict = {"note": "the dry run plans the fit's own phases; calibration, the activation stage, the expert "
+                         "phases and the export are not planned"}
     t = time.perf_counter()
     measured = plan_fit(work / "model", copy.deepcopy(cfg)).to_dict()
     row["measured_shape"] = {"layers": args.layers, **plan_summary(measured),
                              "seconds_to_plan": round(time.perf_counter() - t, 1), "plan": measured}
     save_section(Path(args.json), "dryrun", row)
     t = time.perf_counter()
-    sparse = write_sparse_checkpoint(args, work / "full_sparse", args.full_layers)
     rates = KernelRates.from_dict(measured["rates"]) if measured["rates"].get("benchmark_seconds") else None
     plans = []
     for fam in measured["families"]:                               # each family at its own (m, r): no data read
         full = copy.deepcopy(cfg)
         full.bank.m, full.bank.r, full.bank.families = fam["m"], fam["r"], (fam["family"],)
-        plans.append(plan_fit(sparse, full, rates=rates).to_dict())
-    shutil.rmtree(sparse, ignore_errors=True)
-    families = [f for plan in plans for f in plan["families"]]
+        plans.append(plan_fit(work / "full_sparse", full, rates=rates).to_dict())
     full_plan = {"seconds": round(sum(p["seconds"] for p in plans), 1),
-                 "peak_bytes": max(p["peak_bytes"] for p in plans), "families": families}
+                 "peak_bytes": max(p["peak_bytes"] for p in plans),
+                 "families": [f for plan in plans for f in plan["families"]]}
     row["full_shape"] = {"layers": args.full_layers, "shape_from": "the L-layer plan's (m, r) of each family",
                          **plan_summary(full_plan), "seconds_to_plan": round(time.perf_counter() - t, 1)}
-    compress = load_results(Path(args.json)).get("compress") or {}
-    if compress.get("finished"):
-        planned = {name for f in measured["families"] for name in f["seconds"] if name != "total"}
-        fit = sum(v["seconds"] for k, v in compress["phases"].items() if k.split("/")[-1] in planned)
-        row["beside"] = {"phases_planned": sorted(planned),
-                         "note": "the dry run plans the fit's own phases; calibration, the activation stage, the "
-                                 "expert phases and the export are not planned (measured only)",
-                         "measured_fit_seconds": round(fit, 1), "predicted_fit_seconds": measured["seconds"],
-                         "linear_24_layers_fit_seconds": round(fit * args.full_layers / args.layers, 1),
-                         "plan_24_layers_fit_seconds": full_plan["seconds"],
-                         "plan_24_layers_x_measured_over_predicted": round(
-                             full_plan["seconds"] * fit / measured["seconds"], 1) if measured["seconds"] else None,
-                         "linear_24_layers_compress_seconds": compress["extrapolated"]["seconds"],
-                         "plan_24_layers_peak_gib": round(full_plan["peak_bytes"] / 2**30, 2),
-                         "linear_24_layers_peak_gib": compress["extrapolated"]["peak_gib"]}
     return row
 
 
@@ -431,38 +534,23 @@ def mobe_family(weights: torch.Tensor, budget: float, args: argparse.Namespace, 
 
 def step_mobe(args: argparse.Namespace, device: torch.device) -> dict:
     from globe.io import open_checkpoint
-    from globe.fit.solvers.budget import total_cut_budget
     results = load_results(Path(args.json))
-    summary = (results.get("compress") or {}).get("summary") or {}
-    model_dir = Path(args.work) / "model"
-    with open_checkpoint(model_dir) as reader:
+    source = next((k for k in ("compress", "short") if (results.get(k) or {}).get("finished")), None)
+    summary = results[source]["summary"] if source else {}
+    cut = full_cut(args)
+    with open_checkpoint(Path(args.work) / "model") as reader:
         inv = reader.inventory()
-        fallback, _ = total_cut_budget(args.total_cut, inv)
-        row: dict = {"layer": 0, "families": {}, "budget_from": "GloBE's stored/dense params of each family"
-                     if summary else "total_cut_budget (no compress result)"}
+        row: dict = {"layer": 0, "families": {}, "budget_from": f"GloBE's stored/dense params of each family "
+                     f"({source} run)" if source else "the budget of --total-cut on the full model"}
         for family in ("gate", "up"):
-            budget = summary.get(family, {}).get("params_ratio", fallback)
+            budget = summary.get(family, {}).get("params_ratio", cut["budget"])
             stack = reader.read_family(family, [inv.moe_layers[0]])
             weights = stack.weights.reshape(1, *stack.weights.shape)              # [1, E, p, d]
             row["families"][family] = mobe_family(weights, budget, args, device)
             save_section(Path(args.json), "mobe", row)
-    per_layer = {name: round(sum(f["seconds_at_authors_epochs"][name] for f in row["families"].values()), 1)
-                 for name in AUTHORS_EPOCHS}
-    globe_layer = ((results.get("compress") or {}).get("extrapolated") or {}).get("fit_seconds_per_layer") or {}
-    compress = results.get("compress") or {}
-    side = {"mobe_seconds_per_layer_gate_up": per_layer,
-            "globe_fit_seconds_per_layer_gate_up": round(sum(globe_layer.get(f, 0.0) for f in ("gate", "up")), 2)
-            if globe_layer else None,                   # the two family fits (what MoBE's per-family training does)
-            "globe_fit_seconds_per_layer_with_joint_phases": round(sum(globe_layer.values()), 2) if globe_layer
-            else None,                                  # + the expert / quant_expert phases of gate and up together
-            "globe_compress_seconds_per_layer": round(compress["seconds"] / args.layers, 2)
-            if compress.get("finished") else None}      # everything: calibration and export too
-    against = {"fit": "globe_fit_seconds_per_layer_gate_up",
-               "fit_with_joint_phases": "globe_fit_seconds_per_layer_with_joint_phases",
-               "compress": "globe_compress_seconds_per_layer"}
-    side["mobe_over_globe"] = {what: {name: round(s / side[key], 2) for name, s in per_layer.items()}
-                               for what, key in against.items() if side[key]}      # the goal: >= 3 (issue 26)
-    row["side_by_side"] = side
+    row["seconds_per_layer_gate_up"] = {
+        name: round(sum(f["seconds_at_authors_epochs"][name] for f in row["families"].values()), 1)
+        for name in AUTHORS_EPOCHS}
     return row
 
 
@@ -500,9 +588,15 @@ def step_decode(args: argparse.Namespace, device: torch.device) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    model = globe.load_compressed(work / "compressed", device=device, dtype=torch.bfloat16)
+    results = load_results(Path(args.json))
+    source = next((k for k in ("compress", "short") if (results.get(k) or {}).get("finished")), None)
+    if source is None:
+        raise SystemExit("decode: no compressed checkpoint (neither the short nor the default compress finished)")
+    model = globe.load_compressed(work / OUT_DIRS[source], device=device, dtype=torch.bfloat16)
     modes = sorted({str(getattr(m, "mode", "?")) for m in globe_modules(model).values()})
-    row["compressed"] = {"runtime_mode": modes, **decode_one(model, prompts, args, device)}
+    row["compressed"] = {"from": f"the {source} run ({OUT_DIRS[source]}): the default run's shape, bits and "
+                                 "support" + (", fewer iterations" if source == "short" else ""),
+                         "runtime_mode": modes, **decode_one(model, prompts, args, device)}
     from globe.eval.speed import _generate
     with torch.no_grad():
         tokens = _generate(model, prompts[min(prompts)].to(device), args.decode_tokens)
@@ -510,6 +604,47 @@ def step_decode(args: argparse.Namespace, device: torch.device) -> dict:
     row["compressed"]["generated_new_tokens"] = int(tokens.shape[1] - args.prompt_tokens)
     row["speedup"] = {b: round(row["compressed"]["batches"][b]["decode_tok_s"]
                                / row["original"]["batches"][b]["decode_tok_s"], 3) for b in row["original"]["batches"]}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def step_report(args: argparse.Namespace, device: torch.device) -> dict:
+    """The issue's numbers side by side with its goals, from the sections present (nothing run)."""
+    r = load_results(Path(args.json))
+    default, short = r.get("compress") or {}, r.get("short") or {}
+    basis = default if default.get("finished") else short
+    row: dict = {"extrapolated_from": "the default run" if default.get("finished") else
+                 "the short run (iterative phases at the default budgets)" if short.get("finished") else None}
+    if basis.get("finished"):
+        ext = basis["extrapolated"]
+        planned = set()
+        for fam in ((r.get("dryrun") or {}).get("full_shape") or {}).get("families", {}).values():
+            planned |= {k for k in fam["seconds"] if k != "total"}
+        row["whole_model"] = {"minutes": ext["minutes"], "peak_gib": ext["peak_gib"],
+                              "goal": "< 30 minutes, < 40 GiB on one H100 / H200",
+                              "fit_phases_the_dry_run_plans_seconds": round(sum(
+                                  v["seconds"] for k, v in ext["phases"].items() if k.split("/")[-1] in planned), 1)
+                              if planned else None,
+                              "dry_run_full_shape_seconds": (r.get("dryrun") or {}).get("full_shape", {}).get("seconds"),
+                              "dry_run_full_shape_peak_gib": (r.get("dryrun") or {}).get("full_shape", {}).get("peak_gib")}
+        layer = ext["fit_seconds_per_layer"]
+        globe_fit = sum(layer.get(f, 0.0) for f in ("gate", "up"))
+        mobe = (r.get("mobe") or {}).get("seconds_per_layer_gate_up")
+        if mobe and globe_fit:
+            row["per_layer"] = {"globe_fit_gate_up_seconds": round(globe_fit, 2),
+                                "globe_fit_with_joint_phases_seconds": round(sum(layer.values()), 2),
+                                "mobe_seconds": mobe, "mobe_over_globe_fit": {k: round(v / globe_fit, 2)
+                                                                                for k, v in mobe.items()},
+                                "goal": "MoBE >= 3 x GloBE's time per layer at equal parameters"}
+    if default and not default.get("finished"):
+        row["default_run_stopped"] = {"after_seconds": default.get("seconds_until_stopped"),
+                                      "in_flight": default.get("in_flight"), "phases_done": list(default["phases"]),
+                                      "am_iter_seconds": default.get("am_iter_seconds")}
+    decode = r.get("decode") or {}
+    if "speedup" in decode:
+        row["decode"] = {"speedup": decode["speedup"], "goal": ">= 1.0 x the original's tokens/s at batch 1",
+                         "gib_held": {k: decode[k]["model_gib"] if decode[k]["model_gib"] is not None
+                                      else decode[k]["tensor_gib"] for k in ("original", "compressed")}}
     return row
 
 
