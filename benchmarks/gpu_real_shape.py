@@ -70,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("step", choices=(*STEPS, "all"), help="what to run (all: every step in this process)")
     a("--work", required=True, help="working directory: model/, compressed/, full_sparse/")
     a("--json", required=True, help="JSON results file (sections added by each step)")
-    a("--layers", type=int, default=4, help="MoE layers L of the built model (default 4)")
+    a("--layers", type=int, default=1,
+      help="MoE layers L of the built model (default 1: what fits the device run's ~9 minutes, README)")
     a("--hidden", type=int, default=2048, help="hidden size d (2048)")
     a("--experts", type=int, default=60, help="routed experts per layer (60)")
     a("--intermediate", type=int, default=1408, help="routed expert rows p (1408)")
@@ -477,8 +478,22 @@ def step_dryrun(args: argparse.Namespace, device: torch.device) -> dict:
     row: dict = {"note": "the dry run plans the fit's own phases; calibration, the activation stage, the expert "
                          "phases and the export are not planned"}
     t = time.perf_counter()
-    measured = plan_fit(work / "model", copy.deepcopy(cfg)).to_dict()
+    chosen = (load_results(Path(args.json)).get("short") or {}).get("summary")
+    if chosen:                       # the (m, r) the budget solver chose in the short run: no second solve
+        plans = []
+        for family in cfg.bank.families:
+            given = copy.deepcopy(cfg)
+            given.bank.m, given.bank.r = chosen[family]["m"], chosen[family]["r"]
+            given.bank.families = (family,)
+            plans.append(plan_fit(work / "model", given,
+                                  rates=KernelRates.from_dict(plans[0]["rates"]) if plans else None).to_dict())
+        measured = {"seconds": round(sum(p["seconds"] for p in plans), 1),
+                    "peak_bytes": max(p["peak_bytes"] for p in plans), "rates": plans[0]["rates"],
+                    "families": [f for plan in plans for f in plan["families"]]}
+    else:                            # the budget solver on the experts, as `globe compress --dry-run` runs it
+        measured = plan_fit(work / "model", copy.deepcopy(cfg)).to_dict()
     row["measured_shape"] = {"layers": args.layers, **plan_summary(measured),
+                             "shape_from": "the short run's (m, r)" if chosen else "the budget solver",
                              "seconds_to_plan": round(time.perf_counter() - t, 1), "plan": measured}
     save_section(Path(args.json), "dryrun", row)
     t = time.perf_counter()

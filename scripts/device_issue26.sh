@@ -14,8 +14,8 @@
 #   report    the issue's numbers beside its goals
 # then the GPU test subset (scripts/device_check.sh, TESTS) only if at least TESTS_MIN seconds remain.
 # Prepare here (the device has CUDA torch/transformers but no registry): the wheels of scripts/device_wheels.txt in
-# .whl (carry .whl). Knobs (environment): LAYERS (2), TOTAL (seconds for everything, 530), DEVICE (cuda),
-# <STEP>_TIMEOUT (BUILD 120, SHORT 200, DECODE 120, MOBE 90, DRYRUN 60, COMPRESS 600: capped by what is left),
+# .whl (carry .whl). Knobs (environment): LAYERS (1), TOTAL (seconds for everything, 530), DEVICE (cuda),
+# <STEP>_TIMEOUT (BUILD 90, SHORT 240, DECODE 120, MOBE 120, DRYRUN 60, COMPRESS 600: capped by what is left),
 # SHAPE (extra driver options, e.g. the CPU test's tiny shape), TESTS ("tests/runtime tests/eval"), TESTS_MIN (150).
 set -o pipefail
 TOTAL=${TOTAL:-530}
@@ -28,7 +28,7 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/issue26}
 JSON=$OUT/gpu_real_shape.json
 LOG=$OUT/log.txt
-ARGS="--work $WORK --json $JSON --layers ${LAYERS:-2} --device $DEVICE ${SHAPE:-}"
+ARGS="--work $WORK --json $JSON --layers ${LAYERS:-1} --device $DEVICE ${SHAPE:-}"
 if [ "$DEVICE" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
 fi
@@ -52,11 +52,11 @@ step() {
     echo "step $name: exit $rc after $(( SECONDS - start )) s (limit ${t} s)" | tee -a $LOG
 }
 
-step build    ${BUILD_TIMEOUT:-120}    300
-step short    ${SHORT_TIMEOUT:-200}    200
-step decode   ${DECODE_TIMEOUT:-120}   110
-step mobe     ${MOBE_TIMEOUT:-90}      70
-step dryrun   ${DRYRUN_TIMEOUT:-60}    45
+step build    ${BUILD_TIMEOUT:-90}     380
+step short    ${SHORT_TIMEOUT:-240}    210
+step decode   ${DECODE_TIMEOUT:-120}   120
+step mobe     ${MOBE_TIMEOUT:-120}     60
+step dryrun   ${DRYRUN_TIMEOUT:-60}    40
 step compress ${COMPRESS_TIMEOUT:-600} 25
 step report   25                       0
 left=$(( TOTAL - SECONDS ))
