@@ -16,7 +16,8 @@
 # Prepare here (the device has CUDA torch/transformers but no registry): the wheels of scripts/device_wheels.txt in
 # .whl (carry .whl). Knobs (environment): LAYERS (1), TOTAL (seconds for everything, 530), DEVICE (cuda),
 # <STEP>_TIMEOUT (BUILD 90, SHORT 240, DECODE 120, MOBE 120, DRYRUN 60, COMPRESS 600: capped by what is left),
-# SHAPE (extra driver options, e.g. the CPU test's tiny shape), TESTS ("tests/runtime tests/eval"), TESTS_MIN (150).
+# SHAPE (extra driver options, e.g. the CPU test's tiny shape), TESTS ("tests/fit/engine/test_phases.py
+# tests/eval tests/runtime"), TESTS_MIN (150).
 set -o pipefail
 TOTAL=${TOTAL:-530}
 OUT=${OUT:?set OUT (the device run sets it)}
@@ -61,7 +62,8 @@ step compress ${COMPRESS_TIMEOUT:-600} 25
 step report   25                       0
 left=$(( TOTAL - SECONDS ))
 if [ "$DEVICE" = cuda ] && (( left >= ${TESTS_MIN:-150} )); then
-    TESTS=${TESTS:-"tests/runtime tests/eval"} TEST_TIMEOUT=$(( left - 20 )) bash scripts/device_check.sh
+    TESTS=${TESTS:-"tests/fit/engine/test_phases.py tests/eval tests/runtime"} TEST_TIMEOUT=$(( left - 20 )) \
+        bash scripts/device_check.sh
 else
     echo "GPU tests: skipped (${left} s left, device $DEVICE)" | tee -a $LOG
 fi
