@@ -1,15 +1,19 @@
 """Issue 26 on a GPU: a LOADABLE Qwen1.5-MoE-A2.7B-shaped model of L layers compressed by `globe compress` with its
-defaults at --total-cut 0.25 (wall time and peak GPU memory per phase, extrapolated to 24 layers beside the dry
-run's prediction), MoBE's recipe on one layer of the same shape at GloBE's parameters, and decode tokens/s and
-peak memory of the original and the compressed model at batch 1 and 16. scripts/device_issue26.sh runs each step
-in its own process with its own timeout; every step adds its section to one JSON file (written after each phase,
-so a step killed by its timeout leaves what it measured).
+defaults at --total-cut 0.25 of the FULL model (wall time and peak GPU memory per phase, extrapolated to 24 layers
+beside the dry run's prediction), MoBE's recipe on one layer of the same shape at GloBE's parameters, and decode
+tokens/s and peak memory of the original and the compressed model at batch 1 and 16. scripts/device_issue26.sh
+runs each step in its own process with its own time limit; every step adds its section to one JSON file (saved
+after each phase and AM iteration, and on SIGTERM: a step stopped by its limit leaves what it measured).
 
-    python benchmarks/gpu_real_shape.py build    --work /tmp/i26 --json $OUT/gpu_real_shape.json --device cuda
-    python benchmarks/gpu_real_shape.py compress --work /tmp/i26 --json ... --device cuda
-    python benchmarks/gpu_real_shape.py dryrun | mobe | decode   (same options)
-    python benchmarks/gpu_real_shape.py all --layers 2 --hidden 64 --experts 8 --intermediate 32 --shared 128 \\
+    python benchmarks/gpu_real_shape.py build --work /tmp/i26 --json $OUT/gpu_real_shape.json --device cuda
+    python benchmarks/gpu_real_shape.py short | decode | mobe | dryrun | compress | report   (the same options)
+    python benchmarks/gpu_real_shape.py all --layers 2 --hidden 64 --experts 8 --intermediate 256 --shared 256 \
         --heads 4 --vocab 4096 --device cpu --work /tmp/tiny --json /tmp/tiny.json     # the CPU test's shape
+
+The cut: `--total-cut 0.25` of the 24-layer model is the per-family budget B (globe.fit.solvers.budget.
+total_cut_budget on a sparse 24-layer checkpoint of the shape, below), given to the L-layer runs as `--budget B`
+(the same fit config: 8-bit factors, the same support); `--total-cut 0.25` of the L-layer model itself would ask
+for far less (one layer: impossible), its embedding and lm head weighing as much as 24 layers'.
 
 Steps and sections of the JSON:
   build     the model: transformers Qwen2-MoE (model_type qwen2_moe) of the given shape, random init (seeded)
@@ -17,24 +21,32 @@ Steps and sections of the JSON:
             functions, its seed); saved with save_pretrained in bf16; the embedded model's tokenizer copied in
             (its vocabulary, 4096 ids, fits any --vocab >= 4096: the embedding rows above it are never produced by
             the tokenizer but the model can sample them). Seconds of each part, bytes written.
-  compress  `globe compress MODEL -o OUT --total-cut 0.25 --device D` parsed by the command's own parser and run
+  short     `globe compress MODEL -o OUT --budget B --device D` + SHORT_FLAGS (2 AM iterations, 2 VarPro and 2
+            activation steps, 10 expert and 10 quantized-expert steps), parsed by the command's own parser and run
             as the command runs it (globe.cli.compress.compress_run + globe.run.compress.run_compress): wall time,
-            and per phase (the fit's phases per family, globe.fit.engine.phases, plus the run's calibrate and
-            export) seconds and peak memory (CUDA: max allocated, reset at each phase start; CPU: peak RSS so far);
-            the fit's summary (m, r, params ratio, rel_err per family); "extrapolated": the 24-layer model.
-  dryrun    globe.fit.planning.plan_fit of the same config (what `globe compress --dry-run` prints) on the L-layer
-            model, and on a 24-layer checkpoint of the full shape whose files are sparse (headers real, data
-            zeros: nothing written, no time) at the (m, r) the L-layer compress chose (given shapes: the plan
-            reads no weights); "extrapolated" gets the plan's 24-layer seconds and peak beside the linear one.
+            per phase (the fit's phases per family, globe.fit.engine.phases, plus the run's calibrate and export)
+            seconds and peak memory (CUDA: max allocated, reset at each phase start; CPU: peak RSS so far), the
+            seconds of every AM iteration, the iterations each iterative phase made, the fit's summary (m, r,
+            params ratio, rel_err per family); "extrapolated": each iterative phase x (default iterations / its
+            iterations here), then the 24-layer model (x 24 / L).
+  decode    globe.eval.decode_speed (greedy, KV cache) of the original (bf16) and the compressed model (its
+            default runtime mode, bf16; the default run's checkpoint when it finished, else the short run's: the
+            same shape, bits and support) at each --batches (random prompts, one per row, real routing):
+            tokens/s (all rows), CUDA peak during decode and memory held by the loaded model; the compressed
+            model's generated tokens' shape.
   mobe      benchmarks/baselines/mobe.py on layer 0's gate and up (fp32 on the device) at GloBE's stored/dense
             params of that family (its rank solved from that budget): seconds of the SVD-group init, seconds per
-            Adam epoch (two runs of --mobe-epochs-short and --mobe-epochs from the same init, the difference),
-            and the seconds per layer at the authors' epochs (train.py's default 30000; 10000 / 15000 of the
-            repository README's commands also given), beside GloBE's fit seconds per layer.
-  decode    globe.eval.decode_speed (greedy, KV cache) of the original (bf16) and the compressed model (its
-            default runtime mode, bf16) at each --batches (random prompts, one per row, real routing): tokens/s
-            (all rows), CUDA peak during decode and memory held by the loaded model; the compressed model's
-            generated tokens' shape.
+            Adam epoch (two runs of --mobe-epochs-short and --mobe-epochs from the same init after a warm-up, the
+            difference), and the seconds per layer at the authors' epochs (train.py's default 30000; 10000 /
+            15000 of the repository README's commands also given).
+  dryrun    globe.fit.planning.plan_fit of the default config (what `globe compress --dry-run` prints) on the
+            L-layer model at the short run's (m, r), and on a 24-layer checkpoint of the full shape whose files
+            are sparse (headers real, data zeros: nothing written) at the same (m, r) (given shapes: the plan reads
+            no weights).
+  compress  the default run: as short without SHORT_FLAGS; stopped by its limit, its section keeps the phases
+            done, the one running and the AM iterations' seconds; finished, its own extrapolation (x 24 / L).
+  report    the issue's numbers beside its goals: whole model (minutes, peak GiB; the dry run's full-shape
+            prediction beside), GloBE's fit vs MoBE per layer, decode speed-ups and bytes held.
 """
 from __future__ import annotations
 
@@ -632,16 +644,16 @@ def step_report(args: argparse.Namespace, device: torch.device) -> dict:
                  "the short run (iterative phases at the default budgets)" if short.get("finished") else None}
     if basis.get("finished"):
         ext = basis["extrapolated"]
-        planned = set()
-        for fam in ((r.get("dryrun") or {}).get("full_shape") or {}).get("families", {}).values():
+        planned, full_plan = set(), (r.get("dryrun") or {}).get("full_shape") or {}
+        for fam in full_plan.get("families", {}).values():
             planned |= {k for k in fam["seconds"] if k != "total"}
         row["whole_model"] = {"minutes": ext["minutes"], "peak_gib": ext["peak_gib"],
                               "goal": "< 30 minutes, < 40 GiB on one H100 / H200",
                               "fit_phases_the_dry_run_plans_seconds": round(sum(
                                   v["seconds"] for k, v in ext["phases"].items() if k.split("/")[-1] in planned), 1)
                               if planned else None,
-                              "dry_run_full_shape_seconds": (r.get("dryrun") or {}).get("full_shape", {}).get("seconds"),
-                              "dry_run_full_shape_peak_gib": (r.get("dryrun") or {}).get("full_shape", {}).get("peak_gib")}
+                              "dry_run_full_shape_seconds": full_plan.get("seconds"),
+                              "dry_run_full_shape_peak_gib": full_plan.get("peak_gib")}
         layer = ext["fit_seconds_per_layer"]
         globe_fit = sum(layer.get(f, 0.0) for f in ("gate", "up"))
         mobe = (r.get("mobe") or {}).get("seconds_per_layer_gate_up")

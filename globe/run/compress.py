@@ -165,8 +165,8 @@ def _evaluate(run: CompressRun, out: Path, original: str) -> dict:
 
 def run_compress(run: CompressRun) -> dict:
     """Run it all; returns {"out", "dense", "result", "evaluation", "card", "timings"} (timings: seconds and peak
-    memory of the calibration and the export, the phases outside the fit's own metrics). OUT (and the dense directory) follow
-    globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
+    memory of the calibration and the export, the phases outside the fit's own metrics). OUT (and the dense
+    directory) follow globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
     directory of a killed run removed by the next one, a directory this run created removed again on failure."""
     if run.total_cut is not None and run.config.bank.budget != FitConfig().bank.budget:
         raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
