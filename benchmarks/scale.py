@@ -219,8 +219,8 @@ def run_fit(args: argparse.Namespace) -> dict:
             "config": cfg.to_dict()["train"], "threads": torch.get_num_threads(),
             "peak_rss_gib": round(peak_rss_gib(), 2), "rss_after_open_gib": round(rss_open, 2),
             "device": torch.cuda.get_device_name() if cfg.train.device.startswith("cuda") else "cpu",
-            "cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            if cfg.train.device.startswith("cuda") else None,
+            "cuda_peak_gib": round(max(v["peak_mem_mb"] for v in fam.metrics["timings"].values()) / 2**10, 2)
+            if cfg.train.device.startswith("cuda") else None,     # the largest phase's (each phase resets the peak)
             "seconds_total": round(total, 1), "seconds_per_phase": timings,
             "am_seconds_per_iteration": [round(s["seconds"], 1) for s in am],
             "varpro_evaluations": len(fam.history.get("varpro", [])),

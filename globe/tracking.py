@@ -170,6 +170,17 @@ def session(jsonl: str | Path | None = None, wandb_mode: str = "disabled", wandb
             raise errors[0]           # the run succeeded but its metrics file could not be written: say so
 
 
+@contextmanager
+def attached(sink: Sink) -> Iterator[Sink]:
+    """Send every record to `sink` too while the block runs (a benchmark's own listener, e.g. of "am_iter"); its
+    close() is not called."""
+    _SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _SINKS.remove(sink)
+
+
 def read_jsonl(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
     """Records of a metrics JSONL file, optionally only those of one event."""
     records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

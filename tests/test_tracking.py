@@ -162,3 +162,21 @@ def test_a_session_whose_log_cannot_be_written_fails(tmp_path, monkeypatch):
             monkeypatch.setattr(os, "replace", no_space)
     monkeypatch.undo()
     assert not path.exists() and list(tmp_path.iterdir()) == []      # no temporary file left
+
+
+def test_attached_sink_gets_records_only_inside_its_block():
+    class Listener:
+        def __init__(self):
+            self.records = []
+
+        def write(self, record):
+            self.records.append(record)
+
+        def close(self):
+            raise AssertionError("attached never closes its sink")
+
+    listener = Listener()
+    with tracking.attached(listener):
+        tracking.emit("am_iter", family="gate", iteration=0)
+    tracking.emit("am_iter", family="gate", iteration=1)
+    assert [(r["event"], r["iteration"]) for r in listener.records] == [("am_iter", 0)]

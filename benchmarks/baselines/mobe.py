@@ -58,7 +58,7 @@ def svd_group_init(target: torch.Tensor, m: int, r: int) -> tuple[torch.Tensor, 
     u, s, vh = torch.linalg.svd(groups, full_matrices=False)               # [L, m, g p, k], [L, m, k], [L, m, k, d]
     a = (u[..., :r] * s[..., None, :r]).reshape(layers, e, p, r)          # expert e's rows of U_r S_r
     b = vh[..., :r, :].contiguous()                                        # [L, m, r, d]
-    logits = torch.zeros(layers, e, m)
+    logits = torch.zeros(layers, e, m, device=target.device)
     logits[:, torch.arange(e), torch.arange(e) // g] = 1.0
     return a.contiguous(), b, logits
 
@@ -95,7 +95,7 @@ def _train(params: list[torch.nn.Parameter], scaled: torch.Tensor, std: torch.Te
     act = ACTS[cfg.act]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     layers = scaled.shape[0]
-    best_loss = torch.full((layers,), math.inf, dtype=torch.float64)
+    best_loss = torch.full((layers,), math.inf, dtype=torch.float64, device=scaled.device)
     best = [p.detach().clone() for p in params]
     for epoch in range(cfg.epochs):
         per_layer = (compose(*params, act) - scaled).square().mean(dim=(1, 2, 3))     # [L] scaled MSE

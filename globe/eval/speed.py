@@ -58,17 +58,18 @@ def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Ten
 @torch.no_grad()
 def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32,
                  repeats: int = 3) -> dict[str, float | int]:
-    """Greedy decode tokens/s with use_cache: `new_tokens` generated after `prompt` ids [n], batch 1."""
+    """Greedy decode tokens/s with use_cache: `new_tokens` generated after `prompt` ids [n] (batch 1) or [B, n]
+    (batch B, one sequence per row); tokens/s counts every sequence's tokens (B x steps / seconds)."""
     device = _device(model)
-    ids = prompt.reshape(1, -1).to(device)
+    ids = (prompt if prompt.dim() == 2 else prompt.reshape(1, -1)).to(device)      # [B, n]
     new_tokens = max(new_tokens, 2)
     long = _timed(lambda: _generate(model, ids, new_tokens), device, repeats)
     short = _timed(lambda: _generate(model, ids, 1), device, repeats)
     steps, seconds, timing = new_tokens - 1, long - short, "difference"
     if seconds <= 0:                     # noise beat the steps' time (few tokens): time the whole generate instead,
         steps, seconds, timing = new_tokens, long, "whole-generate"      # a lower bound on the decode speed
-    return {"decode_new_tokens": new_tokens, "decode_seconds": seconds, "decode_tok_s": steps / seconds,
-            "decode_timing": timing, "generate_seconds": long}
+    return {"decode_new_tokens": new_tokens, "decode_batch": ids.shape[0], "decode_seconds": seconds,
+            "decode_tok_s": ids.shape[0] * steps / seconds, "decode_timing": timing, "generate_seconds": long}
 
 
 def rss_mb() -> float:

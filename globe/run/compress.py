@@ -36,6 +36,7 @@ from globe.errors import ConfigError
 from globe.export import export_dense, save_compressed
 from globe.export.card import write_model_card
 from globe.fit.config import FitConfig
+from globe.fit.engine.phases import phase
 from globe.fit.planning.bytes import SizePlan
 from globe.run.calibrate import CalibrateRun, check_calibrate_run, run_calibrate_with_ids
 from globe.run.evaluate import EvalText, evaluate_isolated
@@ -111,7 +112,7 @@ def _calibration(run: CompressRun) -> CalibrateRun | None:
     return cal
 
 
-def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitResult:
+def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None, timings: dict) -> FitResult:
     cfg = run.config
     if run.total_cut is not None:
         apply_total_cut(cfg, run.model_dir, run.total_cut)
@@ -120,7 +121,8 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None) -> FitR
         held = held_out(run.model_dir, calibration, cfg.train.seed)      # before the statistics: never in them
     if calibration is not None:
         calibration.out = str(work / "calibration.safetensors")
-        stats, ids = run_calibrate_with_ids(calibration)
+        with phase(timings, "calibrate", resolve_device(run.device)):      # timed like the fit's phases
+            stats, ids = run_calibrate_with_ids(calibration)
         cfg.activation.stats = calibration.out
         if stats.routed is not None:                   # the expert phase's routed samples (--expert-steps)
             cfg.expert.samples_file = str(save_routed(stats.routed, work / "routed.safetensors"))
@@ -162,8 +164,9 @@ def _evaluate(run: CompressRun, out: Path, original: str) -> dict:
 
 
 def run_compress(run: CompressRun) -> dict:
-    """Run it all; returns {"out", "dense", "result", "evaluation", "card"}. OUT (and the dense directory) follow
-    globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
+    """Run it all; returns {"out", "dense", "result", "evaluation", "card", "timings"} (timings: seconds and peak
+    memory of the calibration and the export, the phases outside the fit's own metrics). OUT (and the dense
+    directory) follow globe.core.outputs: never an input, replaced only with overwrite, locked while the run lasts, the work
     directory of a killed run removed by the next one, a directory this run created removed again on failure."""
     if run.total_cut is not None and run.config.bank.budget != FitConfig().bank.budget:
         raise ConfigError("give --budget (per family) or --total-cut (of all parameters), not both")
@@ -201,6 +204,7 @@ def check_inputs(run: CompressRun) -> None:
 def _compress(run: CompressRun, out: Path, dense_dir: Path | None, calibration: CalibrateRun | None) -> dict:
     work = out / WORK_DIR
     done: dict = {}
+    timings: dict = {}                                # calibrate and export: {"seconds", "peak_mem_mb"} each
 
     def finish(staging: Path) -> None:               # inside the export's staging directory: one atomic step
         done["evaluation"] = _evaluate(run, staging, result.source.get("model_dir", run.model_dir)) \
@@ -214,12 +218,14 @@ def _compress(run: CompressRun, out: Path, dense_dir: Path | None, calibration: 
                                         str(dense_dir) if dense_dir else None, shown=out)
 
     try:
-        result = _fit(run, work, calibration)
-        save_compressed(run.model_dir, result, out, finish=finish)   # staged beside OUT, swapped in whole
+        result = _fit(run, work, calibration, timings)
+        with phase(timings, "export", resolve_device(run.device)):
+            save_compressed(run.model_dir, result, out, finish=finish)   # staged beside OUT, swapped in whole
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if dense_dir is not None:
         export_dense(run.model_dir, result, dense_dir)
     evaluation, card = done["evaluation"], out / done["card"].name
     log.info("compressed %s into %s%s", run.model_dir, out, f" (dense: {dense_dir})" if dense_dir else "")
-    return {"out": out, "dense": dense_dir, "result": result, "evaluation": evaluation, "card": card}
+    return {"out": out, "dense": dense_dir, "result": result, "evaluation": evaluation, "card": card,
+            "timings": timings}

@@ -20,3 +20,10 @@ def test_decode_speed_uses_the_difference_when_it_is_positive(monkeypatch):
     monkeypatch.setattr(speed, "_timed", lambda fn, device, repeats: next(times))
     out = speed.decode_speed(torch.nn.Linear(2, 2), torch.zeros(3, dtype=torch.long), new_tokens=5)
     assert out["decode_timing"] == "difference" and abs(out["decode_tok_s"] - 4 / 0.8) < 1e-9
+
+
+def test_decode_speed_counts_every_sequence_of_a_batch(monkeypatch):
+    times = itertools.cycle([1.0, 0.2])
+    monkeypatch.setattr(speed, "_timed", lambda fn, device, repeats: next(times))
+    out = speed.decode_speed(torch.nn.Linear(2, 2), torch.zeros(16, 3, dtype=torch.long), new_tokens=5)
+    assert out["decode_batch"] == 16 and abs(out["decode_tok_s"] - 16 * 4 / 0.8) < 1e-9

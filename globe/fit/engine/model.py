@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from globe.core.result import FamilyFit, FitResult
+from globe.device import resolve_device
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
@@ -65,7 +66,7 @@ def _quantize(families: dict[str, FamilyFit], stacks: dict, cfg: FitConfig, data
         objective = kind.for_family(data, family, stacks[family], cfg)
         refined = fam.metrics.get("expert", {}).get("accepted", False)
         target = fam.reconstruct().to(original.dtype) if refined else original
-        with phase(fam.metrics.setdefault("timings", {}), "quantize", family=family):
+        with phase(fam.metrics.setdefault("timings", {}), "quantize", resolve_device(cfg.train.device), family):
             out[family] = quantize_family(target, fam, cfg, objective)
         if refined:
             out[family].metrics.update(_weight_errors(out[family], original))
@@ -87,7 +88,7 @@ def _samples(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfi
 def _expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) -> dict[str, FamilyFit]:
     samples, weights = routed
     timings: dict = {}
-    with phase(timings, "expert", family="gate+up"):
+    with phase(timings, "expert", resolve_device(cfg.train.device), "gate+up"):
         families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed)
     for f in ("gate", "up"):
         families[f].metrics.setdefault("timings", {})["expert"] = timings["expert"]
@@ -101,7 +102,7 @@ def quant_expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) 
     samples, weights = routed
     value_dtype = weights["gate"].dtype if weights["gate"].dtype.is_floating_point else torch.float32
     timings: dict = {}
-    with phase(timings, "quant_expert", family="gate+up"):
+    with phase(timings, "quant_expert", resolve_device(cfg.train.device), "gate+up"):
         families, info = quant_expert_stage(families, weights, samples, cfg.expert, cfg.train.seed, value_dtype)
     for f in ("gate", "up"):
         families[f].metrics.setdefault("timings", {})["quant_expert"] = timings["quant_expert"]

@@ -7,7 +7,8 @@
 restart; peak memory the largest seen), marks it as a torch.profiler range of the same name (so a traced run
 gives each phase's allocation peak, globe.fit.planning.estimate.traced_peak), and tells every listener: a
 benchmark listens with `listen(fn)` instead of patching the engine. fn(event, family, name, record) is called
-with event "start" (record None) and "end" (record: {"seconds", "peak_mem_mb"} of this occurrence).
+with event "start" (record None) and "end" (record: {"seconds", "peak_mem_mb"} of this occurrence; on CUDA the peak
+allocated during this phase, reset at its start; on the CPU the process's peak RSS so far).
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def phase(timings: dict, name: str, device: str | torch.device = "cpu", family: 
     """Record wall time and peak memory of phase `name` into timings[name] (added to an earlier occurrence)."""
     for fn in list(_LISTENERS):
         fn("start", family, name, None)
+    if torch.device(device).type == "cuda":          # each phase's own CUDA peak (phases do not nest)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with torch.profiler.record_function(name):
         yield
