@@ -148,7 +148,8 @@ def _kept(model: dict, comparison: dict) -> str:
         return f"plain {plan['residual_bits']}-bit group {plan['residual_group']}"
     from globe.fit.config import QuantSection
     group = plan["group"] or QuantSection().group                  # None: the fit's default group
-    return f"{plan['bits']}-bit factors group {group}, budget {plan['budget']:.2f}"
+    rank = f" rank {plan['rank']}" if plan.get("rank") else ""                # a pinned rank (SizePlan.rank)
+    return f"{plan['bits']}-bit factors group {group}{rank}, budget {plan['budget']:.2f}"
 
 
 def _parse_quantizer(text: str) -> tuple[str, int, int]:
