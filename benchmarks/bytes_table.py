@@ -12,7 +12,11 @@ one panel per model.
 --product: benchmarks/bytes_product.py's output (the product path, `globe compress --size`, against GPTQ, RTN and
 HQQ at every bits / group in the same run): one table row per size (the kind kept, its bits, KL, top-1 and
 perplexity; the best quantizer within the size and the best GPTQ row; the KL ratios) and a plot per model of KL
-against bits per routed weight: every quantizer row, each quantizer's frontier, and the product curve.
+against bits per routed weight: every quantizer row, each quantizer's frontier, and the product curve. Where the run
+has bytes_product.py --bf16's rows (bf16 GloBE, bf16 MoBE at its best), a second table gives their KL and ratios to
+the product row and to the best quantizer at each size, and the plot shows their points.
+
+    python benchmarks/bytes_table.py --product benchmarks/results/bytes_bf16.json --png benchmarks/results/bytes_bf16.png
 """
 from __future__ import annotations
 
@@ -95,6 +99,24 @@ def product_table(data: dict) -> str:
     return "\n".join(rows)
 
 
+def bf16_table(data: dict) -> str:
+    """bytes_product.py --bf16's rows: at each size, bf16 GloBE's and bf16 MoBE's bits and KL, and their KL ratios to
+    the product row and to the best quantizer within the size ("" where the run has none)."""
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+    rows = ["| model | --size (bits / weight) | bf16 GloBE: bits | KL | / product | / best quantizer | bf16 MoBE: bits "
+            "| KL | / product | / best quantizer |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for model in data["models"]:
+        name = Path(model["model"]["dir"]).name
+        for c in model.get("bf16_comparison", []):
+            rows.append(f"| {name} | {c['target_bits']:.2f} | {num(c['globe_bf16_bits'], '.2f')} | "
+                        f"{num(c['globe_bf16_kl'], '.2e')} | {num(c['globe_bf16/product'], '.1f')}x | "
+                        f"{num(c['globe_bf16/best_quantizer'], '.1f')}x | {num(c['mobe_bits'], '.2f')} | "
+                        f"{num(c['mobe_kl'], '.2e')} | {num(c['mobe/product'], '.1f')}x | "
+                        f"{num(c['mobe/best_quantizer'], '.1f')}x |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def pruning_table(data: dict, sizes: list[float]) -> str:
     """bytes_product.py --pruning's rows: at each size, the best REAP row (alone in bf16, or + GPTQ of the kept
     experts) within it, beside the best GPTQ row within it."""
@@ -126,7 +148,8 @@ def _kept(model: dict, comparison: dict) -> str:
         return f"plain {plan['residual_bits']}-bit group {plan['residual_group']}"
     from globe.fit.config import QuantSection
     group = plan["group"] or QuantSection().group                  # None: the fit's default group
-    return f"{plan['bits']}-bit factors group {group}, budget {plan['budget']:.2f}"
+    rank = f" rank {plan['rank']}" if plan.get("rank") else ""                # a pinned rank (SizePlan.rank)
+    return f"{plan['bits']}-bit factors group {group}{rank}, budget {plan['budget']:.2f}"
 
 
 def _parse_quantizer(text: str) -> tuple[str, int, int]:
@@ -135,7 +158,13 @@ def _parse_quantizer(text: str) -> tuple[str, int, int]:
     return method, int(bits.split("-")[0]), int(group)
 
 
-def product_plot(data: dict, out: Path) -> None:
+# bytes_product.py --bf16's rows on the product plot: (marker, colour, legend)
+BF16_STYLE = {"bf16_globe": ("D", "tab:purple", "bf16 GloBE (--no-quant)"),
+              "bf16_mobe": ("x", "tab:brown", "bf16 MoBE (its best)")}
+
+
+def product_plot(data: dict, out: Path):
+    """The plot of --product (written to out); returns the figure."""
     fig, axes = _panels(len(data["models"]))
     style = {"gptq": ("s", "tab:blue"), "rtn": ("^", "tab:orange"), "hqq": ("v", "tab:green")}
     for ax, model in zip(axes[0], data["models"]):
@@ -157,8 +186,14 @@ def product_plot(data: dict, out: Path) -> None:
         for r in prod:
             ax.annotate(r["kind"], (r["bits_per_weight"], r["kl"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
+        for key, (marker, color, label) in BF16_STYLE.items():              # bytes_product.py --bf16
+            rows = sorted(model.get(key, []), key=lambda r: r["bits_per_weight"])
+            if rows:
+                ax.plot([r["bits_per_weight"] for r in rows], [r["kl"] for r in rows], marker + ":", color=color,
+                        linewidth=1, label=label)
         _finish(ax, model, "bits per routed gate/up weight (scales and codes included)")
     _save(fig, axes, out)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.product:
         data = json.loads(Path(args.product).read_text())
         print(product_table(data))
+        bf16 = bf16_table(data)
+        if bf16:
+            print("\n" + bf16)
         product_plot(data, Path(args.png))
         return 0
     data = json.loads(Path(args.json).read_text())

@@ -50,3 +50,42 @@ def test_pruning_table_takes_the_best_pruned_row_within_each_size():
     assert "none fits" in lines[2]                                   # nothing pruned reaches 1 bit
     assert "4/8 experts, GPTQ 2-bit group 64" in lines[3] and "2-bit group 64 | 4.00e-03" in lines[3]
     assert "6/8 experts, GPTQ 4-bit group 64" in lines[4] and "| 0.3 |" in lines[4]    # bf16 pruning (8 bits) never fits
+
+
+BF16_GLOBE = [{"method": "globe-bf16", "target_bits": 3.0, "bits_per_weight": 2.9, "kl": 0.006, "top1": 0.9}]
+BF16_MOBE = [{"method": "mobe-bf16", "target_bits": 3.0, "bits_per_weight": 2.95, "kl": 0.03, "top1": 0.8},
+             {"method": "mobe-bf16", "target_bits": 2.0, "bits_per_weight": 1.9, "kl": 0.1, "top1": 0.6}]
+
+
+def _bf16_entry() -> dict:
+    entry = {"model": {"dir": "x/m"}, "gptq": GPTQ, "hqq": HQQ, "product": PRODUCT, "bf16_globe": BF16_GLOBE,
+             "bf16_mobe": BF16_MOBE}
+    entry["bf16_comparison"] = product.bf16_compare(entry)
+    return entry
+
+
+def test_bf16_rows_meet_the_product_row_and_the_best_quantizer_of_their_size():
+    rows = {c["target_bits"]: c for c in _bf16_entry()["bf16_comparison"]}
+    assert sorted(rows) == [2.0, 3.0]
+    at3 = rows[3.0]
+    assert at3["best_quantizer"] == "hqq 2-bit group 32"                 # within 3.0 bits, lower KL than GPTQ's
+    assert at3["globe_bf16/product"] == pytest.approx(0.006 / 0.0015)
+    assert at3["globe_bf16/best_quantizer"] == pytest.approx(2.0)
+    assert at3["mobe/product"] == pytest.approx(20.0) and at3["mobe/best_quantizer"] == pytest.approx(10.0)
+    at2 = rows[2.0]                                                      # no GloBE row, no quantizer fits 2 bits
+    assert at2["globe_bf16_kl"] is None and at2["globe_bf16/product"] is None
+    assert at2["best_quantizer"] is None and at2["mobe/best_quantizer"] is None
+    assert at2["mobe/product"] == pytest.approx(10.0)
+
+
+def test_bf16_table_shows_each_size_and_an_empty_run_shows_none(tmp_path):
+    lines = table.bf16_table({"models": [_bf16_entry()]}).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| m | 2.00 | - | - | -x | -x | 1.90 | 1.00e-01 | 10.0x | -x |")
+    assert "| 2.90 | 6.00e-03 | 4.0x | 2.0x | 2.95 | 3.00e-02 | 20.0x | 10.0x |" in lines[3]
+    assert table.bf16_table({"models": [{"model": {"dir": "x/m"}, "gptq": GPTQ}]}) == ""
+    data = {"models": [{**_bf16_entry(), "comparison": product.compare(PRODUCT, GPTQ, HQQ)}]}
+    fig = table.product_plot(data, tmp_path / "p.png")                   # the bf16 points drawn beside the rest
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "bf16 GloBE (--no-quant)" in labels and "bf16 MoBE (its best)" in labels
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -33,7 +33,7 @@ from globe.core.params import dense_params
 from globe.errors import ConfigError, GlobeError
 from globe.fit.config import FitConfig, QuantSection
 from globe.fit.engine.plain import PLAIN_ATOMS, PLAIN_RANK
-from globe.fit.solvers.budget import candidate_shapes, shared_shapes
+from globe.fit.solvers.budget import SHARED_ATOMS_PER_SUPPORT, candidate_shapes, shared_shapes
 from globe.quant import packed_bytes
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class SizePlan:
     residual_bits: int | None = None
     residual_group: int | None = None
     group: int | None = None      # the factors' quantization group where the plan sets it (finer_group), else None
+    rank: int | None = None       # the factors' rank where the plan pins it (pinned_rank), else the fit's choice
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,6 +154,7 @@ class SizePlan:
             return f"plain quantization of the experts ({res}, no base)"
         factors = f"{self.bits}-bit factors" if self.bits else "unquantized factors"
         factors += f" group {self.group}" if self.group else ""
+        factors += f" rank {self.rank}" if self.rank else ""
         return f"{factors} at budget {self.budget:.4f}" + (f" + {res}" if self.kind == "residual" else "")
 
 
@@ -205,6 +207,46 @@ def finer_group(n: int, dims: list[tuple[int, int]], limit: int, support: int, v
             break
         best //= 2
     return best
+
+
+# The bisection of largest_budget stops where ANY shape the solver considers stops fitting; where that is a rank just
+# past a quantization group's edge (mixtral-e8-top2 at 2.5 bits: 4-bit group-64 adapters at r = 72 cost a second
+# column of scales, 49 KB per family), the shapes the fit really picks there (r = 64) leave bytes unused (the
+# factors stored 2.37 of 2.5 bits). pinned_rank then fixes the rank (bank.r: the fit's solver takes that rank only)
+# at the budget where its largest shape within the family limit (at most SHARED_ATOMS_PER_SUPPORT x support atoms,
+# every code non-zero) is reached, when that stores at least PIN_MIN_GAIN of the limit more than the bisection's
+# bound; below that gain the fit keeps choosing the rank on the data. On the embedded (tuning) model at 2.5 and 3.0
+# bits the bisection's bound is already within 0.6 % of the limit: nothing is pinned there.
+PIN_MIN_GAIN = 0.01
+
+
+def pinned_rank(n: int, dims: list[tuple[int, int]], limit: int, support: int, value_bytes: int, bits: int | None,
+                group: int, bound: int) -> tuple[float, int, int] | None:
+    """(budget, rank, most bytes of a family) of the rank whose largest shape stores the most bytes within `limit`
+    in every family (dims: each family's (p, d)), the shape the fit's solver takes at that budget with bank.r =
+    rank (globe.fit.solvers.budget.choose_shape: the candidate of that rank, its atoms capped at
+    SHARED_ATOMS_PER_SUPPORT x support); None unless it beats `bound` (the bisection's most bytes of a family) by
+    PIN_MIN_GAIN of the limit."""
+    cap, floor = SHARED_ATOMS_PER_SUPPORT * support, max(support, 2)
+    best = None
+    for rank in sorted({r for p, d in dims for _, r in candidate_shapes(n, p, d, MAX_SIZE_BUDGET, support)}):
+        m = cap
+        while m >= floor and any(family_shape_bytes(n, p, d, m, rank, value_bytes, bits, group) > limit
+                                 for p, d in dims):
+            m -= 1
+        if m < floor:
+            continue
+        need = max((m * rank * d + n * p * rank + n * support + n + 0.5) / dense_params(n, p, d) for p, d in dims)
+        if need > MAX_SIZE_BUDGET:
+            continue
+        shapes = [[(min(mm, cap), r) for mm, r in candidate_shapes(n, p, d, need, support) if r == rank]
+                  for p, d in dims]                                   # what the fit's solver takes at bank.r = rank
+        if not all(shapes):
+            continue
+        used = [family_shape_bytes(n, p, d, *sh[0], value_bytes, bits, group) for (p, d), sh in zip(dims, shapes)]
+        if max(used) <= limit and (best is None or max(used) > best[2]):
+            best = (need, rank, max(used))
+    return best if best is not None and best[2] >= bound + PIN_MIN_GAIN * limit else None
 
 
 def choose_kind(bits_per_weight: float) -> str:
@@ -294,8 +336,15 @@ def solve_size(n: int, dims: list[tuple[int, int]], other_bytes: int, target_byt
             if b is not None and not fixed_bits and budget >= MAX_SIZE_BUDGET * (1 - 1e-6):
                 finer = finer_group(n, dims, limit, k, value_bytes, b, group)     # capped: spend the rest on
                 finer = finer if finer < group else None                          # a finer group
-            worst = sum(worst_bytes(n, p, d, budget, k, value_bytes, b, finer or group) for p, d in dims)
-            return SizePlan(target_bytes, b, budget, k, other_bytes + worst, other_bytes, limit, bpw, group=finer)
+            worst = [worst_bytes(n, p, d, budget, k, value_bytes, b, finer or group) for p, d in dims]
+            pinned = None if finer or cfg.ranks.allocation != "uniform" else \
+                pinned_rank(n, dims, limit, k, value_bytes, b, group, max(worst))
+            if pinned is not None:
+                budget, rank, _ = pinned
+                worst = [family_shape_bytes(n, p, d, min(mm, SHARED_ATOMS_PER_SUPPORT * k), r, value_bytes, b, group)
+                         for p, d in dims for mm, r in candidate_shapes(n, p, d, budget, k) if r == rank]
+            return SizePlan(target_bytes, b, budget, k, other_bytes + sum(worst), other_bytes, limit, bpw,
+                            group=finer, rank=pinned and pinned[1])
     options = [bits] if fixed_bits else list(BITS_PREFERENCE)
     floor = min(sum(family_shape_bytes(n, p, d, 2, 1, value_bytes, b, group) for p, d in dims) for b in options)
     smallest = other_bytes + floor
@@ -324,6 +373,7 @@ def apply_plan(cfg: FitConfig, plan: SizePlan) -> FitConfig:
     """cfg (changed in place) set to the plan: quant.bits, bank.budget, sparsity.target_support, residuals, the
     factors' group where the plan sets one."""
     cfg.quant.bits, cfg.bank.budget, cfg.sparsity.target_support = plan.bits, plan.budget, plan.support
+    cfg.bank.r = plan.rank                        # None: the fit chooses the rank (every plan but a pinned one)
     if plan.group is not None:
         cfg.quant.group = plan.group
     cfg.quant.residual_bits = plan.residual_bits
