@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fixed) for N Adam steps on the same whole-expert output, kept only if that lowers its "
                         f"held-out error; runs after the expert phase; 0 = off (default {COMPRESS_QUANT_STEPS} where it "
                         "applies: the expert phase on, the factors quantized)")
+    p.add_argument("--sensitivity", choices=("on", "off"), default="on",
+                   help="on: after calibration, measure how much the model's output feels an error in each layer's "
+                        "gate and up (one perturbed forward pass per layer and family) and weight the fit's "
+                        "objectives by it, so the shared banks serve the layers the model feels; off: every layer "
+                        "alike (default on)")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -163,6 +168,7 @@ def _config_plans(args: argparse.Namespace):
     without a text is refused here, before any work."""
     _calibration_mix(args)
     cfg = build_config(_fit_args(args))
+    cfg.activation.sensitivity = args.sensitivity == "on"
     cfg.expert.steps = args.expert_steps or 0
     plans = []
     if args.size is not None:
