@@ -5,7 +5,8 @@
 For each model, each cut (default 25, 35, 40 % of the model's total parameters: a parameter target, 8-bit
 factors; `none`: the no-option main job, budget 0.6 at 4-bit) and each variant, the command's own parser builds
 the command's own config from `compress MODEL -o TMP [--total-cut C] --text MODEL/heldout.txt --eval-tokens N
---seed S` + the variant's options, and globe.run.compress runs it as the command does (self-calibrated, the
+--seed S` + the variant's options (VARIANTS: on / off; half: the weights c ** 0.5; on-noquant: unquantized factors;
+ranks / ranks-off: `--rank-allocation sensitivity`, a rank per layer, unquantized, with the probe on / off), and globe.run.compress runs it as the command does (self-calibrated, the
 whole-expert and quantized expert phases where they apply). Scored: KL(original || compressed) per token in nats,
 top-1 agreement, perplexity over the first N held-out tokens; stored params per family; bytes by the byte model;
 user CPU seconds of the row (this process and its evaluation children, single thread), the probe's own seconds
@@ -33,7 +34,10 @@ sys.path.insert(0, str(REPO))
 from benchmarks.report import new_report, quiet_logging  # noqa: E402
 
 log = logging.getLogger("benchmarks.sensitivity")
-VARIANTS = {"on": ("--sensitivity", "on"), "off": ("--sensitivity", "off"), "half": ("--sensitivity", "on")}
+VARIANTS = {"on": ("--sensitivity", "on"), "off": ("--sensitivity", "off"), "half": ("--sensitivity", "on"),
+            "on-noquant": ("--sensitivity", "on", "--no-quant"),
+            "ranks": ("--sensitivity", "on", "--rank-allocation", "sensitivity"),     # unquantized (a rank per layer)
+            "ranks-off": ("--sensitivity", "off", "--rank-allocation", "sensitivity")}
 POWERS = {"half": 0.5}         # activation.sensitivity_power of a variant (default 1)
 
 
