@@ -5,16 +5,18 @@
 For each model, each cut (default 25, 35, 40 % of the model's total parameters: a parameter target, 8-bit
 factors; `none`: the no-option main job, budget 0.6 at 4-bit) and each variant, the command's own parser builds
 the command's own config from `compress MODEL -o TMP [--total-cut C] --text MODEL/heldout.txt --eval-tokens N
---seed S` + the variant's options (VARIANTS: on / off; half: the weights c ** 0.5; on-noquant: unquantized factors;
-ranks / ranks-off: `--rank-allocation sensitivity`, a rank per layer, unquantized, with the probe on / off), and globe.run.compress runs it as the command does (self-calibrated, the
-whole-expert and quantized expert phases where they apply). Scored: KL(original || compressed) per token in nats,
+--seed S` + the variant's options (VARIANTS: on: the weights c (activation.sensitivity_power 1), half: c ** 0.5
+(the default), off: every layer alike (the behaviour before); on-noquant: unquantized factors; ranks /
+ranks-off: `--rank-allocation sensitivity`, a rank per layer, unquantized, with the probe on / off), and
+globe.run.compress runs it as the command does (self-calibrated, the whole-expert and quantized expert phases where
+they apply). Scored: KL(original || compressed) per token in nats,
 top-1 agreement, perplexity over the first N held-out tokens; stored params per family; bytes by the byte model;
 user CPU seconds of the row (this process and its evaluation children, single thread), the probe's own seconds
 and the per-layer weights the fit applied. Models: `embedded` (globe/assets/globe-tiny-moe: where the default is
 chosen) or names in benchmarks/models/. One JSON (--out), rewritten after every row (a killed run leaves the rows
 done so far).
 
-    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py [MODEL ...] [--cuts 0.25 0.35 0.4 none] [--variants on off]
+    OMP_NUM_THREADS=1 python benchmarks/sensitivity.py [MODEL ...] [--cuts 0.25 0.35 0.4 none] [--variants half off]
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ VARIANTS = {"on": ("--sensitivity", "on"), "off": ("--sensitivity", "off"), "hal
             "on-noquant": ("--sensitivity", "on", "--no-quant"),
             "ranks": ("--sensitivity", "on", "--rank-allocation", "sensitivity"),     # unquantized (a rank per layer)
             "ranks-off": ("--sensitivity", "off", "--rank-allocation", "sensitivity")}
-POWERS = {"half": 0.5}         # activation.sensitivity_power of a variant (default 1)
+POWERS = {"on": 1.0, "half": 0.5}   # activation.sensitivity_power of a variant (else the config's default)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("models", nargs="*", default=["embedded"], help="embedded or names in benchmarks/models/ (default embedded)")
     a("--cuts", nargs="+", default=["0.25", "0.35", "0.4", "none"],
       help="cuts of TOTAL params, or none for the no-option main job (default 0.25 0.35 0.4 none)")
-    a("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="default: on off")
+    a("--variants", nargs="+", default=["half", "off"], choices=list(VARIANTS),
+      help="default: half off (the default and the behaviour before)")
     a("--eval-tokens", type=int, default=16384, help="score the first N held-out tokens (default 16384)")
     a("--seed", type=int, default=0, help="seed of the self-calibration and the fit (default 0)")
     a("--extra", nargs=argparse.REMAINDER, default=[],
@@ -91,6 +94,8 @@ def compress_row(name: str, cut: str, variant: str, args, work: Path) -> dict:
     probe = (result.source.get("calibration") or {}).get("sensitivity")
     return {"model": name, "cut": cut, "variant": variant, "command": "globe " + " ".join(argv[:2] + argv[4:]),
             "bits": cfg.quant.bits, "total_cut_achieved": total_cut_of(result),
+            "sensitivity_power": cfg.activation.sensitivity if not cfg.activation.sensitivity
+            else cfg.activation.sensitivity_power,
             "stored_params": {f: fam.param_count()["stored"] for f, fam in fams.items()},
             "shape": {f: {"m": fam.shape["m"], "r": fam.shape["r"],
                           "ranks": list(fam.ranks) if fam.ranks else None} for f, fam in fams.items()},

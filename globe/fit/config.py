@@ -92,7 +92,9 @@ class ActivationConfig:
     global_init: bool = True       # run warm start + AM on W_i L_g (L_g: mean C over experts), unwhiten the bank
     sensitivity: bool = True       # weight each layer by the statistics' sensitivity probe, where they carry one
                                    # (globe.fit.objectives.sensitivity; `globe compress` runs the probe)
-    sensitivity_power: float = 1.0  # the weights are c_l ** power (0: every layer alike, 1: KL per unit error)
+    sensitivity_power: float = 0.5  # the weights are c_l ** power (0: every layer alike, 1: KL per unit error);
+                                    # 0.5: embedded model KL 0.98 / 0.91 / 0.91x off's at -25 / -35 / -40 %, 1:
+                                    # 1.02 / 0.92 / ...x (benchmarks/results/sensitivity.json)
 
 
 @dataclass

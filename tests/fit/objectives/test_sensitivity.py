@@ -36,7 +36,7 @@ def test_gains_are_kl_per_unit_of_the_objectives_error_with_mean_one():
     weights, ids, stats = setup()
     stats.info["sensitivity"] = probe([1e-4, 2e-4, 4e-4, 8e-4])
     stack = SimpleNamespace(weights=weights, ids=ids)
-    cfg = FitConfig()
+    cfg = FitConfig(activation=ActivationConfig(sensitivity_power=1.0))
     aware = ActivationObjective.for_family(stats, "gate", stack, cfg)
     plain = ActivationObjective.for_family(stats, "gate", stack, dataclasses.replace(
         cfg, activation=ActivationConfig(sensitivity=False)))
@@ -50,6 +50,11 @@ def test_gains_are_kl_per_unit_of_the_objectives_error_with_mean_one():
     assert torch.allclose(aware.whiten.gains.double().square(), expect, rtol=1e-4)
     assert float(aware.whiten.gains.square().mean()) == pytest.approx(1.0, rel=1e-5)
     assert aware.sensitivity["weights"] == pytest.approx((c / c.mean()).tolist(), rel=1e-4)
+    # the default power 0.5: the square roots of c, mean 1
+    half = ActivationObjective.for_family(stats, "gate", stack, FitConfig())
+    assert FitConfig().activation.sensitivity_power == 0.5
+    root = c.sqrt() / c.sqrt().mean()
+    assert torch.allclose(half.whiten.gains.double().square(), root.repeat_interleave(8), rtol=1e-4)
     # no probe in the statistics: nothing changes
     stats.info.pop("sensitivity")
     assert ActivationObjective.for_family(stats, "gate", stack, cfg).sensitivity is None
