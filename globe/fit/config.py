@@ -94,7 +94,7 @@ class ActivationConfig:
                                    # (globe.fit.objectives.sensitivity; `globe compress` runs the probe)
     sensitivity_power: float = 0.5  # the weights are c_l ** power (0: every layer alike, 1: KL per unit error);
                                     # 0.5: embedded model KL 0.98 / 0.91 / 0.91x off's at -25 / -35 / -40 %, 1:
-                                    # 1.02 / 0.92 / ...x (benchmarks/results/sensitivity.json)
+                                    # 1.02 / 0.92 / 0.97x (benchmarks/results/sensitivity.json)
 
 
 @dataclass
