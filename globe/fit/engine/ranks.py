@@ -140,7 +140,7 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
     history = {**fitted.history, "ranks": [{"grid": grid, "errors": [errors[l] for l in range(len(layers))],
                                             "ranks": list(ranks), "uniform_r": budget_rank}]}
     return dataclasses.replace(fitted, bank=bank, adapters=adapters, codes=codes, sq_err=sq_err, history=history,
-                               ranks=ranks)
+                               ranks=None if len(set(ranks)) == 1 else ranks)   # one rank = the cut bank's rows
 
 
 ALLOCATIONS: dict[str, Callable | None] = {"uniform": None, "sensitivity": sensitivity_stage}
