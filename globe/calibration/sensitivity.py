@@ -34,7 +34,8 @@ SENSITIVITY_FORMAT_VERSION = 1
 FAMILIES = ("gate", "up")
 PROBE_KEEP = 0.5          # share of each expert's whitened singular directions the perturbation leaves alone
 PROBE_ERROR = 0.2         # relative whitened error of every expert's perturbation
-PROBE_TOKENS = 4096       # calibration tokens the KL is measured on (the first whole sequences)
+PROBE_TOKENS = 4096       # calibration tokens the KL is measured on (the first whole sequences) ...
+PROBE_LOGIT_BYTES = 1 << 30   # ... fewer where the reference log-probs (tokens x vocabulary fp32) would pass this
 PROBE_DAMP = 0.01         # ridge on C scaled to mean eigenvalue 1 (the fit's default damp)
 PROBE_PRIOR = 64.0        # tokens of the layer's C blended into each expert's (the fit's default prior_tokens)
 
@@ -109,7 +110,8 @@ def layer_sensitivity(model: nn.Module, ids: torch.Tensor, stats: ActivationStat
     if sorted(modules) != sorted(stats.layers):
         raise ConfigError(f"the sensitivity probe needs statistics of every MoE layer {sorted(modules)}, got "
                           f"{stats.layers}")
-    seqs = probe_ids(ids, window, tokens)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    seqs = probe_ids(ids, window, min(tokens, max(1, PROBE_LOGIT_BYTES // (4 * vocab))))
     reference = _log_probs(model, seqs, batch)
     kl: dict[str, list[float]] = {f: [] for f in FAMILIES}
     for layer in progress(list(modules), "sensitivity probe"):
