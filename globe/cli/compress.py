@@ -95,6 +95,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "fixed) for N Adam steps on the same whole-expert output, kept only if that lowers its "
                         f"held-out error; runs after the expert phase; 0 = off (default {COMPRESS_QUANT_STEPS} where it "
                         "applies: the expert phase on, the factors quantized)")
+    p.add_argument("--sensitivity", choices=("on", "off"),
+                   help="on: after calibration, measure how much the model's output feels an error in each layer's "
+                        "gate and up (one perturbed forward pass per layer and family) and weight the fit's "
+                        "objectives by it, so the shared banks serve the layers the model feels; off: every layer "
+                        "alike (default: on with --total-cut / --budget, off otherwise)")
     p.add_argument("--dense", action="store_true", help="also write the dense-reconstructed checkpoint")
     p.add_argument("--dense-out", metavar="DIR", help="where the dense checkpoint goes (default OUT-dense)")
     p.add_argument("--text", metavar="FILE", help="evaluate the original and the compressed model on this text: "
@@ -109,6 +114,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "(default OUT/metrics.jsonl, next to the model files)")
     dry_run.add_argument(p)
     p.set_defaults(func=run)
+
+
+def sensitivity_default(args: argparse.Namespace) -> bool:
+    """--sensitivity's default: on at a parameter target (--total-cut / --budget; embedded model KL 0.98 / 0.91 /
+    0.91x off's at -25 / -35 / -40 %), off without one (the 4-bit budget-0.6 main job: 1.04x off's; --size
+    unmeasured) (benchmarks/results/sensitivity.json, README "The budget where the model feels it")."""
+    return args.total_cut is not None or args.budget is not None
 
 
 def _fit_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -163,6 +175,7 @@ def _config_plans(args: argparse.Namespace):
     without a text is refused here, before any work."""
     _calibration_mix(args)
     cfg = build_config(_fit_args(args))
+    cfg.activation.sensitivity = sensitivity_default(args) if args.sensitivity is None else args.sensitivity == "on"
     cfg.expert.steps = args.expert_steps or 0
     plans = []
     if args.size is not None:

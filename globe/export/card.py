@@ -62,7 +62,27 @@ def _calibration(result: FitResult) -> list[str]:
                f"{'on' if act.routing_weights else 'off'}, channel weights {'on' if act.channel_weights else 'off'}"
                if act.per_expert else f"per-layer second moments, damping {act.damp:g}, {act.steps} refinement steps")
     return ["", "## Calibration", "", f"Activation-aware fit (minimising the error of the experts' outputs on their "
-            f"inputs) calibrated on {what}; {options}.", *_expert_phase(result), *_distillation(result)]
+            f"inputs) calibrated on {what}; {options}.", *_sensitivity(result), *_expert_phase(result),
+            *_distillation(result)]
+
+
+def _sensitivity(result: FitResult) -> list[str]:
+    """The sensitivity probe (globe.calibration.sensitivity) and the per-layer weights the fit gave its objectives."""
+    probe = (result.source.get("calibration") or {}).get("sensitivity")
+    if not probe:
+        return []
+    if not result.config.activation.sensitivity:
+        return ["", f"Sensitivity probe measured ({probe['seconds']:g} s) but not used (`--sensitivity off`)."]
+    weights = {f: fam.metrics["sensitivity"]["weights"] for f, fam in result.families.items()
+               if "sensitivity" in fam.metrics}
+    expert = next((fam.metrics["expert_sensitivity"]["weights"] for fam in result.families.values()
+                   if "expert_sensitivity" in fam.metrics), None)
+    shown = "; ".join(f"{f} {', '.join(f'{w:.2f}' for w in ws)}" for f, ws in weights.items())
+    return ["", f"Layers weighted by what the model feels (sensitivity probe, {probe['seconds']:g} s on "
+                f"{probe['tokens']:,} calibration tokens: the KL of each layer's gate / up perturbed by a fixed "
+                f"{probe['error']:g} relative whitened error, per unit of the fit's own error of it): per-layer weights "
+                f"of the activation-aware objective {shown or '-'}"
+                + (f"; of the whole-expert objective {', '.join(f'{w:.2f}' for w in expert)}" if expert else "") + "."]
 
 
 def _expert_phase(result: FitResult) -> list[str]:

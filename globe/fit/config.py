@@ -90,6 +90,11 @@ class ActivationConfig:
     steps: int = 100               # L-BFGS evaluations of the activation-aware variable projection
     channel_weights: bool = False  # weight gate/up rows by their channel's first-order effect on the output
     global_init: bool = True       # run warm start + AM on W_i L_g (L_g: mean C over experts), unwhiten the bank
+    sensitivity: bool = True       # weight each layer by the statistics' sensitivity probe, where they carry one
+                                   # (globe.fit.objectives.sensitivity; `globe compress` runs the probe)
+    sensitivity_power: float = 0.5  # the weights are c_l ** power (0: every layer alike, 1: KL per unit error);
+                                    # 0.5: embedded model KL 0.98 / 0.91 / 0.91x off's at -25 / -35 / -40 %, 1:
+                                    # 1.02 / 0.92 / 0.97x (benchmarks/results/sensitivity.json)
 
 
 @dataclass
@@ -201,6 +206,7 @@ class FitConfig:
             (a.damp > 0 and a.prior_tokens >= 0 and a.steps >= 0, "activation.damp must be > 0, prior_tokens "
              "and steps >= 0"),
             (0 < a.routing_floor <= 1, f"activation.routing_floor must be in (0, 1] (got {a.routing_floor})"),
+            (a.sensitivity_power >= 0, f"activation.sensitivity_power must be >= 0 (got {a.sensitivity_power})"),
             (nl.phi in PHIS, f"nonlinear.phi must be one of {PHIS} (got {nl.phi!r})"),
             (nl.steps >= 0 and nl.eval_every >= 1, "nonlinear.steps must be >= 0 and nonlinear.eval_every >= 1"),
             (nl.lr > 0, f"nonlinear.lr must be > 0 (got {nl.lr})"),

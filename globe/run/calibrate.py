@@ -11,7 +11,9 @@ would take), as rows of one window each, interleaved text / self so that both re
 (which keep the first tokens seen); a tail of the text shorter than a window is left out. stats.info["calibration"]
 says where the tokens came from: {"source": "text", "text", "tokens", "read_tokens", ...} (mixed: "tokens" the text's
 tokens used, "self_generated" the sample's description, "total_tokens" both) or {"source": "self-generated",
-"tokens", "seed", "temperature", "length", ...}.
+"tokens", "seed", "temperature", "length", ...}. With sensitivity, the probe of globe.calibration.sensitivity runs
+on the same tokens after the statistics (stats.info["sensitivity"]: the KL per layer and family of a fixed
+perturbation, which the fit turns into per-layer weights of its objective).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from globe.calibration import ActivationStats, collect_stats, save_stats
+from globe.calibration.sensitivity import layer_sensitivity
 from globe.calibration.self_text import SelfText, self_generated_ids, start_tokens
 from globe.core import outputs
 from globe.device import resolve_device
@@ -52,6 +55,7 @@ class CalibrateRun:
     routed: int = 0                           # routed tokens kept per expert (stats.routed; 0: none)
     routed_mb: int = 512                      # their memory cap
     self_tokens: int = 0                      # with a text: also this many self-generated tokens (mixed; 0: none)
+    sensitivity: bool = False                 # also run the sensitivity probe (stats.info["sensitivity"])
 
 
 def check_calibrate_run(run: CalibrateRun) -> Path | None:
@@ -149,5 +153,7 @@ def run_calibrate_with_ids(run: CalibrateRun) -> tuple[ActivationStats, torch.Te
         stats = collect_stats(model, ids, window=run.window, per_expert=not run.layer_only,
                               info={"model_dir": str(Path(run.model_dir).resolve()), "text": info.get("text"),
                                     "calibration": info}, routed=run.routed, routed_mb=run.routed_mb)
+        if run.sensitivity:                        # globe.calibration.sensitivity, in fp32 on the same tokens
+            stats.info["sensitivity"] = layer_sensitivity(model.float(), ids, stats, window=run.window)
         save_stats(stats, run.out)
     return stats, ids

@@ -107,7 +107,8 @@ def _calibration(run: CompressRun) -> CalibrateRun | None:
     cal = CalibrateRun(run.model_dir, run.calibration_text, "", max_tokens=run.calibration_tokens,
                        device=run.device, seed=run.config.train.seed, flag="--calibration-text",
                        routed=expert.samples if expert.enabled else 0, routed_mb=expert.max_sample_mb,
-                       self_tokens=max(own, 2) if own else 0)
+                       self_tokens=max(own, 2) if own else 0,
+                       sensitivity=run.config.activation.sensitivity)    # the probe: globe.calibration.sensitivity
     check_calibrate_run(cal)
     return cal
 
@@ -127,6 +128,8 @@ def _fit(run: CompressRun, work: Path, calibration: CalibrateRun | None, timings
         if stats.routed is not None:                   # the expert phase's routed samples (--expert-steps)
             cfg.expert.samples_file = str(save_routed(stats.routed, work / "routed.safetensors"))
         info = stats.info.get("calibration")
+        if "sensitivity" in stats.info:                # the probe (globe.calibration.sensitivity), for the record
+            info = {**(info or {}), "sensitivity": stats.info["sensitivity"]}
     elif cfg.activation.stats:
         info = {"source": "statistics file", "stats": str(Path(cfg.activation.stats).resolve())}
     metrics = run.metrics or str(work / "metrics.jsonl")               # OUT/metrics.jsonl at the swap

@@ -42,6 +42,20 @@ def _compress_config(*argv: str):
     return _config(cli.build_parser().parse_args(["compress", "-o", "OUT", *argv]))
 
 
+def test_compress_weights_layers_by_sensitivity_unless_off():
+    from globe.run.compress import _calibration
+    from globe.run.compress import CompressRun
+    cfg, _ = _compress_config("--total-cut", "0.3")                          # a parameter target: on
+    assert cfg.activation.sensitivity is True
+    assert _calibration(CompressRun("MODEL", "OUT", config=cfg)).sensitivity is True       # the probe runs
+    assert _compress_config("--budget", "0.4")[0].activation.sensitivity is True
+    cfg, _ = _compress_config("--total-cut", "0.3", "--sensitivity", "off")
+    assert cfg.activation.sensitivity is False
+    assert _calibration(CompressRun("MODEL", "OUT", config=cfg)).sensitivity is False
+    assert _compress_config()[0].activation.sensitivity is False             # the no-option main job: off
+    assert _compress_config("--sensitivity", "on")[0].activation.sensitivity is True
+
+
 def test_compress_defaults_to_4_bit_factors_and_fit_stays_unquantized():
     from globe.cli.compress import QUANT_DEFAULTS
     from globe.cli.fit import build_config

@@ -96,3 +96,44 @@ def test_every_mode_and_the_checkpoint_equal_the_dense_reconstruction(tmp_path, 
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
     again = load_compressed(tmp_path / "again", mode=mode, cache_size=2)
     assert torch.equal(fixed_logits(again), fixed_logits(patched))
+
+
+CUT_RANKS = (3, 1, 2)                              # r_max 3 < the fit's 4: the bank cut at the largest rank
+
+
+@pytest.fixture(scope="module")
+def cut_bank(tiny_checkpoint):
+    """A rank per layer with the bank cut at the largest rank any layer uses, as the sensitivity rank stage stores
+    it (globe.fit.engine.ranks): bank [m, 3, d], adapters [N, p, 3]."""
+    import dataclasses
+    path = tiny_checkpoint(ARCH)
+    full = quick_fit(path)
+    top = max(CUT_RANKS)
+    fams = {n: dataclasses.replace(f.with_ranks(CUT_RANKS), bank=f.bank[:, :top].clone(),
+                                   adapters=f.with_ranks(CUT_RANKS).adapters[:, :, :top].clone())
+            for n, f in full.families.items()}
+    return path, type(full)(families=fams, config=full.config, source=full.source)
+
+
+@pytest.mark.parametrize("mode", ["factored", "cached", "dense"])
+def test_a_cut_bank_survives_save_load_and_every_mode(tmp_path, cut_bank, mode):
+    path, result = cut_bank
+    fam = result.families["gate"]
+    m, (n, p, d) = fam.bank.shape[0], (fam.adapters.shape[0], TINY.p, TINY.d)
+    nnz = int((fam.codes != 0).sum())
+    assert fam.param_count()["stored"] == m * 3 * d + TINY.num_experts * p * sum(CUT_RANKS) + nnz + n  # hand count
+    back = load(save(result, tmp_path / "a", dtype=torch.float32))
+    assert back.families["gate"].ranks == CUT_RANKS and back.families["gate"].bank.shape[1] == 3
+    assert back.families["gate"].param_count() == fam.param_count()
+    reference = fixed_logits(transformers.AutoModelForCausalLM.from_pretrained(export_dense(path, result,
+                                                                                            tmp_path / "dense")))
+    patched = apply_globe(load_model(path), back, mode=mode, cache_size=2)
+    assert {m.layer: m.rank("gate") for m in globe_modules(patched).values()} == dict(zip(range(3), CUT_RANKS))
+    torch.testing.assert_close(fixed_logits(patched), reference, rtol=1e-4, atol=1e-5)
+    save_compressed(path, result, tmp_path / "c")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    set_mode(loaded, mode, cache_size=2)
+    torch.testing.assert_close(fixed_logits(loaded), reference, rtol=1e-4, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "again")
+    again = load_compressed(tmp_path / "again", mode=mode, cache_size=2)
+    assert torch.equal(fixed_logits(again), fixed_logits(loaded))

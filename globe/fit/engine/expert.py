@@ -143,14 +143,16 @@ def _family(fam: FamilyFit, state: dict, family: str, info: dict) -> FamilyFit:
 
 
 def output_data(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
-                validation: float) -> ExpertData:
+                validation: float, gains: torch.Tensor | None = None) -> ExpertData:
     """The whole-expert objective's data for gate and up of `families` (same experts, same order): the original
-    weights give the targets, a fitted down family enters the prediction as its reconstruction."""
+    weights give the targets, a fitted down family enters the prediction as its reconstruction; gains [N]: each
+    expert's term weighted (its layer's sensitivity, globe.fit.objectives.sensitivity.output_gains; None: 1)."""
     gate, up = families["gate"], families["up"]
     if not torch.equal(gate.ids, up.ids):
         raise ConfigError("the expert phase needs gate and up fitted on the same experts in the same order")
     down_hat = families["down"].reconstruct() if "down" in families else None   # what the model will compute with
-    return expert_data(samples, gate.ids, weights["gate"], weights["up"], weights["down"], validation, down_hat)
+    data = expert_data(samples, gate.ids, weights["gate"], weights["up"], weights["down"], validation, down_hat)
+    return data.weighted(gains)
 
 
 def train_output(params, data: ExpertData, cfg: ExpertConfig, seed: int, label: str) -> tuple[dict, dict | None]:
@@ -190,13 +192,14 @@ def train_output(params, data: ExpertData, cfg: ExpertConfig, seed: int, label: 
 
 
 def expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
-                 cfg: ExpertConfig, seed: int = 0) -> tuple[dict[str, FamilyFit], dict]:
+                 cfg: ExpertConfig, seed: int = 0, gains: torch.Tensor | None = None
+                 ) -> tuple[dict[str, FamilyFit], dict]:
     """(families with gate and up refined, what happened); see the module docstring. weights: the original gate,
-    up [N, p, d] and down [N, h, p] in the families' expert order."""
+    up [N, p, d] and down [N, h, p] in the families' expert order; gains: output_data's per-expert weights."""
     cfg.check()
     if families["gate"].quant or families["up"].quant:
         raise ConfigError("the expert phase runs before quantization: the families are already quantized")
-    data = output_data(families, weights, samples, cfg.validation)
+    data = output_data(families, weights, samples, cfg.validation, gains)
     info, best_state = train_output(_Params(families), data, cfg, seed, "expert phase")
     if best_state is None:
         return {f: dataclasses.replace(fam, metrics={**fam.metrics, "expert": info}) for f, fam in families.items()

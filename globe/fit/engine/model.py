@@ -9,17 +9,20 @@ from pathlib import Path
 
 import torch
 
+from globe.calibration.stats import ActivationStats
 from globe.core.result import FamilyFit, FitResult
 from globe.device import resolve_device
 from globe.errors import ConfigError
 from globe.fit.config import FitConfig
 from globe.fit.constants import SPILL_FAMILY_BYTES
-from globe.fit.engine.expert import expert_applies, expert_stage
+from globe.fit.engine.expert import expert_applies, expert_stage, output_data
 from globe.fit.engine.family import fit_family
 from globe.fit.engine.phases import phase
 from globe.fit.engine.quant_expert import quant_expert_stage
 from globe.fit.engine.quantize import quantize_applies, quantize_family
 from globe.fit.objectives.base import objective_class
+from globe.fit.objectives.expert_output import expert_losses
+from globe.fit.objectives.sensitivity import output_gains, probe_of
 from globe.fit.parallel.comm import LOCAL, Comm
 from globe.fit.parallel.shard import read_shard
 from globe.fit.resume import FitStore
@@ -45,12 +48,32 @@ def expert_then_quantize(reader, families: dict[str, FamilyFit], cfg: FitConfig,
     (with cfg.expert.quant_steps > 0) the quantized expert phase (globe.fit.engine.quant_expert)."""
     stacks = {f: reader.read_family(f) for f in families}
     routed = _samples(reader, families, stacks, cfg) if expert_applies(cfg) else None   # read once for both phases
+    gains = _output_gains(families, routed, cfg, data) if routed is not None else None
     if routed is not None:
-        families = _expert(families, routed, cfg)
+        families = _expert(families, routed, cfg, gains)
     if not quantize_applies(cfg):
         return families
     families = _quantize(families, stacks, cfg, data, kind)
-    return quant_expert(families, routed, cfg) if quant_expert_applies(cfg) else families
+    return quant_expert(families, routed, cfg, gains) if quant_expert_applies(cfg) else families
+
+
+def _output_gains(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig, data) -> torch.Tensor | None:
+    """Per-expert weights [N] of the whole-expert objective from the statistics' sensitivity probe (globe.fit.
+    objectives.sensitivity.output_gains; None without a probe or with activation.sensitivity off); the record goes
+    into gate's and up's metrics["expert_sensitivity"]."""
+    if not (cfg.activation.sensitivity and isinstance(data, ActivationStats) and probe_of(data)):
+        return None
+    samples, weights = routed
+    base = output_data(families, weights, samples, cfg.expert.validation)
+    start = expert_losses(base, weights["gate"], weights["up"], cfg.expert.chunk)
+
+    def loss(deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        gate, up = (weights[f].float() + deltas[f] if f in deltas else weights[f] for f in ("gate", "up"))
+        return expert_losses(base, gate, up, cfg.expert.chunk) - start
+    gains, record = output_gains(data, weights, families["gate"].ids, loss, cfg.activation.sensitivity_power)
+    for f in ("gate", "up"):
+        families[f].metrics["expert_sensitivity"] = record
+    return gains
 
 
 def quant_expert_applies(cfg: FitConfig) -> bool:
@@ -85,17 +108,19 @@ def _samples(reader, families: dict[str, FamilyFit], stacks: dict, cfg: FitConfi
     return load_routed(cfg.expert.samples_file), weights
 
 
-def _expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) -> dict[str, FamilyFit]:
+def _expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig,
+            gains: torch.Tensor | None = None) -> dict[str, FamilyFit]:
     samples, weights = routed
     timings: dict = {}
     with phase(timings, "expert", resolve_device(cfg.train.device), "gate+up"):
-        families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed)
+        families, _ = expert_stage(families, weights, samples, cfg.expert, cfg.train.seed, gains)
     for f in ("gate", "up"):
         families[f].metrics.setdefault("timings", {})["expert"] = timings["expert"]
     return families
 
 
-def quant_expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) -> dict[str, FamilyFit]:
+def quant_expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig,
+                 gains: torch.Tensor | None = None) -> dict[str, FamilyFit]:
     """The quantized expert phase (globe.fit.engine.quant_expert) on the quantized gate and up of `families`
     (routed: _samples' (routed samples, original weights), the expert phase's); their rel_err measured against the
     original weights again."""
@@ -103,7 +128,8 @@ def quant_expert(families: dict[str, FamilyFit], routed: tuple, cfg: FitConfig) 
     value_dtype = weights["gate"].dtype if weights["gate"].dtype.is_floating_point else torch.float32
     timings: dict = {}
     with phase(timings, "quant_expert", resolve_device(cfg.train.device), "gate+up"):
-        families, info = quant_expert_stage(families, weights, samples, cfg.expert, cfg.train.seed, value_dtype)
+        families, info = quant_expert_stage(families, weights, samples, cfg.expert, cfg.train.seed, value_dtype,
+                                            gains)
     for f in ("gate", "up"):
         families[f].metrics.setdefault("timings", {})["quant_expert"] = timings["quant_expert"]
         if info["accepted"]:

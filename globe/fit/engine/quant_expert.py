@@ -117,8 +117,8 @@ def _family(fam: FamilyFit, state: dict, family: str, info: dict, value_dtype: t
 
 
 def quant_expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.Tensor], samples: RoutedSamples,
-                       cfg: ExpertConfig, seed: int = 0, value_dtype: torch.dtype = torch.float32
-                       ) -> tuple[dict[str, FamilyFit], dict]:
+                       cfg: ExpertConfig, seed: int = 0, value_dtype: torch.dtype = torch.float32,
+                       gains: torch.Tensor | None = None) -> tuple[dict[str, FamilyFit], dict]:
     """(families with the float parts of quantized gate and up trained, what happened); see the module docstring.
     weights: the original gate, up [N, p, d] and down [N, h, p] in the families' expert order; value_dtype: the
     dtype the artifact stores code values in (the checkpoint's)."""
@@ -131,7 +131,7 @@ def quant_expert_stage(families: dict[str, FamilyFit], weights: dict[str, torch.
             raise ConfigError("the quantized expert phase does not run with --residual-bits")
         if fam.ranks is not None and len(set(fam.ranks)) > 1:
             raise ConfigError("the quantized expert phase does not run with a rank per layer")
-    data = output_data(families, weights, samples, cfg.validation)
+    data = output_data(families, weights, samples, cfg.validation, gains)     # gains: the expert phase's
     schedule = dataclasses.replace(cfg, steps=cfg.quant_steps, lr=cfg.quant_lr)
     info, best_state = train_output(_QuantParams(families, value_dtype), data, schedule, seed, "quantized expert phase")
     if best_state is None:

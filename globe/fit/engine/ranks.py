@@ -10,9 +10,13 @@ ALLOCATIONS, run by fit_family after the fit at r_max and before the gather).
                     (activation-weighted for an activation-aware fit) after refitting the adapters exactly against
                     the truncated mixed atoms M_i[:k] (globe.fit.solvers.adapters.finalize, closed form);
                  3. allocate greedily: start every layer at the smallest rank, then repeatedly raise the layer with
-                    the largest error drop per added parameter while the family's parameters stay within those of
-                    the uniform fit at the budget's rank (bank at r_max counted in full);
-                 4. refit the adapters at the chosen ranks (zero past r_l; FamilyFit.ranks records them).
+                    the largest error drop per added parameter (its adapters, and the bank rows it adds past the
+                    largest rank in use) while bank + adapters stay within those of the uniform fit at the budget's
+                    rank (the grid holds that rank, so the uniform choice is one of the candidates); with an
+                    activation-aware fit whose statistics carry the sensitivity probe the errors are already
+                    weighted by each layer's KL per unit error (globe.fit.objectives.sensitivity);
+                 4. cut the bank at the largest rank chosen, refit the adapters at the chosen ranks (zero past r_l;
+                    FamilyFit.ranks records them).
 The error curves and the choice go into the family's history ("ranks").
 """
 from __future__ import annotations
@@ -54,32 +58,41 @@ def nesting_rotation(adapters: torch.Tensor, codes: torch.Tensor, bank: torch.Te
     return vecs.flip(1).T.float()                                                    # rows: leading first
 
 
-def rank_grid(r_max: int, step: int) -> list[int]:
+def rank_grid(r_max: int, step: int, include: int | None = None) -> list[int]:
+    """The candidate ranks: multiples of step (0: r_max / 8) up to r_max, r_max, and `include` (the uniform r, so
+    that the uniform choice is one of the allocations)."""
     step = step or max(1, r_max // 8)
-    return sorted({*range(step, r_max + 1, step), r_max})
+    return sorted({*range(step, r_max + 1, step), r_max, *([include] if include and include <= r_max else [])})
 
 
-def greedy_allocation(errors: dict[int, list[float]], grid: list[int], cost: list[int], limit: int) -> list[int]:
+def greedy_allocation(errors: dict[int, list[float]], grid: list[int], cost: list[int], limit: int,
+                      bank_cost: int = 0) -> list[int]:
     """Per layer, the grid index of its rank. errors[l][g]: layer l's error at grid[g]; cost[l]: parameters per unit
-    rank of layer l; limit: adapter parameters to spend. Raises the layer with the largest error drop per parameter
-    while the total stays within the limit."""
+    rank of layer l; bank_cost: parameters per bank row (m d), charged up to the largest rank any layer uses (the
+    stored bank is cut there); limit: parameters to spend on adapters and bank. Repeatedly raises the layer with the
+    largest error drop per added parameter (its adapters, and the bank rows it adds past the current largest
+    rank) while the total stays within the limit."""
     layers = len(cost)
     pick = [0] * layers
-    spent = sum(cost[l] * grid[0] for l in range(layers))
+
+    def total(ranks: list[int]) -> int:
+        return sum(cost[l] * grid[ranks[l]] for l in range(layers)) + bank_cost * max(grid[g] for g in ranks)
+    spent = total(pick)
     while True:
-        best, best_gain = None, 0.0
+        best, best_gain, best_total = None, 0.0, spent
         for l in range(layers):
             if pick[l] + 1 >= len(grid):
                 continue
-            extra = cost[l] * (grid[pick[l] + 1] - grid[pick[l]])
-            if spent + extra > limit:
+            raised = pick[:l] + [pick[l] + 1] + pick[l + 1:]
+            now = total(raised)
+            if now > limit:
                 continue
-            gain = (errors[l][pick[l]] - errors[l][pick[l] + 1]) / extra
+            gain = (errors[l][pick[l]] - errors[l][pick[l] + 1]) / max(now - spent, 1)
             if best is None or gain > best_gain:
-                best, best_gain = l, gain
+                best, best_gain, best_total = l, gain, now
         if best is None:
             return pick
-        spent += cost[best] * (grid[pick[best] + 1] - grid[pick[best]])
+        spent = best_total
         pick[best] += 1
 
 
@@ -98,7 +111,7 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
     layers = sorted({int(l) for l in ids[:, 0].tolist()})
     position = torch.searchsorted(torch.tensor(layers), ids[:, 0].long().contiguous())
     experts = torch.bincount(position, minlength=len(layers)).tolist()
-    grid = rank_grid(r_max, cfg.ranks.step)
+    grid = rank_grid(r_max, cfg.ranks.step, budget_rank)
     solver = SolverProblem(target, norm, problem.objective)
     options = FinalizeOptions(phi=fitted.phi, chunk_size=t.chunk_size, ridge=t.ridge)
     errors: dict[int, list[float]] = {l: [] for l in range(len(layers))}
@@ -108,11 +121,12 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
         for l in range(len(layers)):
             errors[l].append(float(per_layer[l]))
     p, d = target.shape[1], target.shape[2]
-    uniform = BankShape.uniform(m, budget_rank, len(layers))
-    limit = uniform.params(tuple(experts), p, d, 0) - BankShape.uniform(m, r_max, 1).bank_params(d) - sum(experts)
-    pick = greedy_allocation(errors, grid, [e * p for e in experts], limit)
+    limit = BankShape.uniform(m, budget_rank, len(layers)).params(tuple(experts), p, d, 0)   # bank + adapters
+    pick = greedy_allocation(errors, grid, [e * p for e in experts], limit, bank_cost=m * d)
     ranks = tuple(grid[g] for g in pick)
-    adapters = torch.zeros_like(fitted.adapters)
+    top = max(ranks)                                          # the stored bank: rows up to the largest rank used
+    bank = bank[:, :top].contiguous()
+    adapters = torch.zeros_like(fitted.adapters[:, :, :top])
     sq_err = torch.empty_like(fitted.sq_err)
     codes = fitted.codes
     for k in sorted(set(ranks)):
@@ -126,7 +140,7 @@ def sensitivity_stage(problem, fitted, budget_rank: int):
     history = {**fitted.history, "ranks": [{"grid": grid, "errors": [errors[l] for l in range(len(layers))],
                                             "ranks": list(ranks), "uniform_r": budget_rank}]}
     return dataclasses.replace(fitted, bank=bank, adapters=adapters, codes=codes, sq_err=sq_err, history=history,
-                               ranks=ranks)
+                               ranks=None if len(set(ranks)) == 1 else ranks)   # one rank = the cut bank's rows
 
 
 ALLOCATIONS: dict[str, Callable | None] = {"uniform": None, "sensitivity": sensitivity_stage}

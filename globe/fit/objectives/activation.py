@@ -13,6 +13,7 @@ the weighted fit is the weight-space fit), damped by `damp` * I, then factorised
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from globe.fit.solvers.metrics import error_metrics
 from globe.fit.solvers.mod import normalize_atoms
 from globe.fit.solvers.normalize import Normalizer
 from globe.fit.objectives.base import Objective, Solution, Spaces, register
+from globe.fit.objectives.sensitivity import layer_gains, probe_of
 from globe.fit.solvers.problem import Factors, SolverProblem, VarProOptions
 from globe.fit.solvers.varpro import varpro_refine
 
@@ -204,6 +206,22 @@ def family_whitener(stats: ActivationStats, family: str, stack, cfg: ActivationC
                           unreached_weight_space=True)
 
 
+def sensitivity_whitener(stats: ActivationStats, family: str, stack, whiten: Whitener, chunk: int = 64,
+                         power: float = 1.0) -> tuple[Whitener, dict]:
+    """The whitener with each expert's gain^2 multiplied by its layer's sensitivity weight (globe.fit.objectives.
+    sensitivity.layer_gains: the probe's KL per unit of THIS objective's normalised error of the probe's
+    perturbation), and the record of it. gate / up only (the probe perturbs those)."""
+    weights = stack.weights
+    sq_norms = torch.empty(weights.shape[0], dtype=torch.float64)                    # ||W_i||^2 / numel = s_i^2
+    for lo in range(0, weights.shape[0], chunk):
+        sq_norms[lo:lo + chunk] = weights[lo:lo + chunk].double().square().mean((1, 2))
+
+    def error(delta: torch.Tensor) -> torch.Tensor:
+        return weighted_sq_norms(delta, whiten, chunk) / sq_norms.clamp_min(1e-300)
+    w, record = layer_gains(stats, family, weights, stack.ids, error, power)
+    return dataclasses.replace(whiten, gains=whiten.gains * w.sqrt()), record
+
+
 def whiten_globally(weights: torch.Tensor, factor: torch.Tensor, chunk: int) -> torch.Tensor:
     """W_i L_g for every expert: [N, rows, k] fp32 (a new tensor; the fit's working copy)."""
     out = torch.empty(weights.shape, dtype=torch.float32)
@@ -230,6 +248,7 @@ class ActivationObjective(Objective):
 
     whiten: Whitener
     config: ActivationConfig = field(default_factory=ActivationConfig)
+    sensitivity: dict | None = None       # the per-layer sensitivity weights applied to whiten.gains (record)
     name = "activation"
     stage_name = "activation"
     cache_targets = True
@@ -246,7 +265,12 @@ class ActivationObjective(Objective):
 
     @classmethod
     def for_family(cls, data: ActivationStats, family: str, stack, cfg) -> "ActivationObjective":
-        return cls(family_whitener(data, family, stack, cfg.activation), cfg.activation)
+        whiten = family_whitener(data, family, stack, cfg.activation)
+        if not (cfg.activation.sensitivity and family in ("gate", "up") and probe_of(data)):
+            return cls(whiten, cfg.activation)
+        whiten, record = sensitivity_whitener(data, family, stack, whiten, cfg.train.chunk_size,
+                                              cfg.activation.sensitivity_power)
+        return cls(whiten, cfg.activation, record)
 
     def check_world(self, world: int) -> None:
         if world > 1:
@@ -326,6 +350,8 @@ class ActivationObjective(Objective):
                                  problem.cfg.train.chunk_size)
         if self.whiten.unreached is not None:           # for the model card: fitted in weight space
             out["unreached"] = [f"L{int(l)}E{int(e)}" for l, e in fam.ids[self.whiten.unreached].tolist()]
+        if self.sensitivity is not None:                # the per-layer weights the probe gave this objective
+            out["sensitivity"] = self.sensitivity
         return out
 
 

@@ -11,6 +11,7 @@ of experts for given G_hat, U_hat (differentiable).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,13 @@ class ExpertData:
     @property
     def n(self) -> int:
         return self.x.shape[0]
+
+    def weighted(self, gains: torch.Tensor | None) -> ExpertData:
+        """This objective with expert i's term multiplied by gains[i] ([N]; None: unchanged), e.g. its layer's
+        sensitivity weight (globe.fit.objectives.sensitivity.output_gains)."""
+        if gains is None:
+            return self
+        return dataclasses.replace(self, inv_norm=self.inv_norm * gains, inv_norm_valid=self.inv_norm_valid * gains)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -107,3 +115,15 @@ def output_loss(data: ExpertData, lo: int, hi: int, gate: torch.Tensor, up: torc
     err = (pred - y).square().sum(-1) * w * mask                                      # [c, S or B]
     inv = (data.inv_norm_valid if validation else data.inv_norm)[lo:hi]
     return (err.sum(1) * inv).sum() * scale
+
+
+@torch.no_grad()
+def expert_losses(data: ExpertData, gate: torch.Tensor, up: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """Each expert's term of the objective (training samples) for G_hat / U_hat [N, p, d]: [N] fp64."""
+    out = torch.empty(data.n, dtype=torch.float64)
+    for lo in range(0, data.n, chunk):
+        hi = min(lo + chunk, data.n)
+        pred = expert_outputs(data.x[lo:hi], gate[lo:hi].float(), up[lo:hi].float(), data.down[lo:hi], data.act)
+        err = (pred - data.y[lo:hi]).square().sum(-1) * data.weights[lo:hi] * data.train[lo:hi]
+        out[lo:hi] = (err.sum(1) * data.inv_norm[lo:hi]).double()
+    return out

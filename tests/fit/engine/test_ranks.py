@@ -68,3 +68,48 @@ def test_greedy_allocation_spends_where_the_drop_per_parameter_is_largest():
     assert greedy_allocation(errors, [1, 2, 3], [1, 1], limit=4) == [2, 0]
     assert greedy_allocation(errors, [1, 2, 3], [1, 1], limit=6) == [2, 2]
     assert greedy_allocation(errors, [1, 2, 3], [1, 1], limit=2) == [0, 0]
+
+
+def _alike() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two layers of experts alike: each spreads over 9 of the same shared directions (every rank up to 9 helps)."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0].T
+    spread = torch.linspace(2.0, 1.0, 9)
+    weights = torch.randn(2 * E, P, 9, generator=g) * spread @ basis[:9]
+    ids = torch.tensor([[layer, e] for layer in (0, 1) for e in range(E)])
+    return weights, ids
+
+
+def _felt_fit(kl: list[float], sensitivity: bool = True):
+    """The sensitivity allocation under the activation objective whose statistics carry a probe with these KLs."""
+    from types import SimpleNamespace
+
+    from globe.calibration import ActivationStats
+    from globe.fit.config import ActivationConfig
+    from globe.fit.objectives.activation import ActivationObjective
+    weights, ids = _alike()
+    eye = torch.eye(D, dtype=torch.float64)
+    counts = torch.full((2, E), 100)
+    stats = ActivationStats(layers=[0, 1], hidden=torch.stack([1000 * eye] * 2), tokens=1000, counts=counts,
+                            weight_sums=counts.double(), hidden_expert=100 * eye.expand(2, E, D, D).clone(),
+                            intermediate_expert=torch.eye(P, dtype=torch.float64).expand(2, E, P, P).clone())
+    stats.info["sensitivity"] = {"layers": [0, 1], "kl": {"gate": kl, "up": kl}, "keep": 0.5, "error": 0.2}
+    cfg = _cfg("sensitivity")
+    cfg.activation = ActivationConfig(steps=0, sensitivity=sensitivity, global_init=False)
+    objective = ActivationObjective.for_family(stats, "gate", SimpleNamespace(weights=weights, ids=ids), cfg)
+    return fit_family(weights, ids, cfg, generator=torch.Generator().manual_seed(0), objective=objective), weights
+
+
+def test_the_layer_the_model_feels_gets_more_rank_and_the_budget_is_spent():
+    felt, _ = _felt_fit([1e-4, 1e-2])                  # the model feels layer 1 100x more per unit error
+    even, _ = _felt_fit([1e-4, 1e-2], sensitivity=False)
+    assert felt.ranks[1] > felt.ranks[0]
+    even_ranks = even.ranks or (even.bank.shape[1],) * 2          # one rank everywhere: stored as a uniform fit
+    assert felt.ranks[1] - felt.ranks[0] > even_ranks[1] - even_ranks[0]
+    # the stored bank is cut at the largest rank used; the hand count; within one grid step of the uniform budget
+    assert felt.bank.shape[1] == max(felt.ranks) and felt.adapters.shape[2] == max(felt.ranks)
+    nnz = int((felt.codes != 0).sum())
+    spent = felt.param_count()["stored"]
+    assert spent == M * max(felt.ranks) * D + E * P * sum(felt.ranks) + nnz + 2 * E
+    uniform = BankShape.uniform(M, R, 2).params((E, E), P, D, 0)
+    assert uniform - (M * D + E * P) < spent - nnz - 2 * E <= uniform         # grid step 1: one rank of one layer
