@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import new_report, quiet_logging  # noqa: E402
+from benchmarks.report import new_report, quiet_logging, run_compress_argv  # noqa: E402
 
 log = logging.getLogger("benchmarks.param_target_bits")
 STORAGES = {"bits4": ("--bits", "4"), "bits8": ("--bits", "8"), "no-quant": ("--no-quant",)}
@@ -52,26 +51,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_seconds() -> float:
-    """User CPU seconds of this process and its finished children (the isolated evaluations)."""
-    return sum(resource.getrusage(who).ru_utime for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-
 def compress_row(model: str, cut: float, storage: str, args, work: Path) -> dict:
     """One `globe compress` run through the command's parser and config; its JSON row."""
-    from globe.cli import compress as cli
-    from globe.cli.main import build_parser
     from globe.fit.planning.bytes import result_bytes
-    from globe.run.compress import run_compress
     from globe.run.fit import total_cut_of
     argv = ["compress", model, "-o", str(work / "compressed"), "--total-cut", str(cut), "--overwrite",
             "--device", "cpu", "--seed", str(args.seed), "--text", args.text, "--eval-tokens", str(args.eval_tokens),
             *STORAGES[storage], *args.extra]
-    parsed = build_parser().parse_args(argv)
-    cfg, plans = cli._config_plans(parsed)
-    t0 = cpu_seconds()
-    done = run_compress(cli.compress_run(parsed, cfg, plans, "globe " + " ".join(argv)))
-    cpu = cpu_seconds() - t0
+    cfg, done, cpu = run_compress_argv(argv)
     result, ev = done["result"], done["evaluation"]
     b = result_bytes(result)
     div = ev["compressed"]["divergence"]

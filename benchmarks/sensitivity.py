@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import new_report, quiet_logging  # noqa: E402
+from benchmarks.report import new_report, quiet_logging, run_compress_argv  # noqa: E402
 
 log = logging.getLogger("benchmarks.sensitivity")
 VARIANTS = {"on": ("--sensitivity", "on"), "off": ("--sensitivity", "off"), "half": ("--sensitivity", "on"),
@@ -64,29 +63,19 @@ def model_dir(name: str) -> str:
     return str(DEFAULT_MODEL_DIR) if name == "embedded" else str(REPO / "benchmarks" / "models" / name)
 
 
-def cpu_seconds() -> float:
-    """User CPU seconds of this process and its finished children (the isolated evaluations)."""
-    return sum(resource.getrusage(who).ru_utime for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-
 def compress_row(name: str, cut: str, variant: str, args, work: Path) -> dict:
     """One `globe compress` run through the command's parser and config; its JSON row."""
-    from globe.cli import compress as cli
-    from globe.cli.main import build_parser
     from globe.fit.planning.bytes import result_bytes
-    from globe.run.compress import run_compress
     from globe.run.fit import total_cut_of
     model = model_dir(name)
     target = [] if cut == "none" else ["--total-cut", cut]
     argv = ["compress", model, "-o", str(work / "compressed"), *target, "--overwrite", "--device", "cpu", "--seed",
             str(args.seed), "--text", str(Path(model) / "heldout.txt"), "--eval-tokens", str(args.eval_tokens),
             *VARIANTS[variant], *args.extra]
-    parsed = build_parser().parse_args(argv)
-    cfg, plans = cli._config_plans(parsed)
-    cfg.activation.sensitivity_power = POWERS.get(variant, cfg.activation.sensitivity_power)
-    t0 = cpu_seconds()
-    done = run_compress(cli.compress_run(parsed, cfg, plans, "globe " + " ".join(argv)))
-    cpu = cpu_seconds() - t0
+
+    def adjust(cfg) -> None:
+        cfg.activation.sensitivity_power = POWERS.get(variant, cfg.activation.sensitivity_power)
+    cfg, done, cpu = run_compress_argv(argv, adjust)
     result, ev = done["result"], done["evaluation"]
     b = result_bytes(result)
     div = ev["compressed"]["divergence"]
