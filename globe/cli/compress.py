@@ -174,6 +174,9 @@ def _config_plans(args: argparse.Namespace):
     """(config set to SIZE_RULE's plan, [every kind that fits --size: SIZE_RULE's first] or []); a --calibration-mix
     without a text is refused here, before any work."""
     _calibration_mix(args)
+    if args.sensitivity == "on" and args.no_calibration:
+        raise ConfigError("--sensitivity on needs calibration (the probe measures the model on the calibration "
+                          "tokens): drop --no-calibration or --sensitivity on")
     cfg = build_config(_fit_args(args))
     cfg.activation.sensitivity = sensitivity_default(args) if args.sensitivity is None else args.sensitivity == "on"
     cfg.expert.steps = args.expert_steps or 0

@@ -132,6 +132,7 @@ def test_bad_calibration_inputs_fail_before_any_work(tmp_path, capsys):
                          (["--calibration-tokens", "1"], ["token count"]),
                          (["--calibration-mix", "-0.5"], ["--calibration-mix", ">= 0"]),
                          (["--calibration-mix", "2"], ["--calibration-mix", "only with --calibration-text"]),
+                         (["--sensitivity", "on", "--no-calibration"], ["--sensitivity on", "--no-calibration"]),
                          (["--text", str(bad)], ["--text", "UTF-8"]),
                          (["--eval-tokens", "1"], ["--eval-tokens"])):
         out = tmp_path / "never"
